@@ -1,0 +1,243 @@
+"""The decoder driver shared by every family: embed, scan over stacked blocks, unembed.
+
+Models are pure functions of a canonical parameter tree (a nested dict of arrays, see
+``llama.py`` / ``gpt2.py``). :class:`CausalLM` is the Flax NNX face of the same tree: its
+``nnx.state(model, nnx.Param).to_pure_dict()`` *is* the canonical tree, and every Param carries its
+logical axes as metadata.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxarith import sharding
+from jaxarith.models import gpt2, llama
+from jaxarith.models.config import Arch, ModelConfig, rope_inv_freq
+from jaxarith.models.layers import KVCache, ParamSpec, update_cache_layer
+from jaxarith.models.layers import attention_mask as make_attention_mask
+
+Params = dict
+
+
+def family(cfg: ModelConfig) -> ModuleType:
+    return llama if cfg.arch is Arch.LLAMA else gpt2
+
+
+def param_specs(cfg: ModelConfig) -> dict:
+    """Tree of :class:`ParamSpec` (shape, logical axes, init) for ``cfg``."""
+    return family(cfg).param_specs(cfg)
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+def param_axes(cfg: ModelConfig) -> dict:
+    return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
+
+
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32, mesh=None, *, strict: bool = False):
+    """``jax.ShapeDtypeStruct`` tree (with shardings when ``mesh`` is given); no memory used."""
+    def one(path, s: ParamSpec):
+        shd = None
+        if mesh is not None:
+            shd = sharding.named_sharding(mesh, s.axes, s.shape, name=sharding.path_str(path),
+                                          strict=strict)
+        return jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype), sharding=shd)
+
+    return jax.tree.map_with_path(one, param_specs(cfg), is_leaf=_is_spec)
+
+
+def param_shardings(cfg: ModelConfig, mesh, *, strict: bool = False):
+    return jax.tree.map(lambda a: a.sharding, abstract_params(cfg, mesh=mesh, strict=strict))
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, mesh=None) -> Params:
+    """Random parameters, created already sharded (inside jit with out_shardings) on ``mesh``."""
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+
+    def make():
+        keys = jax.random.split(key, len(leaves))
+        out = []
+        for k, s in zip(keys, leaves, strict=True):
+            if s.init == "zeros":
+                out.append(jnp.zeros(s.shape, dtype))
+            elif s.init == "ones":
+                out.append(jnp.ones(s.shape, dtype))
+            else:
+                out.append((s.std * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype))
+        return jax.tree.unflatten(treedef, out)
+
+    shardings = None if mesh is None else param_shardings(cfg, mesh)
+    return jax.jit(make, out_shardings=shardings)()
+
+
+def num_params(cfg: ModelConfig) -> int:
+    return sum(int(np.prod(s.shape)) for s in
+               jax.tree.leaves(param_specs(cfg), is_leaf=_is_spec))
+
+
+def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+    """Positions [B, T] that count only real tokens (left or right padding both work)."""
+    pos = jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1
+    pos = pos + jnp.asarray(offset, jnp.int32)[..., None] if jnp.ndim(offset) else pos + offset
+    return jnp.maximum(pos, 0)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch, max_len), bool),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+
+CACHE_AXES = KVCache(
+    k=("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    v=("layers", "batch", "cache_seq", "kv_heads", "head_dim"),
+    valid=("batch", "cache_seq"),
+    index=(),
+)
+
+
+def forward(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    *,
+    attention_mask: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    cache: KVCache | None = None,
+    dtype=jnp.float32,
+    remat: bool = False,
+) -> tuple[jax.Array, KVCache | None]:
+    """Logits [B, T, V] (float32) of ``tokens`` [B, T], and the updated cache if one is given.
+
+    Args:
+      attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right). Default all ones.
+      positions: [B, T]. Default: counted from the mask (and the cache's valid slots).
+      cache: a :class:`KVCache`; the T tokens are written at ``cache.index`` and attend to all
+        valid earlier slots.
+      dtype: compute dtype; parameters are cast per block, norms and softmax run in float32.
+      remat: recompute each block's activations in the backward pass.
+    """
+    fam = family(cfg)
+    b, t = tokens.shape
+    mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    if positions is None:
+        prev = 0 if cache is None else jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)
+        positions = positions_from_mask(mask, prev)
+    inv_freq = jnp.asarray(rope_inv_freq(cfg)) if cfg.arch is Arch.LLAMA else None
+
+    x = fam.embed(cfg, params, tokens, positions, dtype)
+    x = sharding.constrain(x, ("batch", "seq", "act_embed"))
+
+    if cache is None:
+        q_slots = jnp.arange(t)
+        key_valid = mask
+    else:
+        q_slots = cache.index + jnp.arange(t)
+        key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+    attn_mask = make_attention_mask(q_slots, key_valid)
+
+    def block(x, xs):
+        p, layer_idx, kv = xs
+        q, k, v = fam.qkv(cfg, p, x, positions, layer_idx, inv_freq)
+        if kv is not None:
+            k, v = update_cache_layer(kv[0], kv[1], k, v, cache.index)
+            new_kv = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        else:
+            new_kv = None
+        x = fam.attn_out_and_mlp(cfg, p, x, q, k, v, attn_mask, layer_idx)
+        return sharding.constrain(x, ("batch", "seq", "act_embed")), new_kv
+
+    if remat:
+        block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+    kv_xs = None if cache is None else (cache.k, cache.v)
+    layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+    x, new_kv = jax.lax.scan(block, x, (params["layers"], layer_ids, kv_xs))
+
+    logits = fam.unembed(cfg, params, x).astype(jnp.float32)
+    logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
+    if cache is None:
+        return logits, None
+    return logits, KVCache(k=new_kv[0], v=new_kv[1], valid=key_valid, index=cache.index + t)
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target) [B, T] from logits [B, T, V], in float32."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def next_token_loss(
+    params: Params,
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    dtype=jnp.float32,
+    remat: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+    """Summed negative log-likelihood of next tokens and the number of predicted tokens.
+
+    Token t+1 is scored when both t and t+1 are real tokens. Returns (nll_sum, count) so that
+    windows and microbatches can be combined exactly.
+    """
+    mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+    logits, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat)
+    lp = token_logprobs(logits[:, :-1], tokens[:, 1:])
+    weight = (mask[:, :-1] & mask[:, 1:]).astype(jnp.float32)
+    return -jnp.sum(lp * weight), jnp.sum(weight)
+
+
+# ----------------------------------------------------------------------------- Flax NNX face
+
+
+class CausalLM(nnx.Module):
+    """A decoder as an NNX module whose Param state is exactly the canonical tree.
+
+    ``CausalLM(cfg, rngs=nnx.Rngs(0))`` initialises randomly; ``CausalLM.from_params(cfg, params)``
+    wraps loaded weights (no copy). Every Param carries ``logical_axes`` metadata.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, params: Params | None = None,
+                 param_dtype=jnp.float32, mesh=None):
+        self.config = cfg
+        if params is None:
+            key = (rngs or nnx.Rngs(0)).params()
+            params = init_params(cfg, key, param_dtype, mesh)
+        axes = param_axes(cfg)
+        wrapped = jax.tree.map(lambda a, ax: nnx.Param(a, logical_axes=ax), params, axes)
+        for name, value in wrapped.items():
+            setattr(self, name, nnx.data(value))
+
+    @classmethod
+    def from_params(cls, cfg: ModelConfig, params: Params) -> CausalLM:
+        return cls(cfg, params=params)
+
+    def params(self) -> Params:
+        return nnx.state(self, nnx.Param).to_pure_dict()
+
+    def __call__(self, tokens, *, attention_mask=None, positions=None, cache=None,
+                 dtype=jnp.float32, remat=False):
+        logits, new_cache = forward(self.params(), self.config, tokens,
+                                    attention_mask=attention_mask, positions=positions,
+                                    cache=cache, dtype=dtype, remat=remat)
+        return logits if cache is None else (logits, new_cache)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def jit_forward(params: Params, cfg: ModelConfig, tokens, attention_mask, dtype=jnp.float32):
+    """``forward`` compiled once per (config, shapes, dtype); logits only."""
+    return forward(params, cfg, tokens, attention_mask=attention_mask, dtype=dtype)[0]
