@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxarith.models.config import GPT2Config
-from jaxarith.models.layers import ParamSpec, attend, layer_norm
+from jaxarith.models.layers import ParamSpec, attend, gathered, layer_norm
 
 
 def _norm(shape, axes):
@@ -60,7 +60,7 @@ def param_specs(cfg: GPT2Config) -> dict:
 
 def embed(cfg: GPT2Config, params: dict, tokens: jax.Array, positions: jax.Array, dtype):
     del cfg
-    x = jnp.take(params["embed"], tokens, axis=0) + jnp.take(params["pos_embed"], positions, axis=0)
+    x = jnp.take(gathered(params["embed"]), tokens, axis=0) + jnp.take(gathered(params["pos_embed"]), positions, axis=0)
     return x.astype(dtype)
 
 

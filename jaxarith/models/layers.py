@@ -23,6 +23,14 @@ class ParamSpec:
     std: float = 0.02
 
 
+def gathered(table: jax.Array) -> jax.Array:
+    """A lookup table replicated before a gather (FSDP all-gathers it; XLA cannot gather from
+    a table sharded on both dimensions without a full rematerialisation)."""
+    from jaxarith.sharding import constrain
+
+    return constrain(table, (None, None))
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
     dtype = x.dtype

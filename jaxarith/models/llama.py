@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxarith.models.config import LlamaConfig
-from jaxarith.models.layers import ParamSpec, attend, rms_norm, rope
+from jaxarith.models.layers import ParamSpec, attend, gathered, rms_norm, rope
 
 
 def param_specs(cfg: LlamaConfig) -> dict:
@@ -68,7 +68,7 @@ def param_specs(cfg: LlamaConfig) -> dict:
 
 def embed(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.Array, dtype):
     del cfg, positions
-    return jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    return jnp.take(gathered(params["embed"]), tokens, axis=0).astype(dtype)
 
 
 def unembed(cfg: LlamaConfig, params: dict, x: jax.Array) -> jax.Array:

@@ -1,0 +1,5 @@
+import sys
+
+from jaxarith.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Subcommands of the ``jaxarith`` CLI, one module each (discovered by ``jaxarith.cli``)."""
