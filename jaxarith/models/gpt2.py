@@ -6,7 +6,8 @@ Llama share names. Canonical tree::
     embed              [V, D]        (vocab, embed)     tied output head
     pos_embed          [P, D]        (positions, embed)
     layers/attn_norm/{scale,bias} [L, D]
-    layers/attn/q, k, v [L, D, N, H] (layers, embed, heads, head_dim) + q_bias, k_bias, v_bias [L, N, H]
+    layers/attn/q, k, v [L, D, N, H] (layers, embed, heads, head_dim)
+    layers/attn/q_bias, k_bias, v_bias [L, N, H]
     layers/attn/o      [L, N, H, D]  + o_bias [L, D]
     layers/mlp_norm/{scale,bias}  [L, D]
     layers/mlp/up      [L, D, F] + up_bias [L, F];  layers/mlp/down [L, F, D] + down_bias [L, D]
@@ -60,7 +61,8 @@ def param_specs(cfg: GPT2Config) -> dict:
 
 def embed(cfg: GPT2Config, params: dict, tokens: jax.Array, positions: jax.Array, dtype):
     del cfg
-    x = jnp.take(gathered(params["embed"]), tokens, axis=0) + jnp.take(gathered(params["pos_embed"]), positions, axis=0)
+    x = jnp.take(gathered(params["embed"]), tokens, axis=0)
+    x = x + jnp.take(gathered(params["pos_embed"]), positions, axis=0)
     return x.astype(dtype)
 
 

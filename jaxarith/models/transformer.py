@@ -211,8 +211,8 @@ class CausalLM(nnx.Module):
     wraps loaded weights (no copy). Every Param carries ``logical_axes`` metadata.
     """
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, params: Params | None = None,
-                 param_dtype=jnp.float32, mesh=None):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None,
+                 params: Params | None = None, param_dtype=jnp.float32, mesh=None):
         self.config = cfg
         if params is None:
             key = (rngs or nnx.Rngs(0)).params()

@@ -1,0 +1,123 @@
+"""Sharded forward on 8 fake CPU devices equals the single-device one; shardings follow RULES."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxarith import sharding
+from jaxarith.convert import load_hf_params
+from jaxarith.errors import ConfigError, ShardingError
+from jaxarith.models import LlamaConfig, abstract_params, forward, jit_forward
+from jaxarith.models.config import RopeScaling
+
+MESHES = ["fsdp=8", "data=2,fsdp=2,tensor=2", "tensor=8", "data=-1"]
+
+
+def test_eight_devices_present():
+    assert jax.device_count() == 8
+
+
+@pytest.mark.parametrize("spec", MESHES)
+@pytest.mark.parametrize("fixture", ["llama_dir", "gpt2_dir"])
+def test_sharded_forward_equals_single_device(spec, fixture, request):
+    directory, _ = request.getfixturevalue(fixture)
+    cfg, params = load_hf_params(directory, progress=False)
+    rng = np.random.RandomState(0)
+    tokens = jnp.asarray(rng.randint(3, cfg.vocab_size, (8, 16)))
+    mask = np.ones((8, 16), np.int32)
+    mask[3, :5] = 0
+    mask = jnp.asarray(mask)
+    ref = jit_forward(params, cfg, tokens, mask)
+
+    mesh = sharding.make_mesh(spec)
+    _, sharded = load_hf_params(directory, mesh=mesh, progress=False)
+    expected = abstract_params(cfg, mesh=mesh)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(sharded):
+        want = expected
+        for k in path:
+            want = want[k.key]
+        assert leaf.sharding.is_equivalent_to(want.sharding, leaf.ndim), sharding.path_str(path)
+    with jax.set_mesh(mesh):
+        batch_shd = sharding.named_sharding(mesh, ("batch", "seq"), tokens.shape)
+        got = jit_forward(sharded, cfg, jax.device_put(tokens, batch_shd),
+                          jax.device_put(mask, batch_shd))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5, rtol=0)
+
+
+def test_rules_give_the_documented_specs():
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    spec = lambda axes, shape: sharding.logical_to_spec(axes, shape, mesh)
+    assert spec(("layers", "embed", "heads", "head_dim"), (2, 64, 4, 16)) == \
+        P(None, "fsdp", "tensor", None)
+    assert spec(("vocab", "embed"), (1024, 64)) == P("tensor", "fsdp")
+    assert spec(("layers", "mlp", "embed"), (2, 128, 64)) == P(None, "tensor", "fsdp")
+    assert spec(("batch", "seq"), (8, 16)) == P(("data", "fsdp"), None)
+    assert spec(("layers", "norm"), (2, 64)) == P(None, None)
+
+
+def test_indivisible_dimension_is_replicated_or_strict_error():
+    mesh = sharding.make_mesh("tensor=8")
+    # 4 kv heads on 8 tensor devices: replicated along that dimension by default...
+    assert sharding.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 4, 16),
+                                    mesh) == P(None, None, None, None)
+    # ...and a clear error that names the parameter in strict mode.
+    with pytest.raises(ShardingError, match=r"layers/attn/k: dimension 2 \(kv_heads\) of size 4"):
+        sharding.logical_to_spec(("layers", "embed", "kv_heads", "head_dim"), (2, 64, 4, 16),
+                                 mesh, strict=True, name="layers/attn/k")
+
+
+@pytest.mark.parametrize("spec, sizes", [
+    ("fsdp=-1", {"data": 1, "fsdp": 8, "tensor": 1}),
+    ("data=2,fsdp=-1", {"data": 2, "fsdp": 4, "tensor": 1}),
+    ("data=2, fsdp=2, tensor=2", {"data": 2, "fsdp": 2, "tensor": 2}),
+    ("tensor=8", {"data": 1, "fsdp": 1, "tensor": 8}),
+])
+def test_parse_mesh_spec(spec, sizes):
+    assert sharding.parse_mesh_spec(spec, 8) == sizes
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("model=8", "unknown axis 'model'"),
+    ("data=3", "multiplies to 3 devices but there are 8"),
+    ("data=2,fsdp=2", "multiplies to 4 devices but there are 8"),
+    ("data=-1,fsdp=-1", "only one axis may be -1"),
+    ("data=3,fsdp=-1", "not divisible"),
+    ("data", "not of the form axis=size"),
+    ("data=x", "not an integer"),
+    ("data=2,data=4", "given twice"),
+])
+def test_bad_mesh_specs(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        sharding.parse_mesh_spec(spec, 8)
+
+
+LLAMA_3_2_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                    num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                    head_dim=64, max_position_embeddings=131072, rope_theta=500000.0,
+                    tie_word_embeddings=True,
+                    rope_scaling=RopeScaling(rope_type="llama3", factor=32.0,
+                                             original_max_position_embeddings=8192))
+LLAMA_3_1_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    head_dim=128, max_position_embeddings=131072, rope_theta=500000.0)
+
+
+@pytest.mark.parametrize("preset, n_params", [(LLAMA_3_2_1B, 1_235_814_400),
+                                              (LLAMA_3_1_8B, 8_030_261_248)])
+def test_real_presets_shapes_and_shardings_without_memory(preset, n_params):
+    """eval_shape of the full forward on a fake 8-device mesh: shapes, shardings, param count."""
+    from jaxarith.models import num_params
+
+    cfg = LlamaConfig(**preset)
+    assert num_params(cfg) == n_params
+    mesh = sharding.make_mesh("fsdp=4,tensor=2")
+    abstract = abstract_params(cfg, jnp.bfloat16, mesh)
+    assert abstract["layers"]["attn"]["q"].sharding.spec == P(None, "fsdp", "tensor", None)
+    assert abstract["embed"].sharding.spec == P("tensor", "fsdp")
+    tokens = jax.ShapeDtypeStruct((8, 4096), jnp.int32)
+    with jax.set_mesh(mesh):
+        out = jax.eval_shape(lambda p, t: forward(p, cfg, t, dtype=jnp.bfloat16)[0],
+                             abstract, tokens)
+    assert out.shape == (8, 4096, cfg.vocab_size) and out.dtype == jnp.float32
