@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine (Python 3.11): `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# 8 fake CPU devices, so every sharded path runs on a laptop.
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+
+.PHONY: demo test test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the main job on the embedded default (tiny model, bundled data, CPU)
+	$(PY) -m jaxarith.demo
+
+test: $(STAMP)  ## lint + the test suite (CI runs exactly this)
+	$(VENV)/bin/ruff check jaxarith train tests scripts
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-all: $(STAMP)  ## including tests marked slow
+	$(PY) -m pytest -q -n 2 --dist loadfile -m ""
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check jaxarith train tests scripts
+
+clean:
+	rm -rf $(VENV) .pytest_cache bench_results
