@@ -155,3 +155,16 @@ def test_cache_prefill_equals_full_forward(llama_dir):
     m = mask.astype(bool)
     np.testing.assert_allclose(got[m], np.asarray(full)[m], atol=1e-4)
     assert int(cache.index) == 10
+
+
+def test_repeated_calls_do_not_recompile(gpt2_dir):
+    from jaxarith.evaluate import _batch_nll
+
+    directory, _ = gpt2_dir
+    cfg, params = load_hf_params(directory, progress=False)
+    ids = np.random.RandomState(5).randint(3, testing.TINY_VOCAB, 200)
+    eval_loss(params, cfg, ids, seq_len=32, batch_size=4)
+    n = _batch_nll._cache_size()
+    eval_loss(params, cfg, ids[::-1].copy(), seq_len=32, batch_size=4)  # same shapes, new data
+    eval_loss(params, cfg, ids[:150], seq_len=32, batch_size=4)  # fewer windows, same batch shape
+    assert _batch_nll._cache_size() == n
