@@ -18,14 +18,14 @@ demo: $(STAMP)  ## the main job on the embedded default (tiny model, bundled dat
 	$(PY) -m jaxarith.demo
 
 test: $(STAMP)  ## lint + the test suite (CI runs exactly this)
-	$(VENV)/bin/ruff check jaxarith train tests scripts
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-all: $(STAMP)  ## including tests marked slow
 	$(PY) -m pytest -q -n 2 --dist loadfile -m ""
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check jaxarith train tests scripts
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache bench_results
