@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxarith.models.config import GPT2Config
-from jaxarith.models.layers import ParamSpec, attend, gathered, layer_norm
+from jaxarith.models.layers import ParamSpec, gathered, layer_norm
 
 
 def _norm(shape, axes):
@@ -82,13 +82,13 @@ def qkv(cfg: GPT2Config, p: dict, x: jax.Array, positions: jax.Array, layer_idx,
     return q, k, v
 
 
-def attn_out_and_mlp(cfg: GPT2Config, p: dict, x, q, k, v, mask, layer_idx):
+def attn_out_and_mlp(cfg: GPT2Config, p: dict, x, q, k, v, attn_fn, layer_idx):
     a = p["attn"]
     scale = jnp.float32(cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0)
     if cfg.scale_attn_by_inverse_layer_idx:
         scale = scale / (layer_idx + 1).astype(jnp.float32)
     # Scores and softmax are always float32 here, which is what reorder_and_upcast_attn asks for.
-    out = attend(q, k, v, mask, scale)
+    out = attn_fn(q, k, v, scale=scale)
     x = x + jnp.einsum("BTNH,NHD->BTD", out, a["o"].astype(out.dtype)) + a["o_bias"].astype(x.dtype)
     m, n = p["mlp"], p["mlp_norm"]
     h = layer_norm(x, n["scale"], n["bias"], cfg.layer_norm_epsilon)

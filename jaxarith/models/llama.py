@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxarith.models.config import LlamaConfig
-from jaxarith.models.layers import ParamSpec, attend, gathered, rms_norm, rope
+from jaxarith.models.layers import ParamSpec, gathered, rms_norm, rope
 
 
 def param_specs(cfg: LlamaConfig) -> dict:
@@ -93,11 +93,12 @@ def qkv(cfg: LlamaConfig, p: dict, x: jax.Array, positions: jax.Array, layer_idx
     return rope(q, positions, inv_freq), rope(k, positions, inv_freq), v
 
 
-def attn_out_and_mlp(cfg: LlamaConfig, p: dict, x, q, k, v, mask, layer_idx):
-    """Attention over (k, v) with ``mask``, output projection, residual, then the SwiGLU MLP."""
+def attn_out_and_mlp(cfg: LlamaConfig, p: dict, x, q, k, v, attn_fn, layer_idx):
+    """``attn_fn(q, k, v, scale)`` (masking chosen by the driver), output projection, residual,
+    then the SwiGLU MLP."""
     del layer_idx
     a = p["attn"]
-    out = attend(q, k, v, mask, cfg.head_dim**-0.5)
+    out = attn_fn(q, k, v, scale=cfg.head_dim**-0.5)
     x = x + _bias(a, "o_bias", jnp.einsum("BTNH,NHD->BTD", out, a["o"].astype(out.dtype)))
     m = p["mlp"]
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)

@@ -19,7 +19,13 @@ from flax import nnx
 from jaxarith import sharding
 from jaxarith.models import gpt2, llama
 from jaxarith.models.config import Arch, ModelConfig, rope_inv_freq
-from jaxarith.models.layers import KVCache, ParamSpec, update_cache_layer
+from jaxarith.models.layers import (
+    KVCache,
+    ParamSpec,
+    attend,
+    attend_causal,
+    update_cache_layer,
+)
 from jaxarith.models.layers import attention_mask as make_attention_mask
 
 Params = dict
@@ -148,6 +154,10 @@ def forward(
         q_slots = cache.index + jnp.arange(t)
         key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
     attn_mask = make_attention_mask(q_slots, key_valid)
+    if cache is None:  # keys are the queries' own positions: skip blocks above the diagonal
+        attn_fn = functools.partial(attend_causal, mask=attn_mask)
+    else:
+        attn_fn = functools.partial(attend, mask=attn_mask)
 
     def block(x, xs):
         p, layer_idx, kv = xs
@@ -158,7 +168,7 @@ def forward(
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         else:
             new_kv = None
-        x = fam.attn_out_and_mlp(cfg, p, x, q, k, v, attn_mask, layer_idx)
+        x = fam.attn_out_and_mlp(cfg, p, x, q, k, v, attn_fn, layer_idx)
         return sharding.constrain(x, ("batch", "seq", "act_embed")), new_kv
 
     if remat:
