@@ -14,7 +14,6 @@ import os
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -138,16 +137,46 @@ def _canon_leaves(cfg: ModelConfig) -> Iterator[tuple[tuple[str, ...], Rule, int
             yield target, rule, j
 
 
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
     tree[path[-1]] = value
 
 
-def _get(tree: dict, path: tuple[str, ...]):
+def get_path(tree: dict, path: tuple[str, ...]):
     for k in path:
         tree = tree[k]
     return tree
+
+
+def iter_hf_leaves(
+    directory: str,
+    cfg: ModelConfig,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    dtype=None,
+    strict_sharding: bool = False,
+    progress: bool = True,
+) -> Iterator[tuple[tuple[str, ...], jax.Array]]:
+    """Yield (canonical path, array on its final sharding) one tensor at a time.
+
+    The checkpoint is fully checked (keys and shapes) before the first tensor is read.
+    """
+    ckpt = HFCheckpoint(directory)
+    names = check_checkpoint(cfg, ckpt)
+    specs = param_specs(cfg)
+    leaves = list(_canon_leaves(cfg))
+    for path, rule, j in tqdm(leaves, desc="load", unit="tensor", disable=not progress,
+                              leave=False):
+        spec = get_path(specs, path)
+        first = names[expand(rule, cfg.num_hidden_layers)[0][0]]
+        leaf_dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype(first)
+        if mesh is None:
+            shd = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        else:
+            shd = sharding.named_sharding(mesh, spec.axes, spec.shape, name="/".join(path),
+                                          strict=strict_sharding)
+        yield path, _place(ckpt, names, cfg, rule, j, spec.shape, leaf_dtype, shd)
 
 
 def load_hf_params(
@@ -172,22 +201,10 @@ def load_hf_params(
     """
     directory = resolve_hf_dir(ref)
     cfg = cfg or load_config(directory)
-    ckpt = HFCheckpoint(directory)
-    names = check_checkpoint(cfg, ckpt)
-    specs = param_specs(cfg)
     params: dict = {}
-    leaves = list(_canon_leaves(cfg))
-    for path, rule, j in tqdm(leaves, desc="load", unit="tensor", disable=not progress,
-                              leave=False):
-        spec = _get(specs, path)
-        first = names[expand(rule, cfg.num_hidden_layers)[0][0]]
-        leaf_dtype = np.dtype(dtype) if dtype is not None else ckpt.dtype(first)
-        if mesh is None:
-            shd = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        else:
-            shd = sharding.named_sharding(mesh, spec.axes, spec.shape, name="/".join(path),
-                                          strict=strict_sharding)
-        _set(params, path, _place(ckpt, names, cfg, rule, j, spec.shape, leaf_dtype, shd))
+    for path, value in iter_hf_leaves(directory, cfg, mesh=mesh, dtype=dtype,
+                                      strict_sharding=strict_sharding, progress=progress):
+        set_path(params, path, value)
     return cfg, params
 
 
@@ -228,11 +245,7 @@ def params_to_hf_tensors(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, 
         for hf_key, layer in expand(rule, cfg.num_hidden_layers):
             parts = []
             for target in rule.targets:
-                leaf = _get(params, target)
+                leaf = get_path(params, target)
                 parts.append(np.asarray(jax.device_get(leaf[layer] if layer is not None
                                                       else leaf)))
             yield hf_key, rule.to_hf(*parts)
-
-
-def to_jnp_dtype(name: str | None):
-    return None if name is None else jnp.dtype(name)

@@ -1,0 +1,34 @@
+"""``jaxarith convert SRC DST``: HF <-> Orbax, streamed one tensor at a time."""
+
+from __future__ import annotations
+
+from jaxarith.commands import _common
+
+
+def register(sub) -> None:
+    p = sub.add_parser("convert", help="convert a model between HF safetensors and Orbax",
+                       description=__doc__)
+    p.add_argument("src", help="HF hub id, local HF directory or Orbax checkpoint directory")
+    p.add_argument("dst", help="output directory (written atomically)")
+    p.add_argument("--to", choices=("orbax", "hf"), default=None,
+                   help="output format (default: the other one)")
+    _common.add_dtype(p, default=None, choices=("float32", "bfloat16", "float16"))
+    _common.add_mesh(p)
+    p.add_argument("--max-shard-size", default="5GB", help="HF output shard size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    _common.add_json(p)
+    p.set_defaults(handler=handle)
+
+
+def handle(args) -> int:
+    import time
+
+    from jaxarith.convert.route import convert
+
+    t0 = time.perf_counter()
+    info = convert(args.src, args.dst, to=args.to, dtype=args.dtype,
+                   mesh=_common.mesh_from(args), max_shard_size=args.max_shard_size,
+                   overwrite=args.overwrite, progress=_common.progress_enabled(args))
+    info["seconds"] = round(time.perf_counter() - t0, 3)
+    _common.emit(args, info, f"{info['route']}: wrote {info['dst']} in {info['seconds']} s")
+    return 0

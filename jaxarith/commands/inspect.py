@@ -1,0 +1,70 @@
+"""``jaxarith inspect MODEL``: architecture, parameter count, and every tensor (name, shape, dtype).
+
+Reads only metadata: safetensors headers for HF models, the array metadata of Orbax checkpoints
+(with the sharding it was saved with).
+"""
+
+from __future__ import annotations
+
+from jaxarith.commands import _common
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="architecture, parameter count and tensors of a model",
+                       description=__doc__)
+    p.add_argument("model", help="HF hub id, local HF directory or Orbax checkpoint directory")
+    _common.add_json(p)
+    p.set_defaults(handler=handle)
+
+
+def inspect_model(ref: str) -> dict:
+    import numpy as np
+
+    from jaxarith.models import load_config, num_params
+    from jaxarith.refs import RefKind, ref_kind
+
+    kind = ref_kind(ref)
+    tensors = []
+    if kind is RefKind.ORBAX:
+        import jax
+        import orbax.checkpoint as ocp
+
+        from jaxarith.convert.orbax import PARAMS_DIR, read_metadata
+
+        directory = ref
+        meta = read_metadata(ref)
+        tree = ocp.v1.pytree_metadata(f"{ref}/{PARAMS_DIR}").metadata
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+                tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")):
+            shd = getattr(leaf, "sharding_metadata", None) or getattr(leaf, "sharding", None)
+            tensors.append({"name": "/".join(str(k.key) for k in path),
+                            "shape": list(leaf.shape), "dtype": str(np.dtype(leaf.dtype)),
+                            "sharding": str(shd) if shd is not None else None})
+    else:
+        from jaxarith.convert.hf import HFCheckpoint, resolve_hf_dir
+
+        directory = resolve_hf_dir(ref)
+        meta = {}
+        ckpt = HFCheckpoint(directory)
+        for key in ckpt.keys():
+            tensors.append({"name": key, "shape": list(ckpt.shape(key)),
+                            "dtype": str(ckpt.dtype(key)), "file": ckpt.where[key]})
+    cfg = load_config(directory)
+    dtypes = sorted({t["dtype"] for t in tensors})
+    return {"model": ref, "kind": str(kind), "architecture": str(cfg.arch),
+            "model_type": cfg.model_type, "num_params": num_params(cfg),
+            "stored_elements": int(sum(np.prod(t["shape"]) for t in tensors)),
+            "dtype": dtypes[0] if len(dtypes) == 1 else "mixed", "metadata": meta,
+            "tensors": tensors}
+
+
+def handle(args) -> int:
+    info = inspect_model(args.model)
+    lines = [f"{info['model']}: {info['model_type']} ({info['kind']}), "
+             f"{info['num_params']:,} parameters, {info['dtype']}"]
+    width = max(len(t["name"]) for t in info["tensors"])
+    for t in info["tensors"]:
+        extra = t.get("sharding") or t.get("file") or ""
+        lines.append(f"  {t['name']:<{width}}  {str(t['shape']):<22} {t['dtype']:<9} {extra}")
+    _common.emit(args, info, "\n".join(lines))
+    return 0

@@ -1,0 +1,143 @@
+"""Export the canonical tree as an HF checkpoint, one tensor at a time.
+
+Tensors are gathered and written one after another into safetensors shards (split at
+``max_shard_size``) with a ``model.safetensors.index.json``; stacked layers, tied embeddings and
+GPT-2's fused Conv1D ``c_attn`` are undone by the keymap's ``to_hf`` hooks, so the output loads in
+``transformers.AutoModelForCausalLM.from_pretrained`` with no missing or unexpected keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxarith.atomic import atomic_dir
+from jaxarith.convert.hf import INDEX_FILE, SINGLE_FILE, get_path
+from jaxarith.convert.keymap import expand, rules_for
+from jaxarith.convert.safetensors_io import write_safetensors
+from jaxarith.errors import ConfigError
+from jaxarith.models.config import ModelConfig, save_config
+
+Path = tuple[str, ...]
+# Returns the arrays of the requested canonical leaves (e.g. restored from Orbax on demand).
+LeafSource = Callable[[list[Path]], dict[Path, jax.Array]]
+
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: str | int) -> int:
+    """``"5GB"`` -> 5e9 bytes (HF's convention: KB/MB/GB are powers of 10, KiB/MiB/GiB of 2)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?I?B)?\s*", size.upper())
+    if not m:
+        raise ConfigError(f"max_shard_size={size!r}: expected e.g. '5GB', '500MB' or bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2) or "B"])
+
+
+def _memory_source(params: dict) -> LeafSource:
+    return lambda paths: {p: get_path(params, p) for p in paths}
+
+
+def _hf_tensors(cfg: ModelConfig, source: LeafSource, dtype) -> Iterator[np.ndarray]:
+    """HF tensors in keymap order; the canonical leaves of one rule are fetched once."""
+    for rule in rules_for(cfg):
+        leaves = source(list(rule.targets))
+        for _, layer in expand(rule, cfg.num_hidden_layers):
+            parts = []
+            for target in rule.targets:
+                leaf = leaves[target]
+                parts.append(np.asarray(jax.device_get(leaf[layer] if layer is not None
+                                                      else leaf)))
+            yield np.asarray(rule.to_hf(*parts)).astype(dtype, copy=False)
+        del leaves
+
+
+def _take(it: Iterator[np.ndarray], n: int, bar) -> Iterator[np.ndarray]:
+    for _ in range(n):
+        yield next(it)
+        bar.update()
+
+
+def save_hf(
+    cfg: ModelConfig,
+    params: dict | None,
+    dst: str | os.PathLike,
+    *,
+    source: LeafSource | None = None,
+    dtype=None,
+    max_shard_size: str | int = "5GB",
+    tokenizer_dir: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Write an HF model directory (atomically) from canonical params or a leaf source.
+
+    Args:
+      params: the canonical tree in memory; or None with ``source`` giving leaves on demand.
+      dtype: output dtype (default: each tensor's own dtype, which must be uniform).
+      max_shard_size: split safetensors files at this size (``"5GB"``, ``"500MB"``, bytes).
+      tokenizer_dir: copy tokenizer / generation-config files from here.
+    Returns:
+      {"files": [...], "tensors": n, "bytes": total}.
+    """
+    from jaxarith.convert.orbax import copy_side_files
+
+    if source is None:
+        if params is None:
+            raise ValueError("save_hf needs params or a source")
+        source = _memory_source(params)
+    limit = parse_size(max_shard_size)
+    out_dtype = np.dtype(dtype) if dtype is not None else None
+    specs = []
+    for rule in rules_for(cfg):
+        if out_dtype is None:
+            out_dtype = np.dtype(source([rule.targets[0]])[rule.targets[0]].dtype)
+        for key, _ in expand(rule, cfg.num_hidden_layers):
+            specs.append((key, rule.hf_shape, out_dtype))
+    nbytes = [int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d in specs]
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, n in enumerate(nbytes):
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    tensors = _hf_tensors(cfg, source, out_dtype)
+    bar = tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress, leave=False)
+    with atomic_dir(dst, overwrite=overwrite) as tmp:
+        weight_map = {}
+        for name, idx in zip(names, shards, strict=True):
+            part = [specs[i] for i in idx]
+            write_safetensors(os.path.join(tmp, name), part, _take(tensors, len(idx), bar))
+            weight_map.update({k: name for k, _, _ in part})
+        if len(shards) > 1:
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": sum(nbytes)}, "weight_map": weight_map},
+                          f, indent=2)
+        hf = cfg.to_hf()
+        hf["torch_dtype"] = hf["dtype"] = str(out_dtype) if out_dtype.name != "bfloat16" \
+            else "bfloat16"
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2, sort_keys=True)
+        copied = copy_side_files(tokenizer_dir, tmp)
+        if "generation_config.json" not in copied and cfg.bos_token_id is not None:
+            gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                   "pad_token_id": cfg.pad_token_id}
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+    bar.close()
+    return {"files": names, "tensors": len(specs), "bytes": sum(nbytes)}
+
+
+__all__ = ["parse_size", "save_hf", "save_config"]

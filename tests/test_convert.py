@@ -1,0 +1,186 @@
+"""HF <-> Orbax conversion: bit-exact round trips, restore on other meshes, atomic failures."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import transformers
+
+from jaxarith import sharding, testing
+from jaxarith.atomic import OutputExistsError
+from jaxarith.convert import HFCheckpoint, load_hf_params
+from jaxarith.convert.orbax import hf_to_orbax, load_orbax
+from jaxarith.convert.route import convert
+from jaxarith.errors import CheckpointError, JaxarithError, UnsupportedArchitectureError
+from jaxarith.models import abstract_params, load_config
+
+FIXTURES = ["llama_dir", "llama_tied_dir", "gpt2_dir"]
+
+
+def _tensors(directory):
+    ckpt = HFCheckpoint(directory)
+    return {k: ckpt.get(k) for k in ckpt.keys()}
+
+
+def _siblings(path):
+    parent, name = os.path.split(str(path))
+    return [p for p in os.listdir(parent) if p.startswith(f".{name}") or p == name]
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_round_trip_hf_orbax_hf_is_bit_exact(fixture, request, tmp_path):
+    src, hf_model = request.getfixturevalue(fixture)
+    convert(src, tmp_path / "orbax", progress=False)
+    info = convert(str(tmp_path / "orbax"), tmp_path / "hf", max_shard_size="150KB",
+                   progress=False)
+    assert info["route"] == "orbax->hf" and len(info["files"]) > 1
+    before, after = _tensors(src), _tensors(str(tmp_path / "hf"))
+    assert set(after) == set(before)
+    for k in before:
+        assert after[k].dtype == before[k].dtype and np.array_equal(after[k], before[k]), k
+    assert load_config(str(tmp_path / "hf")) == load_config(src)
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    tokens = np.random.RandomState(0).randint(3, testing.TINY_VOCAB, (2, 9))
+    np.testing.assert_array_equal(testing.hf_logits(model.eval(), tokens),
+                                  testing.hf_logits(hf_model, tokens))
+    assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
+    assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
+
+
+def test_orbax_restores_on_other_meshes_and_one_device(llama_dir, tmp_path):
+    src, _ = llama_dir
+    dst = tmp_path / "orbax"
+    hf_to_orbax(src, dst, mesh=sharding.make_mesh("fsdp=8"), progress=False)
+    _, ref = load_hf_params(src, progress=False)
+    for spec in ["data=2,tensor=4", "tensor=8", None]:
+        mesh = sharding.make_mesh(spec) if spec else None
+        cfg, params = load_orbax(dst, mesh=mesh)
+        want = abstract_params(cfg, mesh=mesh) if mesh is not None else None
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params),
+                                jax.tree.leaves(ref), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            if mesh is None:
+                assert len(a.sharding.device_set) == 1
+            else:
+                w = want
+                for k in path:
+                    w = w[k.key]
+                assert a.sharding.is_equivalent_to(w.sharding, a.ndim), path
+
+
+def test_eval_loss_on_orbax_equals_hf(llama_dir, tmp_path):
+    src, _ = llama_dir
+    dst = tmp_path / "orbax"
+    hf_to_orbax(src, dst, mesh=sharding.make_mesh("fsdp=8"), progress=False)
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x * 2\n" * 4)
+
+    def loss(ref, *extra):
+        out = subprocess.run([sys.executable, "-m", "jaxarith", "eval-loss", ref, "--text",
+                              str(text), "--json", *extra], capture_output=True, text=True,
+                             check=True)
+        return json.loads(out.stdout)
+
+    a, b = loss(src), loss(str(dst), "--mesh", "data=2,tensor=4")
+    assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 1e-5
+
+
+def test_bfloat16_conversion_equals_a_cast(gpt2_dir, tmp_path):
+    src, _ = gpt2_dir
+    convert(src, tmp_path / "o16", dtype="bfloat16", progress=False)
+    _, p16 = load_orbax(tmp_path / "o16")
+    _, p32 = load_hf_params(src, progress=False)
+    for a, b in zip(jax.tree.leaves(p16), jax.tree.leaves(p32), strict=True):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(ml_dtypes.bfloat16))
+    convert(str(tmp_path / "o16"), tmp_path / "h16", progress=False)
+    t = _tensors(str(tmp_path / "h16"))
+    assert {v.dtype for v in t.values()} == {np.dtype(ml_dtypes.bfloat16)}
+    # float32 restore of a bfloat16 checkpoint: exact widening
+    _, p = load_orbax(tmp_path / "o16", dtype="float32")
+    assert p["embed"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(p["embed"]), np.asarray(p16["embed"], np.float32))
+
+
+def test_truncated_safetensors_leaves_no_output(gpt2_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(gpt2_dir[0], bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:-1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        convert(str(bad), tmp_path / "out", progress=False)
+    assert _siblings(tmp_path / "out") == []
+
+
+def test_missing_shard_leaves_no_output(llama_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_dir[0], bad)
+    os.remove(bad / sorted(p for p in os.listdir(bad) if p.endswith(".safetensors"))[0])
+    with pytest.raises(CheckpointError, match="do not exist"):
+        convert(str(bad), tmp_path / "out", progress=False)
+    assert _siblings(tmp_path / "out") == []
+
+
+def test_unsupported_architecture(gpt2_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(gpt2_dir[0], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "t5"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedArchitectureError, match="'t5'"):
+        convert(str(bad), tmp_path / "out", progress=False)
+    assert _siblings(tmp_path / "out") == []
+
+
+def test_existing_destination_is_refused_then_overwritten(gpt2_dir, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("precious")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        convert(gpt2_dir[0], dst, progress=False)
+    assert (dst / "keep.txt").read_text() == "precious"
+    convert(gpt2_dir[0], dst, overwrite=True, progress=False)
+    assert not (dst / "keep.txt").exists() and (dst / "jaxarith.json").exists()
+
+
+def test_read_only_destination(gpt2_dir, tmp_path, monkeypatch):
+    """Root bypasses permission bits, so the unwritable parent is simulated via os.access."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(ro) else real(p, m))
+    with pytest.raises(JaxarithError, match=f"cannot write to {ro}: permission denied"):
+        convert(gpt2_dir[0], ro / "out", progress=False)
+    assert os.listdir(ro) == []
+
+
+@pytest.mark.parametrize("kind", ["hf", "orbax"])
+def test_inspect(kind, llama_dir, tmp_path):
+    ref = llama_dir[0]
+    if kind == "orbax":
+        hf_to_orbax(ref, tmp_path / "o", mesh=sharding.make_mesh("fsdp=8"), progress=False)
+        ref = str(tmp_path / "o")
+    out = subprocess.run([sys.executable, "-m", "jaxarith", "inspect", ref, "--json"],
+                         capture_output=True, text=True, check=True)
+    info = json.loads(out.stdout)
+    cfg = load_config(llama_dir[0])
+    from jaxarith.models import num_params
+
+    assert info["num_params"] == num_params(cfg) == info["stored_elements"]
+    assert info["architecture"] == "llama" and info["dtype"] == "float32"
+    names = {t["name"] for t in info["tensors"]}
+    if kind == "orbax":
+        assert "layers/attn/q" in names
+        q = next(t for t in info["tensors"] if t["name"] == "layers/attn/q")
+        assert "fsdp" in q["sharding"]
+    else:
+        assert "model.layers.1.self_attn.q_proj.weight" in names
