@@ -19,12 +19,14 @@ from tqdm.auto import tqdm
 
 from jaxarith.atomic import atomic_dir
 from jaxarith.convert.hf import INDEX_FILE, SINGLE_FILE, get_path
-from jaxarith.convert.keymap import expand, rules_for
+from jaxarith.convert.keymap import Rule, expand, rules_for
 from jaxarith.convert.safetensors_io import write_safetensors
 from jaxarith.errors import ConfigError
 from jaxarith.models.config import ModelConfig, save_config
 
 Path = tuple[str, ...]
+# The canonical per-layer arrays of one keymap rule's targets at one layer (None: not stacked).
+SliceSource = Callable[[Rule, int | None], tuple[np.ndarray, ...]]
 # Returns the arrays of the requested canonical leaves (e.g. restored from Orbax on demand).
 LeafSource = Callable[[list[Path]], dict[Path, jax.Array]]
 
@@ -42,22 +44,29 @@ def parse_size(size: str | int) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2) or "B"])
 
 
-def _memory_source(params: dict) -> LeafSource:
-    return lambda paths: {p: get_path(params, p) for p in paths}
+def leaf_slices(fetch: LeafSource) -> SliceSource:
+    """Slices from whole canonical leaves fetched per rule (the last rule's leaves are kept)."""
+    cache: dict = {}
+
+    def slices(rule: Rule, layer: int | None) -> tuple[np.ndarray, ...]:
+        if cache.get("rule") is not rule:
+            cache.clear()
+            cache.update(rule=rule, leaves=fetch(list(rule.targets)))
+        leaves = cache["leaves"]
+        return tuple(np.asarray(jax.device_get(leaves[t] if layer is None else leaves[t][layer]))
+                     for t in rule.targets)
+
+    return slices
 
 
-def _hf_tensors(cfg: ModelConfig, source: LeafSource, dtype) -> Iterator[np.ndarray]:
-    """HF tensors in keymap order; the canonical leaves of one rule are fetched once."""
+def memory_slices(params: dict) -> SliceSource:
+    return leaf_slices(lambda paths: {p: get_path(params, p) for p in paths})
+
+
+def _hf_tensors(cfg: ModelConfig, slices: SliceSource, dtype) -> Iterator[np.ndarray]:
     for rule in rules_for(cfg):
-        leaves = source(list(rule.targets))
         for _, layer in expand(rule, cfg.num_hidden_layers):
-            parts = []
-            for target in rule.targets:
-                leaf = leaves[target]
-                parts.append(np.asarray(jax.device_get(leaf[layer] if layer is not None
-                                                      else leaf)))
-            yield np.asarray(rule.to_hf(*parts)).astype(dtype, copy=False)
-        del leaves
+            yield np.asarray(rule.to_hf(*slices(rule, layer))).astype(dtype, copy=False)
 
 
 def _take(it: Iterator[np.ndarray], n: int, bar) -> Iterator[np.ndarray]:
@@ -72,6 +81,7 @@ def save_hf(
     dst: str | os.PathLike,
     *,
     source: LeafSource | None = None,
+    slices: SliceSource | None = None,
     dtype=None,
     max_shard_size: str | int = "5GB",
     tokenizer_dir: str | None = None,
@@ -81,7 +91,8 @@ def save_hf(
     """Write an HF model directory (atomically) from canonical params or a leaf source.
 
     Args:
-      params: the canonical tree in memory; or None with ``source`` giving leaves on demand.
+      params: the canonical tree in memory; or None with ``source`` giving whole leaves on
+        demand, or ``slices`` giving per-layer slices (e.g. computed by a streamed merge).
       dtype: output dtype (default: each tensor's own dtype, which must be uniform).
       max_shard_size: split safetensors files at this size (``"5GB"``, ``"500MB"``, bytes).
       tokenizer_dir: copy tokenizer / generation-config files from here.
@@ -90,16 +101,16 @@ def save_hf(
     """
     from jaxarith.convert.orbax import copy_side_files
 
-    if source is None:
-        if params is None:
-            raise ValueError("save_hf needs params or a source")
-        source = _memory_source(params)
+    if slices is None:
+        if source is None and params is None:
+            raise ValueError("save_hf needs params, a source or slices")
+        slices = memory_slices(params) if source is None else leaf_slices(source)
     limit = parse_size(max_shard_size)
-    out_dtype = np.dtype(dtype) if dtype is not None else None
+    rules = rules_for(cfg)
+    out_dtype = np.dtype(dtype) if dtype is not None else \
+        np.dtype(slices(rules[0], expand(rules[0], cfg.num_hidden_layers)[0][1])[0].dtype)
     specs = []
-    for rule in rules_for(cfg):
-        if out_dtype is None:
-            out_dtype = np.dtype(source([rule.targets[0]])[rule.targets[0]].dtype)
+    for rule in rules:
         for key, _ in expand(rule, cfg.num_hidden_layers):
             specs.append((key, rule.hf_shape, out_dtype))
     nbytes = [int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d in specs]
@@ -113,7 +124,7 @@ def save_hf(
         size += n
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-    tensors = _hf_tensors(cfg, source, out_dtype)
+    tensors = _hf_tensors(cfg, slices, out_dtype)
     bar = tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress, leave=False)
     with atomic_dir(dst, overwrite=overwrite) as tmp:
         weight_map = {}
