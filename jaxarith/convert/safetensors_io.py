@@ -1,9 +1,9 @@
-"""A small safetensors reader and streaming writer over numpy memory maps.
+"""A small safetensors reader and streaming writer.
 
 Why not ``safetensors.safe_open``: jaxarith needs bfloat16 as numpy (via ml_dtypes), reads that
-touch only the bytes asked for, and errors that say *which* file is truncated or corrupt. The file
-format is simple: an 8-byte little-endian header length, a JSON header mapping each tensor name to
-``{dtype, shape, data_offsets}``, then the raw bytes.
+touch only the bytes asked for and release them after use, and errors that say *which* file is
+truncated or corrupt. The file format is simple: an 8-byte little-endian header length, a JSON
+header mapping each tensor name to ``{dtype, shape, data_offsets}``, then the raw bytes.
 """
 
 from __future__ import annotations
@@ -73,7 +73,6 @@ class SafetensorsFile:
                 f"{self.path}: truncated safetensors file ({size} bytes, header needs "
                 f"{self._data_start + end})"
             )
-        self._mmap = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -89,16 +88,20 @@ class SafetensorsFile:
         return hi - lo
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as a numpy array (a fresh copy, not a view of the map)."""
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        """The tensor as a fresh numpy array.
+
+        Read with ``readinto`` rather than through a memory map: pages of a long-lived map stay
+        resident (and count in RSS) after use, so streaming a checkpoint through one map grows
+        memory with the model instead of staying at one tensor.
+        """
         e = self._entries[name]
         lo, hi = e["data_offsets"]
-        buf = self._mmap[self._data_start + lo: self._data_start + hi]
-        return np.array(buf.view(DTYPES[e["dtype"]]).reshape(e["shape"]))
-
-    def close(self) -> None:
-        self._mmap = None
+        out = np.empty(e["shape"], DTYPES[e["dtype"]])
+        with open(self.path, "rb") as f:
+            f.seek(self._data_start + lo)
+            if f.readinto(out.reshape(-1).view(np.uint8)) != hi - lo:
+                raise CheckpointError(f"{self.path}: short read of tensor {name!r}")
+        return out
 
 
 def write_safetensors(
