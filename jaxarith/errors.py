@@ -38,3 +38,7 @@ class ShapeMismatchError(CheckpointError, ValueError):
 
 class ShardingError(ConfigError):
     """A parameter dimension does not divide the mesh axis it is sharded over (strict mode)."""
+
+
+class ArchitectureMismatchError(CheckpointError, ValueError):
+    """Models combined by delta arithmetic or merging differ in tensor names or shapes."""

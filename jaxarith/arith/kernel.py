@@ -1,0 +1,41 @@
+"""The one per-tensor step both executors run: cast to float32, key, formula, selection, cast.
+
+``memory.py`` vmaps :func:`tensor_step` over the stacked ``layers`` axis inside one jit over the
+tree; ``stream.py`` jits it for one HF tensor at a time. Same function, same formula objects, so
+the two executors agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxarith.arith.methods import Method
+
+NO_LAYER = np.uint32(0xFFFFFFFF)  # folded into the key of tensors outside the layers
+
+
+def tensor_key(path_seed: jax.Array, layer: jax.Array) -> jax.Array:
+    """PRNG key of one tensor (and layer): ``fold_in(key(seed, hash(path)), layer)``."""
+    return jax.random.fold_in(jax.random.wrap_key_data(path_seed, impl="threefry2x32"), layer)
+
+
+def tensor_step(method: Method, xs: tuple[jax.Array, ...], p: dict, path_seed: jax.Array,
+                layer: jax.Array, selected: jax.Array | bool, out_dtype) -> jax.Array:
+    """Result of ``method`` on one tensor, computed in float32 and cast to ``out_dtype``.
+
+    Args:
+      xs: the inputs (any float dtype), all of one shape.
+      p: parameters from :meth:`MergeSpec.tensor_params`.
+      path_seed: ``[2] uint32`` from :func:`select.path_seed`; layer: uint32 index or NO_LAYER.
+      selected: a Python bool (static) or a traced bool (a per-layer selection).
+    """
+    xs32 = tuple(jnp.asarray(x).astype(jnp.float32) for x in xs)
+    p = {k: jnp.asarray(v).astype(jnp.int32 if k == "k" else jnp.float32) for k, v in p.items()}
+    if selected is False:
+        return method.passthrough(xs32).astype(out_dtype)
+    out = method(xs32, p, tensor_key(path_seed, layer))
+    if selected is not True:
+        out = jnp.where(selected, out, method.passthrough(xs32))
+    return out.astype(out_dtype)
