@@ -1,0 +1,155 @@
+"""Merge configurations in YAML, with mergekit's field names so existing configs run unchanged.
+
+Example (mergekit's own format)::
+
+    merge_method: ties            # linear, task_arithmetic, ties, dare_linear, dare_ties, slerp
+    base_model: ./base
+    models:
+      - model: ./math
+        parameters: {weight: 1.0, density: 0.5}
+      - model: ./code
+        parameters:
+          weight: [0.2, 0.8]                    # schedule over depth
+          density: [{filter: mlp, value: 0.7}, {value: 0.5}]
+    parameters: {normalize: true, lambda: 1.0}
+    out_dtype: bfloat16
+
+SLERP is usually written with ``slices`` (one slice whose sources cover all layers) and
+``parameters: {t: ...}``; ``t = 0`` is ``base_model``. jaxarith extensions: ``include`` /
+``exclude`` (lists of tensor patterns), ``seed`` (DARE), ``consensus`` (``sum`` / ``count``).
+Accepted and ignored (jaxarith always computes in float32): ``dtype``, ``int8_mask``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import yaml
+
+from jaxarith.arith.methods import Kind, method
+from jaxarith.arith.select import MergeSpec, Selection
+from jaxarith.errors import ConfigError
+
+_IGNORED_PARAMS = {"int8_mask"}
+_STATIC_PARAMS = {"normalize", "rescale", "consensus"}
+_TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
+             "out_dtype", "tokenizer_source", "include", "exclude", "seed", "name",
+             "chat_template", "tokenizer"}
+_METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MergeConfig:
+    """A parsed merge config: the spec, the model references in order, output options."""
+
+    spec: MergeSpec
+    models: tuple[str, ...]
+    out_dtype: str | None = None
+    tokenizer_source: int = 0  # index into models
+
+
+def _model_ref(entry: Any, where: str) -> tuple[str, dict]:
+    if isinstance(entry, str):
+        return entry, {}
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise ConfigError(f"{where}: expected {{model: ..., parameters: ...}}, got {entry!r}")
+    return str(entry["model"]), dict(entry.get("parameters") or {})
+
+
+def _inputs(cfg: dict) -> list[tuple[str, dict]]:
+    if cfg.get("models") and cfg.get("slices"):
+        raise ConfigError("merge config: give either 'models' or 'slices', not both")
+    if cfg.get("models"):
+        return [_model_ref(m, f"models[{i}]") for i, m in enumerate(cfg["models"])]
+    slices = cfg.get("slices")
+    if not slices:
+        raise ConfigError("merge config: no 'models' (nor 'slices') to merge")
+    if len(slices) != 1:
+        raise ConfigError("merge config: only one slice covering all layers is supported "
+                          f"(got {len(slices)}); layer stacking is not a merge")
+    out = []
+    for i, src in enumerate(slices[0].get("sources") or []):
+        ref, params = _model_ref(src, f"slices[0].sources[{i}]")
+        lr = src.get("layer_range")
+        if lr is not None and lr[0] != 0:
+            raise ConfigError(f"slices[0].sources[{i}]: layer_range {lr} must start at 0 "
+                              "(all layers; partial slices are not supported)")
+        out.append((ref, params))
+    return out
+
+
+def parse_merge_config(data: dict) -> MergeConfig:
+    """A :class:`MergeConfig` from the mapping of a YAML merge config (see module doc)."""
+    if not isinstance(data, dict):
+        raise ConfigError("merge config: expected a mapping at the top level")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"merge config: unknown field(s) {sorted(unknown)}")
+    name = data.get("merge_method")
+    if name not in _METHODS:
+        raise ConfigError(f"merge_method {name!r}: supported are {sorted(_METHODS)}")
+    params = dict(data.get("parameters") or {})
+    options = {k: params.pop(k) for k in list(params) if k in _STATIC_PARAMS}
+    for k in _IGNORED_PARAMS:
+        params.pop(k, None)
+    if "consensus" in data:
+        options["consensus"] = data["consensus"]
+    m = method(name, **options)
+    inputs = _inputs(data)
+    base = data.get("base_model")
+    base = str(base) if base is not None else None
+    if m.has_base or m.kind is Kind.SLERP:
+        if base is None:
+            raise ConfigError(f"{name}: 'base_model' is required")
+        others = [(r, p) for r, p in inputs if r != base]
+        if m.kind is Kind.SLERP and len(others) != 1:
+            raise ConfigError(f"slerp: needs base_model and exactly one other model, got "
+                              f"{[r for r, _ in others]}")
+        refs = [base] + [r for r, _ in others]
+        model_params = [p for _, p in others]
+    else:
+        refs = [r for r, _ in inputs]
+        model_params = [p for _, p in inputs]
+    per_names = m.per_model_params
+    shared = {k: v for k, v in params.items() if k not in per_names}
+    defaults = {k: v for k, v in params.items() if k in per_names}
+    per_model = ()
+    if per_names:
+        per_model = tuple({**defaults, **{k: v for k, v in p.items() if k in per_names}}
+                          for p in model_params)
+        for i, p in enumerate(model_params):
+            extra = set(p) - set(per_names) - _IGNORED_PARAMS
+            if extra:
+                raise ConfigError(f"{name}: model {refs[-len(model_params) + i]}: unknown "
+                                  f"parameter(s) {sorted(extra)}")
+    spec = MergeSpec(method=m, shared=shared, per_model=per_model,
+                     selection=Selection(include=tuple(data.get("include") or ()),
+                                         exclude=tuple(data.get("exclude") or ())),
+                     seed=int(data.get("seed", 0)))
+    spec.check_inputs(len(refs))
+    tok = data.get("tokenizer_source")
+    tok_index = 0
+    if isinstance(tok, str) and tok not in ("base", "union"):
+        if tok not in refs:
+            raise ConfigError(f"tokenizer_source {tok!r} is not one of the merged models")
+        tok_index = refs.index(tok)
+    elif tok == "union":
+        raise ConfigError("tokenizer_source: union is not supported (models must share a "
+                          "vocabulary)")
+    return MergeConfig(spec=spec, models=tuple(refs), out_dtype=data.get("out_dtype"),
+                       tokenizer_source=tok_index)
+
+
+def load_merge_config(path: str | os.PathLike) -> MergeConfig:
+    """Read and parse a YAML merge config file."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    try:
+        return parse_merge_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

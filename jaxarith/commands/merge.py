@@ -1,0 +1,40 @@
+"""``jaxarith merge CONFIG.yaml OUT``: merge models as a YAML config says (mergekit's fields).
+
+Methods: linear (soups), task_arithmetic, ties, dare_linear, dare_ties, slerp; per-model weights
+and densities, schedules over depth, filters, include/exclude patterns. Streamed tensor by tensor
+when every model is an HF checkpoint and OUT is HF.
+"""
+
+from __future__ import annotations
+
+from jaxarith.commands import _common
+
+
+def register(sub) -> None:
+    p = sub.add_parser("merge", help="merge models from a YAML config (mergekit field names)",
+                       description=__doc__)
+    p.add_argument("config", help="YAML merge config")
+    p.add_argument("out", help="output directory (written atomically)")
+    p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load and run under jit instead of streaming")
+    p.add_argument("--max-shard-size", default="5GB")
+    p.add_argument("--overwrite", action="store_true")
+    _common.add_mesh(p)
+    _common.add_json(p)
+    p.set_defaults(handler=handle)
+
+
+def handle(args) -> int:
+    from jaxarith.arith.execute import execute
+    from jaxarith.arith.mergeconfig import load_merge_config
+
+    mc = load_merge_config(args.config)
+    info = execute(mc.spec, list(mc.models), args.out, to=args.to, dtype=mc.out_dtype,
+                   mesh=_common.mesh_from(args), in_memory=args.in_memory,
+                   max_shard_size=args.max_shard_size, tokenizer_from=mc.tokenizer_source,
+                   overwrite=args.overwrite, progress=_common.progress_enabled(args))
+    info["method"] = str(mc.spec.method.kind)
+    _common.emit(args, info, f"{info['method']}: wrote {info['out']} ({info['executor']}, "
+                             f"{info.get('seconds', 0):.2f} s)")
+    return 0

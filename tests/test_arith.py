@@ -1,0 +1,366 @@
+"""Delta arithmetic and merging: numpy references, round trips, executor agreement, CLI, YAML."""
+
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+import yaml
+
+from jaxarith import arith, testing
+from jaxarith.arith import ops
+from jaxarith.arith.select import MergeSpec
+from jaxarith.cli import main
+from jaxarith.convert.hf import HFCheckpoint, load_hf_params
+from jaxarith.errors import ArchitectureMismatchError
+from jaxarith.sharding import make_mesh
+
+# ----------------------------------------------------------------------------- numpy references
+
+
+def np_trim(x, density):
+    k = ops.keep_count(density, x.size)
+    if k == 0:
+        return np.zeros_like(x)
+    thr = np.sort(np.abs(x).ravel())[-k]
+    return np.where(np.abs(x) >= thr, x, 0)
+
+
+def np_task(base, models, weights, lam, densities, trim, consensus, normalize):
+    w = np.asarray(weights, np.float32).reshape((-1,) + (1,) * base.ndim)
+    tvs = np.stack([np_trim(m - base, d) if trim else m - base
+                    for m, d in zip(models, densities, strict=True)]) * w
+    if consensus:
+        elected = np.where(tvs.sum(0) >= 0, 1.0, -1.0)
+        agree = np.sign(tvs) == elected
+        mixed = np.where(agree, tvs, 0).sum(0)
+        div = np.where(agree, w, 0).sum(0)
+        div = np.where(div == 0, 1.0, div)
+    else:
+        mixed = tvs.sum(0)
+        div = w.sum()
+        div = 1.0 if abs(div) < 1e-8 else div
+    return base + lam * (mixed / div if normalize else mixed)
+
+
+def np_slerp(a, b, t, thr=0.9995):
+    an, bn = np.linalg.norm(a.astype(np.float64)), np.linalg.norm(b.astype(np.float64))
+    cos = np.clip(np.vdot(a.astype(np.float64), b.astype(np.float64)) / (an * bn), -1, 1)
+    if abs(cos) > thr:
+        return (1 - t) * a + t * b
+    th = np.arccos(cos)
+    return (np.sin((1 - t) * th) * a + np.sin(t * th) * b) / np.sin(th)
+
+
+def rand_tree(rng, layers=3):
+    return {"embed": rng.normal(size=(32, 8)).astype(np.float32),
+            "layers": {"mlp": {"up": rng.normal(size=(layers, 8, 16)).astype(np.float32)}}}
+
+
+def per_tensor(tree):
+    """(name, array) per tensor, stacked leaves split per layer (the formulas' unit)."""
+    yield "embed", tree["embed"]
+    for i, x in enumerate(tree["layers"]["mlp"]["up"]):
+        yield f"up{i}", x
+
+
+def compare(out, ref_fn, trees, rtol=2e-6, atol=2e-6):
+    outs = dict(per_tensor(jax.tree.map(np.asarray, out)))
+    ins = [dict(per_tensor(t)) for t in trees]
+    for name, got in outs.items():
+        want = ref_fn(*[d[name] for d in ins])
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=name)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("density", [0.2, 0.7])
+def test_ties_and_task_arithmetic_match_numpy(seed, density):
+    rng = np.random.default_rng(seed)
+    base, m1, m2, m3 = (rand_tree(rng) for _ in range(4))
+    w = [1.0, 0.3 + seed * 0.2, 0.7]
+    d = [density, 0.5, 1.0]
+    out = arith.ties(base, [m1, m2, m3], weights=w, densities=d, lam=0.9)
+    compare(out, lambda b, *ms: np_task(b, ms, w, 0.9, d, True, True, True), [base, m1, m2, m3])
+    out = arith.task_arithmetic(base, [m1, m2, m3], weights=w, lam=0.6)
+    compare(out, lambda b, *ms: np_task(b, ms, w, 0.6, d, False, False, False),
+            [base, m1, m2, m3])
+    out = arith.soup([m1, m2, m3])
+    compare(out, lambda *ms: sum(ms) / 3, [m1, m2, m3])
+
+
+def test_ties_sign_election_and_zero_divisor():
+    base = {"embed": np.zeros((1, 4), np.float32)}
+    # entry 0: +3 vs -1 -> + wins, mean of agreeing = 3; entry 1: -2,-2 -> -2;
+    # entry 2: both zero -> no model agrees, divisor 1, result 0; entry 3: +1 vs -1 tie -> +.
+    m1 = {"embed": np.array([[3.0, -2.0, 0.0, 1.0]], np.float32)}
+    m2 = {"embed": np.array([[-1.0, -2.0, 0.0, -1.0]], np.float32)}
+    out = np.asarray(arith.ties(base, [m1, m2], densities=[1.0, 1.0])["embed"])
+    np.testing.assert_array_equal(out, [[3.0, -2.0, 0.0, 1.0]])
+    # weights summing to zero: task arithmetic's normalise divides by 1 instead of 0
+    out = np.asarray(arith.task_arithmetic(base, [m1, m2], weights=[1.0, -1.0],
+                                           normalize=True)["embed"])
+    np.testing.assert_array_equal(out, [[4.0, 0.0, 0.0, 2.0]])
+
+
+def test_magnitude_mask_exact_topk():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(1000,)).astype(np.float32)
+    for k in (0, 1, 7, 500, 1000):
+        got = np.asarray(ops.magnitude_mask(x, k))
+        assert got.sum() == k
+        if k:
+            assert np.abs(x[got]).min() >= np.abs(x[~got]).max(initial=0)
+
+
+@pytest.mark.parametrize("combine", ["linear", "ties"])
+def test_dare_reproducible_and_rescaled(combine):
+    rng = np.random.default_rng(0)
+    base, m1, m2 = (rand_tree(rng, layers=2) for _ in range(3))
+    kw = dict(weights=[1.0, 0.5], densities=[0.3, 0.6], combine=combine)
+    a = arith.dare(base, [m1, m2], seed=7, **kw)
+    b = arith.dare(base, [m1, m2], seed=7, **kw)
+    c = arith.dare(base, [m1, m2], seed=8, **kw)
+    for x, y, z in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(c), strict=True):
+        np.testing.assert_array_equal(x, y)
+        assert not np.array_equal(x, z)
+    # one model, weight 1, lambda 1: kept entries are base + tau / density, the others base
+    out = np.asarray(arith.dare(base, [m1], densities=[0.25], seed=3)["embed"])
+    tau = m1["embed"] - base["embed"]
+    kept = ~np.isclose(out, base["embed"], rtol=0, atol=1e-7)
+    np.testing.assert_allclose(out[kept], (base["embed"] + tau / 0.25)[kept], rtol=1e-5)
+    assert 0.15 < kept.mean() < 0.35
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_slerp_and_lerp_match_numpy(t):
+    rng = np.random.default_rng(1)
+    a, b = rand_tree(rng), rand_tree(rng)
+    compare(arith.slerp(a, b, t), lambda x, y: np_slerp(x, y, t), [a, b])
+    compare(arith.lerp(a, b, t), lambda x, y: (1 - t) * x + t * y, [a, b])
+    if t == 0.0:  # t = 0 is exactly the first model
+        for x, y in zip(jax.tree.leaves(arith.slerp(a, b, t)), jax.tree.leaves(a), strict=True):
+            np.testing.assert_array_equal(x, y)
+    # parallel vectors fall back to lerp (no 0/0)
+    par = jax.tree.map(lambda x: 2 * x, a)
+    compare(arith.slerp(a, par, t), lambda x, y: (1 - t) * x + t * y, [a, par])
+
+
+def test_schedule_and_selection():
+    rng = np.random.default_rng(2)
+    a, b = rand_tree(rng), rand_tree(rng)
+    out = arith.lerp(a, b, [0.0, 1.0], include=["layers/*"])
+    np.testing.assert_array_equal(out["embed"], a["embed"])  # not selected
+    ups = np.asarray(out["layers"]["mlp"]["up"])
+    for i, t in enumerate([0.0, 0.5, 1.0]):  # schedule interpolated over 3 layers
+        np.testing.assert_allclose(ups[i], (1 - t) * a["layers"]["mlp"]["up"][i]
+                                   + t * b["layers"]["mlp"]["up"][i], rtol=1e-6)
+    d = arith.delta(a, b, exclude=["embed"])
+    np.testing.assert_array_equal(d["embed"], 0)
+
+
+def test_round_trip_float32_and_bfloat16():
+    rng = np.random.default_rng(3)
+    i32, b32 = rand_tree(rng), rand_tree(rng)
+    back = arith.apply_delta(b32, arith.delta(i32, b32))
+    for x, y, b in zip(jax.tree.leaves(back), jax.tree.leaves(i32), jax.tree.leaves(b32),
+                       strict=True):
+        ulp = np.spacing(np.maximum(np.abs(y), np.abs(b)))  # ulp of the larger operand
+        assert np.all(np.abs(np.asarray(x) - y) <= 2 * ulp)
+    ib = jax.tree.map(lambda x: (x * 0.02).astype(ml_dtypes.bfloat16), i32)
+    bb = jax.tree.map(lambda x: (x * 0.02).astype(ml_dtypes.bfloat16), b32)
+    d = arith.delta(ib, bb)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(d))
+    back = arith.apply_delta(bb, d)
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(ib), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x).view(np.uint16), y.view(np.uint16))
+
+
+# ------------------------------------------------------------------- checkpoints and executors
+
+
+@pytest.fixture(scope="module")
+def three_llamas(tmp_path_factory):
+    d = tmp_path_factory.mktemp("arith_llamas")
+    cfg = testing.tiny_llama_config()
+    dirs = []
+    for s in range(3):
+        p = str(d / f"m{s}")
+        testing.make_hf_model(p, cfg, seed=10 + s, max_shard_size="100KB", dtype="bfloat16")
+        dirs.append(p)
+    return dirs
+
+
+CASES = [
+    ("delta", [1, 0], {}, ()),
+    ("apply_delta", [0, 1], {"scale": 0.7}, ()),
+    ("task_arithmetic", [0, 1, 2], {"lambda": 0.7}, ({"weight": 0.3}, {"weight": [0.2, 0.9]})),
+    ("ties", [0, 1, 2], {"lambda": 0.8},
+     ({"weight": 1.0, "density": 0.3}, {"weight": [0.2, 0.9], "density": 0.6})),
+    ("dare_ties", [0, 1, 2], {}, ({"density": 0.5}, {"density": [0.4, 0.8]})),
+    ("slerp", [0, 1], {"t": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.4}]}, ()),
+    ("linear", [0, 1, 2], {}, ({"weight": 0.3}, {"weight": 0.1}, {"weight": 0.6})),
+]
+
+
+def _equal(a, b):
+    return all(jax.tree.leaves(jax.tree.map(
+        lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)))
+
+
+@pytest.mark.parametrize("name,idx,shared,per_model", CASES, ids=[c[0] for c in CASES])
+def test_streamed_equals_memory_and_mesh(three_llamas, tmp_path, name, idx, shared, per_model):
+    spec = MergeSpec(method=arith.method(name), shared=shared, per_model=per_model, seed=3)
+    refs = [three_llamas[i] for i in idx]
+    cfg, _ = load_hf_params(refs[0], progress=False)
+    trees = [load_hf_params(r, progress=False)[1] for r in refs]
+    mem = arith.run(spec, cfg, trees)
+    mesh = make_mesh("fsdp=4,tensor=2")
+    sharded = arith.run(spec, cfg, [load_hf_params(r, mesh=mesh, progress=False)[1]
+                                    for r in refs])
+    assert _equal(mem, sharded)
+    info = arith.run_streamed(spec, refs, tmp_path / "out", max_shard_size="100KB",
+                              progress=False)
+    assert len(info["files"]) > 1
+    _, streamed = load_hf_params(tmp_path / "out", progress=False)
+    assert _equal(mem, streamed)
+
+
+def test_architecture_mismatch_writes_nothing(three_llamas, tmp_path):
+    other = tmp_path / "wide"
+    testing.make_hf_model(other, testing.tiny_llama_config(vocab_size=1100))
+    with pytest.raises(ArchitectureMismatchError, match="vocabulary sizes") as e:
+        arith.run_streamed(MergeSpec(method=arith.method("delta")), [three_llamas[0],
+                           str(other)], tmp_path / "out", progress=False)
+    assert "model.embed_tokens.weight" in str(e.value)
+    assert not (tmp_path / "out").exists()
+    rc = main(["delta", "extract", str(other), three_llamas[0], str(tmp_path / "o2"), "--json"])
+    assert rc == 2 and not (tmp_path / "o2").exists()
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def test_delta_norms_cli(three_llamas, capsys):
+    base, other = three_llamas[0], three_llamas[1]
+    for measure in ("abs", "square"):
+        assert main(["delta", "norms", base, other, "--measure", measure, "--per-layer",
+                     "--json"]) == 0
+        r = json.loads(capsys.readouterr().out)
+        cb, co = HFCheckpoint(base), HFCheckpoint(other)
+        f = np.abs if measure == "abs" else np.square
+        sums, n = np.zeros(3), 0
+        for k in cb.keys():
+            b = cb.get(k).astype(np.float64)
+            o = co.get(k).astype(np.float64)
+            sums += [f(b).sum(), f(o).sum(), f(o - b).sum()]
+            n += b.size
+        bn, on, dn = sums / n
+        want = {"base_norm": bn, "other_norm": on, "diff_norm": dn, "base_over_other": bn / on,
+                "diff_over_other": dn / on, "diff_over_base": dn / bn}
+        for k, v in want.items():
+            assert r[k] == pytest.approx(v, rel=1e-12), k
+        assert r["measure"] == measure and len(r["per_layer"]) == 3
+
+
+def test_cli_extract_apply_round_trip(three_llamas, tmp_path, capsys):
+    tuned, base = three_llamas[1], three_llamas[0]
+    assert main(["delta", "extract", tuned, base, str(tmp_path / "d"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["executor"] == "streamed"
+    assert main(["delta", "apply", base, str(tmp_path / "d"), str(tmp_path / "back"),
+                 "--json"]) == 0
+    capsys.readouterr()
+    a, b = HFCheckpoint(tuned), HFCheckpoint(str(tmp_path / "back"))
+    d = HFCheckpoint(str(tmp_path / "d"))
+    for k in a.keys():
+        assert d.dtype(k) == np.float32
+        np.testing.assert_array_equal(a.get(k).view(np.uint16), b.get(k).view(np.uint16))
+
+
+MERGEKIT_YAMLS = {
+    "task_arithmetic": """
+merge_method: task_arithmetic
+base_model: {m0}
+models:
+  - model: {m0}
+  - model: {m1}
+    parameters: {{weight: 0.7}}
+  - model: {m2}
+    parameters: {{weight: [0.2, 0.9]}}
+parameters: {{lambda: 0.8}}
+dtype: float32
+""",
+    "ties": """
+merge_method: ties
+base_model: {m0}
+models:
+  - model: {m1}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {m2}
+    parameters:
+      weight: 0.5
+      density: [{{filter: self_attn, value: 0.3}}, {{value: 0.7}}]
+parameters: {{normalize: true, int8_mask: true}}
+dtype: bfloat16
+""",
+    "dare_ties": """
+merge_method: dare_ties
+base_model: {m0}
+models:
+  - model: {m1}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {m2}
+    parameters: {{weight: 0.4, density: 0.6}}
+""",
+    "slerp": """
+slices:
+  - sources:
+      - model: {m0}
+        layer_range: [0, 2]
+      - model: {m1}
+        layer_range: [0, 2]
+merge_method: slerp
+base_model: {m0}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 1]
+    - filter: mlp
+      value: [1, 0]
+    - value: 0.5
+dtype: bfloat16
+""",
+}
+LIBRARY_CALLS = {
+    "task_arithmetic": lambda ms: arith.task_arithmetic(
+        ms[0], ms[1:], CFG[0], weights=[0.7, [0.2, 0.9]], lam=0.8),
+    "ties": lambda ms: arith.ties(
+        ms[0], ms[1:], CFG[0], weights=[1.0, 0.5],
+        densities=[0.5, [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]]),
+    "dare_ties": lambda ms: arith.dare(ms[0], ms[1:], CFG[0], weights=[0.6, 0.4],
+                                       densities=[0.5, 0.6], combine="ties"),
+    "slerp": lambda ms: arith.slerp(ms[0], ms[1], [{"filter": "self_attn", "value": [0, 1]},
+                                                   {"filter": "mlp", "value": [1, 0]},
+                                                   {"value": 0.5}], CFG[0]),
+}
+CFG = [None]
+
+
+@pytest.mark.parametrize("name", list(MERGEKIT_YAMLS))
+def test_mergekit_yaml_matches_library(three_llamas, tmp_path, capsys, name):
+    text = MERGEKIT_YAMLS[name].format(m0=three_llamas[0], m1=three_llamas[1],
+                                       m2=three_llamas[2])
+    yaml.safe_load(text)
+    (tmp_path / "merge.yaml").write_text(text)
+    assert main(["merge", str(tmp_path / "merge.yaml"), str(tmp_path / "out"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == name
+    cfg, _ = load_hf_params(three_llamas[0], progress=False)
+    CFG[0] = cfg
+    n = 2 if name == "slerp" else 3
+    ms = [load_hf_params(three_llamas[i], progress=False)[1] for i in range(n)]
+    want = LIBRARY_CALLS[name](ms)
+    _, got = load_hf_params(tmp_path / "out", progress=False)
+    assert _equal(want, got)
+    assert os.path.exists(tmp_path / "out" / "tokenizer.json")
