@@ -1,0 +1,168 @@
+"""Benchmark: decoding tokens/s of jaxarith vs transformers, proxy tuning, speculative EFT.
+
+Same random-weight Llama models for both sides (made locally), float32, on this CPU:
+
+1. single model, batch 1 and 8, ``--new`` tokens: jaxarith ``generate`` vs transformers
+   ``generate(do_sample=False)``; also as a fraction of the memory-bandwidth limit
+   (``--bandwidth`` GB/s divided by the weight bytes: each token reads every weight once);
+2. proxy tuning with three models: jaxarith's one compiled loop vs the reference method (step
+   three transformers models with their KV caches and combine log-probs in Python per token);
+3. speculative EFT vs plain EFT (large base + beta * (small tuned - small base)), with a drafter
+   that shares the large model's embeddings and first layers, so it agrees with it often:
+   acceptance rate and speedup.
+
+Compile time is excluded (one warm-up call); each number is the median of ``--repeats`` runs.
+
+    python scripts/bench_decode.py            # ~16M and ~100M models
+    python scripts/bench_decode.py --quick    # tiny, < 1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import jax
+import numpy as np
+import torch
+
+from jaxarith import testing
+from jaxarith.convert import load_hf_params
+from jaxarith.decode import Decoder, Member, generate
+from jaxarith.logits import SpeculativeDecoder, eft, generate_speculative, proxy_tuning
+
+SIZES = {  # name: hidden, intermediate, layers, heads, kv heads, vocab
+    "16M": (256, 768, 4, 8, 4, 32000),
+    "100M": (768, 2048, 12, 12, 4, 32000),
+}
+QUICK = {"tiny": (64, 128, 2, 4, 2, 1024)}
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up (compilation)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def make(directory, dims, seed=0, layers=None):
+    d, f, n_layers, h, kv, v = dims
+    cfg = testing.tiny_llama_config(hidden_size=d, intermediate_size=f,
+                                    num_hidden_layers=layers or n_layers, num_attention_heads=h,
+                                    num_key_value_heads=kv, head_dim=d // h, vocab_size=v,
+                                    max_position_embeddings=1024)
+    model = testing.make_hf_model(directory, cfg, seed=seed, with_tokenizer=False)
+    return model, *load_hf_params(directory, progress=False)
+
+
+def hf_proxy_tuned(models, alpha, prompt, new):
+    """Reference: three transformers models stepped with caches, combined in Python."""
+    ids = torch.tensor([prompt])
+    outs = [m(input_ids=ids, use_cache=True) for m in models]
+    caches = [o.past_key_values for o in outs]
+    logits = [o.logits[:, -1] for o in outs]
+    tokens = []
+    for _ in range(new):
+        lp = [torch.log_softmax(z.float(), -1) for z in logits]
+        s = lp[0] + alpha * (lp[1] - lp[2])
+        tok = int(torch.argmax(s, -1))
+        tokens.append(tok)
+        step = torch.tensor([[tok]])
+        outs = [m(input_ids=step, past_key_values=c, use_cache=True)
+                for m, c in zip(models, caches, strict=True)]
+        caches = [o.past_key_values for o in outs]
+        logits = [o.logits[:, -1] for o in outs]
+    return tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bandwidth", type=float, default=20.0, help="GB/s (measured ~20-25)")
+    ap.add_argument("--out", default="bench_results/decode.json")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 2)
+    sizes = QUICK if args.quick else SIZES
+    new = 16 if args.quick else args.new
+    rows = []
+    prompt = list(range(3, 19))
+    with tempfile.TemporaryDirectory() as work, torch.no_grad():
+        for name, dims in sizes.items():
+            hf, cfg, params = make(os.path.join(work, name), dims)
+            weight_bytes = sum(x.size * 4 for x in jax.tree.leaves(params))
+            limit = args.bandwidth * 1e9 / weight_bytes
+            for batch in (1, 8):
+                prompts = [prompt] * batch
+                dec = Decoder(members=(Member(cfg),), max_new_tokens=new)
+                t_j = median_time(lambda: generate(dec, [params], prompts), args.repeats)
+                ids = torch.tensor(prompts)
+                t_h = median_time(lambda: hf.generate(input_ids=ids, max_new_tokens=new,
+                                                      min_new_tokens=new, do_sample=False,
+                                                      pad_token_id=0), args.repeats)
+                rows.append({"bench": "generate", "model": name, "batch": batch,
+                             "jaxarith_tok_s": batch * new / t_j,
+                             "transformers_tok_s": batch * new / t_h, "speedup": t_h / t_j,
+                             "bandwidth_limit_tok_s": limit * batch,
+                             "fraction_of_limit": (new / t_j) / limit})
+            # proxy tuning: base = this model, expert / anti-expert = two other seeds
+            hf_e, _, pe = make(os.path.join(work, name + "e"), dims, seed=1)
+            hf_a, _, pa = make(os.path.join(work, name + "a"), dims, seed=2)
+            dec = Decoder(members=proxy_tuning(cfg, cfg, cfg, 1.0), max_new_tokens=new)
+            t_j = median_time(lambda: generate(dec, [params, pe, pa], [prompt]), args.repeats)
+            t_h = median_time(lambda: hf_proxy_tuned([hf, hf_e, hf_a], 1.0, prompt, new),
+                              args.repeats)
+            ours = generate(dec, [params, pe, pa], [prompt]).tokens[0].tolist()
+            same = ours == hf_proxy_tuned([hf, hf_e, hf_a], 1.0, prompt, new)
+            rows.append({"bench": "proxy_tuning", "model": name, "batch": 1,
+                         "jaxarith_tok_s": new / t_j, "reference_tok_s": new / t_h,
+                         "speedup": t_h / t_j, "same_tokens": same})
+            # speculative EFT: the drafter shares the large model's embeddings and first layer
+            small = dict(params)
+            small["layers"] = jax.tree.map(lambda x: x[:1], params["layers"])
+            import dataclasses
+
+            cfg_s = dataclasses.replace(cfg, num_hidden_layers=1)
+            members = eft(cfg, cfg_s, cfg_s, beta=1.0)
+            dec = Decoder(members=members, max_new_tokens=new)
+            plist = [params, small, small]
+            t_plain = median_time(lambda: generate(dec, plist, [prompt]), args.repeats)
+            for k in (2, 4):
+                sd = SpeculativeDecoder(decoder=dec, drafter=1, k=k)
+                t_spec = median_time(lambda sd=sd: generate_speculative(sd, plist, [prompt]),
+                                     args.repeats)
+                g = generate_speculative(sd, plist, [prompt])
+                same = (g.tokens == generate(dec, plist, [prompt]).tokens).all()
+                rows.append({"bench": f"speculative_eft_k{k}", "model": name, "batch": 1,
+                             "plain_tok_s": new / t_plain, "speculative_tok_s": new / t_spec,
+                             "speedup": t_plain / t_spec, "acceptance": g.acceptance_rate,
+                             "same_tokens": bool(same)})
+    print(f"{'bench':<20} {'model':>6} {'batch':>5} {'ours tok/s':>10} {'ref tok/s':>10} "
+          f"{'speedup':>8}  notes")
+    for r in rows:
+        ours = r.get("jaxarith_tok_s", r.get("speculative_tok_s"))
+        ref = r.get("transformers_tok_s", r.get("reference_tok_s", r.get("plain_tok_s")))
+        notes = ""
+        if "fraction_of_limit" in r:
+            notes = f"{r['fraction_of_limit']:.0%} of bandwidth limit"
+        if "acceptance" in r:
+            notes = f"acceptance {r['acceptance']:.2f}"
+        if "same_tokens" in r:
+            notes += f" same tokens: {r['same_tokens']}"
+        print(f"{r['bench']:<20} {r['model']:>6} {r['batch']:>5} {ours:10.1f} {ref:10.1f} "
+              f"{r['speedup']:8.2f}  {notes}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"new_tokens": new, "rows": rows}, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
