@@ -1,0 +1,306 @@
+"""Training data with grain: read documents, tokenise, pack, shuffle, mix sources by weight.
+
+Pipeline per source::
+
+    documents (text / jsonl / parquet / a ``datasets`` dataset)
+      -> held-out split (the last ``eval_fraction`` of the documents)
+      -> tokenise with the model's tokenizer, EOS after every document (optional BOS before)
+      -> concatenate and cut into fixed windows [N, seq_len] (packing; EOS separates documents)
+      -> grain.MapDataset.source(windows).seed(seed + i).shuffle().repeat()   (reshuffled per epoch)
+
+then ``grain.MapDataset.mix(sources, weights)`` interleaves them deterministically in exact
+proportion to their weights (e.g. 95% new domain, 5% replay of the original data); a weight of 0
+drops a source. Element ``k`` of the mixture is a pure function of ``k``, so:
+
+* each process takes the strided slice ``mixed[p::P]``: its local batch ``i`` is rows
+  ``p, p+P, ...`` of global batch ``i``, and the processes together cover the global batch exactly;
+* the iterator's state is one integer (``get_state()`` -> ``{"next_index": k}``), saved with the
+  checkpoint, so a resumed run sees exactly the batches an uninterrupted run would have.
+
+The token windows of each source are held in host memory (int32); for corpora beyond host memory,
+pre-tokenise into shards and point a source at each (documented limitation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import glob
+import json
+import os
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+from jaxarith.assets import CORPUS_CODE, CORPUS_DOCS
+from jaxarith.errors import ConfigError, JaxarithError
+
+BUNDLED = {"bundled:code": CORPUS_CODE, "bundled:docs": CORPUS_DOCS}
+
+
+class SourceKind(enum.StrEnum):
+    TEXT = "text"
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+    DATASETS = "datasets"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SourceConfig:
+    """One data source.
+
+    Attributes:
+      name: label used in metrics (``eval/<name>/loss``).
+      kind: text | jsonl | parquet | datasets.
+      path: a file, a glob, ``bundled:code`` / ``bundled:docs``; for ``datasets`` a hub name,
+        a local data directory, or a directory written by ``Dataset.save_to_disk``.
+      weight: mixing weight (normalised over sources; 0 drops the source from training).
+      text_field: column / key holding the text (jsonl, parquet, datasets).
+      split: ``datasets`` split.
+      doc_separator: text files are split into documents at this string.
+      max_docs: read at most this many documents (0: all).
+    """
+
+    name: str
+    path: str
+    kind: SourceKind = SourceKind.TEXT
+    weight: float = 1.0
+    text_field: str = "text"
+    split: str = "train"
+    doc_separator: str = "\n\n"
+    max_docs: int = 0
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "kind", SourceKind(self.kind))
+        except ValueError:
+            raise ConfigError(f"data.sources.{self.name}.kind={self.kind!r}: expected one of "
+                              f"{', '.join(k.value for k in SourceKind)}") from None
+        if self.weight < 0:
+            raise ConfigError(f"data.sources.{self.name}.weight={self.weight} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Sources and packing.
+
+    Attributes:
+      sources: the sources, mixed by their weights.
+      seq_len: tokens per packed sequence.
+      seed: shuffle seed (each source uses ``seed + index``).
+      eval_fraction: fraction of each source's documents held out for evaluation.
+      add_bos: put the tokenizer's BOS token before every document.
+    """
+
+    sources: tuple[SourceConfig, ...] = ()
+    seq_len: int = 128
+    seed: int = 0
+    eval_fraction: float = 0.05
+    add_bos: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "sources", tuple(self.sources))
+        if not self.sources:
+            raise ConfigError("data.sources is empty: give at least one source")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.sources: duplicate names in {names}")
+        if sum(s.weight for s in self.sources) <= 0:
+            raise ConfigError("data.sources: all weights are 0")
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len={self.seq_len} must be >= 2")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceData:
+    """A source's packed token windows: ``train`` [N, T] and held-out ``eval`` [M, T] (int32)."""
+
+    name: str
+    weight: float
+    train: np.ndarray
+    eval: np.ndarray
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _files(src: SourceConfig) -> list[str]:
+    path = BUNDLED.get(src.path, os.path.expanduser(src.path))
+    files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if not files or missing:
+        bad = missing[0] if missing else path
+        raise JaxarithError(f"data source {src.name!r}: no such file {bad}")
+    return files
+
+
+def read_documents(src: SourceConfig) -> list[str]:
+    """The source's documents as strings, in file order."""
+    docs: list[str] = []
+    if src.kind is SourceKind.DATASETS:
+        docs = _read_datasets(src)
+    else:
+        for f in _files(src):
+            if src.kind is SourceKind.TEXT:
+                with open(f, encoding="utf-8") as fh:
+                    docs += [d.strip("\n") for d in fh.read().split(src.doc_separator)]
+            elif src.kind is SourceKind.JSONL:
+                docs += _read_jsonl(src, f)
+            else:
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(f)
+                if src.text_field not in table.column_names:
+                    raise JaxarithError(f"{f}: no column {src.text_field!r} (data source "
+                                        f"{src.name!r}; columns: {table.column_names})")
+                docs += [str(t) for t in table.column(src.text_field).to_pylist()]
+            if src.max_docs and len(docs) >= src.max_docs:
+                break
+    docs = [d for d in docs if d.strip()]
+    if src.max_docs:
+        docs = docs[: src.max_docs]
+    if not docs:
+        raise JaxarithError(f"data source {src.name!r}: no documents in {src.path}")
+    return docs
+
+
+def _read_jsonl(src: SourceConfig, path: str) -> list[str]:
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise JaxarithError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or src.text_field not in obj:
+                raise JaxarithError(f"{path}:{n}: no key {src.text_field!r} "
+                                    f"(data source {src.name!r})")
+            out.append(str(obj[src.text_field]))
+    return out
+
+
+def _read_datasets(src: SourceConfig) -> list[str]:
+    import datasets
+
+    path = os.path.expanduser(src.path)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json")):
+        ds = datasets.load_from_disk(path)
+        ds = ds[src.split] if isinstance(ds, datasets.DatasetDict) else ds
+    else:
+        ds = datasets.load_dataset(path, split=src.split)
+    if src.text_field not in ds.column_names:
+        raise JaxarithError(f"data source {src.name!r}: dataset {src.path} has no column "
+                            f"{src.text_field!r} (columns: {ds.column_names})")
+    if src.max_docs:
+        ds = ds.select(range(min(src.max_docs, len(ds))))
+    return [str(t) for t in ds[src.text_field]]
+
+
+# ----------------------------------------------------------------------------- tokenising
+
+
+def tokenize(docs: Sequence[str], tokenizer, *, add_bos: bool = False) -> np.ndarray:
+    """Concatenated token ids of ``docs`` with EOS after each (and BOS before, if asked)."""
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    if eos is None:
+        raise JaxarithError("the tokenizer has no EOS token to separate documents")
+    if add_bos and bos is None:
+        raise JaxarithError("data.add_bos is set but the tokenizer has no BOS token")
+    ids = tokenizer(list(docs), add_special_tokens=False)["input_ids"]
+    parts = []
+    for seq in ids:
+        parts.append(([bos] if add_bos else []) + list(seq) + [eos])
+    return np.fromiter((t for p in parts for t in p), dtype=np.int32)
+
+
+def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    """Cut a token stream into [N, seq_len] windows (the remainder is dropped)."""
+    n = len(tokens) // seq_len
+    return np.asarray(tokens[: n * seq_len], np.int32).reshape(n, seq_len)
+
+
+def load_source(src: SourceConfig, tokenizer, cfg: DataConfig) -> SourceData:
+    """Read, split, tokenise and pack one source."""
+    docs = read_documents(src)
+    n_eval = int(round(len(docs) * cfg.eval_fraction))
+    if cfg.eval_fraction > 0:
+        n_eval = min(max(n_eval, 1), len(docs) - 1)
+    train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval:]
+    train = pack(tokenize(train_docs, tokenizer, add_bos=cfg.add_bos), cfg.seq_len)
+    evals = pack(tokenize(eval_docs, tokenizer, add_bos=cfg.add_bos), cfg.seq_len) \
+        if eval_docs else np.zeros((0, cfg.seq_len), np.int32)
+    if len(train) == 0:
+        raise JaxarithError(f"data source {src.name!r}: fewer than seq_len={cfg.seq_len} "
+                            "tokens of training text")
+    return SourceData(src.name, src.weight, train, evals)
+
+
+def load_sources(cfg: DataConfig, tokenizer) -> list[SourceData]:
+    return [load_source(s, tokenizer, cfg) for s in cfg.sources]
+
+
+# ----------------------------------------------------------------------------- grain pipeline
+
+
+def _example(source_id: int):
+    def fn(window: np.ndarray) -> dict:
+        return {"tokens": np.asarray(window, np.int32), "source": np.int32(source_id)}
+
+    return fn
+
+
+def mixed_dataset(sources: Sequence[SourceData], seed: int = 0) -> grain.MapDataset:
+    """An infinite MapDataset of ``{"tokens": [T], "source": id}`` mixing sources by weight.
+
+    Each source is shuffled with ``seed + index`` and reshuffled every epoch; sources with
+    weight 0 are left out. ``source`` is the index into ``sources``.
+    """
+    parts, weights = [], []
+    for i, s in enumerate(sources):
+        if s.weight <= 0:
+            continue
+        ds = grain.MapDataset.source(s.train).seed(seed + i).shuffle().repeat(None)
+        parts.append(ds.map(_example(i)))
+        weights.append(float(s.weight))
+    if not parts:
+        raise ConfigError("data.sources: all weights are 0")
+    if len(parts) == 1:
+        return parts[0]
+    return grain.MapDataset.mix(parts, weights)
+
+
+def check_batch(global_batch: int, process_count: int) -> int:
+    """The per-process batch; refuses a global batch the processes cannot share evenly."""
+    if global_batch % process_count:
+        raise ConfigError(f"batch={global_batch} is not divisible by the {process_count} "
+                          "processes")
+    return global_batch // process_count
+
+
+def batch_iterator(ds: grain.MapDataset, global_batch: int, *, process_index: int = 0,
+                   process_count: int = 1, state: dict | None = None):
+    """An iterator of this process's share of each global batch (a dict of [b, T] arrays).
+
+    Args:
+      ds: the (infinite) example dataset from :func:`mixed_dataset`.
+      global_batch: sequences per step over all processes.
+      state: an iterator state from ``get_state()`` to resume from.
+    Returns:
+      A grain ``DatasetIterator``; ``get_state()`` / ``set_state()`` checkpoint it.
+    """
+    local = check_batch(global_batch, process_count)
+    it = iter(ds[process_index::process_count].batch(local, drop_remainder=True)
+              .to_iter_dataset())
+    if state is not None:
+        it.set_state(state)
+    return it
+
+
+def eval_windows(source: SourceData, max_windows: int) -> np.ndarray:
+    """The first ``max_windows`` held-out windows of a source (fixed, not shuffled)."""
+    return source.eval[:max_windows]

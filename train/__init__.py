@@ -1,0 +1,1 @@
+"""The jaxarith training program: ``python -m train CONFIG.yaml [key=value ...]``."""

@@ -1,0 +1,99 @@
+"""Training checkpoints with orbax-checkpoint's v1 training ``Checkpointer`` (0.12.8, pinned).
+
+One checkpoint per saved step under ``DIR/<step>/`` holds three checkpointables:
+
+* ``state``: the whole :class:`~train.step.TrainState` (params, optimizer state, average, step),
+  restored onto the current mesh from an abstract tree of ``jax.ShapeDtypeStruct(...,
+  sharding=...)``, so a run may resume on a different mesh;
+* ``data``: the data iterator's state (``{"next_index": k}``), so the resumed run sees exactly the
+  batches the uninterrupted run would have;
+* ``meta``: the run's config (JSON) and the metrics of that step.
+
+Saves are asynchronous (the next steps run while the arrays are written) and only the last
+``keep`` checkpoints are preserved. A checkpoint appears only when complete (orbax writes to a
+temporary directory and commits it), so an interrupted save never looks like a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from jaxarith.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+
+class Checkpoints:
+    """Save and restore train checkpoints in ``directory``, keeping the last ``keep``.
+
+    Use as a context manager (waits for pending saves and closes on exit)::
+
+        with Checkpoints(out + "/checkpoints", keep=2) as ckpts:
+            if ckpts.latest_step() is not None:
+                state, data_state, meta = ckpts.restore(abstract_state)
+            ...
+            ckpts.save(step, state, data_state, meta)
+    """
+
+    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+        if keep < 1:
+            raise CheckpointError(f"checkpoint.keep={keep} must be at least 1")
+        self.directory = os.path.abspath(directory)
+        self.async_save = async_save
+        policies = ocp.v1.training.preservation_policies
+        self._ckpt = ocp.v1.training.Checkpointer(
+            self.directory, preservation_policy=policies.LatestN(keep))
+
+    def __enter__(self) -> Checkpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def latest_step(self) -> int | None:
+        latest = self._ckpt.latest
+        return None if latest is None else int(latest.step)
+
+    def steps(self) -> list[int]:
+        return sorted(int(c.step) for c in self._ckpt.checkpoints)
+
+    def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
+        """Save (asynchronously unless ``async_save`` is off); an existing step is kept."""
+        if step in self.steps():
+            return
+        items = {"state": state, "data": dict(data_state),
+                 "meta": {"json": json.dumps(meta, sort_keys=True)}}
+        if self.async_save:
+            self._ckpt.save_checkpointables_async(step, items, force=True)
+        else:
+            self._ckpt.save_checkpointables(step, items, force=True)
+        log.info("checkpoint: saving step %d to %s", step, self.directory)
+
+    def restore(self, abstract_state: Any, step: int | None = None):
+        """Restore (state, data_state, meta) of ``step`` (default: the latest).
+
+        Args:
+          abstract_state: the state as ``jax.ShapeDtypeStruct`` leaves with shardings.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+        try:
+            out = self._ckpt.load_checkpointables(
+                step, {"state": abstract_state, "data": None, "meta": None})
+        except Exception as e:  # orbax raises many types; name the checkpoint at fault
+            raise CheckpointError(f"{self.directory}/{step}: cannot restore the train state "
+                                  f"({type(e).__name__}: {e})") from e
+        meta = json.loads(out["meta"]["json"])
+        return out["state"], dict(out["data"]), meta
+
+    def wait(self) -> None:
+        self._ckpt.wait()
+
+    def close(self) -> None:
+        self._ckpt.close()

@@ -1,0 +1,361 @@
+"""The training run's configuration: a tree of frozen dataclasses loaded from YAML.
+
+``load_config("configs/tiny_llama.yaml", ["steps=60", "out=/tmp/run"])`` reads the YAML, applies
+dotted ``key=value`` overrides (values parsed as YAML: ``schedule.peak_lr=1e-3``,
+``data.sources.replay.weight=0.05``), and builds :class:`TrainConfig`. Unknown or mistyped keys
+are :class:`~jaxarith.errors.ConfigError` naming the dotted key; values are type-checked against
+the dataclass annotations. ``to_dict`` writes a config back (it is saved with each checkpoint).
+
+Data sources are written as a mapping ``name -> fields`` so overrides can address them by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from jaxarith.data import DataConfig, SourceConfig
+from jaxarith.errors import ConfigError
+from jaxarith.schedules import ScheduleConfig
+
+
+class OnNonFinite(enum.StrEnum):
+    STOP = "stop"  # stop with the step number; the last good checkpoint stays on disk
+    SKIP = "skip"  # drop that step's update (params and optimizer state unchanged)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """What to train.
+
+    Attributes:
+      ref: a model reference to start from (HF hub id, HF directory, jaxarith Orbax directory).
+      arch: for training from scratch (``ref`` empty): ``llama`` or ``gpt2``.
+      config: for scratch: HF ``config.json`` fields (``hidden_size``, ``n_layer``, ...).
+      tokenizer: ``bundled`` (the bundled 1024-token BPE) or a directory; default: ``ref``'s.
+      compute_dtype: float32 | bfloat16 (master weights stay float32).
+      remat: recompute block activations in the backward pass.
+    """
+
+    ref: str = ""
+    arch: str = ""
+    config: dict = dataclasses.field(default_factory=dict)
+    tokenizer: str = ""
+    compute_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        if bool(self.ref) == bool(self.arch):
+            raise ConfigError("model: give exactly one of model.ref (start from a checkpoint) "
+                              "and model.arch (train from scratch)")
+        if self.arch and self.arch not in ("llama", "gpt2"):
+            raise ConfigError(f"model.arch={self.arch!r}: expected llama or gpt2")
+        if self.compute_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"model.compute_dtype={self.compute_dtype!r}: expected float32 "
+                              "or bfloat16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """AdamW (optax) with global-norm clipping; no weight decay on norms and biases."""
+
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0 disables clipping
+
+    def __post_init__(self):
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            raise ConfigError(f"optimizer: b1={self.b1}, b2={self.b2} must be in [0, 1)")
+        if self.weight_decay < 0 or self.clip_norm < 0:
+            raise ConfigError("optimizer.weight_decay and optimizer.clip_norm must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AverageConfig:
+    """Weight averaging kept in the train state (see :mod:`jaxarith.average`)."""
+
+    kind: str = "none"  # none | ema | swa
+    decay: float = 0.999  # ema
+    warmup: bool = False  # ema
+    start: int = 0  # swa
+    every: int = 1  # swa
+
+    def options(self) -> dict:
+        if self.kind == "ema":
+            return {"decay": self.decay, "warmup": self.warmup}
+        if self.kind == "swa":
+            return {"start": self.start, "every": self.every}
+        return {}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """Orbax checkpoints of the whole train state, data iterator state and this config.
+
+    Attributes:
+      every: save every N steps (0: only at the end and on preemption).
+      keep: keep the last k checkpoints.
+      async_save: write in the background while training continues.
+      dir: default ``OUT/checkpoints``.
+    """
+
+    every: int = 0
+    keep: int = 2
+    async_save: bool = True
+    dir: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Held-out loss per source every N steps (0: only at the end), over ``batches`` batches."""
+
+    every: int = 0
+    batches: int = 2
+    at_end: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    every: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    plot: bool = True
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """At the end, write the final (or averaged) weights as an HF model.
+
+    Attributes:
+      hf_dir: destination (empty: no HF export). ``--export-hf DIR`` sets it.
+      use_average: export the averaged (EMA/SWA) weights instead of the final ones.
+      delta_tuned, delta_base: model references; when both are set, ``tuned - base`` is added to
+        the exported weights (``final = trained + delta``: the instruct-transplant recipe).
+      dtype: output dtype (empty: float32).
+      overwrite: replace an existing ``hf_dir``.
+    """
+
+    hf_dir: str = ""
+    use_average: bool = False
+    delta_tuned: str = ""
+    delta_base: str = ""
+    dtype: str = ""
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if bool(self.delta_tuned) != bool(self.delta_base):
+            raise ConfigError("export: set both delta_tuned and delta_base, or neither")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """A training run.
+
+    Attributes:
+      out: output directory (checkpoints, metrics.jsonl, TensorBoard events, loss.png).
+      steps: optimizer steps.
+      batch: global batch in sequences (over all devices and microbatches).
+      microbatches: gradient accumulation: the batch is split into this many microbatches.
+      mesh: device mesh spec (``fsdp=-1``, ``data=2,fsdp=2,tensor=2``).
+      seed: parameter init (scratch) seed.
+      on_nonfinite: stop | skip.
+      distributed: call ``jax.distributed.initialize()`` (multi-host pods).
+    """
+
+    out: str
+    steps: int
+    batch: int
+    model: ModelSection
+    data: DataConfig
+    microbatches: int = 1
+    mesh: str = "fsdp=-1"
+    seed: int = 0
+    on_nonfinite: OnNonFinite = OnNonFinite.STOP
+    distributed: bool = False
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    average: AverageConfig = AverageConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    log: LogConfig = LogConfig()
+    export: ExportConfig = ExportConfig()
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "on_nonfinite", OnNonFinite(self.on_nonfinite))
+        except ValueError:
+            raise ConfigError(f"on_nonfinite={self.on_nonfinite!r}: expected stop or skip") \
+                from None
+        if self.steps < 1 or self.batch < 1 or self.microbatches < 1:
+            raise ConfigError(f"steps={self.steps}, batch={self.batch}, "
+                              f"microbatches={self.microbatches} must be positive")
+        if self.batch % self.microbatches:
+            raise ConfigError(f"batch={self.batch} is not divisible by "
+                              f"microbatches={self.microbatches}")
+        if not self.out:
+            raise ConfigError("out is empty: give an output directory (out=DIR)")
+        object.__setattr__(self, "schedule", self.schedule.with_total(self.steps))
+
+
+# ----------------------------------------------------------------------------- YAML <-> tree
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set dotted ``key=value`` overrides in a raw config dict (values parsed as YAML)."""
+    raw = _deep_copy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        parts = key.strip().split(".")
+        node = raw
+        for i, p in enumerate(parts[:-1]):
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def _deep_copy(d):
+    return {k: _deep_copy(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+
+def build(cls, raw: Any, prefix: str = ""):
+    """Build dataclass ``cls`` from a raw mapping, naming any unknown or mistyped key."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]} (valid keys under "
+                          f"{where}: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _convert(hints[name], value, f"{prefix}{name}")
+    missing = [n for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing config key {prefix}{missing[0]}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _convert(tp, value, key: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value if value is not None else {}, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is tuple and typing.get_args(tp)[:1] == (SourceConfig,):
+        return _sources(value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected one of "
+                              f"{', '.join(str(m.value) for m in tp)}") from None
+    else:
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{key}={value!r}: expected {name}, got {type(value).__name__}")
+
+
+def _sources(value, key: str) -> tuple[SourceConfig, ...]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping of source name -> fields")
+    out = []
+    for name, fields in value.items():
+        fields = dict(fields or {})
+        if "name" in fields and fields["name"] != name:
+            raise ConfigError(f"{key}.{name}.name={fields['name']!r} differs from its key")
+        fields["name"] = name
+        out.append(build(SourceConfig, fields, f"{key}.{name}."))
+    return tuple(out)
+
+
+def from_dict(raw: dict, overrides: list[str] | None = None) -> TrainConfig:
+    return build(TrainConfig, apply_overrides(raw, list(overrides or [])))
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config and apply ``key=value`` overrides."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"no such config file: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    return from_dict(raw, overrides)
+
+
+def to_dict(cfg) -> dict:
+    """A config tree as plain YAML/JSON-able data (sources as a name -> fields mapping)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple) and v and isinstance(v[0], SourceConfig):
+            v = {s.name: {k: x for k, x in to_dict(s).items() if k != "name"} for s in v}
+        elif isinstance(v, enum.Enum):
+            v = v.value
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out

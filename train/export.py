@@ -1,0 +1,66 @@
+"""End-of-run export: the final (or averaged) weights as an HF model, optionally plus a delta.
+
+``final = trained + (delta_tuned - delta_base)`` is the instruct-transplant recipe: continue
+pre-training a base model on new data, then re-add the instruction-tuning delta. The delta uses
+:mod:`jaxarith.arith` (``delta`` / ``apply_delta``, float32 math) and the writer is
+:func:`jaxarith.convert.export.save_hf` (atomic, sharded safetensors).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from jaxarith.errors import ConfigError
+from jaxarith.models.config import ModelConfig
+
+
+def export_params(cfg, state) -> dict:
+    """The tree to export: the average when asked (and present), else the final params."""
+    if cfg.export.use_average:
+        if state.average is None:
+            raise ConfigError("export.use_average is set but average.kind is none")
+        return state.average.value()
+    return state.params
+
+
+def add_delta(params: dict, model_cfg: ModelConfig, tuned_ref: str, base_ref: str, mesh=None):
+    """``params + (tuned - base)`` with both references loaded onto ``mesh``."""
+    from jaxarith import arith
+    from jaxarith.refs import load_model
+
+    tuned = load_model(tuned_ref, mesh=mesh, dtype=jnp.float32, progress=False)
+    base = load_model(base_ref, mesh=mesh, dtype=jnp.float32, progress=False)
+    for name, m in (("delta_tuned", tuned), ("delta_base", base)):
+        if m.config != model_cfg:
+            raise ConfigError(f"export.{name}: {m.directory} has a different architecture "
+                              "than the trained model")
+    tau = arith.delta(tuned.params, base.params, model_cfg)
+    return arith.apply_delta(params, tau, model_cfg)
+
+
+def export_hf(cfg, model_cfg: ModelConfig, model_dir: str | None, state) -> str:
+    """Write ``cfg.export.hf_dir`` (HF safetensors + config + tokenizer). Returns the path."""
+    from jaxarith.convert.export import save_hf
+
+    ex = cfg.export
+    params = export_params(cfg, state)
+    mesh = jax.tree.leaves(params)[0].sharding.mesh if hasattr(
+        jax.tree.leaves(params)[0].sharding, "mesh") else None
+    if ex.delta_tuned:
+        params = add_delta(params, model_cfg, ex.delta_tuned, ex.delta_base, mesh)
+    tok_dir = model_dir
+    with tempfile.TemporaryDirectory() as tmp:
+        if not tok_dir or cfg.model.tokenizer == "bundled":
+            from jaxarith.assets import bundled_tokenizer
+
+            bundled_tokenizer().save_pretrained(tmp)
+            tok_dir = tmp
+        elif cfg.model.tokenizer:
+            tok_dir = cfg.model.tokenizer
+        save_hf(model_cfg, params, ex.hf_dir, dtype=ex.dtype or "float32", tokenizer_dir=tok_dir,
+                overwrite=ex.overwrite, progress=False)
+    return os.path.abspath(ex.hf_dir)

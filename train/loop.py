@@ -1,0 +1,346 @@
+"""The training loop: resolve the model, build data, compile the step once, train, evaluate,
+checkpoint, export.
+
+``run(cfg)`` is what ``python -m train CONFIG.yaml`` and ``jaxarith train`` call. Restarting the
+same command resumes from the latest checkpoint in ``OUT/checkpoints`` (state, optimizer, average,
+data iterator position), so the resumed run ends exactly where an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+import zlib
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxarith import data as data_lib
+from jaxarith import sharding
+from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.models import transformer
+from jaxarith.models.config import ModelConfig, config_from_hf, load_config
+from train import metrics as metrics_lib
+from train.checkpoint import Checkpoints
+from train.config import OnNonFinite, TrainConfig, to_dict
+from train.step import (
+    build_step,
+    check_batch_fits,
+    compile_step,
+    init_state,
+    make_optimizer,
+    next_token_loss_fn,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(JaxarithError):
+    """The loss or gradient became NaN/inf (``on_nonfinite: stop``)."""
+
+
+@dataclasses.dataclass
+class _Stop:
+    """Set by SIGTERM / SIGINT: save a checkpoint and leave at the next step boundary."""
+
+    requested: str = ""
+
+
+# ----------------------------------------------------------------------------- model & data
+
+
+def model_config(cfg: TrainConfig) -> tuple[ModelConfig, str | None]:
+    """The model config and the directory of the starting checkpoint (None from scratch)."""
+    m = cfg.model
+    if not m.ref:
+        return config_from_hf({"model_type": m.arch, **m.config}), None
+    from jaxarith.refs import RefKind, ref_kind
+
+    if ref_kind(m.ref) is RefKind.ORBAX:
+        return load_config(m.ref), os.fspath(m.ref)
+    from jaxarith.convert.hf import resolve_hf_dir
+
+    directory = resolve_hf_dir(m.ref)
+    return load_config(directory), directory
+
+
+def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh, progress: bool):
+    """Start weights: loaded from ``model.ref`` onto the mesh, or random (``seed``)."""
+    if cfg.model.ref:
+        from jaxarith.refs import load_model
+
+        return load_model(cfg.model.ref, mesh=mesh, dtype=jnp.float32, progress=progress).params
+    return transformer.init_params(model_cfg, jax.random.key(cfg.seed), jnp.float32, mesh)
+
+
+def tokenizer_for(cfg: TrainConfig, model_dir: str | None):
+    """The tokenizer: ``bundled``, a directory, or (default) the starting model's."""
+    name = cfg.model.tokenizer or model_dir
+    if not name or name == "bundled":
+        from jaxarith.assets import bundled_tokenizer
+
+        return bundled_tokenizer()
+    from jaxarith.refs import load_tokenizer
+
+    return load_tokenizer(name)
+
+
+def _local_rows(x: np.ndarray) -> np.ndarray:
+    return x[jax.process_index()::jax.process_count()]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def make_eval(model_cfg: ModelConfig, mesh, batch: int, seq_len: int, dtype):
+    """A compiled ``(params, tokens, mask) -> (nll_sum, count)`` for ``[batch, seq_len]``."""
+    shd = sharding.named_sharding(mesh, ("batch", "seq"), (batch, seq_len))
+    pshd = transformer.param_shardings(model_cfg, mesh)
+
+    def fn(params, tokens, mask):
+        return transformer.next_token_loss(params, model_cfg, tokens, mask, dtype=dtype)
+
+    jitted = jax.jit(fn, in_shardings=(pshd, shd, shd))
+
+    def evaluate(params, windows: np.ndarray) -> float:
+        total, count = 0.0, 0.0
+        with jax.set_mesh(mesh):
+            for s in range(0, len(windows), batch):
+                chunk = windows[s: s + batch]
+                tokens = np.zeros((batch, seq_len), np.int32)
+                mask = np.zeros((batch, seq_len), np.int32)
+                tokens[: len(chunk)], mask[: len(chunk)] = chunk, 1
+                t = jax.make_array_from_process_local_data(shd, _local_rows(tokens))
+                m = jax.make_array_from_process_local_data(shd, _local_rows(mask))
+                nll, n = jitted(params, t, m)
+                total, count = total + float(nll), count + float(n)
+        return total / max(count, 1.0)
+
+    return evaluate
+
+
+def _evaluate_all(evaluate, state, eval_sets: dict, with_average: bool) -> dict:
+    out = {}
+    for name, windows in eval_sets.items():
+        out[f"eval/{name}/loss"] = evaluate(state.params, windows)
+        if with_average and state.average is not None:
+            out[f"eval_avg/{name}/loss"] = evaluate(state.average.value(), windows)
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@contextlib.contextmanager
+def _signals(stop: _Stop):
+    """Turn SIGTERM (pod preemption) and Ctrl-C into a request to checkpoint and stop."""
+    def handler(signum, _frame):
+        stop.requested = signal.Signals(signum).name
+
+    old = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Train as ``cfg`` says; resume from the latest checkpoint in the output directory.
+
+    Args:
+      cfg: the run configuration.
+      on_step: called after each step with ``(step, host_metrics)`` (tests, custom hooks).
+    Returns:
+      A summary: final step, status (``done`` / ``preempted``), last losses, eval losses,
+      tokens/s, MFU, per-step batch fingerprints of this invocation (``batches``), paths.
+    """
+    if cfg.distributed:
+        jax.distributed.initialize()
+    from jaxarith.sharding import make_mesh
+
+    mesh = make_mesh(cfg.mesh)
+    check_batch_fits(cfg.batch, cfg.microbatches, mesh, jax.process_count())
+    data_lib.check_batch(cfg.batch, jax.process_count())
+    out = os.path.abspath(cfg.out)
+    os.makedirs(out, exist_ok=True)
+    model_cfg, model_dir = model_config(cfg)
+    seq_len = cfg.data.seq_len
+    if seq_len > model_cfg.context_length:
+        raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context length "
+                          f"{model_cfg.context_length}")
+    tokenizer = tokenizer_for(cfg, model_dir)
+    if len(tokenizer) > model_cfg.vocab_size:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's "
+                          f"vocab_size is {model_cfg.vocab_size}")
+    dtype = jnp.dtype(cfg.model.compute_dtype)
+    progress = cfg.log.progress and jax.process_index() == 0
+
+    t0 = time.perf_counter()
+    sources = data_lib.load_sources(cfg.data, tokenizer)
+    eval_batch = cfg.batch // cfg.microbatches
+    n_eval = cfg.eval.batches * eval_batch
+    eval_sets = {s.name: data_lib.eval_windows(s, n_eval) for s in sources if len(s.eval)}
+    data_s = time.perf_counter() - t0
+
+    schedule = cfg.schedule.build()
+    tx = make_optimizer(cfg.optimizer, schedule)
+    fns = build_step(model_cfg, mesh, tx=tx, schedule=schedule, batch=cfg.batch,
+                     seq_len=seq_len, microbatches=cfg.microbatches,
+                     loss_fn=next_token_loss_fn(model_cfg, dtype=dtype, remat=cfg.model.remat),
+                     average=(cfg.average.kind, cfg.average.options()),
+                     skip_nonfinite=cfg.on_nonfinite is OnNonFinite.SKIP)
+    t0 = time.perf_counter()
+    compiled, info = compile_step(fns, mesh)
+    compile_s = time.perf_counter() - t0
+    evaluate = make_eval(model_cfg, mesh, eval_batch, seq_len, dtype)
+
+    fpt = metrics_lib.flops_per_token(model_cfg, seq_len)
+    tokens_per_step = cfg.batch * seq_len
+    thr = metrics_lib.Throughput(tokens_per_step, fpt, metrics_lib.device_peak_flops(),
+                                 mesh.devices.size)
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(out, "checkpoints")
+    config_dict = to_dict(cfg)
+    summary: dict = {"out": out, "batches": {}}
+
+    with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep,
+                     async_save=cfg.checkpoint.async_save) as ckpts:
+        start = ckpts.latest_step()
+        if start is not None:
+            state, data_state, _ = ckpts.restore(fns.abstract_state)
+        else:
+            params = initial_params(cfg, model_cfg, mesh, progress)
+            state, data_state, start = init_state(fns, params, mesh), None, 0
+        ds = data_lib.mixed_dataset(sources, cfg.data.seed)
+        it = data_lib.batch_iterator(ds, cfg.batch, process_index=jax.process_index(),
+                                     process_count=jax.process_count(), state=data_state)
+        writer = metrics_lib.MetricsWriter(out, total_steps=cfg.steps, start_step=start,
+                                           tensorboard=cfg.log.tensorboard, progress=progress)
+        writer.log(_startup_message(cfg, model_cfg, mesh, info, fpt, start, data_s, compile_s,
+                                    sources))
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(config_dict, f, indent=2)
+
+        def save(step: int, last_metrics: dict) -> None:
+            ckpts.save(step, state, it.get_state(),
+                       {"config": config_dict, "step": step, "metrics": last_metrics})
+
+        stop = _Stop()
+        last: dict = {}
+        status = "done"
+        step = start
+        try:
+            with _signals(stop):
+                while step < cfg.steps:
+                    batch_np = next(it)
+                    tokens = batch_np["tokens"]
+                    summary["batches"][step + 1] = zlib.crc32(tokens.tobytes())
+                    local = tokens.reshape(cfg.microbatches, -1, seq_len)
+                    batch = {"tokens": jax.make_array_from_process_local_data(
+                        fns.batch_sharding["tokens"], local)}
+                    state, m = compiled(state, batch)
+                    step += 1
+                    thr.tick()
+                    host = {k: float(v) for k, v in jax.device_get(m).items()}
+                    host["step"] = step
+                    if not host["finite"]:
+                        if cfg.on_nonfinite is OnNonFinite.STOP:
+                            good = ckpts.latest_step()
+                            raise NonFiniteLossError(
+                                f"non-finite loss ({host['loss']}) or gradient norm "
+                                f"({host['grad_norm']}) at step {step}; stopping. Last good "
+                                f"checkpoint: {'none' if good is None else good} in {ckpt_dir}")
+                        writer.log(f"step {step}: non-finite loss, update skipped")
+                    last = host
+                    if on_step is not None:
+                        on_step(step, host)
+                    if step % cfg.log.every == 0 or step == cfg.steps:
+                        rec = {"step": step, "loss": host["loss"], "lr": host["lr"],
+                               "grad_norm": host["grad_norm"], **thr.read()}
+                        writer.write(rec)
+                        writer.progress(step, host["loss"], rec["tokens_per_s"])
+                        summary["tokens_per_s"], summary["mfu"] = rec["tokens_per_s"], rec["mfu"]
+                    if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+                        ev = _evaluate_all(evaluate, state, eval_sets, True)
+                        writer.write({"step": step, **ev})
+                        writer.log(_fmt_eval(step, ev))
+                    if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+                        save(step, host)
+                    if stop.requested:
+                        status = "preempted"
+                        writer.log(f"{stop.requested}: saving a checkpoint at step {step}")
+                        break
+            save(step, last)
+            ckpts.wait()
+        finally:
+            writer.close()
+
+    summary.update(step=step, status=status, loss=last.get("loss"))
+    if status == "done":
+        summary.update(_finish(cfg, model_cfg, model_dir, state, evaluate, eval_sets, out))
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({k: v for k, v in summary.items() if k != "batches"}, f, indent=2)
+    return summary
+
+
+def _finish(cfg, model_cfg, model_dir, state, evaluate, eval_sets, out) -> dict:
+    """End of a completed run: final evaluation, loss plot, optional HF export."""
+    res: dict = {}
+    if cfg.eval.at_end and eval_sets:
+        ev = _evaluate_all(evaluate, state, eval_sets, True)
+        res["eval"] = ev
+        if jax.process_index() == 0:
+            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps({"step": int(state.step), **ev}) + "\n")
+            print(_fmt_eval(int(state.step), ev), flush=True)
+    if cfg.log.plot and jax.process_index() == 0:
+        res["plot"] = metrics_lib.plot_losses(os.path.join(out, "metrics.jsonl"),
+                                              os.path.join(out, "loss.png"))
+    if cfg.export.hf_dir:
+        from train.export import export_hf
+
+        res["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)
+    return res
+
+
+def _sci(x) -> str:
+    return "n/a" if x is None else f"{x:.3e}"
+
+
+def _fmt_eval(step: int, ev: dict) -> str:
+    return f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
+
+
+def _startup_message(cfg, model_cfg, mesh, info, fpt, start, data_s, compile_s, sources) -> str:
+    mem = info["memory"]
+    gib = lambda n: f"{n / 2**30:.3f} GiB"
+    lines = [
+        f"model: {model_cfg.arch} {transformer.num_params(model_cfg) / 1e6:.2f}M params, "
+        f"mesh {sharding.mesh_spec_string(mesh)} ({mesh.devices.size} devices), "
+        f"batch {cfg.batch} x {cfg.data.seq_len} tokens, {cfg.microbatches} microbatch(es)",
+        "data: " + ", ".join(f"{s.name} w={s.weight:g} ({len(s.train)} train / {len(s.eval)} "
+                             f"eval windows)" for s in sources) + f" [{data_s:.1f} s]",
+        f"compiled step in {compile_s:.1f} s: XLA flops/step {_sci(info['flops'])}, "
+        f"formula flops/step {fpt * cfg.batch * cfg.data.seq_len:.3e} "
+        f"(6N + 6 L T d_attn per token)",
+        "memory per device: " + (", ".join(f"{k.replace('_size_in_bytes', '')} {gib(v)}"
+                                           for k, v in mem.items()) or "n/a"),
+    ]
+    if start:
+        lines.append(f"resumed from the checkpoint at step {start}")
+    if math.isnan(metrics_lib.device_peak_flops()):
+        lines.append("MFU: unknown device peak")
+    return "\n".join(lines)

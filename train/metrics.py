@@ -1,0 +1,206 @@
+"""What a person watching a run sees: progress bar, JSONL metrics, TensorBoard, a loss plot, MFU.
+
+``OUT/metrics.jsonl`` has one JSON object per logged step (``step``, ``loss``, ``lr``,
+``tokens_per_s``, ``grad_norm``, ...) and one per evaluation (``eval/<source>/loss``); a resumed
+run first drops lines past the step it resumes from, so the file reads as one run.
+
+FLOPs per trained token (the PaLM appendix-B convention, causal attention counted at half)::
+
+    6 * N  +  6 * L * T * (heads * head_dim)
+
+where ``N`` counts the matmul parameters: every parameter except the input embedding lookup
+(``embed``, and GPT-2's ``pos_embed``), plus ``vocab * hidden`` for the output projection when it
+is tied to the embedding. ``6 N`` is forward (2) + backward (4) per weight; attention scores and
+the weighted sum are ``2 * 2 * T * d`` per layer forward, times 3 for forward + backward, halved
+because a causal mask leaves half of the ``T x T`` scores. MFU = achieved FLOP/s per device / the
+device's peak.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from jaxarith.models import transformer
+from jaxarith.models.config import ModelConfig
+
+# Dense peak FLOP/s per device for MFU (bf16 on TPUs; float32 matmul measured on this CPU).
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+              "TPU v6 lite": 918e12, "cpu": 160e9}
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in matmuls (see the module docstring)."""
+    specs = transformer.param_specs(cfg)
+    n = transformer.num_params(cfg)
+    for name in ("embed", "pos_embed"):
+        if name in specs:
+            n -= int(np.prod(specs[name].shape))
+    if "lm_head" not in specs:  # tied: the embedding is also the output projection
+        n += cfg.vocab_size * cfg.hidden_size
+    return n
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 N + 6 L T d_attn`` (causal attention at half)."""
+    d_attn = cfg.num_attention_heads * cfg.head_dim
+    return 6.0 * matmul_params(cfg) + 6.0 * cfg.num_hidden_layers * seq_len * d_attn
+
+
+def device_peak_flops(override: float = 0.0) -> float:
+    """The peak FLOP/s of one device: ``override`` if set, else a table by device kind."""
+    if override:
+        return override
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if kind.lower().startswith(name.lower()):
+            return peak
+    return PEAK_FLOPS["cpu"] if jax.devices()[0].platform == "cpu" else float("nan")
+
+
+class MetricsWriter:
+    """JSONL + TensorBoard + tqdm progress bar for one process (only process 0 writes).
+
+    Args:
+      out: the run directory.
+      total_steps, start_step: for the progress bar and ETA.
+      tensorboard, progress: enable those outputs.
+    """
+
+    def __init__(self, out: str, *, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True, progress: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(out, "metrics.jsonl")
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        os.makedirs(out, exist_ok=True)
+        _truncate_after(self.path, start_step)
+        self._f = open(self.path, "a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_step + 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
+                             dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        """Append one record (must hold ``step``); scalars also go to TensorBoard."""
+        if not self.enabled:
+            return
+        clean = {k: _plain(v) for k, v in record.items()}
+        self._f.write(json.dumps(clean) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, clean["step"])
+
+    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            self._bar.refresh()
+
+    def log(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._f.close()
+
+
+class Throughput:
+    """Tokens/s and MFU over the steps since the last call."""
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float,
+                 devices: int):
+        self.tokens_per_step, self.fpt = tokens_per_step, flops_per_token
+        self.peak, self.devices = peak, devices
+        self._t, self._steps = time.perf_counter(), 0
+
+    def tick(self) -> None:
+        self._steps += 1
+
+    def read(self) -> dict:
+        now = time.perf_counter()
+        dt, n = now - self._t, self._steps
+        self._t, self._steps = now, 0
+        tps = self.tokens_per_step * n / dt if dt > 0 and n else 0.0
+        mfu = tps * self.fpt / (self.devices * self.peak) if self.peak else float("nan")
+        return {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.devices, "mfu": mfu}
+
+
+def _plain(v):
+    if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "item"):
+        v = np.asarray(v).item()
+    return v
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Keep only records with ``step <= step`` (a resumed run rewrites what follows)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                continue
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(metrics_path: str, png: str) -> str | None:
+    """A loss-curve PNG: train loss and every ``eval/<source>/loss`` against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train, strict=True), label="train", lw=1)
+    keys = sorted({k for r in recs for k in r if k.startswith("eval") and k.endswith("/loss")})
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in recs if k in r]
+        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png)
+    return png
