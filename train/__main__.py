@@ -35,6 +35,7 @@ def handle(args) -> int:
     cfg = load_config(args.config, overrides)
     summary = run(cfg)
     summary.pop("batches", None)
+    summary.pop("state", None)
     if args.json:
         print(json.dumps(summary, default=str))
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -38,6 +39,7 @@ from train.step import (
     init_state,
     make_optimizer,
     next_token_loss_fn,
+    scratch_params,
 )
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh, progress: boo
         from jaxarith.refs import load_model
 
         return load_model(cfg.model.ref, mesh=mesh, dtype=jnp.float32, progress=progress).params
-    return transformer.init_params(model_cfg, jax.random.key(cfg.seed), jnp.float32, mesh)
+    return scratch_params(model_cfg, cfg.seed, mesh)
 
 
 def tokenizer_for(cfg: TrainConfig, model_dir: str | None):
@@ -97,11 +99,38 @@ def _local_rows(x: np.ndarray) -> np.ndarray:
     return x[jax.process_index()::jax.process_count()]
 
 
+# ----------------------------------------------------------------------------- compiled pieces
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_step(model_cfg, mesh, optimizer, schedule, batch, seq_len, microbatches, average,
+                  skip_nonfinite, compute_dtype, remat):
+    """Build and AOT-compile the train step (cached in-process by every input that shapes it,
+    so a resumed or repeated run in the same process does not compile again).
+
+    Returns:
+      (StepFns, compiled step, info) with ``info`` holding XLA's flops, memory analysis and
+      ``compile_s``.
+    """
+    sched = schedule.build()
+    dtype = jnp.dtype(compute_dtype)
+    fns = build_step(model_cfg, mesh, tx=make_optimizer(optimizer, sched), schedule=sched,
+                     batch=batch, seq_len=seq_len, microbatches=microbatches,
+                     loss_fn=next_token_loss_fn(model_cfg, dtype=dtype, remat=remat),
+                     average=(average.kind, average.options()), skip_nonfinite=skip_nonfinite)
+    t0 = time.perf_counter()
+    compiled, info = compile_step(fns, mesh)
+    info["compile_s"] = time.perf_counter() - t0
+    return fns, compiled, info
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
-def make_eval(model_cfg: ModelConfig, mesh, batch: int, seq_len: int, dtype):
-    """A compiled ``(params, tokens, mask) -> (nll_sum, count)`` for ``[batch, seq_len]``."""
+@functools.lru_cache(maxsize=4)
+def make_eval(model_cfg: ModelConfig, mesh, batch: int, seq_len: int, compute_dtype: str):
+    """``evaluate(params, windows) -> mean NLL`` over ``[batch, seq_len]`` batches (jitted)."""
+    dtype = jnp.dtype(compute_dtype)
     shd = sharding.named_sharding(mesh, ("batch", "seq"), (batch, seq_len))
     pshd = transformer.param_shardings(model_cfg, mesh)
 
@@ -166,7 +195,8 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
       on_step: called after each step with ``(step, host_metrics)`` (tests, custom hooks).
     Returns:
       A summary: final step, status (``done`` / ``preempted``), last losses, eval losses,
-      tokens/s, MFU, per-step batch fingerprints of this invocation (``batches``), paths.
+      tokens/s, MFU, per-step batch fingerprints of this invocation (``batches``), paths, and
+      the final ``state``.
     """
     if cfg.distributed:
         jax.distributed.initialize()
@@ -186,7 +216,6 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
     if len(tokenizer) > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocab_size is {model_cfg.vocab_size}")
-    dtype = jnp.dtype(cfg.model.compute_dtype)
     progress = cfg.log.progress and jax.process_index() == 0
 
     t0 = time.perf_counter()
@@ -196,17 +225,12 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
     eval_sets = {s.name: data_lib.eval_windows(s, n_eval) for s in sources if len(s.eval)}
     data_s = time.perf_counter() - t0
 
-    schedule = cfg.schedule.build()
-    tx = make_optimizer(cfg.optimizer, schedule)
-    fns = build_step(model_cfg, mesh, tx=tx, schedule=schedule, batch=cfg.batch,
-                     seq_len=seq_len, microbatches=cfg.microbatches,
-                     loss_fn=next_token_loss_fn(model_cfg, dtype=dtype, remat=cfg.model.remat),
-                     average=(cfg.average.kind, cfg.average.options()),
-                     skip_nonfinite=cfg.on_nonfinite is OnNonFinite.SKIP)
-    t0 = time.perf_counter()
-    compiled, info = compile_step(fns, mesh)
-    compile_s = time.perf_counter() - t0
-    evaluate = make_eval(model_cfg, mesh, eval_batch, seq_len, dtype)
+    fns, compiled, info = compiled_step(
+        model_cfg, mesh, cfg.optimizer, cfg.schedule, cfg.batch, seq_len, cfg.microbatches,
+        cfg.average, cfg.on_nonfinite is OnNonFinite.SKIP, cfg.model.compute_dtype,
+        cfg.model.remat)
+    compile_s = info["compile_s"]
+    evaluate = make_eval(model_cfg, mesh, eval_batch, seq_len, cfg.model.compute_dtype)
 
     fpt = metrics_lib.flops_per_token(model_cfg, seq_len)
     tokens_per_step = cfg.batch * seq_len
@@ -293,6 +317,7 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
         summary.update(_finish(cfg, model_cfg, model_dir, state, evaluate, eval_sets, out))
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({k: v for k, v in summary.items() if k != "batches"}, f, indent=2)
+    summary["state"] = state  # the final TrainState (not serialised)
     return summary
 
 

@@ -1,0 +1,146 @@
+"""The jitted train step: same loss and params on 1 and 8 devices, exact gradient accumulation,
+weight-decay masks, skipping non-finite steps, and refusing batches the mesh cannot split."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jaxarith.models import transformer
+from jaxarith.models.config import config_from_hf
+from jaxarith.schedules import ScheduleConfig
+from jaxarith.sharding import make_mesh
+from jaxarith.testing import tiny_gpt2_config, tiny_llama_config
+from train.config import OptimizerConfig
+from train.step import (
+    build_step,
+    compile_step,
+    decay_mask,
+    init_state,
+    make_optimizer,
+    next_token_loss_fn,
+    scratch_params,
+)
+
+CFG = config_from_hf(tiny_llama_config().to_dict())
+BATCH, SEQ = 8, 32
+SCHED = ScheduleConfig(kind="constant", peak_lr=1e-3, total_steps=10).build()
+# Adam's first update is g / (|g| + eps): with eps far below the gradients' float32 rounding
+# error (1e-8) a sign can flip on one layout and not another; 1e-6 keeps the comparison about
+# sharding, not about that amplification.
+TX = make_optimizer(OptimizerConfig(weight_decay=0.1, clip_norm=1.0, eps=1e-6), SCHED)
+TOKENS = np.random.default_rng(0).integers(0, CFG.vocab_size, (BATCH, SEQ)).astype(np.int32)
+
+
+def compiled(spec, microbatches=1):
+    """(fns, compiled step, mesh, info) on a mesh (None: one device); skip_nonfinite on."""
+    devices = jax.devices()[:1] if spec is None else None
+    mesh = make_mesh(spec or "fsdp=1", devices)
+    fns = build_step(CFG, mesh, tx=TX, schedule=SCHED, batch=BATCH, seq_len=SEQ,
+                     microbatches=microbatches, loss_fn=next_token_loss_fn(CFG),
+                     average=("ema", {"decay": 0.5}), skip_nonfinite=True)
+    step, info = compile_step(fns, mesh)
+    return fns, step, mesh, info
+
+
+def run_step(setup, params=None, tokens=TOKENS):
+    fns, step, mesh, _ = setup
+    m = fns.abstract_batch["tokens"].shape[0]
+    params = scratch_params(CFG, 0, mesh) if params is None else \
+        jax.device_put(params, transformer.param_shardings(CFG, mesh))
+    state = init_state(fns, params, mesh)
+    # rows j * M + m go to microbatch m: the same split the loop makes of its local batch
+    tok = tokens.reshape(BATCH // m, m, SEQ).transpose(1, 0, 2)
+    new, metrics = step(state, {"tokens": jax.device_put(tok, fns.batch_sharding["tokens"])})
+    return jax.device_get(new), jax.device_get(metrics)
+
+
+@pytest.fixture(scope="module")
+def one_device():
+    return compiled(None)
+
+
+@pytest.fixture(scope="module")
+def reference(one_device):
+    return run_step(one_device)
+
+
+def _assert_trees_close(a, b, tol):
+    flat_a = jax.tree_util.tree_leaves_with_path(a)
+    flat_b = jax.tree.leaves(b)
+    for (path, x), y in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_reference_step_matches_plain_formula(one_device, reference):
+    state, metrics = reference
+    info = one_device[3]
+    params0 = jax.device_get(scratch_params(CFG, 0))
+    nll, n = jax.jit(transformer.next_token_loss, static_argnums=1)(params0, CFG, TOKENS)
+    np.testing.assert_allclose(metrics["loss"], float(nll / n), rtol=1e-6)
+    assert metrics["tokens"] == BATCH * (SEQ - 1) and metrics["finite"]
+    assert int(state.step) == 1
+    # EMA with decay 0.5 after one step: halfway between the start and the new params
+    want = jax.tree.map(lambda p0, p1: 0.5 * np.asarray(p0) + 0.5 * p1, params0, state.params)
+    _assert_trees_close(state.average.params, want, 1e-6)
+    assert info["flops"] is None or info["flops"] > 0
+
+
+@pytest.mark.parametrize("spec", ["data=2,fsdp=2,tensor=2", "fsdp=8"])
+def test_sharded_step_equals_one_device(reference, spec):
+    state, metrics = run_step(compiled(spec))
+    ref_state, ref_metrics = reference
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5, atol=1e-5)
+    _assert_trees_close(state.params, ref_state.params, 1e-5)
+    _assert_trees_close(state.opt_state, ref_state.opt_state, 1e-5)
+
+
+def test_gradient_accumulation_equals_big_batch(reference):
+    state, metrics = run_step(compiled(None, microbatches=4))
+    ref_state, ref_metrics = reference
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
+    assert metrics["tokens"] == ref_metrics["tokens"]
+    _assert_trees_close(state.params, ref_state.params, 1e-6)
+    _assert_trees_close(state.opt_state, ref_state.opt_state, 1e-6)
+
+
+def test_nonfinite_step_is_skipped(one_device):
+    params0 = jax.device_get(scratch_params(CFG, 0))
+    params0["final_norm"]["scale"] = params0["final_norm"]["scale"].copy()
+    params0["final_norm"]["scale"][3] = np.nan  # poisons the loss and every gradient
+    state, metrics = run_step(one_device, params=params0)
+    assert not metrics["finite"] and int(state.step) == 1
+    np.testing.assert_array_equal(np.asarray(state.params["embed"]), params0["embed"])
+    np.testing.assert_array_equal(np.asarray(state.opt_state[1][0].mu["embed"]), 0.0)
+    assert int(state.opt_state[1][0].count) == 0  # Adam's count unchanged
+
+
+def test_weight_decay_mask_skips_norms_and_biases():
+    for hf in (tiny_llama_config(attention_bias=True, mlp_bias=True), tiny_gpt2_config()):
+        cfg = config_from_hf(hf.to_dict())
+        mask = decay_mask(transformer.abstract_params(cfg))
+        flat = {jax.tree_util.keystr(p): m for p, m in jax.tree_util.tree_leaves_with_path(mask)}
+        for name, decayed in flat.items():
+            is_norm_or_bias = "norm" in name or name.endswith("bias']")
+            assert decayed != is_norm_or_bias, name
+        assert flat["['layers']['attn']['q']"] and flat["['embed']"]
+
+
+def test_batch_that_does_not_fit_the_mesh_is_refused_before_compiling():
+    from jaxarith.errors import ConfigError
+
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    with pytest.raises(ConfigError, match="not divisible by the data-parallel size 4"):
+        build_step(CFG, mesh, tx=TX, schedule=SCHED, batch=6, seq_len=SEQ,
+                   loss_fn=next_token_loss_fn(CFG))
+    with pytest.raises(ConfigError, match="microbatches=3"):
+        build_step(CFG, mesh, tx=TX, schedule=SCHED, batch=8, seq_len=SEQ, microbatches=3,
+                   loss_fn=next_token_loss_fn(CFG))
+
+
+def test_state_is_a_plain_pytree_with_extension_fields(reference):
+    state = reference[0]
+    assert dataclasses.fields(state)[-1].name == "frozen" and state.frozen == {}
+    assert jax.tree.structure(state.average.params) == jax.tree.structure(state.params)
