@@ -125,15 +125,19 @@ def _speculative(sd: SpeculativeDecoder, params, prompts, key):
         pos, out, caches, last, rounds, accepted = s
         kd, kv, kb = jax.random.split(jax.random.fold_in(key, rounds), 3)
         # 1. the drafter proposes k tokens from its own (transformed) distribution
-        d_cache, d_logits, qs, drafts = caches[di], [last[di]], [], []
-        for j in range(k):
-            q = transform(jax.nn.log_softmax(d_logits[-1].astype(jnp.float32), -1))
+        def draft(carry, j):
+            cache, z = carry
+            q = transform(jax.nn.log_softmax(z.astype(jnp.float32), -1))
             tok = (jnp.argmax(q, -1) if greedy else
                    jax.random.categorical(jax.random.fold_in(kd, j), q, -1)).astype(jnp.int32)
-            d_cache, lg = feed(di, d_cache, tok[:, None])
-            qs.append(q)
-            drafts.append(tok)
-            d_logits.append(lg[:, -1])
+            cache, lg = feed(di, cache, tok[:, None])
+            return (cache, lg[:, -1]), (tok, q, lg[:, -1])
+
+        (d_cache, _), (toks, q_all, z_all) = jax.lax.scan(draft, (caches[di], last[di]),
+                                                          jnp.arange(k))
+        drafts = [toks[j] for j in range(k)]
+        qs = [q_all[j] for j in range(k)]
+        d_logits = [last[di]] + [z_all[j] for j in range(k)]
         drafted = jnp.stack(drafts, 1)  # [B, k]
         # 2. every other member scores the k drafts in one forward
         new_caches, member_logits = [], []
