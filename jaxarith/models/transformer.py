@@ -206,7 +206,10 @@ def next_token_loss(
     """
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
     logits, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat)
-    lp = token_logprobs(logits[:, :-1], tokens[:, 1:])
+    # logsumexp over the full logits, then slice the small [B, T] result: slicing
+    # logits[:, :-1] first makes XLA copy the whole [B, T, V] tensor before the softmax.
+    lse = jax.nn.logsumexp(logits, axis=-1)[:, :-1]
+    lp = jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0] - lse
     weight = (mask[:, :-1] & mask[:, 1:]).astype(jnp.float32)
     return -jnp.sum(lp * weight), jnp.sum(weight)
 
