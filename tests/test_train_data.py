@@ -43,7 +43,7 @@ def test_mixing_shares_match_weights(weights):
     ds = data.mixed_dataset(_fake_sources(weights), seed=3)
     it = data.batch_iterator(ds, 16)
     counts = np.zeros(2)
-    for _ in range(150):
+    for _ in range(100):
         b = next(it)
         np.testing.assert_array_equal(b["source"], b["tokens"][:, 0] // 1000 - 1)
         counts += np.bincount(b["source"], minlength=2) * b["tokens"].shape[1]
@@ -71,11 +71,11 @@ def test_each_epoch_is_a_new_permutation():
 def test_processes_share_the_global_batch():
     ds = data.mixed_dataset(_fake_sources((0.8, 0.2)), seed=1)
     whole = data.batch_iterator(ds, 8)
-    parts = [data.batch_iterator(ds, 8, process_index=p, process_count=4) for p in range(4)]
-    for _ in range(10):
+    parts = [data.batch_iterator(ds, 8, process_index=p, process_count=2) for p in range(2)]
+    for _ in range(4):
         g = next(whole)["tokens"]
         local = [next(p)["tokens"] for p in parts]
-        assert all(x.shape == (2, 4) for x in local)
+        assert all(x.shape == (4, 4) for x in local)
         np.testing.assert_array_equal(np.sort(np.concatenate(local)[:, 0]), np.sort(g[:, 0]))
     with pytest.raises(ConfigError, match="not divisible by the 3 processes"):
         data.batch_iterator(ds, 8, process_index=0, process_count=3)

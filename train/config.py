@@ -208,6 +208,8 @@ class TrainConfig:
 
 
 def _parse_value(text: str) -> Any:
+    if not text.strip():
+        return ""  # `key=` clears a string
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 import zlib
 from collections.abc import Callable
@@ -234,8 +235,6 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
 
     fpt = metrics_lib.flops_per_token(model_cfg, seq_len)
     tokens_per_step = cfg.batch * seq_len
-    thr = metrics_lib.Throughput(tokens_per_step, fpt, metrics_lib.device_peak_flops(),
-                                 mesh.devices.size)
     ckpt_dir = cfg.checkpoint.dir or os.path.join(out, "checkpoints")
     config_dict = to_dict(cfg)
     summary: dict = {"out": out, "batches": {}}
@@ -263,6 +262,9 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
                        {"config": config_dict, "step": step, "metrics": last_metrics})
 
         stop = _Stop()
+        thr = metrics_lib.Throughput(tokens_per_step, fpt, metrics_lib.device_peak_flops(),
+                                     mesh.devices.size)
+        already_done = start >= cfg.steps
         last: dict = {}
         status = "done"
         step = start
@@ -314,15 +316,20 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
 
     summary.update(step=step, status=status, loss=last.get("loss"))
     if status == "done":
-        summary.update(_finish(cfg, model_cfg, model_dir, state, evaluate, eval_sets, out))
+        summary.update(_finish(cfg, model_cfg, model_dir, state, evaluate, eval_sets, out,
+                               already_done))
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({k: v for k, v in summary.items() if k != "batches"}, f, indent=2)
     summary["state"] = state  # the final TrainState (not serialised)
     return summary
 
 
-def _finish(cfg, model_cfg, model_dir, state, evaluate, eval_sets, out) -> dict:
-    """End of a completed run: final evaluation, loss plot, optional HF export."""
+def _finish(cfg, model_cfg, model_dir, state, evaluate, eval_sets, out,
+            already_done: bool = False) -> dict:
+    """End of a completed run: final evaluation, loss plot, optional HF export.
+
+    Re-running a finished run re-evaluates but keeps an existing export (unless
+    ``export.overwrite``)."""
     res: dict = {}
     if cfg.eval.at_end and eval_sets:
         ev = _evaluate_all(evaluate, state, eval_sets, True)
@@ -330,11 +337,12 @@ def _finish(cfg, model_cfg, model_dir, state, evaluate, eval_sets, out) -> dict:
         if jax.process_index() == 0:
             with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps({"step": int(state.step), **ev}) + "\n")
-            print(_fmt_eval(int(state.step), ev), flush=True)
+            print(_fmt_eval(int(state.step), ev), file=sys.stderr, flush=True)
     if cfg.log.plot and jax.process_index() == 0:
         res["plot"] = metrics_lib.plot_losses(os.path.join(out, "metrics.jsonl"),
                                               os.path.join(out, "loss.png"))
-    if cfg.export.hf_dir:
+    keep = already_done and os.path.exists(cfg.export.hf_dir) and not cfg.export.overwrite
+    if cfg.export.hf_dir and not keep:
         from train.export import export_hf
 
         res["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)

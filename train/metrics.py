@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -116,8 +117,8 @@ class MetricsWriter:
             return
         if self._bar is not None:
             self._bar.write(msg)
-        else:
-            print(msg, flush=True)
+        else:  # stderr: stdout is reserved for the --json summary
+            print(msg, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if not self.enabled:
