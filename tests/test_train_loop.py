@@ -35,7 +35,7 @@ def test_tiny_llama_loss_falls_via_cli(tmp_path, capsys):
 
     out = tmp_path / "run"
     assert main([LLAMA, "steps=40", f"out={out}", *FAST, "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads(capsys.readouterr().out)  # exactly one JSON object on stdout
     recs = _records(out)
     train = [r for r in recs if "loss" in r]
     assert [r["step"] for r in train] == list(range(5, 41, 5))
@@ -120,47 +120,53 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_pa
 
 
 def test_tiny_gpt2_trains_and_exports_with_delta(tmp_path):
-    import torch
-
+    from jaxarith.convert.export import save_hf
     from jaxarith.convert.hf import load_hf_params
-    from jaxarith.models import transformer
+    from train.step import scratch_params
 
-    hf_cfg = testing.tiny_gpt2_config(n_positions=256)
-    tuned, base = tmp_path / "tuned", tmp_path / "base"
-    testing.make_hf_model(tuned, hf_cfg, seed=1)
-    testing.make_hf_model(base, hf_cfg, seed=2)
-    out, export = tmp_path / "run", tmp_path / "hf"
-    # GPT-2 sits on a unigram plateau (~5.8 nats) for its first ~60 steps here: run 80
+    scratch = load_config(GPT2, [f"out={tmp_path}"])
+    model_cfg, _ = loop.model_config(scratch)
+    tuned, base = scratch_params(model_cfg, 1), scratch_params(model_cfg, 2)
+    save_hf(model_cfg, tuned, tmp_path / "tuned", progress=False)
+    save_hf(model_cfg, base, tmp_path / "base", progress=False)
+    # continued pre-training: start from the HF checkpoint `base` (a fresh random init here)
     cfg = load_config(GPT2, [*FAST, "steps=80", "schedule.total_steps=80", "log.every=10",
-                             f"out={out}", f"export.hf_dir={export}",
-                             f"export.delta_tuned={tuned}", f"export.delta_base={base}"])
+                             f"model.ref={tmp_path / 'base'}", "model.arch=", "model.config={}",
+                             f"out={tmp_path / 'run'}", f"export.hf_dir={tmp_path / 'hf'}",
+                             f"export.delta_tuned={tmp_path / 'tuned'}",
+                             f"export.delta_base={tmp_path / 'base'}"])
+    # GPT-2 sits on a unigram plateau (~5.8 nats) for its first ~60 steps here: run 80
     res = loop.run(cfg)
     assert res["loss"] < np.log(1024) - 1.25
     assert res["eval"]["eval/code/loss"] < np.log(1024) - 1.0
     trained = jax.device_get(res["state"].params)
-    model_cfg, got = load_hf_params(str(export))
-    _, p_tuned = load_hf_params(str(tuned))
-    _, p_base = load_hf_params(str(base))
+    _, got = load_hf_params(str(tmp_path / "hf"))
     want = jax.tree.map(lambda t, a, b: t + (np.asarray(a) - np.asarray(b)), trained,
-                        p_tuned, p_base)
+                        tuned, base)
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(x), y, rtol=1e-6, atol=1e-6)
-    # the export loads in transformers and computes what our forward computes
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32)
-    tokens = np.arange(1, 33, dtype=np.int32)[None]
-    ours = transformer.jit_forward(got, model_cfg, tokens, np.ones_like(tokens))
-    np.testing.assert_allclose(testing.hf_logits(model, tokens), np.asarray(ours), atol=1e-4,
-                               rtol=1e-4)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", [LLAMA, GPT2], ids=["llama", "gpt2"])
 def test_tiny_configs_full_run_loss_falls_well_below_start(tmp_path, config):
-    """The configs as shipped (300 steps of 16 x 128 tokens, a few minutes on 2 cores)."""
-    res = loop.run(load_config(config, [f"out={tmp_path}", "log.progress=false"]))
+    """The configs as shipped (300 steps of 16 x 128 tokens, a few minutes on 2 cores); the
+    HF export loads in transformers and gives the logits of our forward pass."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxarith.convert.hf import load_hf_params
+    from jaxarith.models import transformer
+
+    res = loop.run(load_config(config, [f"out={tmp_path / 'run'}", "log.progress=false",
+                                        f"export.hf_dir={tmp_path / 'hf'}"]))
     start = np.log(1024)
     assert res["loss"] < start - 2.0, res["loss"]
     assert res["eval"]["eval/code/loss"] < start - 2.0
     assert res["eval"]["eval/replay/loss"] < start - 1.5
+    model_cfg, params = load_hf_params(str(tmp_path / "hf"))
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    tokens = np.arange(1, 65, dtype=np.int32)[None]
+    ours = transformer.jit_forward(params, model_cfg, tokens, np.ones_like(tokens))
+    np.testing.assert_allclose(testing.hf_logits(model, tokens), np.asarray(ours), atol=1e-4,
+                               rtol=1e-4)
