@@ -218,6 +218,11 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocab_size is {model_cfg.vocab_size}")
     progress = cfg.log.progress and jax.process_index() == 0
+    if cfg.export.hf_dir and not cfg.export.overwrite and os.path.exists(cfg.export.hf_dir) \
+            and not os.path.exists(os.path.join(out, "summary.json")):
+        from jaxarith.atomic import check_destination
+
+        check_destination(cfg.export.hf_dir)  # refuse now, not after the whole run
 
     t0 = time.perf_counter()
     sources = data_lib.load_sources(cfg.data, tokenizer)
