@@ -10,7 +10,11 @@ token to every member's cache. One member with weight 1 is plain generation; pro
 emulated fine-tuning are weight choices (see :mod:`jaxarith.logits`).
 
 A :class:`Decoder` is a frozen, hashable description (configs, weights, sampler, lengths) and is
-the static argument of the jitted function: calls with the same decoder and shapes do not recompile.
+the static argument of the jitted function: calls with the same decoder and shapes do not
+recompile. Prompt lengths are padded up to a multiple of ``Decoder.prompt_bucket`` so that prompts
+of similar length share one program too.
+
+Shapes: B batch, P padded prompt length, S cache length, V vocabulary, N max new tokens.
 """
 
 from __future__ import annotations
@@ -18,26 +22,38 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from jaxarith import sharding
 from jaxarith.errors import ConfigError
 from jaxarith.models.config import ModelConfig
+from jaxarith.models.layers import KVCache
 from jaxarith.models.transformer import CACHE_AXES, forward, init_cache
 from jaxarith.sampling import Greedy, Sampler
+
+StepCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
+"""Called on the host as tokens arrive: ``fn(step, tokens, valid)``; ``tokens`` [B, T] int32
+(T = 1 for plain decoding, K + 1 per round for speculative decoding) and ``valid`` [B, T] bool,
+False where a row emitted nothing (finished, or fewer tokens accepted this round)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Member:
-    """One model of a combination: its config, its weight and a role name for reports."""
+    """One model of a combination: its config, its weight and a role name for messages.
+
+    The weight is not part of the compilation key (``compare=False``): the compiled loop takes
+    the weights as a traced argument, so sweeping ``alpha`` / ``beta`` reuses one program.
+    """
 
     config: ModelConfig
-    weight: float = 1.0
-    role: str = "model"
+    weight: float = dataclasses.field(default=1.0, compare=False)
+    role: str = dataclasses.field(default="model", compare=False)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,11 +62,15 @@ class Decoder:
 
     Attributes:
       members: the models combined at every step (their configs must share ``vocab_size``).
+      max_new_tokens: the loop's length; a row may stop earlier (stop token or its own limit).
       sampler: applied to the combined log-probabilities.
-      max_new_tokens: the loop's length (the KV caches hold prompt + this many tokens).
       stop_tokens: a row stops after emitting one of these; later positions hold ``pad_token``.
-      vocab_limit: ids >= this (padded embedding rows beyond the tokenizer) get probability 0.
-      dtype: compute dtype of the forward passes.
+      pad_token: fills left padding and the positions after a row stopped.
+      vocab_limit: ids >= this (embedding rows padded beyond the tokenizer) get probability 0.
+      dtype: compute dtype of the forward passes (the cache uses it too).
+      prompt_bucket: the padded prompt length is rounded up to a multiple of this.
+      cache_len: a fixed cache length (default: padded prompt + ``max_new_tokens``); a prompt
+        that does not fit is an error.
     """
 
     members: tuple[Member, ...]
@@ -60,6 +80,8 @@ class Decoder:
     pad_token: int = 0
     vocab_limit: int | None = None
     dtype: str = "float32"
+    prompt_bucket: int = 8
+    cache_len: int | None = None
 
     def __post_init__(self):
         if not self.members:
@@ -71,6 +93,12 @@ class Decoder:
                               f"vocab sizes differ: {roles}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.prompt_bucket < 1:
+            raise ConfigError(f"prompt_bucket={self.prompt_bucket} must be >= 1")
+        if self.vocab_limit is not None and not 0 < self.vocab_limit <= self.vocab_size:
+            raise ConfigError(f"vocab_limit={self.vocab_limit} must be in [1, vocab_size="
+                              f"{self.vocab_size}]: a tokenizer larger than the embedding "
+                              f"cannot be decoded")
 
     @property
     def vocab_size(self) -> int:
@@ -79,17 +107,44 @@ class Decoder:
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    tokens: np.ndarray  # [B, max_new_tokens] (pad after a stop token)
-    lengths: np.ndarray  # [B] tokens generated, including the stop token
-    logprobs: np.ndarray  # [B, max_new_tokens] log p(token) under the combined distribution
-    steps: int  # loop iterations run (stops early when every row has stopped)
+    """What :func:`generate` returns (numpy arrays on the host).
+
+    Attributes:
+      tokens: [B, N] generated ids; ``pad_token`` after a row's end.
+      lengths: [B] tokens generated per row, including the stop token.
+      logprobs: [B, N] log p(token) under the combined distribution before temperature /
+        top-k / top-p (0 after a row's end).
+      steps: loop iterations run (the loop exits when every row has stopped).
+      seconds: wall time of the compiled program (compilation excluded).
+      compile_seconds: tracing + compilation time of this call (~0 when cached).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    logprobs: np.ndarray
+    steps: int
+    seconds: float = 0.0
+    compile_seconds: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return float(np.sum(self.lengths)) / max(self.seconds, 1e-9)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Batch token lists, left-padded to the longest: (tokens [B, P], mask [B, P])."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ConfigError("every prompt must have at least one token")
-    n = max(len(p) for p in prompts)
+def left_pad(prompts: Sequence[Sequence[int]], pad: int = 0,
+             bucket: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Batch token lists, left-padded to the longest rounded up to ``bucket``.
+
+    Returns:
+      (tokens [B, P], mask [B, P]) int32, mask 1 on real tokens.
+    """
+    if not len(prompts):
+        raise ConfigError("no prompts given")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:
+        raise ConfigError(f"every prompt must have at least one token; prompt(s) {empty} are "
+                          f"empty")
+    n = -(-max(len(p) for p in prompts) // bucket) * bucket
     tokens = np.full((len(prompts), n), pad, np.int32)
     mask = np.zeros((len(prompts), n), np.int32)
     for i, p in enumerate(prompts):
@@ -98,53 +153,120 @@ def left_pad(prompts: Sequence[Sequence[int]], pad: int = 0) -> tuple[np.ndarray
     return tokens, mask
 
 
-def combine(dec: Decoder, logits: Sequence[jax.Array]) -> jax.Array:
-    """Combined, renormalised log-probabilities [B, V] from each member's logits [B, V]."""
+def _is_token_list(x) -> bool:
+    return all(isinstance(t, int | np.integer) for t in x)
+
+
+def prepare_prompts(dec: Decoder, prompts, extra: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Left-pad each member's prompts and check they fit the cache and the model's context.
+
+    Args:
+      prompts: one batch of token lists shared by every member, or one batch per member.
+      extra: cache slots needed beyond ``max_new_tokens`` (speculative drafts).
+    Returns:
+      one (tokens [B, P], mask [B, P]) pair per member.
+    """
+    shared = all(_is_token_list(p) for p in prompts)
+    batches = [prompts] * len(dec.members) if shared else list(prompts)
+    if len(batches) != len(dec.members):
+        raise ConfigError(f"{len(batches)} prompt batches for {len(dec.members)} models")
+    padded = []
+    for member, batch in zip(dec.members, batches, strict=True):
+        tokens, mask = left_pad(batch, dec.pad_token, dec.prompt_bucket)
+        longest = int(mask.sum(1).max())
+        need = longest + dec.max_new_tokens + extra
+        if need > member.config.context_length:
+            raise ConfigError(
+                f"{member.role}: prompt of {longest} tokens + max_new_tokens="
+                f"{dec.max_new_tokens}{f' + {extra} draft slots' if extra else ''} exceeds the "
+                f"model's context of {member.config.context_length}")
+        if dec.cache_len is not None and tokens.shape[1] + dec.max_new_tokens + extra > \
+                dec.cache_len:
+            raise ConfigError(
+                f"{member.role}: prompt of {longest} tokens (padded to {tokens.shape[1]}) + "
+                f"max_new_tokens={dec.max_new_tokens}"
+                f"{f' + {extra} draft slots' if extra else ''} does not fit the cache of "
+                f"cache_len={dec.cache_len} slots")
+        padded.append((tokens, mask))
+    if len({t.shape[0] for t, _ in padded}) != 1:
+        raise ConfigError("every model needs the same number of prompts: got "
+                          + ", ".join(f"{m.role}={t.shape[0]}"
+                                      for m, (t, _) in zip(dec.members, padded, strict=True)))
+    return padded
+
+
+def member_weights(dec: Decoder) -> np.ndarray:
+    """The members' weights [M] float32 (a traced argument of the compiled loops)."""
+    return np.asarray([m.weight for m in dec.members], np.float32)
+
+
+def combine(dec: Decoder, logits: Sequence[jax.Array],
+            weights: jax.Array | None = None) -> jax.Array:
+    """Combined, renormalised log-probabilities [..., V] from each member's logits [..., V].
+
+    ``log_softmax(sum_i w_i * log_softmax(z_i))`` in float32; ids >= ``dec.vocab_limit`` are -inf.
+
+    Args:
+      weights: [M] weights; default the members' (code under jit must pass them explicitly,
+        since the weights are not part of the static decoder).
+    """
+    weights = member_weights(dec) if weights is None else weights
     total = 0.0
-    for member, z in zip(dec.members, logits, strict=True):
+    for i, z in enumerate(logits):
         z = z.astype(jnp.float32)
         if dec.vocab_limit is not None and dec.vocab_limit < z.shape[-1]:
             z = jnp.where(jnp.arange(z.shape[-1]) < dec.vocab_limit, z, -jnp.inf)
         lp = jax.nn.log_softmax(z, axis=-1)
-        # keep -inf rows at -inf whatever the weight's sign (0 * -inf would be nan)
-        term = jnp.where(jnp.isneginf(lp), -jnp.inf, member.weight * lp)
-        total = total + term
+        # keep -inf entries at -inf whatever the weight's sign (0 * -inf would be nan)
+        total = total + jnp.where(jnp.isneginf(lp), -jnp.inf, weights[i] * lp)
     return jax.nn.log_softmax(total, axis=-1)
 
 
-def _constrain_cache(cache):
+def constrain_cache(cache: KVCache) -> KVCache:
+    """Shard a cache by the logical rules (batch, kv heads ...) when a mesh is set."""
     return jax.tree.map(sharding.constrain, cache, CACHE_AXES,
                         is_leaf=lambda x: isinstance(x, jax.Array))
 
 
-def prefill(dec: Decoder, params, prompts):
-    """Each member's cache after its prompt and its next-token logits [B, V]."""
+def prefill(dec: Decoder, params, prompts, extra: int = 0):
+    """Each member's cache after its prompt, and its next-token logits [B, V]."""
     caches, last = [], []
     for member, p, (tokens, mask) in zip(dec.members, params, prompts, strict=True):
         cfg = member.config
-        cache = init_cache(cfg, tokens.shape[0], tokens.shape[1] + dec.max_new_tokens,
-                           jnp.dtype(dec.dtype))
-        cache = _constrain_cache(cache)
+        length = dec.cache_len or tokens.shape[1] + dec.max_new_tokens + extra
+        cache = constrain_cache(init_cache(cfg, tokens.shape[0], length, jnp.dtype(dec.dtype)))
         logits, cache = forward(p, cfg, tokens, attention_mask=mask, cache=cache,
                                 dtype=jnp.dtype(dec.dtype))
-        caches.append(cache)
+        caches.append(constrain_cache(cache))
         last.append(logits[:, -1])
     return tuple(caches), tuple(last)
 
 
+def feed(member: Member, dtype: str, params, cache: KVCache, tokens: jax.Array,
+         mask: jax.Array | None = None) -> tuple[KVCache, jax.Array]:
+    """Feed tokens [B, T] to one member's cache; returns (cache, logits [B, T, V])."""
+    mask = jnp.ones(tokens.shape, bool) if mask is None else mask
+    logits, cache = forward(params, member.config, tokens, attention_mask=mask, cache=cache,
+                            dtype=jnp.dtype(dtype))
+    return constrain_cache(cache), logits
+
+
 def step(dec: Decoder, params, caches, tokens, mask):
     """Feed tokens [B, T] to every member; returns (caches, logits [B, T, V] per member)."""
-    new_caches, logits = [], []
-    for member, p, cache in zip(dec.members, params, caches, strict=True):
-        lg, cache = forward(p, member.config, tokens, attention_mask=mask, cache=cache,
-                            dtype=jnp.dtype(dec.dtype))
-        new_caches.append(cache)
-        logits.append(lg)
-    return tuple(new_caches), tuple(logits)
+    out = [feed(m, dec.dtype, p, c, tokens, mask)
+           for m, p, c in zip(dec.members, params, caches, strict=True)]
+    return tuple(c for c, _ in out), tuple(lg for _, lg in out)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _generate(dec: Decoder, params, prompts, key):
+def stream(on_step: StepCallback | None, i: jax.Array, tokens: jax.Array,
+           valid: jax.Array) -> None:
+    """Send tokens to the host as they are produced (nothing when ``on_step`` is None)."""
+    if on_step is not None:
+        io_callback(on_step, None, i, tokens, valid, ordered=True)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _generate(dec: Decoder, params, weights, prompts, key, limits, on_step=None):
     b = prompts[0][0].shape[0]
     n = dec.max_new_tokens
     caches, last = prefill(dec, params, prompts)
@@ -156,22 +278,67 @@ def _generate(dec: Decoder, params, prompts, key):
 
     def body(state):
         i, out, out_lp, done, caches, last, key = state
-        logp = combine(dec, last)
-        tok = dec.sampler.select(logp, jax.random.fold_in(key, i))
+        logp = combine(dec, last, weights)
+        tok = dec.sampler.get_next_tokens(logp, jax.random.fold_in(key, i))
         lp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
         tok = jnp.where(done, dec.pad_token, tok)
+        stream(on_step, i, tok[:, None], (~done)[:, None])
         out = out.at[:, i].set(tok)
         out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
+        # a finished row feeds a masked pad: its cache slot stays invalid
         caches, logits = step(dec, params, caches, tok[:, None], (~done)[:, None])
-        done = done | jnp.isin(tok, stops)
+        done = done | jnp.isin(tok, stops) | (i + 1 >= limits)
         return i + 1, out, out_lp, done, caches, tuple(z[:, -1] for z in logits), key
 
     state = (jnp.zeros((), jnp.int32), jnp.full((b, n), dec.pad_token, jnp.int32),
-             jnp.zeros((b, n), jnp.float32), jnp.zeros((b,), bool), caches, last, key)
-    i, out, out_lp, done, *_ = jax.lax.while_loop(cond, body, state)
-    is_stop = jnp.isin(out, stops)
-    first_stop = jnp.where(jnp.any(is_stop, axis=1), jnp.argmax(is_stop, axis=1) + 1, i)
-    return out, jnp.minimum(first_stop, i), out_lp, i
+             jnp.zeros((b, n), jnp.float32), limits <= 0, caches, last, key)
+    i, out, out_lp, *_ = jax.lax.while_loop(cond, body, state)
+    return out, out_lp, i
+
+
+def row_limits(dec: Decoder, batch: int, max_new_tokens: Sequence[int] | int | None) -> np.ndarray:
+    """Per-row token budgets [B] (each <= ``dec.max_new_tokens``)."""
+    if max_new_tokens is None:
+        return np.full((batch,), dec.max_new_tokens, np.int32)
+    limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (batch,)).copy()
+    if (limits < 0).any() or (limits > dec.max_new_tokens).any():
+        raise ConfigError(f"per-row max_new_tokens {limits.tolist()} must be in "
+                          f"[0, Decoder.max_new_tokens={dec.max_new_tokens}]")
+    return limits
+
+
+def finish(dec: Decoder, tokens: np.ndarray, limits: np.ndarray, steps: int) -> np.ndarray:
+    """Row lengths [B] (through the first stop token, within the row's limit); pads the rest."""
+    stops = np.isin(tokens, np.asarray(dec.stop_tokens or (-1,)))
+    lengths = np.where(stops.any(1), stops.argmax(1) + 1, tokens.shape[1])
+    lengths = np.minimum(np.minimum(lengths, limits), steps)
+    tokens[np.arange(tokens.shape[1])[None, :] >= lengths[:, None]] = dec.pad_token
+    return lengths
+
+
+def run_compiled(fn, lower_args, args, mesh):
+    """Compile ``fn`` for ``lower_args`` (all arguments, static ones included; jax caches the
+    program) and run it on ``args`` (the non-static ones). Returns (outputs, run s, compile s).
+
+    With ``mesh``, prompt arrays are placed batch-sharded and the program runs under
+    ``jax.set_mesh`` so activations and caches follow the logical rules.
+    """
+    ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    with ctx:
+        t0 = time.perf_counter()
+        compiled = fn.lower(*lower_args).compile()
+        t1 = time.perf_counter()
+        out = jax.block_until_ready(compiled(*args))
+        t2 = time.perf_counter()
+    return out, t2 - t1, t1 - t0
+
+
+def place_prompts(padded, mesh):
+    """Prompt arrays on the mesh, sharded over the batch (left as numpy without a mesh)."""
+    if mesh is None:
+        return tuple(padded)
+    return tuple(tuple(jax.device_put(a, sharding.named_sharding(mesh, ("batch", "seq"), a.shape))
+                       for a in pair) for pair in padded)
 
 
 def generate(
@@ -181,8 +348,10 @@ def generate(
     *,
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
+    max_new_tokens: Sequence[int] | int | None = None,
+    on_step: StepCallback | None = None,
 ) -> Generation:
-    """Generate for a batch of prompts.
+    """Generate for a batch of prompts with every member of ``dec`` combined at each step.
 
     Args:
       dec: the decoder (models' configs, weights, sampler, lengths).
@@ -191,29 +360,23 @@ def generate(
         (each model may get its own prompt template; the batch sizes must agree).
       seed: PRNG seed (sampling only).
       mesh: run sharded on this mesh (params should already be placed on it).
+      max_new_tokens: optional per-row budgets (<= ``dec.max_new_tokens``), without recompiling.
+      on_step: host callback ``fn(step, tokens [B, 1], valid [B, 1])`` called as tokens
+        arrive (streaming).
+        Part of the compilation key: pass the same function to reuse the program.
+    Returns:
+      a :class:`Generation`.
     """
     if len(params) != len(dec.members):
         raise ConfigError(f"{len(params)} parameter trees for {len(dec.members)} models")
-    per_member = isinstance(prompts[0][0], Sequence | np.ndarray) if len(prompts) else False
-    batches = list(prompts) if per_member else [prompts] * len(dec.members)
-    if len(batches) != len(dec.members):
-        raise ConfigError(f"{len(batches)} prompt batches for {len(dec.members)} models")
-    padded = []
-    for member, batch in zip(dec.members, batches, strict=True):
-        tokens, mask = left_pad(batch, dec.pad_token)
-        limit = member.config.context_length
-        if tokens.shape[1] + dec.max_new_tokens > limit:
-            raise ConfigError(
-                f"{member.role}: prompt of {tokens.shape[1]} tokens + max_new_tokens="
-                f"{dec.max_new_tokens} exceeds the model's context of {limit}")
-        padded.append((tokens, mask))
-    if len({t.shape[0] for t, _ in padded}) != 1:
-        raise ConfigError("every model needs the same number of prompts")
-    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        if mesh is not None:
-            padded = [tuple(jax.device_put(a, sharding.named_sharding(mesh, ("batch", "seq"),
-                                                                      a.shape)) for a in pm)
-                      for pm in padded]
-        out, lengths, lps, steps = _generate(dec, tuple(params), tuple(padded),
-                                             jax.random.key(seed))
-    return Generation(np.asarray(out), np.asarray(lengths), np.asarray(lps), int(steps))
+    padded = prepare_prompts(dec, prompts)
+    limits = row_limits(dec, padded[0][0].shape[0], max_new_tokens)
+    dynamic = (tuple(params), member_weights(dec), place_prompts(padded, mesh),
+               jax.random.key(seed), limits)
+    (out, lps, steps), seconds, compile_s = run_compiled(
+        _generate, (dec, *dynamic, on_step), dynamic, mesh)
+    tokens = np.array(out)
+    lengths = finish(dec, tokens, limits, int(steps))
+    lps = np.array(lps)
+    lps[np.arange(lps.shape[1])[None, :] >= lengths[:, None]] = 0.0
+    return Generation(tokens, lengths, lps, int(steps), seconds, compile_s)

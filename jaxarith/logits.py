@@ -1,17 +1,22 @@
 """Logit arithmetic presets (proxy tuning, emulated fine-tuning) and speculative EFT.
 
-All presets are weights of :func:`jaxarith.decode.combine`'s product of experts:
+Every preset is a tuple of weighted :class:`~jaxarith.decode.Member` s for the product of experts
+that :func:`jaxarith.decode.combine` computes, ``log p = log_softmax(sum_i w_i log_softmax(z_i))``:
 
 - proxy tuning (Liu et al. 2024): ``s = s_base + alpha * (s_expert - s_anti)``
-- EFT up- or down-scaling (Mitchell et al. 2023): ``s = s_model + beta * (s_tuned - s_ref)``
-  (up-scaling: model = large base, tuned / ref = small tuned / small base; down-scaling: model =
-  small base, tuned / ref = large tuned / large base)
-- reward interpolation: ``s = s_base + lam * (s_tuned1 - s_ref) + (1 - lam) * (s_tuned2 - s_ref)``
+- EFT (Mitchell et al. 2023): ``s = s_model + beta * (s_tuned - s_ref)``; up-scaling: model =
+  large base, tuned / ref = small tuned / small base; down-scaling: model = small base,
+  tuned / ref = large tuned / large base
+- reward interpolation: ``s = s_base + beta * (lam * s_tuned1 + (1 - lam) * s_tuned2 - s_ref)``
 
-Speculative EFT: the small tuned model drafts ``k`` tokens, the other members score them in one
-forward, each draft token is accepted with probability ``min(1, p(x) / q(x))`` and the first
-rejected one is resampled from ``normalise(max(0, p - q))``; the output distribution is that of
-plain EFT.
+Speculative EFT (:func:`generate_speculative`): one member (the small tuned model) drafts ``k``
+tokens from its own distribution ``q``; every other member scores the pending token and the
+drafts in one forward of ``k + 1`` tokens; draft ``j`` is accepted with probability
+``min(1, p(x) / q(x))`` and the first rejected one is resampled from ``normalise(max(0, p - q))``,
+where ``p`` is the combined distribution after temperature / top-k / top-p. The output has the
+distribution of plain (non-speculative) decoding with the same decoder.
+
+Shapes: B batch, K draft length, V vocabulary.
 """
 
 from __future__ import annotations
@@ -23,29 +28,64 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxarith.decode import Decoder, Generation, Member, combine, left_pad, prefill, step
+from jaxarith.decode import (
+    Decoder,
+    Generation,
+    Member,
+    StepCallback,
+    combine,
+    feed,
+    finish,
+    member_weights,
+    place_prompts,
+    prefill,
+    prepare_prompts,
+    row_limits,
+    run_compiled,
+    stream,
+)
 from jaxarith.errors import ConfigError
 from jaxarith.models.config import ModelConfig
 from jaxarith.sampling import Greedy
 
+# ----------------------------------------------------------------------------- presets
+
 
 def proxy_tuning(base: ModelConfig, expert: ModelConfig, anti_expert: ModelConfig,
                  alpha: float = 1.0) -> tuple[Member, ...]:
+    """Proxy tuning: ``base + alpha * (expert - anti_expert)`` (members in that order)."""
     return (Member(base, 1.0, "base"), Member(expert, alpha, "expert"),
             Member(anti_expert, -alpha, "anti_expert"))
 
 
 def eft(model: ModelConfig, tuned: ModelConfig, reference: ModelConfig,
         beta: float = 1.0) -> tuple[Member, ...]:
-    """Emulated fine-tuning: ``model`` + beta * (``tuned`` - ``reference``)."""
+    """Emulated fine-tuning: ``model + beta * (tuned - reference)`` (members in that order)."""
     return (Member(model, 1.0, "model"), Member(tuned, beta, "tuned"),
             Member(reference, -beta, "reference"))
 
 
+def eft_up(large_base: ModelConfig, small_tuned: ModelConfig, small_base: ModelConfig,
+           beta: float = 1.0) -> tuple[Member, ...]:
+    """EFT up-scaling: a large base model steered by the small models' fine-tuning reward."""
+    return (Member(large_base, 1.0, "large_base"), Member(small_tuned, beta, "small_tuned"),
+            Member(small_base, -beta, "small_base"))
+
+
+def eft_down(small_base: ModelConfig, large_tuned: ModelConfig, large_base: ModelConfig,
+             beta: float = 1.0) -> tuple[Member, ...]:
+    """EFT down-scaling: a small base model with the large models' fine-tuning reward."""
+    return (Member(small_base, 1.0, "small_base"), Member(large_tuned, beta, "large_tuned"),
+            Member(large_base, -beta, "large_base"))
+
+
 def reward_interpolation(base: ModelConfig, tuned1: ModelConfig, tuned2: ModelConfig,
-                         reference: ModelConfig, lam: float = 0.5) -> tuple[Member, ...]:
-    return (Member(base, 1.0, "base"), Member(tuned1, lam, "tuned1"),
-            Member(tuned2, 1.0 - lam, "tuned2"), Member(reference, -1.0, "reference"))
+                         reference: ModelConfig, lam: float = 0.5,
+                         beta: float = 1.0) -> tuple[Member, ...]:
+    """EFT reward interpolation: ``base + beta * (lam * r1 + (1 - lam) * r2)`` with
+    ``r_i = tuned_i - reference`` (members: base, tuned1, tuned2, reference)."""
+    return (Member(base, 1.0, "base"), Member(tuned1, beta * lam, "tuned1"),
+            Member(tuned2, beta * (1.0 - lam), "tuned2"), Member(reference, -beta, "reference"))
 
 
 # ----------------------------------------------------------------------------- speculative
@@ -53,24 +93,25 @@ def reward_interpolation(base: ModelConfig, tuned1: ModelConfig, tuned2: ModelCo
 
 def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, key: jax.Array,
                        greedy: bool) -> tuple[jax.Array, jax.Array]:
-    """One verification step of speculative sampling.
+    """The verification step of speculative sampling, for any leading shape.
 
     Args:
-      p, q: target and draft log-probabilities [B, V]; draft: the drafted tokens [B].
+      p, q: target and draft log-probabilities [..., V]; draft: drafted tokens [...] (from q).
+      key: PRNG key; greedy: accept exactly when the draft is the argmax of p.
     Returns:
-      (accepted [B] bool, replacement [B]): the token to emit where the draft is rejected, drawn
-      from normalise(max(0, p - q)) (greedy: argmax p).
+      (accepted [...] bool, replacement [...] int32): where rejected, the token to emit instead,
+      drawn from normalise(max(0, p - q)) (greedy: argmax p). Emitting the draft when accepted
+      and the replacement otherwise gives a sample of p.
     """
     if greedy:
         best = jnp.argmax(p, axis=-1).astype(jnp.int32)
         return draft == best, best
     ku, kr = jax.random.split(key)
-    lp = jnp.take_along_axis(p, draft[:, None], -1)[:, 0]
-    lq = jnp.take_along_axis(q, draft[:, None], -1)[:, 0]
-    u = jax.random.uniform(ku, lp.shape)
-    accepted = jnp.log(u) < lp - lq
+    lp = jnp.take_along_axis(p, draft[..., None], -1)[..., 0]
+    lq = jnp.take_along_axis(q, draft[..., None], -1)[..., 0]
+    accepted = jnp.log(jax.random.uniform(ku, lp.shape)) < lp - lq
     residual = jnp.maximum(jnp.exp(p) - jnp.exp(q), 0.0)
-    # p == q exactly leaves no residual mass: fall back to p (then any draw is correct)
+    # p == q leaves no residual mass (and then nothing is ever rejected): fall back to p
     residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, jnp.exp(p))
     replacement = jax.random.categorical(kr, jnp.log(residual), axis=-1).astype(jnp.int32)
     return accepted, replacement
@@ -78,139 +119,170 @@ def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, key: jax.Ar
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SpeculativeDecoder:
-    """Speculative decoding of a combination, drafted by one of its members (``drafter``).
+    """Speculative decoding of a combination, drafted by one of its members.
 
-    Rows of a batch advance together: each round emits ``n + 1`` tokens where ``n`` is the
-    smallest number of leading draft tokens accepted by any row (a row that accepted its token
-    at position ``n`` keeps it; that token is already a sample from the target distribution).
+    Rows of a batch advance together: each round emits ``n + 1`` tokens per row, where ``n`` is
+    the smallest number of leading drafts accepted by any unfinished row (a row that accepted
+    its draft at position ``n`` emits it: that token already is a sample of the target).
+
+    Attributes:
+      decoder: the combination (and sampler, lengths) to sample from.
+      drafter: index into ``decoder.members`` of the drafting model (EFT: the small tuned one).
+      k: tokens drafted per round.
     """
 
     decoder: Decoder
-    drafter: int
+    drafter: int = 1
     k: int = 4
 
     def __post_init__(self):
         if not 0 <= self.drafter < len(self.decoder.members):
-            raise ConfigError(f"drafter index {self.drafter} out of range")
+            raise ConfigError(f"drafter index {self.drafter} out of range for "
+                              f"{len(self.decoder.members)} models")
         if self.k < 1:
             raise ConfigError(f"speculative k={self.k} must be >= 1")
 
 
 def _rollback(cache, index):
-    """Forget every slot at or after ``index`` (tokens drafted but not accepted)."""
+    """Forget every slot at or after ``index`` (drafts that were not accepted)."""
     valid = cache.valid & (jnp.arange(cache.valid.shape[1])[None, :] < index)
     return cache._replace(valid=valid, index=index)
 
 
-def _one(member: Member, dtype: str) -> Decoder:
-    return Decoder(members=(member,), max_new_tokens=1, dtype=dtype)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _speculative(sd: SpeculativeDecoder, params, prompts, key):
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _speculative(sd: SpeculativeDecoder, params, weights, prompts, key, limits, on_step=None):
     dec, k, di = sd.decoder, sd.k, sd.drafter
+    members, sampler = dec.members, dec.sampler
+    greedy = isinstance(sampler, Greedy)
     b, n_new = prompts[0][0].shape[0], dec.max_new_tokens
-    greedy = isinstance(dec.sampler, Greedy)
-    transform = dec.sampler.transform
-    members = dec.members
-    caches, last = prefill(dataclasses.replace(dec, max_new_tokens=n_new + k + 1), params,
-                           prompts)
+    drafter_only = dataclasses.replace(dec, members=(members[di],))
+    one = jnp.ones((1,), jnp.float32)
+    stops = jnp.asarray(dec.stop_tokens or (-1,), jnp.int32)
+    slots = jnp.arange(k + 1)[None, :]
 
-    def feed(i, cache, tokens):
-        c, lg = step(_one(members[i], dec.dtype), (params[i],), (cache,), tokens,
-                     jnp.ones(tokens.shape, bool))
-        return c[0], lg[0]
+    def pick(logp, key):  # logp already transformed by the sampler
+        if greedy:
+            return jnp.argmax(logp, -1).astype(jnp.int32)
+        return jax.random.categorical(key, logp, -1).astype(jnp.int32)
+
+    # The first token comes from the prefill logits; afterwards every round starts with one
+    # emitted but not yet fed ("pending") token t.
+    caches, last = prefill(dec, params, prompts, extra=k + 1)
+    key0, key = jax.random.split(key)
+    comb0 = combine(dec, last, weights)
+    t0 = sampler.get_next_tokens(comb0, key0)
+    stream(on_step, jnp.zeros((), jnp.int32), t0[:, None], jnp.ones((b, 1), bool))
+    out = jnp.full((b, n_new + k + 1), dec.pad_token, jnp.int32).at[:, 0].set(t0)
+    out_lp = jnp.zeros((b, n_new + k + 1), jnp.float32).at[:, 0].set(
+        jnp.take_along_axis(comb0, t0[:, None], -1)[:, 0])
+    done = (limits <= 1) | jnp.isin(t0, stops)
 
     def body(s):
-        pos, out, caches, last, rounds, accepted = s
+        pos, out, out_lp, done, caches, t, rounds, accepted, drafted = s
         kd, kv, kb = jax.random.split(jax.random.fold_in(key, rounds), 3)
-        # 1. the drafter proposes k tokens from its own (transformed) distribution
-        def draft(carry, j):
-            cache, z = carry
-            q = transform(jax.nn.log_softmax(z.astype(jnp.float32), -1))
-            tok = (jnp.argmax(q, -1) if greedy else
-                   jax.random.categorical(jax.random.fold_in(kd, j), q, -1)).astype(jnp.int32)
-            cache, lg = feed(di, cache, tok[:, None])
-            return (cache, lg[:, -1]), (tok, q, lg[:, -1])
 
-        (d_cache, _), (toks, q_all, z_all) = jax.lax.scan(draft, (caches[di], last[di]),
-                                                          jnp.arange(k))
-        drafts = [toks[j] for j in range(k)]
-        qs = [q_all[j] for j in range(k)]
-        d_logits = [last[di]] + [z_all[j] for j in range(k)]
-        drafted = jnp.stack(drafts, 1)  # [B, k]
-        # 2. every other member scores the k drafts in one forward
-        new_caches, member_logits = [], []
-        for i in range(len(members)):
+        # 1. the drafter feeds t and proposes d_1..d_k (k + 1 forwards; the last scores d_k)
+        def draft(carry, j):
+            cache, tok = carry
+            cache, z = feed(members[di], dec.dtype, params[di], cache, tok[:, None])
+            q = sampler.transform(combine(drafter_only, [z[:, -1]], one))
+            nxt = pick(q, jax.random.fold_in(kd, j))
+            return (cache, nxt), (z[:, -1], q, nxt)
+
+        (d_cache, _), (zs, qs, ds) = jax.lax.scan(draft, (caches[di], t), jnp.arange(k + 1))
+        drafts = ds[:k].T  # [B, K]
+        chunk = jnp.concatenate([t[:, None], drafts], 1)  # [B, K + 1]
+        # 2. every other member scores t, d_1..d_k in one forward
+        new_caches, logits = [], []
+        for i, m in enumerate(members):
             if i == di:
                 new_caches.append(d_cache)
-                member_logits.append(d_logits)
-                continue
-            c, lg = feed(i, caches[i], drafted)
-            new_caches.append(c)
-            member_logits.append([last[i]] + [lg[:, j] for j in range(k)])
-        p = [transform(combine(dec, [ml[j] for ml in member_logits])) for j in range(k + 1)]
+                logits.append(jnp.swapaxes(zs, 0, 1))
+            else:
+                c, z = feed(m, dec.dtype, params[i], caches[i], chunk)
+                new_caches.append(c)
+                logits.append(z)
+        comb = combine(dec, logits, weights)  # [B, K + 1, V]: p(. | ..., t, d_1..d_j)
+        p = sampler.transform(comb)
         # 3. accept leading drafts; the first rejected one is resampled from max(0, p - q)
-        acc, repl = zip(*[accept_or_resample(p[j], qs[j], drafts[j],
-                                             jax.random.fold_in(kv, j), greedy)
-                          for j in range(k)], strict=True)
-        n_row = jnp.sum(jnp.cumprod(jnp.stack(acc, 1).astype(jnp.int32), axis=1), axis=1)
-        n = jnp.min(n_row)
-        bonus = (jnp.argmax(p[k], -1) if greedy else
-                 jax.random.categorical(kb, p[k], -1)).astype(jnp.int32)
-        d_ext = jnp.concatenate([drafted, bonus[:, None]], 1)  # [B, k + 1]
-        r_ext = jnp.concatenate([jnp.stack(repl, 1), bonus[:, None]], 1)
-        t = jnp.where(n_row > n, d_ext[:, n], r_ext[:, n])
-        slots = jnp.arange(k + 1)[None, :]
-        row = jnp.where(slots < n, d_ext, jnp.where(slots == n, t[:, None], dec.pad_token))
-        out = jax.lax.dynamic_update_slice(out, row.astype(jnp.int32), (0, pos))
-        # 4. keep the n accepted drafts in every cache, then feed the new token to all
-        caches, last = [], []
-        for i, c in enumerate(new_caches):
-            c = _rollback(c, c.index - k + n)
-            c, lg = feed(i, c, t[:, None])
-            caches.append(c)
-            last.append(lg[:, -1])
-        return (pos + n + 1, out, tuple(caches), tuple(last), rounds + 1,
-                accepted + jnp.sum(n_row))
+        acc, repl = accept_or_resample(p[:, :k], jnp.swapaxes(qs[:k], 0, 1), drafts, kv, greedy)
+        n_row = jnp.sum(jnp.cumprod(acc.astype(jnp.int32), axis=1), axis=1)  # [B]
+        n = jnp.min(jnp.where(done, k, n_row))
+        bonus = pick(p[:, k], kb)
+        d_ext = jnp.concatenate([drafts, bonus[:, None]], 1)  # [B, K + 1]
+        r_ext = jnp.concatenate([repl, bonus[:, None]], 1)
+        t_new = jnp.where(n_row > n, d_ext[:, n], r_ext[:, n])
+        row = jnp.where(slots < n, d_ext, jnp.where(slots == n, t_new[:, None], dec.pad_token))
+        row = jnp.where(done[:, None], dec.pad_token, row)
+        row_lp = jnp.take_along_axis(comb, row[..., None], -1)[..., 0]
+        emitted = (slots <= n) & ~done[:, None]
+        row_lp = jnp.where(emitted, row_lp, 0.0)
+        stream(on_step, pos, row, emitted)
+        out = jax.lax.dynamic_update_slice(out, row, (0, pos))
+        out_lp = jax.lax.dynamic_update_slice(out_lp, row_lp, (0, pos))
+        active = ~done
+        done = (done | jnp.any(jnp.isin(row, stops) & (slots <= n), axis=1)
+                | (pos + n + 1 >= limits))
+        # 4. keep t and the n accepted drafts in every cache; t_new is the next pending token
+        caches = tuple(_rollback(c, c.index - k + n) for c in new_caches)
+        return (pos + n + 1, out, out_lp, done, caches, t_new, rounds + 1,
+                accepted + jnp.sum(jnp.where(active, n_row, 0)),
+                drafted + k * jnp.sum(active))
 
     def cond(s):
-        pos, out, *_ = s
-        stopped = jnp.any(jnp.isin(out, jnp.asarray(dec.stop_tokens or (-1,))), axis=1)
-        return (pos < n_new) & ~jnp.all(stopped)
+        pos, _, _, done, *_ = s
+        return (pos < n_new) & ~jnp.all(done)
 
-    state = (jnp.zeros((), jnp.int32), jnp.full((b, n_new + k + 1), dec.pad_token, jnp.int32),
-             caches, last, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-    pos, out, _, _, rounds, accepted = jax.lax.while_loop(cond, body, state)
-    return out[:, :n_new], jnp.minimum(pos, n_new), rounds, accepted
+    zero = jnp.zeros((), jnp.int32)
+    state = (jnp.ones((), jnp.int32), out, out_lp, done, caches, t0, zero, zero, zero)
+    pos, out, out_lp, _, _, _, rounds, accepted, drafted = jax.lax.while_loop(cond, body, state)
+    return out[:, :n_new], out_lp[:, :n_new], jnp.minimum(pos, n_new), rounds, accepted, drafted
 
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeGeneration(Generation):
-    acceptance_rate: float = 0.0  # accepted draft tokens / drafted tokens
+    """A :class:`~jaxarith.decode.Generation` with the drafting statistics.
+
+    Attributes:
+      acceptance_rate: accepted drafts / drafted tokens (over unfinished rows).
+      rounds: draft-and-verify rounds run (``steps`` is the same number).
+    """
+
+    acceptance_rate: float = 0.0
     rounds: int = 0
 
 
-def generate_speculative(sd: SpeculativeDecoder, params, prompts, *, seed: int = 0
-                         ) -> SpeculativeGeneration:
-    """Like :func:`jaxarith.decode.generate`, drafting with ``sd.drafter``; same distribution."""
+def generate_speculative(
+    sd: SpeculativeDecoder,
+    params,
+    prompts,
+    *,
+    seed: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
+    max_new_tokens=None,
+    on_step: StepCallback | None = None,
+) -> SpeculativeGeneration:
+    """Like :func:`jaxarith.decode.generate`, drafting with ``sd.drafter``; same distribution.
+
+    Args:
+      as :func:`jaxarith.decode.generate`; ``on_step`` receives each round's tokens [B, K + 1]
+      and valid flags.
+    Returns:
+      a :class:`SpeculativeGeneration` with the acceptance rate.
+    """
     dec = sd.decoder
-    batches = prompts if isinstance(prompts[0][0], list | tuple | np.ndarray) else \
-        [prompts] * len(dec.members)
-    padded = []
-    for member, batch in zip(dec.members, batches, strict=True):
-        tokens, mask = left_pad(batch, dec.pad_token)
-        if tokens.shape[1] + dec.max_new_tokens + sd.k + 1 > member.config.context_length:
-            raise ConfigError(f"{member.role}: prompt + max_new_tokens + k exceeds the context")
-        padded.append((tokens, mask))
-    out, n, rounds, accepted = _speculative(sd, tuple(params), tuple(padded),
-                                            jax.random.key(seed))
-    out = np.array(out)
-    stops = np.isin(out, np.asarray(dec.stop_tokens or (-1,)))
-    lengths = np.where(stops.any(1), stops.argmax(1) + 1, int(n))
-    for r, length in enumerate(lengths):
-        out[r, length:] = dec.pad_token
-    b = out.shape[0]
-    rate = float(accepted) / max(int(rounds) * sd.k * b, 1)
-    return SpeculativeGeneration(out, lengths, np.zeros(out.shape, np.float32), int(rounds),
+    if len(params) != len(dec.members):
+        raise ConfigError(f"{len(params)} parameter trees for {len(dec.members)} models")
+    padded = prepare_prompts(dec, prompts, extra=sd.k + 1)
+    limits = row_limits(dec, padded[0][0].shape[0], max_new_tokens)
+    dynamic = (tuple(params), member_weights(dec), place_prompts(padded, mesh),
+               jax.random.key(seed), limits)
+    (out, lps, pos, rounds, accepted, drafted), seconds, compile_s = run_compiled(
+        _speculative, (sd, *dynamic, on_step), dynamic, mesh)
+    tokens = np.array(out)
+    lengths = finish(dec, tokens, limits, int(pos))
+    lps = np.array(lps)
+    lps[np.arange(lps.shape[1])[None, :] >= lengths[:, None]] = 0.0
+    rate = float(accepted) / max(int(drafted), 1)
+    return SpeculativeGeneration(tokens, lengths, lps, int(rounds), seconds, compile_s,
                                  acceptance_rate=rate, rounds=int(rounds))

@@ -1,19 +1,26 @@
 """``jaxarith generate MODEL --prompt TEXT``: jitted KV-cache generation, alone or combined.
 
-Logit arithmetic:
+Logit arithmetic (every model must share MODEL's tokenizer):
   --expert E --anti-expert A --alpha a    proxy tuning: MODEL + a * (E - A)
   --eft TUNED REF --beta b               emulated fine-tuning: MODEL + b * (TUNED - REF)
-                                          (up-scaling: MODEL large base, TUNED/REF small;
-                                           down-scaling: MODEL small base, TUNED/REF large)
+                                          up-scaling: MODEL = large base, TUNED/REF small;
+                                          down-scaling: MODEL = small base, TUNED/REF large
   --speculative K                         with --eft: TUNED drafts K tokens per round
+  --template ROLE=TEXT                    a prompt template per model ({prompt} is replaced);
+                                          ROLE: model, expert, anti-expert, tuned, ref
+
+With one prompt and no --json, text is streamed to the terminal as tokens arrive.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 
 from jaxarith.commands import _common
+
+ROLES = {"proxy": ("model", "expert", "anti-expert"), "eft": ("model", "tuned", "ref"),
+         "single": ("model",)}
 
 
 def register(sub) -> None:
@@ -29,12 +36,16 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--expert")
-    p.add_argument("--anti-expert")
+    p.add_argument("--expert", help="proxy tuning: the small tuned model")
+    p.add_argument("--anti-expert", help="proxy tuning: the small untuned model")
     p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--eft", nargs=2, metavar=("TUNED", "REF"))
+    p.add_argument("--eft", nargs=2, metavar=("TUNED", "REF"),
+                   help="emulated fine-tuning with this tuned model and its base")
     p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--speculative", type=int, default=0, metavar="K")
+    p.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="with --eft: draft K tokens per round with TUNED")
+    p.add_argument("--template", action="append", default=[], metavar="ROLE=TEXT",
+                   help="prompt template for one model, e.g. 'expert=Q: {prompt}\\nA:'")
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True)
     _common.add_mesh(p)
     _common.add_dtype(p)
@@ -44,80 +55,136 @@ def register(sub) -> None:
 
 def _sampler(args):
     from jaxarith.errors import ConfigError
-    from jaxarith.sampling import Greedy, Sample
+    from jaxarith.sampling import Greedy, Sampling
 
     sampling = any(v is not None for v in (args.temperature, args.top_p, args.top_k))
     if args.greedy and sampling:
         raise ConfigError("--greedy excludes --temperature/--top-p/--top-k")
     if not sampling:
         return Greedy()
-    return Sample(temperature=args.temperature or 1.0, top_k=args.top_k, top_p=args.top_p)
+    temperature = 1.0 if args.temperature is None else args.temperature
+    return Sampling(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
 
 
-def handle(args) -> int:
-    from jaxarith.decode import Decoder, Member, generate
+def _check_args(args) -> str:
     from jaxarith.errors import ConfigError
-    from jaxarith.logits import SpeculativeDecoder, eft, generate_speculative, proxy_tuning
-    from jaxarith.refs import load_model
 
-    prompts = list(args.prompt)
-    if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
-    if not prompts:
-        raise ConfigError("give at least one --prompt or a --prompt-file")
     if args.expert is not None and args.eft is not None:
         raise ConfigError("--expert/--anti-expert and --eft are exclusive")
     if (args.expert is None) != (args.anti_expert is None):
         raise ConfigError("proxy tuning needs both --expert and --anti-expert")
     if args.speculative and args.eft is None:
         raise ConfigError("--speculative drafts with the --eft tuned model: give --eft")
+    if args.speculative < 0:
+        raise ConfigError(f"--speculative {args.speculative} must be >= 1")
+    return "proxy" if args.expert is not None else "eft" if args.eft is not None else "single"
+
+
+def _templates(args, mode: str) -> dict[str, str]:
+    from jaxarith.errors import ConfigError
+
+    out = {}
+    for item in args.template:
+        role, sep, text = item.partition("=")
+        if not sep or role not in ROLES[mode]:
+            raise ConfigError(f"--template {item!r}: expected ROLE=TEXT with ROLE one of "
+                              f"{', '.join(ROLES[mode])}")
+        if "{prompt}" not in text:
+            raise ConfigError(f"--template {item!r} has no {{prompt}} placeholder")
+        out[role] = text.replace("\\n", "\n")
+    return out
+
+
+def _shared_tokenizer(refs, models):
+    """MODEL's tokenizer, after checking every other model's is the same vocabulary."""
+    from jaxarith.errors import ConfigError
+
+    toks = [m.tokenizer() for m in models]
+    vocab = toks[0].get_vocab()
+    for ref, tok in zip(refs[1:], toks[1:], strict=True):
+        if tok.get_vocab() != vocab:
+            raise ConfigError(f"tokenizer of {ref} ({len(tok)} tokens) differs from that of "
+                              f"{refs[0]} ({len(toks[0])} tokens): logit arithmetic needs one "
+                              f"shared vocabulary")
+    return toks[0]
+
+
+class _Streamer:
+    """Prints row 0's text to stdout as tokens arrive (a host callback of the decode loop)."""
+
+    def __init__(self, tok, prefix: str):
+        self.tok, self.ids, self.shown = tok, [], ""
+        print(prefix, end="", flush=True)
+
+    def __call__(self, step, tokens, valid) -> None:
+        del step
+        self.ids += [int(t) for t, v in zip(tokens[0], valid[0], strict=True) if v]
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.shown):  # a partial UTF-8 sequence may still change
+            sys.stdout.write(text[len(self.shown):])
+            sys.stdout.flush()
+            self.shown = text
+
+
+def handle(args) -> int:
+    import jax.numpy as jnp
+
+    from jaxarith.decode import Decoder, Member, generate
+    from jaxarith.errors import ConfigError
+    from jaxarith.logits import SpeculativeDecoder, eft, generate_speculative, proxy_tuning
+    from jaxarith.refs import load_model
+
+    mode = _check_args(args)
+    templates = _templates(args, mode)
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        with open(args.prompt_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise ConfigError("give at least one --prompt or a --prompt-file")
     mesh = _common.mesh_from(args)
     quiet = not _common.progress_enabled(args)
-    refs = [args.model]
-    if args.expert is not None:
-        refs += [args.expert, args.anti_expert]
-    elif args.eft is not None:
-        refs += list(args.eft)
-    models = [load_model(r, mesh=mesh, progress=not quiet) for r in refs]
+    refs = [args.model] + ([args.expert, args.anti_expert] if mode == "proxy" else
+                           list(args.eft) if mode == "eft" else [])
+    models = [load_model(r, mesh=mesh, dtype=jnp.dtype(args.dtype), progress=not quiet)
+              for r in refs]
     cfgs = [m.config for m in models]
-    if args.expert is not None:
-        members = proxy_tuning(*cfgs, alpha=args.alpha)
-    elif args.eft is not None:
-        members = eft(*cfgs, beta=args.beta)
-    else:
-        members = (Member(cfgs[0]),)
-    tok = models[0].tokenizer()
-    vocab = {len(m.tokenizer()) for m in models}
-    if len(vocab) != 1:
-        raise ConfigError(f"the models' tokenizers differ in size: {sorted(vocab)}")
+    members = (proxy_tuning(*cfgs, alpha=args.alpha) if mode == "proxy" else
+               eft(*cfgs, beta=args.beta) if mode == "eft" else (Member(cfgs[0]),))
+    tok = _shared_tokenizer(refs, models)
     eos = cfgs[0].eos_token_id
     stops = () if not args.stop_at_eos or eos is None else \
-        (tuple(eos) if isinstance(eos, tuple) else (eos,))
+        (tuple(eos) if isinstance(eos, tuple | list) else (eos,))
     pad = cfgs[0].pad_token_id if cfgs[0].pad_token_id is not None else 0
     dec = Decoder(members=members, max_new_tokens=args.max_new_tokens, sampler=_sampler(args),
-                  stop_tokens=stops, pad_token=pad, vocab_limit=vocab.pop(), dtype=args.dtype)
-    ids = [tok(p)["input_ids"] for p in prompts]
+                  stop_tokens=stops, pad_token=pad, vocab_limit=len(tok), dtype=args.dtype)
+    ids = [[tok(templates.get(role, "{prompt}").replace("{prompt}", p))["input_ids"]
+            for p in prompts] for role in ROLES[mode]]
+    if any(len(row) == 0 for batch in ids for row in batch):
+        raise ConfigError("a prompt tokenised to zero tokens (empty prompt?)")
+    streamer = _Streamer(tok, prompts[0]) if len(prompts) == 1 and not args.json else None
     params = [m.params for m in models]
-    t0 = time.perf_counter()
     if args.speculative:
         sd = SpeculativeDecoder(decoder=dec, drafter=1, k=args.speculative)
-        g = generate_speculative(sd, params, ids, seed=args.seed)
+        g = generate_speculative(sd, params, ids, seed=args.seed, mesh=mesh, on_step=streamer)
     else:
-        g = generate(dec, params, ids, seed=args.seed, mesh=mesh)
-    seconds = time.perf_counter() - t0
+        g = generate(dec, params, ids, seed=args.seed, mesh=mesh, on_step=streamer)
     results = []
     for row, n in zip(g.tokens, g.lengths, strict=True):
         token_ids = [int(t) for t in row[:n]]
         results.append({"text": tok.decode(token_ids, skip_special_tokens=True),
-                        "token_ids": token_ids,
-                        "tokens_per_s": float(sum(g.lengths)) / seconds})
-    info = {**results[0], "results": results, "seconds": seconds}
+                        "token_ids": token_ids, "tokens_per_s": int(n) / g.seconds})
+    info = {**results[0], "results": results, "seconds": g.seconds,
+            "compile_seconds": g.compile_seconds, "batch_tokens_per_s": g.tokens_per_s}
     if args.speculative:
-        info["acceptance_rate"] = getattr(g, "acceptance_rate", None)
+        info["acceptance_rate"] = g.acceptance_rate
+    stats = (f"[{int(sum(g.lengths))} tokens, {g.tokens_per_s:.1f} tokens/s; compilation "
+             f"{g.compile_seconds:.1f} s"
+             + (f"; acceptance {g.acceptance_rate:.2f}" if args.speculative else "") + "]")
+    if streamer is not None:
+        print()
+        print(stats, file=sys.stderr)
+        return 0
     human = "\n".join(f"{p}{r['text']}" for p, r in zip(prompts, results, strict=True))
-    human += f"\n[{sum(g.lengths)} tokens in {seconds:.2f} s incl. compilation"
-    if args.speculative:
-        human += f", acceptance {info['acceptance_rate']:.2f}"
-    _common.emit(args, info, human + "]")
+    _common.emit(args, info, human + "\n" + stats)
     return 0
