@@ -16,6 +16,8 @@ def register(sub) -> None:
     _common.add_mesh(p)
     p.add_argument("--max-shard-size", default="5GB", help="HF output shard size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--compress", action="store_true",
+                   help="ZSTD-compress Orbax arrays (smaller, slower; default off)")
     _common.add_json(p)
     p.set_defaults(handler=handle)
 
@@ -28,7 +30,8 @@ def handle(args) -> int:
     t0 = time.perf_counter()
     info = convert(args.src, args.dst, to=args.to, dtype=args.dtype,
                    mesh=_common.mesh_from(args), max_shard_size=args.max_shard_size,
-                   overwrite=args.overwrite, progress=_common.progress_enabled(args))
+                   overwrite=args.overwrite, progress=_common.progress_enabled(args),
+                   compress=args.compress)
     info["seconds"] = round(time.perf_counter() - t0, 3)
     _common.emit(args, info, f"{info['route']}: wrote {info['dst']} in {info['seconds']} s")
     return 0

@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxarith.atomic import atomic_dir
+from jaxarith.convert.fastcopy import contiguous
 from jaxarith.convert.hf import INDEX_FILE, SINGLE_FILE, get_path
 from jaxarith.convert.keymap import Rule, expand, rules_for
 from jaxarith.convert.safetensors_io import write_safetensors
@@ -45,7 +46,11 @@ def parse_size(size: str | int) -> int:
 
 
 def leaf_slices(fetch: LeafSource) -> SliceSource:
-    """Slices from whole canonical leaves fetched per rule (the last rule's leaves are kept)."""
+    """Slices from whole canonical leaves fetched per rule (the last rule's leaves are kept).
+
+    Leaves may be host ``np.ndarray`` (restored from Orbax: a layer is a view) or ``jax.Array``
+    (in memory: only the one layer is gathered to the host).
+    """
     cache: dict = {}
 
     def slices(rule: Rule, layer: int | None) -> tuple[np.ndarray, ...]:
@@ -60,13 +65,15 @@ def leaf_slices(fetch: LeafSource) -> SliceSource:
 
 
 def memory_slices(params: dict) -> SliceSource:
+    """Per-layer slices of an in-memory canonical tree."""
     return leaf_slices(lambda paths: {p: get_path(params, p) for p in paths})
 
 
 def _hf_tensors(cfg: ModelConfig, slices: SliceSource, dtype) -> Iterator[np.ndarray]:
     for rule in rules_for(cfg):
         for _, layer in expand(rule, cfg.num_hidden_layers):
-            yield np.asarray(rule.to_hf(*slices(rule, layer))).astype(dtype, copy=False)
+            # to_hf is mostly a transpose: copy it through cache-sized tiles.
+            yield contiguous(np.asarray(rule.to_hf(*slices(rule, layer))), dtype)
 
 
 def _take(it: Iterator[np.ndarray], n: int, bar) -> Iterator[np.ndarray]:

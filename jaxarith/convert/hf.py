@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxarith import sharding
+from jaxarith.convert.fastcopy import copy_into
 from jaxarith.convert.keymap import Rule, expand, ignorable, normalize_key, rules_for
 from jaxarith.convert.safetensors_io import SafetensorsFile
 from jaxarith.errors import (
@@ -220,11 +221,11 @@ def _place(ckpt, names, cfg, rule: Rule, j: int, shape, dtype, shd) -> jax.Array
         value = np.asarray(rule.to_canon(ckpt.get(names[hf_key]))[j]).astype(dtype, copy=False)
         for key, (index, _) in groups.items():
             if layer is None:
-                bufs[key][...] = value[index]
+                copy_into(bufs[key], value[index])  # tiled: value is often a transpose
             else:
                 lo, hi, _ = index[0].indices(shape[0])
                 if lo <= layer < hi:
-                    bufs[key][layer - lo] = value[index[1:]]
+                    copy_into(bufs[key][layer - lo], value[index[1:]])
     arrays = []
     for key, (_, devices) in groups.items():
         for d in devices:

@@ -15,6 +15,7 @@ one device, or another dtype, each process reading only the slices its devices h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -52,10 +53,24 @@ def copy_side_files(src_dir: str | None, dst_dir: str) -> list[str]:
     return copied
 
 
-def _write_metadata(cfg: ModelConfig, directory: str, dtype: str) -> None:
+def save_context(compress: bool = False) -> ocp.v1.Context:
+    """The orbax context every jaxarith save runs in.
+
+    ZSTD compression (orbax's default) is off unless asked: weights are high-entropy floats
+    (random bfloat16 shrinks by ~25%, real checkpoints by less) and compressing made the HF ->
+    Orbax write ~2.5x slower and the Orbax -> HF read slower still on this CPU.
+    """
+    ctx = ocp.v1.Context()
+    ctx.array.saving.use_compression = compress
+    return ctx
+
+
+def _write_metadata(cfg: ModelConfig, directory: str, dtype: str, compress: bool) -> None:
     meta = {"format": FORMAT, "architecture": str(cfg.arch), "model_type": cfg.model_type,
             "dtype": dtype, "jaxarith_version": __version__, "layer_stacking": "stacked",
-            "params_dir": PARAMS_DIR}
+            "num_layers": cfg.num_hidden_layers, "params_dir": PARAMS_DIR,
+            "compression": "zstd" if compress else "none",
+            "orbax_checkpoint_version": ocp.__version__}
     with open(os.path.join(directory, ORBAX_METADATA), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -66,28 +81,68 @@ def _leaf_dtype(params) -> str:
 
 
 def save_orbax(cfg: ModelConfig, params: dict, dst: str | os.PathLike, *,
-               tokenizer_dir: str | None = None, overwrite: bool = False) -> str:
-    """Save an in-memory canonical tree as a jaxarith Orbax checkpoint (atomically)."""
-    with atomic_dir(dst, overwrite=overwrite) as tmp:
+               tokenizer_dir: str | None = None, overwrite: bool = False,
+               compress: bool = False) -> str:
+    """Save an in-memory canonical tree as a jaxarith Orbax checkpoint (atomically).
+
+    Args:
+      cfg: the model config (written as ``config.json``).
+      params: the canonical tree (sharded ``jax.Array`` leaves keep their sharding as metadata).
+      dst: output directory; it appears only when complete.
+      tokenizer_dir: copy tokenizer / generation-config files from here.
+      overwrite: replace an existing ``dst``.
+      compress: ZSTD-compress the arrays (smaller, slower; see :func:`save_context`).
+    Returns:
+      ``dst``.
+    """
+    _check_tree(cfg, params)
+    with atomic_dir(dst, overwrite=overwrite) as tmp, save_context(compress):
         ocp.v1.save_pytree(os.path.join(tmp, PARAMS_DIR), params)
         save_config(cfg, tmp)
         copy_side_files(tokenizer_dir, tmp)
-        _write_metadata(cfg, tmp, _leaf_dtype(params))
+        _write_metadata(cfg, tmp, _leaf_dtype(params), compress)
     return os.fspath(dst)
 
 
+def _check_tree(cfg: ModelConfig, params: dict) -> None:
+    """The tree must match the config leaf for leaf, so the checkpoint restores from it."""
+    want = {"/".join(str(k.key) for k in p): a.shape
+            for p, a in jax.tree_util.tree_leaves_with_path(abstract_params(cfg))}
+    got = {"/".join(str(k.key) for k in p): tuple(x.shape)
+           for p, x in jax.tree_util.tree_leaves_with_path(params)}
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    if missing or extra:
+        raise CheckpointError(f"params do not match the {cfg.model_type} config: missing "
+                              f"{missing[:5]}, unexpected {extra[:5]}")
+    for name, shape in want.items():
+        if got[name] != shape:
+            raise CheckpointError(f"params {name}: shape {list(got[name])}, config expects "
+                                  f"{list(shape)}")
+
+
 def hf_to_orbax(src: str, dst: str | os.PathLike, *, dtype=None, mesh=None,
-                overwrite: bool = False, progress: bool = True) -> str:
+                overwrite: bool = False, progress: bool = True, compress: bool = False) -> str:
     """Stream an HF checkpoint into an Orbax one, one canonical tensor at a time.
 
     Each tensor is read from safetensors onto its sharding, saved with
     ``orbax.checkpoint.v1.partial.save`` and released before the next one, so host memory stays
     near the largest tensor; ``partial.finalize`` commits the checkpoint at the end.
+
+    Args:
+      src: HF hub id or local HF directory.
+      dst: output directory; it appears only when complete.
+      dtype: parameter dtype (default: the checkpoint's own).
+      mesh: place (and record) each tensor on this mesh's sharding (default: one device).
+      overwrite: replace an existing ``dst``.
+      progress: show a progress bar.
+      compress: ZSTD-compress the arrays (see :func:`save_context`).
+    Returns:
+      ``dst``.
     """
     directory = resolve_hf_dir(src)
     cfg = load_config(directory)
     dtypes = set()
-    with atomic_dir(dst, overwrite=overwrite) as tmp:
+    with atomic_dir(dst, overwrite=overwrite) as tmp, save_context(compress):
         target = os.path.join(tmp, PARAMS_DIR)
         for path, value in iter_hf_leaves(directory, cfg, mesh=mesh, dtype=dtype,
                                           progress=progress):
@@ -99,11 +154,12 @@ def hf_to_orbax(src: str, dst: str | os.PathLike, *, dtype=None, mesh=None,
         ocp.v1.partial.finalize(target)
         save_config(cfg, tmp)
         copy_side_files(directory, tmp)
-        _write_metadata(cfg, tmp, dtypes.pop() if len(dtypes) == 1 else "mixed")
+        _write_metadata(cfg, tmp, dtypes.pop() if len(dtypes) == 1 else "mixed", compress)
     return os.fspath(dst)
 
 
 def read_metadata(ref: str | os.PathLike) -> dict:
+    """The checkpoint's ``jaxarith.json`` record, checked for a known format."""
     path = os.path.join(os.fspath(ref), ORBAX_METADATA)
     try:
         with open(path) as f:
@@ -115,9 +171,9 @@ def read_metadata(ref: str | os.PathLike) -> dict:
     return meta
 
 
-def _abstract(cfg: ModelConfig, ref: str, mesh, dtype) -> dict:
+def _abstract(cfg: ModelConfig, ref: str, mesh, dtype, stored=None) -> dict:
     """Abstract target: shapes from the config, dtype as stored unless asked, shardings."""
-    stored = stored_arrays(ref)
+    stored = stored if stored is not None else stored_arrays(ref)
 
     def one(path, a: jax.ShapeDtypeStruct):
         name = "/".join(str(k.key) for k in path)
@@ -170,10 +226,50 @@ def load_orbax(ref: str | os.PathLike, *, mesh=None, dtype=None,
     return cfg, params
 
 
+@dataclasses.dataclass(frozen=True)
+class HostArray:
+    """Abstract leaf without a sharding: orbax restores it as a host ``np.ndarray``."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def load_host_leaves(ref: str | os.PathLike, paths: list[tuple[str, ...]], *, dtype=None,
+                     stored: dict | None = None) -> dict[tuple[str, ...], np.ndarray]:
+    """Restore some canonical leaves as numpy arrays on the host (no device copy).
+
+    Args:
+      ref: a jaxarith Orbax checkpoint directory.
+      paths: canonical leaves, e.g. ``[("layers", "mlp", "up")]``.
+      dtype: cast to this dtype on restore (default: as stored).
+      stored: :func:`stored_arrays` of ``ref``, when the caller already has it.
+    Returns:
+      {path: array}.
+    """
+    ref = os.fspath(ref)
+    stored = stored if stored is not None else stored_arrays(ref)
+    target: dict = {}
+    for p in paths:
+        name = "/".join(p)
+        if name not in stored:
+            raise CheckpointError(f"{ref}: tensor {name} missing from the Orbax checkpoint")
+        shape, stored_dtype = stored[name]
+        set_path(target, p, HostArray(tuple(shape), np.dtype(dtype or stored_dtype)))
+    ctx = ocp.v1.Context()
+    ctx.pytree.loading.partial_load = True
+    with ctx, warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tree = ocp.v1.load_pytree(os.path.join(ref, PARAMS_DIR), target)
+    return {p: get_path(tree, p) for p in paths}
+
+
 def orbax_source(ref: str, *, dtype=None):
-    """A leaf source for :func:`jaxarith.convert.export.save_hf` restoring tensors on demand."""
+    """A leaf source for :func:`jaxarith.convert.export.save_hf`: host leaves on demand."""
+    ref = os.fspath(ref)
+    read_metadata(ref)
+    stored = stored_arrays(ref)
+
     def source(paths):
-        _, tree = load_orbax(ref, dtype=dtype, paths=paths)
-        return {p: get_path(tree, p) for p in paths}
+        return load_host_leaves(ref, paths, dtype=dtype, stored=stored)
 
     return source

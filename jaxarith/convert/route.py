@@ -21,17 +21,34 @@ def convert(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     progress: bool = True,
+    compress: bool = False,
 ) -> dict:
-    """Convert ``src`` (hub id, HF dir, Orbax dir) to ``to`` ("orbax" or "hf"; default: the other
-    format). HF -> Orbax and Orbax -> HF stream one tensor at a time; same-format conversions
-    (re-sharding, dtype casts) go through memory. Returns a summary dict."""
+    """Convert a model reference to HF safetensors or a jaxarith Orbax checkpoint.
+
+    HF -> Orbax and Orbax -> HF stream one tensor at a time; same-format conversions
+    (re-sharding, dtype casts) go through memory.
+
+    Args:
+      src: HF hub id, local HF directory or jaxarith Orbax checkpoint directory.
+      dst: output directory, written atomically.
+      to: "orbax" or "hf" (default: the other format than ``src``).
+      dtype: output dtype (default: as stored).
+      mesh: mesh the Orbax arrays are placed on and saved with (default: one device).
+      max_shard_size: HF output shard size.
+      overwrite: replace an existing ``dst``.
+      progress: show progress bars.
+      compress: ZSTD-compress Orbax arrays.
+    Returns:
+      {"src", "dst", "route", ...}: for HF output also "files", "tensors", "bytes".
+    """
     kind = ref_kind(src)
     to = to or ("hf" if kind is RefKind.ORBAX else "orbax")
     if to not in ("hf", "orbax"):
         raise ConfigError(f"--to {to!r}: expected 'hf' or 'orbax'")
     route = f"{'orbax' if kind is RefKind.ORBAX else 'hf'}->{to}"
     if route == "hf->orbax":
-        hf_to_orbax(src, dst, dtype=dtype, mesh=mesh, overwrite=overwrite, progress=progress)
+        hf_to_orbax(src, dst, dtype=dtype, mesh=mesh, overwrite=overwrite, progress=progress,
+                    compress=compress)
         info: dict = {}
     elif route == "orbax->hf":
         cfg = load_config(src)
@@ -46,6 +63,6 @@ def convert(
                            overwrite=overwrite, progress=progress)
         else:
             save_orbax(model.config, model.params, dst, tokenizer_dir=model.directory,
-                       overwrite=overwrite)
+                       overwrite=overwrite, compress=compress)
             info = {}
     return {"src": os.fspath(src), "dst": os.fspath(dst), "route": route, **info}

@@ -132,5 +132,5 @@ def write_safetensors(
             if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
                 raise CheckpointError(f"{name}: got {arr.dtype}{list(arr.shape)}, header says "
                                       f"{np.dtype(dtype)}{list(shape)}")
-            f.write(arr.tobytes())
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))  # no bytes copy
     return 8 + len(blob) + offset
