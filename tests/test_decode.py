@@ -71,13 +71,15 @@ def test_cache_decoding_equals_full_reforward_at_every_step(name, models):
     np.testing.assert_array_equal(g.tokens, lp.argmax(-1))
 
 
-def test_stop_tokens_and_per_row_limits(models):
+def test_stop_tokens_per_row_limits_and_streaming(models):
     cfg, params, _, _ = models["gpt2"]
     free = generate(Decoder(members=(Member(cfg),), max_new_tokens=NEW), [params], PROMPTS)
     stop = int(free.tokens[0, 2])
     limits = [NEW, 3, NEW, 0]
+    seen = []
     g = generate(Decoder(members=(Member(cfg),), max_new_tokens=NEW, stop_tokens=(stop,),
-                         pad_token=0), [params], PROMPTS, max_new_tokens=limits)
+                         pad_token=0), [params], PROMPTS, max_new_tokens=limits,
+                 on_step=lambda i, t, v: seen.append((int(i), t.copy(), v.copy())))
     for row in range(len(PROMPTS)):
         hits = np.flatnonzero(free.tokens[row] == stop)
         n = min(hits[0] + 1 if len(hits) else NEW, limits[row])
@@ -85,6 +87,12 @@ def test_stop_tokens_and_per_row_limits(models):
         assert (g.tokens[row, n:] == 0).all() and (g.logprobs[row, n:] == 0).all()
         np.testing.assert_array_equal(g.tokens[row, :n], free.tokens[row, :n])
         np.testing.assert_allclose(g.logprobs[row, :n], free.logprobs[row, :n], atol=1e-6)
+    # the host callback saw every token, in order, as it was produced
+    assert [s for s, _, _ in seen] == list(range(g.steps))
+    streamed = np.concatenate([t for _, t, _ in seen], 1)
+    valid = np.concatenate([v for _, _, v in seen], 1)
+    np.testing.assert_array_equal(valid.sum(1), g.lengths)
+    np.testing.assert_array_equal(np.where(valid, streamed, 0), g.tokens[:, :g.steps])
 
 
 def test_repeated_calls_do_not_recompile(models):
@@ -98,9 +106,9 @@ def test_repeated_calls_do_not_recompile(models):
                          sampler=Sampling(temperature=0.8)), [params], PROMPTS, seed=2,
                  max_new_tokens=[1, 2, 3, 4])
     assert n[0] == 0 and g.compile_seconds < 1.0
-    with count_compiles() as n:  # the counter does see a new shape
-        generate(dec, [params], PROMPTS[:2], seed=0)
-    assert n[0] >= 1
+    with count_compiles() as n:  # the counter does see a compilation
+        jax.jit(lambda x: x + 1)(np.zeros(3))
+    assert n[0] == 1
 
 
 def test_seeded_sampling_is_reproducible_and_differs_across_seeds(models):
@@ -109,19 +117,6 @@ def test_seeded_sampling_is_reproducible_and_differs_across_seeds(models):
     a, b, c = (generate(dec, [params], PROMPTS, seed=s).tokens for s in (0, 0, 1))
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
-
-
-def test_streaming_callback_sees_every_token(models):
-    cfg, params, _, _ = models["gpt2"]
-    seen = []
-    g = generate(Decoder(members=(Member(cfg),), max_new_tokens=NEW), [params], PROMPTS,
-                 max_new_tokens=[NEW, 2, NEW, NEW],
-                 on_step=lambda i, t, v: seen.append((int(i), t.copy(), v.copy())))
-    assert [s for s, _, _ in seen] == list(range(NEW))
-    streamed = np.concatenate([t for _, t, _ in seen], 1)
-    valid = np.concatenate([v for _, _, v in seen], 1)
-    np.testing.assert_array_equal(valid.sum(1), g.lengths)
-    np.testing.assert_array_equal(np.where(valid, streamed, 0), g.tokens)
 
 
 def _np_sampling_reference(logp, temperature, top_k, top_p):
@@ -157,14 +152,20 @@ def test_sampling_transform_equals_numpy(temperature, top_k, top_p):
 
 
 def test_sampling_draws_follow_the_transformed_distribution():
-    """100k draws over 12 tokens: total variation distance to the target below 0.01 (sampling
-    noise alone gives ~0.004)."""
+    """20k seeded draws over 12 tokens pass a chi-square test (p > 0.001) against the numpy
+    reference distribution, and never pick a truncated token."""
+    from scipy.stats import chi2
+
     logp = jax.nn.log_softmax(jax.random.normal(jax.random.key(4), (1, 12)) * 1.5)
     s = Sampling(temperature=0.9, top_k=8, top_p=0.95)
-    draws = s.get_next_tokens(jnp.broadcast_to(logp, (100_000, 12)), jax.random.key(5))
-    emp = np.bincount(np.asarray(draws), minlength=12) / 100_000
-    target = np.exp(np.asarray(s.transform(logp))[0])
-    assert 0.5 * np.abs(emp - target).sum() < 0.01
+    n = 20_000
+    draws = np.asarray(s.get_next_tokens(jnp.broadcast_to(logp, (n, 12)), jax.random.key(5)))
+    target = np.exp(_np_sampling_reference(np.asarray(logp), 0.9, 8, 0.95)[0])
+    observed = np.bincount(draws, minlength=12)
+    assert observed[target == 0].sum() == 0
+    keep = target > 0
+    stat = np.sum((observed[keep] - n * target[keep]) ** 2 / (n * target[keep]))
+    assert chi2.sf(stat, keep.sum() - 1) > 1e-3
     assert Greedy().get_next_tokens(logp, None).tolist() == [int(np.argmax(logp))]
 
 
