@@ -181,6 +181,76 @@ def test_inspect(kind, llama_dir, tmp_path):
     if kind == "orbax":
         assert "layers/attn/q" in names
         q = next(t for t in info["tensors"] if t["name"] == "layers/attn/q")
-        assert "fsdp" in q["sharding"]
+        assert q["sharding"] == {"mesh": {"data": 1, "fsdp": 8, "tensor": 1},
+                                 "spec": [None, "fsdp", None, None]}
     else:
         assert "model.layers.1.self_attn.q_proj.weight" in names
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_tiled_copy_equals_numpy(dtype):
+    from jaxarith.convert.fastcopy import contiguous, copy_into
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((300, 517)).astype(np.float32).astype(dtype)  # not tile multiples
+    for view in (w.T, w.T[:, 11:400], w[::2].T, w.reshape(300, 11, 47).transpose(2, 0, 1),
+                 w.T.reshape(517, 3, 100)):
+        for out_dtype in (dtype, np.float32):
+            got = contiguous(view, out_dtype)
+            assert got.flags.c_contiguous and got.dtype == np.dtype(out_dtype)
+            np.testing.assert_array_equal(got, np.ascontiguousarray(view).astype(out_dtype))
+    dst = np.zeros((3, 517, 300), np.float32)
+    copy_into(dst[1], w.T, tile=64)
+    np.testing.assert_array_equal(dst[1], w.T.astype(np.float32))
+    assert not dst[0].any() and not dst[2].any()
+    with pytest.raises(ValueError, match="shapes differ"):
+        copy_into(dst[0], w)
+
+
+def test_in_memory_save_orbax_and_save_hf(llama_tied_dir, tmp_path):
+    """The APIs other modules call: sharded in-memory params -> Orbax and -> HF (bfloat16)."""
+    from jaxarith.convert.export import save_hf
+    from jaxarith.convert.orbax import read_metadata, save_orbax
+
+    src, _ = llama_tied_dir
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    cfg, params = load_hf_params(src, mesh=mesh, progress=False)
+    save_orbax(cfg, params, tmp_path / "o", tokenizer_dir=src, compress=True)
+    meta = read_metadata(tmp_path / "o")
+    assert meta["compression"] == "zstd" and meta["layer_stacking"] == "stacked"
+    assert meta["architecture"] == "llama" and meta["dtype"] == "float32"
+    _, back = load_orbax(tmp_path / "o", mesh=sharding.make_mesh("tensor=8"))
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    info = save_hf(cfg, params, tmp_path / "h", dtype="bfloat16", tokenizer_dir=src,
+                   progress=False)
+    assert info["files"] == ["model.safetensors"]
+    before, after = _tensors(src), _tensors(str(tmp_path / "h"))
+    assert set(after) == set(before) and "lm_head.weight" not in after  # tied: not saved
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k].astype(ml_dtypes.bfloat16), err_msg=k)
+    gen = json.loads((tmp_path / "h" / "generation_config.json").read_text())
+    assert gen["bos_token_id"] == cfg.bos_token_id and gen["eos_token_id"] == cfg.eos_token_id
+    bad = dict(params, embed=params["embed"][:10])
+    with pytest.raises(CheckpointError, match="embed: shape"):
+        save_orbax(cfg, bad, tmp_path / "bad")
+    with pytest.raises(CheckpointError, match="missing"):
+        save_orbax(cfg, {k: v for k, v in params.items() if k != "final_norm"}, tmp_path / "bad")
+    assert _siblings(tmp_path / "bad") == []
+
+
+def test_damaged_orbax_checkpoint_leaves_no_output(gpt2_dir, tmp_path):
+    src = tmp_path / "o"
+    convert(gpt2_dir[0], src, progress=False)
+    state = next(p for p in (src / "params").iterdir() if p.is_dir())
+    data = [p for p in state.rglob("*") if p.is_file() and p.stat().st_size > 50_000]
+    assert data
+    for p in data:  # the array bytes are gone
+        p.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="cannot restore embed"):
+        convert(str(src), tmp_path / "hf", progress=False)
+    assert _siblings(tmp_path / "hf") == []
+    (src / "jaxarith.json").write_text('{"format": "something-else"}')
+    with pytest.raises(CheckpointError, match="unknown checkpoint format"):
+        convert(str(src), tmp_path / "hf", progress=False)
+    assert _siblings(tmp_path / "hf") == []

@@ -17,7 +17,37 @@ def register(sub) -> None:
     p.set_defaults(handler=handle)
 
 
+def sharding_info(meta) -> dict | None:
+    """Orbax's saved sharding metadata as ``{"mesh": {"fsdp": 8, ...}, "spec": [...]}``."""
+    if meta is None:
+        return None
+    if hasattr(meta, "partition_spec") and hasattr(meta, "axis_names"):
+        mesh = dict(zip(meta.axis_names, (int(n) for n in meta.shape), strict=True))
+        spec = [list(a) if isinstance(a, tuple) else a for a in meta.partition_spec]
+        return {"mesh": mesh, "spec": spec}
+    if hasattr(meta, "device_str"):
+        return {"device": meta.device_str}
+    return {"repr": str(meta)}
+
+
+def _sharding_str(info: dict | None) -> str:
+    if not info:
+        return ""
+    if "mesh" in info:
+        mesh = ",".join(f"{k}={v}" for k, v in info["mesh"].items())
+        return f"{mesh} {tuple(info['spec'])}"
+    return info.get("device") or info.get("repr", "")
+
+
 def inspect_model(ref: str) -> dict:
+    """Metadata of a model reference: config facts and every stored tensor (no array reads).
+
+    Args:
+      ref: HF hub id, local HF directory or jaxarith Orbax checkpoint directory.
+    Returns:
+      {"model", "kind", "architecture", "model_type", "num_params", "stored_elements", "dtype",
+      "metadata", "tensors": [{"name", "shape", "dtype", "file" | "sharding"}]}.
+    """
     import numpy as np
 
     from jaxarith.models import load_config, num_params
@@ -26,6 +56,8 @@ def inspect_model(ref: str) -> dict:
     kind = ref_kind(ref)
     tensors = []
     if kind is RefKind.ORBAX:
+        import warnings
+
         import jax
         import orbax.checkpoint as ocp
 
@@ -33,13 +65,15 @@ def inspect_model(ref: str) -> dict:
 
         directory = ref
         meta = read_metadata(ref)
-        tree = ocp.v1.pytree_metadata(f"{ref}/{PARAMS_DIR}").metadata
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            tree = ocp.v1.pytree_metadata(f"{ref}/{PARAMS_DIR}").metadata
         for path, leaf in jax.tree_util.tree_leaves_with_path(
                 tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")):
             shd = getattr(leaf, "sharding_metadata", None) or getattr(leaf, "sharding", None)
             tensors.append({"name": "/".join(str(k.key) for k in path),
                             "shape": list(leaf.shape), "dtype": str(np.dtype(leaf.dtype)),
-                            "sharding": str(shd) if shd is not None else None})
+                            "sharding": sharding_info(shd)})
     else:
         from jaxarith.convert.hf import HFCheckpoint, resolve_hf_dir
 
@@ -64,7 +98,7 @@ def handle(args) -> int:
              f"{info['num_params']:,} parameters, {info['dtype']}"]
     width = max(len(t["name"]) for t in info["tensors"])
     for t in info["tensors"]:
-        extra = t.get("sharding") or t.get("file") or ""
+        extra = _sharding_str(t["sharding"]) if "sharding" in t else t.get("file", "")
         lines.append(f"  {t['name']:<{width}}  {str(t['shape']):<22} {t['dtype']:<9} {extra}")
     _common.emit(args, info, "\n".join(lines))
     return 0

@@ -218,12 +218,24 @@ def load_orbax(ref: str | os.PathLike, *, mesh=None, dtype=None,
         for p in paths:
             set_path(sub, p, get_path(target, p))
         target = sub
+    return cfg, _restore(ref, target, partial=paths is not None)
+
+
+def _restore(ref: str, target: dict, *, partial: bool) -> dict:
+    """``ocp.v1.load_pytree`` with its storage errors turned into one CheckpointError."""
     ctx = ocp.v1.Context()
-    ctx.pytree.loading.partial_load = paths is not None
-    with ctx, warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        params = ocp.v1.load_pytree(os.path.join(ref, PARAMS_DIR), target)
-    return cfg, params
+    ctx.pytree.loading.partial_load = partial
+    try:
+        with ctx, warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return ocp.v1.load_pytree(os.path.join(ref, PARAMS_DIR), target)
+    except Exception as e:  # tensorstore / orbax errors: name the checkpoint, keep the cause
+        names = ["/".join(str(k.key) for k in p) for p, _ in
+                 jax.tree_util.tree_leaves_with_path(target, is_leaf=lambda x: hasattr(x, "shape"))]
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ref}: cannot restore {', '.join(names[:4])}"
+                              f"{' ...' if len(names) > 4 else ''} from the Orbax checkpoint "
+                              f"({cause})") from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,11 +267,7 @@ def load_host_leaves(ref: str | os.PathLike, paths: list[tuple[str, ...]], *, dt
             raise CheckpointError(f"{ref}: tensor {name} missing from the Orbax checkpoint")
         shape, stored_dtype = stored[name]
         set_path(target, p, HostArray(tuple(shape), np.dtype(dtype or stored_dtype)))
-    ctx = ocp.v1.Context()
-    ctx.pytree.loading.partial_load = True
-    with ctx, warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        tree = ocp.v1.load_pytree(os.path.join(ref, PARAMS_DIR), target)
+    tree = _restore(ref, target, partial=True)
     return {p: get_path(tree, p) for p in paths}
 
 
