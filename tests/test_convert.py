@@ -254,3 +254,12 @@ def test_damaged_orbax_checkpoint_leaves_no_output(gpt2_dir, tmp_path):
     with pytest.raises(CheckpointError, match="unknown checkpoint format"):
         convert(str(src), tmp_path / "hf", progress=False)
     assert _siblings(tmp_path / "hf") == []
+
+
+def test_relative_paths(gpt2_dir, tmp_path, monkeypatch):
+    """orbax refuses relative checkpoint paths; the CLI user should never notice."""
+    monkeypatch.chdir(tmp_path)
+    convert(gpt2_dir[0], "o", progress=False)
+    info = convert("o", "h", progress=False)
+    assert info["tensors"] == len(_tensors(gpt2_dir[0]))
+    assert load_orbax("o")[1]["embed"].shape == (testing.TINY_VOCAB, 64)

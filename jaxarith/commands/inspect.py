@@ -56,6 +56,7 @@ def inspect_model(ref: str) -> dict:
     kind = ref_kind(ref)
     tensors = []
     if kind is RefKind.ORBAX:
+        import os
         import warnings
 
         import jax
@@ -63,11 +64,11 @@ def inspect_model(ref: str) -> dict:
 
         from jaxarith.convert.orbax import PARAMS_DIR, read_metadata
 
-        directory = ref
-        meta = read_metadata(ref)
+        directory = os.path.abspath(ref)  # orbax needs absolute paths
+        meta = read_metadata(directory)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            tree = ocp.v1.pytree_metadata(f"{ref}/{PARAMS_DIR}").metadata
+            tree = ocp.v1.pytree_metadata(os.path.join(directory, PARAMS_DIR)).metadata
         for path, leaf in jax.tree_util.tree_leaves_with_path(
                 tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")):
             shd = getattr(leaf, "sharding_metadata", None) or getattr(leaf, "sharding", None)

@@ -190,11 +190,22 @@ def _abstract(cfg: ModelConfig, ref: str, mesh, dtype, stored=None) -> dict:
     return jax.tree.map_with_path(one, abstract_params(cfg, mesh=mesh))
 
 
+def _abs(ref: str | os.PathLike) -> str:
+    """Orbax refuses relative checkpoint paths (its metadata read silently returns None)."""
+    return os.path.abspath(os.fspath(ref))
+
+
 def stored_arrays(ref: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], str]]:
     """{"layers/attn/q": (shape, dtype)} as recorded in the checkpoint's metadata."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        meta = ocp.v1.pytree_metadata(os.path.join(os.fspath(ref), PARAMS_DIR)).metadata
+    ref = _abs(ref)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            meta = ocp.v1.pytree_metadata(os.path.join(ref, PARAMS_DIR)).metadata
+    except Exception as e:  # missing/damaged params dir: name it
+        raise CheckpointError(f"{ref}: cannot read the Orbax array metadata ({e})") from e
+    if not meta:
+        raise CheckpointError(f"{ref}: the Orbax checkpoint has no array metadata")
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(
             meta, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")):
@@ -209,7 +220,7 @@ def load_orbax(ref: str | os.PathLike, *, mesh=None, dtype=None,
     Args:
       paths: restore only these canonical leaves (e.g. ``[("embed",)]``), for streaming exports.
     """
-    ref = os.fspath(ref)
+    ref = _abs(ref)
     read_metadata(ref)
     cfg = load_config(ref)
     target = _abstract(cfg, ref, mesh, dtype)
@@ -258,7 +269,7 @@ def load_host_leaves(ref: str | os.PathLike, paths: list[tuple[str, ...]], *, dt
     Returns:
       {path: array}.
     """
-    ref = os.fspath(ref)
+    ref = _abs(ref)
     stored = stored if stored is not None else stored_arrays(ref)
     target: dict = {}
     for p in paths:
@@ -273,7 +284,7 @@ def load_host_leaves(ref: str | os.PathLike, paths: list[tuple[str, ...]], *, dt
 
 def orbax_source(ref: str, *, dtype=None):
     """A leaf source for :func:`jaxarith.convert.export.save_hf`: host leaves on demand."""
-    ref = os.fspath(ref)
+    ref = _abs(ref)
     read_metadata(ref)
     stored = stored_arrays(ref)
 
