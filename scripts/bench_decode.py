@@ -13,7 +13,7 @@ Same random-weight Llama models for both sides (made locally), float32, on this 
 
 Compile time is excluded (one warm-up call); each number is the median of ``--repeats`` runs.
 
-    python scripts/bench_decode.py            # ~16M and ~100M models
+    python scripts/bench_decode.py            # ~16M and ~110M Llamas, 128 tokens (minutes)
     python scripts/bench_decode.py --quick    # tiny, < 1 min
 """
 
@@ -38,7 +38,7 @@ from jaxarith.logits import SpeculativeDecoder, eft, generate_speculative, proxy
 
 SIZES = {  # name: hidden, intermediate, layers, heads, kv heads, vocab
     "16M": (256, 768, 4, 8, 4, 32000),
-    "100M": (768, 2048, 12, 12, 4, 32000),
+    "110M": (768, 1536, 12, 12, 4, 32000),
 }
 QUICK = {"tiny": (64, 128, 2, 4, 2, 1024)}
 
@@ -109,12 +109,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--new", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=None, help="default 3 (--quick: 2)")
     ap.add_argument("--bandwidth", type=float, default=20.0, help="GB/s (measured ~20-25)")
     ap.add_argument("--out", default="bench_results/decode.json")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
     sizes = QUICK if args.quick else SIZES
+    args.repeats = args.repeats or (2 if args.quick else 3)
     new = 16 if args.quick else args.new
     rows = []
     prompt = list(range(3, 19))
@@ -156,7 +157,8 @@ def main() -> None:
             plist = [large, tuned, base]
             t_plain = median_time(lambda: generate(dec, plist, [prompt]), args.repeats)
             plain = generate(dec, plist, [prompt]).tokens
-            for k in (2, 4):
+            eft_bytes = sum(x.size * 4 for p in plist for x in jax.tree.leaves(p))
+            for k in (4,) if args.quick else (2, 4):
                 sd = SpeculativeDecoder(decoder=dec, drafter=1, k=k)
                 t_spec = median_time(lambda sd=sd: generate_speculative(sd, plist, [prompt]),
                                      args.repeats)
@@ -164,7 +166,9 @@ def main() -> None:
                 rows.append({"bench": f"speculative_eft_k{k}", "model": name, "batch": 1,
                              "plain_tok_s": new / t_plain, "speculative_tok_s": new / t_spec,
                              "speedup": t_plain / t_spec, "acceptance": g.acceptance_rate,
-                             "same_tokens": bool((g.tokens == plain).all())})
+                             "same_tokens": bool((g.tokens == plain).all()),
+                             "plain_fraction_of_limit": (new / t_plain) * eft_bytes
+                             / (args.bandwidth * 1e9)})
     print(f"{'bench':<20} {'model':>6} {'batch':>5} {'ours tok/s':>10} {'ref tok/s':>10} "
           f"{'speedup':>8}  notes")
     for r in rows:

@@ -215,5 +215,15 @@ def test_cli_generate_json_and_streaming(models, capsys):
     assert cli.main(["generate", directory, "--prompt", prompt, "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr()
     assert out.out == prompt + result["text"] + "\n" and "tokens/s" in out.err
-    assert cli.main(["generate", directory, "--prompt", "", "--json"]) == 2
-    assert "zero tokens" in capsys.readouterr().out
+    # EFT with MODEL + beta (MODEL - MODEL) is MODEL; drafting with MODEL accepts every draft
+    assert cli.main(["generate", directory, "--prompt", prompt, "--max-new-tokens", "5",
+                     "--eft", directory, directory, "--beta", "0.5", "--speculative", "2",
+                     "--template", "tuned={prompt}", "--json"]) == 0
+    spec = __import__("json").loads(capsys.readouterr().out)
+    assert spec["token_ids"] == result["token_ids"] and spec["acceptance_rate"] == 1.0
+    for bad, message in ((["--prompt", ""], "are empty"),
+                         (["--prompt", "x", "--speculative", "2"], "give --eft"),
+                         (["--prompt", "x", "--template", "expert={prompt}"], "ROLE one of model"),
+                         (["--prompt", "x", "--greedy", "--top-p", "0.5"], "--greedy excludes")):
+        assert cli.main(["generate", directory, *bad, "--json"]) == 2
+        assert message in __import__("json").loads(capsys.readouterr().out)["error"]

@@ -5,7 +5,8 @@ Logit arithmetic (every model must share MODEL's tokenizer):
   --eft TUNED REF --beta b               emulated fine-tuning: MODEL + b * (TUNED - REF)
                                           up-scaling: MODEL = large base, TUNED/REF small;
                                           down-scaling: MODEL = small base, TUNED/REF large
-  --speculative K                         with --eft: TUNED drafts K tokens per round
+  --speculative K                         with --eft: the smaller model drafts K tokens per
+                                          round (TUNED when up-scaling, MODEL when down-scaling)
   --template ROLE=TEXT                    a prompt template per model ({prompt} is replaced);
                                           ROLE: model, expert, anti-expert, tuned, ref
 
@@ -43,7 +44,7 @@ def register(sub) -> None:
                    help="emulated fine-tuning with this tuned model and its base")
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--speculative", type=int, default=0, metavar="K",
-                   help="with --eft: draft K tokens per round with TUNED")
+                   help="with --eft: draft K tokens per round with the smaller model")
     p.add_argument("--template", action="append", default=[], metavar="ROLE=TEXT",
                    help="prompt template for one model, e.g. 'expert=Q: {prompt}\\nA:'")
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=True)
@@ -132,6 +133,7 @@ def handle(args) -> int:
     from jaxarith.decode import Decoder, Member, generate
     from jaxarith.errors import ConfigError
     from jaxarith.logits import SpeculativeDecoder, eft, generate_speculative, proxy_tuning
+    from jaxarith.models.transformer import num_params
     from jaxarith.refs import load_model
 
     mode = _check_args(args)
@@ -142,6 +144,9 @@ def handle(args) -> int:
             prompts += [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
         raise ConfigError("give at least one --prompt or a --prompt-file")
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise ConfigError(f"prompt(s) {empty} are empty: give some text to continue")
     mesh = _common.mesh_from(args)
     quiet = not _common.progress_enabled(args)
     refs = [args.model] + ([args.expert, args.anti_expert] if mode == "proxy" else
@@ -165,7 +170,9 @@ def handle(args) -> int:
     streamer = _Streamer(tok, prompts[0]) if len(prompts) == 1 and not args.json else None
     params = [m.params for m in models]
     if args.speculative:
-        sd = SpeculativeDecoder(decoder=dec, drafter=1, k=args.speculative)
+        # up-scaling drafts with the small tuned model; down-scaling with the small base MODEL
+        drafter = 1 if num_params(cfgs[1]) <= num_params(cfgs[0]) else 0
+        sd = SpeculativeDecoder(decoder=dec, drafter=drafter, k=args.speculative)
         g = generate_speculative(sd, params, ids, seed=args.seed, mesh=mesh, on_step=streamer)
     else:
         g = generate(dec, params, ids, seed=args.seed, mesh=mesh, on_step=streamer)
@@ -178,6 +185,7 @@ def handle(args) -> int:
             "compile_seconds": g.compile_seconds, "batch_tokens_per_s": g.tokens_per_s}
     if args.speculative:
         info["acceptance_rate"] = g.acceptance_rate
+        info["drafter"] = refs[sd.drafter]
     stats = (f"[{int(sum(g.lengths))} tokens, {g.tokens_per_s:.1f} tokens/s; compilation "
              f"{g.compile_seconds:.1f} s"
              + (f"; acceptance {g.acceptance_rate:.2f}" if args.speculative else "") + "]")
