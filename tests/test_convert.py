@@ -263,3 +263,24 @@ def test_relative_paths(gpt2_dir, tmp_path, monkeypatch):
     info = convert("o", "h", progress=False)
     assert info["tensors"] == len(_tensors(gpt2_dir[0]))
     assert load_orbax("o")[1]["embed"].shape == (testing.TINY_VOCAB, 64)
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_hf_to_hf_streamed_cast_and_reshard(fixture, request, tmp_path):
+    src, _ = request.getfixturevalue(fixture)
+    info = convert(src, tmp_path / "h", to="hf", dtype="bfloat16", max_shard_size="60KB",
+                   progress=False)
+    assert info["route"] == "hf->hf" and len(info["files"]) > 2
+    before, after = _tensors(src), _tensors(str(tmp_path / "h"))
+    assert set(after) == set(before)
+    for k in before:
+        np.testing.assert_array_equal(after[k], before[k].astype(ml_dtypes.bfloat16), err_msg=k)
+    assert load_config(str(tmp_path / "h")) == load_config(src)
+    # Orbax -> Orbax: re-shard and cast through memory
+    convert(src, tmp_path / "o", progress=False)
+    convert(str(tmp_path / "o"), tmp_path / "o16", to="orbax", dtype="bfloat16",
+            mesh=sharding.make_mesh("tensor=8"), progress=False)
+    _, p16 = load_orbax(tmp_path / "o16")
+    _, p32 = load_orbax(tmp_path / "o")
+    for a, b in zip(jax.tree.leaves(p16), jax.tree.leaves(p32), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(ml_dtypes.bfloat16))

@@ -64,6 +64,28 @@ def leaf_slices(fetch: LeafSource) -> SliceSource:
     return slices
 
 
+def hf_slices(directory: str, cfg: ModelConfig) -> SliceSource:
+    """Per-layer canonical arrays read straight from an HF checkpoint, one HF tensor at a time.
+
+    For HF -> HF re-sharding and dtype casts without jax: ``to_hf`` undoes ``to_canon`` as views,
+    so host memory stays at one HF tensor. Keys and shapes are checked before anything is read.
+    """
+    from jaxarith.convert.hf import HFCheckpoint, check_checkpoint
+
+    ckpt = HFCheckpoint(directory)
+    names = check_checkpoint(cfg, ckpt)
+    last: dict = {}
+
+    def slices(rule: Rule, layer: int | None) -> tuple[np.ndarray, ...]:
+        key = rule.hf_key if layer is None else rule.hf_key.format(i=layer)
+        if last.get("key") != key:  # save_hf peeks at the first tensor for its dtype
+            last.clear()
+            last.update(key=key, value=tuple(rule.to_canon(ckpt.get(names[key]))))
+        return last["value"]
+
+    return slices
+
+
 def memory_slices(params: dict) -> SliceSource:
     """Per-layer slices of an in-memory canonical tree."""
     return leaf_slices(lambda paths: {p: get_path(params, p) for p in paths})

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 
-from jaxarith.convert.export import save_hf
+from jaxarith.convert.export import hf_slices, save_hf
+from jaxarith.convert.hf import resolve_hf_dir
 from jaxarith.convert.orbax import hf_to_orbax, orbax_source, save_orbax
 from jaxarith.errors import ConfigError
 from jaxarith.models.config import load_config
@@ -25,8 +26,8 @@ def convert(
 ) -> dict:
     """Convert a model reference to HF safetensors or a jaxarith Orbax checkpoint.
 
-    HF -> Orbax and Orbax -> HF stream one tensor at a time; same-format conversions
-    (re-sharding, dtype casts) go through memory.
+    HF -> Orbax, Orbax -> HF and HF -> HF (re-sharding, dtype casts) stream one tensor at a
+    time; Orbax -> Orbax (re-sharding, dtype casts) restores onto ``mesh`` and saves.
 
     Args:
       src: HF hub id, local HF directory or jaxarith Orbax checkpoint directory.
@@ -50,19 +51,20 @@ def convert(
         hf_to_orbax(src, dst, dtype=dtype, mesh=mesh, overwrite=overwrite, progress=progress,
                     compress=compress)
         info: dict = {}
+    elif route == "hf->hf":
+        directory = resolve_hf_dir(src)
+        cfg = load_config(directory)
+        info = save_hf(cfg, None, dst, slices=hf_slices(directory, cfg), dtype=dtype,
+                       max_shard_size=max_shard_size, tokenizer_dir=directory,
+                       overwrite=overwrite, progress=progress)
     elif route == "orbax->hf":
         cfg = load_config(src)
         info = save_hf(cfg, None, dst, source=orbax_source(src, dtype=dtype), dtype=dtype,
                        max_shard_size=max_shard_size, tokenizer_dir=src, overwrite=overwrite,
                        progress=progress)
-    else:
+    else:  # orbax->orbax
         model = load_model(src, mesh=mesh, dtype=dtype, progress=progress)
-        if to == "hf":
-            info = save_hf(model.config, model.params, dst, dtype=dtype,
-                           max_shard_size=max_shard_size, tokenizer_dir=model.directory,
-                           overwrite=overwrite, progress=progress)
-        else:
-            save_orbax(model.config, model.params, dst, tokenizer_dir=model.directory,
-                       overwrite=overwrite, compress=compress)
-            info = {}
+        save_orbax(model.config, model.params, dst, tokenizer_dir=model.directory,
+                   overwrite=overwrite, compress=compress)
+        info = {}
     return {"src": os.fspath(src), "dst": os.fspath(dst), "route": route, **info}
