@@ -40,7 +40,8 @@ class Sampling:
       temperature: divides the log-probabilities (> 0; use :class:`Greedy` for 0).
       top_k: keep the k most likely tokens (ties at the k-th value are all kept).
       top_p: keep the smallest set of most likely tokens whose mass reaches ``top_p`` (a token
-        is kept when the mass strictly before it is < top_p, so the first is always kept).
+        is kept when the mass strictly before it is < top_p, so the first is always kept;
+        tokens tied with the last kept one are kept too).
     """
 
     temperature: float = 1.0
@@ -66,14 +67,12 @@ class Sampling:
             kth = jax.lax.top_k(x, self.top_k)[0][..., -1:]
             x = jnp.where(x >= kth, x, -jnp.inf)
         if self.top_p is not None and self.top_p < 1:
-            order = jnp.argsort(-x, axis=-1)
-            sorted_x = jnp.take_along_axis(x, order, axis=-1)
+            # the cut-off is the smallest value kept in descending order (no scatter needed)
+            sorted_x = -jnp.sort(-x, axis=-1)
             probs = jax.nn.softmax(sorted_x, axis=-1)
-            before = jnp.cumsum(probs, axis=-1) - probs
-            keep_sorted = before < self.top_p
-            rows = jnp.arange(x.shape[0])[:, None]
-            keep = jnp.zeros_like(keep_sorted).at[rows, order].set(keep_sorted)
-            x = jnp.where(keep, x, -jnp.inf)
+            keep_sorted = jnp.cumsum(probs, axis=-1) - probs < self.top_p
+            cutoff = jnp.min(jnp.where(keep_sorted, sorted_x, jnp.inf), -1, keepdims=True)
+            x = jnp.where(x >= cutoff, x, -jnp.inf)
         return jax.nn.log_softmax(x, axis=-1).reshape(shape)
 
     def get_next_tokens(self, logprobs: jax.Array, rng: jax.Array) -> jax.Array:

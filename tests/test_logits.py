@@ -26,6 +26,7 @@ from jaxarith.logits import (
     reward_interpolation,
 )
 from jaxarith.models import LlamaConfig, forward, init_params
+from jaxarith.models.transformer import jit_forward
 from jaxarith.sampling import Sampling
 
 NEW = 8
@@ -187,7 +188,8 @@ def _small_eft(vocab=16):
 def _exact_two_token_distribution(members, params, sampler, prompt, weights, vocab):
     """p(x1, x2 | prompt) [V * V] of plain decoding, from full re-forwards (no cache)."""
     seqs = np.array([prompt + [a] for a in range(vocab)], np.int32)  # [V, P + 1]
-    lps = [np.asarray(jax.nn.log_softmax(forward(p, m.config, jnp.asarray(seqs))[0], -1))
+    ones = jnp.ones(seqs.shape, jnp.int32)
+    lps = [np.asarray(jax.nn.log_softmax(jit_forward(p, m.config, jnp.asarray(seqs), ones), -1))
            for m, p in zip(members, params, strict=True)]
     mix = lambda j: sum(w * lp[:, j] for w, lp in zip(weights, lps, strict=True))
     p1 = np.exp(np.asarray(sampler.transform(jax.nn.log_softmax(jnp.asarray(mix(-2)))))[0])
