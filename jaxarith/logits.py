@@ -213,16 +213,18 @@ def _speculative(sd: SpeculativeDecoder, params, weights, prompts, key, limits, 
         r_ext = jnp.concatenate([repl, bonus[:, None]], 1)
         t_new = jnp.where(n_row > n, d_ext[:, n], r_ext[:, n])
         row = jnp.where(slots < n, d_ext, jnp.where(slots == n, t_new[:, None], dec.pad_token))
-        row = jnp.where(done[:, None], dec.pad_token, row)
+        # a row emits slots <= n, within its budget, up to and including its first stop token
+        is_stop = jnp.isin(row, stops) & (slots <= n)
+        after_stop = jnp.cumsum(is_stop, axis=1) - is_stop > 0
+        emitted = (slots <= n) & ~done[:, None] & (pos + slots < limits[:, None]) & ~after_stop
+        row = jnp.where(emitted, row, dec.pad_token)
         row_lp = jnp.take_along_axis(comb, row[..., None], -1)[..., 0]
-        emitted = (slots <= n) & ~done[:, None]
         row_lp = jnp.where(emitted, row_lp, 0.0)
         stream(on_step, pos, row, emitted)
         out = jax.lax.dynamic_update_slice(out, row, (0, pos))
         out_lp = jax.lax.dynamic_update_slice(out_lp, row_lp, (0, pos))
         active = ~done
-        done = (done | jnp.any(jnp.isin(row, stops) & (slots <= n), axis=1)
-                | (pos + n + 1 >= limits))
+        done = done | jnp.any(is_stop & emitted, axis=1) | (pos + n + 1 >= limits)
         # 4. keep t and the n accepted drafts in every cache; t_new is the next pending token
         caches = tuple(_rollback(c, c.index - k + n) for c in new_caches)
         return (pos + n + 1, out, out_lp, done, caches, t_new, rounds + 1,

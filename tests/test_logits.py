@@ -146,17 +146,37 @@ def test_padded_vocab_rows_are_masked():
 # ----------------------------------------------------------------------------- speculative EFT
 
 
+STREAMED = []
+
+
+def _record(step, tokens, valid):
+    STREAMED.append((tokens.copy(), valid.copy()))
+
+
+def _streamed_rows():
+    rows = [[] for _ in PROMPTS]
+    for tokens, valid in STREAMED:
+        for r in range(len(rows)):
+            rows[r] += tokens[r][valid[r]].tolist()
+    STREAMED.clear()
+    return rows
+
+
 def test_speculative_eft_greedy_equals_plain_eft(two):
     """EFT model + beta (tuned - ref) with the tuned model drafting: the plain program is the
-    proxy-tuning one above (same structure, weights are traced)."""
+    proxy-tuning one above (same structure, weights are traced). Streamed tokens (the host
+    callback) are exactly the returned ones, stop tokens and budgets included."""
     cfg_a, pa, cfg_b, pb = two
     pc = jax.tree.map(lambda x: x * 1.5, pa)
     dec = Decoder(members=eft(cfg_a, cfg_b, cfg_a, beta=0.5), max_new_tokens=NEW,
                   stop_tokens=(7,))
     plain = generate(dec, [pa, pb, pc], PROMPTS)
+    STREAMED.clear()
     spec = generate_speculative(SpeculativeDecoder(decoder=dec, drafter=1, k=3), [pa, pb, pc],
-                                PROMPTS)
+                                PROMPTS, on_step=_record)
     np.testing.assert_array_equal(spec.tokens, plain.tokens)
+    assert _streamed_rows() == [row[:n].tolist()
+                                for row, n in zip(spec.tokens, spec.lengths, strict=True)]
     np.testing.assert_array_equal(spec.lengths, plain.lengths)
     np.testing.assert_allclose(spec.logprobs, plain.logprobs, atol=1e-4)
     assert 0 < spec.acceptance_rate < 1 and spec.rounds >= 1
@@ -165,8 +185,12 @@ def test_speculative_eft_greedy_equals_plain_eft(two):
                    max_new_tokens=NEW, stop_tokens=(7,))
     with count_compiles() as n:
         full = generate_speculative(SpeculativeDecoder(decoder=same, drafter=1, k=3),
-                                    [pa, pb, pc], PROMPTS)
+                                    [pa, pb, pc], PROMPTS, max_new_tokens=[NEW, 2, 5, NEW],
+                                    on_step=_record)
     assert n[0] == 0 and full.acceptance_rate == 1.0
+    assert (full.lengths <= [NEW, 2, 5, NEW]).all()
+    assert _streamed_rows() == [row[:n].tolist()
+                                for row, n in zip(full.tokens, full.lengths, strict=True)]
     assert full.rounds <= -(-(NEW - 1) // 4)  # first token from prefill, then k + 1 per round
 
 
