@@ -116,7 +116,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 2)
     sizes = QUICK if args.quick else SIZES
     args.repeats = args.repeats or (2 if args.quick else 3)
-    new = 16 if args.quick else args.new
+    new = 64 if args.quick else args.new
     rows = []
     prompt = list(range(3, 19))
     with tempfile.TemporaryDirectory() as work, torch.no_grad():
