@@ -279,9 +279,11 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
                     batch_np = next(it)
                     tokens = batch_np["tokens"]
                     summary["batches"][step + 1] = zlib.crc32(tokens.tobytes())
-                    local = tokens.reshape(cfg.microbatches, -1, seq_len)
-                    batch = {"tokens": jax.make_array_from_process_local_data(
-                        fns.batch_sharding["tokens"], local)}
+                    batch = {
+                        name: jax.make_array_from_process_local_data(
+                            shd, batch_np[name].reshape(cfg.microbatches, -1,
+                                                        *batch_np[name].shape[1:]))
+                        for name, shd in fns.batch_sharding.items()}
                     state, m = compiled(state, batch)
                     step += 1
                     thr.tick()
