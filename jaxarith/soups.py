@@ -291,19 +291,58 @@ def load_params(cand: Candidate, mesh=None) -> dict:
     return params
 
 
+def greedy_soup(n: int, load: Callable[[int], dict],
+                score: Callable[[dict], float]) -> tuple[list[float], list[int], list[int],
+                                                        float, dict]:
+    """The greedy-soup algorithm (Wortsman et al. 2022, Recipe 1) over ``n`` candidates.
+
+    Score every candidate, sort by loss (ties: input order), start the soup with the best, and
+    add each next candidate only if the uniform soup with it has a strictly lower loss. The soup
+    is a float32 running sum (``arith.add``) scaled by ``1/size`` (``arith.scale``); a kept
+    trial soup is the returned soup bit for bit.
+
+    Args:
+      n: number of candidates.
+      load: ``load(i)`` -> candidate ``i``'s parameter tree (called once to score, once to try).
+      score: held-out loss of a parameter tree (lower is better).
+    Returns:
+      (losses by input index, the order tried (best first), kept indices in the order added,
+      the soup's loss, the soup's parameters).
+    """
+    losses = []
+    for i in range(n):
+        params = load(i)
+        losses.append(float(score(params)))
+        del params
+    order = sorted(range(n), key=lambda i: (losses[i], i))
+    kept = [order[0]]
+    total = load(order[0])
+    soup, soup_loss = total, losses[order[0]]
+    for i in order[1:]:
+        trial_sum = arith.add(total, load(i))
+        trial = arith.scale(trial_sum, 1.0 / (len(kept) + 1))
+        loss = float(score(trial))
+        if loss < soup_loss:
+            total, soup, soup_loss = trial_sum, trial, loss
+            kept.append(i)
+        del trial, trial_sum
+    return losses, order, kept, soup_loss, soup
+
+
 def greedy(cands: Sequence[Candidate], token_ids, *, mesh=None, seq_len: int | None = None,
            batch_size: int = 8, progress: bool = False) -> tuple[dict, dict, list[int]]:
-    """Greedy soup: best candidate first, then each in order of held-out loss, kept only if the
-    soup's held-out loss strictly improves.
+    """Greedy soup of ``cands`` scored by :func:`jaxarith.evaluate.eval_loss` on ``token_ids``
+    (jitted, on ``mesh``), so ``jaxarith eval-loss`` reproduces every number.
 
     Args:
       cands: the candidates (at least two, one architecture).
-      token_ids: held-out tokens, scored by :func:`jaxarith.evaluate.eval_loss`.
-      mesh: score (and hold the soup) on this mesh.
+      token_ids: held-out tokens.
+      mesh: score (and hold the soup) on this mesh (one device if None).
       seq_len, batch_size: scoring windows (see ``eval_loss``).
     Returns:
       (report, soup params, kept indices in the order added). ``report`` is ``{"method":
-      "greedy", "candidates": [{"ref", "loss", "kept"}] (best first), "soup_loss", "kept"}``.
+      "greedy", "candidates": [{"ref", "loss", "kept"}] (in the order tried, best first),
+      "soup_loss", "kept"}`` (``kept``: the refs in the order added).
     """
     from jaxarith.evaluate import eval_loss
 
@@ -313,25 +352,8 @@ def greedy(cands: Sequence[Candidate], token_ids, *, mesh=None, seq_len: int | N
         return eval_loss(params, cfg, token_ids, seq_len=seq_len, batch_size=batch_size,
                          mesh=mesh, progress=progress).loss
 
-    losses = []
-    for c in cands:
-        params = load_params(c, mesh)
-        losses.append(score(params))
-        del params
-    order = sorted(range(len(cands)), key=lambda i: (losses[i], i))
-    kept = [order[0]]
-    total = load_params(cands[order[0]], mesh)  # float32 running sum of the soup's members
-    soup_loss = losses[order[0]]
-    for i in order[1:]:
-        trial_sum = arith.add(total, load_params(cands[i], mesh))
-        trial = arith.scale(trial_sum, 1.0 / (len(kept) + 1))
-        loss = score(trial)
-        del trial
-        if loss < soup_loss:
-            total, soup_loss = trial_sum, loss
-            kept.append(i)
-        del trial_sum
-    soup = total if len(kept) == 1 else arith.scale(total, 1.0 / len(kept))
+    losses, order, kept, soup_loss, soup = greedy_soup(
+        len(cands), lambda i: load_params(cands[i], mesh), score)
     report = {"method": "greedy",
               "candidates": [{"ref": cands[i].ref, "loss": losses[i], "kept": i in kept}
                              for i in order],
