@@ -117,18 +117,18 @@ def test_lawa_in_the_step_and_across_a_resume(spec, tmp_path):
         assert buf.shape[0] == K and buf.sharding.spec == PartitionSpec(None, *shd.spec)
     snaps = {0: jax.device_get(state.params)}
     with Checkpoints(str(tmp_path / "ck"), keep=1, async_save=False) as ckpts:
-        for s in range(1, 6):
+        for s in range(1, 5):
             state, _ = step(state, _batch(fns, s))
             snaps[s] = jax.device_get(state.params)
             _close(jax.device_get(state.average.value()), _expected(snaps, K, EVERY, 0, s))
-        ckpts.save(5, state, {"next_index": 0}, {})
+        ckpts.save(4, state, {"next_index": 0}, {})
         del state
         state, _, _ = ckpts.restore(fns.abstract_state)
-    for s in range(6, 11):  # resumed: the ring buffer and its count came back from disk
+    for s in range(5, 8):  # resumed: the ring buffer and its count came back from disk
         state, _ = step(state, _batch(fns, s))
         snaps[s] = jax.device_get(state.params)
         _close(jax.device_get(state.average.value()), _expected(snaps, K, EVERY, 0, s))
-    assert int(state.average.count) == 6  # steps 0, 2, 4, 6, 8, 10
+    assert int(state.average.count) == 4  # steps 0, 2, 4, 6: the ring of 3 wrapped
     for buf, shd in zip(jax.tree.leaves(state.average.buffer), jax.tree.leaves(pshd),
                         strict=True):
         assert buf.sharding.spec == PartitionSpec(None, *shd.spec)

@@ -187,7 +187,8 @@ class TrainConfig:
                               f"microbatches={self.microbatches}")
         if not self.out:
             raise ConfigError("out is empty: give an output directory (out=DIR)")
-        object.__setattr__(self, "schedule", self.schedule.with_total(self.steps))
+        object.__setattr__(self, "schedule", self.schedule.with_total(self.steps)
+                           .with_swa_start(getattr(self.average, "start", None)))
 
 
 # ----------------------------------------------------------------------------- YAML <-> tree
