@@ -139,6 +139,15 @@ class SWA:
         return _like_params(self, param_shardings, replicated)
 
 
+def snapshot_due(step, start: int, every: int):
+    """Whether LaWA snapshots the weights after ``step`` (works on ints and traced arrays):
+    ``step >= max(start, 1)`` and ``(step - start) % every == 0``."""
+    if isinstance(step, int):
+        return step >= max(start, 1) and (step - start) % every == 0
+    step = jnp.asarray(step, jnp.int32)
+    return (step >= max(start, 1)) & ((step - start) % every == 0)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LaWA:
@@ -146,12 +155,12 @@ class LaWA:
     taken at step ``start`` and every ``every`` steps after it (Kaddour 2022, "Stop wasting my
     time!"; Sanyal et al. 2023, "Early weight averaging meets high learning rates").
 
-    The snapshots live in a ring buffer: each parameter ``[*shape]`` has a float32 leaf
-    ``[k, *shape]`` sharded like the parameter on its trailing axes (the ``k`` axis is not
-    sharded), and snapshot number ``j`` (0-based) goes to slot ``j % k``. ``init`` takes the
-    starting weights as the first snapshot (step 0) when ``start == 0``, so :meth:`value` is
-    always defined; before ``k`` snapshots exist it is the mean of those taken so far. Before the
-    first snapshot (``start > 0``) it is the weights last seen.
+    Snapshots are taken after the steps ``s >= max(start, 1)`` with ``(s - start) % every == 0``
+    (never of the initial weights, as :class:`SWA`). They live in a ring buffer: each parameter
+    ``[*shape]`` has a float32 leaf ``[k, *shape]`` sharded like the parameter on its trailing
+    axes (the ``k`` axis is not sharded), and snapshot number ``j`` (0-based) goes to slot
+    ``j % k``. Before ``k`` snapshots exist :meth:`value` is the mean of those taken so far;
+    before the first one it is the weights last seen (kept in slot 0).
 
     An update writes one slot in place (``dynamic_update_index_in_dim`` of either the new
     weights or the slot's old content), so a step costs one read and one write of the
@@ -171,8 +180,7 @@ class LaWA:
 
     @classmethod
     def init(cls, params: Params, *, k: int = 5, every: int = 1, start: int = 0) -> LaWA:
-        """An empty buffer holding ``params`` as its first snapshot (when ``start == 0``), or
-        as a placeholder shown until the first snapshot (``start > 0``)."""
+        """An empty ring buffer; ``params`` is shown by :meth:`value` until the first snapshot."""
         if k < 1 or every < 1 or start < 0:
             raise ConfigError(f"average: lawa k={k} and every={every} must be >= 1 and "
                               f"start={start} >= 0")
@@ -181,20 +189,18 @@ class LaWA:
             x = jnp.asarray(x, jnp.float32)
             return jnp.zeros((k, *x.shape), jnp.float32).at[0].set(x)
 
-        taken = 1 if start == 0 else 0
-        return cls(buffer=jax.tree.map(ring, params), count=jnp.asarray(taken, jnp.int32),
+        return cls(buffer=jax.tree.map(ring, params), count=jnp.zeros((), jnp.int32),
                    k=k, every=every, start=start)
 
     def taking(self, step: jax.Array) -> jax.Array:
         """True at the steps where a snapshot is taken."""
-        step = jnp.asarray(step, jnp.int32)
-        return (step >= self.start) & ((step - self.start) % self.every == 0)
+        return snapshot_due(step, self.start, self.every)
 
     def update(self, params: Params, step: jax.Array) -> LaWA:
         """Snapshot ``params`` into the next slot when ``step`` is a snapshot step (jittable).
 
-        Before the first snapshot (``start > 0``) slot 0 follows the current weights so
-        :meth:`value` shows them.
+        Before the first snapshot slot 0 follows the current weights, so :meth:`value` shows
+        them.
         """
         take = self.taking(step)
         slot = self.count % self.k
@@ -264,6 +270,10 @@ class NoAverage:
     def options(self) -> dict:
         return {}
 
+    def in_step(self) -> tuple[str, dict]:
+        """(kind, options) of the averager held in the jitted step's state."""
+        return self.kind, self.options()
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EMAConfig:
@@ -280,6 +290,9 @@ class EMAConfig:
 
     def options(self) -> dict:
         return {"decay": self.decay, "warmup": self.warmup}
+
+    def in_step(self) -> tuple[str, dict]:
+        return self.kind, self.options()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -300,6 +313,9 @@ class SWAConfig:
     def options(self) -> dict:
         return {"start": self.start, "every": self.every}
 
+    def in_step(self) -> tuple[str, dict]:
+        return self.kind, self.options()
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LaWAConfig:
@@ -308,9 +324,11 @@ class LaWAConfig:
     Attributes:
       k: how many latest snapshots the mean holds.
       every: steps between snapshots.
-      start: step of the first snapshot.
-      offload: keep the snapshots on the host between steps (for models where ``k`` device
-        copies do not fit) instead of in the jitted step's state.
+      start: snapshots are taken after steps ``s >= max(start, 1)`` with
+        ``(s - start) % every == 0``.
+      offload: keep the snapshots on the host (and on disk beside the checkpoints, under
+        ``OUT/lawa/``) instead of in the jitted step's state, for models where ``k`` device
+        copies do not fit; ``train/plugins/lawa.py`` takes them and reports ``eval_avg``.
     """
 
     kind: str = "lawa"
@@ -327,6 +345,10 @@ class LaWAConfig:
 
     def options(self) -> dict:
         return {"k": self.k, "every": self.every, "start": self.start}
+
+    def in_step(self) -> tuple[str, dict]:
+        """Offloaded snapshots live on the host (``train/plugins/lawa.py``), not in the step."""
+        return ("none", {}) if self.offload else (self.kind, self.options())
 
 
 AverageConfig = NoAverage | EMAConfig | SWAConfig | LaWAConfig

@@ -240,3 +240,39 @@ def test_errors_name_the_fault_and_write_nothing(models, run_dir, tmp_path, caps
         soups.open_candidates([hf[0]])
     with pytest.raises(CheckpointError):
         soups.open_candidates([str(empty), hf[0]])
+
+
+def test_offloaded_lawa_equals_in_step_lawa_across_a_kill(run_dir, tmp_path):
+    """``offload: true`` (host snapshots, files beside the checkpoints) reports the same
+    ``eval_avg`` as the in-step ring buffer, also when killed and resumed in between."""
+    from train import loop
+    from train.config import load_config
+
+    run, _ = run_dir
+    out = tmp_path / "offload"
+    cfg = load_config(LLAMA, [*FAST, "steps=4", f"out={out}", "checkpoint.every=1",
+                              "checkpoint.keep=3", "checkpoint.async_save=false",
+                              "eval.every=2", "average.kind=lawa", "average.k=2",
+                              "average.every=1", "average.offload=true", "log.plot=false"])
+
+    def crash(step, _):
+        if step == 3:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        loop.run(cfg, on_step=crash)
+    assert sorted(os.listdir(out / "lawa")) == ["1.p0.npz", "2.p0.npz"]
+    summary = loop.run(cfg)
+    assert summary["state"].average is None  # nothing averaged on the device
+    assert sorted(os.listdir(out / "lawa")) == ["3.p0.npz", "4.p0.npz"]
+
+    def eval_avg(d):
+        with open(os.path.join(d, "metrics.jsonl")) as f:
+            recs = [json.loads(line) for line in f]
+        return {(r["step"], k): v for r in recs for k, v in r.items()
+                if k.startswith("eval_avg/")}
+
+    want, got = eval_avg(run), eval_avg(out)
+    assert set(got) == set(want) and {s for s, _ in got} == {2, 4}
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-5), k

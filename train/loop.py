@@ -185,7 +185,7 @@ def compiled_step(model_cfg, mesh, optimizer, schedule, batch, seq_len, microbat
     fns = build_step(model_cfg, mesh, tx=make_optimizer(optimizer, sched), schedule=sched,
                      batch=batch, seq_len=seq_len, microbatches=microbatches,
                      loss_fn=make_loss(model_cfg, dtype=dtype, remat=remat),
-                     average=(average.kind, average.options()), skip_nonfinite=skip_nonfinite,
+                     average=average.in_step(), skip_nonfinite=skip_nonfinite,
                      frozen=abstract_frozen, frozen_shardings=frozen_shd,
                      batch_fields=None if fields is None else dict(fields))
     t0 = time.perf_counter()
