@@ -64,22 +64,28 @@ class Candidate:
 
 
 def _hf_candidate(ref: str) -> Candidate:
-    from jaxarith.convert.export import hf_slices
-    from jaxarith.convert.hf import resolve_hf_dir
+    from jaxarith.convert.hf import HFCheckpoint, check_checkpoint, resolve_hf_dir
     from jaxarith.models.config import load_config
 
     directory = resolve_hf_dir(ref)
     cfg = load_config(directory)
-    slices = hf_slices(directory, cfg)  # checks every key and shape now
+    ckpt = HFCheckpoint(directory)
+    names = check_checkpoint(cfg, ckpt)  # every key and shape, before anything is read
     L = cfg.num_hidden_layers
 
     def read(rule: Rule) -> dict[Path, np.ndarray]:
+        # nothing is cached between calls: host memory is one rule's leaves of one input
         layers = expand(rule, L)
         if layers[0][1] is None:
-            return dict(zip(rule.targets, (np.asarray(x) for x in slices(rule, None)),
-                            strict=True))
-        per = [slices(rule, layer) for _, layer in layers]
-        return {t: np.stack([np.asarray(p[j]) for p in per]) for j, t in enumerate(rule.targets)}
+            parts = rule.to_canon(ckpt.get(names[layers[0][0]]))
+            return {t: np.asarray(x) for t, x in zip(rule.targets, parts, strict=True)}
+        out = {}
+        for i, (key, layer) in enumerate(layers):
+            for t, x in zip(rule.targets, rule.to_canon(ckpt.get(names[key])), strict=True):
+                if i == 0:
+                    out[t] = np.empty((len(layers), *np.shape(x)), np.asarray(x).dtype)
+                out[t][layer] = x
+        return out
 
     return Candidate(os.fspath(ref), cfg, read, directory)
 
@@ -193,9 +199,11 @@ def mean_source(cands: Sequence[Candidate], dtype=None):
             x = c.read(rule)
             if acc is None:
                 first_dtypes = {p: v.dtype for p, v in x.items()}
-                acc = _tree({p: np.asarray(v, np.float32) for p, v in x.items()})
-            else:
-                acc = arith.add(acc, _tree(x))
+                acc = _tree({p: jnp.asarray(v, jnp.float32) for p, v in x.items()})
+            else:  # the sum reuses its own buffers (donated): no allocation per input
+                acc = arith.add(acc, _tree(x), donate=True)
+                # wait: with async dispatch, queued adds would each keep their input alive
+                jax.block_until_ready(acc)
             del x
         out = {}
         for p in paths:  # one leaf at a time: its own output dtype
