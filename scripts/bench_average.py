@@ -7,7 +7,7 @@ mean reads the inputs one after another for each tensor, so the peak should stay
 (the in-memory soup, ``--in-memory-soup``, loads all N models and grows by one model per input).
 
     python scripts/bench_average.py --quick          # ~8 MB models, N = 2, 4, 8  (~1 min)
-    python scripts/bench_average.py                  # ~200 MB models, N = 2, 4, 8
+    python scripts/bench_average.py --in-memory-soup # ~240 MB models, N = 2, 4, 8
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 
 SIZES = {  # name: (hidden, intermediate, layers, heads, kv heads, vocab)
     "quick": (256, 768, 4, 8, 4, 1024),
-    "full": (1024, 2816, 8, 16, 4, 8192),
+    "full": (1024, 2816, 4, 16, 4, 8192),
 }
 WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
         "stdout=subprocess.PIPE); sys.stderr.write(r.stdout.decode()); "
