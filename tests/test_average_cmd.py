@@ -276,3 +276,23 @@ def test_offloaded_lawa_equals_in_step_lawa_across_a_kill(run_dir, tmp_path):
     assert set(got) == set(want) and {s for s, _ in got} == {2, 4}
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=1e-5), k
+
+
+def test_greedy_on_a_train_configs_held_out_split(models, tmp_path, capsys):
+    import yaml
+
+    with open(LLAMA) as f:
+        raw = yaml.safe_load(f)
+    raw["data"]["sources"]["code"]["max_docs"] = 80
+    raw["data"]["sources"]["replay"]["max_docs"] = 40
+    raw["data"]["seq_len"] = 64
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    hf, _ = models
+    out = tmp_path / "soup"
+    assert main(["average", hf[0], hf[1], str(out), "--method", "greedy", "--eval-config",
+                 str(cfg), "--to", "orbax", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["to"] == "orbax" and os.path.exists(out / "jaxarith.json")
+    assert rep["soup_loss"] <= min(c["loss"] for c in rep["candidates"])
+    assert len(rep["candidates"]) == 2 and rep["candidates"][0]["kept"]
