@@ -16,7 +16,7 @@ recompile. Prompt lengths are padded up to a multiple of ``DecodeSpec.prompt_buc
 prompts of similar length share one program too.
 
 Streaming: an ``on_tokens`` host callback receives the tokens in chunks (the first token at once,
-then chunks doubling up to :data:`STREAM_CHUNK` tokens), so the decode loop pays one host
+then chunks of about :data:`STREAM_SECONDS` of decoding each), so the decode loop pays one host
 round trip per chunk, not per token.
 
 Shapes (letters as in :mod:`jaxarith.models`): B batch, P padded prompt length, S cache length,
@@ -34,7 +34,6 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
 
 from jaxarith import sharding
 from jaxarith.errors import ConfigError
@@ -50,8 +49,9 @@ ended) and ``valid`` [B, C] bool is False where a row emitted nothing (finished,
 reached)."""
 StepCallback = TokenCallback  # the name before the callback was chunked
 
-STREAM_CHUNK = 64
-"""Longest chunk of tokens sent to an ``on_tokens`` callback at once (chunks double from 1)."""
+STREAM_SECONDS = 0.1
+"""Streaming granularity: after the first token (sent alone, at once), chunks are sized to take
+about this long at the measured speed (one host round trip per chunk, not per token)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,59 +276,12 @@ def step(dec: DecodeSpec, params, caches, tokens, mask):
     return tuple(c for c, _ in out), tuple(lg for _, lg in out)
 
 
-@dataclasses.dataclass(frozen=True)
-class HostStream:
-    """The host side of streaming: slices the newly due positions out of the loop's buffers and
-    hands them to ``on_tokens``. Hashable (by the callback), so it can key the compilation."""
-
-    on_tokens: TokenCallback
-
-    def __call__(self, start, end, tokens, valid) -> None:
-        start, end = int(start), int(end)
-        if end > start:
-            self.on_tokens(start, tokens[:, start:end], valid[:, start:end])
-
-
-def host_stream(on_tokens: TokenCallback | None) -> HostStream | None:
-    return None if on_tokens is None else HostStream(on_tokens)
-
-
-def flush_tokens(stream: HostStream | None, sent: jax.Array, end: jax.Array, tokens: jax.Array,
-                 valid: jax.Array, last: jax.Array) -> jax.Array:
-    """Send output positions ``[sent, end)`` to the host when a chunk is due; returns the new
-    ``sent``.
-
-    A chunk is due at the first token, when it reaches the size already sent (chunks double:
-    1, 1, 2, 4, ...) or :data:`STREAM_CHUNK`, and on the ``last`` iteration. One host callback
-    costs about as much as a decode step of a tiny model, so per-token callbacks would dominate.
-
-    Args:
-      tokens, valid: the loop's whole output buffers [B, R'] and emitted flags [B, R'].
-    """
-    if stream is None:
-        return sent
-    due = last | (end >= 2 * sent) | (end - sent >= STREAM_CHUNK)
-
-    def send(_):
-        io_callback(stream, None, sent, end, tokens, valid, ordered=True)
-        return end
-
-    return jax.lax.cond(due & (end > sent), send, lambda _: sent, None)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _generate(dec: DecodeSpec, params, weights, prompts, key, limits, stream=None):
-    b = prompts[0][0].shape[0]
-    n = dec.max_new_tokens
-    caches, last = prefill(dec, params, prompts)
+def _decode_body(dec: DecodeSpec, params, weights, limits):
+    """One decode step over the loop state ``(i, out, out_lp, done, caches, last, key)``."""
     stops = jnp.asarray(dec.stop_tokens or (-1,), jnp.int32)
 
-    def cond(state):
-        i, _, _, done, *_ = state
-        return (i < n) & ~jnp.all(done)
-
     def body(state):
-        i, out, out_lp, done, caches, last, key, *streaming = state
+        i, out, out_lp, done, caches, last, key = state
         logp = combine(dec, last, weights)
         tok = dec.sampler.get_next_tokens(logp, jax.random.fold_in(key, i))
         lp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
@@ -337,22 +290,86 @@ def _generate(dec: DecodeSpec, params, weights, prompts, key, limits, stream=Non
         out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
         # a finished row feeds a masked pad: its cache slot stays invalid
         caches, logits = step(dec, params, caches, tok[:, None], (~done)[:, None])
-        emitted_now = ~done
         done = done | jnp.isin(tok, stops) | (i + 1 >= limits)
-        if streaming:
-            sent, emitted = streaming
-            emitted = emitted.at[:, i].set(emitted_now)
-            sent = flush_tokens(stream, sent, i + 1, out, emitted, (i + 1 >= n) | jnp.all(done))
-            streaming = [sent, emitted]
-        return (i + 1, out, out_lp, done, caches, tuple(z[:, -1] for z in logits), key,
-                *streaming)
+        return i + 1, out, out_lp, done, caches, tuple(z[:, -1] for z in logits), key
 
-    state = (jnp.zeros((), jnp.int32), jnp.full((b, n), dec.pad_token, jnp.int32),
-             jnp.zeros((b, n), jnp.float32), limits <= 0, caches, last, key)
-    if stream is not None:
-        state += (jnp.zeros((), jnp.int32), jnp.zeros((b, n), bool))
-    i, out, out_lp, *_ = jax.lax.while_loop(cond, body, state)
+    return body
+
+
+def _decode_start(dec: DecodeSpec, params, prompts, key, limits):
+    """The loop state after the prefill."""
+    b, n = prompts[0][0].shape[0], dec.max_new_tokens
+    caches, last = prefill(dec, params, prompts)
+    return (jnp.zeros((), jnp.int32), jnp.full((b, n), dec.pad_token, jnp.int32),
+            jnp.zeros((b, n), jnp.float32), limits <= 0, caches, last, key)
+
+
+def _decode_until(dec: DecodeSpec, params, weights, limits, state, until):
+    """Run the loop until ``until`` steps (or every row stopped)."""
+    def cond(state):
+        i, _, _, done, *_ = state
+        return (i < until) & ~jnp.all(done)
+
+    return jax.lax.while_loop(cond, _decode_body(dec, params, weights, limits), state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _generate(dec: DecodeSpec, params, weights, prompts, key, limits):
+    state = _decode_start(dec, params, prompts, key, limits)
+    i, out, out_lp, *_ = _decode_until(dec, params, weights, limits, state, dec.max_new_tokens)
     return out, out_lp, i
+
+
+_generate_start = jax.jit(_decode_start, static_argnums=0)
+_generate_chunk = jax.jit(_decode_until, static_argnums=0, donate_argnums=4)
+
+
+def stream_chunks(dec: DecodeSpec, start, start_args, chunk, chunk_args, limits: np.ndarray,
+                  on_tokens: TokenCallback, mesh):
+    """Run a decode loop in host-driven chunks, handing each chunk's tokens to ``on_tokens``.
+
+    ``start(*start_args)`` (jitted, first argument static) returns the loop state after the
+    prefill; ``chunk(*chunk_args, state, until)`` (jitted, first argument static, state donated)
+    advances it to ``until`` positions or until every row stopped. The state starts with
+    ``(position, tokens [B, R'], logprobs, done [B], ...)``. The first chunk is one token (it shows
+    at once); later ones are sized to take :data:`STREAM_SECONDS` at the speed measured so far.
+    The loop runs on the device with no host callback inside (a callback in the loop costs
+    more than a tiny model's whole step) and the host pays one dispatch per chunk. The tokens
+    equal those of the one-program path.
+
+    Returns:
+      (final state, run seconds, compile seconds).
+    """
+    ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    n = dec.max_new_tokens
+    with ctx:
+        t0 = time.perf_counter()
+        start_c = start.lower(*start_args).compile()
+        t1 = time.perf_counter()
+        state = start_c(*start_args[1:])
+        t2 = time.perf_counter()
+        chunk_c = chunk.lower(*chunk_args, state, np.int32(1)).compile()
+        t3 = time.perf_counter()
+        sent, width, t_chunk = 0, 1, time.perf_counter()
+        while True:
+            pos = min(int(state[0]), n)
+            if pos > sent:
+                # a row's emitted positions are a prefix: its length so far says which are valid
+                out = np.asarray(state[1])[:, :n]
+                _, lengths, _ = finish(dec, out, np.zeros(out.shape, np.float32), limits, pos)
+                valid = np.arange(sent, pos)[None, :] < lengths[:, None]
+                on_tokens(sent, np.where(valid, out[:, sent:pos], dec.pad_token), valid)
+                sent = pos
+            if pos >= n or bool(np.all(np.asarray(state[3]))):
+                break
+            start_pos, t_chunk = pos, time.perf_counter()
+            state = chunk_c(*chunk_args[1:], state, np.int32(min(n, sent + width)))
+            advanced = int(state[0]) - start_pos
+            rate = advanced / max(time.perf_counter() - t_chunk, 1e-6)
+            width = max(1, int(rate * STREAM_SECONDS))
+        jax.block_until_ready(state)
+        t4 = time.perf_counter()
+    return state, (t2 - t1) + (t4 - t3), (t1 - t0) + (t3 - t2)
 
 
 def row_limits(dec: DecodeSpec, batch: int,
@@ -449,8 +466,15 @@ def generate(
     limits = row_limits(dec, padded[0][0].shape[0], max_new_tokens)
     dynamic = (tuple(params), member_weights(dec), place_prompts(padded, mesh),
                jax.random.key(seed), limits)
-    stream = host_stream(on_tokens or on_step)
-    (out, lps, steps), seconds, compile_s = compile_and_run(
-        _generate, (dec, *dynamic, stream), dynamic, mesh)
+    on_tokens = on_tokens or on_step
+    if on_tokens is None:
+        (out, lps, steps), seconds, compile_s = compile_and_run(
+            _generate, (dec, *dynamic), dynamic, mesh)
+    else:
+        params_, weights, prompts_, key, limits_ = dynamic
+        state, seconds, compile_s = stream_chunks(
+            dec, _generate_start, (dec, params_, prompts_, key, limits_),
+            _generate_chunk, (dec, params_, weights, limits_), limits, on_tokens, mesh)
+        steps, out, lps = state[:3]
     tokens, lengths, lps = finish(dec, out, lps, limits, int(steps))
     return Generation(tokens, lengths, lps, int(steps), seconds, compile_s)

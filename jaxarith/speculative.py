@@ -27,13 +27,12 @@ from jaxarith.decode import (
     compile_and_run,
     feed,
     finish,
-    flush_tokens,
-    host_stream,
     member_weights,
     place_prompts,
     prefill,
     prepare_prompts,
     row_limits,
+    stream_chunks,
 )
 from jaxarith.errors import ConfigError
 from jaxarith.sampling import Greedy
@@ -100,41 +99,44 @@ def _rollback(cache, index):
     return cache._replace(valid=valid, index=index)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _speculative(sd: SpeculativeSpec, params, weights, prompts, key, limits, stream=None):
+def _pick(greedy: bool, logp, key):
+    """A token per row from ``logp`` (already transformed by the sampler)."""
+    if greedy:
+        return jnp.argmax(logp, -1).astype(jnp.int32)
+    return jax.random.categorical(key, logp, -1).astype(jnp.int32)
+
+
+def _speculative_start(sd: SpeculativeSpec, params, weights, prompts, key, limits):
+    """The loop state after the prefill: ``(pos, out, out_lp, done, caches, t, rounds,
+    accepted, drafted, key)``; the first token comes from the prefill logits, and afterwards every
+    round starts with one emitted but not yet fed ("pending") token t."""
+    dec, k = sd.decoder, sd.k
+    b, n_new = prompts[0][0].shape[0], dec.max_new_tokens
+    stops = jnp.asarray(dec.stop_tokens or (-1,), jnp.int32)
+    caches, last = prefill(dec, params, prompts, extra=k + 1)
+    key0, key = jax.random.split(key)
+    comb0 = combine(dec, last, weights)
+    t0 = dec.sampler.get_next_tokens(comb0, key0)
+    out = jnp.full((b, n_new + k + 1), dec.pad_token, jnp.int32).at[:, 0].set(t0)
+    out_lp = jnp.zeros((b, n_new + k + 1), jnp.float32).at[:, 0].set(
+        jnp.take_along_axis(comb0, t0[:, None], -1)[:, 0])
+    done = (limits <= 1) | jnp.isin(t0, stops)
+    zero = jnp.zeros((), jnp.int32)
+    return jnp.ones((), jnp.int32), out, out_lp, done, caches, t0, zero, zero, zero, key
+
+
+def _speculative_until(sd: SpeculativeSpec, params, weights, limits, state, until):
+    """Draft-and-verify rounds until ``until`` positions are filled (or every row stopped)."""
     dec, k, di = sd.decoder, sd.k, sd.drafter
     members, sampler = dec.members, dec.sampler
     greedy = isinstance(sampler, Greedy)
-    b, n_new = prompts[0][0].shape[0], dec.max_new_tokens
     drafter_only = dataclasses.replace(dec, members=(members[di],))
     one = jnp.ones((1,), jnp.float32)
     stops = jnp.asarray(dec.stop_tokens or (-1,), jnp.int32)
     slots = jnp.arange(k + 1)[None, :]
 
-    def pick(logp, key):  # logp already transformed by the sampler
-        if greedy:
-            return jnp.argmax(logp, -1).astype(jnp.int32)
-        return jax.random.categorical(key, logp, -1).astype(jnp.int32)
-
-    # The first token comes from the prefill logits; afterwards every round starts with one
-    # emitted but not yet fed ("pending") token t.
-    caches, last = prefill(dec, params, prompts, extra=k + 1)
-    key0, key = jax.random.split(key)
-    comb0 = combine(dec, last, weights)
-    t0 = sampler.get_next_tokens(comb0, key0)
-    out = jnp.full((b, n_new + k + 1), dec.pad_token, jnp.int32).at[:, 0].set(t0)
-    out_lp = jnp.zeros((b, n_new + k + 1), jnp.float32).at[:, 0].set(
-        jnp.take_along_axis(comb0, t0[:, None], -1)[:, 0])
-    done = (limits <= 1) | jnp.isin(t0, stops)
-    streaming = ()
-    if stream is not None:  # a row with a budget of 0 emits nothing, not even the first token
-        emitted = jnp.zeros((b, n_new + k + 1), bool).at[:, 0].set(limits > 0)
-        sent = flush_tokens(stream, jnp.zeros((), jnp.int32), jnp.ones((), jnp.int32), out,
-                            emitted, jnp.ones((), bool))
-        streaming = (sent, emitted)
-
     def body(s):
-        pos, out, out_lp, done, caches, t, rounds, accepted, drafted, *streaming = s
+        pos, out, out_lp, done, caches, t, rounds, accepted, drafted, key = s
         kd, kv, kb = jax.random.split(jax.random.fold_in(key, rounds), 3)
 
         # 1. the drafter feeds t and proposes d_1..d_k (k + 1 forwards; the last scores d_k)
@@ -142,7 +144,7 @@ def _speculative(sd: SpeculativeSpec, params, weights, prompts, key, limits, str
             cache, tok = carry
             cache, z = feed(members[di], dec.dtype, params[di], cache, tok[:, None])
             q = sampler.transform(combine(drafter_only, [z[:, -1]], one))
-            nxt = pick(q, jax.random.fold_in(kd, j))
+            nxt = _pick(greedy, q, jax.random.fold_in(kd, j))
             return (cache, nxt), (z[:, -1], q, nxt)
 
         (d_cache, _), (zs, qs, ds) = jax.lax.scan(draft, (caches[di], t), jnp.arange(k + 1))
@@ -164,7 +166,7 @@ def _speculative(sd: SpeculativeSpec, params, weights, prompts, key, limits, str
         acc, repl = accept_or_resample(p[:, :k], jnp.swapaxes(qs[:k], 0, 1), drafts, kv, greedy)
         n_row = jnp.sum(jnp.cumprod(acc.astype(jnp.int32), axis=1), axis=1)  # [B]
         n = jnp.min(jnp.where(done, k, n_row))
-        bonus = pick(p[:, k], kb)
+        bonus = _pick(greedy, p[:, k], kb)
         d_ext = jnp.concatenate([drafts, bonus[:, None]], 1)  # [B, J + 1]
         r_ext = jnp.concatenate([repl, bonus[:, None]], 1)
         t_new = jnp.where(n_row > n, d_ext[:, n], r_ext[:, n])
@@ -180,28 +182,34 @@ def _speculative(sd: SpeculativeSpec, params, weights, prompts, key, limits, str
         out_lp = jax.lax.dynamic_update_slice(out_lp, row_lp, (0, pos))
         active = ~done
         done = done | jnp.any(is_stop & emitted, axis=1) | (pos + n + 1 >= limits)
-        if streaming:
-            sent, emitted_all = streaming
-            emitted_all = jax.lax.dynamic_update_slice(emitted_all, emitted, (0, pos))
-            end = jnp.minimum(pos + n + 1, n_new)
-            sent = flush_tokens(stream, sent, end, out, emitted_all,
-                                (end >= n_new) | jnp.all(done))
-            streaming = [sent, emitted_all]
         # 4. keep t and the n accepted drafts in every cache; t_new is the next pending token
         caches = tuple(_rollback(c, c.index - k + n) for c in new_caches)
         return (pos + n + 1, out, out_lp, done, caches, t_new, rounds + 1,
                 accepted + jnp.sum(jnp.where(active, n_row, 0)),
-                drafted + k * jnp.sum(active), *streaming)
+                drafted + k * jnp.sum(active), key)
 
     def cond(s):
         pos, _, _, done, *_ = s
-        return (pos < n_new) & ~jnp.all(done)
+        return (pos < until) & ~jnp.all(done)
 
-    zero = jnp.zeros((), jnp.int32)
-    state = (jnp.ones((), jnp.int32), out, out_lp, done, caches, t0, zero, zero, zero, *streaming)
-    pos, out, out_lp, _, _, _, rounds, accepted, drafted, *_ = jax.lax.while_loop(cond, body,
-                                                                                  state)
+    return jax.lax.while_loop(cond, body, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _speculative(sd: SpeculativeSpec, params, weights, prompts, key, limits):
+    n_new = sd.decoder.max_new_tokens
+    state = _speculative_start(sd, params, weights, prompts, key, limits)
+    state = _speculative_until(sd, params, weights, limits, state, n_new)
+    return _outputs(n_new, state)
+
+
+def _outputs(n_new: int, state):
+    pos, out, out_lp, _, _, _, rounds, accepted, drafted, _ = state
     return out[:, :n_new], out_lp[:, :n_new], jnp.minimum(pos, n_new), rounds, accepted, drafted
+
+
+_speculative_start_jit = jax.jit(_speculative_start, static_argnums=0)
+_speculative_chunk = jax.jit(_speculative_until, static_argnums=0, donate_argnums=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,8 +251,16 @@ def generate_speculative(
     limits = row_limits(dec, padded[0][0].shape[0], max_new_tokens)
     dynamic = (tuple(params), member_weights(dec), place_prompts(padded, mesh),
                jax.random.key(seed), limits)
-    (out, lps, pos, rounds, accepted, drafted), seconds, compile_s = compile_and_run(
-        _speculative, (sd, *dynamic, host_stream(on_tokens or on_step)), dynamic, mesh)
+    on_tokens = on_tokens or on_step
+    if on_tokens is None:
+        (out, lps, pos, rounds, accepted, drafted), seconds, compile_s = compile_and_run(
+            _speculative, (sd, *dynamic), dynamic, mesh)
+    else:
+        params_, weights, prompts_, key, limits_ = dynamic
+        state, seconds, compile_s = stream_chunks(
+            dec, _speculative_start_jit, (sd, params_, weights, prompts_, key, limits_),
+            _speculative_chunk, (sd, params_, weights, limits_), limits, on_tokens, mesh)
+        out, lps, pos, rounds, accepted, drafted = _outputs(dec.max_new_tokens, state)
     tokens, lengths, lps = finish(dec, out, lps, limits, int(pos))
     rate = float(accepted) / max(int(drafted), 1)
     return SpeculativeGeneration(tokens, lengths, lps, int(rounds), seconds, compile_s,
