@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from jaxarith import sharding
 from jaxarith.models.config import ModelConfig
-from jaxarith.models.transformer import next_token_loss
+from jaxarith.models.transformer import check_token_ids, next_token_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,7 @@ def eval_loss(
     ``batch_size`` at a time into fixed-shape, right-padded batches, so the loss compiles once.
     On a mesh the batch is sharded over the data-parallel axes (rounded up to divide them).
     """
+    check_token_ids(np.asarray(token_ids), cfg.vocab_size, "token_ids")
     ids = np.asarray(token_ids, dtype=np.int32)
     if ids.size < 2:
         raise ValueError("need at least two tokens to score")

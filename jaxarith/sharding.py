@@ -16,7 +16,6 @@ argument, or the process-wide default set by :func:`set_strict_sharding` /
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -54,28 +53,30 @@ RULES: dict[str, tuple[str, ...]] = {
 }
 
 
-_STRICT = contextvars.ContextVar("jaxarith_strict_sharding", default=False)
+# Process-wide (not a context variable: loader threads must see the setting of the command).
+_STRICT = [False]
 _WARNED: set[tuple] = set()
 
 
 def set_strict_sharding(strict: bool) -> None:
-    """Make strict divisibility the default for parameter shardings (this context onwards)."""
-    _STRICT.set(bool(strict))
+    """Make strict divisibility the default for parameter shardings (process-wide)."""
+    _STRICT[0] = bool(strict)
 
 
 @contextlib.contextmanager
 def strict_sharding(strict: bool = True) -> Iterator[None]:
     """Within the block, parameter shardings default to ``strict``."""
-    token = _STRICT.set(bool(strict))
+    before = _STRICT[0]
+    _STRICT[0] = bool(strict)
     try:
         yield
     finally:
-        _STRICT.reset(token)
+        _STRICT[0] = before
 
 
 def is_strict() -> bool:
     """The current default strictness (see :func:`set_strict_sharding`)."""
-    return _STRICT.get()
+    return _STRICT[0]
 
 
 def parse_mesh_spec(spec: str, num_devices: int | None = None) -> dict[str, int]:

@@ -201,9 +201,10 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
     """
     if cfg.distributed:
         jax.distributed.initialize()
-    from jaxarith.sharding import make_mesh
+    from jaxarith.sharding import make_mesh, set_strict_sharding
 
     mesh = make_mesh(cfg.mesh)
+    set_strict_sharding(cfg.mesh_strict)
     check_batch_fits(cfg.batch, cfg.microbatches, mesh, jax.process_count())
     data_lib.check_batch(cfg.batch, jax.process_count())
     out = os.path.abspath(cfg.out)
