@@ -42,7 +42,7 @@ from jaxarith.models.family import BlockContext, Family, Inputs, ParamSpec, Rule
 from jaxarith.models.gpt2 import GPT2Config
 from jaxarith.models.layers import KVCache
 from jaxarith.models.llama import LlamaConfig
-from jaxarith.models.registry import FAMILIES, family, family_for_model_type
+from jaxarith.models.registry import FAMILIES, family, family_for_model_type, register
 from jaxarith.models.transformer import (
     CausalLM,
     abstract_params,
@@ -63,6 +63,7 @@ __all__ = [
     "Arch", "DType", "GPT2Config", "LlamaConfig", "ModelConfig", "RopeScaling", "RopeType",
     "check_config_keys", "config_from_hf", "load_config", "save_config", "BlockContext",
     "Family", "Inputs", "ParamSpec", "Rule", "FAMILIES", "family", "family_for_model_type",
+    "register",
     "KVCache", "CausalLM", "abstract_params", "check_token_ids", "forward", "init_cache",
     "init_params", "jit_forward", "next_token_loss", "num_params", "param_axes",
     "param_shardings", "param_specs", "token_logprobs",

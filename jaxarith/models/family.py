@@ -157,7 +157,7 @@ def _same_key(key: str) -> str:
 class Family:
     """One architecture, as the shared code sees it (see the module docstring)."""
 
-    arch: Arch
+    arch: Arch | str
     config_class: type
     model_types: tuple[str, ...]
     param_specs: Callable[[Any], dict]

@@ -241,8 +241,8 @@ def _inv_freq(cfg: LlamaConfig):
     return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
 
-def block(cfg: LlamaConfig, p: dict, x: jax.Array, ctx: BlockContext) -> jax.Array:
-    """One pre-norm block: RMSNorm, attention with RoPE, residual; RMSNorm, SwiGLU, residual."""
+def self_attention(cfg: LlamaConfig, p: dict, x: jax.Array, ctx: BlockContext) -> jax.Array:
+    """The attention branch [B, T, D]: RMSNorm, q/k/v projections, RoPE, attention, output."""
     a = p["attn"]
     inv_freq = jnp.asarray(_inv_freq(cfg))
     h = rms_norm(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
@@ -251,13 +251,23 @@ def block(cfg: LlamaConfig, p: dict, x: jax.Array, ctx: BlockContext) -> jax.Arr
     v = _bias(a, "v_bias", jnp.einsum("BTD,DKH->BTKH", h, a["v"].astype(h.dtype)))
     q, k = rope(q, ctx.positions, inv_freq), rope(k, ctx.positions, inv_freq)
     out = ctx.attention(q, k, v, scale=cfg.head_dim**-0.5)
-    x = x + _bias(a, "o_bias", jnp.einsum("BTNH,NHD->BTD", out, a["o"].astype(out.dtype)))
+    return _bias(a, "o_bias", jnp.einsum("BTNH,NHD->BTD", out, a["o"].astype(out.dtype)))
+
+
+def mlp(cfg: LlamaConfig, p: dict, x: jax.Array) -> jax.Array:
+    """The MLP branch [B, T, D]: RMSNorm, SwiGLU."""
     m = p["mlp"]
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
     gate = _bias(m, "gate_bias", jnp.einsum("BTD,DF->BTF", h, m["gate"].astype(h.dtype)))
     up = _bias(m, "up_bias", jnp.einsum("BTD,DF->BTF", h, m["up"].astype(h.dtype)))
     down = jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, m["down"].astype(h.dtype))
-    return x + _bias(m, "down_bias", down)
+    return _bias(m, "down_bias", down)
+
+
+def block(cfg: LlamaConfig, p: dict, x: jax.Array, ctx: BlockContext) -> jax.Array:
+    """One pre-norm block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
+    x = x + self_attention(cfg, p, x, ctx)
+    return x + mlp(cfg, p, x)
 
 
 # ----------------------------------------------------------------------------- HF conversion
