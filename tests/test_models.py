@@ -347,7 +347,7 @@ def test_family_rules_cover_every_parameter_exactly_once(fixture, request):
     for rule in rules_for(cfg):
         outs = rule.to_canon(np.zeros(rule.hf_shape, np.float32))
         for target, out in zip(rule.targets, outs, strict=True):
-            name = "/".join(target)
+            name = path_str(target)
             covered.append(name)
             per_layer = specs[name].shape[1:] if rule.per_layer else specs[name].shape
             assert out.shape == per_layer, name
