@@ -350,7 +350,7 @@ def stream_chunks(dec: DecodeSpec, start, start_args, chunk, chunk_args, limits:
         t2 = time.perf_counter()
         chunk_c = chunk.lower(*chunk_args, state, np.int32(1)).compile()
         t3 = time.perf_counter()
-        sent, width, t_chunk = 0, 1, time.perf_counter()
+        sent, width = 0, 1
         while True:
             pos = min(int(state[0]), n)
             if pos > sent:
