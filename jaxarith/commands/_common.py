@@ -79,9 +79,9 @@ def _message(e: BaseException) -> tuple[str, int]:
     if isinstance(e, BrokenPipeError):
         return "output closed before the end (broken pipe)", 141
     if isinstance(e, ValueError) and any(m in str(e) for m in _NO_CLUSTER):
-        return ("the config sets distributed: true, which needs a cluster (a TPU pod, or a "
-                "coordinator address from SLURM / JAX_COORDINATOR_ADDRESS); on one machine set "
-                f"distributed=false ({e})"), 2
+        return ("the config sets distributed: true, which needs a multi-host cluster that "
+                "jax.distributed detects (a Cloud TPU pod slice, SLURM, ...); on one machine add "
+                f"the override distributed=false (jax: {e})"), 2
     if isinstance(e, OSError) and e.filename and not isinstance(e, JaxarithError):
         return f"{e.strerror}: {os.fspath(e.filename)}", 2
     return str(e), 2
