@@ -125,3 +125,8 @@ def test_mistyped_local_path_says_no_directory_either(capsys, tmp_path, monkeypa
     code = main(["inspect", "runs/my-model", "--json"])
     msg = _one_error_line(capsys, code, 2, json_mode=True, match="Hugging Face hub")
     assert f"no local directory {tmp_path / 'runs/my-model'}" in msg
+
+
+def test_generate_prompt_file_not_utf8(gpt2_dir, bad_texts, capsys):
+    code = main(["generate", gpt2_dir[0], "--prompt-file", bad_texts["latin1"], "--json"])
+    _one_error_line(capsys, code, 2, json_mode=True, match="--prompt-file")
