@@ -148,8 +148,14 @@ def test_existing_destination_is_refused_then_overwritten(gpt2_dir, tmp_path):
     with pytest.raises(OutputExistsError, match="already exists"):
         convert(gpt2_dir[0], dst, progress=False)
     assert (dst / "keep.txt").read_text() == "precious"
-    convert(gpt2_dir[0], dst, overwrite=True, progress=False)
-    assert not (dst / "keep.txt").exists() and (dst / "jaxarith.json").exists()
+    # --overwrite replaces only what jaxarith wrote (issue 16): a user's directory is kept
+    with pytest.raises(OutputExistsError, match="not written by jaxarith"):
+        convert(gpt2_dir[0], dst, overwrite=True, progress=False)
+    assert (dst / "keep.txt").read_text() == "precious"
+    (dst / "keep.txt").unlink()
+    convert(gpt2_dir[0], dst, progress=False, to="hf", overwrite=True)  # empty: replaced
+    convert(gpt2_dir[0], dst, overwrite=True, progress=False)  # a jaxarith output: replaced
+    assert (dst / "jaxarith.json").exists() and not (dst / "model.safetensors").exists()
 
 
 def test_read_only_destination(gpt2_dir, tmp_path, monkeypatch):
