@@ -59,6 +59,8 @@ class Method:
       rescale: DARE's ``1 / density`` rescale of kept entries.
       consensus: TIES sign election, ``"sum"`` (the paper) or ``"count"``.
       dot_threshold: SLERP falls back to lerp above this ``|cos|``.
+      input_dtype: round every input to this dtype before the float32 math (a merge config's
+        ``dtype``, as mergekit loads its inputs in it); None = use the inputs as stored.
     """
 
     kind: Kind
@@ -66,9 +68,15 @@ class Method:
     rescale: bool = True
     consensus: str = "sum"
     dot_threshold: float = 0.9995
+    input_dtype: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "kind", Kind(self.kind))
+        if self.input_dtype is not None:
+            try:
+                object.__setattr__(self, "input_dtype", jnp.dtype(self.input_dtype).name)
+            except TypeError:
+                raise ConfigError(f"dtype {self.input_dtype!r}: not a dtype") from None
         if self.consensus not in ("sum", "count"):
             raise ConfigError(f"consensus {self.consensus!r}: expected 'sum' or 'count'")
 
@@ -122,8 +130,9 @@ class Method:
         return jnp.zeros_like(xs[0]) if self.kind is Kind.DELTA else xs[0]
 
     def __call__(self, xs: tuple[jax.Array, ...], p: dict[str, jax.Array],
-                 key: jax.Array) -> jax.Array:
-        """The result for one tensor: ``xs`` float32 inputs, ``p`` resolved parameters."""
+                 key: jax.Array, layout: ops.Layout = None) -> jax.Array:
+        """The result for one tensor: ``xs`` float32 inputs, ``p`` resolved parameters,
+        ``layout`` where the tensor sits in its HF tensor (see :data:`ops.Layout`)."""
         k = self.kind
         if k is Kind.DELTA:
             return ops.delta(*xs)
@@ -136,7 +145,7 @@ class Method:
         if k is Kind.APPLY_DELTA:
             return ops.apply_delta(*xs, p["scale"])
         if k is Kind.SLERP:
-            return ops.slerp(*xs, p["t"], dot_threshold=self.dot_threshold)
+            return ops.slerp(*xs, p["t"], dot_threshold=self.dot_threshold, layout=layout)
         normalize = self.normalize
         if k is Kind.LINEAR:
             return ops.linear(jnp.stack(xs), p["weight"], True if normalize is None else normalize)
@@ -147,6 +156,7 @@ class Method:
             keys=keys, sparsification=sparsification,
             consensus=self.consensus if consensus else None,
             normalize=default_norm if normalize is None else normalize, rescale=self.rescale,
+            layout=layout,
         )
 
 

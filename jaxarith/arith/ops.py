@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -80,26 +81,45 @@ def keep_count(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
-def magnitude_mask(x: Array, k: Array) -> Array:
-    """Boolean mask of the entries whose ``|x|`` is at least the ``k``-th largest ``|x|``.
+# How one canonical tensor sits in its HF tensor, so that the position order (TIES tie-breaking)
+# and the output rows (SLERP) are HF's, as mergekit sees them. ``(split, transposed)``: view the
+# canonical tensor as ``[prod(shape[:split]), prod(shape[split:])]``; HF's row-major order is that
+# matrix's (``transposed=False``) or its transpose's (``True``), and HF's rows are its rows (resp.
+# columns). ``None``: the tensor is its own HF layout (rows along the first axis). Computed from
+# the keymap by ``layout.hf_layout``.
+Layout = tuple[int, bool] | None
 
-    Exact, without a sort: the float32 bit pattern of a non-negative number is monotone in its
-    value, so a 31-step bisection over the bit patterns finds the ``k``-th largest magnitude with
-    one counting pass per step (memory-bound, and integer counts are the same on any sharding).
-    Ties at the threshold are all kept; ``k = 0`` keeps nothing.
+
+def _as_matrix(x: Array, layout: Layout) -> tuple[Array, bool]:
+    """``x`` as a matrix whose rows (``transposed=False``) or columns (``True``) are HF's rows."""
+    split, transposed = layout if layout is not None else (min(1, x.ndim), False)
+    a = int(np.prod(x.shape[:split], dtype=np.int64))
+    return x.reshape(a, -1), transposed
+
+
+def magnitude_mask(x: Array, k: Array, layout: Layout = None) -> Array:
+    """Boolean mask of the ``k`` entries of largest ``|x|``, exactly ``k`` (mergekit's trim).
+
+    The threshold is the ``k``-th largest magnitude (one sort of the magnitudes); every entry
+    above it is kept, and of the entries equal to it the first ones in HF's row-major order
+    (``layout``) up to ``k`` in total. So the kept set is deterministic and the same on any
+    sharding or batching; ``k = 0`` keeps nothing. ``k`` may be traced (per-layer schedules).
     """
-    bits = jax.lax.bitcast_convert_type(jnp.abs(x), jnp.uint32)  # [*S]
+    mag = jnp.abs(x)
+    n = mag.size
     k = jnp.asarray(k, jnp.int32)
-
-    def step(_, lo_hi):
-        lo, hi = lo_hi
-        mid = lo + (hi - lo) // 2
-        enough = jnp.sum(bits >= mid, dtype=jnp.int32) >= k
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-
-    # Invariant: count(bits >= lo) >= k and count(bits >= hi) < k (hi = 2^31 > any finite |x|).
-    lo, _ = jax.lax.fori_loop(0, 31, step, (jnp.uint32(0), jnp.uint32(1 << 31)))
-    return (bits >= lo) & (k > 0)
+    ordered = jnp.sort(mag.reshape(-1))
+    thr = ordered[jnp.clip(n - k, 0, n - 1)]
+    above = mag > thr
+    at = mag == thr
+    room = k - jnp.sum(above, dtype=jnp.int32)  # how many tied entries still fit
+    m, transposed = _as_matrix(at, layout)
+    if transposed:
+        rank = jnp.cumsum(m.T.reshape(-1).astype(jnp.int32)).reshape(m.T.shape).T
+    else:
+        rank = jnp.cumsum(m.reshape(-1).astype(jnp.int32)).reshape(m.shape)
+    keep = above | (at & (rank.reshape(x.shape) <= room))
+    return keep & (k > 0)
 
 
 def random_mask(key: Array, density: Array, shape: tuple[int, ...]) -> Array:
@@ -108,14 +128,14 @@ def random_mask(key: Array, density: Array, shape: tuple[int, ...]) -> Array:
 
 
 def sparsify(x: Array, *, method: str | None, k: Array, density: Array, key: Array,
-             rescale: bool) -> Array:
+             rescale: bool, layout: Layout = None) -> Array:
     """Trim one task vector: ``"magnitude"`` (TIES: keep the top ``k``) or ``"random"`` (DARE:
     keep each entry with probability ``density``, rescaled by ``1 / density`` = ``1 / (1 - p)``
     when ``rescale``); ``None`` returns ``x``."""
     if method is None:
         return x
     if method == "magnitude":
-        return jnp.where(magnitude_mask(x, k), x, 0.0)
+        return jnp.where(magnitude_mask(x, k, layout), x, 0.0)
     if method == "random":
         kept = jnp.where(random_mask(key, density, x.shape), x, 0.0)
         if rescale:
@@ -153,6 +173,7 @@ def task_merge(
     consensus: str | None,
     normalize: bool,
     rescale: bool = True,
+    layout: Layout = None,
 ) -> Array:
     """Generalised task arithmetic: ``base + lam * merge_i(w_i * trim(models_i - base))``.
 
@@ -171,7 +192,7 @@ def task_merge(
     w = weights.reshape((-1,) + (1,) * base.ndim)  # [M, 1...]
     tvs = jax.vmap(
         lambda m, k, d, key: sparsify(m - base, method=sparsification, k=k, density=d, key=key,
-                                      rescale=rescale)
+                                      rescale=rescale, layout=layout)
     )(models, ks, densities, keys) * w  # [M, *S]
     m = tvs.shape[0]
     if consensus is not None:
@@ -189,26 +210,31 @@ def task_merge(
 
 
 def slerp(a: Array, b: Array, t: Array, dot_threshold: float = 0.9995,
-          eps: float = 1e-8) -> Array:
-    """Spherical interpolation of two tensors seen as single vectors; ``t = 0`` gives ``a``.
+          eps: float = 1e-8, layout: Layout = None) -> Array:
+    """Spherical interpolation of each HF output row of two tensors (mergekit's SLERP).
 
-    Falls back to :func:`lerp` when the normalised vectors are nearly parallel or antiparallel
-    (``|cos| > dot_threshold``) and treats a norm below ``eps`` as 1, so no division by zero.
+    Each row of the HF tensor (``layout``; a 1-D tensor's rows are its entries) is one vector:
+    its angle gives the row's two coefficients. A row falls back to :func:`lerp` when its
+    normalised vectors are nearly parallel or antiparallel (``|cos| > dot_threshold``); a norm
+    below ``eps`` counts as 1, so no division by zero. ``t = 0`` gives ``a`` exactly.
     """
     # Products of float32 are exact in float64 and float64 sums are order-independent to ~1e-16,
     # so the angle rounds to the same float32 on any sharding or batching (needs x64 enabled by
     # the executor; without it this is float32).
     acc = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    a64, b64 = a.astype(acc), b.astype(acc)
-    na = jnp.sqrt(jnp.sum(a64 * a64))
-    nb = jnp.sqrt(jnp.sum(b64 * b64))
-    dot = jnp.sum(a64 * b64)
+    am, transposed = _as_matrix(a, layout)
+    bm, _ = _as_matrix(b, layout)
+    axis = 0 if transposed else 1  # reduce over each HF row's entries
+    a64, b64 = am.astype(acc), bm.astype(acc)
+    na = jnp.sqrt(jnp.sum(a64 * a64, axis=axis, keepdims=True))
+    nb = jnp.sqrt(jnp.sum(b64 * b64, axis=axis, keepdims=True))
     na = jnp.where(na > eps, na, 1.0)
     nb = jnp.where(nb > eps, nb, 1.0)
-    cos = jnp.clip(dot / (na * nb), -1.0, 1.0).astype(jnp.float32)
+    dot = jnp.sum((a64 / na) * (b64 / nb), axis=axis, keepdims=True)
+    cos = jnp.clip(dot, -1.0, 1.0).astype(jnp.float32)
     parallel = jnp.abs(cos) > dot_threshold
     theta = jnp.arccos(jnp.where(parallel, 0.0, cos))
     sin_theta = jnp.where(parallel, 1.0, jnp.sin(theta))
     ca = jnp.where(parallel, 1 - t, jnp.sin((1 - t) * theta) / sin_theta)
     cb = jnp.where(parallel, t, jnp.sin(t * theta) / sin_theta)
-    return ca * a + cb * b
+    return (ca * am + cb * bm).reshape(a.shape)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from jaxarith.arith.check import check_shapes
 from jaxarith.arith.kernel import NO_LAYER, tensor_step
+from jaxarith.arith.layout import rule_layout
 from jaxarith.arith.select import MergeSpec, path_seed
 from jaxarith.atomic import atomic_dir
 from jaxarith.convert.hf import INDEX_FILE, SINGLE_FILE, HFCheckpoint, check_checkpoint
@@ -34,14 +35,14 @@ from jaxarith.convert.safetensors_io import write_safetensors
 from jaxarith.errors import ArchitectureMismatchError, ConfigError
 from jaxarith.models.config import load_config
 
-_step = jax.jit(tensor_step, static_argnums=(0, 5, 6))
+_step = jax.jit(tensor_step, static_argnums=(0, 5, 6, 7))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _layer_step(method, xs, p, seed, layer, selected, out_dtype):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _layer_step(method, xs, p, seed, layer, selected, out_dtype, layout):
     """One layer run as a batch of one through the same vmap as the in-memory executor, so both
     compile the same per-layer program (XLA's fusion and FMA choices then agree)."""
-    f = lambda xs, p, s, l: tensor_step(method, xs, p, s, l, selected, out_dtype)
+    f = lambda xs, p, s, l: tensor_step(method, xs, p, s, l, selected, out_dtype, layout)
     add = lambda x: x[None]
     out = jax.vmap(f)(jax.tree.map(add, xs), jax.tree.map(add, p), seed[None], layer[None])
     return out[0]
@@ -172,6 +173,7 @@ def _read(ckpts, names, key) -> list[np.ndarray]:
 def _results(spec, items, specs, ckpts, names, L, stats, bar) -> Iterator[np.ndarray]:
     """The output tensors in ``items`` order; reads one tensor ahead on a worker thread."""
     n = len(ckpts)
+    layouts = {t: rule_layout(rule, j) for rule, _, _ in items for j, t in enumerate(rule.targets)}
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(_read, ckpts, names, items[0][1]) if items else None
         for i, (rule, key, layer) in enumerate(items):
@@ -191,7 +193,7 @@ def _results(spec, items, specs, ckpts, names, L, stats, bar) -> Iterator[np.nda
                 with spec.method.precision():
                     outs.append(np.asarray(step(spec.method, xs, p,
                                                 path_seed(spec.seed, canon), lay, bool(sel),
-                                                specs[i][2])))
+                                                specs[i][2], layouts[target])))
             del parts
             bar.update()
             yield np.asarray(rule.to_hf(*outs))
