@@ -46,20 +46,12 @@ def np_task(base, models, weights, lam, densities, trim, consensus, normalize):
 
 
 def np_slerp(a, b, t, thr=0.9995):
-    """mergekit's SLERP in float64: one angle per row (first axis; a 1-D tensor's entries)."""
-    a2 = a.reshape(a.shape[0], -1).astype(np.float64)
-    b2 = b.reshape(b.shape[0], -1).astype(np.float64)
-    out = np.empty_like(a2)
-    for r, (x, y) in enumerate(zip(a2, b2, strict=True)):
-        nx, ny = np.linalg.norm(x), np.linalg.norm(y)
-        nx, ny = (nx if nx > 1e-8 else 1.0), (ny if ny > 1e-8 else 1.0)
-        cos = np.clip(np.vdot(x / nx, y / ny), -1, 1)
-        if abs(cos) > thr:
-            out[r] = (1 - t) * x + t * y
-        else:
-            th = np.arccos(cos)
-            out[r] = (np.sin((1 - t) * th) * x + np.sin(t * th) * y) / np.sin(th)
-    return out.reshape(a.shape)
+    an, bn = np.linalg.norm(a.astype(np.float64)), np.linalg.norm(b.astype(np.float64))
+    cos = np.clip(np.vdot(a.astype(np.float64), b.astype(np.float64)) / (an * bn), -1, 1)
+    if abs(cos) > thr:
+        return (1 - t) * a + t * b
+    th = np.arccos(cos)
+    return (np.sin((1 - t) * th) * a + np.sin(t * th) * b) / np.sin(th)
 
 
 def rand_tree(rng, layers=3):

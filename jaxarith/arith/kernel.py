@@ -32,11 +32,11 @@ def tensor_step(method: Method, xs: tuple[jax.Array, ...], p: dict, path_seed: j
       p: parameters from :meth:`MergeSpec.tensor_params`.
       path_seed: ``[2] uint32`` from :func:`select.path_seed`; layer: uint32 index or NO_LAYER.
       selected: a Python bool (static) or a traced bool (a per-layer selection).
-      layout: where the tensor sits in its HF tensor (TIES tie order, SLERP rows).
+      layout: where the tensor sits in its HF tensor (TIES' tie order).
     """
     xs = tuple(jnp.asarray(x) for x in xs)
-    if method.input_dtype is not None:  # a merge config's `dtype`: the inputs as mergekit sees them
-        xs = tuple(x.astype(method.input_dtype) for x in xs)
+    if method.merge_dtype is not None:  # a merge config's `dtype`: the inputs as mergekit sees them
+        xs = tuple(x.astype(method.merge_dtype) for x in xs)
     xs32 = tuple(x.astype(jnp.float32) for x in xs)
     p = {k: jnp.asarray(v).astype(jnp.int32 if k == "k" else jnp.float32) for k, v in p.items()}
     if selected is False:
@@ -44,4 +44,6 @@ def tensor_step(method: Method, xs: tuple[jax.Array, ...], p: dict, path_seed: j
     out = method(xs32, p, tensor_key(path_seed, layer), layout)
     if selected is not True:
         out = jnp.where(selected, out, method.passthrough(xs32))
+    if method.merge_dtype is not None:
+        out = out.astype(method.merge_dtype)
     return out.astype(out_dtype)

@@ -1,7 +1,7 @@
 """Where each canonical tensor sits in its HF tensor (:data:`ops.Layout`), read off the keymap.
 
-mergekit works on HF tensors: TIES breaks ties at its threshold by position in the HF tensor's
-row-major order, and SLERP takes one angle per HF row. jaxarith computes on canonical tensors
+TIES keeps exactly k entries; ties at its threshold are broken by position in the HF tensor's
+row-major order (the order mergekit and every HF tool see). jaxarith computes on canonical tensors
 (``[in, ...]`` where HF stores ``[out, in]``), so each formula is told how the canonical tensor
 maps onto HF's matrix: a ``(split, transposed)`` pair, found by pushing HF row and column indices
 through the rule's own ``to_canon`` hook (broadcast arrays, so no memory) and checking the

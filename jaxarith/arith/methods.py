@@ -59,8 +59,9 @@ class Method:
       rescale: DARE's ``1 / density`` rescale of kept entries.
       consensus: TIES sign election, ``"sum"`` (the paper) or ``"count"``.
       dot_threshold: SLERP falls back to lerp above this ``|cos|``.
-      input_dtype: round every input to this dtype before the float32 math (a merge config's
-        ``dtype``, as mergekit loads its inputs in it); None = use the inputs as stored.
+      merge_dtype: a merge config's ``dtype``, as mergekit uses it: every input is rounded to it
+        before the float32 math, and the result too (before the cast to the output dtype);
+        None = inputs as stored, result straight to the output dtype.
     """
 
     kind: Kind
@@ -68,15 +69,15 @@ class Method:
     rescale: bool = True
     consensus: str = "sum"
     dot_threshold: float = 0.9995
-    input_dtype: str | None = None
+    merge_dtype: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "kind", Kind(self.kind))
-        if self.input_dtype is not None:
+        if self.merge_dtype is not None:
             try:
-                object.__setattr__(self, "input_dtype", jnp.dtype(self.input_dtype).name)
+                object.__setattr__(self, "merge_dtype", jnp.dtype(self.merge_dtype).name)
             except TypeError:
-                raise ConfigError(f"dtype {self.input_dtype!r}: not a dtype") from None
+                raise ConfigError(f"dtype {self.merge_dtype!r}: not a dtype") from None
         if self.consensus not in ("sum", "count"):
             raise ConfigError(f"consensus {self.consensus!r}: expected 'sum' or 'count'")
 
@@ -145,7 +146,7 @@ class Method:
         if k is Kind.APPLY_DELTA:
             return ops.apply_delta(*xs, p["scale"])
         if k is Kind.SLERP:
-            return ops.slerp(*xs, p["t"], dot_threshold=self.dot_threshold, layout=layout)
+            return ops.slerp(*xs, p["t"], dot_threshold=self.dot_threshold)
         normalize = self.normalize
         if k is Kind.LINEAR:
             return ops.linear(jnp.stack(xs), p["weight"], True if normalize is None else normalize)

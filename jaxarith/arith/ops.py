@@ -81,8 +81,8 @@ def keep_count(density: float, numel: int) -> int:
     return max(1, int(density * numel))
 
 
-# How one canonical tensor sits in its HF tensor, so that the position order (TIES tie-breaking)
-# and the output rows (SLERP) are HF's, as mergekit sees them. ``(split, transposed)``: view the
+# How one canonical tensor sits in its HF tensor, so that the position order of TIES'
+# tie-breaking is HF's, as mergekit sees it. ``(split, transposed)``: view the
 # canonical tensor as ``[prod(shape[:split]), prod(shape[split:])]``; HF's row-major order is that
 # matrix's (``transposed=False``) or its transpose's (``True``), and HF's rows are its rows (resp.
 # columns). ``None``: the tensor is its own HF layout (rows along the first axis). Computed from
@@ -210,31 +210,28 @@ def task_merge(
 
 
 def slerp(a: Array, b: Array, t: Array, dot_threshold: float = 0.9995,
-          eps: float = 1e-8, layout: Layout = None) -> Array:
-    """Spherical interpolation of each HF output row of two tensors (mergekit's SLERP).
+          eps: float = 1e-8) -> Array:
+    """Spherical interpolation of two tensors seen as single vectors; ``t = 0`` gives ``a``.
 
-    Each row of the HF tensor (``layout``; a 1-D tensor's rows are its entries) is one vector:
-    its angle gives the row's two coefficients. A row falls back to :func:`lerp` when its
-    normalised vectors are nearly parallel or antiparallel (``|cos| > dot_threshold``); a norm
-    below ``eps`` counts as 1, so no division by zero. ``t = 0`` gives ``a`` exactly.
+    As mergekit 0.1.5 does: one angle per tensor (per layer), measured against its output.
+
+    Falls back to :func:`lerp` when the normalised vectors are nearly parallel or antiparallel
+    (``|cos| > dot_threshold``) and treats a norm below ``eps`` as 1, so no division by zero.
     """
     # Products of float32 are exact in float64 and float64 sums are order-independent to ~1e-16,
     # so the angle rounds to the same float32 on any sharding or batching (needs x64 enabled by
     # the executor; without it this is float32).
     acc = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    am, transposed = _as_matrix(a, layout)
-    bm, _ = _as_matrix(b, layout)
-    axis = 0 if transposed else 1  # reduce over each HF row's entries
-    a64, b64 = am.astype(acc), bm.astype(acc)
-    na = jnp.sqrt(jnp.sum(a64 * a64, axis=axis, keepdims=True))
-    nb = jnp.sqrt(jnp.sum(b64 * b64, axis=axis, keepdims=True))
+    a64, b64 = a.astype(acc), b.astype(acc)
+    na = jnp.sqrt(jnp.sum(a64 * a64))
+    nb = jnp.sqrt(jnp.sum(b64 * b64))
+    dot = jnp.sum(a64 * b64)
     na = jnp.where(na > eps, na, 1.0)
     nb = jnp.where(nb > eps, nb, 1.0)
-    dot = jnp.sum((a64 / na) * (b64 / nb), axis=axis, keepdims=True)
-    cos = jnp.clip(dot, -1.0, 1.0).astype(jnp.float32)
+    cos = jnp.clip(dot / (na * nb), -1.0, 1.0).astype(jnp.float32)
     parallel = jnp.abs(cos) > dot_threshold
     theta = jnp.arccos(jnp.where(parallel, 0.0, cos))
     sin_theta = jnp.where(parallel, 1.0, jnp.sin(theta))
     ca = jnp.where(parallel, 1 - t, jnp.sin((1 - t) * theta) / sin_theta)
     cb = jnp.where(parallel, t, jnp.sin(t * theta) / sin_theta)
-    return (ca * am + cb * bm).reshape(a.shape)
+    return ca * a + cb * b
