@@ -334,8 +334,9 @@ dtype: bfloat16
 """,
 }
 LIBRARY_CALLS = {
+    # `dtype: float32` on bfloat16 models: the output is float32 (out_dtype falls back to dtype)
     "task_arithmetic": lambda ms: arith.task_arithmetic(
-        ms[0], ms[1:], CFG[0], weights=[0.7, [0.2, 0.9]], lam=0.8),
+        ms[0], ms[1:], CFG[0], weights=[0.7, [0.2, 0.9]], lam=0.8, dtype="float32"),
     "ties": lambda ms: arith.ties(
         ms[0], ms[1:], CFG[0], weights=[1.0, 0.5],
         densities=[0.5, [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]]),
