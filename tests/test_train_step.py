@@ -144,3 +144,47 @@ def test_state_is_a_plain_pytree_with_extension_fields(reference):
     state = reference[0]
     assert dataclasses.fields(state)[-1].name == "frozen" and state.frozen == {}
     assert jax.tree.structure(state.average.params) == jax.tree.structure(state.params)
+
+
+def test_loss_weights_and_metrics_interface_against_transformers(llama_dir):
+    """``batch["weights"]`` weighs target tokens; the loss equals transformers' per-token NLL
+    averaged with those weights (float64 numpy from the HF logits, 1e-5), and extra metrics from
+    ``loss_fn`` come back summed over microbatches and divided by the total count."""
+    from jaxarith.refs import load_model
+    from jaxarith.testing import hf_logits
+
+    directory, hf = llama_dir
+    model = load_model(directory)
+    cfg = model.config
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, cfg.vocab_size, (BATCH, SEQ)).astype(np.int32)
+    weights = (rng.random((BATCH, SEQ)) < 0.4).astype(np.float32)
+    logits = np.asarray(hf_logits(hf, tokens), np.float64)
+    mx = logits.max(-1, keepdims=True)
+    lp = logits - mx - np.log(np.exp(logits - mx).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(lp[:, :-1], tokens[:, 1:, None].astype(np.int64), -1)[..., 0]
+    w = weights[:, 1:]
+    want = (nll * w).sum() / w.sum()
+
+    base = next_token_loss_fn(cfg)
+
+    def loss_fn(p, frozen, batch):
+        s, n, _ = base(p, frozen, batch)
+        return s, n, {"weighted_twice": 2.0 * s, "count_metric": n}
+
+    mesh = make_mesh("fsdp=1", jax.devices()[:1])
+    fields = {"tokens": ((), "int32"), "weights": ((), "float32")}
+    fns = build_step(cfg, mesh, tx=TX, schedule=SCHED, batch=BATCH, seq_len=SEQ,
+                     microbatches=2, loss_fn=loss_fn, batch_fields=fields)
+    step, _ = compile_step(fns, mesh)
+    state = init_state(fns, jax.device_put(model.params, transformer.param_shardings(cfg, mesh)),
+                       mesh)
+    split = lambda x: x.reshape(BATCH // 2, 2, SEQ).transpose(1, 0, 2)
+    batch = {"tokens": jax.device_put(split(tokens), fns.batch_sharding["tokens"]),
+             "weights": jax.device_put(split(weights), fns.batch_sharding["weights"])}
+    _, m = step(state, batch)
+    m = jax.device_get(m)
+    np.testing.assert_allclose(m["loss"], want, rtol=1e-5)
+    np.testing.assert_allclose(m["tokens"], w.sum())
+    np.testing.assert_allclose(m["weighted_twice"], 2 * want, rtol=1e-5)
+    np.testing.assert_allclose(m["count_metric"], 1.0, rtol=1e-6)

@@ -7,15 +7,26 @@ parameters, the batch over the data-parallel axes) and the state donated.
 
 Extension points, so new capabilities do not rewrite the loop:
 
-* ``loss_fn(params, frozen, tokens) -> (nll_sum, count)``: the default is next-token NLL; a
+* ``loss_fn(params, frozen, batch) -> (loss_sum, count, metrics)``: the one loss interface.
+  ``batch`` is a dict of one microbatch's arrays (``tokens`` ``[b, T]`` always; more fields when
+  declared with ``build_step(batch_fields=...)``, e.g. ``weights`` ``[b, T]`` loss weights of
+  each target token for instruction tuning, or cached teacher top-k for distillation).
+  ``loss_sum`` and every value of ``metrics`` are *sums over the microbatch's tokens*; the step
+  adds them over microbatches and divides each by the total ``count`` once, so accumulation is
+  exact for all of them. The default is next-token NLL (:func:`next_token_loss_fn`); a
   distillation loss reads a frozen teacher from ``frozen`` (held in the state, sharded, never
   differentiated or updated).
 * ``average``: any :class:`jaxarith.average.Averager` (EMA, SWA, ...), updated inside the step.
 * initial ``params`` may come from anywhere (a checkpoint, scratch, inherited layers).
 
-Gradient accumulation: the batch arrives as ``[M, b, T]`` (M microbatches); gradients of the
-*summed* NLL are accumulated in float32 over a ``lax.scan`` and divided by the total number of
-predicted tokens once, so k microbatches give the same update as one k-times larger batch.
+The training program (:mod:`train.loop`) fills these from the config: an
+:class:`train.extensions.Extension` gives the loss factory, extra batch fields, frozen trees
+(held in ``TrainState.frozen[extension name]``, never checkpointed) and the initial params.
+
+Gradient accumulation: every batch field arrives as ``[M, b, T, ...]`` (M microbatches);
+gradients of the *summed* loss are accumulated in float32 over a ``lax.scan`` and divided by the
+total number of predicted tokens once, so k microbatches give the same update as one k-times
+larger batch.
 """
 
 from __future__ import annotations
@@ -38,8 +49,11 @@ from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig
 
 Params = dict
-LossFn = Callable[[Params, Any, jax.Array], tuple[jax.Array, jax.Array]]
+Batch = dict  # field name -> one microbatch's array, [b, T, ...]
+LossFn = Callable[[Params, Any, Batch], tuple[jax.Array, jax.Array, dict]]
 BATCH_AXES = (None, "batch", "seq")  # [microbatch, batch, seq]
+# The default batch: token ids only. Other fields: name -> (trailing shape after [T], dtype).
+TOKENS_ONLY = {"tokens": ((), "int32")}
 
 
 @jax.tree_util.register_dataclass
@@ -80,10 +94,16 @@ def make_optimizer(opt, schedule: optax.Schedule) -> optax.GradientTransformatio
 
 
 def next_token_loss_fn(cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = False) -> LossFn:
-    """The default loss: summed next-token NLL and its token count."""
-    def loss(params, frozen, tokens):
+    """The default loss: summed next-token NLL, its token count and no extra metrics.
+
+    Honours an optional ``batch["weights"]`` (``[b, T]`` loss weights of target tokens).
+    """
+    def loss(params, frozen, batch):
         del frozen
-        return transformer.next_token_loss(params, cfg, tokens, dtype=dtype, remat=remat)
+        nll, count = transformer.next_token_loss(params, cfg, batch["tokens"],
+                                                 weights=batch.get("weights"), dtype=dtype,
+                                                 remat=remat)
+        return nll, count, {}
 
     return loss
 
@@ -149,6 +169,7 @@ def build_step(
     skip_nonfinite: bool = False,
     frozen: Any = None,
     frozen_shardings: Any = None,
+    batch_fields: dict | None = None,
 ) -> StepFns:
     """Build the state initialiser and the train step for ``cfg`` on ``mesh`` (not compiled).
 
@@ -156,10 +177,13 @@ def build_step(
       tx: the optimizer; ``schedule`` only feeds the ``lr`` metric.
       batch, seq_len, microbatches: the global batch ``[microbatches, batch // microbatches,
         seq_len]`` the step takes.
-      loss_fn: ``(params, frozen, tokens) -> (nll_sum, count)``.
+      loss_fn: ``(params, frozen, batch) -> (loss_sum, count, metrics)`` (see the module doc).
       average: (kind, options) for :func:`jaxarith.average.make_averager`.
       skip_nonfinite: a step with a non-finite loss or gradient leaves the state unchanged.
       frozen: non-trainable trees kept in the state (abstract or concrete).
+      batch_fields: the batch's fields, ``name -> (trailing shape after T, dtype)``; default
+        :data:`TOKENS_ONLY`. Each arrives as ``[microbatches, batch // microbatches, seq_len,
+        *trailing]`` sharded over the data-parallel axes.
     Returns:
       :class:`StepFns`.
     """
@@ -179,27 +203,41 @@ def build_step(
     shd = state_shardings(abstract_state, param_shd, tx, mesh, frozen_shardings)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, shd)
-    bshape = (microbatches, batch // microbatches, seq_len)
-    batch_shd = {"tokens": sharding.named_sharding(mesh, BATCH_AXES, bshape)}
-    abstract_batch = {"tokens": jax.ShapeDtypeStruct(bshape, jnp.int32,
-                                                     sharding=batch_shd["tokens"])}
+    fields = dict(TOKENS_ONLY if batch_fields is None else batch_fields)
+    if "tokens" not in fields:
+        raise ConfigError(f"batch_fields must include 'tokens' (got {sorted(fields)})")
+    batch_shd, abstract_batch = {}, {}
+    for name, (trailing, dtype) in fields.items():
+        shape = (microbatches, batch // microbatches, seq_len, *trailing)
+        batch_shd[name] = sharding.named_sharding(
+            mesh, BATCH_AXES + (None,) * len(trailing), shape)
+        abstract_batch[name] = jax.ShapeDtypeStruct(shape, jnp.dtype(dtype),
+                                                    sharding=batch_shd[name])
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    def split_aux(params, frozen_, mb):
+        loss_sum, n, m = loss_fn(params, frozen_, mb)
+        return loss_sum, (n, m)
+
+    grad_fn = jax.value_and_grad(split_aux, has_aux=True)
 
     def step(state: TrainState, batch_in: dict) -> tuple[TrainState, dict]:
-        def micro(carry, tokens):
-            g_acc, nll_acc, n_acc = carry
-            (nll, n), g = grad_fn(state.params, state.frozen, tokens)
+        def micro(carry, mb):
+            g_acc, loss_acc, n_acc, m_acc = carry
+            (loss_sum, (n, m)), g = grad_fn(state.params, state.frozen, mb)
             g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-            return (g_acc, nll_acc + nll, n_acc + n), None
+            m_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), m_acc, m)
+            return (g_acc, loss_acc + loss_sum, n_acc + n, m_acc), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         zeros = jax.lax.with_sharding_constraint(zeros, param_shd)
-        init_carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (g_sum, nll, count), _ = jax.lax.scan(micro, init_carry, batch_in["tokens"])
+        first = jax.tree.map(lambda x: x[0], batch_in)
+        m_shape = jax.eval_shape(loss_fn, state.params, state.frozen, first)[2]
+        m_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), m_shape)
+        init_carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), m_zeros)
+        (g_sum, loss_total, count, m_sum), _ = jax.lax.scan(micro, init_carry, batch_in)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, g_sum)
-        loss = nll / denom
+        loss = loss_total / denom
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -211,8 +249,9 @@ def build_step(
         if skip_nonfinite:
             kept = dataclasses.replace(state, step=new_step)
             new = jax.tree.map(functools.partial(jnp.where, finite), new, kept)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "tokens": count, "finite": finite}
+        metrics = {k: v / denom for k, v in m_sum.items()}
+        metrics.update({"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                        "tokens": count, "finite": finite})
         return new, metrics
 
     return StepFns(init=init, step=step, state_shardings=shd, batch_sharding=batch_shd,
@@ -226,10 +265,9 @@ def compile_step(fns: StepFns, mesh):
       (compiled, info) where ``info`` has ``flops`` (per step, from XLA's cost analysis, may be
       None) and ``memory`` (the compiled memory analysis as a dict of byte counts, may be empty).
     """
-    rep = _replicated(mesh)
-    metric_shd = {k: rep for k in ("loss", "grad_norm", "lr", "tokens", "finite")}
+    rep = _replicated(mesh)  # every metric is a replicated scalar (a sharding prefix)
     jitted = jax.jit(fns.step, in_shardings=(fns.state_shardings, fns.batch_sharding),
-                     out_shardings=(fns.state_shardings, metric_shd), donate_argnums=0)
+                     out_shardings=(fns.state_shardings, rep), donate_argnums=0)
     with jax.set_mesh(mesh):
         compiled = jitted.lower(fns.abstract_state, fns.abstract_batch).compile()
     return compiled, compiled_info(compiled)

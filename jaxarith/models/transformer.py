@@ -196,6 +196,7 @@ def next_token_loss(
     tokens: jax.Array,
     attention_mask: jax.Array | None = None,
     *,
+    weights: jax.Array | None = None,
     dtype=jnp.float32,
     remat: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -203,6 +204,12 @@ def next_token_loss(
 
     Token t+1 is scored when both t and t+1 are real tokens. Returns (nll_sum, count) so that
     windows and microbatches can be combined exactly.
+
+    Args:
+      weights: optional ``[B, T]`` float weights of each token *as a prediction target*
+        (``weights[:, t]`` weighs the prediction of ``tokens[:, t]`` from the prefix; column 0 is
+        never a target). E.g. 1 on assistant tokens and 0 elsewhere for instruction tuning. They
+        multiply the attention-mask rule above; ``count`` is then their sum.
     """
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
     logits, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat)
@@ -211,6 +218,8 @@ def next_token_loss(
     lse = jax.nn.logsumexp(logits, axis=-1)[:, :-1]
     lp = jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0] - lse
     weight = (mask[:, :-1] & mask[:, 1:]).astype(jnp.float32)
+    if weights is not None:
+        weight = weight * weights[:, 1:].astype(jnp.float32)
     return -jnp.sum(lp * weight), jnp.sum(weight)
 
 
