@@ -38,14 +38,16 @@ def _num_layers(ref: str) -> int:
 def handle(args) -> int:
     from jaxarith.arith.execute import execute
     from jaxarith.arith.mergeconfig import load_merge_config
+    from jaxarith.atomic import protect_inputs
 
     mc = load_merge_config(args.config)
     if mc.layer_ranges:  # before any work: a partial range is an error, not a full merge
         mc.check_layer_ranges(_num_layers(mc.models[0]))
-    info = execute(mc.spec, list(mc.models), args.out, to=args.to, dtype=mc.out_dtype,
-                   mesh=_common.mesh_from(args), in_memory=args.in_memory,
-                   max_shard_size=args.max_shard_size, tokenizer_from=mc.tokenizer_source,
-                   overwrite=args.overwrite, progress=_common.progress_enabled(args))
+    with protect_inputs([args.config, *mc.models]):
+        info = execute(mc.spec, list(mc.models), args.out, to=args.to, dtype=mc.out_dtype,
+                       mesh=_common.mesh_from(args), in_memory=args.in_memory,
+                       max_shard_size=args.max_shard_size, tokenizer_from=mc.tokenizer_source,
+                       overwrite=args.overwrite, progress=_common.progress_enabled(args))
     info["method"] = str(mc.spec.method.kind)
     _common.emit(args, info, f"{info['method']}: wrote {info['out']} ({info['executor']}, "
                              f"{info.get('seconds', 0):.2f} s)")
