@@ -90,9 +90,13 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_step + 1)
         if progress:
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                              dynamic_ncols=True)
+            # log records (and warnings, see train.__main__) are printed above the bar
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
 
     def write(self, record: dict) -> None:
         """Append one record (must hold ``step``); scalars also go to TensorBoard."""
@@ -124,6 +128,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         if self._bar is not None:
+            self._redirect.__exit__(None, None, None)
             self._bar.close()
         if self._tb is not None:
             self._tb.close()

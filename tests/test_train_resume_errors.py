@@ -1,0 +1,87 @@
+"""How runs end and restart: a finished run is reported and left untouched (no eval row, no
+compile); resuming with another model shape names what changed in one short line; a pod config on
+one machine is one line (JSON under --json); orbax's harmless per-save warning is silenced."""
+
+import json
+import logging
+import os
+
+import pytest
+
+from jaxarith.errors import CheckpointError
+from train import loop
+from train.config import load_config
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+LLAMA = os.path.join(ROOT, "configs", "tiny_llama.yaml")
+POD = os.path.join(ROOT, "configs", "llama3_2_1b_cpt_pod.yaml")
+FAST = ["batch=8", "data.seq_len=64", "data.sources.code.max_docs=600",
+        "data.sources.replay.max_docs=300", "eval.batches=1", "log.every=5",
+        "log.progress=false", "checkpoint.every=0", "schedule.total_steps=40",
+        "schedule.peak_lr=1e-2", "schedule.warmup_steps=5", "schedule.cooldown_steps=10",
+        "log.tensorboard=false"]
+
+
+def test_finished_run_is_reported_and_untouched_then_shape_change_is_named(tmp_path, capsys,
+                                                                          monkeypatch):
+    from train.__main__ import main
+
+    out = tmp_path / "run"
+    args = [LLAMA, "steps=2", f"out={out}", *FAST, "--json"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    files = {n: (out / n).read_bytes() for n in ("metrics.jsonl", "summary.json", "loss.png")}
+    assert first["status"] == "done" and first["loss"] is not None
+
+    def no_compile(*a):
+        raise AssertionError("a finished run must not compile")
+
+    monkeypatch.setattr(loop, "compiled_step", no_compile)
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["already_done"] and again["loss"] == first["loss"] and again["step"] == 2
+    assert {n: (out / n).read_bytes() for n in files} == files  # not one byte changed
+    # asking a finished run for an export it has not written: done from the last checkpoint
+    assert main([*args, "--export-hf", str(tmp_path / "hf")]) == 0
+    exported = json.loads(capsys.readouterr().out)["export_hf"]
+    assert exported == str(tmp_path / "hf") and (tmp_path / "hf" / "config.json").exists()
+    assert json.loads((out / "summary.json").read_text())["export_hf"] == exported
+    assert (out / "metrics.jsonl").read_bytes() == files["metrics.jsonl"]
+    monkeypatch.undo()
+
+    # more steps with another hidden size: refused before orbax, naming the keys and tensors
+    with pytest.raises(CheckpointError) as e:
+        loop.run(load_config(LLAMA, [*FAST, "steps=4", f"out={out}",
+                                     "model.config.hidden_size=32"]))
+    msg = str(e.value)
+    assert "hidden_size: 64 -> 32" in msg and "embed (1024, 64) -> (1024, 32)" in msg
+    assert len(msg) < 600 and "\n" not in msg
+    # a changed state layout (EMA -> SWA) is named too
+    with pytest.raises(CheckpointError, match=r"average.kind: 'ema' -> 'swa'"):
+        loop.run(load_config(LLAMA, [*FAST, "steps=4", f"out={out}", "average.kind=swa"]))
+    # fewer steps than the checkpoints hold: a clear error, not a silent no-op
+    with pytest.raises(Exception, match="already has a checkpoint at step 2"):
+        loop.run(load_config(LLAMA, [*FAST, "steps=1", f"out={out}"]))
+
+
+def test_pod_config_on_one_machine_is_one_line(capsys):
+    from train.__main__ import main
+
+    assert main([POD, "--json"]) == 2
+    captured = capsys.readouterr()
+    err = json.loads(captured.out)  # exactly one JSON object
+    assert err["type"] == "ConfigError"
+    assert "distributed: true but no multi-host cluster" in err["error"]
+    assert main([POD]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "distributed=false" in lines[0]
+
+
+def test_orbax_ocdbt_merge_warning_is_silenced(caplog):
+    import train.checkpoint  # noqa: F401  (installs the filter)
+
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("absl").warning("Skipping merge of OCDBT checkpoints: No per-process "
+                                          "OCDBT checkpoint subdirs found in /x")
+        logging.getLogger("absl").warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
