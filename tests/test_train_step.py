@@ -188,3 +188,41 @@ def test_loss_weights_and_metrics_interface_against_transformers(llama_dir):
     np.testing.assert_allclose(m["tokens"], w.sum())
     np.testing.assert_allclose(m["weighted_twice"], 2 * want, rtol=1e-5)
     np.testing.assert_allclose(m["count_metric"], 1.0, rtol=1e-6)
+
+
+def test_logged_lr_is_the_applied_lr_after_a_skipped_step():
+    """A skipped (non-finite) step does not advance optax's schedule; the logged LR must follow
+    it. Warmup 0 -> 1e-3 over 4 steps: the hand-written LRs are k * 2.5e-4 at schedule step k.
+    Run A: batches b1, a poisoned batch (NaN loss weights), b3. Run B: b1, b3. A's params after
+    3 steps equal B's after 2 (bitwise: the skipped step changed nothing, the LR applied at A's
+    step 3 is B's at step 2), and A logs that LR."""
+    sched = ScheduleConfig(kind="constant", init_lr=0.0, peak_lr=1e-3, warmup_steps=4,
+                           total_steps=10).build()
+    tx = make_optimizer(OptimizerConfig(eps=1e-6), sched)
+    mesh = make_mesh("fsdp=1", jax.devices()[:1])
+    fields = {"tokens": ((), "int32"), "weights": ((), "float32")}
+    fns = build_step(CFG, mesh, tx=tx, schedule=sched, batch=BATCH, seq_len=SEQ,
+                     loss_fn=next_token_loss_fn(CFG), skip_nonfinite=True, batch_fields=fields)
+    step, _ = compile_step(fns, mesh)
+    rng = np.random.default_rng(3)
+    tok = [rng.integers(0, CFG.vocab_size, (1, BATCH, SEQ)).astype(np.int32) for _ in range(3)]
+    ones = np.ones((1, BATCH, SEQ), np.float32)
+    nan = np.full((1, BATCH, SEQ), np.nan, np.float32)
+
+    def run(batches):
+        state = init_state(fns, scratch_params(CFG, 0, mesh), mesh)
+        lrs, finite = [], []
+        for t, w in batches:
+            state, m = step(state, {"tokens": jax.device_put(t, fns.batch_sharding["tokens"]),
+                                    "weights": jax.device_put(w, fns.batch_sharding["weights"])})
+            lrs.append(float(m["lr"]))
+            finite.append(bool(m["finite"]))
+        return jax.device_get(state), lrs, finite
+
+    a, lrs_a, finite_a = run([(tok[0], ones), (tok[1], nan), (tok[2], ones)])
+    b, lrs_b, _ = run([(tok[0], ones), (tok[2], ones)])
+    assert finite_a == [True, False, True] and int(a.step) == 3
+    np.testing.assert_allclose(lrs_a, [0.0, 2.5e-4, 2.5e-4], rtol=1e-6)
+    np.testing.assert_allclose(lrs_b, [0.0, 2.5e-4], rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
