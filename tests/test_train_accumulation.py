@@ -17,7 +17,8 @@ ARGS = ["batch=8", "data.seq_len=64", "data.sources.code.max_docs=600",
         "data.sources.replay.max_docs=300", "eval.batches=1", "log.every=1",
         "log.progress=false", "checkpoint.every=0", "schedule.total_steps=40",
         "schedule.peak_lr=1e-2", "schedule.warmup_steps=1", "steps=2", "eval.at_end=false",
-        "log.plot=false", "log.tensorboard=false", "optimizer.eps=1e-6", "mesh=data=2,fsdp=2,tensor=2"]
+        "log.plot=false", "log.tensorboard=false", "optimizer.eps=1e-6",
+        "mesh=data=2,fsdp=2,tensor=2"]
 
 
 def test_loop_microbatches_equal_one_big_batch(tmp_path):

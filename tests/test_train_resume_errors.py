@@ -85,3 +85,14 @@ def test_orbax_ocdbt_merge_warning_is_silenced(caplog):
                                           "OCDBT checkpoint subdirs found in /x")
         logging.getLogger("absl").warning("something else")
     assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_mesh_strict_refuses_an_undivided_dimension_before_work(tmp_path):
+    from jaxarith.errors import ShardingError
+
+    # 4 attention heads over tensor=8: replicated by default, an error naming it when strict
+    cfg = load_config(LLAMA, [*FAST, "steps=2", f"out={tmp_path}", "mesh=tensor=8",
+                              "mesh_strict=true"])
+    with pytest.raises(ShardingError, match="layers/attn"):
+        loop.run(cfg, extensions=[])
+    assert not os.path.exists(tmp_path / "checkpoints")

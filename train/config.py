@@ -164,6 +164,8 @@ class TrainConfig:
       batch: global batch in sequences (over all devices and microbatches).
       microbatches: gradient accumulation: the batch is split into this many microbatches.
       mesh: device mesh spec (``fsdp=-1``, ``data=2,fsdp=2,tensor=2``).
+      mesh_strict: a parameter dimension that does not divide its mesh axis is an error (naming
+        the parameter) instead of being replicated.
       seed: parameter init (scratch) seed.
       on_nonfinite: stop | skip.
       distributed: call ``jax.distributed.initialize()`` (multi-host pods).
@@ -176,6 +178,7 @@ class TrainConfig:
     data: DataConfig
     microbatches: int = 1
     mesh: str = "fsdp=-1"
+    mesh_strict: bool = False
     seed: int = 0
     on_nonfinite: OnNonFinite = OnNonFinite.STOP
     distributed: bool = False

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -374,6 +373,8 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
     out = os.path.abspath(cfg.out)
     os.makedirs(out, exist_ok=True)
     model_cfg, model_dir = model_config(cfg, extensions)
+    # strict: a dimension its mesh axis does not divide is an error naming it (else replicated)
+    transformer.param_shardings(model_cfg, mesh, strict=cfg.mesh_strict)
     seq_len = cfg.data.seq_len
     if seq_len > model_cfg.context_length:
         raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context length "
@@ -456,7 +457,8 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
         ctx = RunContext(cfg=cfg, model_cfg=model_cfg, mesh=mesh, out=out, step=start,
                          state=state, evaluate=evaluate, eval_sets=eval_sets, writer=writer,
                          checkpoints=ckpts, summary=summary, save=save)
-        thr = metrics_lib.Throughput(tokens_per_step, fpt, metrics_lib.device_peak_flops(),
+        thr = metrics_lib.Throughput(tokens_per_step, fpt,
+                                     metrics_lib.total_peak_flops(mesh.devices.size),
                                      mesh.devices.size)
         hooks = [*default_hooks(cfg, thr), *(h for e in extensions for h in e.hooks),
                  *end_hooks(cfg)]
@@ -673,6 +675,5 @@ def _startup_message(cfg, model_cfg, mesh, info, fpt, start, data_s, compile_s, 
     ]
     if start:
         lines.append(f"resumed from the checkpoint at step {start}")
-    if math.isnan(metrics_lib.device_peak_flops()):
-        lines.append("MFU: unknown device peak")
+    lines.append(metrics_lib.peak_description(mesh.devices.size))
     return "\n".join(lines)
