@@ -96,3 +96,47 @@ def test_mesh_strict_refuses_an_undivided_dimension_before_work(tmp_path):
     with pytest.raises(ShardingError, match="layers/attn"):
         loop.run(cfg, extensions=[])
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def _signal_at(monkeypatch, sig, step):
+    """Make the CLI's run send ``sig`` to its own process after ``step``."""
+    import signal as signal_lib
+
+    from train.extensions import Extension, Hook
+
+    def kill(ctx):
+        if ctx.step == step:
+            signal_lib.raise_signal(sig)
+
+    ext = Extension(name="killer", hooks=(Hook(name="killer", every=1, fn=kill),))
+    monkeypatch.setattr(loop, "discover", lambda cfg: [ext])
+
+
+def test_sigterm_exit_code_and_ctrl_c_error(tmp_path, capsys, monkeypatch):
+    import signal as signal_lib
+
+    from train import EXIT_INTERRUPTED, EXIT_PREEMPTED
+    from train.__main__ import main
+
+    _signal_at(monkeypatch, signal_lib.SIGTERM, 1)
+    out = tmp_path / "run"
+    assert main([LLAMA, "steps=2", f"out={out}", *FAST, "--json"]) == EXIT_PREEMPTED == 75
+    res = json.loads(capsys.readouterr().out)
+    assert res["status"] == "preempted" and res["step"] == 1
+
+    _signal_at(monkeypatch, signal_lib.SIGINT, 2)
+    out = tmp_path / "ctrl_c"
+    assert main([LLAMA, "steps=3", f"out={out}", *FAST, "--json"]) == EXIT_INTERRUPTED == 130
+    err = json.loads(capsys.readouterr().out)
+    assert err["type"] == "KeyboardInterrupt" and err["step"] == 2
+    assert "checkpoint is saved" in err["error"]
+    assert sorted(os.listdir(out / "checkpoints")) == ["2"]
+
+    # Ctrl-C outside the training steps (here: while loading data): one line, exit 130
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.data_lib, "load_sources", interrupt)
+    assert main([LLAMA, "steps=3", f"out={tmp_path / 'x'}", *FAST]) == EXIT_INTERRUPTED
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["jaxarith train: interrupted (Ctrl-C)"]
