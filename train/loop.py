@@ -272,7 +272,7 @@ def log_metrics_hook(thr: metrics_lib.Throughput) -> Callable[[RunContext], dict
         if not h:  # no step ran in this invocation
             return None
         rec = {"loss": h["loss"], "lr": h["lr"], "grad_norm": h["grad_norm"],
-               **{k: v for k, v in h.items() if k not in skip}, **thr.read()}
+               **{k: v for k, v in h.items() if k not in skip}, **thr.read(ctx.step)}
         ctx.writer.progress(ctx.step, h["loss"], rec["tokens_per_s"])
         ctx.summary["tokens_per_s"], ctx.summary["mfu"] = rec["tokens_per_s"], rec["mfu"]
         return rec
@@ -345,6 +345,48 @@ def _signals(stop: _Stop):
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
+
+
+def _train_steps(ctx: RunContext, hooks: Sequence[Hook], it, fns, compiled,
+                 on_step: Callable[[int, dict], None] | None) -> str:
+    """Step until ``cfg.steps`` or a SIGTERM / Ctrl-C; run the due hooks after each step.
+
+    Returns:
+      ``done``, ``preempted`` (SIGTERM) or ``interrupted`` (Ctrl-C).
+    """
+    cfg, stop = ctx.cfg, _Stop()
+    with _signals(stop):
+        while ctx.step < cfg.steps:
+            batch_np = next(it)
+            ctx.summary["batches"][ctx.step + 1] = zlib.crc32(batch_np["tokens"].tobytes())
+            # each local [b, ...] field becomes [M, b / M, ...]: microbatch m holds the
+            # consecutive rows m * b / M ... (m + 1) * b / M - 1
+            batch = {name: jax.make_array_from_process_local_data(
+                shd, batch_np[name].reshape(cfg.microbatches, -1, *batch_np[name].shape[1:]))
+                for name, shd in fns.batch_sharding.items()}
+            ctx.state, m = compiled(ctx.state, batch)
+            ctx.step += 1
+            host = {k: float(v) for k, v in jax.device_get(m).items()}
+            host["step"] = ctx.step
+            if not host["finite"]:
+                if cfg.on_nonfinite is OnNonFinite.STOP:
+                    good = ctx.checkpoints.latest_step()
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({host['loss']}) or gradient norm "
+                        f"({host['grad_norm']}) at step {ctx.step}; stopping. Last good "
+                        f"checkpoint: {'none' if good is None else good} in "
+                        f"{ctx.checkpoints.directory}")
+                ctx.writer.log(f"step {ctx.step}: non-finite loss, update skipped")
+            ctx.last = host
+            if on_step is not None:
+                on_step(ctx.step, host)
+            for hook in hooks:
+                if hook.due(ctx.step, cfg.steps):
+                    _run_hook(hook, ctx)
+            if stop.requested:
+                ctx.writer.log(f"{stop.requested}: saving a checkpoint at step {ctx.step}")
+                return "interrupted" if stop.requested == "SIGINT" else "preempted"
+    return "done"
 
 
 def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
@@ -459,44 +501,11 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
                          checkpoints=ckpts, summary=summary, save=save)
         thr = metrics_lib.Throughput(tokens_per_step, fpt,
                                      metrics_lib.total_peak_flops(mesh.devices.size),
-                                     mesh.devices.size)
+                                     mesh.devices.size, start_step=start)
         hooks = [*default_hooks(cfg, thr), *(h for e in extensions for h in e.hooks),
                  *end_hooks(cfg)]
-        stop = _Stop()
-        status = "done"
         try:
-            with _signals(stop):
-                while ctx.step < cfg.steps:
-                    batch_np = next(it)
-                    summary["batches"][ctx.step + 1] = zlib.crc32(batch_np["tokens"].tobytes())
-                    batch = {
-                        name: jax.make_array_from_process_local_data(
-                            shd, batch_np[name].reshape(cfg.microbatches, -1,
-                                                        *batch_np[name].shape[1:]))
-                        for name, shd in fns.batch_sharding.items()}
-                    ctx.state, m = compiled(ctx.state, batch)
-                    ctx.step += 1
-                    thr.tick()
-                    host = {k: float(v) for k, v in jax.device_get(m).items()}
-                    host["step"] = ctx.step
-                    if not host["finite"]:
-                        if cfg.on_nonfinite is OnNonFinite.STOP:
-                            good = ckpts.latest_step()
-                            raise NonFiniteLossError(
-                                f"non-finite loss ({host['loss']}) or gradient norm "
-                                f"({host['grad_norm']}) at step {ctx.step}; stopping. Last good "
-                                f"checkpoint: {'none' if good is None else good} in {ckpt_dir}")
-                        writer.log(f"step {ctx.step}: non-finite loss, update skipped")
-                    ctx.last = host
-                    if on_step is not None:
-                        on_step(ctx.step, host)
-                    for hook in hooks:
-                        if hook.due(ctx.step, cfg.steps):
-                            _run_hook(hook, ctx)
-                    if stop.requested:
-                        status = "interrupted" if stop.requested == "SIGINT" else "preempted"
-                        writer.log(f"{stop.requested}: saving a checkpoint at step {ctx.step}")
-                        break
+            status = _train_steps(ctx, hooks, it, fns, compiled, on_step)
             save()
             if status == "done":
                 ctx.final = True

@@ -153,8 +153,16 @@ def peak_description(devices: int) -> str:
     """One line for the startup message: the peak MFU is quoted against and where it is from."""
     kind = jax.devices()[0].device_kind
     table = any(kind.lower().startswith(k.lower()) for k in PEAK_FLOPS)
-    source = "bf16 table" if table else f"float32 matmul measured once, cached in " \
-        f"{peak_cache_path()}"
+    if table:
+        source = "bf16 table"
+    else:
+        try:
+            with open(peak_cache_path()) as f:
+                cached = peak_key() in json.load(f)
+        except (OSError, json.JSONDecodeError):
+            cached = False
+        source = f"float32 matmul, cached in {peak_cache_path()}" if cached else \
+            "float32 matmul timed now on a busy machine: not cached"
     return f"MFU against {total_peak_flops(devices) / 1e9:,.0f} GFLOP/s ({kind}: {source})"
 
 
@@ -230,25 +238,24 @@ class MetricsWriter:
 
 
 class Throughput:
-    """Tokens/s and MFU over the steps since the last call.
+    """Tokens/s and MFU over the steps since the last reading.
 
     Args:
       peak: the total peak FLOP/s of the ``devices`` (see :func:`total_peak_flops`).
+      start_step: the step the run starts (or resumes) from.
     """
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float,
-                 devices: int):
+                 devices: int, start_step: int = 0):
         self.tokens_per_step, self.fpt = tokens_per_step, flops_per_token
         self.peak, self.devices = peak, devices
-        self._t, self._steps = time.perf_counter(), 0
+        self._t, self._step = time.perf_counter(), start_step
 
-    def tick(self) -> None:
-        self._steps += 1
-
-    def read(self) -> dict:
+    def read(self, step: int) -> dict:
+        """Throughput of the steps after the last reading up to ``step``."""
         now = time.perf_counter()
-        dt, n = now - self._t, self._steps
-        self._t, self._steps = now, 0
+        dt, n = now - self._t, step - self._step
+        self._t, self._step = now, step
         tps = self.tokens_per_step * n / dt if dt > 0 and n else 0.0
         mfu = tps * self.fpt / self.peak if self.peak else float("nan")
         return {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.devices, "mfu": mfu}
