@@ -153,6 +153,7 @@ def peak_description(devices: int) -> str:
     """One line for the startup message: the peak MFU is quoted against and where it is from."""
     kind = jax.devices()[0].device_kind
     table = any(kind.lower().startswith(k.lower()) for k in PEAK_FLOPS)
+    peak = total_peak_flops(devices)  # measures (and caches) first if needed
     if table:
         source = "bf16 table"
     else:
@@ -163,7 +164,7 @@ def peak_description(devices: int) -> str:
             cached = False
         source = f"float32 matmul, cached in {peak_cache_path()}" if cached else \
             "float32 matmul timed now on a busy machine: not cached"
-    return f"MFU against {total_peak_flops(devices) / 1e9:,.0f} GFLOP/s ({kind}: {source})"
+    return f"MFU against {peak / 1e9:,.0f} GFLOP/s ({kind}: {source})"
 
 
 class MetricsWriter:
