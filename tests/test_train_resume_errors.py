@@ -132,6 +132,16 @@ def test_sigterm_exit_code_and_ctrl_c_error(tmp_path, capsys, monkeypatch):
     assert "checkpoint is saved" in err["error"]
     assert sorted(os.listdir(out / "checkpoints")) == ["2"]
 
+    # SIGTERM outside the training steps (here: while loading data): preempted at once, 75
+    def preempt(*a, **k):
+        signal_lib.raise_signal(signal_lib.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(loop.data_lib, "load_sources", preempt)
+    assert main([LLAMA, "steps=3", f"out={tmp_path / 'ctrl_c'}", *FAST, "--json"]) == 75
+    res = json.loads(capsys.readouterr().out)
+    assert res["status"] == "preempted" and res["step"] == 2  # its last checkpoint
+
     # Ctrl-C outside the training steps (here: while loading data): one line, exit 130
     def interrupt(*a, **k):
         raise KeyboardInterrupt

@@ -329,14 +329,14 @@ def _run_hook(hook: Hook, ctx: RunContext) -> None:
 
 
 @contextlib.contextmanager
-def _signals(stop: _Stop):
+def _signals(stop: _Stop, signals=(signal.SIGTERM, signal.SIGINT)):
     """Turn SIGTERM (pod preemption) and Ctrl-C into a request to checkpoint and stop."""
     def handler(signum, _frame):
         stop.requested = signal.Signals(signum).name
 
     old = {}
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             old[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread: leave signals alone
         pass
@@ -348,15 +348,15 @@ def _signals(stop: _Stop):
 
 
 def _train_steps(ctx: RunContext, hooks: Sequence[Hook], it, fns, compiled,
-                 on_step: Callable[[int, dict], None] | None) -> str:
+                 on_step: Callable[[int, dict], None] | None, stop: _Stop) -> str:
     """Step until ``cfg.steps`` or a SIGTERM / Ctrl-C; run the due hooks after each step.
 
     Returns:
       ``done``, ``preempted`` (SIGTERM) or ``interrupted`` (Ctrl-C).
     """
-    cfg, stop = ctx.cfg, _Stop()
+    cfg = ctx.cfg
     with _signals(stop):
-        while ctx.step < cfg.steps:
+        while ctx.step < cfg.steps and not stop.requested:
             batch_np = next(it)
             ctx.summary["batches"][ctx.step + 1] = zlib.crc32(batch_np["tokens"].tobytes())
             # each local [b, ...] field becomes [M, b / M, ...]: microbatch m holds the
@@ -383,9 +383,9 @@ def _train_steps(ctx: RunContext, hooks: Sequence[Hook], it, fns, compiled,
             for hook in hooks:
                 if hook.due(ctx.step, cfg.steps):
                     _run_hook(hook, ctx)
-            if stop.requested:
-                ctx.writer.log(f"{stop.requested}: saving a checkpoint at step {ctx.step}")
-                return "interrupted" if stop.requested == "SIGINT" else "preempted"
+    if stop.requested:
+        ctx.writer.log(f"{stop.requested}: saving a checkpoint at step {ctx.step}")
+        return "interrupted" if stop.requested == "SIGINT" else "preempted"
     return "done"
 
 
@@ -404,6 +404,39 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
       paths, and the final ``state``. A run that had already finished returns its saved
       summary with ``already_done: True`` and no ``state`` (nothing is recomputed or written).
     """
+    try:
+        with _preemptible():  # SIGTERM outside the steps (loading, compiling, end of run)
+            return _run(cfg, on_step, extensions)
+    except _Preempted:
+        out = os.path.abspath(cfg.out)
+        steps = checkpoint_steps(cfg.checkpoint.dir or os.path.join(out, "checkpoints"))
+        step = steps[-1] if steps else 0
+        print(f"SIGTERM: stopped; the last checkpoint is at step {step}", file=sys.stderr,
+              flush=True)
+        return {"out": out, "status": "preempted", "step": step, "loss": None, "batches": {}}
+
+
+class _Preempted(Exception):
+    """SIGTERM arrived outside the training steps (where it is a stop request instead)."""
+
+
+@contextlib.contextmanager
+def _preemptible():
+    def handler(signum, _frame):
+        raise _Preempted()
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     if cfg.distributed:
         initialize_distributed()
     from jaxarith.sharding import make_mesh
@@ -505,7 +538,7 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
         hooks = [*default_hooks(cfg, thr), *(h for e in extensions for h in e.hooks),
                  *end_hooks(cfg)]
         try:
-            status = _train_steps(ctx, hooks, it, fns, compiled, on_step)
+            status = _train_steps(ctx, hooks, it, fns, compiled, on_step, _Stop())
             save()
             if status == "done":
                 ctx.final = True
