@@ -439,14 +439,17 @@ def _preemptible():
 def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     if cfg.distributed:
         initialize_distributed()
-    from jaxarith.sharding import make_mesh
+    from jaxarith.sharding import make_mesh, set_strict_sharding
 
     extensions = list(discover(cfg) if extensions is None else extensions)
     mesh = make_mesh(cfg.mesh)
+    set_strict_sharding(cfg.mesh_strict)
     check_batch_fits(cfg.batch, cfg.microbatches, mesh, jax.process_count())
     data_lib.check_batch(cfg.batch, jax.process_count())
-    out = os.path.abspath(cfg.out)
-    os.makedirs(out, exist_ok=True)
+    from jaxarith.atomic import claim_dir
+
+    # a new, empty or earlier jaxarith run directory (marked); never someone else's files
+    out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"))
     model_cfg, model_dir = model_config(cfg, extensions)
     # strict: a dimension its mesh axis does not divide is an error naming it (else replicated)
     transformer.param_shardings(model_cfg, mesh, strict=cfg.mesh_strict)
@@ -463,11 +466,13 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     done = finished_summary(cfg, out, ckpt_dir)
     if done is not None:
         return _report_finished(cfg, done, model_cfg, model_dir, mesh, ckpt_dir)
-    if cfg.export.hf_dir and not cfg.export.overwrite and os.path.exists(cfg.export.hf_dir) \
+    if cfg.export.hf_dir and os.path.exists(cfg.export.hf_dir) \
             and not os.path.exists(os.path.join(out, "summary.json")):
         from jaxarith.atomic import check_destination
 
-        check_destination(cfg.export.hf_dir)  # refuse now, not after the whole run
+        # refuse now, not after the whole run
+        check_destination(cfg.export.hf_dir, cfg.export.overwrite,
+                          inputs=[out, model_dir, cfg.export.delta_tuned, cfg.export.delta_base])
     loss_ext = only_one(extensions, "loss")
     config_dict = to_dict(cfg)
     if checkpoint_steps(ckpt_dir):  # refuse a changed model before loading data and compiling
@@ -668,7 +673,8 @@ def _report_finished(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, mode
         from jaxarith.atomic import check_destination
         from train.export import export_hf
 
-        check_destination(hf, overwrite=cfg.export.overwrite)
+        check_destination(hf, cfg.export.overwrite,
+                          inputs=[where, model_dir, cfg.export.delta_tuned, cfg.export.delta_base])
         sched = cfg.schedule.build()
         fns = build_step(model_cfg, mesh, tx=make_optimizer(cfg.optimizer, sched),
                          schedule=sched, batch=cfg.batch, seq_len=cfg.data.seq_len,
