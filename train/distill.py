@@ -30,12 +30,12 @@ across runs) beside ``loss``.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 
 from jaxarith import distill as D
+from jaxarith import distill_cache
 from jaxarith.errors import ConfigError
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig
@@ -94,16 +94,7 @@ class DistillSection:
 # ----------------------------------------------------------------------------- teacher
 
 
-def teacher_config(ref: str) -> ModelConfig:
-    """The teacher's model config, read without loading its weights."""
-    from jaxarith.models.config import load_config
-    from jaxarith.refs import RefKind, ref_kind
-
-    if ref_kind(ref) is RefKind.ORBAX:
-        return load_config(os.fspath(ref))
-    from jaxarith.convert.hf import resolve_hf_dir
-
-    return load_config(resolve_hf_dir(ref))
+teacher_config = distill_cache.teacher_config  # the teacher's config, no weights loaded
 
 
 def check_vocab(student_cfg: ModelConfig, teacher_cfg: ModelConfig, teacher_ref: str = "",
