@@ -40,6 +40,16 @@ def teacher(tmp_path_factory):
     return str(d / "hf")
 
 
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory):
+    """An untrained one-layer GPT-2 with the bundled tokenizer's vocabulary (HF directory)."""
+    from jaxarith.testing import make_hf_model, tiny_gpt2_config
+
+    d = tmp_path_factory.mktemp("random_teacher")
+    make_hf_model(d, tiny_gpt2_config(n_layer=1), seed=3, noise=0.5)
+    return str(d)
+
+
 def student_cfg(out, *extra):
     return load_config(LLAMA, [*FAST, *STUDENT, f"out={out}", *extra])
 
@@ -74,6 +84,7 @@ def test_distilled_student_is_closer_to_its_teacher_than_ce_alone(teacher, tmp_p
     assert logged[-1]["kl_t1"] < logged[0]["kl_t1"]
 
 
+@pytest.mark.slow
 def test_cache_equals_live_topk_and_resume_in_both_modes(teacher, tmp_path):
     k = 8
     base = ["steps=4", "schedule.total_steps=4", "checkpoint.every=2", "eval.at_end=false",
@@ -142,7 +153,8 @@ def test_cache_equals_live_topk_and_resume_in_both_modes(teacher, tmp_path):
         loop.run(other_len)
 
 
-def test_bad_distill_input_is_refused_before_compiling(teacher, tmp_path, monkeypatch):
+def test_bad_distill_input_is_refused_before_compiling(random_teacher, tmp_path, monkeypatch):
+    teacher = random_teacher
     def no_compile(*a, **k):
         raise AssertionError("compiled before refusing bad input")
 
@@ -157,3 +169,68 @@ def test_bad_distill_input_is_refused_before_compiling(teacher, tmp_path, monkey
                              "distill.top_k=2000"))
     with pytest.raises(JaxarithError, match="not a distillation cache"):
         loop.run(student_cfg(tmp_path / "d", f"distill.cache={tmp_path}"))
+
+
+def test_cache_cli_records_equal_the_live_teacher_and_resume(random_teacher, tmp_path, capsys,
+                                                             monkeypatch):
+    from jaxarith.assets import bundled_tokenizer
+    from jaxarith.cli import main
+
+    k = 5
+    overrides = ["data.sources.code.max_docs=60", "data.sources.replay.max_docs=40",
+                 "data.seq_len=32"]
+    out = tmp_path / "cache"
+    args = ["distill", "cache", random_teacher, LLAMA, str(out), *overrides, "--top-k", str(k),
+            "--batch", "8", "--shard-windows", "40", "--mesh", "data=2,fsdp=2,tensor=2",
+            "--json"]
+    # an interruption after the first shard leaves OUT absent and a resumable partial directory
+    real, calls = distill_cache.encode, []
+
+    def flaky(*a):
+        calls.append(1)
+        if len(calls) == 50:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(distill_cache, "encode", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert not out.exists() and (tmp_path / "cache.partial" / "teacher-00000.array_record").exists()
+    monkeypatch.setattr(distill_cache, "encode", real)
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["resumed_shards"] == 1 and res["k"] == k and res["shards"] >= 3
+    assert not (tmp_path / "cache.partial").exists()
+    assert main(args) == 2  # OUT exists now
+    assert "already exists" in json.loads(capsys.readouterr().out)["error"]
+
+    # every record equals the live teacher's top-k of its window (computed here on one device)
+    cfg = student_cfg(tmp_path / "x", *overrides)
+    tok = bundled_tokenizer()
+    sources = load_sources(cfg.data, tok)
+    cache = distill_cache.open_cache(str(out))
+    index = distill_cache.check_cache(cache, sources, tok, 32)
+    from jaxarith.sharding import make_mesh
+
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")  # the same sharded forward as the command's
+    t = load_model(random_teacher, mesh=mesh, progress=False)
+    windows = np.concatenate([s.train for s in sources])
+    n = len(windows) // 8 * 8
+    with jax.set_mesh(mesh):
+        live = jax.jit(lambda p, x: D.teacher_topk(transformer.forward(p, t.config, x)[0], k,
+                                                   len(tok)))(t.params, jnp.asarray(windows[:n]))
+    live = jax.device_get(live)
+    joiner = distill_cache.Joiner(cache, index)
+    for i in range(0, n, 7):
+        ex = joiner({"tokens": windows[i]})
+        np.testing.assert_array_equal(ex["teacher_ids"], np.asarray(live.ids[i]))
+        np.testing.assert_allclose(ex["teacher_logp"], np.asarray(live.logp[i]), rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_allclose(ex["teacher_rest"], np.asarray(live.rest[i]), rtol=1e-5,
+                                   atol=1e-5)
+    # another tokenizer / other data are refused
+    with pytest.raises(distill_cache.CacheError, match="seq_len=32, this run uses"):
+        distill_cache.check_cache(cache, sources, tok, 64)
+    monkeypatch.setattr(distill_cache, "tokenizer_fingerprint", lambda _: "other")
+    with pytest.raises(distill_cache.CacheError, match="another tokenizer"):
+        distill_cache.check_cache(cache, sources, tok, 32)
