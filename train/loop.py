@@ -105,7 +105,7 @@ def _local_rows(x: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def compiled_step(model_cfg, mesh, optimizer, schedule, batch, seq_len, microbatches, average,
-                  skip_nonfinite, compute_dtype, remat):
+                  skip_nonfinite, compute_dtype, remat, weighted=False):
     """Build and AOT-compile the train step (cached in-process by every input that shapes it,
     so a resumed or repeated run in the same process does not compile again).
 
@@ -118,7 +118,9 @@ def compiled_step(model_cfg, mesh, optimizer, schedule, batch, seq_len, microbat
     fns = build_step(model_cfg, mesh, tx=make_optimizer(optimizer, sched), schedule=sched,
                      batch=batch, seq_len=seq_len, microbatches=microbatches,
                      loss_fn=next_token_loss_fn(model_cfg, dtype=dtype, remat=remat),
-                     average=(average.kind, average.options()), skip_nonfinite=skip_nonfinite)
+                     average=(average.kind, average.options()), skip_nonfinite=skip_nonfinite,
+                     batch_fields={"tokens": ((), "int32"), "weights": ((), "float32")}
+                     if weighted else None)
     t0 = time.perf_counter()
     compiled, info = compile_step(fns, mesh)
     info["compile_s"] = time.perf_counter() - t0
@@ -135,12 +137,13 @@ def make_eval(model_cfg: ModelConfig, mesh, batch: int, seq_len: int, compute_dt
     shd = sharding.named_sharding(mesh, ("batch", "seq"), (batch, seq_len))
     pshd = transformer.param_shardings(model_cfg, mesh)
 
-    def fn(params, tokens, mask):
-        return transformer.next_token_loss(params, model_cfg, tokens, mask, dtype=dtype)
+    def fn(params, tokens, mask, weights):
+        return transformer.next_token_loss(params, model_cfg, tokens, mask, weights=weights,
+                                           dtype=dtype)
 
-    jitted = jax.jit(fn, in_shardings=(pshd, shd, shd))
+    jitted = jax.jit(fn, in_shardings=(pshd, shd, shd, shd))
 
-    def evaluate(params, windows: np.ndarray) -> float:
+    def evaluate(params, windows: np.ndarray, weights: np.ndarray | None = None) -> float:
         total, count = 0.0, 0.0
         with jax.set_mesh(mesh):
             for s in range(0, len(windows), batch):
@@ -148,9 +151,13 @@ def make_eval(model_cfg: ModelConfig, mesh, batch: int, seq_len: int, compute_dt
                 tokens = np.zeros((batch, seq_len), np.int32)
                 mask = np.zeros((batch, seq_len), np.int32)
                 tokens[: len(chunk)], mask[: len(chunk)] = chunk, 1
+                w = np.ones((batch, seq_len), np.float32)
+                if weights is not None:
+                    w[: len(chunk)] = weights[s: s + batch]
                 t = jax.make_array_from_process_local_data(shd, _local_rows(tokens))
                 m = jax.make_array_from_process_local_data(shd, _local_rows(mask))
-                nll, n = jitted(params, t, m)
+                w = jax.make_array_from_process_local_data(shd, _local_rows(w))
+                nll, n = jitted(params, t, m, w)
                 total, count = total + float(nll), count + float(n)
         return total / max(count, 1.0)
 
@@ -159,10 +166,10 @@ def make_eval(model_cfg: ModelConfig, mesh, batch: int, seq_len: int, compute_dt
 
 def _evaluate_all(evaluate, state, eval_sets: dict, with_average: bool) -> dict:
     out = {}
-    for name, windows in eval_sets.items():
-        out[f"eval/{name}/loss"] = evaluate(state.params, windows)
+    for name, (windows, weights) in eval_sets.items():
+        out[f"eval/{name}/loss"] = evaluate(state.params, windows, weights)
         if with_average and state.average is not None:
-            out[f"eval_avg/{name}/loss"] = evaluate(state.average.value(), windows)
+            out[f"eval_avg/{name}/loss"] = evaluate(state.average.value(), windows, weights)
     return out
 
 
@@ -228,13 +235,14 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
     sources = data_lib.load_sources(cfg.data, tokenizer)
     eval_batch = cfg.batch // cfg.microbatches
     n_eval = cfg.eval.batches * eval_batch
-    eval_sets = {s.name: data_lib.eval_windows(s, n_eval) for s in sources if len(s.eval)}
+    eval_sets = {s.name: (data_lib.eval_windows(s, n_eval), data_lib.eval_weights(s, n_eval))
+                 for s in sources if len(s.eval)}
     data_s = time.perf_counter() - t0
 
     fns, compiled, info = compiled_step(
         model_cfg, mesh, cfg.optimizer, cfg.schedule, cfg.batch, seq_len, cfg.microbatches,
         cfg.average, cfg.on_nonfinite is OnNonFinite.SKIP, cfg.model.compute_dtype,
-        cfg.model.remat)
+        cfg.model.remat, any(s.train_weights is not None for s in sources))
     compile_s = info["compile_s"]
     evaluate = make_eval(model_cfg, mesh, eval_batch, seq_len, cfg.model.compute_dtype)
 
