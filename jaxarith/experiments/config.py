@@ -32,8 +32,8 @@ import yaml
 from jaxarith.errors import ConfigError
 
 TINY_LLAMA = {
-    "vocab_size": 1024, "hidden_size": 96, "intermediate_size": 256, "num_hidden_layers": 3,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 24,
+    "vocab_size": 1024, "hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
     "max_position_embeddings": 256, "rms_norm_eps": 1.0e-5, "tie_word_embeddings": False,
     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
 }
@@ -54,29 +54,29 @@ DEFAULT: dict[str, Any] = {
     },
     "stages": {
         "pretrain": {
-            "steps": 400,
+            "steps": 300,
             "data": {"seq_len": 128, "eval_fraction": 0.05,
                      "sources": {"docs": {"kind": "text", "path": "bundled:docs"}}},
             "schedule": {"kind": "cosine", "peak_lr": 3.0e-3, "end_lr": 3.0e-4,
                          "warmup_steps": 30},
         },
         "instruct": {
-            "steps": 200,
+            "steps": 150,
             "data": {"seq_len": 96, "eval_fraction": 0.0,
                      "sources": {"instruct": {"kind": "chat", "path": "bundled:instruct"}}},
             "schedule": {"kind": "cosine", "peak_lr": 1.0e-3, "end_lr": 1.0e-4,
                          "warmup_steps": 20},
         },
         "continue": {
-            "steps": 300,
+            "steps": 200,
             "data": {"seq_len": 128, "eval_fraction": 0.05,
                      "sources": {"code": {"kind": "text", "path": "bundled:code",
                                           "weight": 0.95},
                                  "replay": {"kind": "text", "path": "bundled:docs",
                                             "weight": 0.05}}},
-            # re-warmed: a fresh warm-up to the peak, then cosine decay
-            "schedule": {"kind": "cosine", "peak_lr": 2.0e-3, "end_lr": 2.0e-4,
-                         "warmup_steps": 30},
+            # re-warmed: from the pre-training's final LR up to a new peak, then re-decayed
+            "schedule": {"kind": "rewarm", "init_lr": 3.0e-4, "peak_lr": 2.0e-3,
+                         "end_lr": 2.0e-4, "warmup_steps": 20},
         },
     },
     "eval": {"new_domain": "code", "old_domain": "replay", "max_chars": 40000,
