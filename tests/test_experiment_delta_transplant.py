@@ -26,27 +26,14 @@ LLAMA_3_2_1B = {
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     "bos_token_id": 128000, "eos_token_id": 128001,
 }
-SMALL = {
-    "train": {"batch": 8, "mesh": "fsdp=-1",
-              "model": {"config": {"hidden_size": 32, "intermediate_size": 64,
-                                   "num_hidden_layers": 2, "num_attention_heads": 2,
-                                   "num_key_value_heads": 1, "head_dim": 16}},
-              "checkpoint": {"every": 0}, "log": {"every": 2, "progress": False}},
-    "stages": {"pretrain": {"steps": 6, "data": {"seq_len": 32},
-                            "schedule": {"warmup_steps": 2}},
-               "instruct": {"steps": 4, "data": {"seq_len": 80},
-                            "schedule": {"warmup_steps": 1}},
-               "continue": {"steps": 4, "data": {"seq_len": 32},
-                            "schedule": {"warmup_steps": 1}}},
-    "eval": {"max_chars": 1500, "instruct_examples": 8, "max_new_tokens": 4},
-}
+SMOKE = os.path.join(ROOT, "configs", "experiments", "delta_transplant_smoke.yaml")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("dt") / "run")
     lines = []
-    cfg = config_lib.load(None, SMALL)
+    cfg = config_lib.load(SMOKE, {"train": {"log": {"progress": False}}})
     res = delta_transplant.run(cfg, out, log=lines.append, progress=False)
     return out, res, lines, cfg
 
@@ -169,3 +156,12 @@ def test_llama3_2_1b_config_parses_and_fits_the_pod_mesh(tmp_path):
     assert fns.abstract_batch["tokens"].shape == (2, 256, 2048)
     n = sum(x.size for x in jax.tree.leaves(fns.abstract_state.params))
     assert 1.23e9 < n < 1.24e9
+
+
+@pytest.mark.parametrize("path", sorted(
+    __import__("glob").glob(os.path.join(ROOT, "configs", "experiments", "*.yaml"))),
+    ids=os.path.basename)
+def test_every_experiment_config_builds_its_stages(path, tmp_path):
+    cfg = config_lib.load(path)
+    stages = delta_transplant.stage_train_configs(cfg, str(tmp_path))
+    assert {"trained", "instruct_trained"} <= set(stages)

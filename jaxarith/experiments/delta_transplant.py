@@ -27,60 +27,21 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from collections.abc import Callable
 
 from jaxarith.errors import JaxarithError
 from jaxarith.experiments import config as config_lib
+from jaxarith.experiments.common import (
+    Log,
+    Stages,
+    log_stderr,
+    prepare_out,
+    run_training,
+    write_json,
+    write_text,
+)
 
 MODELS = ("base", "instruct", "trained", "final", "instruct_trained")
-MARKER = ".jaxarith-output.json"
-Log = Callable[[str], None]
-
-
-class StagePreempted(JaxarithError):
-    """A training stage stopped on SIGTERM/Ctrl-C after saving a checkpoint: rerun to resume."""
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- the output dir
-
-
-def prepare_out(out: str) -> str:
-    """Create ``out`` (or reuse one this pipeline made) and mark it as a jaxarith output.
-
-    A non-empty directory without the marker is refused: it is not ours to write into.
-    """
-    out = os.path.abspath(out)
-    marker = os.path.join(out, MARKER)
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(marker):
-        raise JaxarithError(f"{out} exists and is not a jaxarith experiment output (no {MARKER}):"
-                            " choose another --out")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise JaxarithError(f"{out} exists and is not a directory")
-    os.makedirs(out, exist_ok=True)
-    if not os.path.exists(marker):
-        _write_json(marker, {"kind": "jaxarith experiment", "experiment": "delta-transplant"})
-    return out
-
-
-def _write_json(path: str, obj) -> None:
-    """Write JSON atomically (a temporary sibling renamed into place)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- training stages
@@ -122,18 +83,6 @@ def stage_train_configs(cfg: dict, out: str) -> dict:
     return built
 
 
-def run_training(name: str, tcfg, log: Log) -> dict:
-    """Run one training stage through the training program (resuming from its checkpoint)."""
-    from train.loop import run
-
-    summary = run(tcfg)
-    if summary["status"] != "done":
-        raise StagePreempted(f"stage {name} stopped at step {summary['step']} "
-                             f"({summary['status']}); its checkpoint is in {tcfg.out}: rerun "
-                             "the same command to resume")
-    return {k: v for k, v in summary.items() if k not in ("state", "batches")}
-
-
 # ----------------------------------------------------------------------------- eval texts
 
 
@@ -161,7 +110,7 @@ def write_eval_texts(cfg: dict, tcfg, out: str) -> dict:
         _, held = data_lib.split_documents(data_lib.read_documents(src),
                                            tcfg.data.eval_fraction)
         text = "\n\n".join(held)[: cfg["eval"]["max_chars"]]
-        _write_text(path, text)
+        write_text(path, text)
     return paths
 
 
@@ -225,7 +174,7 @@ def evaluate_model(ref: str, texts: dict, cfg: dict) -> dict:
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def run(cfg: dict, out: str | None = None, *, log: Log = _stderr, progress: bool = True) -> dict:
+def run(cfg: dict, out: str | None = None, *, log: Log = log_stderr, progress: bool = True) -> dict:
     """Run (or resume) the experiment; returns the results dict written to results.json.
 
     Args:
@@ -236,7 +185,7 @@ def run(cfg: dict, out: str | None = None, *, log: Log = _stderr, progress: bool
     """
     from jaxarith.experiments import report
 
-    out = prepare_out(out or cfg["out"])
+    out = prepare_out(out or cfg["out"], "delta-transplant")
     tcfgs = stage_train_configs(cfg, out)
     if not progress:
         import dataclasses
@@ -247,49 +196,35 @@ def run(cfg: dict, out: str | None = None, *, log: Log = _stderr, progress: bool
     refs = {"base": cfg["base"] or os.path.join(models, "base"),
             "instruct": cfg["instruct"] or os.path.join(models, "instruct"),
             **{n: os.path.join(models, n) for n in ("trained", "final", "instruct_trained")}}
-    t_start = time.perf_counter()
-    timings: dict = {}
-    stages = ["base", "instruct", "delta", "trained", "final", "instruct_trained", "eval"]
-    n = len(stages)
-
-    def stage(i: int, name: str, what: str, done: bool, fn) -> None:
-        if done:
-            log(f"[{i}/{n}] {name}: cached ({what})")
-            timings[name] = 0.0
-            return
-        log(f"[{i}/{n}] {name}: {what} ...")
-        t0 = time.perf_counter()
-        fn()
-        timings[name] = round(time.perf_counter() - t0, 1)
-        log(f"[{i}/{n}] {name}: done in {timings[name]:.1f} s "
-            f"(total {time.perf_counter() - t_start:.0f} s)")
+    st = Stages(7, log)
 
     def train(name):
-        return lambda: run_training(name, tcfgs[name], log)
+        return lambda: run_training(name, tcfgs[name])
 
     for i, name in enumerate(("base", "instruct"), 1):
         if name in tcfgs:
-            stage(i, name, f"{'pre-train' if name == 'base' else 'instruction-tune'} "
-                  f"{tcfgs[name].steps} steps", os.path.exists(refs[name]), train(name))
+            st.run(name, f"{'pre-train' if name == 'base' else 'instruction-tune'} "
+                   f"{tcfgs[name].steps} steps", os.path.exists(refs[name]), train(name), i)
         else:
-            log(f"[{i}/{n}] {name}: given ({refs[name]})")
+            st.i = i
+            log(f"[{i}/7] {name}: given ({refs[name]})")
     norms_path = os.path.join(out, "delta", "norms.json")
     moved_path = os.path.join(out, "delta", "trained_minus_base.json")
     os.makedirs(os.path.dirname(norms_path), exist_ok=True)
-    stage(3, "delta", "instruct - base, norms report", os.path.exists(norms_path),
-          lambda: _write_json(norms_path, norms(refs["base"], refs["instruct"])))
-    stage(4, "trained", f"continue pre-training the base {tcfgs['trained'].steps} steps",
-          os.path.exists(refs["trained"]), train("trained"))
+    st.run("delta", "instruct - base, norms report", os.path.exists(norms_path),
+           lambda: write_json(norms_path, norms(refs["base"], refs["instruct"])))
+    st.run("trained", f"continue pre-training the base {tcfgs['trained'].steps} steps",
+           os.path.exists(refs["trained"]), train("trained"))
 
     def do_final():
-        _write_json(moved_path, norms(refs["base"], refs["trained"]))
+        write_json(moved_path, norms(refs["base"], refs["trained"]))
         make_final(refs["base"], refs["instruct"], refs["trained"], refs["final"])
 
-    stage(5, "final", "trained + (instruct - base)",
-          os.path.exists(refs["final"]) and os.path.exists(moved_path), do_final)
-    stage(6, "instruct_trained",
-          f"continue pre-training the instruct model {tcfgs['instruct_trained'].steps} steps",
-          os.path.exists(refs["instruct_trained"]), train("instruct_trained"))
+    st.run("final", "trained + (instruct - base)",
+           os.path.exists(refs["final"]) and os.path.exists(moved_path), do_final)
+    st.run("instruct_trained",
+           f"continue pre-training the instruct model {tcfgs['instruct_trained'].steps} steps",
+           os.path.exists(refs["instruct_trained"]), train("instruct_trained"))
 
     texts = write_eval_texts(cfg, tcfgs["trained"], out)
     evals = {}
@@ -299,13 +234,13 @@ def run(cfg: dict, out: str | None = None, *, log: Log = _stderr, progress: bool
             path = os.path.join(out, "eval", f"{name}.json")
             if not os.path.exists(path):
                 t0 = time.perf_counter()
-                _write_json(path, evaluate_model(refs[name], texts, cfg))
+                write_json(path, evaluate_model(refs[name], texts, cfg))
                 log(f"    eval {name}: {time.perf_counter() - t0:.1f} s")
             with open(path) as f:
                 evals[name] = json.load(f)
 
-    stage(7, "eval", "domain losses and instruction eval of 5 models",
-          all(os.path.exists(os.path.join(out, "eval", f"{m}.json")) for m in MODELS), do_eval)
+    st.run("eval", "domain losses and instruction eval of 5 models",
+           all(os.path.exists(os.path.join(out, "eval", f"{m}.json")) for m in MODELS), do_eval)
     if not evals:
         do_eval()  # cached: read the per-model JSON files
     with open(norms_path) as f:
@@ -313,8 +248,8 @@ def run(cfg: dict, out: str | None = None, *, log: Log = _stderr, progress: bool
     with open(moved_path) as f:
         moved = json.load(f)
     results = report.results(evals, delta, moved, refs)
-    results["seconds"] = timings
-    results["seconds_total"] = round(time.perf_counter() - t_start, 1)
-    _write_json(os.path.join(out, "results.json"), results)
+    results["seconds"] = st.seconds
+    results["seconds_total"] = st.total_seconds()
+    write_json(os.path.join(out, "results.json"), results)
     report.write_all(out, results, delta, moved, tcfgs)
     return results

@@ -111,10 +111,10 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def plot_loss_curves(out: str, tcfgs: dict) -> str:
+def plot_loss_curves(out: str, tcfgs: dict, order=MODELS) -> str:
     """Training loss of every stage against its step (one panel per stage)."""
     plt = _plt()
-    names = [n for n in MODELS if n in tcfgs]
+    names = [n for n in order if n in tcfgs]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         path = os.path.join(tcfgs[name].out, "metrics.jsonl")
