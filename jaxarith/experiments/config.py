@@ -54,21 +54,21 @@ DEFAULT: dict[str, Any] = {
     },
     "stages": {
         "pretrain": {
-            "steps": 300,
+            "steps": 400,
             "data": {"seq_len": 128, "eval_fraction": 0.05,
                      "sources": {"docs": {"kind": "text", "path": "bundled:docs"}}},
             "schedule": {"kind": "cosine", "peak_lr": 3.0e-3, "end_lr": 3.0e-4,
                          "warmup_steps": 30},
         },
         "instruct": {
-            "steps": 150,
+            "steps": 200,
             "data": {"seq_len": 96, "eval_fraction": 0.0,
                      "sources": {"instruct": {"kind": "chat", "path": "bundled:instruct"}}},
             "schedule": {"kind": "cosine", "peak_lr": 1.0e-3, "end_lr": 1.0e-4,
                          "warmup_steps": 20},
         },
         "continue": {
-            "steps": 200,
+            "steps": 300,
             "data": {"seq_len": 128, "eval_fraction": 0.05,
                      "sources": {"code": {"kind": "text", "path": "bundled:code",
                                           "weight": 0.95},
