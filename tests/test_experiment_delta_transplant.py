@@ -13,6 +13,7 @@ from jaxarith import cli
 from jaxarith.errors import ConfigError, JaxarithError
 from jaxarith.experiments import config as config_lib
 from jaxarith.experiments import delta_transplant
+from jaxarith.experiments.common import prepare_out
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("base", "instruct", "trained", "final", "instruct_trained")
@@ -125,7 +126,7 @@ def test_refuses_bad_configs_and_foreign_dirs(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("x")
     with pytest.raises(JaxarithError, match="not a jaxarith experiment output"):
-        delta_transplant.prepare_out(str(tmp_path / "mine"))
+        prepare_out(str(tmp_path / "mine"), "delta-transplant")
 
 
 def test_llama3_2_1b_config_parses_and_fits_the_pod_mesh(tmp_path):
