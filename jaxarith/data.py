@@ -359,13 +359,10 @@ def batch_iterator(ds: grain.MapDataset, global_batch: int, *, process_index: in
     return it
 
 
-def eval_windows(source: SourceData, max_windows: int) -> np.ndarray:
-    """The first ``max_windows`` held-out windows of a source (fixed, not shuffled)."""
-    return source.eval[:max_windows]
-
-
-def eval_weights(source: SourceData, max_windows: int) -> np.ndarray:
-    """The loss weights of :func:`eval_windows` (all ones for text sources)."""
+def eval_windows(source: SourceData, max_windows: int) -> np.ndarray | dict:
+    """The first ``max_windows`` held-out windows of a source (fixed, not shuffled): the token
+    array [n, T] for a text source; for a source with loss weights (chat) a dict ``{"tokens":
+    [n, T], "weights": [n, T]}`` so that its eval scores only the weighted tokens."""
     if source.eval_weights is None:
-        return np.ones(source.eval[:max_windows].shape, np.float32)
-    return source.eval_weights[:max_windows]
+        return source.eval[:max_windows]
+    return {"tokens": source.eval[:max_windows], "weights": source.eval_weights[:max_windows]}
