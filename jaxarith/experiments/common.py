@@ -92,5 +92,14 @@ class Stages:
         self.log(f"{tag}: done in {self.seconds[name]:.1f} s "
                  f"(total {time.perf_counter() - self.t0:.0f} s)")
 
-    def total_seconds(self) -> float:
-        return round(time.perf_counter() - self.t0, 1)
+    def timings(self, results_path: str) -> dict:
+        """Seconds per stage, keeping the earlier run's time of each cached stage (read from
+        the previous ``results.json``), so a rerun does not report zeros."""
+        prev: dict = {}
+        if os.path.exists(results_path):
+            try:
+                with open(results_path) as f:
+                    prev = json.load(f).get("seconds", {})
+            except (OSError, json.JSONDecodeError):
+                prev = {}
+        return {k: v if v else prev.get(k, v) for k, v in self.seconds.items()}

@@ -248,8 +248,8 @@ def run(cfg: dict, out: str | None = None, *, log: Log = log_stderr, progress: b
     with open(moved_path) as f:
         moved = json.load(f)
     results = report.results(evals, delta, moved, refs)
-    results["seconds"] = st.seconds
-    results["seconds_total"] = st.total_seconds()
+    results["seconds"] = st.timings(os.path.join(out, "results.json"))
+    results["seconds_total"] = round(sum(results["seconds"].values()), 1)
     write_json(os.path.join(out, "results.json"), results)
     report.write_all(out, results, delta, moved, tcfgs)
     return results

@@ -255,9 +255,9 @@ def run(cfg: dict, out: str | None = None, *, log: Log = log_stderr,
         "gap_closed": gap_closed(evals),
         "speculative": speed,
         "model_paths": refs,
-        "seconds": st.seconds,
-        "seconds_total": st.total_seconds(),
+        "seconds": st.timings(os.path.join(out, "results.json")),
     }
+    results["seconds_total"] = round(sum(results["seconds"].values()), 1)
     write_json(os.path.join(out, "results.json"), results)
     report_w2s.write_all(out, results, tcfgs)
     return results
