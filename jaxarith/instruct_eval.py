@@ -1,7 +1,7 @@
 """Instruction eval: answer-only NLL and exact match of greedy answers on held-out conversations.
 
 For one model or any logit-arithmetic combination of models (the members of a
-:class:`~jaxarith.decode.Decoder`, e.g. :func:`jaxarith.logits.proxy_tuning`), on conversations
+:class:`~jaxarith.decode.DecodeSpec`, e.g. :func:`jaxarith.logits.proxy_tuning`), on conversations
 that end with an assistant turn (the bundled ``instruct_eval.jsonl`` by default):
 
 - **answer NLL**: the mean negative log-likelihood per *assistant* token (the answer and its
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxarith import chat
-from jaxarith.decode import Decoder, Member, combine, generate
+from jaxarith.decode import DecodeSpec, Member, combine, generate
 from jaxarith.errors import JaxarithError
 from jaxarith.models.transformer import forward
 
@@ -48,7 +48,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _answer_nll(dec: Decoder, params, member_w, tokens, mask, weights):
+def _answer_nll(dec: DecodeSpec, params, member_w, tokens, mask, weights):
     logits = [forward(p, m.config, tokens, attention_mask=mask)[0]
               for m, p in zip(dec.members, params, strict=True)]
     logp = combine(dec, [z[:, :-1] for z in logits], member_w)  # [B, T-1, V]
@@ -65,7 +65,7 @@ def answer_nll(members: Sequence[Member], params: Sequence[dict],
     Conversations are rendered whole (every assistant turn is scored), right-padded into
     ``[batch_size, T]`` batches with ``T`` the longest rounded up to 16 (one compiled program).
     """
-    dec = Decoder(members=tuple(members), max_new_tokens=1)
+    dec = DecodeSpec(members=tuple(members), max_new_tokens=1)
     rendered = [chat.render(c, tokenizer) for c in conversations]
     if not rendered:
         raise JaxarithError("no conversations to evaluate")
@@ -100,7 +100,7 @@ def greedy_answers(members: Sequence[Member], params: Sequence[dict],
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stops = chat.stop_tokens(tokenizer)
     bucket = _round_up(max(len(p) for p in prompts), 8)  # every batch: one prompt length
-    dec = Decoder(members=tuple(members), max_new_tokens=max_new_tokens, stop_tokens=stops,
+    dec = DecodeSpec(members=tuple(members), max_new_tokens=max_new_tokens, stop_tokens=stops,
                   pad_token=pad, prompt_bucket=bucket,
                   vocab_limit=min(len(tokenizer), members[0].config.vocab_size))
     out = []

@@ -126,7 +126,7 @@ def test_refuses_bad_configs_and_foreign_dirs(tmp_path):
         delta_transplant.stage_train_configs(cfg, str(tmp_path))
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("x")
-    with pytest.raises(JaxarithError, match="not a jaxarith experiment output"):
+    with pytest.raises(JaxarithError, match="was not written by jaxarith"):
         prepare_out(str(tmp_path / "mine"), "delta-transplant")
 
 

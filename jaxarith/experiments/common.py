@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 from jaxarith.errors import JaxarithError
 
-MARKER = ".jaxarith-output.json"
 Log = Callable[[str], None]
 
 
@@ -24,21 +23,12 @@ class StagePreempted(JaxarithError):
 
 
 def prepare_out(out: str, experiment: str) -> str:
-    """Create ``out`` (or reuse one this pipeline made) and mark it as a jaxarith output.
+    """Create ``out`` (or re-use one a jaxarith command made) and mark it as an experiment
+    output (:func:`jaxarith.atomic.claim_dir`); a non-empty directory jaxarith did not write is
+    refused."""
+    from jaxarith.atomic import claim_dir
 
-    A non-empty directory without the marker is refused: it is not ours to write into.
-    """
-    out = os.path.abspath(out)
-    marker = os.path.join(out, MARKER)
-    if os.path.isdir(out) and os.listdir(out) and not os.path.exists(marker):
-        raise JaxarithError(f"{out} exists and is not a jaxarith experiment output (no {MARKER}):"
-                            " choose another --out")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise JaxarithError(f"{out} exists and is not a directory")
-    os.makedirs(out, exist_ok=True)
-    if not os.path.exists(marker):
-        write_json(marker, {"kind": "jaxarith experiment", "experiment": experiment})
-    return out
+    return claim_dir(out, kind="experiment", info={"experiment": experiment})
 
 
 def write_json(path: str, obj) -> None:

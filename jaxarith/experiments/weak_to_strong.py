@@ -165,9 +165,10 @@ def timing(cfg: dict, refs: dict) -> dict:
     """Plain large decoding, plain EFT and speculative EFT (k from the config) on the same
     greedy prompts: tokens/s (compilation excluded), acceptance rates, speed-ups."""
     from jaxarith import chat, data
-    from jaxarith.decode import Decoder, Member, generate
-    from jaxarith.logits import SpeculativeDecoder, eft_up, generate_speculative
+    from jaxarith.decode import DecodeSpec, Member, generate
+    from jaxarith.logits import eft_up
     from jaxarith.refs import load_model
+    from jaxarith.speculative import SpeculativeSpec, generate_speculative
 
     m = {n: load_model(refs[n], progress=False) for n in ("large_base", "small_tuned",
                                                           "small_base")}
@@ -185,15 +186,15 @@ def timing(cfg: dict, refs: dict) -> dict:
         fn()  # compile (and warm up)
         return fn()
 
-    plain = Decoder(members=(Member(m["large_base"].config),), **common)
+    plain = DecodeSpec(members=(Member(m["large_base"].config),), **common)
     g = timed(lambda: generate(plain, [params[0]], prompts))
     out["plain_large"] = {"tokens_per_s": g.tokens_per_s, "seconds": g.seconds}
-    eft = Decoder(members=eft_up(m["large_base"].config, m["small_tuned"].config,
+    eft = DecodeSpec(members=eft_up(m["large_base"].config, m["small_tuned"].config,
                                  m["small_base"].config, beta=1.0), **common)
     g_eft = timed(lambda: generate(eft, params, prompts))
     out["plain_eft"] = {"tokens_per_s": g_eft.tokens_per_s, "seconds": g_eft.seconds}
     for k in cfg["eval"]["speculative_k"]:
-        sd = SpeculativeDecoder(decoder=eft, drafter=1, k=k)
+        sd = SpeculativeSpec(decoder=eft, drafter=1, k=k)
         g = timed(lambda sd=sd: generate_speculative(sd, params, prompts))
         same = bool((g.tokens == g_eft.tokens).all() and (g.lengths == g_eft.lengths).all())
         out[f"speculative_k{k}"] = {
