@@ -24,6 +24,7 @@ from jaxarith.average import AverageConfig, NoAverage
 from jaxarith.data import DataConfig, SourceConfig
 from jaxarith.errors import ConfigError
 from jaxarith.schedules import ScheduleConfig
+from train.distill import DistillSection
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class TrainConfig:
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
     export: ExportConfig = ExportConfig()
+    distill: DistillSection = DistillSection()  # see train/distill.py
 
     def __post_init__(self):
         try:
