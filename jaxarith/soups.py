@@ -55,12 +55,14 @@ class Candidate:
       config: its model config.
       read: ``read(rule) -> {canonical path: host array}`` for the rule's leaves (all layers).
       tokenizer: a directory with tokenizer files, ``bundled``, or None.
+      dtypes: {canonical path: stored dtype}.
     """
 
     ref: str
     config: ModelConfig
     read: Reader
     tokenizer: str | None
+    dtypes: dict = dataclasses.field(default_factory=dict)
 
 
 def _hf_candidate(ref: str) -> Candidate:
@@ -87,7 +89,13 @@ def _hf_candidate(ref: str) -> Candidate:
                 out[t][layer] = x
         return out
 
-    return Candidate(os.fspath(ref), cfg, read, directory)
+    dtypes = {t: np.dtype(ckpt.dtype(names[expand(rule, L)[0][0]]))
+              for rule in rules_for(cfg) for t in rule.targets}
+    return Candidate(os.fspath(ref), cfg, read, directory, dtypes)
+
+
+def _stored_dtypes(stored: dict) -> dict:
+    return {tuple(name.split("/")): np.dtype(dt) for name, (_, dt) in stored.items()}
 
 
 def _orbax_candidate(ref: str) -> Candidate:
@@ -99,7 +107,8 @@ def _orbax_candidate(ref: str) -> Candidate:
     stored = stored_arrays(ref)
     _check_stored(ref, cfg, stored)
     return Candidate(os.fspath(ref), cfg,
-                     lambda rule: load_host_leaves(ref, list(rule.targets), stored=stored), ref)
+                     lambda rule: load_host_leaves(ref, list(rule.targets), stored=stored), ref,
+                     _stored_dtypes(stored))
 
 
 def _run_candidates(path: str) -> list[Candidate]:
@@ -118,7 +127,7 @@ def _run_candidates(path: str) -> list[Candidate]:
         label = f"{os.fspath(path)}@{step}"
         _check_stored(label, cfg, stored)
         read = (lambda rule, s=step, st=stored: run.read_params(s, list(rule.targets), st))
-        out.append(Candidate(label, cfg, read, tok))
+        out.append(Candidate(label, cfg, read, tok, _stored_dtypes(stored)))
     return out
 
 
@@ -213,6 +222,9 @@ def mean_source(cands: Sequence[Candidate], dtype=None):
             out[tuple(p)] = np.asarray(get_path(scaled, p))
         return out
 
+    # save_hf reads each leaf's output dtype from here before fetching anything
+    fetch.dtypes = {p: np.dtype(dtype) if dtype is not None else dt
+                    for p, dt in cands[0].dtypes.items()}
     return fetch
 
 
