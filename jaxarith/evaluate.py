@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from jaxarith import sharding
 from jaxarith.errors import ConfigError
 from jaxarith.models.config import ModelConfig
-from jaxarith.models.transformer import next_token_loss
+from jaxarith.models.transformer import check_token_ids, next_token_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,7 @@ def eval_loss(
     On a mesh the batch is sharded over the data-parallel axes (rounded up to divide them).
     A ``seq_len`` above the context length is cut to it (the CLI warns).
     """
+    check_token_ids(np.asarray(token_ids), cfg.vocab_size, "token_ids")
     ids = np.asarray(token_ids, dtype=np.int32)
     if batch_size < 1:
         raise ConfigError(f"batch_size={batch_size} must be at least 1")

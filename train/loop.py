@@ -353,10 +353,11 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
     """
     if cfg.distributed:
         jax.distributed.initialize()
-    from jaxarith.sharding import make_mesh
+    from jaxarith.sharding import make_mesh, set_strict_sharding
 
     extensions = list(discover(cfg) if extensions is None else extensions)
     mesh = make_mesh(cfg.mesh)
+    set_strict_sharding(cfg.mesh_strict)
     check_batch_fits(cfg.batch, cfg.microbatches, mesh, jax.process_count())
     data_lib.check_batch(cfg.batch, jax.process_count())
     from jaxarith.atomic import claim_dir

@@ -20,6 +20,9 @@ def add_mesh(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--mesh", default=default, metavar="SPEC",
                    help="device mesh, e.g. 'fsdp=-1' or 'data=2,fsdp=2,tensor=2' "
                         "(default: one device)")
+    p.add_argument("--strict-sharding", action="store_true",
+                   help="a parameter dimension that does not divide its mesh axes is an error "
+                        "(default: replicated along it, with a warning)")
 
 
 def add_dtype(p: argparse.ArgumentParser, default: str = "float32",
@@ -28,10 +31,13 @@ def add_dtype(p: argparse.ArgumentParser, default: str = "float32",
 
 
 def mesh_from(args) -> Any:
+    """The mesh of ``--mesh`` (None without one); ``--strict-sharding`` makes every parameter
+    sharding of this command strict."""
     if not getattr(args, "mesh", None):
         return None
-    from jaxarith.sharding import make_mesh
+    from jaxarith.sharding import make_mesh, set_strict_sharding
 
+    set_strict_sharding(getattr(args, "strict_sharding", False))
     return make_mesh(args.mesh)
 
 
