@@ -141,8 +141,8 @@ def handle(args) -> int:
     templates = _templates(args, mode)
     prompts = list(args.prompt)
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        text = _common.read_text(args.prompt_file, "--prompt-file")
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("give at least one --prompt or a --prompt-file")
     empty = [i for i, p in enumerate(prompts) if not p]

@@ -48,7 +48,11 @@ def resolve_hf_dir(ref: str | os.PathLike) -> str:
 
         return snapshot_download(ref, allow_patterns=HF_ALLOW_PATTERNS)
     except Exception as e:  # network, auth, unknown repo: say which reference failed
-        raise JaxarithError(f"could not fetch {ref!r} from the Hugging Face hub: {e}") from e
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise JaxarithError(
+            f"could not fetch {ref!r} from the Hugging Face hub ({type(e).__name__}: {reason}); "
+            f"there is no local directory {os.path.abspath(ref)} either (a local path needs to "
+            "exist; hub ids look like 'org/name')") from e
 
 
 class HFCheckpoint:
