@@ -488,6 +488,9 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     n_eval = cfg.eval.batches * eval_batch
     eval_sets = {s.name: eval_examples(s, n_eval) for s in sources if len(s.eval)}
     ds = data_lib.mixed_dataset(sources, cfg.data.seed)
+    for ext in extensions:
+        if ext.dataset is not None:
+            ds = ext.dataset(cfg, sources, ds)
     fields = batch_fields(ds[0], seq_len, extensions)
     data_s = time.perf_counter() - t0
     frozen = load_frozen(cfg, model_cfg, mesh, extensions)
