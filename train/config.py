@@ -22,6 +22,7 @@ import yaml
 from jaxarith.data import DataConfig, SourceConfig
 from jaxarith.errors import ConfigError
 from jaxarith.schedules import ScheduleConfig
+from train.init import InitConfig
 
 
 class OnNonFinite(enum.StrEnum):
@@ -36,6 +37,7 @@ class ModelSection:
     Attributes:
       ref: a model reference to start from (HF hub id, HF directory, jaxarith Orbax directory).
       arch: for training from scratch (``ref`` empty): ``llama`` or ``gpt2``.
+        Both stay empty when the ``init:`` section gives the start weights (train/init.py).
       config: for scratch: HF ``config.json`` fields (``hidden_size``, ``n_layer``, ...).
       tokenizer: ``bundled`` (the bundled 1024-token BPE) or a directory; default: ``ref``'s.
       compute_dtype: float32 | bfloat16 (master weights stay float32).
@@ -50,7 +52,7 @@ class ModelSection:
     remat: bool = False
 
     def __post_init__(self):
-        if bool(self.ref) == bool(self.arch):
+        if self.ref and self.arch:  # neither: checked with `init` in TrainConfig
             raise ConfigError("model: give exactly one of model.ref (start from a checkpoint) "
                               "and model.arch (train from scratch)")
         if self.arch and self.arch not in ("llama", "gpt2"):
@@ -167,6 +169,7 @@ class TrainConfig:
       seed: parameter init (scratch) seed.
       on_nonfinite: stop | skip.
       distributed: call ``jax.distributed.initialize()`` (multi-host pods).
+      init: start from another model's transformed weights (layer inheritance; train/init.py).
     """
 
     out: str
@@ -186,8 +189,15 @@ class TrainConfig:
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
     export: ExportConfig = ExportConfig()
+    init: InitConfig = InitConfig()
 
     def __post_init__(self):
+        if self.init.ref and (self.model.ref or self.model.arch or self.model.config):
+            raise ConfigError("init.ref gives the model: leave model.ref, model.arch and "
+                              "model.config empty")
+        if not self.init.ref and not (self.model.ref or self.model.arch):
+            raise ConfigError("model: give exactly one of model.ref (start from a checkpoint) "
+                              "and model.arch (train from scratch), or an init section")
         try:
             object.__setattr__(self, "on_nonfinite", OnNonFinite(self.on_nonfinite))
         except ValueError:

@@ -63,6 +63,10 @@ class _Stop:
 def model_config(cfg: TrainConfig) -> tuple[ModelConfig, str | None]:
     """The model config and the directory of the starting checkpoint (None from scratch)."""
     m = cfg.model
+    if cfg.init.enabled:
+        from train.init import start_config
+
+        return start_config(cfg.init)
     if not m.ref:
         return config_from_hf({"model_type": m.arch, **m.config}), None
     from jaxarith.refs import RefKind, ref_kind
@@ -77,6 +81,10 @@ def model_config(cfg: TrainConfig) -> tuple[ModelConfig, str | None]:
 
 def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh, progress: bool):
     """Start weights: loaded from ``model.ref`` onto the mesh, or random (``seed``)."""
+    if cfg.init.enabled:
+        from train.init import start_params
+
+        return start_params(cfg.init, mesh, cfg.seed, progress=progress)
     if cfg.model.ref:
         from jaxarith.refs import load_model
 
