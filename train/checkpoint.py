@@ -2,9 +2,11 @@
 
 One checkpoint per saved step under ``DIR/<step>/`` holds three checkpointables:
 
-* ``state``: the whole :class:`~train.step.TrainState` (params, optimizer state, average, step),
-  restored onto the current mesh from an abstract tree of ``jax.ShapeDtypeStruct(...,
-  sharding=...)``, so a run may resume on a different mesh;
+* ``state``: the :class:`~train.step.TrainState` (params, optimizer state, average, step) without
+  its ``frozen`` trees (a distillation teacher is an input, not training state: it is not
+  written, and the caller re-supplies it to :meth:`Checkpoints.restore`), restored onto the
+  current mesh from an abstract tree of ``jax.ShapeDtypeStruct(..., sharding=...)``, so a run may
+  resume on a different mesh;
 * ``data``: the data iterator's state (``{"next_index": k}``), so the resumed run sees exactly the
   batches the uninterrupted run would have;
 * ``meta``: the run's config (JSON) and the metrics of that step.
@@ -16,6 +18,7 @@ temporary directory and commits it), so an interrupted save never looks like a c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -66,7 +69,7 @@ class Checkpoints:
         """Save (asynchronously unless ``async_save`` is off); an existing step is kept."""
         if step in self.steps():
             return
-        items = {"state": state, "data": dict(data_state),
+        items = {"state": _without_frozen(state), "data": dict(data_state),
                  "meta": {"json": json.dumps(meta, sort_keys=True)}}
         if self.async_save:
             self._ckpt.save_checkpointables_async(step, items, force=True)
@@ -74,26 +77,38 @@ class Checkpoints:
             self._ckpt.save_checkpointables(step, items, force=True)
         log.info("checkpoint: saving step %d to %s", step, self.directory)
 
-    def restore(self, abstract_state: Any, step: int | None = None):
+    def restore(self, abstract_state: Any, step: int | None = None, *, frozen: Any = None):
         """Restore (state, data_state, meta) of ``step`` (default: the latest).
 
         Args:
-          abstract_state: the state as ``jax.ShapeDtypeStruct`` leaves with shardings.
+          abstract_state: the state as ``jax.ShapeDtypeStruct`` leaves with shardings (its
+            ``frozen`` part is ignored: frozen trees are not in checkpoints).
+          frozen: the frozen trees to put back into the restored state (default ``{}``).
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         try:
             out = self._ckpt.load_checkpointables(
-                step, {"state": abstract_state, "data": None, "meta": None})
+                step, {"state": _without_frozen(abstract_state), "data": None, "meta": None})
         except Exception as e:  # orbax raises many types; name the checkpoint at fault
             raise CheckpointError(f"{self.directory}/{step}: cannot restore the train state "
                                   f"({type(e).__name__}: {e})") from e
         meta = json.loads(out["meta"]["json"])
-        return out["state"], dict(out["data"]), meta
+        state = out["state"]
+        if dataclasses.is_dataclass(state) and hasattr(state, "frozen"):
+            state = dataclasses.replace(state, frozen={} if frozen is None else frozen)
+        return state, dict(out["data"]), meta
 
     def wait(self) -> None:
         self._ckpt.wait()
 
     def close(self) -> None:
         self._ckpt.close()
+
+
+def _without_frozen(state: Any) -> Any:
+    """The state with ``frozen`` emptied (what a checkpoint holds)."""
+    if dataclasses.is_dataclass(state) and hasattr(state, "frozen"):
+        return dataclasses.replace(state, frozen={})
+    return state

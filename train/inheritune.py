@@ -12,8 +12,8 @@ A train config with an ``inheritune`` section::
 pooled: a token-weighted mean NLL); (b) for n = start, start + step, ... (at most K) initialises a
 student from the reference's first n layers (the ``init:`` section, with ``layers: first:n``; its
 other options, e.g. ``parts``, are kept), trains it as a normal run in ``OUT/round_n/`` and scores
-its final weights the same way; (c) stops at the first student whose loss is within tolerance of
-the reference's, or when the next n would exceed K.
+its final weights (exported to ``OUT/round_n/hf``) the same way; (c) stops at the first student
+whose loss is within tolerance of the reference's, or when the next n would exceed K.
 
 Writes ``OUT/reference.json``, ``OUT/inheritune.jsonl`` (one line per finished round: n, steps,
 tokens, val_loss, ref_val_loss, matched, ...) and ``OUT/inheritune.png``. Re-running the command
@@ -94,7 +94,8 @@ def round_config(raw: dict, n: int):
 
     raw = json.loads(json.dumps(raw))
     raw["init"]["layers"] = f"first:{n}"
-    raw["out"] = os.path.join(raw["out"], f"round_{n}")
+    raw["out"] = os.path.abspath(os.path.join(raw["out"], f"round_{n}"))
+    raw.setdefault("export", {})["hf_dir"] = os.path.join(raw["out"], "hf")
     return from_dict(raw)
 
 
@@ -155,6 +156,7 @@ def run(path: str, overrides: list[str] | None = None, *, on_round=None) -> dict
       "reference_layers", "out", "jsonl", "plot"}``.
     """
     from jaxarith.models.config import load_config as load_model_config
+    from jaxarith.refs import load_model
     from train import init as init_lib
     from train import loop
 
@@ -178,8 +180,6 @@ def run(path: str, overrides: list[str] | None = None, *, on_round=None) -> dict
         with open(ref_json) as f:
             ref_rec = json.load(f)
     if ref_rec is None or ref_rec.get("reference") != grow.reference:
-        from jaxarith.refs import load_model
-
         held = HeldOut(first, ref_dir)
         ref = load_model(grow.reference, mesh=held.mesh, progress=False)
         ref_rec = {"reference": grow.reference, "layers": K,
@@ -200,13 +200,15 @@ def run(path: str, overrides: list[str] | None = None, *, on_round=None) -> dict
                 status = "preempted"
                 break
             held = held or HeldOut(cfg, ref_dir)
-            model_cfg, _ = loop.model_config(cfg)
-            val = held(summary["state"].params, model_cfg)
+            student = load_model(cfg.export.hf_dir, mesh=held.mesh, progress=False)
+            val = held(student.params, student.config)
+            del student
             rec = {"n": n, "steps": cfg.steps,
                    "tokens": cfg.steps * cfg.batch * cfg.data.seq_len,
                    "val_loss": val, "ref_val_loss": ref_loss,
                    "matched": bool(val <= ref_loss + grow.tolerance),
-                   "layers": list(range(n)), "out": cfg.out, "train_loss": summary.get("loss")}
+                   "layers": list(range(n)), "out": cfg.out, "hf": cfg.export.hf_dir,
+                   "train_loss": summary.get("loss")}
             _append(jsonl, rec)
             plot(out)
             if on_round is not None:

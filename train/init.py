@@ -17,7 +17,8 @@ With ``init.ref`` set, ``model.ref`` and ``model.arch`` stay empty: the architec
 from REF with the new depth, the tokenizer (unless ``model.tokenizer``) from REF's directory, and
 fresh tensors from ``init_params`` seeded by the run's ``seed``. One section serves every way of
 starting from other weights: a new ``method`` (e.g. MoE upcycling) adds its options here and a
-branch in :func:`start_config` / :func:`start_params`; the loop only calls those two.
+branch in :func:`start_config` / :func:`start_params`; the loop reaches those two through the
+training extension in ``train/plugins/init.py`` (its ``model`` and ``init_params``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,16 @@
-"""The training loop: resolve the model, build data, compile the step once, train, evaluate,
-checkpoint, export.
+"""The training loop: resolve the model, build data, compile the step once, then step and run
+hooks; at the end, the end-of-run hooks and the export.
 
 ``run(cfg)`` is what ``python -m train CONFIG.yaml`` and ``jaxarith train`` call. Restarting the
 same command resumes from the latest checkpoint in ``OUT/checkpoints`` (state, optimizer, average,
 data iterator position), so the resumed run ends exactly where an uninterrupted one would.
+
+Extension points (details in :mod:`train.extensions`): after every step the loop runs each
+:class:`~train.extensions.Hook` ``(name, every, fn, at_end)`` that is due; the built-in ones
+(:func:`default_hooks`) log metrics, evaluate, checkpoint and plot. Features add hooks, a loss,
+batch fields, frozen trees (not checkpointed), the model config and the initial params through an
+:class:`~train.extensions.Extension`, discovered from :mod:`train.plugins` or passed as
+``run(cfg, extensions=[...])``.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import signal
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +40,9 @@ from jaxarith.models.config import ModelConfig, config_from_hf, load_config
 from train import metrics as metrics_lib
 from train.checkpoint import Checkpoints
 from train.config import OnNonFinite, TrainConfig, to_dict
+from train.extensions import Extension, Hook, Keyed, RunContext, discover, only_one
 from train.step import (
+    TOKENS_ONLY,
     build_step,
     check_batch_fits,
     compile_step,
@@ -60,13 +69,15 @@ class _Stop:
 # ----------------------------------------------------------------------------- model & data
 
 
-def model_config(cfg: TrainConfig) -> tuple[ModelConfig, str | None]:
-    """The model config and the directory of the starting checkpoint (None from scratch)."""
-    m = cfg.model
-    if cfg.init.enabled:
-        from train.init import start_config
+def model_config(cfg: TrainConfig, extensions: Sequence[Extension] = ()
+                 ) -> tuple[ModelConfig, str | None]:
+    """The model config and the directory of the starting checkpoint (None from scratch).
 
-        return start_config(cfg.init)
+    An extension with ``model`` (e.g. layer inheritance) decides instead."""
+    ext = only_one(extensions, "model")
+    if ext is not None:
+        return ext.model(cfg)
+    m = cfg.model
     if not m.ref:
         return config_from_hf({"model_type": m.arch, **m.config}), None
     from jaxarith.refs import RefKind, ref_kind
@@ -79,12 +90,13 @@ def model_config(cfg: TrainConfig) -> tuple[ModelConfig, str | None]:
     return load_config(directory), directory
 
 
-def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh, progress: bool):
-    """Start weights: loaded from ``model.ref`` onto the mesh, or random (``seed``)."""
-    if cfg.init.enabled:
-        from train.init import start_params
-
-        return start_params(cfg.init, mesh, cfg.seed, progress=progress)
+def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh, progress: bool,
+                   extensions: Sequence[Extension] = ()):
+    """Start weights: an extension's ``init_params``, else loaded from ``model.ref`` onto the
+    mesh, else random (``seed``)."""
+    ext = only_one(extensions, "init_params")
+    if ext is not None:
+        return ext.init_params(cfg, model_cfg, mesh)
     if cfg.model.ref:
         from jaxarith.refs import load_model
 
@@ -108,25 +120,74 @@ def _local_rows(x: np.ndarray) -> np.ndarray:
     return x[jax.process_index()::jax.process_count()]
 
 
+def batch_fields(example: dict, seq_len: int, extensions: Sequence[Extension] = ()) -> dict:
+    """The step's batch fields: every per-token field of a data ``example`` (leading dimension
+    ``seq_len``: ``tokens``, a chat source's ``weights``, ...) as ``name -> (trailing shape,
+    dtype)``; fields an extension declares must be among them."""
+    fields = dict(TOKENS_ONLY)
+    for name, value in example.items():
+        v = np.asarray(value)
+        if v.ndim >= 1 and v.shape[0] == seq_len and name != "tokens":
+            fields[name] = (tuple(v.shape[1:]), str(v.dtype))
+    for ext in extensions:
+        for name, (trailing, dtype) in ext.batch_fields.items():
+            if name not in fields:
+                raise ConfigError(f"{ext.name} needs the batch field {name!r} but the data "
+                                  f"examples have only {sorted(fields)}")
+            if tuple(fields[name][0]) != tuple(trailing):
+                raise ConfigError(f"{ext.name}: batch field {name!r} has trailing shape "
+                                  f"{fields[name][0]} in the data, expected {tuple(trailing)}")
+            fields[name] = (tuple(trailing), str(np.dtype(dtype)))
+    return fields
+
+
+def load_frozen(cfg: TrainConfig, model_cfg: ModelConfig, mesh,
+                extensions: Sequence[Extension]) -> dict:
+    """``{extension name: tree}`` of every extension's frozen arrays (already sharded)."""
+    return {e.name: e.frozen(cfg, model_cfg, mesh) for e in extensions if e.frozen is not None}
+
+
+def _abstract(tree):
+    """Shapes, dtypes and shardings of a tree of arrays (what a compiled step depends on)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=getattr(x, "sharding", None)),
+                        tree)
+
+
+def _tree_key(abstract) -> tuple:
+    return tuple((jax.tree_util.keystr(p), tuple(x.shape), str(x.dtype), x.sharding)
+                 for p, x in jax.tree_util.tree_leaves_with_path(abstract))
+
+
 # ----------------------------------------------------------------------------- compiled pieces
 
 
 @functools.lru_cache(maxsize=4)
 def compiled_step(model_cfg, mesh, optimizer, schedule, batch, seq_len, microbatches, average,
-                  skip_nonfinite, compute_dtype, remat):
+                  skip_nonfinite, compute_dtype, remat, loss=None, fields=None, frozen=None):
     """Build and AOT-compile the train step (cached in-process by every input that shapes it,
     so a resumed or repeated run in the same process does not compile again).
 
+    Args:
+      loss: None (next-token NLL) or a :class:`Keyed` whose value is the extension's loss
+        factory ``(model_cfg, dtype=, remat=) -> loss_fn`` and whose key says what shapes it.
+      fields: the batch fields as a tuple of ``(name, (trailing, dtype))`` (None: tokens only).
+      frozen: None or a :class:`Keyed` of the abstract frozen tree (key: its shapes/shardings).
     Returns:
       (StepFns, compiled step, info) with ``info`` holding XLA's flops, memory analysis and
       ``compile_s``.
     """
     sched = schedule.build()
     dtype = jnp.dtype(compute_dtype)
+    make_loss = next_token_loss_fn if loss is None else loss.value
+    abstract_frozen = None if frozen is None else frozen.value
+    frozen_shd = None if frozen is None else jax.tree.map(lambda x: x.sharding, abstract_frozen)
     fns = build_step(model_cfg, mesh, tx=make_optimizer(optimizer, sched), schedule=sched,
                      batch=batch, seq_len=seq_len, microbatches=microbatches,
-                     loss_fn=next_token_loss_fn(model_cfg, dtype=dtype, remat=remat),
-                     average=(average.kind, average.options()), skip_nonfinite=skip_nonfinite)
+                     loss_fn=make_loss(model_cfg, dtype=dtype, remat=remat),
+                     average=(average.kind, average.options()), skip_nonfinite=skip_nonfinite,
+                     frozen=abstract_frozen, frozen_shardings=frozen_shd,
+                     batch_fields=None if fields is None else dict(fields))
     t0 = time.perf_counter()
     compiled, info = compile_step(fns, mesh)
     info["compile_s"] = time.perf_counter() - t0
@@ -136,9 +197,20 @@ def compiled_step(model_cfg, mesh, optimizer, schedule, batch, seq_len, microbat
 # ----------------------------------------------------------------------------- evaluation
 
 
+def eval_examples(source, n: int) -> dict:
+    """The first ``n`` held-out examples of a source as fields: ``tokens`` ``[n, T]`` and, when
+    the source gives them (``data.eval_windows`` returning a dict), e.g. ``weights`` ``[n, T]``."""
+    ex = data_lib.eval_windows(source, n)
+    return dict(ex) if isinstance(ex, dict) else {"tokens": ex}
+
+
 @functools.lru_cache(maxsize=4)
 def make_eval(model_cfg: ModelConfig, mesh, batch: int, seq_len: int, compute_dtype: str):
-    """``evaluate(params, windows) -> mean NLL`` over ``[batch, seq_len]`` batches (jitted)."""
+    """``evaluate(params, examples) -> mean NLL`` over ``[batch, seq_len]`` batches (jitted).
+
+    ``examples``: a ``[n, T]`` token array, or a dict with ``tokens`` and optionally
+    ``weights`` (loss weights of target tokens, as in training: a chat source scores only its
+    weighted tokens)."""
     dtype = jnp.dtype(compute_dtype)
     shd = sharding.named_sharding(mesh, ("batch", "seq"), (batch, seq_len))
     pshd = transformer.param_shardings(model_cfg, mesh)
@@ -146,9 +218,19 @@ def make_eval(model_cfg: ModelConfig, mesh, batch: int, seq_len: int, compute_dt
     def fn(params, tokens, mask):
         return transformer.next_token_loss(params, model_cfg, tokens, mask, dtype=dtype)
 
-    jitted = jax.jit(fn, in_shardings=(pshd, shd, shd))
+    def fn_weighted(params, tokens, mask, weights):
+        return transformer.next_token_loss(params, model_cfg, tokens, mask, weights=weights,
+                                           dtype=dtype)
 
-    def evaluate(params, windows: np.ndarray) -> float:
+    plain = jax.jit(fn, in_shardings=(pshd, shd, shd))
+    weighted = jax.jit(fn_weighted, in_shardings=(pshd, shd, shd, shd))
+
+    def put(x):
+        return jax.make_array_from_process_local_data(shd, _local_rows(x))
+
+    def evaluate(params, examples) -> float:
+        ex = examples if isinstance(examples, dict) else {"tokens": examples}
+        windows, w = ex["tokens"], ex.get("weights")
         total, count = 0.0, 0.0
         with jax.set_mesh(mesh):
             for s in range(0, len(windows), batch):
@@ -156,22 +238,82 @@ def make_eval(model_cfg: ModelConfig, mesh, batch: int, seq_len: int, compute_dt
                 tokens = np.zeros((batch, seq_len), np.int32)
                 mask = np.zeros((batch, seq_len), np.int32)
                 tokens[: len(chunk)], mask[: len(chunk)] = chunk, 1
-                t = jax.make_array_from_process_local_data(shd, _local_rows(tokens))
-                m = jax.make_array_from_process_local_data(shd, _local_rows(mask))
-                nll, n = jitted(params, t, m)
+                if w is None:
+                    nll, n = plain(params, put(tokens), put(mask))
+                else:
+                    wts = np.zeros((batch, seq_len), np.float32)
+                    wts[: len(chunk)] = w[s: s + batch]
+                    nll, n = weighted(params, put(tokens), put(mask), put(wts))
                 total, count = total + float(nll), count + float(n)
         return total / max(count, 1.0)
 
     return evaluate
 
 
-def _evaluate_all(evaluate, state, eval_sets: dict, with_average: bool) -> dict:
-    out = {}
-    for name, windows in eval_sets.items():
-        out[f"eval/{name}/loss"] = evaluate(state.params, windows)
-        if with_average and state.average is not None:
-            out[f"eval_avg/{name}/loss"] = evaluate(state.average.value(), windows)
-    return out
+# ----------------------------------------------------------------------------- built-in hooks
+
+
+def log_metrics_hook(thr: metrics_lib.Throughput) -> Callable[[RunContext], dict]:
+    """The train-metrics record: loss, lr, grad_norm, the loss function's own metrics and
+    throughput; updates the progress bar."""
+    skip = {"step", "loss", "lr", "grad_norm", "tokens", "finite"}
+
+    def fn(ctx: RunContext) -> dict | None:
+        h = ctx.last
+        if not h:  # no step ran in this invocation
+            return None
+        rec = {"loss": h["loss"], "lr": h["lr"], "grad_norm": h["grad_norm"],
+               **{k: v for k, v in h.items() if k not in skip}, **thr.read()}
+        ctx.writer.progress(ctx.step, h["loss"], rec["tokens_per_s"])
+        ctx.summary["tokens_per_s"], ctx.summary["mfu"] = rec["tokens_per_s"], rec["mfu"]
+        return rec
+
+    return fn
+
+
+def eval_hook(ctx: RunContext) -> dict | None:
+    """Held-out loss of every source, for the params and (if any) the averaged params."""
+    if ctx.final and not ctx.cfg.eval.at_end or not ctx.eval_sets:
+        return None
+    ev = {}
+    for name, examples in ctx.eval_sets.items():
+        ev[f"eval/{name}/loss"] = ctx.evaluate(ctx.state.params, examples)
+        if ctx.state.average is not None:
+            ev[f"eval_avg/{name}/loss"] = ctx.evaluate(ctx.state.average.value(), examples)
+    ctx.writer.log(_fmt_eval(ctx.step, ev))
+    if ctx.final:
+        ctx.summary["eval"] = ev
+    return ev
+
+
+def checkpoint_hook(ctx: RunContext) -> None:
+    ctx.save()
+
+
+def plot_hook(ctx: RunContext) -> None:
+    if jax.process_index() == 0:
+        ctx.summary["plot"] = metrics_lib.plot_losses(os.path.join(ctx.out, "metrics.jsonl"),
+                                                      os.path.join(ctx.out, "loss.png"))
+
+
+def default_hooks(cfg: TrainConfig, thr: metrics_lib.Throughput) -> list[Hook]:
+    """Metrics every ``log.every`` steps, eval every ``eval.every`` (and at the end),
+    checkpoints every ``checkpoint.every`` (the loop also saves at the end and on
+    preemption)."""
+    return [Hook(name="log", every=cfg.log.every, fn=log_metrics_hook(thr), at_end=True),
+            Hook(name="eval", every=cfg.eval.every, fn=eval_hook, at_end=True),
+            Hook(name="checkpoint", every=cfg.checkpoint.every, fn=checkpoint_hook)]
+
+
+def end_hooks(cfg: TrainConfig) -> list[Hook]:
+    """Hooks after the extensions' ones: the loss plot at the end."""
+    return [Hook(name="plot", every=0, fn=plot_hook, at_end=True)] if cfg.log.plot else []
+
+
+def _run_hook(hook: Hook, ctx: RunContext) -> None:
+    rec = hook.fn(ctx)
+    if rec:
+        ctx.writer.write({"step": ctx.step, **rec})
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -196,12 +338,14 @@ def _signals(stop: _Stop):
             signal.signal(sig, h)
 
 
-def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict:
+def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
+        extensions: Sequence[Extension] | None = None) -> dict:
     """Train as ``cfg`` says; resume from the latest checkpoint in the output directory.
 
     Args:
       cfg: the run configuration.
-      on_step: called after each step with ``(step, host_metrics)`` (tests, custom hooks).
+      on_step: called after each step (before the hooks) with ``(step, host_metrics)``.
+      extensions: the features plugged in (default: :func:`train.extensions.discover`).
     Returns:
       A summary: final step, status (``done`` / ``preempted``), last losses, eval losses,
       tokens/s, MFU, per-step batch fingerprints of this invocation (``batches``), paths, and
@@ -211,12 +355,13 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
         jax.distributed.initialize()
     from jaxarith.sharding import make_mesh
 
+    extensions = list(discover(cfg) if extensions is None else extensions)
     mesh = make_mesh(cfg.mesh)
     check_batch_fits(cfg.batch, cfg.microbatches, mesh, jax.process_count())
     data_lib.check_batch(cfg.batch, jax.process_count())
     out = os.path.abspath(cfg.out)
     os.makedirs(out, exist_ok=True)
-    model_cfg, model_dir = model_config(cfg)
+    model_cfg, model_dir = model_config(cfg, extensions)
     seq_len = cfg.data.seq_len
     if seq_len > model_cfg.context_length:
         raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context length "
@@ -226,29 +371,40 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocab_size is {model_cfg.vocab_size}")
     progress = cfg.log.progress and jax.process_index() == 0
+    ckpt_dir = cfg.checkpoint.dir or os.path.join(out, "checkpoints")
+    done = finished_summary(cfg, out, ckpt_dir)
+    if done is not None:
+        return _report_finished(cfg, done)
     if cfg.export.hf_dir and not cfg.export.overwrite and os.path.exists(cfg.export.hf_dir) \
             and not os.path.exists(os.path.join(out, "summary.json")):
         from jaxarith.atomic import check_destination
 
         check_destination(cfg.export.hf_dir)  # refuse now, not after the whole run
+    loss_ext = only_one(extensions, "loss")
 
     t0 = time.perf_counter()
     sources = data_lib.load_sources(cfg.data, tokenizer)
     eval_batch = cfg.batch // cfg.microbatches
     n_eval = cfg.eval.batches * eval_batch
-    eval_sets = {s.name: data_lib.eval_windows(s, n_eval) for s in sources if len(s.eval)}
+    eval_sets = {s.name: eval_examples(s, n_eval) for s in sources if len(s.eval)}
+    ds = data_lib.mixed_dataset(sources, cfg.data.seed)
+    fields = batch_fields(ds[0], seq_len, extensions)
     data_s = time.perf_counter() - t0
+    frozen = load_frozen(cfg, model_cfg, mesh, extensions)
+    abstract_frozen = _abstract(frozen)
 
     fns, compiled, info = compiled_step(
         model_cfg, mesh, cfg.optimizer, cfg.schedule, cfg.batch, seq_len, cfg.microbatches,
         cfg.average, cfg.on_nonfinite is OnNonFinite.SKIP, cfg.model.compute_dtype,
-        cfg.model.remat)
+        cfg.model.remat,
+        None if loss_ext is None else Keyed((loss_ext.name, loss_ext.loss_key), loss_ext.loss),
+        None if fields == TOKENS_ONLY else tuple(sorted(fields.items())),
+        Keyed(_tree_key(abstract_frozen), abstract_frozen) if frozen else None)
     compile_s = info["compile_s"]
     evaluate = make_eval(model_cfg, mesh, eval_batch, seq_len, cfg.model.compute_dtype)
 
     fpt = metrics_lib.flops_per_token(model_cfg, seq_len)
     tokens_per_step = cfg.batch * seq_len
-    ckpt_dir = cfg.checkpoint.dir or os.path.join(out, "checkpoints")
     config_dict = to_dict(cfg)
     summary: dict = {"out": out, "batches": {}}
 
@@ -256,11 +412,10 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
                      async_save=cfg.checkpoint.async_save) as ckpts:
         start = ckpts.latest_step()
         if start is not None:
-            state, data_state, _ = ckpts.restore(fns.abstract_state)
+            state, data_state, _ = ckpts.restore(fns.abstract_state, frozen=frozen)
         else:
-            params = initial_params(cfg, model_cfg, mesh, progress)
-            state, data_state, start = init_state(fns, params, mesh), None, 0
-        ds = data_lib.mixed_dataset(sources, cfg.data.seed)
+            params = initial_params(cfg, model_cfg, mesh, progress, extensions)
+            state, data_state, start = init_state(fns, params, mesh, frozen), None, 0
         it = data_lib.batch_iterator(ds, cfg.batch, process_index=jax.process_index(),
                                      process_count=jax.process_count(), state=data_state)
         writer = metrics_lib.MetricsWriter(out, total_steps=cfg.steps, start_step=start,
@@ -270,98 +425,120 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(config_dict, f, indent=2)
 
-        def save(step: int, last_metrics: dict) -> None:
-            ckpts.save(step, state, it.get_state(),
-                       {"config": config_dict, "step": step, "metrics": last_metrics})
+        def save() -> None:
+            ckpts.save(ctx.step, ctx.state, it.get_state(),
+                       {"config": config_dict, "step": ctx.step, "metrics": ctx.last})
 
-        stop = _Stop()
+        ctx = RunContext(cfg=cfg, model_cfg=model_cfg, mesh=mesh, out=out, step=start,
+                         state=state, evaluate=evaluate, eval_sets=eval_sets, writer=writer,
+                         checkpoints=ckpts, summary=summary, save=save)
         thr = metrics_lib.Throughput(tokens_per_step, fpt, metrics_lib.device_peak_flops(),
                                      mesh.devices.size)
-        already_done = start >= cfg.steps
-        last: dict = {}
+        hooks = [*default_hooks(cfg, thr), *(h for e in extensions for h in e.hooks),
+                 *end_hooks(cfg)]
+        stop = _Stop()
         status = "done"
-        step = start
         try:
             with _signals(stop):
-                while step < cfg.steps:
+                while ctx.step < cfg.steps:
                     batch_np = next(it)
-                    tokens = batch_np["tokens"]
-                    summary["batches"][step + 1] = zlib.crc32(tokens.tobytes())
+                    summary["batches"][ctx.step + 1] = zlib.crc32(batch_np["tokens"].tobytes())
                     batch = {
                         name: jax.make_array_from_process_local_data(
                             shd, batch_np[name].reshape(cfg.microbatches, -1,
                                                         *batch_np[name].shape[1:]))
                         for name, shd in fns.batch_sharding.items()}
-                    state, m = compiled(state, batch)
-                    step += 1
+                    ctx.state, m = compiled(ctx.state, batch)
+                    ctx.step += 1
                     thr.tick()
                     host = {k: float(v) for k, v in jax.device_get(m).items()}
-                    host["step"] = step
+                    host["step"] = ctx.step
                     if not host["finite"]:
                         if cfg.on_nonfinite is OnNonFinite.STOP:
                             good = ckpts.latest_step()
                             raise NonFiniteLossError(
                                 f"non-finite loss ({host['loss']}) or gradient norm "
-                                f"({host['grad_norm']}) at step {step}; stopping. Last good "
+                                f"({host['grad_norm']}) at step {ctx.step}; stopping. Last good "
                                 f"checkpoint: {'none' if good is None else good} in {ckpt_dir}")
-                        writer.log(f"step {step}: non-finite loss, update skipped")
-                    last = host
+                        writer.log(f"step {ctx.step}: non-finite loss, update skipped")
+                    ctx.last = host
                     if on_step is not None:
-                        on_step(step, host)
-                    if step % cfg.log.every == 0 or step == cfg.steps:
-                        rec = {"step": step, "loss": host["loss"], "lr": host["lr"],
-                               "grad_norm": host["grad_norm"], **thr.read()}
-                        writer.write(rec)
-                        writer.progress(step, host["loss"], rec["tokens_per_s"])
-                        summary["tokens_per_s"], summary["mfu"] = rec["tokens_per_s"], rec["mfu"]
-                    if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-                        ev = _evaluate_all(evaluate, state, eval_sets, True)
-                        writer.write({"step": step, **ev})
-                        writer.log(_fmt_eval(step, ev))
-                    if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                        save(step, host)
+                        on_step(ctx.step, host)
+                    for hook in hooks:
+                        if hook.due(ctx.step, cfg.steps):
+                            _run_hook(hook, ctx)
                     if stop.requested:
                         status = "preempted"
-                        writer.log(f"{stop.requested}: saving a checkpoint at step {step}")
+                        writer.log(f"{stop.requested}: saving a checkpoint at step {ctx.step}")
                         break
-            save(step, last)
+            save()
+            if status == "done":
+                ctx.final = True
+                for hook in hooks:
+                    if hook.at_end:
+                        _run_hook(hook, ctx)
             ckpts.wait()
         finally:
             writer.close()
 
-    summary.update(step=step, status=status, loss=last.get("loss"))
-    if status == "done":
-        summary.update(_finish(cfg, model_cfg, model_dir, state, evaluate, eval_sets, out,
-                               already_done))
+    state = ctx.state
+    summary.update(step=ctx.step, status=status, loss=ctx.last.get("loss"))
+    if status == "done" and cfg.export.hf_dir:
+        keep = start >= cfg.steps and os.path.exists(cfg.export.hf_dir) \
+            and not cfg.export.overwrite
+        if not keep:
+            from train.export import export_hf
+
+            summary["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({k: v for k, v in summary.items() if k != "batches"}, f, indent=2)
     summary["state"] = state  # the final TrainState (not serialised)
     return summary
 
 
-def _finish(cfg, model_cfg, model_dir, state, evaluate, eval_sets, out,
-            already_done: bool = False) -> dict:
-    """End of a completed run: final evaluation, loss plot, optional HF export.
+def checkpoint_steps(ckpt_dir: str) -> list[int]:
+    """The steps of the complete checkpoints in ``ckpt_dir`` (orbax commits ``DIR/<step>``)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(int(n) for n in os.listdir(ckpt_dir)
+                  if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n)))
 
-    Re-running a finished run re-evaluates but keeps an existing export (unless
-    ``export.overwrite``)."""
-    res: dict = {}
-    if cfg.eval.at_end and eval_sets:
-        ev = _evaluate_all(evaluate, state, eval_sets, True)
-        res["eval"] = ev
-        if jax.process_index() == 0:
-            with open(os.path.join(out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps({"step": int(state.step), **ev}) + "\n")
-            print(_fmt_eval(int(state.step), ev), file=sys.stderr, flush=True)
-    if cfg.log.plot and jax.process_index() == 0:
-        res["plot"] = metrics_lib.plot_losses(os.path.join(out, "metrics.jsonl"),
-                                              os.path.join(out, "loss.png"))
-    keep = already_done and os.path.exists(cfg.export.hf_dir) and not cfg.export.overwrite
-    if cfg.export.hf_dir and not keep:
-        from train.export import export_hf
 
-        res["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)
-    return res
+def finished_summary(cfg: TrainConfig, out: str, ckpt_dir: str) -> dict | None:
+    """The saved summary if the run in ``out`` already completed ``cfg.steps`` (else None).
+
+    Raises:
+      ConfigError: the checkpoints are past ``cfg.steps`` (steps was lowered).
+    """
+    steps = checkpoint_steps(ckpt_dir)
+    if not steps:
+        return None
+    if steps[-1] > cfg.steps:
+        raise ConfigError(f"steps={cfg.steps} but {ckpt_dir} already has a checkpoint at step "
+                          f"{steps[-1]}: raise steps to extend the run, or use a new out")
+    path = os.path.join(out, "summary.json")
+    if steps[-1] < cfg.steps or not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    if saved.get("status") != "done" or saved.get("step") != cfg.steps:
+        return None
+    return saved
+
+
+def _report_finished(cfg: TrainConfig, saved: dict) -> dict:
+    """A finished run is left untouched: report it (no eval, no compile, no file written)."""
+    if cfg.export.hf_dir and os.path.abspath(cfg.export.hf_dir) != saved.get("export_hf"):
+        raise ConfigError(f"the run in {saved.get('out', cfg.out)} already finished at step "
+                          f"{saved['step']}; it is not exported again to {cfg.export.hf_dir} "
+                          "(use `jaxarith convert` on its last checkpoint, or raise steps)")
+    if jax.process_index() == 0:
+        print(f"the run in {saved.get('out', cfg.out)} already finished at step {saved['step']} "
+              "(raise steps to extend it); nothing to do", file=sys.stderr, flush=True)
+    return {**saved, "already_done": True, "batches": {}}
 
 
 def _sci(x) -> str:

@@ -19,6 +19,10 @@ Extension points, so new capabilities do not rewrite the loop:
 * ``average``: any :class:`jaxarith.average.Averager` (EMA, SWA, ...), updated inside the step.
 * initial ``params`` may come from anywhere (a checkpoint, scratch, inherited layers).
 
+The training program (:mod:`train.loop`) fills these from the config: an
+:class:`train.extensions.Extension` gives the loss factory, extra batch fields, frozen trees
+(held in ``TrainState.frozen[extension name]``, never checkpointed) and the initial params.
+
 Gradient accumulation: every batch field arrives as ``[M, b, T, ...]`` (M microbatches);
 gradients of the *summed* loss are accumulated in float32 over a ``lax.scan`` and divided by the
 total number of predicted tokens once, so k microbatches give the same update as one k-times
