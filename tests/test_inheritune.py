@@ -14,6 +14,7 @@ from jaxarith.errors import ConfigError
 from jaxarith.refs import load_model
 from train import inheritune, loop
 from train.config import from_dict, load_config
+from train.extensions import discover
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 GPT2 = os.path.join(ROOT, "configs", "tiny_gpt2.yaml")
@@ -47,10 +48,12 @@ def _student_raw(reference, out, **init):
 def test_init_section_builds_the_inherited_student(reference, tmp_path):
     raw = _student_raw(reference, tmp_path / "s", layers="spread:3", parts=["attn", "norms"])
     cfg = from_dict(raw, FAST + ["steps=6"])
-    model_cfg, model_dir = loop.model_config(cfg)
+    exts = discover(cfg)
+    assert [e.name for e in exts] == ["init"]
+    model_cfg, model_dir = loop.model_config(cfg, exts)
     assert model_cfg.num_hidden_layers == 3 and model_dir == reference
     mesh = sharding.make_mesh(cfg.mesh)
-    params = loop.initial_params(cfg, model_cfg, mesh, False)
+    params = loop.initial_params(cfg, model_cfg, mesh, False, exts)
     ref = load_model(reference, progress=False)
     for name, x in jax.tree_util.tree_flatten_with_path(params)[0]:
         key = sharding.path_str(name)
@@ -164,3 +167,19 @@ def test_grow_config_errors(reference, tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="step=0"):
         inheritune.load(str(path))
+
+
+def test_preempted_round_means_resume_later(reference, tmp_path, monkeypatch, capsys):
+    raw = _student_raw(reference, tmp_path / "p")
+    raw["inheritune"] = {"reference": reference, "start": 3}
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    # what loop.run returns after SIGTERM: a checkpoint was saved, the run is not finished
+    monkeypatch.setattr(loop, "run", lambda cfg, **kw: {"status": "preempted", "step": 1})
+    from jaxarith.cli import main
+
+    rc = main(["inheritune", str(path), *FAST, "steps=6", "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == inheritune.EXIT_PREEMPTED != 0 and "error" not in res
+    assert res["status"] == "preempted" and res["rounds"] == []
+    assert not (tmp_path / "p" / "inheritune.jsonl").exists()
