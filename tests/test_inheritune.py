@@ -183,3 +183,11 @@ def test_preempted_round_means_resume_later(reference, tmp_path, monkeypatch, ca
     assert rc == inheritune.EXIT_PREEMPTED != 0 and "error" not in res
     assert res["status"] == "preempted" and res["rounds"] == []
     assert not (tmp_path / "p" / "inheritune.jsonl").exists()
+
+
+def test_bundled_grow_config_loads():
+    raw, grow = inheritune.load(os.path.join(ROOT, "configs", "inheritune", "tiny_gpt2.yaml"))
+    assert grow.start == 3 and grow.step == 2 and raw["init"]["ref"] == grow.reference
+    cfg = inheritune.round_config(raw, 3)
+    assert cfg.init.layers == "first:3" and cfg.out.endswith("round_3")
+    assert cfg.export.hf_dir == os.path.join(cfg.out, "hf")
