@@ -105,7 +105,11 @@ def select_layers(spec: str, num_layers: int, *, allow_repeat: bool = False) -> 
 
 
 def parse_parts(parts: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"attn,mlp"`` or ``["attn"]`` -> validated part names (None or empty: all parts)."""
+    """``"attn,mlp"`` or ``["attn"]`` -> validated part names.
+
+    None means all parts; an empty list (or ``""``) means none: every block is fresh and only
+    the non-block tensors chosen as ``inherit`` come from the source.
+    """
     if parts is None:
         return PARTS
     if isinstance(parts, str):
@@ -114,7 +118,9 @@ def parse_parts(parts: str | Sequence[str] | None) -> tuple[str, ...]:
     for p in out:
         if p not in PARTS:
             raise ConfigError(f"unknown part {p!r} (parts of a block: {', '.join(PARTS)})")
-    return out or PARTS
+    if len(set(out)) != len(out):
+        raise ConfigError(f"parts {list(out)}: a part is named twice")
+    return out
 
 
 def _source(name: str, value) -> Source | None:
@@ -298,8 +304,8 @@ def inherit(
       params: the source's canonical tree (on one device or sharded over a mesh).
       cfg: the source's config (K layers).
       layers: a layer spec (``first:N``, ``last:N``, ``spread:N``, ``list:i,j``) or indices.
-      parts: block parts to inherit, of ``attn``, ``mlp``, ``norms`` (default all); the others
-        are fresh.
+      parts: block parts to inherit, of ``attn``, ``mlp``, ``norms`` (default all; ``[]``:
+        none); the others are fresh.
       embeddings, final_norm: ``inherit`` or ``fresh``.
       head: ``lm_head``: ``inherit`` or ``fresh``; default: inherit (with tied embeddings it is
         the embedding matrix and follows ``embeddings``).

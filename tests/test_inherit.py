@@ -80,6 +80,10 @@ def test_bad_options():
     cfg = _deep_cfg()
     with pytest.raises(ConfigError, match="unknown part 'ffn'"):
         inh.plan(cfg, "first:2", parts=["attn", "ffn"])
+    assert inh.parse_parts(None) == inh.PARTS and inh.parse_parts([]) == ()
+    assert inh.parse_parts("mlp, attn") == ("mlp", "attn")
+    assert not any(inh.plan(cfg, "first:2", parts=[]).inherit[p] for p in
+                   inh.plan(cfg, "first:2").inherit if p[0] == "layers")
     with pytest.raises(ConfigError, match="embeddings='new'"):
         inh.plan(cfg, "first:2", embeddings="new")
     with pytest.raises(ConfigError, match="no position embeddings"):

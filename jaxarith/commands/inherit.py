@@ -19,8 +19,8 @@ def register(sub) -> None:
     p.add_argument("--layers", required=True, metavar="SPEC",
                    help="first:N | last:N | spread:N | list:i,j,...")
     p.add_argument("--parts", default="attn,mlp,norms",
-                   help="block parts to inherit, of attn,mlp,norms (default all; the rest "
-                        "is freshly initialised)")
+                   help="block parts to inherit, of attn,mlp,norms (default all; '' for "
+                        "none); the rest is freshly initialised")
     p.add_argument("--embeddings", choices=CHOICES, default="inherit")
     p.add_argument("--head", choices=CHOICES, default=None,
                    help="lm_head (default inherit; tied models: follows --embeddings)")

@@ -6,6 +6,7 @@ Trains, with one recipe (the bundled code corpus + 5% docs replay, WSD schedule,
   inheritune  first K/2 layers (+ embeddings, head, final norm, wpe) of the reference, T steps
   attn_only   the same student inheriting only attention (MLPs and norms fresh), T steps
   mlp_only    the same student inheriting only MLPs (attention and norms fresh), T steps
+  embed_only  the same student inheriting no block at all (embeddings, head, norms, wpe), T steps
   scratch_T   K/2 layers from scratch, T steps;  scratch_2T: 2T steps
 
 and scores every final model on the held-out windows of both sources (pooled token-mean NLL,
@@ -72,6 +73,7 @@ def runs(p: dict, out: str, seed: int) -> dict[str, dict]:
         "inheritune": student("inheritune", T, parts=["attn", "mlp", "norms"]),
         "attn_only": student("attn_only", T, parts=["attn"]),
         "mlp_only": student("mlp_only", T, parts=["mlp"]),
+        "embed_only": student("embed_only", T, parts=[]),
         "scratch_T": student("scratch_T", T),
         "scratch_2T": student("scratch_2T", 2 * T),
     }
