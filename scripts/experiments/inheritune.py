@@ -126,6 +126,10 @@ def main(argv=None) -> int:
     plan = runs(p, out, args.seed)
     names = [n for n in plan if not args.only or n in args.only.split(",")]
     results: dict = {}
+    previous = {}
+    if os.path.exists(os.path.join(out, "results.json")):
+        with open(os.path.join(out, "results.json")) as f:
+            previous = json.load(f)["results"]
     held = None
     t_all = time.perf_counter()
     for name in names:
@@ -143,7 +147,9 @@ def main(argv=None) -> int:
         results[name] = {
             "layers": model_cfg.num_hidden_layers, "steps": cfg.steps,
             "tokens": cfg.steps * cfg.batch * cfg.data.seq_len,
-            "val_loss": held(params, model_cfg), "seconds": round(secs, 1),
+            "val_loss": held(params, model_cfg),
+            "seconds": previous.get(name, {}).get("seconds") if summary.get("already_done")
+            else round(secs, 1),
             "final_eval": summary.get("eval"),
         }
         print(json.dumps({name: results[name]}), flush=True)
