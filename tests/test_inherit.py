@@ -267,6 +267,12 @@ def test_cli_writes_a_complete_checkpoint(gpt2_dir, tmp_path, capsys, to):
     else:
         m = load_model(out, progress=False)
         assert m.config.num_hidden_layers == 1
+        again = str(tmp_path / "again")  # an Orbax checkpoint is a source too
+        rc, res = _cli(capsys, "inherit", out, again, "--layers", "first:1", "--json")
+        assert rc == 0 and res["src_layers"] == 1
+        m2 = load_model(again, progress=False)
+        for a, b in zip(jax.tree.leaves(m.params), jax.tree.leaves(m2.params), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_cli_fresh_parts_count(llama_dir, tmp_path, capsys):
