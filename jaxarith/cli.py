@@ -33,7 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the commands (and jax) are imported
+        print("jaxarith: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     return _common.run(args)
 
 

@@ -7,14 +7,20 @@ then a ``lax.while_loop`` that at each step combines the members' next-token log
 
 samples from it (greedy / temperature / top-k / top-p, applied *after* combining), and feeds the
 token to every member's cache. One member with weight 1 is plain generation; proxy tuning and
-emulated fine-tuning are weight choices (see :mod:`jaxarith.logits`).
+emulated fine-tuning are weight choices (see :mod:`jaxarith.logits`; speculative decoding of a
+combination is :mod:`jaxarith.speculative`).
 
-A :class:`Decoder` is a frozen, hashable description (configs, weights, sampler, lengths) and is
-the static argument of the jitted function: calls with the same decoder and shapes do not
-recompile. Prompt lengths are padded up to a multiple of ``Decoder.prompt_bucket`` so that prompts
-of similar length share one program too.
+A :class:`DecodeSpec` is a frozen, hashable description (configs, weights, sampler, lengths) and
+is the static argument of the jitted function: calls with the same spec and shapes do not
+recompile. Prompt lengths are padded up to a multiple of ``DecodeSpec.prompt_bucket`` so that
+prompts of similar length share one program too.
 
-Shapes: B batch, P padded prompt length, S cache length, V vocabulary, N max new tokens.
+Streaming: an ``on_tokens`` host callback receives the tokens in chunks (the first token at once,
+then chunks of about :data:`STREAM_SECONDS` of decoding each), so the decode loop pays one host
+round trip per chunk, not per token.
+
+Shapes (letters as in :mod:`jaxarith.models`): B batch, P padded prompt length, S cache length,
+V vocabulary, R new tokens (``max_new_tokens``), M models combined.
 """
 
 from __future__ import annotations
@@ -28,19 +34,24 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
 
 from jaxarith import sharding
 from jaxarith.errors import ConfigError
-from jaxarith.models.config import ModelConfig
+from jaxarith.models.family import DType, ModelConfig, parse_enum
 from jaxarith.models.layers import KVCache
-from jaxarith.models.transformer import CACHE_AXES, forward, init_cache
+from jaxarith.models.transformer import CACHE_AXES, check_token_ids, forward, init_cache
 from jaxarith.sampling import Greedy, Sampler
 
-StepCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
-"""Called on the host as tokens arrive: ``fn(step, tokens, valid)``; ``tokens`` [B, T] int32
-(T = 1 for plain decoding, K + 1 per round for speculative decoding) and ``valid`` [B, T] bool,
-False where a row emitted nothing (finished, or fewer tokens accepted this round)."""
+TokenCallback = Callable[[int, np.ndarray, np.ndarray], None]
+"""Called on the host as tokens arrive: ``fn(start, tokens, valid)``; ``tokens`` [B, C] int32 are
+output positions ``start .. start + C - 1`` (consecutive calls continue where the last one
+ended) and ``valid`` [B, C] bool is False where a row emitted nothing (finished, or a budget
+reached)."""
+StepCallback = TokenCallback  # the name before the callback was chunked
+
+STREAM_SECONDS = 0.1
+"""Streaming granularity: after the first token (sent alone, at once), chunks are sized to take
+about this long at the measured speed (one host round trip per chunk, not per token)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +68,7 @@ class Member:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Decoder:
+class DecodeSpec:
     """What to generate and how (static: it keys the compilation cache).
 
     Attributes:
@@ -79,11 +90,13 @@ class Decoder:
     stop_tokens: tuple[int, ...] = ()
     pad_token: int = 0
     vocab_limit: int | None = None
-    dtype: str = "float32"
+    dtype: DType = DType.FLOAT32
     prompt_bucket: int = 8
     cache_len: int | None = None
 
     def __post_init__(self):
+        # a plain "float32" equals (and hashes as) DType.FLOAT32: validated, not rewritten
+        parse_enum(DType, self.dtype, "dtype")
         if not self.members:
             raise ConfigError("a decoder needs at least one model")
         vocabs = {m.config.vocab_size for m in self.members}
@@ -105,14 +118,17 @@ class Decoder:
         return self.members[0].config.vocab_size
 
 
+Decoder = DecodeSpec  # the name before it was clear that this is a spec, not a decoder
+
+
 @dataclasses.dataclass(frozen=True)
 class Generation:
     """What :func:`generate` returns (numpy arrays on the host).
 
     Attributes:
-      tokens: [B, N] generated ids; ``pad_token`` after a row's end.
+      tokens: [B, R] generated ids; ``pad_token`` after a row's end.
       lengths: [B] tokens generated per row, including the stop token.
-      logprobs: [B, N] log p(token) under the combined distribution before temperature /
+      logprobs: [B, R] log p(token) under the combined distribution before temperature /
         top-k / top-p (0 after a row's end).
       steps: loop iterations run (the loop exits when every row has stopped).
       seconds: wall time of the compiled program (compilation excluded).
@@ -157,7 +173,8 @@ def _is_token_list(x) -> bool:
     return all(isinstance(t, int | np.integer) for t in x)
 
 
-def prepare_prompts(dec: Decoder, prompts, extra: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def prepare_prompts(dec: DecodeSpec, prompts,
+                    extra: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """Left-pad each member's prompts and check they fit the cache and the model's context.
 
     Args:
@@ -173,6 +190,7 @@ def prepare_prompts(dec: Decoder, prompts, extra: int = 0) -> list[tuple[np.ndar
     padded = []
     for member, batch in zip(dec.members, batches, strict=True):
         tokens, mask = left_pad(batch, dec.pad_token, dec.prompt_bucket)
+        check_token_ids(tokens, member.config.vocab_size, f"{member.role} prompt")
         longest = int(mask.sum(1).max())
         need = longest + dec.max_new_tokens + extra
         if need > member.config.context_length:
@@ -195,12 +213,12 @@ def prepare_prompts(dec: Decoder, prompts, extra: int = 0) -> list[tuple[np.ndar
     return padded
 
 
-def member_weights(dec: Decoder) -> np.ndarray:
+def member_weights(dec: DecodeSpec) -> np.ndarray:
     """The members' weights [M] float32 (a traced argument of the compiled loops)."""
     return np.asarray([m.weight for m in dec.members], np.float32)
 
 
-def combine(dec: Decoder, logits: Sequence[jax.Array],
+def combine(dec: DecodeSpec, logits: Sequence[jax.Array],
             weights: jax.Array | None = None) -> jax.Array:
     """Combined, renormalised log-probabilities [..., V] from each member's logits [..., V].
 
@@ -228,7 +246,7 @@ def constrain_cache(cache: KVCache) -> KVCache:
                         is_leaf=lambda x: isinstance(x, jax.Array))
 
 
-def prefill(dec: Decoder, params, prompts, extra: int = 0):
+def prefill(dec: DecodeSpec, params, prompts, extra: int = 0):
     """Each member's cache after its prompt, and its next-token logits [B, V]."""
     caches, last = [], []
     for member, p, (tokens, mask) in zip(dec.members, params, prompts, strict=True):
@@ -242,7 +260,7 @@ def prefill(dec: Decoder, params, prompts, extra: int = 0):
     return tuple(caches), tuple(last)
 
 
-def feed(member: Member, dtype: str, params, cache: KVCache, tokens: jax.Array,
+def feed(member: Member, dtype: DType | str, params, cache: KVCache, tokens: jax.Array,
          mask: jax.Array | None = None) -> tuple[KVCache, jax.Array]:
     """Feed tokens [B, T] to one member's cache; returns (cache, logits [B, T, V])."""
     mask = jnp.ones(tokens.shape, bool) if mask is None else mask
@@ -251,30 +269,16 @@ def feed(member: Member, dtype: str, params, cache: KVCache, tokens: jax.Array,
     return constrain_cache(cache), logits
 
 
-def step(dec: Decoder, params, caches, tokens, mask):
+def step(dec: DecodeSpec, params, caches, tokens, mask):
     """Feed tokens [B, T] to every member; returns (caches, logits [B, T, V] per member)."""
     out = [feed(m, dec.dtype, p, c, tokens, mask)
            for m, p, c in zip(dec.members, params, caches, strict=True)]
     return tuple(c for c, _ in out), tuple(lg for _, lg in out)
 
 
-def stream(on_step: StepCallback | None, i: jax.Array, tokens: jax.Array,
-           valid: jax.Array) -> None:
-    """Send tokens to the host as they are produced (nothing when ``on_step`` is None)."""
-    if on_step is not None:
-        io_callback(on_step, None, i, tokens, valid, ordered=True)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 6))
-def _generate(dec: Decoder, params, weights, prompts, key, limits, on_step=None):
-    b = prompts[0][0].shape[0]
-    n = dec.max_new_tokens
-    caches, last = prefill(dec, params, prompts)
+def _decode_body(dec: DecodeSpec, params, weights, limits):
+    """One decode step over the loop state ``(i, out, out_lp, done, caches, last, key)``."""
     stops = jnp.asarray(dec.stop_tokens or (-1,), jnp.int32)
-
-    def cond(state):
-        i, _, _, done, *_ = state
-        return (i < n) & ~jnp.all(done)
 
     def body(state):
         i, out, out_lp, done, caches, last, key = state
@@ -282,7 +286,6 @@ def _generate(dec: Decoder, params, weights, prompts, key, limits, on_step=None)
         tok = dec.sampler.get_next_tokens(logp, jax.random.fold_in(key, i))
         lp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
         tok = jnp.where(done, dec.pad_token, tok)
-        stream(on_step, i, tok[:, None], (~done)[:, None])
         out = out.at[:, i].set(tok)
         out_lp = out_lp.at[:, i].set(jnp.where(done, 0.0, lp))
         # a finished row feeds a masked pad: its cache slot stays invalid
@@ -290,33 +293,120 @@ def _generate(dec: Decoder, params, weights, prompts, key, limits, on_step=None)
         done = done | jnp.isin(tok, stops) | (i + 1 >= limits)
         return i + 1, out, out_lp, done, caches, tuple(z[:, -1] for z in logits), key
 
-    state = (jnp.zeros((), jnp.int32), jnp.full((b, n), dec.pad_token, jnp.int32),
-             jnp.zeros((b, n), jnp.float32), limits <= 0, caches, last, key)
-    i, out, out_lp, *_ = jax.lax.while_loop(cond, body, state)
+    return body
+
+
+def _decode_start(dec: DecodeSpec, params, prompts, key, limits):
+    """The loop state after the prefill."""
+    b, n = prompts[0][0].shape[0], dec.max_new_tokens
+    caches, last = prefill(dec, params, prompts)
+    return (jnp.zeros((), jnp.int32), jnp.full((b, n), dec.pad_token, jnp.int32),
+            jnp.zeros((b, n), jnp.float32), limits <= 0, caches, last, key)
+
+
+def _decode_until(dec: DecodeSpec, params, weights, limits, state, until):
+    """Run the loop until ``until`` steps (or every row stopped)."""
+    def cond(state):
+        i, _, _, done, *_ = state
+        return (i < until) & ~jnp.all(done)
+
+    return jax.lax.while_loop(cond, _decode_body(dec, params, weights, limits), state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _generate(dec: DecodeSpec, params, weights, prompts, key, limits):
+    state = _decode_start(dec, params, prompts, key, limits)
+    i, out, out_lp, *_ = _decode_until(dec, params, weights, limits, state, dec.max_new_tokens)
     return out, out_lp, i
 
 
-def row_limits(dec: Decoder, batch: int, max_new_tokens: Sequence[int] | int | None) -> np.ndarray:
+_generate_start = jax.jit(_decode_start, static_argnums=0)
+_generate_chunk = jax.jit(_decode_until, static_argnums=0, donate_argnums=4)
+
+
+def stream_chunks(dec: DecodeSpec, start, start_args, chunk, chunk_args, limits: np.ndarray,
+                  on_tokens: TokenCallback, mesh):
+    """Run a decode loop in host-driven chunks, handing each chunk's tokens to ``on_tokens``.
+
+    ``start(*start_args)`` (jitted, first argument static) returns the loop state after the
+    prefill; ``chunk(*chunk_args, state, until)`` (jitted, first argument static, state donated)
+    advances it to ``until`` positions or until every row stopped. The state starts with
+    ``(position, tokens [B, R'], logprobs, done [B], ...)``. The first chunk is one token (it shows
+    at once); later ones are sized to take :data:`STREAM_SECONDS` at the speed measured so far.
+    The loop runs on the device with no host callback inside (a callback in the loop costs
+    more than a tiny model's whole step) and the host pays one dispatch per chunk. The tokens
+    equal those of the one-program path.
+
+    Returns:
+      (final state, run seconds, compile seconds).
+    """
+    ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    n = dec.max_new_tokens
+    with ctx:
+        t0 = time.perf_counter()
+        start_c = start.lower(*start_args).compile()
+        t1 = time.perf_counter()
+        state = start_c(*start_args[1:])
+        t2 = time.perf_counter()
+        chunk_c = chunk.lower(*chunk_args, state, np.int32(1)).compile()
+        t3 = time.perf_counter()
+        sent, width = 0, 1
+        while True:
+            pos = min(int(state[0]), n)
+            if pos > sent:
+                # a row's emitted positions are a prefix: its length so far says which are valid
+                out = np.asarray(state[1])[:, :n]
+                _, lengths, _ = finish(dec, out, np.zeros(out.shape, np.float32), limits, pos)
+                valid = np.arange(sent, pos)[None, :] < lengths[:, None]
+                on_tokens(sent, np.where(valid, out[:, sent:pos], dec.pad_token), valid)
+                sent = pos
+            if pos >= n or bool(np.all(np.asarray(state[3]))):
+                break
+            start_pos, t_chunk = pos, time.perf_counter()
+            state = chunk_c(*chunk_args[1:], state, np.int32(min(n, sent + width)))
+            advanced = int(state[0]) - start_pos
+            rate = advanced / max(time.perf_counter() - t_chunk, 1e-6)
+            width = max(1, int(rate * STREAM_SECONDS))
+        jax.block_until_ready(state)
+        t4 = time.perf_counter()
+    return state, (t2 - t1) + (t4 - t3), (t1 - t0) + (t3 - t2)
+
+
+def row_limits(dec: DecodeSpec, batch: int,
+               max_new_tokens: Sequence[int] | int | None) -> np.ndarray:
     """Per-row token budgets [B] (each <= ``dec.max_new_tokens``)."""
     if max_new_tokens is None:
         return np.full((batch,), dec.max_new_tokens, np.int32)
     limits = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (batch,)).copy()
     if (limits < 0).any() or (limits > dec.max_new_tokens).any():
         raise ConfigError(f"per-row max_new_tokens {limits.tolist()} must be in "
-                          f"[0, Decoder.max_new_tokens={dec.max_new_tokens}]")
+                          f"[0, DecodeSpec.max_new_tokens={dec.max_new_tokens}]")
     return limits
 
 
-def finish(dec: Decoder, tokens: np.ndarray, limits: np.ndarray, steps: int) -> np.ndarray:
-    """Row lengths [B] (through the first stop token, within the row's limit); pads the rest."""
+def finish(dec: DecodeSpec, tokens, logprobs, limits: np.ndarray,
+           steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The post-processing every generate path shares, on the host.
+
+    Args:
+      tokens, logprobs: the loop's outputs [B, R] (device or numpy arrays).
+      limits: per-row budgets [B]; steps: positions the loop produced.
+    Returns:
+      (tokens [B, R], lengths [B], logprobs [B, R]) numpy: a row's length runs through its first
+      stop token, within its budget and the steps run; later positions hold ``pad_token`` and
+      log-probability 0.
+    """
+    tokens, logprobs = np.array(tokens), np.array(logprobs)
     stops = np.isin(tokens, np.asarray(dec.stop_tokens or (-1,)))
     lengths = np.where(stops.any(1), stops.argmax(1) + 1, tokens.shape[1])
     lengths = np.minimum(np.minimum(lengths, limits), steps)
-    tokens[np.arange(tokens.shape[1])[None, :] >= lengths[:, None]] = dec.pad_token
-    return lengths
+    after = np.arange(tokens.shape[1])[None, :] >= lengths[:, None]
+    tokens[after] = dec.pad_token
+    logprobs[after] = 0.0
+    return tokens, lengths, logprobs
 
 
-def run_compiled(fn, lower_args, args, mesh):
+def compile_and_run(fn, lower_args, args, mesh):
     """Compile ``fn`` for ``lower_args`` (all arguments, static ones included; jax caches the
     program) and run it on ``args`` (the non-static ones). Returns (outputs, run s, compile s).
 
@@ -342,28 +432,31 @@ def place_prompts(padded, mesh):
 
 
 def generate(
-    dec: Decoder,
+    dec: DecodeSpec,
     params: Sequence[dict],
     prompts: Sequence[Sequence[Sequence[int]]] | Sequence[Sequence[int]],
     *,
     seed: int = 0,
     mesh: jax.sharding.Mesh | None = None,
     max_new_tokens: Sequence[int] | int | None = None,
-    on_step: StepCallback | None = None,
+    on_tokens: TokenCallback | None = None,
+    on_step: TokenCallback | None = None,
 ) -> Generation:
     """Generate for a batch of prompts with every member of ``dec`` combined at each step.
 
     Args:
-      dec: the decoder (models' configs, weights, sampler, lengths).
+      dec: the spec (models' configs, weights, sampler, lengths).
       params: one parameter tree per member, in ``dec.members`` order.
       prompts: token lists, either one batch shared by all members, or one batch per member
-        (each model may get its own prompt template; the batch sizes must agree).
+        (each model may get its own prompt template; the batch sizes must agree). Ids outside
+        a model's vocabulary are an error.
       seed: PRNG seed (sampling only).
       mesh: run sharded on this mesh (params should already be placed on it).
       max_new_tokens: optional per-row budgets (<= ``dec.max_new_tokens``), without recompiling.
-      on_step: host callback ``fn(step, tokens [B, 1], valid [B, 1])`` called as tokens
-        arrive (streaming).
-        Part of the compilation key: pass the same function to reuse the program.
+      on_tokens: host callback ``fn(start, tokens [B, C], valid [B, C])`` receiving the tokens
+        in chunks as they are produced (streaming; see :data:`TokenCallback`). Part of the
+        compilation key: pass the same function to reuse the program.
+      on_step: the former name of ``on_tokens``.
     Returns:
       a :class:`Generation`.
     """
@@ -373,10 +466,15 @@ def generate(
     limits = row_limits(dec, padded[0][0].shape[0], max_new_tokens)
     dynamic = (tuple(params), member_weights(dec), place_prompts(padded, mesh),
                jax.random.key(seed), limits)
-    (out, lps, steps), seconds, compile_s = run_compiled(
-        _generate, (dec, *dynamic, on_step), dynamic, mesh)
-    tokens = np.array(out)
-    lengths = finish(dec, tokens, limits, int(steps))
-    lps = np.array(lps)
-    lps[np.arange(lps.shape[1])[None, :] >= lengths[:, None]] = 0.0
+    on_tokens = on_tokens or on_step
+    if on_tokens is None:
+        (out, lps, steps), seconds, compile_s = compile_and_run(
+            _generate, (dec, *dynamic), dynamic, mesh)
+    else:
+        params_, weights, prompts_, key, limits_ = dynamic
+        state, seconds, compile_s = stream_chunks(
+            dec, _generate_start, (dec, params_, prompts_, key, limits_),
+            _generate_chunk, (dec, params_, weights, limits_), limits, on_tokens, mesh)
+        steps, out, lps = state[:3]
+    tokens, lengths, lps = finish(dec, out, lps, limits, int(steps))
     return Generation(tokens, lengths, lps, int(steps), seconds, compile_s)

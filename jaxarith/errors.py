@@ -42,3 +42,19 @@ class ShardingError(ConfigError):
 
 class ArchitectureMismatchError(CheckpointError, ValueError):
     """Models combined by delta arithmetic or merging differ in tensor names or shapes."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (raised like KeyboardInterrupt, so clean-up code runs).
+
+    A ``BaseException`` so that ``except Exception`` blocks do not swallow it.
+    """
+
+    def __init__(self, signum: int = 15):
+        super().__init__(signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        import signal
+
+        return f"terminated by {signal.Signals(self.signum).name}"

@@ -13,8 +13,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxarith import sharding
+from jaxarith.errors import ConfigError
 from jaxarith.models.config import ModelConfig
-from jaxarith.models.transformer import next_token_loss
+from jaxarith.models.transformer import check_token_ids, next_token_loss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ def windows(ids: np.ndarray, seq_len: int) -> list[np.ndarray]:
     loss of a text does not depend on how it is cut.
     """
     if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len} must be at least 2")
+        raise ConfigError(f"seq_len={seq_len} must be at least 2")
     step = seq_len - 1
     return [ids[s: s + seq_len] for s in range(0, max(len(ids) - 1, 1), step)]
 
@@ -60,8 +61,12 @@ def eval_loss(
     Windows of ``seq_len`` tokens (default: the model's context length) are batched
     ``batch_size`` at a time into fixed-shape, right-padded batches, so the loss compiles once.
     On a mesh the batch is sharded over the data-parallel axes (rounded up to divide them).
+    A ``seq_len`` above the context length is cut to it (the CLI warns).
     """
+    check_token_ids(np.asarray(token_ids), cfg.vocab_size, "token_ids")
     ids = np.asarray(token_ids, dtype=np.int32)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size={batch_size} must be at least 1")
     if ids.size < 2:
         raise ValueError("need at least two tokens to score")
     seq_len = min(seq_len or cfg.context_length, cfg.context_length)

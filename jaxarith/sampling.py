@@ -3,7 +3,7 @@
 They act on the *final* log-probabilities, i.e. after logit arithmetic has combined the models,
 so temperature / top-k / top-p shape the combined distribution (as emulated fine-tuning
 prescribes: top-p is applied after combining). Being frozen and hashable, a sampler is part of
-the static :class:`jaxarith.decode.Decoder` and keys the compilation cache.
+the static :class:`jaxarith.decode.DecodeSpec` and keys the compilation cache.
 
 Shapes: B batch, V vocabulary.
 """

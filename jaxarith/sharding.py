@@ -6,15 +6,19 @@ axis. A mesh is described by a string such as ``"data=2,fsdp=2,tensor=2"`` or ``
 fills with the remaining devices); axes not named get size 1, so every mesh has all three axes.
 
 Divisibility: a parameter dimension that does not divide the size of its mesh axes is replicated
-along that dimension (documented fallback, logged once per parameter), or raises
-:class:`ShardingError` naming the parameter when ``strict=True``.
+along that dimension with a warning naming the parameter and the sizes (once per parameter and
+mesh), or raises :class:`ShardingError` naming the parameter when strict. Strictness is an
+argument, or the process-wide default set by :func:`set_strict_sharding` /
+:func:`strict_sharding` (the CLI's ``--strict-sharding``, the training config's
+``mesh_strict: true``). Activations (:func:`constrain`) are never strict.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -47,6 +51,32 @@ RULES: dict[str, tuple[str, ...]] = {
     "act_vocab": ("tensor",),
     "cache_seq": (),
 }
+
+
+# Process-wide (not a context variable: loader threads must see the setting of the command).
+_STRICT = [False]
+_WARNED: set[tuple] = set()
+
+
+def set_strict_sharding(strict: bool) -> None:
+    """Make strict divisibility the default for parameter shardings (process-wide)."""
+    _STRICT[0] = bool(strict)
+
+
+@contextlib.contextmanager
+def strict_sharding(strict: bool = True) -> Iterator[None]:
+    """Within the block, parameter shardings default to ``strict``."""
+    before = _STRICT[0]
+    _STRICT[0] = bool(strict)
+    try:
+        yield
+    finally:
+        _STRICT[0] = before
+
+
+def is_strict() -> bool:
+    """The current default strictness (see :func:`set_strict_sharding`)."""
+    return _STRICT[0]
 
 
 def parse_mesh_spec(spec: str, num_devices: int | None = None) -> dict[str, int]:
@@ -114,15 +144,22 @@ def logical_to_spec(
     mesh: Mesh | None = None,
     *,
     rules: dict[str, tuple[str, ...]] = RULES,
-    strict: bool = False,
+    strict: bool | None = None,
     name: str = "array",
+    activation: bool | None = None,
 ) -> PartitionSpec:
     """The PartitionSpec for a tensor with logical ``axes``.
 
     A mesh axis is used at most once (first dimension wins). With ``shape`` and ``mesh`` given,
     mesh axes of size 1 are dropped and a dimension not divisible by its mesh axes is replicated
-    (or raises :class:`ShardingError` naming ``name`` when ``strict``).
+    with a warning naming ``name`` and the sizes (or raises :class:`ShardingError` when
+    ``strict``; None: :func:`is_strict`). ``activation``: an activation or data array (never
+    strict, logged at debug level: batch sizes vary from call to call); default: True when
+    ``axes`` has a ``batch`` axis, which parameters never have.
     """
+    if activation is None:
+        activation = "batch" in axes
+    strict = False if activation else is_strict() if strict is None else strict
     if shape is not None and len(shape) != len(axes):
         raise ShardingError(f"{name}: shape {tuple(shape)} has {len(shape)} dims but logical "
                             f"axes {axes} name {len(axes)}")
@@ -145,8 +182,7 @@ def logical_to_spec(
                         f"{name}: dimension {dim} ({logical}) of size {shape[dim]} is not "
                         f"divisible by mesh axes {mesh_axes} of total size {size}"
                     )
-                log.info("%s: dim %d (%s, size %d) not divisible by %s=%d; replicated",
-                         name, dim, logical, shape[dim], mesh_axes, size)
+                _warn_replicated(name, dim, logical, shape, mesh_axes, size, activation)
                 mesh_axes = []
         used.update(mesh_axes)
         out.append(None if not mesh_axes else
@@ -154,12 +190,27 @@ def logical_to_spec(
     return PartitionSpec(*out)
 
 
+def _warn_replicated(name, dim, logical, shape, mesh_axes, size, activation) -> None:
+    if activation:
+        log.debug("%s: dim %d (%s, size %d) not divisible by %s=%d; replicated",
+                  name, dim, logical, shape[dim], mesh_axes, size)
+        return
+    key = (name, dim, tuple(shape), tuple(mesh_axes), size)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    log.warning("%s %s: dimension %d (%s) of size %d does not divide mesh axes %s of total "
+                "size %d; replicated along it (--strict-sharding / mesh_strict: true makes "
+                "this an error)", name, tuple(shape), dim, logical, shape[dim],
+                "x".join(mesh_axes), size)
+
+
 def named_sharding(mesh: Mesh, axes: LogicalAxes, shape: Sequence[int], *, name: str = "array",
-                   strict: bool = False) -> NamedSharding:
+                   strict: bool | None = None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, strict=strict, name=name))
 
 
-def tree_shardings(mesh: Mesh, axes_tree, shapes_tree, *, strict: bool = False):
+def tree_shardings(mesh: Mesh, axes_tree, shapes_tree, *, strict: bool | None = None):
     """Shardings for a tree, given matching trees of logical axes and shapes (or arrays)."""
     def one(path, axes, shaped):
         shape = getattr(shaped, "shape", shaped)
@@ -177,7 +228,7 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
         return x
-    spec = logical_to_spec(axes, x.shape, mesh)
+    spec = logical_to_spec(axes, x.shape, mesh, activation=True)
     return jax.lax.with_sharding_constraint(x, spec)
 
 

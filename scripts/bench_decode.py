@@ -9,7 +9,10 @@ Same random-weight Llama models for both sides (made locally), float32, on this 
    three transformers models with their KV caches and combine log-probs in Python per token);
 3. speculative EFT vs plain EFT (large base + beta * (small tuned - small base)), greedy, with a
    drafter made to agree with the large model (it shares its embeddings and first layers, and
-   the large model's deeper layers are damped; see ``make_agreeing``): acceptance rate, speedup.
+   the large model's deeper layers are damped; see ``make_agreeing``): acceptance rate, speedup;
+4. streaming vs not: ``generate`` with the CLI's text streamer (``jaxarith generate`` without
+   ``--json``; text written to a buffer instead of the terminal) vs without a callback (what
+   ``--json`` runs), interleaved; the ratio should be close to 1.
 
 Compile time is excluded (one warm-up call); each number is the median of ``--repeats`` runs.
 
@@ -20,7 +23,9 @@ Compile time is excluded (one warm-up call); each number is the median of ``--re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import tempfile
@@ -32,9 +37,12 @@ import numpy as np
 import torch
 
 from jaxarith import testing
+from jaxarith.assets import bundled_tokenizer
+from jaxarith.commands.generate import _Streamer
 from jaxarith.convert import load_hf_params
-from jaxarith.decode import Decoder, Member, generate
-from jaxarith.logits import SpeculativeDecoder, eft, generate_speculative, proxy_tuning
+from jaxarith.decode import DecodeSpec, Member, generate
+from jaxarith.logits import eft, proxy_tuning
+from jaxarith.speculative import SpeculativeSpec, generate_speculative
 
 SIZES = {  # name: hidden, intermediate, layers, heads, kv heads, vocab
     "16M": (256, 768, 4, 8, 4, 32000),
@@ -51,6 +59,23 @@ def median_time(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def streaming_vs_json(dec, params, prompt, repeats):
+    """(streamed tok/s, plain tok/s): medians of interleaved runs (compilation excluded)."""
+    tok = bundled_tokenizer()
+    fits = dec.vocab_size <= len(tok)
+    times = {"stream": [], "json": []}
+    for r in range(repeats + 1):  # round 0 compiles
+        for mode in times:
+            with contextlib.redirect_stdout(io.StringIO()):
+                cb = None if mode == "json" else \
+                    _Streamer(tok, "") if fits else (lambda s, t, v: t.tolist())
+                g = generate(dec, [params], [prompt], on_tokens=cb)
+            if r:
+                times[mode].append(g.seconds)
+    new = dec.max_new_tokens
+    return new / float(np.median(times["stream"])), new / float(np.median(times["json"]))
 
 
 def make(directory, dims, seed=0, layers=None):
@@ -126,7 +151,7 @@ def main() -> None:
             limit = args.bandwidth * 1e9 / weight_bytes
             for batch in (1, 8):
                 prompts = [prompt] * batch
-                dec = Decoder(members=(Member(cfg),), max_new_tokens=new)
+                dec = DecodeSpec(members=(Member(cfg),), max_new_tokens=new)
                 t_j = median_time(lambda: generate(dec, [params], prompts), args.repeats)
                 ids = torch.tensor(prompts)
                 t_h = median_time(lambda: hf.generate(input_ids=ids, max_new_tokens=new,
@@ -137,10 +162,15 @@ def main() -> None:
                              "transformers_tok_s": batch * new / t_h, "speedup": t_h / t_j,
                              "bandwidth_limit_tok_s": limit * batch,
                              "fraction_of_limit": (new / t_j) / limit})
+            dec = DecodeSpec(members=(Member(cfg),), max_new_tokens=new)
+            s_stream, s_json = streaming_vs_json(dec, params, prompt, max(args.repeats, 3))
+            rows.append({"bench": "streaming", "model": name, "batch": 1,
+                         "jaxarith_tok_s": s_stream, "reference_tok_s": s_json,
+                         "speedup": s_stream / s_json, "load_average": os.getloadavg()[0]})
             # proxy tuning: base = this model, expert / anti-expert = two other seeds
             hf_e, _, pe = make(os.path.join(work, name + "e"), dims, seed=1)
             hf_a, _, pa = make(os.path.join(work, name + "a"), dims, seed=2)
-            dec = Decoder(members=proxy_tuning(cfg, cfg, cfg, 1.0), max_new_tokens=new)
+            dec = DecodeSpec(members=proxy_tuning(cfg, cfg, cfg, 1.0), max_new_tokens=new)
             t_j = median_time(lambda: generate(dec, [params, pe, pa], [prompt]), args.repeats)
             t_h = median_time(lambda: hf_proxy_tuned([hf, hf_e, hf_a], 1.0, prompt, new),
                               args.repeats)
@@ -153,13 +183,13 @@ def main() -> None:
             # speculative EFT: the drafter is the large model's first layers, and the large
             # model's deeper layers are damped, so the two agree often (see make_agreeing)
             cfg_l, large, cfg_s, tuned, base = make_agreeing(cfg, params)
-            dec = Decoder(members=eft(cfg_l, cfg_s, cfg_s, beta=1.0), max_new_tokens=new)
+            dec = DecodeSpec(members=eft(cfg_l, cfg_s, cfg_s, beta=1.0), max_new_tokens=new)
             plist = [large, tuned, base]
             t_plain = median_time(lambda: generate(dec, plist, [prompt]), args.repeats)
             plain = generate(dec, plist, [prompt]).tokens
             eft_bytes = sum(x.size * 4 for p in plist for x in jax.tree.leaves(p))
             for k in (4,) if args.quick else (2, 4):
-                sd = SpeculativeDecoder(decoder=dec, drafter=1, k=k)
+                sd = SpeculativeSpec(decoder=dec, drafter=1, k=k)
                 t_spec = median_time(lambda sd=sd: generate_speculative(sd, plist, [prompt]),
                                      args.repeats)
                 g = generate_speculative(sd, plist, [prompt])
@@ -177,6 +207,8 @@ def main() -> None:
         notes = ""
         if "fraction_of_limit" in r:
             notes = f"{r['fraction_of_limit']:.0%} of bandwidth limit"
+        if r["bench"] == "streaming":
+            notes = f"streamed vs not (--json); load {r['load_average']:.1f}"
         if "acceptance" in r:
             notes = f"acceptance {r['acceptance']:.2f}"
         if "same_tokens" in r:

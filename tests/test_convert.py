@@ -148,8 +148,14 @@ def test_existing_destination_is_refused_then_overwritten(gpt2_dir, tmp_path):
     with pytest.raises(OutputExistsError, match="already exists"):
         convert(gpt2_dir[0], dst, progress=False)
     assert (dst / "keep.txt").read_text() == "precious"
-    convert(gpt2_dir[0], dst, overwrite=True, progress=False)
-    assert not (dst / "keep.txt").exists() and (dst / "jaxarith.json").exists()
+    # --overwrite replaces only what jaxarith wrote (issue 16): a user's directory is kept
+    with pytest.raises(OutputExistsError, match="not written by jaxarith"):
+        convert(gpt2_dir[0], dst, overwrite=True, progress=False)
+    assert (dst / "keep.txt").read_text() == "precious"
+    (dst / "keep.txt").unlink()
+    convert(gpt2_dir[0], dst, progress=False, to="hf", overwrite=True)  # empty: replaced
+    convert(gpt2_dir[0], dst, overwrite=True, progress=False)  # a jaxarith output: replaced
+    assert (dst / "jaxarith.json").exists() and not (dst / "model.safetensors").exists()
 
 
 def test_read_only_destination(gpt2_dir, tmp_path, monkeypatch):
@@ -172,10 +178,9 @@ def test_inspect(kind, llama_dir, tmp_path):
     out = subprocess.run([sys.executable, "-m", "jaxarith", "inspect", ref, "--json"],
                          capture_output=True, text=True, check=True)
     info = json.loads(out.stdout)
-    cfg = load_config(llama_dir[0])
-    from jaxarith.models import num_params
-
-    assert info["num_params"] == num_params(cfg) == info["stored_elements"]
+    # transformers' own count of the model's parameters, and the elements stored in the files
+    n_hf = sum(p.numel() for p in llama_dir[1].parameters())
+    assert info["num_params"] == n_hf == info["stored_elements"]
     assert info["architecture"] == "llama" and info["dtype"] == "float32"
     names = {t["name"] for t in info["tensors"]}
     if kind == "orbax":

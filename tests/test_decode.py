@@ -87,8 +87,12 @@ def test_stop_tokens_per_row_limits_and_streaming(models):
         assert (g.tokens[row, n:] == 0).all() and (g.logprobs[row, n:] == 0).all()
         np.testing.assert_array_equal(g.tokens[row, :n], free.tokens[row, :n])
         np.testing.assert_allclose(g.logprobs[row, :n], free.logprobs[row, :n], atol=1e-6)
-    # the host callback saw every token, in order, as it was produced
-    assert [s for s, _, _ in seen] == list(range(g.steps))
+    # the host callback saw every token, in order, in consecutive chunks as they were produced:
+    # the first token alone, then chunks sized by time (decode.STREAM_SECONDS)
+    starts = [s for s, _, _ in seen]
+    widths = [t.shape[1] for _, t, _ in seen]
+    assert starts == [0, *np.cumsum(widths)[:-1].tolist()] and sum(widths) == g.steps
+    assert widths[0] == 1
     streamed = np.concatenate([t for _, t, _ in seen], 1)
     valid = np.concatenate([v for _, _, v in seen], 1)
     np.testing.assert_array_equal(valid.sum(1), g.lengths)

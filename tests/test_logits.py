@@ -192,6 +192,14 @@ def test_speculative_eft_greedy_equals_plain_eft(two):
     assert _streamed_rows() == [row[:n].tolist()
                                 for row, n in zip(full.tokens, full.lengths, strict=True)]
     assert full.rounds <= -(-(NEW - 1) // 4)  # first token from prefill, then k + 1 per round
+    # a row with a budget of 0 streams nothing (not even the prefill's token), like generate
+    for fn, d in ((generate_speculative, SpeculativeDecoder(decoder=same, drafter=1, k=3)),
+                  (generate, same)):
+        STREAMED.clear()
+        g = fn(d, [pa, pb, pc], PROMPTS, max_new_tokens=[0, 1, 5, NEW], on_step=_record)
+        assert g.lengths[0] == 0 and g.lengths[1] == 1
+        assert _streamed_rows() == [row[:n].tolist()
+                                    for row, n in zip(g.tokens, g.lengths, strict=True)]
 
 
 def _small_eft(vocab=16):

@@ -12,8 +12,19 @@ import torch
 
 from jaxarith import testing
 from jaxarith.convert import load_hf_params
+from jaxarith.errors import ConfigError
 from jaxarith.evaluate import eval_loss
-from jaxarith.models import CausalLM, forward, next_token_loss, token_logprobs
+from jaxarith.models import (
+    CausalLM,
+    check_config_keys,
+    config_from_hf,
+    forward,
+    jit_forward,
+    load_config,
+    next_token_loss,
+    num_params,
+    token_logprobs,
+)
 
 TOL = 1e-4
 FIXTURES = ["llama_dir", "llama_tied_dir", "gpt2_dir"]
@@ -94,16 +105,17 @@ def test_cli_eval_loss_matches_transformers(llama_dir, tmp_path):
 
 
 def test_nnx_module_state_is_canonical_tree(llama_dir):
-    directory, _ = llama_dir
+    directory, hf_model = llama_dir
     cfg, params = load_hf_params(directory, progress=False)
     model = CausalLM.from_params(cfg, params)
     tree = model.params()
     assert jax.tree.structure(tree) == jax.tree.structure(params)
     tokens, mask = _batch(b=2)
-    np.testing.assert_array_equal(
-        np.asarray(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask))),
-        np.asarray(forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))[0]),
-    )
+    # the module's output is transformers' (an independent implementation of the same model)
+    ref = jax.nn.log_softmax(testing.hf_logits(hf_model, tokens, mask), axis=-1)
+    ours = jax.nn.log_softmax(model(jnp.asarray(tokens), attention_mask=jnp.asarray(mask)), -1)
+    diff = np.abs(np.asarray(ours) - np.asarray(ref))[mask.astype(bool)]
+    assert diff.max() < TOL, f"max |dlogp| = {diff.max():.2e}"
     from flax import nnx
 
     q = model.layers["attn"]["q"]
@@ -168,3 +180,214 @@ def test_repeated_calls_do_not_recompile(gpt2_dir):
     eval_loss(params, cfg, ids[::-1].copy(), seq_len=32, batch_size=4)  # same shapes, new data
     eval_loss(params, cfg, ids[:150], seq_len=32, batch_size=4)  # fewer windows, same batch shape
     assert _batch_nll._cache_size() == n
+
+
+# ----------------------------------------------------------------------------- independent checks
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_num_params_equals_transformers_count(fixture, request):
+    """The parameter count from our ParamSpec table equals transformers' own count of the same
+    model (tied weights counted once)."""
+    directory, hf_model = request.getfixturevalue(fixture)
+    cfg = load_config(directory)
+    assert num_params(cfg) == sum(p.numel() for p in hf_model.parameters())
+
+
+@pytest.fixture(scope="module")
+def llama_long(tmp_path_factory):
+    """A Llama with a 512-token context (GQA, llama3 RoPE) for sequences past one attention
+    block (128 queries)."""
+    d = tmp_path_factory.mktemp("llama_long")
+    cfg = testing.tiny_llama_config(max_position_embeddings=512,
+                                    rope_scaling=testing.LLAMA3_ROPE)
+    hf = testing.make_hf_model(d, cfg, seed=4, with_tokenizer=False)
+    return str(d), hf
+
+
+def test_blocked_attention_past_128_tokens_matches_transformers(llama_long):
+    """T = 300 runs the causal attention in three query blocks (128, 128, 44), with left
+    padding on one row: log-probs equal transformers' at every real position."""
+    directory, hf_model = llama_long
+    cfg, params = load_hf_params(directory, progress=False)
+    rng = np.random.RandomState(7)
+    tokens = rng.randint(3, testing.TINY_VOCAB, (2, 300))
+    mask = np.ones((2, 300), np.int64)
+    mask[1, :37] = 0
+    ref = jax.nn.log_softmax(testing.hf_logits(hf_model, tokens, mask), axis=-1)
+    logits, _ = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    ours = jax.nn.log_softmax(logits, axis=-1)
+    diff = np.abs(np.asarray(ours) - np.asarray(ref))[mask.astype(bool)]
+    assert diff.max() < TOL, f"max |dlogp| = {diff.max():.2e}"
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+# config.json of released checkpoints (as published on the hub), which must keep loading
+REAL_CONFIGS = {
+    "llama-1-7b": {
+        "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+        "intermediate_size": 11008, "max_position_embeddings": 2048,
+        "max_sequence_length": 2048, "model_type": "llama", "num_attention_heads": 32,
+        "num_hidden_layers": 32, "pad_token_id": 0, "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": False, "torch_dtype": "float16",
+        "transformers_version": "4.28.0.dev0", "use_cache": True, "vocab_size": 32000},
+    "llama-2-7b": {
+        "_name_or_path": "meta-llama/Llama-2-7b-hf", "architectures": ["LlamaForCausalLM"],
+        "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
+        "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 4096,
+        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+        "num_key_value_heads": 32, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "float16",
+        "transformers_version": "4.31.0.dev0", "use_cache": True, "vocab_size": 32000},
+    "llama-3.2-1b": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False,
+        "attention_dropout": 0.0, "bos_token_id": 128000,
+        "eos_token_id": [128001, 128008, 128009], "head_dim": 64, "hidden_act": "silu",
+        "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+        "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+        "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256},
+    "mistral-7b-v0.3": {
+        "architectures": ["MistralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
+        "initializer_range": 0.02, "intermediate_size": 14336,
+        "max_position_embeddings": 32768, "model_type": "mistral", "num_attention_heads": 32,
+        "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.42.0.dev0", "use_cache": True,
+        "vocab_size": 32768},
+    "gpt2": {
+        "activation_function": "gelu_new", "architectures": ["GPT2LMHeadModel"],
+        "attn_pdrop": 0.1, "bos_token_id": 50256, "embd_pdrop": 0.1, "eos_token_id": 50256,
+        "initializer_range": 0.02, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
+        "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024,
+        "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1,
+        "summary_proj_to_labels": True, "summary_type": "cls_index", "summary_use_proj": True,
+        "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}},
+        "vocab_size": 50257},
+}
+# parameter counts published for these checkpoints (computed by hand from the shapes)
+REAL_PARAMS = {"llama-1-7b": 6_738_415_616, "llama-2-7b": 6_738_415_616,
+               "llama-3.2-1b": 1_235_814_400, "mistral-7b-v0.3": 7_248_023_552,
+               "gpt2": 124_439_808}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_real_hf_configs_load(name):
+    cfg = config_from_hf(REAL_CONFIGS[name])
+    assert num_params(cfg) == REAL_PARAMS[name]
+    assert config_from_hf(cfg.to_hf()) == cfg
+
+
+@pytest.mark.parametrize("arch, typo, closest", [
+    ("llama", "hiden_size", "hidden_size"),
+    ("gpt2", "n_layers", "n_layer"),
+])
+def test_unknown_config_key_is_named_with_the_valid_ones(arch, typo, closest):
+    base = {k: v for k, v in REAL_CONFIGS["llama-2-7b" if arch == "llama" else "gpt2"].items()}
+    with pytest.raises(ConfigError, match=rf"unknown {arch} config key '{typo}' \(did you mean "
+                                          rf"'{closest}'\?\); valid keys: .*{closest}"):
+        config_from_hf({**base, typo: 32})
+    with pytest.raises(ConfigError, match=rf"model.config: unknown {arch} config key '{typo}'"):
+        check_config_keys(arch, {typo: 32})
+    check_config_keys(arch, {closest: 32, "torch_dtype": "float32"})  # valid keys pass
+
+
+def test_train_config_model_overrides_check_keys():
+    from train.config import ModelSection
+
+    with pytest.raises(ConfigError, match=r"model.config: unknown llama config key 'hiden_size'"):
+        ModelSection(arch="llama", config={"hiden_size": 32, "vocab_size": 64})
+
+
+# ----------------------------------------------------------------------------- token ids
+
+
+def test_out_of_range_token_ids_are_a_clear_error(llama_dir):
+    directory, _ = llama_dir
+    cfg, params = load_hf_params(directory, progress=False)
+    bad = np.array([[5, 6, cfg.vocab_size]])
+    message = rf"token id {cfg.vocab_size} is outside the model's vocabulary \[0, 1024\)"
+    with pytest.raises(ConfigError, match=message):
+        forward(params, cfg, jnp.asarray(bad))
+    with pytest.raises(ConfigError, match=message):
+        jit_forward(params, cfg, bad, np.ones_like(bad))
+    with pytest.raises(ConfigError, match=r"token id -1 is outside"):
+        CausalLM.from_params(cfg, params)(jnp.asarray([[3, -1]]))
+    with pytest.raises(ConfigError, match=message):
+        eval_loss(params, cfg, bad[0])
+    from jaxarith.decode import DecodeSpec, Member, generate
+
+    with pytest.raises(ConfigError, match=r"model prompt: token id 1024 is outside"):
+        generate(DecodeSpec(members=(Member(cfg),), max_new_tokens=2), [params], bad.tolist())
+
+
+# ----------------------------------------------------------------------------- family interface
+
+
+@pytest.mark.parametrize("fixture", FIXTURES)
+def test_family_rules_cover_every_parameter_exactly_once(fixture, request):
+    """Each canonical leaf of the family's ParamSpec table is the target of exactly one HF rule,
+    with the shape the rule's hook produces from the HF shape."""
+    from jaxarith.convert.keymap import rules_for
+    from jaxarith.models import param_specs
+    from jaxarith.sharding import path_str
+
+    cfg = load_config(request.getfixturevalue(fixture)[0])
+    specs = {path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(
+        param_specs(cfg), is_leaf=lambda x: hasattr(x, "axes"))}
+    covered = []
+    for rule in rules_for(cfg):
+        outs = rule.to_canon(np.zeros(rule.hf_shape, np.float32))
+        for target, out in zip(rule.targets, outs, strict=True):
+            name = path_str(target)
+            covered.append(name)
+            per_layer = specs[name].shape[1:] if rule.per_layer else specs[name].shape
+            assert out.shape == per_layer, name
+    assert sorted(covered) == sorted(specs)
+
+
+def test_a_family_registered_at_run_time_runs_everywhere(monkeypatch):
+    """The docs/models.md example: a Llama with a parallel block is one registration; config
+    parsing, init, conversion rules and the forward use it without any other change."""
+    import dataclasses
+    from typing import ClassVar
+
+    from jaxarith.convert.keymap import rules_for
+    from jaxarith.models import LlamaConfig, init_params, llama, register, registry
+
+    monkeypatch.setattr(registry, "FAMILIES", dict(registry.FAMILIES))
+    monkeypatch.setattr(registry, "_BY_MODEL_TYPE", dict(registry._BY_MODEL_TYPE))
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class ParallelConfig(LlamaConfig):
+        arch: ClassVar[str] = "parallel_llama"
+        model_type: str = "parallel_llama"
+
+    def parallel_block(cfg, p, x, ctx):
+        return x + llama.self_attention(cfg, p, x, ctx) + llama.mlp(cfg, p, x)
+
+    register(dataclasses.replace(llama.FAMILY, arch="parallel_llama",
+                                 config_class=ParallelConfig, model_types=("parallel_llama",),
+                                 block=parallel_block))
+    with pytest.raises(ConfigError, match="already registered"):
+        register(llama.FAMILY)
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    cfg = config_from_hf({"model_type": "parallel_llama", **kw})
+    assert isinstance(cfg, ParallelConfig)
+    base = LlamaConfig(**kw)
+    assert [r.hf_key for r in rules_for(cfg)] == [r.hf_key for r in rules_for(base)]
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jnp.array([[1, 5, 9, 3]])
+    ours = np.asarray(forward(params, cfg, tokens)[0])
+    sequential = np.asarray(forward(params, base, tokens)[0])
+    assert ours.shape == (1, 4, 64) and np.isfinite(ours).all()
+    assert np.abs(ours - sequential).max() > 1e-4  # the parallel block is the one that ran

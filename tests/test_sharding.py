@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxarith import sharding
@@ -121,3 +122,114 @@ def test_real_presets_shapes_and_shardings_without_memory(preset, n_params):
         out = jax.eval_shape(lambda p, t: forward(p, cfg, t, dtype=jnp.bfloat16)[0],
                              abstract, tokens)
     assert out.shape == (8, 4096, cfg.vocab_size) and out.dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------- a model whose
+# heads divide the tensor axis, checked against hand-written tables
+
+# 8 query and 8 kv heads, vocab 1024 and mlp 128: every "tensor" dimension divides 8
+EIGHT_HEADS = dict(num_attention_heads=8, num_key_value_heads=8, head_dim=8)
+
+# canonical path -> expected PartitionSpec, written out by hand from RULES
+TABLES = {
+    "tensor=8": {
+        "embed": P("tensor", None),
+        "layers/attn_norm/scale": P(None, None),
+        "layers/attn/q": P(None, None, "tensor", None),
+        "layers/attn/k": P(None, None, "tensor", None),
+        "layers/attn/v": P(None, None, "tensor", None),
+        "layers/attn/o": P(None, "tensor", None, None),
+        "layers/mlp_norm/scale": P(None, None),
+        "layers/mlp/gate": P(None, None, "tensor"),
+        "layers/mlp/up": P(None, None, "tensor"),
+        "layers/mlp/down": P(None, "tensor", None),
+        "final_norm/scale": P(None),
+        "lm_head": P(None, "tensor"),
+    },
+    "data=2,fsdp=2,tensor=2": {
+        "embed": P("tensor", "fsdp"),
+        "layers/attn_norm/scale": P(None, None),
+        "layers/attn/q": P(None, "fsdp", "tensor", None),
+        "layers/attn/k": P(None, "fsdp", "tensor", None),
+        "layers/attn/v": P(None, "fsdp", "tensor", None),
+        "layers/attn/o": P(None, "tensor", None, "fsdp"),
+        "layers/mlp_norm/scale": P(None, None),
+        "layers/mlp/gate": P(None, "fsdp", "tensor"),
+        "layers/mlp/up": P(None, "fsdp", "tensor"),
+        "layers/mlp/down": P(None, "tensor", "fsdp"),
+        "final_norm/scale": P(None),
+        "lm_head": P("fsdp", "tensor"),
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def eight_heads_dir(tmp_path_factory):
+    from jaxarith import testing
+
+    d = tmp_path_factory.mktemp("eight_heads")
+    testing.make_hf_model(d, testing.tiny_llama_config(**EIGHT_HEADS), seed=5,
+                          with_tokenizer=False)
+    return str(d)
+
+
+@pytest.mark.parametrize("spec", sorted(TABLES))
+def test_tensor_parallel_attention_follows_hand_written_table(spec, eight_heads_dir, caplog):
+    """Loaded onto the mesh, every parameter has the sharding of the table (attention really
+    sharded over tensor=8: nothing is replicated, so nothing warns), and the forward equals the
+    single-device one."""
+    import logging
+
+    cfg, params = load_hf_params(eight_heads_dir, progress=False)
+    mesh = sharding.make_mesh(spec)
+    with caplog.at_level(logging.WARNING, logger="jaxarith.sharding"):
+        _, sharded = load_hf_params(eight_heads_dir, mesh=mesh, progress=False)
+    assert not caplog.records
+    got = {sharding.path_str(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(sharded)}
+    assert set(got) == set(TABLES[spec])
+    for name, want in TABLES[spec].items():
+        assert got[name].sharding.is_equivalent_to(NamedSharding(mesh, want), got[name].ndim), \
+            (name, got[name].sharding.spec, want)
+    rng = np.random.RandomState(1)
+    tokens = jnp.asarray(rng.randint(3, cfg.vocab_size, (8, 16)))
+    mask = jnp.ones((8, 16), jnp.int32)
+    ref = jit_forward(params, cfg, tokens, mask)
+    with jax.set_mesh(mesh):
+        batch_shd = sharding.named_sharding(mesh, ("batch", "seq"), tokens.shape)
+        out = jit_forward(sharded, cfg, jax.device_put(tokens, batch_shd),
+                          jax.device_put(mask, batch_shd))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=0)
+
+
+def test_replication_warns_with_parameter_and_sizes_and_strict_raises(llama_dir, caplog,
+                                                                       tmp_path, capsys):
+    """4 heads / 2 kv heads on tensor=8: a warning names each replicated parameter and its sizes;
+    strict mode (argument, context, ``--strict-sharding``) raises naming the first."""
+    import json
+    import logging
+
+    from jaxarith import cli
+
+    cfg = load_hf_params(llama_dir[0], progress=False)[0]
+    mesh = sharding.make_mesh("tensor=8")
+    sharding._WARNED.clear()
+    with caplog.at_level(logging.WARNING, logger="jaxarith.sharding"):
+        abstract_params(cfg, mesh=mesh)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "layers/attn/k (2, 64, 2, 16): dimension 2 (kv_heads) of size 2 does not divide " \
+           "mesh axes tensor of total size 8; replicated" in text
+    assert "layers/attn/q (2, 64, 4, 16): dimension 2 (heads) of size 4" in text
+    with pytest.raises(ShardingError, match=r"layers/attn/k: dimension 2 \(kv_heads\) of size 2"):
+        abstract_params(cfg, mesh=mesh, strict=True)
+    with sharding.strict_sharding(), pytest.raises(ShardingError, match="layers/attn/k"):
+        abstract_params(cfg, mesh=mesh)
+    assert not sharding.is_strict()
+    text_file = tmp_path / "t.txt"
+    text_file.write_text("The quick brown fox jumps over the lazy dog. " * 4)
+    args = ["eval-loss", llama_dir[0], "--text", str(text_file), "--mesh", "tensor=8", "--json"]
+    try:
+        assert cli.main(args + ["--strict-sharding"]) == 2
+        err = json.loads(capsys.readouterr().out)["error"]
+        assert "is not divisible by mesh axes ['tensor']" in err and "layers/attn/" in err
+    finally:
+        sharding.set_strict_sharding(False)

@@ -57,6 +57,10 @@ class ModelSection:
                               "and model.arch (train from scratch)")
         if self.arch and self.arch not in ("llama", "gpt2"):
             raise ConfigError(f"model.arch={self.arch!r}: expected llama or gpt2")
+        if self.arch:  # typos in model.config are errors naming the key, before any work
+            from jaxarith.models import check_config_keys
+
+            check_config_keys(self.arch, self.config, "model.config")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.compute_dtype={self.compute_dtype!r}: expected float32 "
                               "or bfloat16")
@@ -166,6 +170,8 @@ class TrainConfig:
       batch: global batch in sequences (over all devices and microbatches).
       microbatches: gradient accumulation: the batch is split into this many microbatches.
       mesh: device mesh spec (``fsdp=-1``, ``data=2,fsdp=2,tensor=2``).
+      mesh_strict: a parameter dimension that does not divide its mesh axes is an error (default:
+        replicated along it, with a warning).
       seed: parameter init (scratch) seed.
       on_nonfinite: stop | skip.
       distributed: call ``jax.distributed.initialize()`` (multi-host pods).
@@ -179,6 +185,7 @@ class TrainConfig:
     data: DataConfig
     microbatches: int = 1
     mesh: str = "fsdp=-1"
+    mesh_strict: bool = False
     seed: int = 0
     on_nonfinite: OnNonFinite = OnNonFinite.STOP
     distributed: bool = False

@@ -14,6 +14,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from jaxarith.atomic import protect_inputs
 from jaxarith.errors import ConfigError
 from jaxarith.models.config import ModelConfig
 
@@ -61,6 +62,8 @@ def export_hf(cfg, model_cfg: ModelConfig, model_dir: str | None, state) -> str:
             tok_dir = tmp
         elif cfg.model.tokenizer:
             tok_dir = cfg.model.tokenizer
-        save_hf(model_cfg, params, ex.hf_dir, dtype=ex.dtype or "float32", tokenizer_dir=tok_dir,
-                overwrite=ex.overwrite, progress=False)
+        # the shared safe-output rules: never replace the run, the base model or the deltas
+        with protect_inputs([cfg.out, model_dir, ex.delta_tuned, ex.delta_base]):
+            save_hf(model_cfg, params, ex.hf_dir, dtype=ex.dtype or "float32",
+                    tokenizer_dir=tok_dir, overwrite=ex.overwrite, progress=False)
     return os.path.abspath(ex.hf_dir)

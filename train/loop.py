@@ -353,14 +353,17 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
     """
     if cfg.distributed:
         jax.distributed.initialize()
-    from jaxarith.sharding import make_mesh
+    from jaxarith.sharding import make_mesh, set_strict_sharding
 
     extensions = list(discover(cfg) if extensions is None else extensions)
     mesh = make_mesh(cfg.mesh)
+    set_strict_sharding(cfg.mesh_strict)
     check_batch_fits(cfg.batch, cfg.microbatches, mesh, jax.process_count())
     data_lib.check_batch(cfg.batch, jax.process_count())
-    out = os.path.abspath(cfg.out)
-    os.makedirs(out, exist_ok=True)
+    from jaxarith.atomic import claim_dir
+
+    # a new, empty or earlier jaxarith run directory (marked); never someone else's files
+    out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"))
     model_cfg, model_dir = model_config(cfg, extensions)
     seq_len = cfg.data.seq_len
     if seq_len > model_cfg.context_length:
@@ -375,11 +378,13 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
     done = finished_summary(cfg, out, ckpt_dir)
     if done is not None:
         return _report_finished(cfg, done)
-    if cfg.export.hf_dir and not cfg.export.overwrite and os.path.exists(cfg.export.hf_dir) \
+    if cfg.export.hf_dir and os.path.exists(cfg.export.hf_dir) \
             and not os.path.exists(os.path.join(out, "summary.json")):
         from jaxarith.atomic import check_destination
 
-        check_destination(cfg.export.hf_dir)  # refuse now, not after the whole run
+        # refuse now, not after the whole run
+        check_destination(cfg.export.hf_dir, cfg.export.overwrite,
+                          inputs=[out, model_dir, cfg.export.delta_tuned, cfg.export.delta_base])
     loss_ext = only_one(extensions, "loss")
 
     t0 = time.perf_counter()

@@ -38,7 +38,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -293,29 +292,12 @@ def compiled_info(compiled) -> dict:
 
 
 def scratch_params(cfg: ModelConfig, seed: int, mesh=None) -> Params:
-    """Random initial weights made on the host with numpy and placed on their shardings.
-
-    Same distribution as :func:`jaxarith.models.transformer.init_params` (normal with each
-    spec's std; norms ones, biases zeros) and independent of the mesh; much cheaper to start on
-    CPU than compiling the jitted random initialiser. Each leaf has its own stream
-    ``default_rng([seed, leaf_index])``.
+    """Random initial weights by the one init rule, :func:`jaxarith.models.transformer.init_params`,
+    with an int seed: drawn on the host with numpy (leaf ``i`` from ``default_rng([seed, i])``,
+    independent of the mesh; cheaper to start on CPU than compiling the jitted initialiser) and
+    placed on their shardings.
     """
-    specs = transformer.param_specs(cfg)
-    leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: hasattr(x, "init"))
-    shardings = jax.tree.leaves(transformer.param_shardings(cfg, mesh)) if mesh is not None \
-        else [None] * len(leaves)
-    out = []
-    for i, (spec, shd) in enumerate(zip(leaves, shardings, strict=True)):
-        if spec.init == "zeros":
-            x = np.zeros(spec.shape, np.float32)
-        elif spec.init == "ones":
-            x = np.ones(spec.shape, np.float32)
-        else:
-            rng = np.random.default_rng([seed, i])
-            x = (spec.std * rng.standard_normal(spec.shape, np.float32)).astype(np.float32)
-        out.append(jnp.asarray(x) if shd is None else
-                   jax.make_array_from_callback(spec.shape, shd, lambda idx, x=x: x[idx]))
-    return jax.tree.unflatten(treedef, out)
+    return transformer.init_params(cfg, int(seed), mesh=mesh)
 
 
 def init_state(fns: StepFns, params: Params, mesh, frozen=None) -> TrainState:

@@ -43,7 +43,7 @@ def execute(
     if to not in ("hf", "orbax"):
         raise ConfigError(f"--to {to!r}: expected 'hf' or 'orbax'")
     spec.check_inputs(len(refs))
-    check_destination(out, overwrite)
+    check_destination(out, overwrite, inputs=refs)  # never replace an input
     kinds = [ref_kind(r) for r in refs]
     t0 = time.perf_counter()
     if to == "hf" and not in_memory and RefKind.ORBAX not in kinds:

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from jaxarith.errors import JaxarithError
+from jaxarith.errors import ConfigError, JaxarithError, Terminated
 
 
 def add_json(p: argparse.ArgumentParser) -> None:
@@ -20,6 +20,9 @@ def add_mesh(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--mesh", default=default, metavar="SPEC",
                    help="device mesh, e.g. 'fsdp=-1' or 'data=2,fsdp=2,tensor=2' "
                         "(default: one device)")
+    p.add_argument("--strict-sharding", action="store_true",
+                   help="a parameter dimension that does not divide its mesh axes is an error "
+                        "(default: replicated along it, with a warning)")
 
 
 def add_dtype(p: argparse.ArgumentParser, default: str = "float32",
@@ -28,10 +31,13 @@ def add_dtype(p: argparse.ArgumentParser, default: str = "float32",
 
 
 def mesh_from(args) -> Any:
+    """The mesh of ``--mesh`` (None without one); ``--strict-sharding`` makes every parameter
+    sharding of this command strict."""
     if not getattr(args, "mesh", None):
         return None
-    from jaxarith.sharding import make_mesh
+    from jaxarith.sharding import make_mesh, set_strict_sharding
 
+    set_strict_sharding(getattr(args, "strict_sharding", False))
     return make_mesh(args.mesh)
 
 
@@ -47,15 +53,81 @@ def emit(args, result: dict[str, Any], human: str) -> None:
         print(human)
 
 
-def run(args) -> int:
-    """Call the subcommand's handler; a JaxarithError becomes a one-line error, exit code 2."""
+def read_text(path: str, flag: str = "--text") -> str:
+    """The UTF-8 text of ``path``, or a JaxarithError naming the flag and the file."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {path}: is a directory; give a UTF-8 text file")
     try:
-        return int(args.handler(args) or 0)
-    except (JaxarithError, FileNotFoundError, FileExistsError, PermissionError) as e:
-        msg = str(e) if not isinstance(e, OSError) or not e.filename else \
-            f"{e.strerror}: {os.fspath(e.filename)}"
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{flag} {path}: not UTF-8 text (byte {e.start}: "
+                          f"{e.object[e.start:e.start + 1]!r}); convert it to UTF-8") from None
+
+
+def check_positive(**values: int | None) -> None:
+    """Raise a ConfigError naming the first flag whose value is given and below 1."""
+    for name, v in values.items():
+        if v is not None and v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {v}: must be at least 1")
+
+
+# distributed runs started without a cluster: jax.distributed's own message names no remedy
+_NO_CLUSTER = ("coordinator_address should be defined",)
+
+
+def _message(e: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code for an exception that ends a command."""
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted (Ctrl-C); unfinished outputs were removed", 130
+    if isinstance(e, Terminated):
+        return f"{e}; unfinished outputs were removed", 128 + e.signum
+    if isinstance(e, BrokenPipeError):
+        return "output closed before the end (broken pipe)", 141
+    if isinstance(e, ValueError) and any(m in str(e) for m in _NO_CLUSTER):
+        return ("the config sets distributed: true, which needs a multi-host cluster that "
+                "jax.distributed detects (a Cloud TPU pod slice, SLURM, ...); on one machine add "
+                f"the override distributed=false (jax: {e})"), 2
+    if isinstance(e, OSError) and e.filename and not isinstance(e, JaxarithError):
+        return f"{e.strerror}: {os.fspath(e.filename)}", 2
+    return str(e), 2
+
+
+_HANDLED = (JaxarithError, FileNotFoundError, FileExistsError, PermissionError,
+            IsADirectoryError, NotADirectoryError, KeyboardInterrupt, Terminated,
+            BrokenPipeError)
+
+
+def run(args) -> int:
+    """Call the subcommand's handler; an error on input becomes one line and a non-zero exit.
+
+    A ``JaxarithError`` (or a missing / unreadable file, a distributed config run without a
+    cluster) exits 2; Ctrl-C 130; SIGTERM 143; a closed stdout (``jaxarith inspect X | head``)
+    141. Under ``--json`` the line is ``{"error": ..., "type": ...}`` on stdout.
+    """
+    from jaxarith.atomic import terminate_as_exception
+
+    try:
+        with terminate_as_exception():
+            code = int(args.handler(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+            return code
+    except BaseException as e:
+        if not isinstance(e, _HANDLED) and not (
+                isinstance(e, ValueError) and any(m in str(e) for m in _NO_CLUSTER)):
+            raise
+        msg, code = _message(e)
+        if isinstance(e, BrokenPipeError):
+            # stdout is gone: silence the interpreter's own flush at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            print(f"jaxarith {args.command}: {msg}", file=sys.stderr)
+            return code
         if getattr(args, "json", False):
-            print(json.dumps({"error": msg, "type": type(e).__name__}))
+            try:
+                print(json.dumps({"error": msg, "type": type(e).__name__}), flush=True)
+            except BrokenPipeError:
+                pass
         else:
             print(f"jaxarith {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        return code

@@ -74,14 +74,16 @@ def _run(args, name: str, refs, shared) -> int:
     from jaxarith.arith.execute import execute
     from jaxarith.arith.methods import method
     from jaxarith.arith.select import MergeSpec, Selection
+    from jaxarith.atomic import protect_inputs
 
     spec = MergeSpec(method=method(name), shared=shared,
                      selection=Selection(include=tuple(args.include),
                                          exclude=tuple(args.exclude)))
-    info = execute(spec, refs, args.out, to=args.to, dtype=args.dtype,
-                   mesh=_common.mesh_from(args), in_memory=args.in_memory,
-                   max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                   progress=_common.progress_enabled(args))
+    with protect_inputs(refs):
+        info = execute(spec, refs, args.out, to=args.to, dtype=args.dtype,
+                       mesh=_common.mesh_from(args), in_memory=args.in_memory,
+                       max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                       progress=_common.progress_enabled(args))
     _common.emit(args, info, f"wrote {info['out']} ({info['executor']}, "
                              f"{info.get('seconds', 0):.2f} s)")
     return 0

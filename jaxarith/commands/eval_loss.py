@@ -20,16 +20,25 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
+    import sys
+
     import jax.numpy as jnp
 
-    from jaxarith.errors import JaxarithError
+    from jaxarith.errors import ConfigError, JaxarithError
     from jaxarith.evaluate import eval_loss
     from jaxarith.refs import load_model
 
+    _common.check_positive(batch_size=args.batch_size)
+    if args.seq_len is not None and args.seq_len < 2:
+        raise ConfigError(f"--seq-len {args.seq_len}: must be at least 2 (one token predicts "
+                          "the next)")
+    text = _common.read_text(args.text)  # before loading the model: fail fast
     mesh = _common.mesh_from(args)
     model = load_model(args.model, mesh=mesh, progress=_common.progress_enabled(args))
-    with open(args.text, encoding="utf-8") as f:
-        text = f.read()
+    ctx = model.config.context_length
+    if args.seq_len is not None and args.seq_len > ctx:
+        print(f"jaxarith eval-loss: warning: --seq-len {args.seq_len} exceeds the model's "
+              f"context length {ctx}; scoring windows of {ctx} tokens", file=sys.stderr)
     ids = model.tokenizer()(text)["input_ids"]
     if len(ids) < 2:
         raise JaxarithError(f"{args.text}: fewer than two tokens to score")

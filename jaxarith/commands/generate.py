@@ -111,14 +111,14 @@ def _shared_tokenizer(refs, models):
 
 
 class _Streamer:
-    """Prints row 0's text to stdout as tokens arrive (a host callback of the decode loop)."""
+    """Prints row 0's text to stdout as tokens arrive (the ``on_tokens`` callback of generate:
+    called once per chunk of tokens)."""
 
     def __init__(self, tok, prefix: str):
         self.tok, self.ids, self.shown = tok, [], ""
         print(prefix, end="", flush=True)
 
-    def __call__(self, step, tokens, valid) -> None:
-        del step
+    def __call__(self, start, tokens, valid) -> None:
         self.ids += [int(t) for t, v in zip(tokens[0], valid[0], strict=True) if v]
         text = self.tok.decode(self.ids, skip_special_tokens=True)
         if text.startswith(self.shown):  # a partial UTF-8 sequence may still change
@@ -130,18 +130,19 @@ class _Streamer:
 def handle(args) -> int:
     import jax.numpy as jnp
 
-    from jaxarith.decode import Decoder, Member, generate
+    from jaxarith.decode import DecodeSpec, Member, generate
     from jaxarith.errors import ConfigError
-    from jaxarith.logits import SpeculativeDecoder, eft, generate_speculative, proxy_tuning
+    from jaxarith.logits import eft, proxy_tuning
     from jaxarith.models.transformer import num_params
     from jaxarith.refs import load_model
+    from jaxarith.speculative import SpeculativeSpec, generate_speculative
 
     mode = _check_args(args)
     templates = _templates(args, mode)
     prompts = list(args.prompt)
     if args.prompt_file:
-        with open(args.prompt_file, encoding="utf-8") as f:
-            prompts += [line.rstrip("\n") for line in f if line.strip()]
+        text = _common.read_text(args.prompt_file, "--prompt-file")
+        prompts += [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ConfigError("give at least one --prompt or a --prompt-file")
     empty = [i for i, p in enumerate(prompts) if not p]
@@ -161,7 +162,7 @@ def handle(args) -> int:
     stops = () if not args.stop_at_eos or eos is None else \
         (tuple(eos) if isinstance(eos, tuple | list) else (eos,))
     pad = cfgs[0].pad_token_id if cfgs[0].pad_token_id is not None else 0
-    dec = Decoder(members=members, max_new_tokens=args.max_new_tokens, sampler=_sampler(args),
+    dec = DecodeSpec(members=members, max_new_tokens=args.max_new_tokens, sampler=_sampler(args),
                   stop_tokens=stops, pad_token=pad, vocab_limit=len(tok), dtype=args.dtype)
     ids = [[tok(templates.get(role, "{prompt}").replace("{prompt}", p))["input_ids"]
             for p in prompts] for role in ROLES[mode]]
@@ -172,10 +173,10 @@ def handle(args) -> int:
     if args.speculative:
         # up-scaling drafts with the small tuned model; down-scaling with the small base MODEL
         drafter = 1 if num_params(cfgs[1]) <= num_params(cfgs[0]) else 0
-        sd = SpeculativeDecoder(decoder=dec, drafter=drafter, k=args.speculative)
-        g = generate_speculative(sd, params, ids, seed=args.seed, mesh=mesh, on_step=streamer)
+        sd = SpeculativeSpec(decoder=dec, drafter=drafter, k=args.speculative)
+        g = generate_speculative(sd, params, ids, seed=args.seed, mesh=mesh, on_tokens=streamer)
     else:
-        g = generate(dec, params, ids, seed=args.seed, mesh=mesh, on_step=streamer)
+        g = generate(dec, params, ids, seed=args.seed, mesh=mesh, on_tokens=streamer)
     results = []
     for row, n in zip(g.tokens, g.lengths, strict=True):
         token_ids = [int(t) for t in row[:n]]

@@ -28,12 +28,14 @@ def register(sub) -> None:
 def handle(args) -> int:
     from jaxarith.arith.execute import execute
     from jaxarith.arith.mergeconfig import load_merge_config
+    from jaxarith.atomic import protect_inputs
 
     mc = load_merge_config(args.config)
-    info = execute(mc.spec, list(mc.models), args.out, to=args.to, dtype=mc.out_dtype,
-                   mesh=_common.mesh_from(args), in_memory=args.in_memory,
-                   max_shard_size=args.max_shard_size, tokenizer_from=mc.tokenizer_source,
-                   overwrite=args.overwrite, progress=_common.progress_enabled(args))
+    with protect_inputs([args.config, *mc.models]):
+        info = execute(mc.spec, list(mc.models), args.out, to=args.to, dtype=mc.out_dtype,
+                       mesh=_common.mesh_from(args), in_memory=args.in_memory,
+                       max_shard_size=args.max_shard_size, tokenizer_from=mc.tokenizer_source,
+                       overwrite=args.overwrite, progress=_common.progress_enabled(args))
     info["method"] = str(mc.spec.method.kind)
     _common.emit(args, info, f"{info['method']}: wrote {info['out']} ({info['executor']}, "
                              f"{info.get('seconds', 0):.2f} s)")

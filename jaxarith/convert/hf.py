@@ -48,7 +48,11 @@ def resolve_hf_dir(ref: str | os.PathLike) -> str:
 
         return snapshot_download(ref, allow_patterns=HF_ALLOW_PATTERNS)
     except Exception as e:  # network, auth, unknown repo: say which reference failed
-        raise JaxarithError(f"could not fetch {ref!r} from the Hugging Face hub: {e}") from e
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise JaxarithError(
+            f"could not fetch {ref!r} from the Hugging Face hub ({type(e).__name__}: {reason}); "
+            f"there is no local directory {os.path.abspath(ref)} either (a local path needs to "
+            "exist; hub ids look like 'org/name')") from e
 
 
 class HFCheckpoint:
@@ -156,7 +160,7 @@ def iter_hf_leaves(
     *,
     mesh: jax.sharding.Mesh | None = None,
     dtype=None,
-    strict_sharding: bool = False,
+    strict_sharding: bool | None = None,
     progress: bool = True,
 ) -> Iterator[tuple[tuple[str, ...], jax.Array]]:
     """Yield (canonical path, array on its final sharding) one tensor at a time.
@@ -186,7 +190,7 @@ def load_hf_params(
     *,
     mesh: jax.sharding.Mesh | None = None,
     dtype=None,
-    strict_sharding: bool = False,
+    strict_sharding: bool | None = None,
     progress: bool = True,
 ) -> tuple[ModelConfig, dict]:
     """Load an HF checkpoint (local directory or hub id) into the canonical parameter tree.
@@ -196,7 +200,8 @@ def load_hf_params(
       cfg: the model config; read from ``config.json`` when omitted.
       mesh: place each tensor with its final sharding on this mesh (default: one device).
       dtype: parameter dtype (default: the checkpoint's own dtype, per tensor).
-      strict_sharding: raise instead of replicating a dimension that does not divide its mesh axes.
+      strict_sharding: raise instead of replicating a dimension that does not divide its mesh
+        axes (default: :func:`jaxarith.sharding.is_strict`).
     Returns:
       (config, params).
     """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from jaxarith.atomic import check_destination, protect_inputs
 from jaxarith.convert.export import hf_slices, save_hf
 from jaxarith.convert.hf import resolve_hf_dir
 from jaxarith.convert.orbax import hf_to_orbax, orbax_source, save_orbax
@@ -42,6 +43,14 @@ def convert(
     Returns:
       {"src", "dst", "route", ...}: for HF output also "files", "tensors", "bytes".
     """
+    with protect_inputs([src]):  # every writer below refuses to replace src
+        return _convert(src, dst, to=to, dtype=dtype, mesh=mesh, max_shard_size=max_shard_size,
+                        overwrite=overwrite, progress=progress, compress=compress)
+
+
+def _convert(src, dst, *, to, dtype, mesh, max_shard_size, overwrite, progress,
+             compress) -> dict:
+    check_destination(dst, overwrite)  # before reading anything
     kind = ref_kind(src)
     to = to or ("hf" if kind is RefKind.ORBAX else "orbax")
     if to not in ("hf", "orbax"):

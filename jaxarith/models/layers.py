@@ -1,26 +1,25 @@
 """Layers shared by the model families: norms, RoPE, attention with an optional KV cache.
 
-Shapes in comments use B batch, T query length, S key length, D embed, N heads, K kv heads,
-G = N / K query heads per kv head, H head dim, F mlp width, V vocab.
+Shape letters as in :mod:`jaxarith.models` (B batch, T query length, S key / cache length, D embed,
+N query heads, K kv heads, G = N / K query heads per kv head, H head dim, F mlp width, V vocab).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import enum
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxarith.models.family import ParamSpec, parse_enum
 
-@dataclasses.dataclass(frozen=True)
-class ParamSpec:
-    """Shape, logical axes and initialiser of one canonical parameter."""
-
-    shape: tuple[int, ...]
-    axes: tuple[str | None, ...]
-    init: str = "normal"  # normal | zeros | ones
-    std: float = 0.02
+__all__ = ["ParamSpec", "RopeType", "RopeScaling", "rope_inv_freq", "rope", "rms_norm",
+           "layer_norm", "KVCache", "attention_mask", "attend", "attend_causal",
+           "update_cache_layer", "gathered"]
 
 
 def gathered(table: jax.Array) -> jax.Array:
@@ -46,6 +45,75 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + eps)
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+class RopeType(enum.StrEnum):
+    """HF ``rope_type`` values implemented here."""
+
+    DEFAULT = "default"
+    LINEAR = "linear"
+    LLAMA3 = "llama3"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """RoPE frequency scaling, as HF's ``rope_scaling`` / ``rope_parameters``."""
+
+    rope_type: RopeType = RopeType.DEFAULT
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        parse_enum(RopeType, self.rope_type, "rope_scaling.rope_type")
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> tuple[float, RopeScaling]:
+        """(rope_theta, scaling) from an HF config dict: the transformers 4.x ``rope_theta`` /
+        ``rope_scaling`` keys or the 5.x ``rope_parameters`` dict."""
+        params = d.get("rope_parameters") or {}
+        legacy = d.get("rope_scaling") or {}
+        theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+        src = legacy or params
+        rope_type = src.get("rope_type", src.get("type", "default"))
+        if rope_type == "default" or not src:
+            return float(theta), cls()
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in src.items() if k in fields}
+        kwargs["rope_type"] = parse_enum(RopeType, rope_type, "rope_scaling.rope_type")
+        return float(theta), cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any] | None:
+        """HF's ``rope_scaling`` dict (None for the default)."""
+        if self.rope_type == RopeType.DEFAULT:
+            return None
+        if self.rope_type == RopeType.LINEAR:
+            return {"rope_type": "linear", "factor": self.factor}
+        return dataclasses.asdict(self) | {"rope_type": str(self.rope_type)}
+
+
+def rope_inv_freq(head_dim: int, theta: float, s: RopeScaling) -> np.ndarray:
+    """Inverse RoPE frequencies [H // 2], float32, exactly as transformers computes them."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    if s.rope_type == RopeType.LINEAR:
+        inv_freq = inv_freq / np.float32(s.factor)
+    elif s.rope_type == RopeType.LLAMA3:
+        low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+        high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+        smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled)
+    return inv_freq.astype(np.float32)
 
 
 def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:

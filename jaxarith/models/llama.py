@@ -1,4 +1,4 @@
-"""Llama 1/2/3.x: canonical parameter layout and one decoder block.
+"""Llama 1/2/3.x (and Mistral-style dense) family: config, parameter table, block, HF rules.
 
 Blocks are stacked on a leading ``layers`` axis (L). Canonical tree::
 
@@ -16,11 +16,162 @@ Blocks are stacked on a leading ``layers`` axis (L). Canonical tree::
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any, ClassVar
+
 import jax
 import jax.numpy as jnp
 
-from jaxarith.models.config import LlamaConfig
-from jaxarith.models.layers import ParamSpec, gathered, rms_norm, rope
+from jaxarith.errors import ConfigError
+from jaxarith.models.family import (
+    Arch,
+    BlockContext,
+    Family,
+    Inputs,
+    ParamSpec,
+    Rule,
+    check_hf_keys,
+    check_positive,
+    copy_rule,
+    require,
+    transpose_rule,
+)
+from jaxarith.models.layers import RopeScaling, gathered, rms_norm, rope, rope_inv_freq
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LlamaConfig:
+    """Llama 1/2/3.x (and Mistral-style dense) decoder configuration (HF names)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    model_type: str = "llama"
+    hf_extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+    arch: ClassVar[Arch] = Arch.LLAMA
+    HF_KEYS_READ: ClassVar[frozenset[str]] = frozenset({
+        "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+        "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
+        "mlp_bias", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+        "hidden_act", "sliding_window",
+    })
+    # HF keys of Llama 1/2/3.x and Mistral configs that change nothing in inference here.
+    HF_KEYS_IGNORED: ClassVar[frozenset[str]] = frozenset({
+        "attention_dropout", "pretraining_tp", "max_sequence_length", "rope_interleaved",
+        "use_sliding_window", "max_window_layers", "layer_types",
+    })
+
+    def __post_init__(self):
+        check_positive(self, ("vocab_size", "hidden_size", "intermediate_size",
+                              "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                              "head_dim"))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+    @classmethod
+    def check_keys(cls, d: dict[str, Any], where: str = "config") -> None:
+        """Raise :class:`ConfigError` naming any key of ``d`` this family does not know."""
+        check_hf_keys(cls, d, where)
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> LlamaConfig:
+        cls.check_keys(d)
+        d = dict(d)
+        heads = require(d, "num_attention_heads")
+        hidden = require(d, "hidden_size")
+        if d.get("sliding_window") not in (None, 0) and d.get("model_type") == "mistral":
+            # Sliding-window attention only changes results past the window; refuse rather
+            # than silently differ from transformers.
+            if d["sliding_window"] < d.get("max_position_embeddings", 0):
+                raise ConfigError(
+                    f"sliding_window={d['sliding_window']} is not supported (set it to null)"
+                )
+        theta, scaling = RopeScaling.from_hf(d)
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act={act!r} is not supported for llama (expected 'silu')")
+        eos = d.get("eos_token_id")
+        return cls(
+            vocab_size=require(d, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=require(d, "intermediate_size"),
+            num_hidden_layers=require(d, "num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=d.get("head_dim") or hidden // heads,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            attention_bias=bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+            pad_token_id=d.get("pad_token_id"),
+            model_type=d.get("model_type", "llama"),
+            hf_extra=d,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        d = dict(self.hf_extra)
+        for key in ("rope_parameters", "rope_scaling", "rope_theta"):
+            d.pop(key, None)
+        d.update(
+            model_type=self.model_type,
+            architectures=d.get("architectures")
+            or ["MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"],
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            hidden_act="silu",
+            rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling.to_hf(),
+            attention_bias=self.attention_bias,
+            mlp_bias=self.mlp_bias,
+            tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=list(self.eos_token_id)
+            if isinstance(self.eos_token_id, tuple)
+            else self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+        return d
+
+    @property
+    def context_length(self) -> int:
+        return self.max_position_embeddings
+
+
+# ----------------------------------------------------------------------------- parameters
 
 
 def param_specs(cfg: LlamaConfig) -> dict:
@@ -66,9 +217,12 @@ def param_specs(cfg: LlamaConfig) -> dict:
     return specs
 
 
-def embed(cfg: LlamaConfig, params: dict, tokens: jax.Array, positions: jax.Array, dtype):
-    del cfg, positions
-    return jnp.take(gathered(params["embed"]), tokens, axis=0).astype(dtype)
+# ----------------------------------------------------------------------------- forward
+
+
+def embed(cfg: LlamaConfig, params: dict, inputs: Inputs) -> jax.Array:
+    """Token embeddings [B, T, D] (positions enter through RoPE in the blocks)."""
+    return jnp.take(gathered(params["embed"]), inputs.tokens, axis=0)
 
 
 def unembed(cfg: LlamaConfig, params: dict, x: jax.Array) -> jax.Array:
@@ -82,27 +236,90 @@ def _bias(p: dict, name: str, y: jax.Array) -> jax.Array:
     return y + p[name].astype(y.dtype) if name in p else y
 
 
-def qkv(cfg: LlamaConfig, p: dict, x: jax.Array, positions: jax.Array, layer_idx, inv_freq):
-    """Queries [B,T,N,H] and keys/values [B,T,K,H] of one block, with RoPE applied."""
-    del layer_idx
+@functools.lru_cache(maxsize=64)
+def _inv_freq(cfg: LlamaConfig):
+    return rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+
+
+def self_attention(cfg: LlamaConfig, p: dict, x: jax.Array, ctx: BlockContext) -> jax.Array:
+    """The attention branch [B, T, D]: RMSNorm, q/k/v projections, RoPE, attention, output."""
     a = p["attn"]
+    inv_freq = jnp.asarray(_inv_freq(cfg))
     h = rms_norm(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
     q = _bias(a, "q_bias", jnp.einsum("BTD,DNH->BTNH", h, a["q"].astype(h.dtype)))
     k = _bias(a, "k_bias", jnp.einsum("BTD,DKH->BTKH", h, a["k"].astype(h.dtype)))
     v = _bias(a, "v_bias", jnp.einsum("BTD,DKH->BTKH", h, a["v"].astype(h.dtype)))
-    return rope(q, positions, inv_freq), rope(k, positions, inv_freq), v
+    q, k = rope(q, ctx.positions, inv_freq), rope(k, ctx.positions, inv_freq)
+    out = ctx.attention(q, k, v, scale=cfg.head_dim**-0.5)
+    return _bias(a, "o_bias", jnp.einsum("BTNH,NHD->BTD", out, a["o"].astype(out.dtype)))
 
 
-def attn_out_and_mlp(cfg: LlamaConfig, p: dict, x, q, k, v, attn_fn, layer_idx):
-    """``attn_fn(q, k, v, scale)`` (masking chosen by the driver), output projection, residual,
-    then the SwiGLU MLP."""
-    del layer_idx
-    a = p["attn"]
-    out = attn_fn(q, k, v, scale=cfg.head_dim**-0.5)
-    x = x + _bias(a, "o_bias", jnp.einsum("BTNH,NHD->BTD", out, a["o"].astype(out.dtype)))
+def mlp(cfg: LlamaConfig, p: dict, x: jax.Array) -> jax.Array:
+    """The MLP branch [B, T, D]: RMSNorm, SwiGLU."""
     m = p["mlp"]
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
     gate = _bias(m, "gate_bias", jnp.einsum("BTD,DF->BTF", h, m["gate"].astype(h.dtype)))
     up = _bias(m, "up_bias", jnp.einsum("BTD,DF->BTF", h, m["up"].astype(h.dtype)))
     down = jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, m["down"].astype(h.dtype))
-    return x + _bias(m, "down_bias", down)
+    return _bias(m, "down_bias", down)
+
+
+def block(cfg: LlamaConfig, p: dict, x: jax.Array, ctx: BlockContext) -> jax.Array:
+    """One pre-norm block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
+    x = x + self_attention(cfg, p, x, ctx)
+    return x + mlp(cfg, p, x)
+
+
+# ----------------------------------------------------------------------------- HF conversion
+
+
+def hf_rules(cfg: LlamaConfig) -> list[Rule]:
+    """HF ``LlamaForCausalLM`` tensors (``nn.Linear`` weights stored ``[out, in]``)."""
+    D, N, K, H, F, V = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                        cfg.head_dim, cfg.intermediate_size, cfg.vocab_size)
+    p = "model.layers.{i}."
+    L = ("layers",)
+
+    def proj_in(n):  # nn.Linear [n*H, D] <-> [D, n, H]
+        return (lambda w: (w.T.reshape(D, n, H),)), (lambda c: c.reshape(D, n * H).T)
+
+    rules = [
+        copy_rule("model.embed_tokens.weight", ("embed",), (V, D)),
+        copy_rule("model.norm.weight", ("final_norm", "scale"), (D,)),
+        copy_rule(p + "input_layernorm.weight", L + ("attn_norm", "scale"), (D,)),
+        copy_rule(p + "post_attention_layernorm.weight", L + ("mlp_norm", "scale"), (D,)),
+    ]
+    for name, n in (("q", N), ("k", K), ("v", K)):
+        fwd, back = proj_in(n)
+        rules.append(Rule(p + f"self_attn.{name}_proj.weight", (L + ("attn", name),), (n * H, D),
+                          fwd, back))
+        if cfg.attention_bias:
+            rules.append(Rule(p + f"self_attn.{name}_proj.bias", (L + ("attn", f"{name}_bias"),),
+                              (n * H,), lambda b, n=n: (b.reshape(n, H),),
+                              lambda c, n=n: c.reshape(n * H)))
+    rules.append(Rule(p + "self_attn.o_proj.weight", (L + ("attn", "o"),), (D, N * H),
+                      lambda w: (w.T.reshape(N, H, D),), lambda c: c.reshape(N * H, D).T))
+    if cfg.attention_bias:
+        rules.append(copy_rule(p + "self_attn.o_proj.bias", L + ("attn", "o_bias"), (D,)))
+    for name, shape in (("gate", (F, D)), ("up", (F, D)), ("down", (D, F))):
+        rules.append(transpose_rule(p + f"mlp.{name}_proj.weight", L + ("mlp", name), shape))
+        if cfg.mlp_bias:
+            rules.append(copy_rule(p + f"mlp.{name}_proj.bias", L + ("mlp", f"{name}_bias"),
+                                   (shape[0],)))
+    if not cfg.tie_word_embeddings:
+        rules.append(transpose_rule("lm_head.weight", ("lm_head",), (V, D)))
+    return rules
+
+
+FAMILY = Family(
+    arch=Arch.LLAMA,
+    config_class=LlamaConfig,
+    # Mistral's dense configs are Llama-shaped (sliding windows are refused in from_hf).
+    model_types=("llama", "mistral"),
+    param_specs=param_specs,
+    embed=embed,
+    block=block,
+    unembed=unembed,
+    hf_rules=hf_rules,
+    hf_buffers=("rotary_emb.inv_freq",),
+)

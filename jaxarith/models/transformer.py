@@ -1,15 +1,14 @@
 """The decoder driver shared by every family: embed, scan over stacked blocks, unembed.
 
-Models are pure functions of a canonical parameter tree (a nested dict of arrays, see
-``llama.py`` / ``gpt2.py``). :class:`CausalLM` is the Flax NNX face of the same tree: its
-``nnx.state(model, nnx.Param).to_pure_dict()`` *is* the canonical tree, and every Param carries its
-logical axes as metadata.
+Models are pure functions of a canonical parameter tree (a nested dict of arrays whose layout each
+family defines, see :mod:`jaxarith.models.family`). :class:`CausalLM` is the Flax NNX face of the
+same tree: its ``nnx.state(model, nnx.Param).to_pure_dict()`` *is* the canonical tree, and every
+Param carries its logical axes as metadata. Shape letters: see :mod:`jaxarith.models`.
 """
 
 from __future__ import annotations
 
 import functools
-from types import ModuleType
 
 import jax
 import jax.numpy as jnp
@@ -17,22 +16,23 @@ import numpy as np
 from flax import nnx
 
 from jaxarith import sharding
-from jaxarith.models import gpt2, llama
-from jaxarith.models.config import Arch, ModelConfig, rope_inv_freq
+from jaxarith.errors import ConfigError
+from jaxarith.models.family import BlockContext, Family, Inputs, ModelConfig, ParamSpec
 from jaxarith.models.layers import (
     KVCache,
-    ParamSpec,
     attend,
     attend_causal,
     update_cache_layer,
 )
 from jaxarith.models.layers import attention_mask as make_attention_mask
+from jaxarith.models.registry import family as _family
 
 Params = dict
 
 
-def family(cfg: ModelConfig) -> ModuleType:
-    return llama if cfg.arch is Arch.LLAMA else gpt2
+def family(cfg: ModelConfig) -> Family:
+    """The :class:`~jaxarith.models.family.Family` of ``cfg``."""
+    return _family(cfg)
 
 
 def param_specs(cfg: ModelConfig) -> dict:
@@ -48,8 +48,13 @@ def param_axes(cfg: ModelConfig) -> dict:
     return jax.tree.map(lambda s: s.axes, param_specs(cfg), is_leaf=_is_spec)
 
 
-def abstract_params(cfg: ModelConfig, dtype=jnp.float32, mesh=None, *, strict: bool = False):
-    """``jax.ShapeDtypeStruct`` tree (with shardings when ``mesh`` is given); no memory used."""
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32, mesh=None, *,
+                    strict: bool | None = None):
+    """``jax.ShapeDtypeStruct`` tree (with shardings when ``mesh`` is given); no memory used.
+
+    ``strict``: a dimension that does not divide its mesh axes raises instead of being
+    replicated (default: :func:`jaxarith.sharding.strict_sharding`'s setting).
+    """
     def one(path, s: ParamSpec):
         shd = None
         if mesh is not None:
@@ -60,34 +65,84 @@ def abstract_params(cfg: ModelConfig, dtype=jnp.float32, mesh=None, *, strict: b
     return jax.tree.map_with_path(one, param_specs(cfg), is_leaf=_is_spec)
 
 
-def param_shardings(cfg: ModelConfig, mesh, *, strict: bool = False):
+def param_shardings(cfg: ModelConfig, mesh, *, strict: bool | None = None):
     return jax.tree.map(lambda a: a.sharding, abstract_params(cfg, mesh=mesh, strict=strict))
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, mesh=None) -> Params:
-    """Random parameters, created already sharded (inside jit with out_shardings) on ``mesh``."""
+def _initial(spec: ParamSpec, normal) -> np.ndarray | jax.Array:
+    """The one init rule: ``spec.init`` of zeros, ones, or ``spec.std`` times a standard normal
+    drawn by ``normal(shape)`` (float32)."""
+    if spec.init == "zeros":
+        return np.zeros(spec.shape, np.float32)
+    if spec.init == "ones":
+        return np.ones(spec.shape, np.float32)
+    return spec.std * normal(spec.shape)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array | int, dtype=jnp.float32, mesh=None) -> Params:
+    """Random parameters by the family's :class:`ParamSpec` table, created on their shardings.
+
+    Norm scales are ones, biases zeros, every other tensor normal with the spec's ``std``.
+
+    Args:
+      key: a JAX PRNG key: drawn on device, inside jit with ``out_shardings`` (no unsharded
+        copy); or an int seed: drawn on the host with numpy, leaf ``i`` from
+        ``default_rng([seed, i])``, then placed shard by shard (cheaper to start on CPU than
+        compiling the initialiser; the training program uses it). Either way the result does
+        not depend on the mesh.
+      dtype: parameter dtype (draws are float32, then cast).
+      mesh: place the parameters on this mesh by their logical axes.
+    """
     specs = param_specs(cfg)
     leaves, treedef = jax.tree.flatten(specs, is_leaf=_is_spec)
+    shardings = None if mesh is None else param_shardings(cfg, mesh)
+    if isinstance(key, int | np.integer):
+        shard_list = [None] * len(leaves) if mesh is None else jax.tree.leaves(shardings)
+        out = []
+        for i, (spec, shd) in enumerate(zip(leaves, shard_list, strict=True)):
+            rng = np.random.default_rng([int(key), i])
+            draw = lambda shape, rng=rng: rng.standard_normal(shape, np.float32)  # noqa: E731
+            x = np.asarray(_initial(spec, draw), np.float32).astype(dtype)
+            out.append(jnp.asarray(x) if shd is None else
+                       jax.make_array_from_callback(spec.shape, shd, lambda idx, x=x: x[idx]))
+        return jax.tree.unflatten(treedef, out)
 
     def make():
         keys = jax.random.split(key, len(leaves))
         out = []
         for k, s in zip(keys, leaves, strict=True):
-            if s.init == "zeros":
-                out.append(jnp.zeros(s.shape, dtype))
-            elif s.init == "ones":
-                out.append(jnp.ones(s.shape, dtype))
-            else:
-                out.append((s.std * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype))
+            value = _initial(s, lambda shape, k=k: jax.random.normal(k, shape, jnp.float32))
+            out.append(jnp.asarray(value).astype(dtype))
         return jax.tree.unflatten(treedef, out)
 
-    shardings = None if mesh is None else param_shardings(cfg, mesh)
     return jax.jit(make, out_shardings=shardings)()
 
 
 def num_params(cfg: ModelConfig) -> int:
     return sum(int(np.prod(s.shape)) for s in
                jax.tree.leaves(param_specs(cfg), is_leaf=_is_spec))
+
+
+def check_token_ids(tokens, vocab_size: int, what: str = "tokens") -> None:
+    """Raise :class:`ConfigError` if a concrete token id lies outside ``[0, vocab_size)``.
+
+    Called at the API boundary (never inside jit: traced arrays are skipped), because the
+    gather inside the model silently clamps out-of-range ids and gives wrong results.
+    """
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
+        return
+    arr = np.asarray(tokens)
+    if arr.size == 0:
+        return
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ConfigError(f"{what}: token ids must be integers, got dtype {arr.dtype}")
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ConfigError(f"{what}: token id {bad} is outside the model's vocabulary "
+                          f"[0, {vocab_size})")
 
 
 def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
@@ -128,6 +183,9 @@ def forward(
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits [B, T, V] (float32) of ``tokens`` [B, T], and the updated cache if one is given.
 
+    Concrete ``tokens`` outside ``[0, vocab_size)`` raise :class:`ConfigError` (see
+    :func:`check_token_ids`).
+
     Args:
       attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right). Default all ones.
       positions: [B, T]. Default: counted from the mask (and the cache's valid slots).
@@ -137,14 +195,14 @@ def forward(
       remat: recompute each block's activations in the backward pass.
     """
     fam = family(cfg)
+    check_token_ids(tokens, cfg.vocab_size)
     b, t = tokens.shape
     mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     if positions is None:
         prev = 0 if cache is None else jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)
         positions = positions_from_mask(mask, prev)
-    inv_freq = jnp.asarray(rope_inv_freq(cfg)) if cfg.arch is Arch.LLAMA else None
 
-    x = fam.embed(cfg, params, tokens, positions, dtype)
+    x = fam.embed(cfg, params, Inputs(tokens, positions)).astype(dtype)
     x = sharding.constrain(x, ("batch", "seq", "act_embed"))
 
     if cache is None:
@@ -159,23 +217,26 @@ def forward(
     else:
         attn_fn = functools.partial(attend, mask=attn_mask)
 
-    def block(x, xs):
-        p, layer_idx, kv = xs
-        q, k, v = fam.qkv(cfg, p, x, positions, layer_idx, inv_freq)
-        if kv is not None:
-            k, v = update_cache_layer(kv[0], kv[1], k, v, cache.index)
-            new_kv = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
-        else:
-            new_kv = None
-        x = fam.attn_out_and_mlp(cfg, p, x, q, k, v, attn_fn, layer_idx)
-        return sharding.constrain(x, ("batch", "seq", "act_embed")), new_kv
+    def body(x, xs):
+        p, layer, kv = xs
+        written = []
+
+        def attention(q, k, v, *, scale):
+            if kv is not None:  # write this block's keys/values into its cache slots
+                k, v = update_cache_layer(kv[0], kv[1], k, v, cache.index)
+                written.append((k, v))
+                k, v = k.astype(q.dtype), v.astype(q.dtype)
+            return attn_fn(q, k, v, scale=scale)
+
+        x = fam.block(cfg, p, x, BlockContext(positions, layer, attention))
+        return sharding.constrain(x, ("batch", "seq", "act_embed")), \
+            (written[0] if written else None)
 
     if remat:
-        block = jax.checkpoint(block, policy=jax.checkpoint_policies.nothing_saveable)
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     kv_xs = None if cache is None else (cache.k, cache.v)
     layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-    x, new_kv = jax.lax.scan(block, x, (params["layers"], layer_ids, kv_xs))
+    x, new_kv = jax.lax.scan(body, x, (params["layers"], layer_ids, kv_xs))
 
     logits = fam.unembed(cfg, params, x).astype(jnp.float32)
     logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
@@ -260,6 +321,12 @@ class CausalLM(nnx.Module):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def jit_forward(params: Params, cfg: ModelConfig, tokens, attention_mask, dtype=jnp.float32):
-    """``forward`` compiled once per (config, shapes, dtype); logits only."""
+def _jit_forward(params: Params, cfg: ModelConfig, tokens, attention_mask, dtype=jnp.float32):
     return forward(params, cfg, tokens, attention_mask=attention_mask, dtype=dtype)[0]
+
+
+def jit_forward(params: Params, cfg: ModelConfig, tokens, attention_mask, dtype=jnp.float32):
+    """``forward`` compiled once per (config, shapes, dtype); logits only. Token ids are checked
+    against the vocabulary before the call."""
+    check_token_ids(tokens, cfg.vocab_size)
+    return _jit_forward(params, cfg, tokens, attention_mask, dtype=dtype)
