@@ -22,6 +22,7 @@ import yaml
 from jaxarith.data import DataConfig, SourceConfig
 from jaxarith.errors import ConfigError
 from jaxarith.schedules import ScheduleConfig
+from train.distill import DistillSection
 from train.init import InitConfig
 
 
@@ -196,6 +197,7 @@ class TrainConfig:
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
     export: ExportConfig = ExportConfig()
+    distill: DistillSection = DistillSection()  # see train/distill.py
     init: InitConfig = InitConfig()
 
     def __post_init__(self):
