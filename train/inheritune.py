@@ -18,8 +18,9 @@ whose loss is within tolerance of the reference's, or when the next n would exce
 Writes ``OUT/reference.json``, ``OUT/inheritune.jsonl`` (one line per finished round: n, steps,
 tokens, val_loss, ref_val_loss, matched, ...) and ``OUT/inheritune.png``. Re-running the command
 resumes: finished rounds (those in the jsonl) are not redone, an interrupted round resumes from its
-checkpoints. A round stopped by SIGTERM/SIGINT ends the loop with status ``preempted`` (resume
-later), not as a failure. The same program is ``jaxarith inheritune``.
+checkpoints. A round stopped by SIGTERM (Ctrl-C) ends the loop with status ``preempted``
+(``interrupted``) and exit code ``train.EXIT_PREEMPTED`` = 75 (``EXIT_INTERRUPTED`` = 130): resume
+later, not a failure. The same program is ``jaxarith inheritune``.
 """
 
 from __future__ import annotations
@@ -34,9 +35,7 @@ import numpy as np
 import yaml
 
 from jaxarith.errors import ConfigError
-
-# Exit status of a run stopped by SIGTERM/SIGINT ("resume later"); see train.loop when it has one.
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL
+from train import EXIT_INTERRUPTED, EXIT_PREEMPTED  # a round stopped: resume later
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -152,7 +151,8 @@ def run(path: str, overrides: list[str] | None = None, *, on_round=None) -> dict
     Args:
       on_round: called with each newly finished round's record (tests, custom hooks).
     Returns:
-      ``{"status": "matched" | "unmatched" | "preempted", "rounds": [...], "ref_val_loss",
+      ``{"status": "matched" | "unmatched" | "preempted" | "interrupted", "rounds": [...],
+      "ref_val_loss",
       "reference_layers", "out", "jsonl", "plot"}``.
     """
     from jaxarith.models.config import load_config as load_model_config
@@ -196,8 +196,8 @@ def run(path: str, overrides: list[str] | None = None, *, on_round=None) -> dict
         if rec is None:
             cfg = round_config(raw, n)
             summary = loop.run(cfg)
-            if summary["status"] != "done":
-                status = "preempted"
+            if summary["status"] != "done":  # preempted (SIGTERM) / interrupted (Ctrl-C)
+                status = summary["status"]
                 break
             held = held or HeldOut(cfg, ref_dir)
             student = load_model(cfg.export.hf_dir, mesh=held.mesh, progress=False)
@@ -281,7 +281,9 @@ def handle(args) -> int:
             print(f"n={r['n']}: held-out {r['val_loss']:.4f} vs reference "
                   f"{r['ref_val_loss']:.4f} ({'matched' if r['matched'] else 'above'})")
         print(f"{res['status']}; outputs in {res['out']}")
-    return EXIT_PREEMPTED if res["status"] == "preempted" else 0
+    if res["status"] == "preempted":
+        return EXIT_PREEMPTED
+    return EXIT_INTERRUPTED if res["status"] == "interrupted" else 0
 
 
 def main(argv: list[str] | None = None) -> int:

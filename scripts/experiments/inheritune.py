@@ -117,7 +117,7 @@ def main(argv=None) -> int:
 
     from jaxarith.models.config import load_config as load_model_config
     from jaxarith.refs import load_model
-    from train import loop
+    from train import EXIT_INTERRUPTED, EXIT_PREEMPTED, loop
     from train.config import from_dict
     from train.inheritune import HeldOut
 
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         summary = loop.run(cfg)
         if summary["status"] != "done":
             print(f"{name}: {summary['status']}; re-run to resume")
-            return 75
+            return EXIT_PREEMPTED if summary["status"] == "preempted" else EXIT_INTERRUPTED
         secs = time.perf_counter() - t0
         m = load_model(cfg.export.hf_dir, progress=False)  # the run's final weights
         model_cfg, params = m.config, m.params
