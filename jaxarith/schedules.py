@@ -13,8 +13,8 @@ Scalable Strategies to Continually Pre-train Large Language Models"):
   **re-decay** with a cosine to ``end_lr``.
 
 Every schedule is an ``optax.Schedule`` (a pure function of the step, jittable), assembled with
-``optax.join_schedules``. :meth:`ScheduleConfig.knots` lists the (step, lr) pairs the config
-promises, which tests check against the built function.
+``optax.join_schedules``. Warmup and cooldown lengths are given in steps or as fractions of the
+run (``warmup_fraction: 0.05``), so one config works for a 60-step smoke test and the full run.
 
 Example::
 
@@ -56,8 +56,12 @@ class ScheduleConfig:
       init_lr: the LR at step 0 (warmup start; for ``rewarm`` the previous run's final LR).
       end_lr: the LR at ``total_steps`` (cosine, rewarm) or after the cooldown (wsd).
       warmup_steps: linear warmup (re-warm) length.
+      warmup_fraction: the warmup as a fraction of ``total_steps`` (rounded to a step); used
+        when ``warmup_steps`` is 0.
       hold_steps: ``rewarm`` only: steps at ``peak_lr`` before the re-decay.
       cooldown_steps: ``wsd`` only: length of the final decay.
+      cooldown_fraction: ``wsd`` only: the cooldown as a fraction of ``total_steps``; used when
+        ``cooldown_steps`` is 0.
       cooldown: ``wsd`` only: linear | 1-sqrt.
       total_steps: schedule length; 0 means "the run's ``steps``" (filled in by the trainer).
     """
@@ -71,6 +75,8 @@ class ScheduleConfig:
     cooldown_steps: int = 0
     cooldown: Cooldown = Cooldown.LINEAR
     total_steps: int = 0
+    warmup_fraction: float = 0.0
+    cooldown_fraction: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "kind", _enum(ScheduleKind, self.kind, "schedule.kind"))
@@ -81,15 +87,29 @@ class ScheduleConfig:
         for name in ("warmup_steps", "hold_steps", "cooldown_steps", "total_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"schedule.{name}={getattr(self, name)} must be >= 0")
+        for name in ("warmup_fraction", "cooldown_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"schedule.{name}={getattr(self, name)} must be in [0, 1]")
         if self.total_steps:
             self._check_fits(self.total_steps)
 
+    def warmup(self, total: int | None = None) -> int:
+        """Warmup steps: ``warmup_steps``, else ``warmup_fraction`` of the run."""
+        total = self.total_steps if total is None else total
+        return self.warmup_steps or round(self.warmup_fraction * total)
+
+    def cooldown_length(self, total: int | None = None) -> int:
+        """``wsd`` cooldown steps: ``cooldown_steps``, else ``cooldown_fraction`` of the run."""
+        total = self.total_steps if total is None else total
+        return self.cooldown_steps or round(self.cooldown_fraction * total)
+
     def _check_fits(self, total: int) -> None:
-        used = self.warmup_steps + (self.hold_steps if self.kind is ScheduleKind.REWARM else 0) \
-            + (self.cooldown_steps if self.kind is ScheduleKind.WSD else 0)
+        used = self.warmup(total) + (self.hold_steps if self.kind is ScheduleKind.REWARM else 0) \
+            + (self.cooldown_length(total) if self.kind is ScheduleKind.WSD else 0)
         if self.kind is not ScheduleKind.CONSTANT and used > total:
             raise ConfigError(f"schedule: warmup/hold/cooldown steps ({used}) exceed "
-                              f"total_steps={total}")
+                              f"total_steps={total} (give them as warmup_fraction / "
+                              "cooldown_fraction of the run to scale with steps)")
 
     def with_total(self, total_steps: int) -> ScheduleConfig:
         """This schedule with ``total_steps`` filled in when it was 0."""
@@ -102,37 +122,17 @@ class ScheduleConfig:
         total = self.total_steps
         if not total and self.kind is not ScheduleKind.CONSTANT:
             raise ConfigError("schedule.total_steps is 0: call with_total(steps) first")
-        k = self.kind
+        k, warm = self.kind, self.warmup()
         if k is ScheduleKind.CONSTANT:
-            return warmup_then(self.init_lr, self.peak_lr, self.warmup_steps,
+            return warmup_then(self.init_lr, self.peak_lr, warm,
                                [optax.constant_schedule(self.peak_lr)], [])
         if k is ScheduleKind.COSINE:
-            return warmup_cosine(self.init_lr, self.peak_lr, self.end_lr, self.warmup_steps,
-                                 total)
+            return warmup_cosine(self.init_lr, self.peak_lr, self.end_lr, warm, total)
         if k is ScheduleKind.WSD:
-            return wsd(self.init_lr, self.peak_lr, self.end_lr, self.warmup_steps,
-                       self.cooldown_steps, total, self.cooldown)
-        return rewarm_redecay(self.init_lr, self.peak_lr, self.end_lr, self.warmup_steps,
-                              self.hold_steps, total)
-
-    def knots(self) -> dict[int, float]:
-        """{step: lr} at the schedule's corners, as the config states them."""
-        t, w = self.total_steps, self.warmup_steps
-        k = self.kind
-        out = {0: self.init_lr if w else self.peak_lr}
-        if w:
-            out[w] = self.peak_lr
-        if k is ScheduleKind.CONSTANT:
-            return out
-        if k is ScheduleKind.WSD:
-            out[t - self.cooldown_steps] = self.peak_lr
-            out[t] = self.end_lr
-        elif k is ScheduleKind.REWARM:
-            out[w + self.hold_steps] = self.peak_lr
-            out[t] = self.end_lr
-        else:
-            out[t] = self.end_lr
-        return out
+            return wsd(self.init_lr, self.peak_lr, self.end_lr, warm, self.cooldown_length(),
+                       total, self.cooldown)
+        return rewarm_redecay(self.init_lr, self.peak_lr, self.end_lr, warm, self.hold_steps,
+                              total)
 
 
 def warmup_then(init_lr: float, peak_lr: float, warmup_steps: int,

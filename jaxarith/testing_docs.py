@@ -277,7 +277,7 @@ class DocRunner:
         buf = io.StringIO()
         try:
             with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-                exec(compile(code, block.where, "exec"), self.ns)  # noqa: S102
+                exec(compile(code, block.where, "exec", dont_inherit=True), self.ns)  # noqa: S102
         except BaseException as e:  # also SystemExit
             if isinstance(e, SystemExit) and not e.code:
                 return

@@ -22,6 +22,7 @@ import yaml
 from jaxarith.data import DataConfig, SourceConfig
 from jaxarith.errors import ConfigError
 from jaxarith.schedules import ScheduleConfig
+from train.distill import DistillSection
 
 
 class OnNonFinite(enum.StrEnum):
@@ -193,6 +194,7 @@ class TrainConfig:
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
     export: ExportConfig = ExportConfig()
+    distill: DistillSection = DistillSection()  # see train/distill.py
 
     def __post_init__(self):
         try:

@@ -249,12 +249,24 @@ def build_step(
             kept = dataclasses.replace(state, step=new_step)
             new = jax.tree.map(functools.partial(jnp.where, finite), new, kept)
         metrics = {k: v / denom for k, v in m_sum.items()}
-        metrics.update({"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+        # the LR this step applied: optax's own schedule counter, which stops at skipped steps
+        # (state.step does not), so the logged LR is the one the update used
+        metrics.update({"loss": loss, "grad_norm": grad_norm,
+                        "lr": schedule(schedule_count(state.opt_state, state.step)),
                         "tokens": count, "finite": finite})
         return new, metrics
 
     return StepFns(init=init, step=step, state_shardings=shd, batch_sharding=batch_shd,
                    abstract_state=abstract_state, abstract_batch=abstract_batch)
+
+
+def schedule_count(opt_state, default: jax.Array) -> jax.Array:
+    """The step count optax's LR schedule reads (``ScaleByScheduleState.count``), or
+    ``default`` when the optimizer has no scheduled LR."""
+    for path, count in optax.tree_utils.tree_get_all_with_path(opt_state, "count"):
+        if getattr(path[-1], "tuple_name", "") == "ScaleByScheduleState":
+            return count
+    return default
 
 
 def compile_step(fns: StepFns, mesh):
