@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the main job on the embedded default (tiny model, bundled data, CPU)
-	$(PY) -m jaxarith.demo
+demo: $(STAMP)  ## the main job: the delta-transplant experiment on the embedded default (CPU)
+	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(PY) -m jaxarith.demo
 
 test: $(STAMP)  ## lint + the test suite (CI runs exactly this)
 	$(VENV)/bin/ruff check .

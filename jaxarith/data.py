@@ -2,7 +2,7 @@
 
 Pipeline per source::
 
-    documents (text / jsonl / parquet / a ``datasets`` dataset)
+    documents (text / jsonl / parquet / a ``datasets`` dataset / chat jsonl)
       -> held-out split (the last ``eval_fraction`` of the documents)
       -> tokenise with the model's tokenizer, EOS after every document (optional BOS before)
       -> concatenate and cut into fixed windows [N, seq_len] (packing; EOS separates documents)
@@ -19,6 +19,16 @@ drops a source. Element ``k`` of the mixture is a pure function of ``k``, so:
 
 The token windows of each source are held in host memory (int32); for corpora beyond host memory,
 pre-tokenise into shards and point a source at each (documented limitation).
+
+Loss weights. Every example is ``{"tokens": [T] int32, "weights": [T] float32, "source": id}``;
+``weights`` is the loss weight of each token as a prediction target. Text sources have all ones,
+so text and chat sources mix in one batch. A ``kind: chat`` source is a jsonl of
+``{"messages": [{"role", "content"}, ...]}`` rendered by :mod:`jaxarith.chat` (the tokenizer's
+chat template, or the built-in template for the bundled tokenizer) with weight 1 on assistant
+tokens only. Chat sources are **not packed**: each conversation gets its own window, right-padded
+(weight 0), so conversations never share a window and no attention or loss crosses between them
+(text sources are packed and their documents, separated by EOS, do attend to earlier documents in
+the same window, as in usual pre-training).
 """
 
 from __future__ import annotations
@@ -33,10 +43,11 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from jaxarith.assets import CORPUS_CODE, CORPUS_DOCS
+from jaxarith.assets import CORPUS_CODE, CORPUS_DOCS, INSTRUCT_EVAL, INSTRUCT_TRAIN
 from jaxarith.errors import ConfigError, JaxarithError
 
-BUNDLED = {"bundled:code": CORPUS_CODE, "bundled:docs": CORPUS_DOCS}
+BUNDLED = {"bundled:code": CORPUS_CODE, "bundled:docs": CORPUS_DOCS,
+           "bundled:instruct": INSTRUCT_TRAIN, "bundled:instruct_eval": INSTRUCT_EVAL}
 
 
 class SourceKind(enum.StrEnum):
@@ -44,6 +55,7 @@ class SourceKind(enum.StrEnum):
     JSONL = "jsonl"
     PARQUET = "parquet"
     DATASETS = "datasets"
+    CHAT = "chat"  # jsonl of {"messages": [...]}, one conversation per window
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,7 +64,8 @@ class SourceConfig:
 
     Attributes:
       name: label used in metrics (``eval/<name>/loss``).
-      kind: text | jsonl | parquet | datasets.
+      kind: text | jsonl | parquet | datasets | chat (a jsonl of ``{"messages": [...]}``;
+        ``bundled:instruct`` is the bundled instruction set).
       path: a file, a glob, ``bundled:code`` / ``bundled:docs``; for ``datasets`` a hub name,
         a local data directory, or a directory written by ``Dataset.save_to_disk``.
       weight: mixing weight (normalised over sources; 0 drops the source from training).
@@ -116,12 +129,15 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SourceData:
-    """A source's packed token windows: ``train`` [N, T] and held-out ``eval`` [M, T] (int32)."""
+    """A source's token windows: ``train`` [N, T] and held-out ``eval`` [M, T] (int32), with
+    their loss weights (float32, same shapes; None means all ones)."""
 
     name: str
     weight: float
     train: np.ndarray
     eval: np.ndarray
+    train_weights: np.ndarray | None = None
+    eval_weights: np.ndarray | None = None
 
 
 # ----------------------------------------------------------------------------- reading
@@ -224,13 +240,50 @@ def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return np.asarray(tokens[: n * seq_len], np.int32).reshape(n, seq_len)
 
 
+def split_documents(docs: Sequence, eval_fraction: float) -> tuple[list, list]:
+    """(train, held-out): the last ``eval_fraction`` of the documents (at least one, at most all
+    but one, when the fraction is positive)."""
+    n_eval = int(round(len(docs) * eval_fraction))
+    if eval_fraction > 0:
+        n_eval = min(max(n_eval, 1), len(docs) - 1)
+    return list(docs[: len(docs) - n_eval]), list(docs[len(docs) - n_eval:])
+
+
+def read_chats(src: SourceConfig) -> list[list[dict]]:
+    """A chat source's conversations, in file order."""
+    from jaxarith import chat
+
+    convs = [c for f in _files(src) for c in chat.read_jsonl(f)]
+    if src.max_docs:
+        convs = convs[: src.max_docs]
+    if not convs:
+        raise JaxarithError(f"data source {src.name!r}: no conversations in {src.path}")
+    return convs
+
+
+def load_chat_source(src: SourceConfig, tokenizer, cfg: DataConfig) -> SourceData:
+    """Render a chat source one conversation per window, with assistant-only loss weights."""
+    from jaxarith import chat
+
+    train_c, eval_c = split_documents(read_chats(src), cfg.eval_fraction)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+
+    def windows(convs):
+        return chat.pad_windows([chat.render(c, tokenizer, add_bos=cfg.add_bos) for c in convs],
+                                cfg.seq_len, pad)
+
+    train, train_w = windows(train_c)
+    evals, eval_w = windows(eval_c)
+    return SourceData(src.name, src.weight, train, evals, train_w, eval_w)
+
+
 def load_source(src: SourceConfig, tokenizer, cfg: DataConfig) -> SourceData:
     """Read, split, tokenise and pack one source."""
+    if src.kind is SourceKind.CHAT:
+        return load_chat_source(src, tokenizer, cfg)
     docs = read_documents(src)
-    n_eval = int(round(len(docs) * cfg.eval_fraction))
-    if cfg.eval_fraction > 0:
-        n_eval = min(max(n_eval, 1), len(docs) - 1)
-    train_docs, eval_docs = docs[: len(docs) - n_eval], docs[len(docs) - n_eval:]
+    train_docs, eval_docs = split_documents(docs, cfg.eval_fraction)
     train = pack(tokenize(train_docs, tokenizer, add_bos=cfg.add_bos), cfg.seq_len)
     evals = pack(tokenize(eval_docs, tokenizer, add_bos=cfg.add_bos), cfg.seq_len) \
         if eval_docs else np.zeros((0, cfg.seq_len), np.int32)
@@ -247,15 +300,20 @@ def load_sources(cfg: DataConfig, tokenizer) -> list[SourceData]:
 # ----------------------------------------------------------------------------- grain pipeline
 
 
-def _example(source_id: int):
-    def fn(window: np.ndarray) -> dict:
-        return {"tokens": np.asarray(window, np.int32), "source": np.int32(source_id)}
+def _example(source: SourceData, source_id: int):
+    ones = np.ones(source.train.shape[1], np.float32)
+
+    def fn(i) -> dict:
+        w = ones if source.train_weights is None else source.train_weights[i]
+        return {"tokens": np.asarray(source.train[i], np.int32),
+                "weights": np.asarray(w, np.float32), "source": np.int32(source_id)}
 
     return fn
 
 
 def mixed_dataset(sources: Sequence[SourceData], seed: int = 0) -> grain.MapDataset:
-    """An infinite MapDataset of ``{"tokens": [T], "source": id}`` mixing sources by weight.
+    """An infinite MapDataset of ``{"tokens": [T], "weights": [T], "source": id}`` mixing
+    sources by weight.
 
     Each source is shuffled with ``seed + index`` and reshuffled every epoch; sources with
     weight 0 are left out. ``source`` is the index into ``sources``.
@@ -264,8 +322,8 @@ def mixed_dataset(sources: Sequence[SourceData], seed: int = 0) -> grain.MapData
     for i, s in enumerate(sources):
         if s.weight <= 0:
             continue
-        ds = grain.MapDataset.source(s.train).seed(seed + i).shuffle().repeat(None)
-        parts.append(ds.map(_example(i)))
+        ds = grain.MapDataset.source(np.arange(len(s.train))).seed(seed + i).shuffle()
+        parts.append(ds.repeat(None).map(_example(s, i)))
         weights.append(float(s.weight))
     if not parts:
         raise ConfigError("data.sources: all weights are 0")
@@ -301,6 +359,10 @@ def batch_iterator(ds: grain.MapDataset, global_batch: int, *, process_index: in
     return it
 
 
-def eval_windows(source: SourceData, max_windows: int) -> np.ndarray:
-    """The first ``max_windows`` held-out windows of a source (fixed, not shuffled)."""
-    return source.eval[:max_windows]
+def eval_windows(source: SourceData, max_windows: int) -> np.ndarray | dict:
+    """The first ``max_windows`` held-out windows of a source (fixed, not shuffled): the token
+    array [n, T] for a text source; for a source with loss weights (chat) a dict ``{"tokens":
+    [n, T], "weights": [n, T]}`` so that its eval scores only the weighted tokens."""
+    if source.eval_weights is None:
+        return source.eval[:max_windows]
+    return {"tokens": source.eval[:max_windows], "weights": source.eval_weights[:max_windows]}

@@ -334,8 +334,9 @@ dtype: bfloat16
 """,
 }
 LIBRARY_CALLS = {
+    # `dtype: float32` on bfloat16 models: the output is float32 (out_dtype falls back to dtype)
     "task_arithmetic": lambda ms: arith.task_arithmetic(
-        ms[0], ms[1:], CFG[0], weights=[0.7, [0.2, 0.9]], lam=0.8),
+        ms[0], ms[1:], CFG[0], weights=[0.7, [0.2, 0.9]], lam=0.8, dtype="float32"),
     "ties": lambda ms: arith.ties(
         ms[0], ms[1:], CFG[0], weights=[1.0, 0.5],
         densities=[0.5, [{"filter": "self_attn", "value": 0.3}, {"value": 0.7}]]),
@@ -364,3 +365,302 @@ def test_mergekit_yaml_matches_library(three_llamas, tmp_path, capsys, name):
     _, got = load_hf_params(tmp_path / "out", progress=False)
     assert _equal(want, got)
     assert os.path.exists(tmp_path / "out" / "tokenizer.json")
+
+
+# ------------------------------------------------- DARE, consensus, rescale: numpy references
+
+
+def _dare_masks(seed, path, layer, densities, shape):
+    """The executors' DARE keep-masks, re-derived from their documented key recipe:
+    ``fold_in(fold_in(key(seed, crc32(path)), layer), model)``, then ``bernoulli(density)``."""
+    from jaxarith.arith.kernel import NO_LAYER
+    from jaxarith.arith.select import path_seed
+
+    key = jax.random.fold_in(jax.random.wrap_key_data(path_seed(seed, path),
+                                                      impl="threefry2x32"),
+                             NO_LAYER if layer is None else np.uint32(layer))
+    return [np.asarray(jax.random.bernoulli(jax.random.fold_in(key, i), d, shape))
+            for i, d in enumerate(densities)]
+
+
+def np_dare(base, models, masks, weights, densities, lam, consensus, normalize, rescale):
+    """DARE in float64 numpy with given keep-masks (sign election as in np_task)."""
+    base = base.astype(np.float64)
+    tvs = []
+    for m, mask, w, d in zip(models, masks, weights, densities, strict=True):
+        tv = np.where(mask, m.astype(np.float64) - base, 0.0)
+        tvs.append((tv / d if rescale else tv) * w)
+    tvs = np.stack(tvs)
+    w = np.asarray(weights, np.float64).reshape((-1,) + (1,) * base.ndim)
+    if consensus:
+        votes = tvs.sum(0) if consensus == "sum" else np.sign(tvs).sum(0)
+        agree = np.sign(tvs) == np.where(votes >= 0, 1.0, -1.0)
+        mixed = np.where(agree, tvs, 0).sum(0)
+        div = np.where(agree, w, 0).sum(0)
+        div = np.where(div == 0, 1.0, div)
+    else:
+        mixed, div = tvs.sum(0), w.sum()
+    return base + lam * (mixed / div if normalize else mixed)
+
+
+@pytest.mark.parametrize("combine,rescale,consensus", [
+    ("linear", True, "sum"), ("linear", False, "sum"), ("ties", True, "sum"),
+    ("ties", False, "count")])
+def test_dare_matches_numpy_with_the_same_masks(combine, rescale, consensus):
+    rng = np.random.default_rng(4)
+    base, m1, m2 = (rand_tree(rng, layers=2) for _ in range(3))
+    w, d, lam = [1.0, 0.5], [0.3, 0.6], 0.9
+    out = arith.dare(base, [m1, m2], weights=w, densities=d, lam=lam, combine=combine, seed=11,
+                     rescale=rescale, consensus=consensus)
+    normalize = combine == "ties"
+    cons = consensus if combine == "ties" else None
+    masks = _dare_masks(11, "embed", None, d, base["embed"].shape)
+    want = np_dare(base["embed"], [m1["embed"], m2["embed"]], masks, w, d, lam, cons, normalize,
+                   rescale)
+    np.testing.assert_allclose(out["embed"], want, rtol=1e-5, atol=1e-6)
+    for i in range(2):
+        masks = _dare_masks(11, "layers/mlp/up", i, d, base["layers"]["mlp"]["up"][i].shape)
+        want = np_dare(*(t["layers"]["mlp"]["up"][i] for t in (base,)),
+                       [t["layers"]["mlp"]["up"][i] for t in (m1, m2)], masks, w, d, lam, cons,
+                       normalize, rescale)
+        np.testing.assert_allclose(out["layers"]["mlp"]["up"][i], want, rtol=1e-5, atol=1e-6)
+
+
+def test_dare_statistics():
+    """Kept fraction ~ density (binomial bounds), kept entries rescaled by exactly 1/density."""
+    rng = np.random.default_rng(6)
+    n = 200_000
+    base = {"embed": np.zeros((n // 100, 100), np.float32)}
+    tuned = {"embed": rng.choice([-1.0, 1.0], (n // 100, 100)).astype(np.float32)}
+    for density in (0.1, 0.5, 0.9):
+        out = np.asarray(arith.dare(base, [tuned], densities=[density], seed=5)["embed"])
+        kept = out != 0
+        sd = np.sqrt(density * (1 - density) / n)
+        assert abs(kept.mean() - density) < 5 * sd, density
+        np.testing.assert_array_equal(out[kept], tuned["embed"][kept] / np.float32(density))
+        out = np.asarray(arith.dare(base, [tuned], densities=[density], seed=5,
+                                    rescale=False)["embed"])
+        np.testing.assert_array_equal(out != 0, kept)  # same mask, no rescale
+        np.testing.assert_array_equal(out[kept], tuned["embed"][kept])
+
+
+def test_ties_consensus_count_matches_numpy():
+    rng = np.random.default_rng(8)
+    base, m1, m2, m3 = (rand_tree(rng) for _ in range(4))
+    w, d = [1.0, 0.4, 0.8], [0.6, 0.5, 1.0]
+    out = arith.ties(base, [m1, m2, m3], weights=w, densities=d, consensus="count")
+
+    def ref(b, *ms):  # float64; "count" elects the sign most models hold (a tie elects +)
+        tvs = np.stack([np_trim(m - b, di).astype(np.float64) * wi
+                        for m, di, wi in zip(ms, d, w, strict=True)])
+        agree = np.sign(tvs) == np.where(np.sign(tvs).sum(0) >= 0, 1.0, -1.0)
+        wv = np.asarray(w).reshape((-1,) + (1,) * b.ndim)
+        div = np.where(agree, wv, 0).sum(0)
+        return b + np.where(agree, tvs, 0).sum(0) / np.where(div == 0, 1.0, div)
+
+    compare(out, ref, [base, m1, m2, m3], rtol=1e-5, atol=1e-6)
+    # and it differs from "sum" somewhere (the test would not notice a swapped rule otherwise)
+    out_sum = arith.ties(base, [m1, m2, m3], weights=w, densities=d, consensus="sum")
+    assert not np.array_equal(np.asarray(out["embed"]), np.asarray(out_sum["embed"]))
+
+
+# ------------------------------------------- executors on float32 Llama and GPT-2 (fused c_attn)
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory, three_llamas):
+    """{"llama_bf16": three_llamas, "llama_f32": 3 float32 Llamas, "gpt2": 3 float32 GPT-2s}."""
+    d = tmp_path_factory.mktemp("arith_families")
+    out = {"llama_bf16": three_llamas, "llama_f32": [], "gpt2": []}
+    for s in range(3):
+        p = str(d / f"l{s}")
+        testing.make_hf_model(p, testing.tiny_llama_config(), seed=40 + s, max_shard_size="100KB")
+        out["llama_f32"].append(p)
+        p = str(d / f"g{s}")
+        testing.make_hf_model(p, testing.tiny_gpt2_config(), seed=50 + s)
+        out["gpt2"].append(p)
+    return out
+
+
+FAMILY_CASES = [(f, c) for f in ("llama_f32", "gpt2") for c in CASES
+                if c[0] in ("ties", "slerp", "dare_ties", "task_arithmetic" if f == "llama_f32"
+                            else "delta")]
+
+
+@pytest.mark.parametrize("family,case", FAMILY_CASES,
+                         ids=[f"{f}-{c[0]}" for f, c in FAMILY_CASES])
+def test_streamed_equals_memory_and_mesh_float32_and_gpt2(families, tmp_path, family, case):
+    name, idx, shared, per_model = case
+    spec = MergeSpec(method=arith.method(name), shared=shared, per_model=per_model, seed=3)
+    refs = [families[family][i] for i in idx]
+    cfg, _ = load_hf_params(refs[0], progress=False)
+    mem = arith.run(spec, cfg, [load_hf_params(r, progress=False)[1] for r in refs])
+    mesh = make_mesh("fsdp=4,tensor=2")
+    sharded = arith.run(spec, cfg, [load_hf_params(r, mesh=mesh, progress=False)[1]
+                                    for r in refs])
+    assert _equal(mem, sharded)
+    arith.run_streamed(spec, refs, tmp_path / "out", progress=False)
+    _, streamed = load_hf_params(tmp_path / "out", progress=False)
+    assert _equal(mem, streamed)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(streamed))
+    if name == "ties":  # each canonical tensor (GPT-2: q, k, v apart) keeps exactly k entries
+        trees = [load_hf_params(r, progress=False)[1] for r in refs]
+        tau = np.asarray(trees[1]["layers"]["attn"]["q"][0]) - \
+            np.asarray(trees[0]["layers"]["attn"]["q"][0])
+        got = np.asarray(mem["layers"]["attn"]["q"][0])
+        only1 = arith.ties(trees[0], [trees[1]], cfg, densities=[0.3])
+        kept = np.asarray(only1["layers"]["attn"]["q"][0]) != np.asarray(
+            trees[0]["layers"]["attn"]["q"][0])
+        assert kept.sum() == max(1, int(0.3 * tau.size)) and got.shape == tau.shape
+
+
+# ------------------------------------------------------------------ CLI routes and YAML forms
+
+
+def _cli(args, capsys):
+    rc = main(args + ["--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0, out
+    return out
+
+
+def test_cli_in_memory_orbax_out_and_orbax_inputs(three_llamas, tmp_path, capsys):
+    """--in-memory and --to orbax from the CLI; Orbax models as inputs of delta and merge."""
+    from jaxarith.convert.orbax import load_orbax
+
+    tuned, base = three_llamas[1], three_llamas[0]
+    s = _cli(["delta", "extract", tuned, base, str(tmp_path / "d_s")], capsys)
+    m = _cli(["delta", "extract", tuned, base, str(tmp_path / "d_m"), "--in-memory",
+              "--mesh", "fsdp=4,tensor=2"], capsys)
+    assert (s["executor"], m["executor"]) == ("streamed", "memory")
+    a, b = HFCheckpoint(str(tmp_path / "d_s")), HFCheckpoint(str(tmp_path / "d_m"))
+    for k in a.keys():
+        np.testing.assert_array_equal(a.get(k), b.get(k), err_msg=k)
+    o = _cli(["delta", "extract", tuned, base, str(tmp_path / "d_o"), "--to", "orbax"], capsys)
+    assert o["executor"] == "memory" and o["to"] == "orbax"
+    _, d_o = load_orbax(tmp_path / "d_o")
+    _, d_s = load_hf_params(tmp_path / "d_s", progress=False)
+    assert _equal(d_o, d_s)
+    # Orbax inputs: base as Orbax, delta as Orbax -> back equals tuned bit for bit
+    assert main(["convert", base, str(tmp_path / "base_o"), "--json"]) == 0
+    capsys.readouterr()
+    r = _cli(["delta", "apply", str(tmp_path / "base_o"), str(tmp_path / "d_o"),
+              str(tmp_path / "back")], capsys)
+    assert r["executor"] == "memory"
+    x, y = HFCheckpoint(tuned), HFCheckpoint(str(tmp_path / "back"))
+    for k in x.keys():
+        np.testing.assert_array_equal(x.get(k).view(np.uint16), y.get(k).view(np.uint16))
+    text = f"""
+merge_method: linear
+models:
+  - model: {tmp_path / 'base_o'}
+    parameters: {{weight: 0.25}}
+  - model: {tuned}
+    parameters: {{weight: 0.75}}
+"""
+    (tmp_path / "lin.yaml").write_text(text)
+    r = _cli(["merge", str(tmp_path / "lin.yaml"), str(tmp_path / "lin_o"), "--to", "orbax"],
+             capsys)
+    assert r["executor"] == "memory"
+    _, got = load_orbax(tmp_path / "lin_o")
+    ms = [load_hf_params(p, progress=False)[1] for p in (base, tuned)]
+    assert _equal(got, arith.soup(ms, weights=[0.25, 0.75]))
+
+
+def test_partial_layer_range_is_rejected(three_llamas, tmp_path, capsys):
+    m0, m1 = three_llamas[0], three_llamas[1]
+    text = f"""
+slices:
+  - sources:
+      - model: {m0}
+        layer_range: [0, 1]
+      - model: {m1}
+        layer_range: [0, 1]
+merge_method: slerp
+base_model: {m0}
+parameters: {{t: 0.5}}
+"""
+    (tmp_path / "m.yaml").write_text(text)
+    assert main(["merge", str(tmp_path / "m.yaml"), str(tmp_path / "out"), "--json"]) == 2
+    err = json.loads(capsys.readouterr().out)["error"]
+    assert "layer_range [0, 1]" in err and "all 2 layers" in err and m0 in err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "m.yaml").write_text(text.replace("[0, 1]", "[0, 2]"))
+    assert main(["merge", str(tmp_path / "m.yaml"), str(tmp_path / "out"), "--json"]) == 0
+
+
+LINEAR_YAMLS = {
+    "linear": ("""
+merge_method: linear
+models:
+  - model: {m0}
+    parameters: {{weight: 0.2}}
+  - model: {m1}
+    parameters: {{weight: [0.3, 0.9]}}
+  - model: {m2}
+    parameters: {{weight: 0.5}}
+parameters: {{normalize: false}}
+""", lambda ms: arith.merge("linear", ms, CFG[0], normalize=False,
+                           per_model=({"weight": 0.2}, {"weight": [0.3, 0.9]},
+                                      {"weight": 0.5}))),
+    "dare_linear": ("""
+merge_method: dare_linear
+base_model: {m0}
+models:
+  - model: {m1}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {m2}
+    parameters: {{weight: 0.4, density: [0.3, 0.8]}}
+parameters: {{rescale: false, lambda: 0.9}}
+seed: 4
+dtype: float32
+out_dtype: bfloat16
+""", lambda ms: arith.dare(ms[0], ms[1:], CFG[0], weights=[0.6, 0.4],
+                          densities=[0.5, [0.3, 0.8]], lam=0.9, rescale=False, seed=4,
+                          dtype="bfloat16")),
+}
+
+
+@pytest.mark.parametrize("name", list(LINEAR_YAMLS))
+def test_linear_and_dare_linear_yamls(three_llamas, tmp_path, capsys, name):
+    text, call = LINEAR_YAMLS[name]
+    (tmp_path / "m.yaml").write_text(text.format(m0=three_llamas[0], m1=three_llamas[1],
+                                                 m2=three_llamas[2]))
+    assert _cli(["merge", str(tmp_path / "m.yaml"), str(tmp_path / "out")],
+                capsys)["method"] == name
+    CFG[0], _ = load_hf_params(three_llamas[0], progress=False)
+    ms = [load_hf_params(p, progress=False)[1] for p in three_llamas]
+    _, got = load_hf_params(tmp_path / "out", progress=False)
+    assert _equal(call(ms), got)
+
+
+def test_delta_norms_cosine(three_llamas, capsys):
+    base, a, b = three_llamas
+    r = _cli(["delta", "norms", base, a, "--cosine", b], capsys)
+    cb, ca, cc = HFCheckpoint(base), HFCheckpoint(a), HFCheckpoint(b)
+    da = np.concatenate([ca.get(k).astype(np.float64).ravel() - cb.get(k).astype(np.float64)
+                         .ravel() for k in cb.keys()])
+    db = np.concatenate([cc.get(k).astype(np.float64).ravel() - cb.get(k).astype(np.float64)
+                         .ravel() for k in cb.keys()])
+    want = da @ db / np.sqrt((da @ da) * (db @ db))
+    assert r["cosine"] == pytest.approx(want, rel=1e-10)
+
+
+@pytest.mark.parametrize("layout", [None, (1, False), (1, True), (2, True)])
+def test_magnitude_mask_ties_broken_by_hf_position(layout):
+    """Exactly k kept; of the entries tied at the threshold, the first in HF row-major order
+    (numpy: a stable argsort of the HF view). Few magnitude levels, so ties everywhere."""
+    rng = np.random.default_rng(9)
+    x = (rng.integers(-3, 4, (6, 5, 4)) * 0.25).astype(np.float32)
+    split, transposed = layout or (1, False)
+    hf = x.reshape(int(np.prod(x.shape[:split])), -1)
+    hf = hf.T if transposed else hf
+    for k in (0, 1, 7, 37, 60, 119, 120):
+        got = np.asarray(ops.magnitude_mask(x, k, layout))
+        order = np.argsort(-np.abs(hf).reshape(-1), kind="stable")[:k]
+        want_hf = np.zeros(hf.size, bool)
+        want_hf[order] = True
+        want_hf = want_hf.reshape(hf.shape)
+        want = (want_hf.T if transposed else want_hf).reshape(x.shape)
+        assert got.sum() == k
+        np.testing.assert_array_equal(got, want, err_msg=f"k={k}")

@@ -289,3 +289,40 @@ def test_hf_to_hf_streamed_cast_and_reshard(fixture, request, tmp_path):
     _, p32 = load_orbax(tmp_path / "o")
     for a, b in zip(jax.tree.leaves(p16), jax.tree.leaves(p32), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(ml_dtypes.bfloat16))
+
+
+@pytest.fixture(scope="module")
+def mixed_dtype_llama(tmp_path_factory):
+    """bfloat16 weights with float32 norms (as transformers' keep-in-fp32 modules save them)."""
+    from jaxarith.convert.safetensors_io import write_safetensors
+
+    d = tmp_path_factory.mktemp("mixed")
+    testing.make_hf_model(d / "f32", testing.tiny_llama_config())
+    t = _tensors(str(d / "f32"))
+    t = {k: v if "norm" in k else v.astype(ml_dtypes.bfloat16) for k, v in t.items()}
+    shutil.copytree(d / "f32", d / "mixed", ignore=shutil.ignore_patterns("*.safetensors*"))
+    write_safetensors(d / "mixed" / "model.safetensors", [(k, v.shape, v.dtype)
+                                                          for k, v in t.items()], t.values())
+    return str(d / "mixed"), t
+
+
+def test_mixed_dtypes_are_kept_per_tensor(mixed_dtype_llama, tmp_path):
+    """HF -> HF and HF -> Orbax -> HF keep each tensor's dtype and bits; --dtype casts all."""
+    src, want = mixed_dtype_llama
+    assert {str(v.dtype) for v in want.values()} == {"bfloat16", "float32"}
+    convert(src, tmp_path / "hh", to="hf", max_shard_size="60KB", progress=False)
+    convert(src, tmp_path / "o", progress=False)
+    convert(str(tmp_path / "o"), tmp_path / "oh", progress=False)
+    for out in ("hh", "oh"):
+        got = _tensors(str(tmp_path / out))
+        assert set(got) == set(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype, (out, k)
+            assert np.array_equal(got[k].view(np.uint8), want[k].view(np.uint8)), (out, k)
+        # config.json names the dtype holding most bytes, as transformers does
+        assert json.loads((tmp_path / out / "config.json").read_text())["dtype"] == "bfloat16"
+    convert(src, tmp_path / "h32", to="hf", dtype="float32", progress=False)
+    got = _tensors(str(tmp_path / "h32"))
+    for k in want:
+        assert got[k].dtype == np.float32
+        np.testing.assert_array_equal(got[k], want[k].astype(np.float32), err_msg=k)

@@ -128,3 +128,30 @@ def test_pod_config_refused_when_batch_does_not_fit():
                       ["batch=12", "microbatches=1"])
     with pytest.raises(ConfigError, match="data-parallel size 8"):
         _abstract_check(config_from_hf(LLAMA_3_2_1B), cfg, make_mesh(cfg.mesh))
+
+
+def _header_commands(path):
+    """The ``python -m train CONFIG ...`` commands written in a config's header comment."""
+    lines, cmds = open(path).read().splitlines(), []
+    for i, line in enumerate(lines):
+        if "python -m train" not in line or not line.startswith("#"):
+            continue
+        text = line.lstrip("# ").rstrip("\\ ")
+        while lines[i].rstrip().endswith("\\"):
+            i += 1
+            text += " " + lines[i].lstrip("# ").rstrip("\\ ")
+        cmds.append(text.split()[3:])  # after `python -m train CONFIG`
+    return cmds
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_config_header_commands_load(path):
+    """Each config's own header command is valid: its overrides load and its schedule fits
+    (``tiny_gpt2.yaml steps=60`` failed when warmup + cooldown were 80 steps)."""
+    cmds = _header_commands(path)
+    assert cmds, f"{path} has no header command"
+    for args in cmds:
+        overrides = [a for a in args if "=" in a and not a.startswith("-")]
+        cfg = load_config(path, overrides)
+        cfg.schedule.build()
+        assert cfg.steps == int(dict(a.split("=", 1) for a in overrides).get("steps", cfg.steps))

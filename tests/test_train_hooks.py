@@ -149,3 +149,17 @@ def test_eval_honours_loss_weights():
     nll = -np.take_along_axis(lp[:, :-1], tokens[:, 1:, None].astype(np.int64), -1)[..., 0]
     want = (nll * w2[:, 1:]).sum() / w2[:, 1:].sum()
     assert evaluate(params, {"tokens": tokens, "weights": w2}) == pytest.approx(want, rel=1e-5)
+
+
+def test_compiled_step_cache_key_includes_the_loss_key_and_frozen_shapes():
+    """Two runs share a compiled step only if their loss keys and frozen shapes agree (the
+    factory functions themselves are new objects in every run)."""
+    from train.extensions import Keyed
+
+    f, g = (lambda: 1), (lambda: 2)
+    assert Keyed(("distill", (2.0, "kl")), f) == Keyed(("distill", (2.0, "kl")), g)
+    assert hash(Keyed(("distill", 1), f)) == hash(Keyed(("distill", 1), g))
+    assert Keyed(("distill", (2.0, "kl")), f) != Keyed(("distill", (1.0, "kl")), f)
+    a = loop._tree_key(loop._abstract({"t": np.zeros((2, 3), np.float32)}))
+    b = loop._tree_key(loop._abstract({"t": np.zeros((2, 4), np.float32)}))
+    assert a != b and a == loop._tree_key(loop._abstract({"t": np.ones((2, 3), np.float32)}))

@@ -2,7 +2,9 @@
 
 Trains as the YAML config says, with dotted overrides (``steps=60 out=/tmp/run
 schedule.peak_lr=1e-3 data.sources.replay.weight=0.05``). Re-running the same command resumes
-from the latest checkpoint in ``OUT/checkpoints``. The same program is ``jaxarith train``.
+from the latest checkpoint in ``OUT/checkpoints``; re-running a finished run reports it and
+changes nothing. The same program is ``jaxarith train``. Exit codes: see :mod:`train`
+(0 done, 2 error, 75 preempted by SIGTERM: resume later, 130 Ctrl-C).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def handle(args) -> int:
-    """Load the config, run, print the summary."""
+    """Load the config, run, print the summary; the exit code says how the run ended."""
+    from train import EXIT_INTERRUPTED, EXIT_PREEMPTED
     from train.config import load_config
     from train.loop import run
 
@@ -33,22 +36,49 @@ def handle(args) -> int:
     if args.json:
         overrides.append("log.progress=false")
     cfg = load_config(args.config, overrides)
-    summary = run(cfg)
+    try:
+        summary = run(cfg)
+    except KeyboardInterrupt:  # Ctrl-C before or after the training steps
+        return _interrupted(args, None)
     summary.pop("batches", None)
     summary.pop("state", None)
+    if summary["status"] == "interrupted":
+        return _interrupted(args, summary)
     if args.json:
         print(json.dumps(summary, default=str))
     else:
         loss = summary.get("loss")
-        print(f"{summary['status']} at step {summary['step']}: loss "
+        what = "already done" if summary.get("already_done") else summary["status"]
+        print(f"{what} at step {summary['step']}: loss "
               f"{'n/a' if loss is None else f'{loss:.4f}'}; outputs in {summary['out']}")
-    return 0
+        if summary["status"] == "preempted":
+            print(f"stopped by SIGTERM with a checkpoint at step {summary['step']}: run the same "
+                  f"command to resume (exit code {EXIT_PREEMPTED})", file=sys.stderr)
+    return EXIT_PREEMPTED if summary["status"] == "preempted" else 0 if \
+        summary["status"] == "done" else EXIT_INTERRUPTED
+
+
+def _interrupted(args, summary: dict | None) -> int:
+    from train import EXIT_INTERRUPTED
+
+    msg = "interrupted (Ctrl-C)"
+    if summary is not None:
+        msg += (f" at step {summary['step']}; a checkpoint is saved: run the same command to "
+                "resume")
+    if args.json:
+        print(json.dumps({"error": msg, "type": "KeyboardInterrupt",
+                          **({} if summary is None else {"step": summary["step"],
+                                                         "status": summary["status"]})}))
+    else:
+        print(f"jaxarith train: {msg}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
+    logging.captureWarnings(True)  # library warnings go through logging (and the progress bar)
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
@@ -57,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     args.handler = handle
     from jaxarith.commands import _common
 
-    return _common.run(args)
+    try:
+        return _common.run(args)
+    except KeyboardInterrupt:
+        return _interrupted(args, None)
 
 
 if __name__ == "__main__":

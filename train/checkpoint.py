@@ -30,6 +30,20 @@ from jaxarith.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
+# Known-harmless messages orbax logs (through absl) at every save; they would also break the
+# progress bar. "Skipping merge of OCDBT checkpoints": a single-process save has no
+# per-process subdirectories to merge.
+HARMLESS = ("Skipping merge of OCDBT checkpoints",)
+
+
+class _Harmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(h in msg for h in HARMLESS)
+
+
+logging.getLogger("absl").addFilter(_Harmless())
+
 
 class Checkpoints:
     """Save and restore train checkpoints in ``directory``, keeping the last ``keep``.
@@ -93,12 +107,24 @@ class Checkpoints:
                 step, {"state": _without_frozen(abstract_state), "data": None, "meta": None})
         except Exception as e:  # orbax raises many types; name the checkpoint at fault
             raise CheckpointError(f"{self.directory}/{step}: cannot restore the train state "
-                                  f"({type(e).__name__}: {e})") from e
+                                  f"({type(e).__name__}: {_first_line(e)})") from e
         meta = json.loads(out["meta"]["json"])
         state = out["state"]
         if dataclasses.is_dataclass(state) and hasattr(state, "frozen"):
             state = dataclasses.replace(state, frozen={} if frozen is None else frozen)
         return state, dict(out["data"]), meta
+
+    def read_meta(self, step: int | None = None) -> dict:
+        """The ``meta`` of ``step`` (default: the latest) without reading the arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no checkpoint")
+        try:
+            out = self._ckpt.load_checkpointables(step, {"meta": None})
+        except Exception as e:
+            raise CheckpointError(f"{self.directory}/{step}: cannot read its metadata "
+                                  f"({type(e).__name__}: {_first_line(e)})") from e
+        return json.loads(out["meta"]["json"])
 
     def wait(self) -> None:
         self._ckpt.wait()
@@ -112,3 +138,9 @@ def _without_frozen(state: Any) -> Any:
     if dataclasses.is_dataclass(state) and hasattr(state, "frozen"):
         return dataclasses.replace(state, frozen={})
     return state
+
+
+def _first_line(e: Exception, limit: int = 300) -> str:
+    """The head of an exception message (orbax's can be kilobytes of tree dumps)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."

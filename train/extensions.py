@@ -19,6 +19,9 @@ A feature (distillation, LaWA, instruction tuning, layer inheritance, ...) contr
 * ``model(cfg) -> (ModelConfig, model_dir | None)``: resolve the trained model's config (e.g. a
   student with inherited layers). ``init_params(cfg, model_cfg, mesh) -> params``: the initial
   weights when no checkpoint exists. At most one extension may give each.
+* ``dataset(cfg, sources, ds) -> ds``: transform the training examples' ``grain.MapDataset``
+  before batching (e.g. join each example with its cached teacher outputs); its new per-token
+  fields become batch fields.
 * ``hooks``: more :class:`Hook` s, run after the built-in ones (e.g. eval of an averaged model,
   LaWA snapshots). A hook returns a dict of metrics (written as given, with the step, to
   ``metrics.jsonl`` and TensorBoard) or None.
@@ -121,6 +124,7 @@ class Extension:
     frozen: Callable[[TrainConfig, ModelConfig, Any], Any] | None = None
     model: Callable[[TrainConfig], tuple[ModelConfig, str | None]] | None = None
     init_params: Callable[[TrainConfig, ModelConfig, Any], Any] | None = None
+    dataset: Callable[[TrainConfig, Any, Any], Any] | None = None
     hooks: Sequence[Hook] = ()
 
 

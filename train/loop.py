@@ -20,7 +20,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -34,7 +33,7 @@ import numpy as np
 
 from jaxarith import data as data_lib
 from jaxarith import sharding
-from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.errors import CheckpointError, ConfigError, JaxarithError
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig, config_from_hf, load_config
 from train import metrics as metrics_lib
@@ -64,6 +63,16 @@ class _Stop:
     """Set by SIGTERM / SIGINT: save a checkpoint and leave at the next step boundary."""
 
     requested: str = ""
+
+
+def initialize_distributed() -> None:
+    """``jax.distributed.initialize()``; no cluster found is a one-line :class:`ConfigError`."""
+    try:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"distributed: true but no multi-host cluster was found ({first}); "
+                          "on one machine run with distributed=false") from None
 
 
 # ----------------------------------------------------------------------------- model & data
@@ -185,7 +194,7 @@ def compiled_step(model_cfg, mesh, optimizer, schedule, batch, seq_len, microbat
     fns = build_step(model_cfg, mesh, tx=make_optimizer(optimizer, sched), schedule=sched,
                      batch=batch, seq_len=seq_len, microbatches=microbatches,
                      loss_fn=make_loss(model_cfg, dtype=dtype, remat=remat),
-                     average=(average.kind, average.options()), skip_nonfinite=skip_nonfinite,
+                     average=average.in_step(), skip_nonfinite=skip_nonfinite,
                      frozen=abstract_frozen, frozen_shardings=frozen_shd,
                      batch_fields=None if fields is None else dict(fields))
     t0 = time.perf_counter()
@@ -263,7 +272,7 @@ def log_metrics_hook(thr: metrics_lib.Throughput) -> Callable[[RunContext], dict
         if not h:  # no step ran in this invocation
             return None
         rec = {"loss": h["loss"], "lr": h["lr"], "grad_norm": h["grad_norm"],
-               **{k: v for k, v in h.items() if k not in skip}, **thr.read()}
+               **{k: v for k, v in h.items() if k not in skip}, **thr.read(ctx.step)}
         ctx.writer.progress(ctx.step, h["loss"], rec["tokens_per_s"])
         ctx.summary["tokens_per_s"], ctx.summary["mfu"] = rec["tokens_per_s"], rec["mfu"]
         return rec
@@ -320,14 +329,14 @@ def _run_hook(hook: Hook, ctx: RunContext) -> None:
 
 
 @contextlib.contextmanager
-def _signals(stop: _Stop):
+def _signals(stop: _Stop, signals=(signal.SIGTERM, signal.SIGINT)):
     """Turn SIGTERM (pod preemption) and Ctrl-C into a request to checkpoint and stop."""
     def handler(signum, _frame):
         stop.requested = signal.Signals(signum).name
 
     old = {}
     try:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in signals:
             old[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread: leave signals alone
         pass
@@ -336,6 +345,48 @@ def _signals(stop: _Stop):
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
+
+
+def _train_steps(ctx: RunContext, hooks: Sequence[Hook], it, fns, compiled,
+                 on_step: Callable[[int, dict], None] | None, stop: _Stop) -> str:
+    """Step until ``cfg.steps`` or a SIGTERM / Ctrl-C; run the due hooks after each step.
+
+    Returns:
+      ``done``, ``preempted`` (SIGTERM) or ``interrupted`` (Ctrl-C).
+    """
+    cfg = ctx.cfg
+    with _signals(stop):
+        while ctx.step < cfg.steps and not stop.requested:
+            batch_np = next(it)
+            ctx.summary["batches"][ctx.step + 1] = zlib.crc32(batch_np["tokens"].tobytes())
+            # each local [b, ...] field becomes [M, b / M, ...]: microbatch m holds the
+            # consecutive rows m * b / M ... (m + 1) * b / M - 1
+            batch = {name: jax.make_array_from_process_local_data(
+                shd, batch_np[name].reshape(cfg.microbatches, -1, *batch_np[name].shape[1:]))
+                for name, shd in fns.batch_sharding.items()}
+            ctx.state, m = compiled(ctx.state, batch)
+            ctx.step += 1
+            host = {k: float(v) for k, v in jax.device_get(m).items()}
+            host["step"] = ctx.step
+            if not host["finite"]:
+                if cfg.on_nonfinite is OnNonFinite.STOP:
+                    good = ctx.checkpoints.latest_step()
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({host['loss']}) or gradient norm "
+                        f"({host['grad_norm']}) at step {ctx.step}; stopping. Last good "
+                        f"checkpoint: {'none' if good is None else good} in "
+                        f"{ctx.checkpoints.directory}")
+                ctx.writer.log(f"step {ctx.step}: non-finite loss, update skipped")
+            ctx.last = host
+            if on_step is not None:
+                on_step(ctx.step, host)
+            for hook in hooks:
+                if hook.due(ctx.step, cfg.steps):
+                    _run_hook(hook, ctx)
+    if stop.requested:
+        ctx.writer.log(f"{stop.requested}: saving a checkpoint at step {ctx.step}")
+        return "interrupted" if stop.requested == "SIGINT" else "preempted"
+    return "done"
 
 
 def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
@@ -347,12 +398,47 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
       on_step: called after each step (before the hooks) with ``(step, host_metrics)``.
       extensions: the features plugged in (default: :func:`train.extensions.discover`).
     Returns:
-      A summary: final step, status (``done`` / ``preempted``), last losses, eval losses,
-      tokens/s, MFU, per-step batch fingerprints of this invocation (``batches``), paths, and
-      the final ``state``.
+      A summary: final step, status (``done``; ``preempted`` after SIGTERM, ``interrupted``
+      after Ctrl-C, both with a checkpoint saved: run again to resume), last losses, eval
+      losses, tokens/s, MFU, per-step batch fingerprints of this invocation (``batches``),
+      paths, and the final ``state``. A run that had already finished returns its saved
+      summary with ``already_done: True`` and no ``state`` (nothing is recomputed or written).
     """
+    try:
+        with _preemptible():  # SIGTERM outside the steps (loading, compiling, end of run)
+            return _run(cfg, on_step, extensions)
+    except _Preempted:
+        out = os.path.abspath(cfg.out)
+        steps = checkpoint_steps(cfg.checkpoint.dir or os.path.join(out, "checkpoints"))
+        step = steps[-1] if steps else 0
+        print(f"SIGTERM: stopped; the last checkpoint is at step {step}", file=sys.stderr,
+              flush=True)
+        return {"out": out, "status": "preempted", "step": step, "loss": None, "batches": {}}
+
+
+class _Preempted(Exception):
+    """SIGTERM arrived outside the training steps (where it is a stop request instead)."""
+
+
+@contextlib.contextmanager
+def _preemptible():
+    def handler(signum, _frame):
+        raise _Preempted()
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     if cfg.distributed:
-        jax.distributed.initialize()
+        initialize_distributed()
     from jaxarith.sharding import make_mesh, set_strict_sharding
 
     extensions = list(discover(cfg) if extensions is None else extensions)
@@ -365,6 +451,8 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
     # a new, empty or earlier jaxarith run directory (marked); never someone else's files
     out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"))
     model_cfg, model_dir = model_config(cfg, extensions)
+    # strict: a dimension its mesh axis does not divide is an error naming it (else replicated)
+    transformer.param_shardings(model_cfg, mesh, strict=cfg.mesh_strict)
     seq_len = cfg.data.seq_len
     if seq_len > model_cfg.context_length:
         raise ConfigError(f"data.seq_len={seq_len} exceeds the model's context length "
@@ -377,7 +465,7 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
     ckpt_dir = cfg.checkpoint.dir or os.path.join(out, "checkpoints")
     done = finished_summary(cfg, out, ckpt_dir)
     if done is not None:
-        return _report_finished(cfg, done)
+        return _report_finished(cfg, done, model_cfg, model_dir, mesh, ckpt_dir)
     if cfg.export.hf_dir and os.path.exists(cfg.export.hf_dir) \
             and not os.path.exists(os.path.join(out, "summary.json")):
         from jaxarith.atomic import check_destination
@@ -386,6 +474,13 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
         check_destination(cfg.export.hf_dir, cfg.export.overwrite,
                           inputs=[out, model_dir, cfg.export.delta_tuned, cfg.export.delta_base])
     loss_ext = only_one(extensions, "loss")
+    config_dict = to_dict(cfg)
+    if checkpoint_steps(ckpt_dir):  # refuse a changed model before loading data and compiling
+        with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep) as ckpts:
+            latest = ckpts.latest_step()
+            if latest is not None:
+                check_resume(ckpts.read_meta(latest), config_dict, model_cfg,
+                             f"{ckpt_dir}/{latest}")
 
     t0 = time.perf_counter()
     sources = data_lib.load_sources(cfg.data, tokenizer)
@@ -393,6 +488,9 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
     n_eval = cfg.eval.batches * eval_batch
     eval_sets = {s.name: eval_examples(s, n_eval) for s in sources if len(s.eval)}
     ds = data_lib.mixed_dataset(sources, cfg.data.seed)
+    for ext in extensions:
+        if ext.dataset is not None:
+            ds = ext.dataset(cfg, sources, ds)
     fields = batch_fields(ds[0], seq_len, extensions)
     data_s = time.perf_counter() - t0
     frozen = load_frozen(cfg, model_cfg, mesh, extensions)
@@ -410,14 +508,18 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
 
     fpt = metrics_lib.flops_per_token(model_cfg, seq_len)
     tokens_per_step = cfg.batch * seq_len
-    config_dict = to_dict(cfg)
     summary: dict = {"out": out, "batches": {}}
 
     with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep,
                      async_save=cfg.checkpoint.async_save) as ckpts:
         start = ckpts.latest_step()
         if start is not None:
-            state, data_state, _ = ckpts.restore(fns.abstract_state, frozen=frozen)
+            try:
+                state, data_state, _ = ckpts.restore(fns.abstract_state, frozen=frozen)
+            except CheckpointError as e:
+                changed = _config_changes(ckpts.read_meta(start).get("config", {}), config_dict)
+                raise CheckpointError(f"{e}; config changes since that checkpoint: "
+                                      f"{changed or 'none'}") from None
         else:
             params = initial_params(cfg, model_cfg, mesh, progress, extensions)
             state, data_state, start = init_state(fns, params, mesh, frozen), None, 0
@@ -432,50 +534,19 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
 
         def save() -> None:
             ckpts.save(ctx.step, ctx.state, it.get_state(),
-                       {"config": config_dict, "step": ctx.step, "metrics": ctx.last})
+                       {"config": config_dict, "model_config": model_cfg.to_hf(),
+                        "step": ctx.step, "metrics": ctx.last})
 
         ctx = RunContext(cfg=cfg, model_cfg=model_cfg, mesh=mesh, out=out, step=start,
                          state=state, evaluate=evaluate, eval_sets=eval_sets, writer=writer,
                          checkpoints=ckpts, summary=summary, save=save)
-        thr = metrics_lib.Throughput(tokens_per_step, fpt, metrics_lib.device_peak_flops(),
-                                     mesh.devices.size)
+        thr = metrics_lib.Throughput(tokens_per_step, fpt,
+                                     metrics_lib.total_peak_flops(mesh.devices.size),
+                                     mesh.devices.size, start_step=start)
         hooks = [*default_hooks(cfg, thr), *(h for e in extensions for h in e.hooks),
                  *end_hooks(cfg)]
-        stop = _Stop()
-        status = "done"
         try:
-            with _signals(stop):
-                while ctx.step < cfg.steps:
-                    batch_np = next(it)
-                    summary["batches"][ctx.step + 1] = zlib.crc32(batch_np["tokens"].tobytes())
-                    batch = {
-                        name: jax.make_array_from_process_local_data(
-                            shd, batch_np[name].reshape(cfg.microbatches, -1,
-                                                        *batch_np[name].shape[1:]))
-                        for name, shd in fns.batch_sharding.items()}
-                    ctx.state, m = compiled(ctx.state, batch)
-                    ctx.step += 1
-                    thr.tick()
-                    host = {k: float(v) for k, v in jax.device_get(m).items()}
-                    host["step"] = ctx.step
-                    if not host["finite"]:
-                        if cfg.on_nonfinite is OnNonFinite.STOP:
-                            good = ckpts.latest_step()
-                            raise NonFiniteLossError(
-                                f"non-finite loss ({host['loss']}) or gradient norm "
-                                f"({host['grad_norm']}) at step {ctx.step}; stopping. Last good "
-                                f"checkpoint: {'none' if good is None else good} in {ckpt_dir}")
-                        writer.log(f"step {ctx.step}: non-finite loss, update skipped")
-                    ctx.last = host
-                    if on_step is not None:
-                        on_step(ctx.step, host)
-                    for hook in hooks:
-                        if hook.due(ctx.step, cfg.steps):
-                            _run_hook(hook, ctx)
-                    if stop.requested:
-                        status = "preempted"
-                        writer.log(f"{stop.requested}: saving a checkpoint at step {ctx.step}")
-                        break
+            status = _train_steps(ctx, hooks, it, fns, compiled, on_step, _Stop())
             save()
             if status == "done":
                 ctx.final = True
@@ -495,10 +566,66 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
             from train.export import export_hf
 
             summary["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({k: v for k, v in summary.items() if k != "batches"}, f, indent=2)
+    _write_summary(os.path.join(out, "summary.json"), summary)
     summary["state"] = state  # the final TrainState (not serialised)
     return summary
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _config_changes(old: dict, new: dict, keys: Sequence[str] | None = None,
+                    limit: int = 8) -> str:
+    """``key: old -> new`` for the dotted keys that differ (``out``/``steps`` aside)."""
+    a, b = _flatten(old), _flatten(new)
+    names = sorted(set(a) | set(b)) if keys is None else keys
+    diffs = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in names
+             if a.get(k) != b.get(k) and k not in ("out", "steps", "schedule.total_steps")]
+    more = f" (and {len(diffs) - limit} more)" if len(diffs) > limit else ""
+    return ", ".join(diffs[:limit]) + more
+
+
+def _saved_model_config(meta: dict) -> ModelConfig | None:
+    if "model_config" in meta:
+        return config_from_hf(meta["model_config"])
+    m = meta.get("config", {}).get("model", {})
+    if m.get("arch") and not m.get("ref"):  # an older checkpoint of a scratch run
+        return config_from_hf({"model_type": m["arch"], **m.get("config", {})})
+    return None
+
+
+def check_resume(meta: dict, config_dict: dict, model_cfg: ModelConfig, where: str) -> None:
+    """Refuse to resume from a checkpoint of a different model or state layout, naming what
+    changed (before orbax tries, and fails with a tree dump)."""
+    old_cfg = _saved_model_config(meta)
+    if old_cfg is not None:
+        shapes = lambda c: {sharding.path_str(p): tuple(x.shape) for p, x in
+                            jax.tree_util.tree_leaves_with_path(transformer.abstract_params(c))}
+        old, new = shapes(old_cfg), shapes(model_cfg)
+        if old != new:
+            changed = _config_changes(old_cfg.to_hf(), model_cfg.to_hf())
+            tensors = [f"{k} {old.get(k, 'absent')} -> {new.get(k, 'absent')}"
+                       for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            raise CheckpointError(
+                f"cannot resume from {where}: it holds a different model ({changed or 'arch'}; "
+                f"tensors {', '.join(tensors[:3])}{' ...' if len(tensors) > 3 else ''}). Resume "
+                "with the model config it was written with, or train into a new out")
+    saved = meta.get("config", {})
+    layout = _config_changes(saved, config_dict, ["average.kind", "average.k",
+                                                  "average.offload"]) if saved else ""
+    clip = lambda c: bool(c.get("optimizer", {}).get("clip_norm", 1.0))
+    if saved and clip(saved) != clip(config_dict):
+        layout = ", ".join(filter(None, [layout, "optimizer.clip_norm: switched on/off"]))
+    if layout:
+        raise CheckpointError(f"cannot resume from {where}: the train state's layout changed "
+                              f"({layout}). Resume with the old setting, or use a new out")
 
 
 def checkpoint_steps(ckpt_dir: str) -> list[int]:
@@ -534,16 +661,45 @@ def finished_summary(cfg: TrainConfig, out: str, ckpt_dir: str) -> dict | None:
     return saved
 
 
-def _report_finished(cfg: TrainConfig, saved: dict) -> dict:
-    """A finished run is left untouched: report it (no eval, no compile, no file written)."""
-    if cfg.export.hf_dir and os.path.abspath(cfg.export.hf_dir) != saved.get("export_hf"):
-        raise ConfigError(f"the run in {saved.get('out', cfg.out)} already finished at step "
-                          f"{saved['step']}; it is not exported again to {cfg.export.hf_dir} "
-                          "(use `jaxarith convert` on its last checkpoint, or raise steps)")
+def _report_finished(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, model_dir,
+                     mesh, ckpt_dir: str) -> dict:
+    """A finished run is left untouched: report it (no eval, no compile, no new metrics).
+
+    Only an export the run has not written yet (``--export-hf`` to a new directory) is done,
+    from the last checkpoint, and recorded in ``summary.json``."""
+    where = saved.get("out", cfg.out)
     if jax.process_index() == 0:
-        print(f"the run in {saved.get('out', cfg.out)} already finished at step {saved['step']} "
-              "(raise steps to extend it); nothing to do", file=sys.stderr, flush=True)
-    return {**saved, "already_done": True, "batches": {}}
+        print(f"the run in {where} already finished at step {saved['step']} (raise steps to "
+              "extend it); nothing to train", file=sys.stderr, flush=True)
+    res = {**saved, "already_done": True, "batches": {}}
+    hf = cfg.export.hf_dir
+    if hf and (os.path.abspath(hf) != saved.get("export_hf") or cfg.export.overwrite):
+        from jaxarith.atomic import check_destination
+        from train.export import export_hf
+
+        check_destination(hf, cfg.export.overwrite,
+                          inputs=[where, model_dir, cfg.export.delta_tuned, cfg.export.delta_base])
+        sched = cfg.schedule.build()
+        fns = build_step(model_cfg, mesh, tx=make_optimizer(cfg.optimizer, sched),
+                         schedule=sched, batch=cfg.batch, seq_len=cfg.data.seq_len,
+                         microbatches=cfg.microbatches, loss_fn=next_token_loss_fn(model_cfg),
+                         average=cfg.average.in_step())
+        with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep) as ckpts:
+            state, _, _ = ckpts.restore(fns.abstract_state)
+        res["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)
+        _write_summary(os.path.join(where, "summary.json"),
+                       {**saved, "export_hf": res["export_hf"]})
+    return res
+
+
+def _write_summary(path: str, summary: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({k: v for k, v in summary.items() if k not in ("batches", "state")}, f,
+                  indent=2)
+    os.replace(tmp, path)
 
 
 def _sci(x) -> str:
@@ -571,6 +727,5 @@ def _startup_message(cfg, model_cfg, mesh, info, fpt, start, data_s, compile_s, 
     ]
     if start:
         lines.append(f"resumed from the checkpoint at step {start}")
-    if math.isnan(metrics_lib.device_peak_flops()):
-        lines.append("MFU: unknown device peak")
+    lines.append(metrics_lib.peak_description(mesh.devices.size))
     return "\n".join(lines)

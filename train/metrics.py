@@ -12,15 +12,21 @@ where ``N`` counts the matmul parameters: every parameter except the input embed
 (``embed``, and GPT-2's ``pos_embed``), plus ``vocab * hidden`` for the output projection when it
 is tied to the embedding. ``6 N`` is forward (2) + backward (4) per weight; attention scores and
 the weighted sum are ``2 * 2 * T * d`` per layer forward, times 3 for forward + backward, halved
-because a causal mask leaves half of the ``T x T`` scores. MFU = achieved FLOP/s per device / the
-device's peak.
+because a causal mask leaves half of the ``T x T`` scores. MFU = achieved FLOP/s / the peak of
+the devices: TPUs from a table of their bf16 peaks; other devices (CPU, GPU) by a float32 matmul
+timed once per machine and cached in ``~/.cache/jaxarith/peak.json`` (``$XDG_CACHE_HOME``), keyed
+by device kind and CPU model (delete the file to measure again, e.g. after measuring on a busy
+machine). Fake CPU devices (``--xla_force_host_platform_device_count``) share the host's cores,
+so on CPU the machine's peak is the total, whatever the number of devices.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import platform
 import sys
 import time
 
@@ -30,9 +36,10 @@ import numpy as np
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig
 
-# Dense peak FLOP/s per device for MFU (bf16 on TPUs; float32 matmul measured on this CPU).
+# Dense bf16 peak FLOP/s per chip of TPUs (vendor numbers); other devices are measured.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "cpu": 160e9}
+              "TPU v6 lite": 918e12}
+MATMUL_N = 2048  # the timed float32 matmul is [N, N] x [N, N] (2 N^3 FLOPs)
 
 
 def matmul_params(cfg: ModelConfig) -> int:
@@ -53,15 +60,111 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + 6.0 * cfg.num_hidden_layers * seq_len * d_attn
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def peak_cache_path() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "jaxarith", "peak.json")
+
+
+def peak_key(device=None) -> str:
+    """What the measured peak depends on: device platform and kind, and the host CPU."""
+    d = device or jax.devices()[0]
+    return f"{d.platform}|{d.device_kind}|{cpu_model()}"
+
+
+def time_matmul(n: int = MATMUL_N, repeats: int = 5, device=None) -> float:
+    """FLOP/s of a jitted float32 ``[n, n] @ [n, n]`` on one device (best of ``repeats``)."""
+    d = device or jax.devices()[0]
+    a = jax.device_put(np.random.default_rng(0).standard_normal((n, n), np.float32), d)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()  # compile and warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+
+
+@functools.cache
+def measured_peak_flops(key: str | None = None) -> float:
+    """This machine's float32 matmul FLOP/s for one device: read from the cache file, or timed
+    (:func:`time_matmul`) and written there, unless the machine was busy (load average above
+    half its cores, at least 1): then the timing serves this process only."""
+    key = key or peak_key()
+    path = peak_cache_path()
+    try:
+        with open(path) as f:
+            cached = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        cached = {}
+    entry = cached.get(key)
+    if isinstance(entry, dict) and entry.get("flops", 0) > 0:
+        return float(entry["flops"])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    flops = time_matmul()
+    if load > max(1.0, 0.5 * (os.cpu_count() or 1)):
+        # other work shares the cores: the timing is low; use it for this process only
+        return flops
+    cached[key] = {"flops": flops, "matmul": f"float32 {MATMUL_N}^3",
+                   "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   "load_average": load}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(cached, f, indent=2)
+        os.replace(tmp, path)
+    except OSError:  # a read-only home: measure again next time
+        pass
+    return flops
+
+
 def device_peak_flops(override: float = 0.0) -> float:
-    """The peak FLOP/s of one device: ``override`` if set, else a table by device kind."""
+    """The peak FLOP/s of one device: ``override`` if set, a TPU's from the table, else this
+    machine's measured float32 matmul peak (:func:`measured_peak_flops`)."""
     if override:
         return override
     kind = jax.devices()[0].device_kind
     for name, peak in PEAK_FLOPS.items():
         if kind.lower().startswith(name.lower()):
             return peak
-    return PEAK_FLOPS["cpu"] if jax.devices()[0].platform == "cpu" else float("nan")
+    return measured_peak_flops()
+
+
+def total_peak_flops(devices: int, override: float = 0.0) -> float:
+    """The peak of ``devices`` devices; on CPU the host's (fake devices share its cores)."""
+    peak = device_peak_flops(override)
+    return peak if jax.devices()[0].platform == "cpu" else peak * devices
+
+
+def peak_description(devices: int) -> str:
+    """One line for the startup message: the peak MFU is quoted against and where it is from."""
+    kind = jax.devices()[0].device_kind
+    table = any(kind.lower().startswith(k.lower()) for k in PEAK_FLOPS)
+    peak = total_peak_flops(devices)  # measures (and caches) first if needed
+    if table:
+        source = "bf16 table"
+    else:
+        try:
+            with open(peak_cache_path()) as f:
+                cached = peak_key() in json.load(f)
+        except (OSError, json.JSONDecodeError):
+            cached = False
+        source = f"float32 matmul, cached in {peak_cache_path()}" if cached else \
+            "float32 matmul timed now on a busy machine: not cached"
+    return f"MFU against {peak / 1e9:,.0f} GFLOP/s ({kind}: {source})"
 
 
 class MetricsWriter:
@@ -90,9 +193,13 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start_step + 1)
         if progress:
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
                              dynamic_ncols=True)
+            # log records (and warnings, see train.__main__) are printed above the bar
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
 
     def write(self, record: dict) -> None:
         """Append one record (must hold ``step``); scalars also go to TensorBoard."""
@@ -124,6 +231,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         if self._bar is not None:
+            self._redirect.__exit__(None, None, None)
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
@@ -131,23 +239,26 @@ class MetricsWriter:
 
 
 class Throughput:
-    """Tokens/s and MFU over the steps since the last call."""
+    """Tokens/s and MFU over the steps since the last reading.
+
+    Args:
+      peak: the total peak FLOP/s of the ``devices`` (see :func:`total_peak_flops`).
+      start_step: the step the run starts (or resumes) from.
+    """
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak: float,
-                 devices: int):
+                 devices: int, start_step: int = 0):
         self.tokens_per_step, self.fpt = tokens_per_step, flops_per_token
         self.peak, self.devices = peak, devices
-        self._t, self._steps = time.perf_counter(), 0
+        self._t, self._step = time.perf_counter(), start_step
 
-    def tick(self) -> None:
-        self._steps += 1
-
-    def read(self) -> dict:
+    def read(self, step: int) -> dict:
+        """Throughput of the steps after the last reading up to ``step``."""
         now = time.perf_counter()
-        dt, n = now - self._t, self._steps
-        self._t, self._steps = now, 0
+        dt, n = now - self._t, step - self._step
+        self._t, self._step = now, step
         tps = self.tokens_per_step * n / dt if dt > 0 and n else 0.0
-        mfu = tps * self.fpt / (self.devices * self.peak) if self.peak else float("nan")
+        mfu = tps * self.fpt / self.peak if self.peak else float("nan")
         return {"tokens_per_s": tps, "tokens_per_s_per_device": tps / self.devices, "mfu": mfu}
 
 

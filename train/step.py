@@ -16,7 +16,8 @@ Extension points, so new capabilities do not rewrite the loop:
   exact for all of them. The default is next-token NLL (:func:`next_token_loss_fn`); a
   distillation loss reads a frozen teacher from ``frozen`` (held in the state, sharded, never
   differentiated or updated).
-* ``average``: any :class:`jaxarith.average.Averager` (EMA, SWA, ...), updated inside the step.
+* ``average``: any :class:`jaxarith.average.Averager` (EMA, SWA, LaWA, ...), updated inside the
+  step and sharded as its ``shardings`` method says.
 * initial ``params`` may come from anywhere (a checkpoint, scratch, inherited layers).
 
 The training program (:mod:`train.loop`) fills these from the config: an
@@ -129,10 +130,8 @@ def state_shardings(abstract_state: TrainState, param_shd, tx, mesh, frozen_shd=
     opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shd,
                                 transform_non_params=lambda _: rep)
     avg = abstract_state.average
-    if avg is not None:
-        avg = dataclasses.replace(
-            jax.tree.map(lambda _: rep, avg),
-            params=param_shd)
+    if avg is not None:  # each averager lays out its own leaves (LaWA: a [k, ...] ring buffer)
+        avg = avg.shardings(param_shd, rep)
     frozen = frozen_shd if frozen_shd is not None else \
         jax.tree.map(lambda _: rep, abstract_state.frozen)
     return TrainState(step=rep, params=param_shd, opt_state=opt, average=avg, frozen=frozen)
@@ -249,12 +248,24 @@ def build_step(
             kept = dataclasses.replace(state, step=new_step)
             new = jax.tree.map(functools.partial(jnp.where, finite), new, kept)
         metrics = {k: v / denom for k, v in m_sum.items()}
-        metrics.update({"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+        # the LR this step applied: optax's own schedule counter, which stops at skipped steps
+        # (state.step does not), so the logged LR is the one the update used
+        metrics.update({"loss": loss, "grad_norm": grad_norm,
+                        "lr": schedule(schedule_count(state.opt_state, state.step)),
                         "tokens": count, "finite": finite})
         return new, metrics
 
     return StepFns(init=init, step=step, state_shardings=shd, batch_sharding=batch_shd,
                    abstract_state=abstract_state, abstract_batch=abstract_batch)
+
+
+def schedule_count(opt_state, default: jax.Array) -> jax.Array:
+    """The step count optax's LR schedule reads (``ScaleByScheduleState.count``), or
+    ``default`` when the optimizer has no scheduled LR."""
+    for path, count in optax.tree_utils.tree_get_all_with_path(opt_state, "count"):
+        if getattr(path[-1], "tuple_name", "") == "ScaleByScheduleState":
+            return count
+    return default
 
 
 def compile_step(fns: StepFns, mesh):

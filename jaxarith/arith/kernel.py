@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxarith.arith.methods import Method
+from jaxarith.arith.ops import Layout
 
 NO_LAYER = np.uint32(0xFFFFFFFF)  # folded into the key of tensors outside the layers
 
@@ -22,7 +23,8 @@ def tensor_key(path_seed: jax.Array, layer: jax.Array) -> jax.Array:
 
 
 def tensor_step(method: Method, xs: tuple[jax.Array, ...], p: dict, path_seed: jax.Array,
-                layer: jax.Array, selected: jax.Array | bool, out_dtype) -> jax.Array:
+                layer: jax.Array, selected: jax.Array | bool, out_dtype,
+                layout: Layout = None) -> jax.Array:
     """Result of ``method`` on one tensor, computed in float32 and cast to ``out_dtype``.
 
     Args:
@@ -30,12 +32,18 @@ def tensor_step(method: Method, xs: tuple[jax.Array, ...], p: dict, path_seed: j
       p: parameters from :meth:`MergeSpec.tensor_params`.
       path_seed: ``[2] uint32`` from :func:`select.path_seed`; layer: uint32 index or NO_LAYER.
       selected: a Python bool (static) or a traced bool (a per-layer selection).
+      layout: where the tensor sits in its HF tensor (TIES' tie order).
     """
-    xs32 = tuple(jnp.asarray(x).astype(jnp.float32) for x in xs)
+    xs = tuple(jnp.asarray(x) for x in xs)
+    if method.merge_dtype is not None:  # a merge config's `dtype`: the inputs as mergekit sees them
+        xs = tuple(x.astype(method.merge_dtype) for x in xs)
+    xs32 = tuple(x.astype(jnp.float32) for x in xs)
     p = {k: jnp.asarray(v).astype(jnp.int32 if k == "k" else jnp.float32) for k, v in p.items()}
     if selected is False:
         return method.passthrough(xs32).astype(out_dtype)
-    out = method(xs32, p, tensor_key(path_seed, layer))
+    out = method(xs32, p, tensor_key(path_seed, layer), layout)
     if selected is not True:
         out = jnp.where(selected, out, method.passthrough(xs32))
+    if method.merge_dtype is not None:
+        out = out.astype(method.merge_dtype)
     return out.astype(out_dtype)

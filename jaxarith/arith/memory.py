@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxarith.arith.check import check_trees, leaf_names
 from jaxarith.arith.kernel import NO_LAYER, tensor_step
+from jaxarith.arith.layout import hf_layouts
 from jaxarith.arith.select import MergeSpec, path_seed
 from jaxarith.models.config import ModelConfig
 
@@ -41,28 +42,28 @@ def _leaf_plan(spec: MergeSpec, path: tuple[str, ...], hf_key: str | None,
     return p, np.broadcast_to(seed, (L, 2)).copy(), np.arange(L, dtype=np.uint32), mode, sels
 
 
-def _step_traced_sel(method, dtype, xs, p, seed, layer, sel):
-    return tensor_step(method, xs, p, seed, layer, sel, dtype)
+def _step_traced_sel(method, dtype, layout, xs, p, seed, layer, sel):
+    return tensor_step(method, xs, p, seed, layer, sel, dtype, layout)
 
 
-def _step_static_sel(method, dtype, mode, xs, p, seed, layer):
-    return tensor_step(method, xs, p, seed, layer, mode, dtype)
+def _step_static_sel(method, dtype, layout, mode, xs, p, seed, layer):
+    return tensor_step(method, xs, p, seed, layer, mode, dtype, layout)
 
 
 def _apply(method, statics, leaves, params, seeds, layers, sels):
     """Jitted body: ``leaves[j]`` is the tuple of inputs of leaf j."""
     out = []
-    for (stacked, mode, dtype), xs, p, seed, layer, sel in zip(
+    for (stacked, mode, dtype, layout), xs, p, seed, layer, sel in zip(
             statics, leaves, params, seeds, layers, sels, strict=True):
         selected = mode if mode is not None else sel
         if stacked and mode is None:
-            f = functools.partial(_step_traced_sel, method, dtype)
+            f = functools.partial(_step_traced_sel, method, dtype, layout)
             out.append(jax.vmap(f)(xs, p, seed, layer, selected))
         elif stacked:
-            f = functools.partial(_step_static_sel, method, dtype, mode)
+            f = functools.partial(_step_static_sel, method, dtype, layout, mode)
             out.append(jax.vmap(f)(xs, p, seed, layer))
         else:
-            out.append(tensor_step(method, xs, p, seed, layer, selected, dtype))
+            out.append(tensor_step(method, xs, p, seed, layer, selected, dtype, layout))
     return out
 
 
@@ -96,6 +97,7 @@ def run(
     spec.check_inputs(len(trees))
     check_trees(trees)
     names = leaf_names(cfg) if cfg is not None else {}
+    layouts = hf_layouts(cfg)
     flat0, treedef = jax.tree_util.tree_flatten_with_path(trees[0])
     flats = [jax.tree.leaves(t) for t in trees]
     statics, leaves, params, seeds, layers, sels, shardings = [], [], [], [], [], [], []
@@ -105,7 +107,7 @@ def run(
                                                len(trees))
         out_dtype = jnp.dtype(dtype) if dtype is not None else (
             jnp.dtype(jnp.float32) if spec.method.keeps_float32 else leaf.dtype)
-        statics.append((path[0] == "layers", mode, out_dtype))
+        statics.append((path[0] == "layers", mode, out_dtype, layouts.get(path)))
         leaves.append(tuple(f[j] for f in flats))
         params.append(p)
         seeds.append(seed)

@@ -17,7 +17,11 @@ Example (mergekit's own format)::
 SLERP is usually written with ``slices`` (one slice whose sources cover all layers) and
 ``parameters: {t: ...}``; ``t = 0`` is ``base_model``. jaxarith extensions: ``include`` /
 ``exclude`` (lists of tensor patterns), ``seed`` (DARE), ``consensus`` (``sum`` / ``count``).
-Accepted and ignored (jaxarith always computes in float32): ``dtype``, ``int8_mask``.
+
+Dtypes, as in mergekit: every input is rounded to ``dtype`` before the arithmetic and the result
+is written in ``out_dtype``, falling back to ``dtype`` (neither given: each tensor keeps the first
+input's dtype). The arithmetic itself is always float32 (mergekit's TIES/DARE run in ``dtype``).
+``int8_mask`` is accepted and ignored (it only saves memory in mergekit).
 """
 
 from __future__ import annotations
@@ -48,6 +52,19 @@ class MergeConfig:
     models: tuple[str, ...]
     out_dtype: str | None = None
     tokenizer_source: int = 0  # index into models
+    layer_ranges: tuple[tuple[str, tuple[int, int]], ...] = ()  # (model, range) from `slices`
+
+    def check_layer_ranges(self, num_layers: int) -> None:
+        """Raise unless every ``layer_range`` covers all ``num_layers`` layers of the models.
+
+        A partial range would build a model with fewer layers (mergekit's layer stacking),
+        which jaxarith does not do; merging all layers instead would be a silent wrong result.
+        """
+        for ref, (lo, hi) in self.layer_ranges:
+            if (lo, hi) != (0, num_layers):
+                raise ConfigError(f"slices: layer_range [{lo}, {hi}] of {ref} does not cover all "
+                                  f"{num_layers} layers (expected [0, {num_layers}]); partial "
+                                  "slices (layer stacking) are not supported")
 
 
 def _model_ref(entry: Any, where: str) -> tuple[str, dict]:
@@ -73,9 +90,15 @@ def _inputs(cfg: dict) -> list[tuple[str, dict]]:
     for i, src in enumerate(slices[0].get("sources") or []):
         ref, params = _model_ref(src, f"slices[0].sources[{i}]")
         lr = src.get("layer_range")
-        if lr is not None and lr[0] != 0:
-            raise ConfigError(f"slices[0].sources[{i}]: layer_range {lr} must start at 0 "
-                              "(all layers; partial slices are not supported)")
+        if lr is not None:
+            if (not isinstance(lr, list | tuple) or len(lr) != 2
+                    or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
+                raise ConfigError(f"slices[0].sources[{i}]: layer_range {lr!r}: expected "
+                                  "[first, end] integers")
+            if lr[0] != 0:
+                raise ConfigError(f"slices[0].sources[{i}]: layer_range {list(lr)} must start at "
+                                  "0 (all layers; partial slices are not supported)")
+            params = {**params, "__layer_range": (int(lr[0]), int(lr[1]))}
         out.append((ref, params))
     return out
 
@@ -96,8 +119,10 @@ def parse_merge_config(data: dict) -> MergeConfig:
         params.pop(k, None)
     if "consensus" in data:
         options["consensus"] = data["consensus"]
-    m = method(name, **options)
+    dtype = data.get("dtype")
+    m = method(name, merge_dtype=dtype, **options)
     inputs = _inputs(data)
+    ranges = tuple((r, p.pop("__layer_range")) for r, p in inputs if "__layer_range" in p)
     base = data.get("base_model")
     base = str(base) if base is not None else None
     if m.has_base or m.kind is Kind.SLERP:
@@ -138,8 +163,9 @@ def parse_merge_config(data: dict) -> MergeConfig:
     elif tok == "union":
         raise ConfigError("tokenizer_source: union is not supported (models must share a "
                           "vocabulary)")
-    return MergeConfig(spec=spec, models=tuple(refs), out_dtype=data.get("out_dtype"),
-                       tokenizer_source=tok_index)
+    out_dtype = data.get("out_dtype") or dtype
+    return MergeConfig(spec=spec, models=tuple(refs), out_dtype=out_dtype,
+                       tokenizer_source=tok_index, layer_ranges=ranges)
 
 
 def load_merge_config(path: str | os.PathLike) -> MergeConfig:

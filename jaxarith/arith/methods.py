@@ -59,6 +59,9 @@ class Method:
       rescale: DARE's ``1 / density`` rescale of kept entries.
       consensus: TIES sign election, ``"sum"`` (the paper) or ``"count"``.
       dot_threshold: SLERP falls back to lerp above this ``|cos|``.
+      merge_dtype: a merge config's ``dtype``, as mergekit uses it: every input is rounded to it
+        before the float32 math, and the result too (before the cast to the output dtype);
+        None = inputs as stored, result straight to the output dtype.
     """
 
     kind: Kind
@@ -66,9 +69,15 @@ class Method:
     rescale: bool = True
     consensus: str = "sum"
     dot_threshold: float = 0.9995
+    merge_dtype: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "kind", Kind(self.kind))
+        if self.merge_dtype is not None:
+            try:
+                object.__setattr__(self, "merge_dtype", jnp.dtype(self.merge_dtype).name)
+            except TypeError:
+                raise ConfigError(f"dtype {self.merge_dtype!r}: not a dtype") from None
         if self.consensus not in ("sum", "count"):
             raise ConfigError(f"consensus {self.consensus!r}: expected 'sum' or 'count'")
 
@@ -122,8 +131,9 @@ class Method:
         return jnp.zeros_like(xs[0]) if self.kind is Kind.DELTA else xs[0]
 
     def __call__(self, xs: tuple[jax.Array, ...], p: dict[str, jax.Array],
-                 key: jax.Array) -> jax.Array:
-        """The result for one tensor: ``xs`` float32 inputs, ``p`` resolved parameters."""
+                 key: jax.Array, layout: ops.Layout = None) -> jax.Array:
+        """The result for one tensor: ``xs`` float32 inputs, ``p`` resolved parameters,
+        ``layout`` where the tensor sits in its HF tensor (see :data:`ops.Layout`)."""
         k = self.kind
         if k is Kind.DELTA:
             return ops.delta(*xs)
@@ -147,6 +157,7 @@ class Method:
             keys=keys, sparsification=sparsification,
             consensus=self.consensus if consensus else None,
             normalize=default_norm if normalize is None else normalize, rescale=self.rescale,
+            layout=layout,
         )
 
 

@@ -8,7 +8,8 @@ For a tree of weights ``w`` with ``N`` entries in total:
 The report compares a base, another model (e.g. the instruct one) and their difference
 ``other - base``, with the ratios base/other, diff/other and diff/base, broken down per tensor and
 per layer. :func:`delta_cosine` is the cosine between two deltas (e.g. a training update and the
-instruct delta). Checkpoints are streamed one tensor at a time; sums are float64.
+instruct delta; ``delta norms --cosine``). Checkpoints are streamed one tensor at a time; sums
+are float64.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import collections
 import math
 from collections.abc import Iterator
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxarith.arith.check import check_shapes
@@ -31,17 +30,6 @@ MEASURES = ("abs", "square")
 def _stat(x: np.ndarray, measure: str) -> float:
     x = np.asarray(x, np.float64)
     return float(np.abs(x).sum()) if measure == "abs" else float(np.square(x).sum())
-
-
-def tree_norm(tree, measure: str = "abs") -> jax.Array:
-    """The measure of an in-memory tree (float32 sums per leaf), as a scalar array."""
-    if measure not in MEASURES:
-        raise ConfigError(f"measure {measure!r}: expected one of {MEASURES}")
-    leaves = jax.tree.leaves(tree)
-    f = (lambda x: jnp.sum(jnp.abs(x.astype(jnp.float32)))) if measure == "abs" else \
-        (lambda x: jnp.sum(jnp.square(x.astype(jnp.float32))))
-    total = sum(f(x) for x in leaves)
-    return total / sum(x.size for x in leaves)
 
 
 def named_tensors(ref: str) -> tuple[object, Iterator[tuple[str, int | None, np.ndarray]]]:

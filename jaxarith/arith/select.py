@@ -14,7 +14,9 @@ Parameter settings (the YAML forms of mergekit, usable from Python too):
   values is therefore one value per layer. Tensors outside the layers (embeddings, final norm,
   head) sit at ``t = 0`` (mergekit's rule);
 - a list of ``{filter: pattern, value: setting}`` (a missing filter matches everything): the first
-  matching entry's value.
+  matching entry's value. A plain-word filter is a substring of the HF name only (as in mergekit:
+  ``mlp`` matches ``model.layers.0.mlp.up_proj.weight``, not the norm ``layers/mlp_norm``); a
+  glob or a pattern containing ``/`` may match the canonical path too.
 """
 
 from __future__ import annotations
@@ -41,6 +43,15 @@ def matches(pattern: str, names: Sequence[str]) -> bool:
     if any(c in pattern for c in "*?["):
         return any(fnmatch.fnmatchcase(n, pattern) for n in names)
     return any(pattern in n for n in names)
+
+
+def matches_filter(pattern: str, names: Sequence[str]) -> bool:
+    """A parameter setting's ``filter``: a plain word is a substring of the HF name (mergekit's
+    rule, so ``mlp`` does not catch ``layers/mlp_norm``, HF's ``post_attention_layernorm``);
+    a glob or a pattern with ``/`` also matches the canonical path. ``names`` is (canonical path,
+    HF name) or just the canonical path."""
+    plain = not any(c in pattern for c in "*?[/")
+    return matches(pattern, names[1:] if plain and len(names) > 1 else names)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,7 +100,7 @@ def resolve(setting: Setting, names: Sequence[str], t: float, what: str = "param
             if not isinstance(cond, Mapping) or "value" not in cond:
                 raise ConfigError(f"{what}: expected a number, a list of numbers or a list of "
                                   f"{{filter, value}} entries, got {setting!r}")
-            if matches(cond.get("filter") or "", names):
+            if matches_filter(cond.get("filter") or "", names):
                 return resolve(cond["value"], names, t, what)
         raise ConfigError(f"{what}: no entry of {setting!r} matches tensor {names[0]} (add one "
                           "without a filter as the default)")

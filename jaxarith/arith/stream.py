@@ -8,14 +8,14 @@ output shard being filled. The layer index (for schedules and DARE keys) comes f
 ``keymap.expand``. The next tensor is read by a background thread while this one is computed.
 
 Host memory stays near two tensors of each input plus one output tensor, whatever the number of
-layers; the output directory appears only when complete (``atomic_dir``).
+layers; the output is written by the one HF writer (``convert.export.write_hf``: shards, index,
+config, atomically).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import functools
-import json
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -26,31 +26,25 @@ from tqdm.auto import tqdm
 
 from jaxarith.arith.check import check_shapes
 from jaxarith.arith.kernel import NO_LAYER, tensor_step
+from jaxarith.arith.layout import rule_layout
 from jaxarith.arith.select import MergeSpec, path_seed
-from jaxarith.atomic import atomic_dir
-from jaxarith.convert.hf import INDEX_FILE, SINGLE_FILE, HFCheckpoint, check_checkpoint
+from jaxarith.convert.export import write_hf
+from jaxarith.convert.hf import HFCheckpoint, check_checkpoint
 from jaxarith.convert.keymap import expand, rules_for
-from jaxarith.convert.safetensors_io import write_safetensors
 from jaxarith.errors import ArchitectureMismatchError, ConfigError
 from jaxarith.models.config import load_config
 
-_step = jax.jit(tensor_step, static_argnums=(0, 5, 6))
+_step = jax.jit(tensor_step, static_argnums=(0, 5, 6, 7))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 5, 6))
-def _layer_step(method, xs, p, seed, layer, selected, out_dtype):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _layer_step(method, xs, p, seed, layer, selected, out_dtype, layout):
     """One layer run as a batch of one through the same vmap as the in-memory executor, so both
     compile the same per-layer program (XLA's fusion and FMA choices then agree)."""
-    f = lambda xs, p, s, l: tensor_step(method, xs, p, s, l, selected, out_dtype)
+    f = lambda xs, p, s, l: tensor_step(method, xs, p, s, l, selected, out_dtype, layout)
     add = lambda x: x[None]
     out = jax.vmap(f)(jax.tree.map(add, xs), jax.tree.map(add, p), seed[None], layer[None])
     return out[0]
-
-
-def _parse_size(size: str | int) -> int:
-    from jaxarith.convert.export import parse_size
-
-    return parse_size(size)
 
 
 def open_checkpoints(refs: Sequence[str]):
@@ -114,55 +108,16 @@ def run_streamed(
         dt = out_dtype or (np.dtype(np.float32) if spec.method.keeps_float32
                            else ckpts[0].dtype(names[0][key]))
         specs.append((key, ckpts[0].shape(names[0][key]), dt))
-    shards = _plan_shards(specs, _parse_size(max_shard_size))
-    files = ([SINGLE_FILE] if len(shards) == 1 else
-             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     stats = {"bytes_read": 0}
     bar = tqdm(total=len(items), desc=str(spec.method.kind), unit="tensor",
                disable=not progress, leave=False)
     results = _results(spec, items, specs, ckpts, names, L, stats, bar)
-    written = 0
-    with atomic_dir(dst, overwrite=overwrite) as tmp:
-        weight_map = {}
-        for fname, idx in zip(files, shards, strict=True):
-            part = [specs[i] for i in idx]
-            written += write_safetensors(os.path.join(tmp, fname), part,
-                                         (next(results) for _ in idx))
-            weight_map.update({k: fname for k, _, _ in part})
-        if len(shards) > 1:
-            total = sum(int(np.prod(s)) * d.itemsize for _, s, d in specs)
-            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
-                          indent=2)
-        _write_config(cfg, tmp, {d for _, _, d in specs})
-        if tokenizer_from is not None:
-            from jaxarith.convert.orbax import copy_side_files
-
-            copy_side_files(ckpts[tokenizer_from].directory, tmp)
+    tok_dir = ckpts[tokenizer_from].directory if tokenizer_from is not None else None
+    info = write_hf(cfg, dst, specs, results, max_shard_size=max_shard_size,
+                    tokenizer_dir=tok_dir, overwrite=overwrite, progress=False)
     bar.close()
-    return {"tensors": len(items), "files": files, "bytes_read": stats["bytes_read"],
-            "bytes_written": written, "seconds": time.perf_counter() - t0}
-
-
-def _write_config(cfg, directory: str, dtypes: set) -> None:
-    hf = cfg.to_hf()
-    if len(dtypes) == 1:
-        hf["torch_dtype"] = hf["dtype"] = np.dtype(dtypes.pop()).name
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-
-
-def _plan_shards(specs, limit: int) -> list[list[int]]:
-    shards: list[list[int]] = [[]]
-    size = 0
-    for i, (_, shape, dt) in enumerate(specs):
-        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
-        if shards[-1] and size + n > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(i)
-        size += n
-    return shards
+    return {"tensors": len(items), "files": info["files"], "bytes_read": stats["bytes_read"],
+            "bytes_written": info["bytes_written"], "seconds": time.perf_counter() - t0}
 
 
 def _read(ckpts, names, key) -> list[np.ndarray]:
@@ -172,6 +127,7 @@ def _read(ckpts, names, key) -> list[np.ndarray]:
 def _results(spec, items, specs, ckpts, names, L, stats, bar) -> Iterator[np.ndarray]:
     """The output tensors in ``items`` order; reads one tensor ahead on a worker thread."""
     n = len(ckpts)
+    layouts = {t: rule_layout(rule, j) for rule, _, _ in items for j, t in enumerate(rule.targets)}
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         future = pool.submit(_read, ckpts, names, items[0][1]) if items else None
         for i, (rule, key, layer) in enumerate(items):
@@ -191,7 +147,7 @@ def _results(spec, items, specs, ckpts, names, L, stats, bar) -> Iterator[np.nda
                 with spec.method.precision():
                     outs.append(np.asarray(step(spec.method, xs, p,
                                                 path_seed(spec.seed, canon), lay, bool(sel),
-                                                specs[i][2])))
+                                                specs[i][2], layouts[target])))
             del parts
             bar.update()
             yield np.asarray(rule.to_hf(*outs))

@@ -7,6 +7,9 @@ import os
 ASSETS_DIR = os.path.dirname(__file__)
 CORPUS_DOCS = os.path.join(ASSETS_DIR, "corpus_docs.txt")
 CORPUS_CODE = os.path.join(ASSETS_DIR, "corpus_code.txt")
+# instruction data (scripts/make_instruct_data.py): {"messages": [...]} per line
+INSTRUCT_TRAIN = os.path.join(ASSETS_DIR, "instruct_train.jsonl")
+INSTRUCT_EVAL = os.path.join(ASSETS_DIR, "instruct_eval.jsonl")
 TOKENIZER_JSON = os.path.join(ASSETS_DIR, "tokenizer.json")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 

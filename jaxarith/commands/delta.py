@@ -1,7 +1,8 @@
 """``jaxarith delta norms|extract|apply``: measure, extract and re-apply a task vector.
 
 - ``delta norms BASE OTHER``: the abs / square measure of base, other and their difference,
-  with the ratios base/other, diff/other, diff/base (``--per-layer`` adds a breakdown).
+  with the ratios base/other, diff/other, diff/base (``--per-layer`` adds a breakdown;
+  ``--cosine MODEL`` the cosine between OTHER - BASE and MODEL - BASE).
 - ``delta extract TUNED BASE OUT``: OUT holds ``TUNED - BASE`` as a float32 checkpoint (same
   config and tensor names), so it can be streamed back.
 - ``delta apply MODEL DELTA OUT [--scale S]``: OUT = MODEL + S * DELTA, in MODEL's dtype.
@@ -36,6 +37,9 @@ def register(sub) -> None:
     n.add_argument("--measure", choices=("abs", "square"), default="abs")
     n.add_argument("--per-layer", action="store_true")
     n.add_argument("--per-tensor", action="store_true")
+    n.add_argument("--cosine", metavar="MODEL", default=None,
+                   help="also the cosine between OTHER - BASE and MODEL - BASE (e.g. a training "
+                        "update against the instruct delta)")
     _common.add_json(n)
     n.set_defaults(handler=handle_norms)
     e = dsub.add_parser("extract", help="OUT = TUNED - BASE (float32)")
@@ -58,11 +62,17 @@ def handle_norms(args) -> int:
 
     r = norms_report(args.base, args.other, args.measure, per_layer=args.per_layer,
                      per_tensor=args.per_tensor)
+    if args.cosine:
+        from jaxarith.arith.norms import delta_cosine
+
+        r["cosine"] = delta_cosine(args.other, args.base, args.cosine)
     lines = [f"measure {r['measure']}",
              f"  base   {r['base_norm']:.6e}", f"  other  {r['other_norm']:.6e}",
              f"  diff   {r['diff_norm']:.6e}",
              f"  base/other {r['base_over_other']:.6f}  diff/other {r['diff_over_other']:.6e}  "
              f"diff/base {r['diff_over_base']:.6e}"]
+    if "cosine" in r:
+        lines.append(f"  cosine(other - base, {args.cosine} - base) {r['cosine']:.6f}")
     for e in r.get("per_layer", []):
         lines.append(f"  layer {e['layer'] if e['layer'] is not None else '-':>5}  diff "
                      f"{e['diff_norm']:.4e}  diff/base {e['diff_over_base']:.4e}")

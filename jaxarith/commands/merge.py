@@ -1,8 +1,9 @@
 """``jaxarith merge CONFIG.yaml OUT``: merge models as a YAML config says (mergekit's fields).
 
 Methods: linear (soups), task_arithmetic, ties, dare_linear, dare_ties, slerp; per-model weights
-and densities, schedules over depth, filters, include/exclude patterns. Streamed tensor by tensor
-when every model is an HF checkpoint and OUT is HF.
+and densities, schedules over depth, filters, include/exclude patterns. Inputs are rounded to the
+config's ``dtype``; OUT is written in ``out_dtype`` (else ``dtype``, else as the first input).
+Streamed tensor by tensor when every model is an HF checkpoint and OUT is HF.
 """
 
 from __future__ import annotations
@@ -25,12 +26,23 @@ def register(sub) -> None:
     p.set_defaults(handler=handle)
 
 
+def _num_layers(ref: str) -> int:
+    from jaxarith.convert.hf import resolve_hf_dir
+    from jaxarith.models.config import load_config
+    from jaxarith.refs import RefKind, ref_kind
+
+    directory = ref if ref_kind(ref) is RefKind.ORBAX else resolve_hf_dir(ref)
+    return load_config(directory).num_hidden_layers
+
+
 def handle(args) -> int:
     from jaxarith.arith.execute import execute
     from jaxarith.arith.mergeconfig import load_merge_config
     from jaxarith.atomic import protect_inputs
 
     mc = load_merge_config(args.config)
+    if mc.layer_ranges:  # before any work: a partial range is an error, not a full merge
+        mc.check_layer_ranges(_num_layers(mc.models[0]))
     with protect_inputs([args.config, *mc.models]):
         info = execute(mc.spec, list(mc.models), args.out, to=args.to, dtype=mc.out_dtype,
                        mesh=_common.mesh_from(args), in_memory=args.in_memory,

@@ -1,6 +1,9 @@
-"""Export the canonical tree as an HF checkpoint, one tensor at a time.
+"""Export the canonical tree as an HF checkpoint, one tensor at a time; the one HF writer.
 
-Tensors are gathered and written one after another into safetensors shards (split at
+:func:`write_hf` is the only code that writes HF checkpoints (shard plan, safetensors files,
+index, config, side files, atomically); :func:`save_hf` feeds it from canonical params, an Orbax
+checkpoint or another HF checkpoint, and the streamed merge executor from its results. Tensors
+are gathered and written one after another into safetensors shards (split at
 ``max_shard_size``) with a ``model.safetensors.index.json``; stacked layers, tied embeddings and
 GPT-2's fused Conv1D ``c_attn`` are undone by the keymap's ``to_hf`` hooks, so the output loads in
 ``transformers.AutoModelForCausalLM.from_pretrained`` with no missing or unexpected keys.
@@ -30,6 +33,7 @@ Path = tuple[str, ...]
 SliceSource = Callable[[Rule, int | None], tuple[np.ndarray, ...]]
 # Returns the arrays of the requested canonical leaves (e.g. restored from Orbax on demand).
 LeafSource = Callable[[list[Path]], dict[Path, jax.Array]]
+TensorSpec = tuple[str, tuple[int, ...], np.dtype]  # (HF name, shape, dtype)
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -49,7 +53,8 @@ def leaf_slices(fetch: LeafSource) -> SliceSource:
     """Slices from whole canonical leaves fetched per rule (the last rule's leaves are kept).
 
     Leaves may be host ``np.ndarray`` (restored from Orbax: a layer is a view) or ``jax.Array``
-    (in memory: only the one layer is gathered to the host).
+    (in memory: only the one layer is gathered to the host). The fetcher's ``dtypes`` attribute
+    ({path: dtype}), when it has one, is passed on.
     """
     cache: dict = {}
 
@@ -61,6 +66,7 @@ def leaf_slices(fetch: LeafSource) -> SliceSource:
         return tuple(np.asarray(jax.device_get(leaves[t] if layer is None else leaves[t][layer]))
                      for t in rule.targets)
 
+    slices.dtypes = getattr(fetch, "dtypes", None)
     return slices
 
 
@@ -69,33 +75,120 @@ def hf_slices(directory: str, cfg: ModelConfig) -> SliceSource:
 
     For HF -> HF re-sharding and dtype casts without jax: ``to_hf`` undoes ``to_canon`` as views,
     so host memory stays at one HF tensor. Keys and shapes are checked before anything is read.
+    ``slices.dtypes`` gives each canonical leaf's stored dtype.
     """
     from jaxarith.convert.hf import HFCheckpoint, check_checkpoint
 
     ckpt = HFCheckpoint(directory)
     names = check_checkpoint(cfg, ckpt)
-    last: dict = {}
 
     def slices(rule: Rule, layer: int | None) -> tuple[np.ndarray, ...]:
         key = rule.hf_key if layer is None else rule.hf_key.format(i=layer)
-        if last.get("key") != key:  # save_hf peeks at the first tensor for its dtype
-            last.clear()
-            last.update(key=key, value=tuple(rule.to_canon(ckpt.get(names[key]))))
-        return last["value"]
+        return tuple(rule.to_canon(ckpt.get(names[key])))
 
+    slices.dtypes = {t: ckpt.dtype(names[expand(rule, cfg.num_hidden_layers)[0][0]])
+                     for rule in rules_for(cfg) for t in rule.targets}
     return slices
 
 
 def memory_slices(params: dict) -> SliceSource:
-    """Per-layer slices of an in-memory canonical tree."""
-    return leaf_slices(lambda paths: {p: get_path(params, p) for p in paths})
+    """Per-layer slices of an in-memory canonical tree (``dtypes``: each leaf's own)."""
+    fetch = lambda paths: {p: get_path(params, p) for p in paths}
+    fetch.dtypes = {tuple(str(k.key) for k in kp): np.dtype(x.dtype)
+                    for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return leaf_slices(fetch)
 
 
-def _hf_tensors(cfg: ModelConfig, slices: SliceSource, dtype) -> Iterator[np.ndarray]:
+def _hf_tensors(cfg: ModelConfig, slices: SliceSource,
+                dtypes: list[np.dtype]) -> Iterator[np.ndarray]:
+    i = 0
     for rule in rules_for(cfg):
         for _, layer in expand(rule, cfg.num_hidden_layers):
             # to_hf is mostly a transpose: copy it through cache-sized tiles.
-            yield contiguous(np.asarray(rule.to_hf(*slices(rule, layer))), dtype)
+            yield contiguous(np.asarray(rule.to_hf(*slices(rule, layer))), dtypes[i])
+            i += 1
+
+
+def plan_shards(specs: list[TensorSpec], limit: int) -> list[list[int]]:
+    """Indices of ``specs`` per safetensors file, in order, each file at most ``limit`` bytes
+    (a single larger tensor gets a file of its own)."""
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, (_, shape, dt) in enumerate(specs):
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+        if shards[-1] and size + n > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    return shards
+
+
+def _config_dtype(specs: list[TensorSpec]) -> str:
+    """config.json's ``dtype``: the one dtype, or for a mixed checkpoint the one holding most
+    bytes (as transformers writes a bf16 model with float32 norms)."""
+    by: dict[np.dtype, int] = {}
+    for _, shape, dt in specs:
+        by[np.dtype(dt)] = by.get(np.dtype(dt), 0) + \
+            int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+    return max(by, key=by.get).name
+
+
+def write_hf(
+    cfg: ModelConfig,
+    dst: str | os.PathLike,
+    specs: list[TensorSpec],
+    tensors: Iterator[np.ndarray],
+    *,
+    max_shard_size: str | int = "5GB",
+    tokenizer_dir: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    desc: str = "export",
+) -> dict:
+    """THE writer of HF checkpoints (every route: convert, merge, delta, training exports).
+
+    Writes ``tensors`` (yielded in ``specs`` order, one at a time) into safetensors shards of at
+    most ``max_shard_size``, the index when there are several, ``config.json`` (with the dtype),
+    tokenizer and generation-config files from ``tokenizer_dir`` (a generation config from the
+    model config when there is none), all into ``dst`` atomically.
+
+    Args:
+      specs: (HF name, shape, dtype) of every tensor, in file order.
+    Returns:
+      {"files", "tensors", "bytes" (tensor data), "bytes_written" (files, with headers)}.
+    """
+    from jaxarith.convert.orbax import copy_side_files
+
+    shards = plan_shards(specs, parse_size(max_shard_size))
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    nbytes = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d in specs)
+    bar = tqdm(total=len(specs), desc=desc, unit="tensor", disable=not progress, leave=False)
+    written = 0
+    with atomic_dir(dst, overwrite=overwrite) as tmp:
+        weight_map = {}
+        for name, idx in zip(names, shards, strict=True):
+            part = [specs[i] for i in idx]
+            written += write_safetensors(os.path.join(tmp, name), part,
+                                         _take(tensors, len(idx), bar))
+            weight_map.update({k: name for k, _, _ in part})
+        if len(shards) > 1:
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": nbytes}, "weight_map": weight_map},
+                          f, indent=2)
+        hf = cfg.to_hf()
+        hf["torch_dtype"] = hf["dtype"] = _config_dtype(specs)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2, sort_keys=True)
+        copied = copy_side_files(tokenizer_dir, tmp)
+        if "generation_config.json" not in copied and cfg.bos_token_id is not None:
+            gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+                   "pad_token_id": cfg.pad_token_id}
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+    bar.close()
+    return {"files": names, "tensors": len(specs), "bytes": nbytes, "bytes_written": written}
 
 
 def _take(it: Iterator[np.ndarray], n: int, bar) -> Iterator[np.ndarray]:
@@ -121,63 +214,31 @@ def save_hf(
 
     Args:
       params: the canonical tree in memory; or None with ``source`` giving whole leaves on
-        demand, or ``slices`` giving per-layer slices (e.g. computed by a streamed merge).
-      dtype: output dtype (default: each tensor's own dtype, which must be uniform).
+        demand, or ``slices`` giving per-layer slices (e.g. read from an HF checkpoint).
+      dtype: output dtype of every tensor; default: each tensor keeps its own dtype (a bf16
+        model with float32 norms stays so), read from ``params`` or the source's ``dtypes``.
       max_shard_size: split safetensors files at this size (``"5GB"``, ``"500MB"``, bytes).
       tokenizer_dir: copy tokenizer / generation-config files from here.
     Returns:
-      {"files": [...], "tensors": n, "bytes": total}.
+      {"files": [...], "tensors": n, "bytes": total, "bytes_written": with headers}.
     """
-    from jaxarith.convert.orbax import copy_side_files
-
     if slices is None:
         if source is None and params is None:
             raise ValueError("save_hf needs params, a source or slices")
         slices = memory_slices(params) if source is None else leaf_slices(source)
-    limit = parse_size(max_shard_size)
-    rules = rules_for(cfg)
-    out_dtype = np.dtype(dtype) if dtype is not None else \
-        np.dtype(slices(rules[0], expand(rules[0], cfg.num_hidden_layers)[0][1])[0].dtype)
+    leaf_dtypes = getattr(slices, "dtypes", None)
+    if dtype is None and leaf_dtypes is None:
+        raise ValueError("save_hf: the source has no `dtypes`; pass dtype=")
     specs = []
-    for rule in rules:
+    for rule in rules_for(cfg):
+        dt = np.dtype(dtype) if dtype is not None else \
+            np.result_type(*(leaf_dtypes[t] for t in rule.targets))
         for key, _ in expand(rule, cfg.num_hidden_layers):
-            specs.append((key, rule.hf_shape, out_dtype))
-    nbytes = [int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d in specs]
-    shards: list[list[int]] = [[]]
-    size = 0
-    for i, n in enumerate(nbytes):
-        if shards[-1] and size + n > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(i)
-        size += n
-    names = ([SINGLE_FILE] if len(shards) == 1 else
-             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-    tensors = _hf_tensors(cfg, slices, out_dtype)
-    bar = tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress, leave=False)
-    with atomic_dir(dst, overwrite=overwrite) as tmp:
-        weight_map = {}
-        for name, idx in zip(names, shards, strict=True):
-            part = [specs[i] for i in idx]
-            write_safetensors(os.path.join(tmp, name), part, _take(tensors, len(idx), bar))
-            weight_map.update({k: name for k, _, _ in part})
-        if len(shards) > 1:
-            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": sum(nbytes)}, "weight_map": weight_map},
-                          f, indent=2)
-        hf = cfg.to_hf()
-        hf["torch_dtype"] = hf["dtype"] = str(out_dtype) if out_dtype.name != "bfloat16" \
-            else "bfloat16"
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2, sort_keys=True)
-        copied = copy_side_files(tokenizer_dir, tmp)
-        if "generation_config.json" not in copied and cfg.bos_token_id is not None:
-            gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-                   "pad_token_id": cfg.pad_token_id}
-            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-                json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
-    bar.close()
-    return {"files": names, "tensors": len(specs), "bytes": sum(nbytes)}
+            specs.append((key, rule.hf_shape, dt))
+    tensors = _hf_tensors(cfg, slices, [d for _, _, d in specs])
+    info = write_hf(cfg, dst, specs, tensors, max_shard_size=max_shard_size,
+                    tokenizer_dir=tokenizer_dir, overwrite=overwrite, progress=progress)
+    return info
 
 
-__all__ = ["parse_size", "save_hf", "save_config"]
+__all__ = ["parse_size", "plan_shards", "save_config", "save_hf", "write_hf"]

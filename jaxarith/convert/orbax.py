@@ -291,4 +291,6 @@ def orbax_source(ref: str, *, dtype=None):
     def source(paths):
         return load_host_leaves(ref, paths, dtype=dtype, stored=stored)
 
+    source.dtypes = {tuple(name.split("/")): jnp.dtype(dtype or d)
+                     for name, (_, d) in stored.items()}  # per leaf, as stored unless cast
     return source
