@@ -8,13 +8,18 @@ so it runs inside the jitted train step and is sharded like the parameters it fo
     ema = ema.update(params, step)        # inside jit
     eval_loss(ema.value(), ...)
 
-Implemented: :class:`EMA` (exponential moving average, built on ``optax.incremental_update``) and
-:class:`SWA` (uniform average of the weights every ``every`` steps from ``start``).
+Implemented: :class:`EMA` (exponential moving average, built on ``optax.incremental_update``),
+:class:`SWA` (uniform average of the weights every ``every`` steps from ``start``) and
+:class:`LaWA` (latest-weight averaging, Kaddour 2022 / Sanyal et al. 2023: the uniform mean of
+the ``k`` latest snapshots taken every ``every`` steps, kept in a ring buffer ``[k, ...]`` per
+leaf).
 
-Extension point: a new method (e.g. LaWA, the average of the last k checkpoints kept in a
-ring buffer ``[k, ...]`` per leaf) is one more dataclass with the same three members: a ``init``
-classmethod, a pure ``update(params, step) -> Self`` and ``value() -> params``; the trainer only
-calls these, so it needs no change. :func:`make_averager` maps a config name to a class.
+Extension point: a new method is one more dataclass with the same members: an ``init``
+classmethod, a pure ``update(params, step) -> Self``, ``value() -> params`` and
+``shardings(param_shardings, replicated)`` (how its leaves are laid out on the mesh); the trainer
+only calls these. Each method has one frozen config class (:class:`EMAConfig`,
+:class:`SWAConfig`, :class:`LaWAConfig`, :class:`NoAverage`) selected by its ``kind``, the
+``average:`` section of a train config; :func:`make_averager` maps a name to a class.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxarith.errors import ConfigError
 
@@ -38,9 +44,16 @@ class Averager(Protocol):
 
     def value(self) -> Params: ...
 
+    def shardings(self, param_shardings: Params, replicated) -> Any: ...
+
 
 def _f32(tree: Params) -> Params:
     return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
+
+
+def _like_params(avg, param_shardings: Params, replicated):
+    """An averager's shardings: its ``params`` like the parameters, every other leaf replicated."""
+    return dataclasses.replace(jax.tree.map(lambda _: replicated, avg), params=param_shardings)
 
 
 @jax.tree_util.register_dataclass
@@ -80,6 +93,10 @@ class EMA:
     def value(self) -> Params:
         return self.params
 
+    def shardings(self, param_shardings: Params, replicated) -> Any:
+        """Shardings of this averager's leaves: the average like the parameters."""
+        return _like_params(self, param_shardings, replicated)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -117,8 +134,111 @@ class SWA:
     def value(self) -> Params:
         return self.params
 
+    def shardings(self, param_shardings: Params, replicated) -> Any:
+        """Shardings of this averager's leaves: the average like the parameters."""
+        return _like_params(self, param_shardings, replicated)
 
-AVERAGERS = {"ema": EMA, "swa": SWA}
+
+def snapshot_due(step, start: int, every: int):
+    """Whether LaWA snapshots the weights after ``step`` (works on ints and traced arrays):
+    ``step >= max(start, 1)`` and ``(step - start) % every == 0``."""
+    if isinstance(step, int):
+        return step >= max(start, 1) and (step - start) % every == 0
+    step = jnp.asarray(step, jnp.int32)
+    return (step >= max(start, 1)) & ((step - start) % every == 0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LaWA:
+    """Latest-weight averaging: the uniform mean of the ``k`` latest snapshots of the weights,
+    taken at step ``start`` and every ``every`` steps after it (Kaddour 2022, "Stop wasting my
+    time!"; Sanyal et al. 2023, "Early weight averaging meets high learning rates").
+
+    Snapshots are taken after the steps ``s >= max(start, 1)`` with ``(s - start) % every == 0``
+    (never of the initial weights, as :class:`SWA`). They live in a ring buffer: each parameter
+    ``[*shape]`` has a float32 leaf ``[k, *shape]`` sharded like the parameter on its trailing
+    axes (the ``k`` axis is not sharded), and snapshot number ``j`` (0-based) goes to slot
+    ``j % k``. Before ``k`` snapshots exist :meth:`value` is the mean of those taken so far;
+    before the first one it is the weights last seen (kept in slot 0).
+
+    An update writes one slot in place (``dynamic_update_index_in_dim`` of either the new
+    weights or the slot's old content), so a step costs one read and one write of the
+    parameters, not ``k``.
+
+    Attributes:
+      buffer: ring buffer, leaves ``[k, *shape]`` float32.
+      count: snapshots taken so far (int32 scalar); ``min(count, k)`` slots are filled.
+      k, every, start: the static schedule.
+    """
+
+    buffer: Params
+    count: jax.Array
+    k: int = dataclasses.field(default=5, metadata=dict(static=True))
+    every: int = dataclasses.field(default=1, metadata=dict(static=True))
+    start: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    @classmethod
+    def init(cls, params: Params, *, k: int = 5, every: int = 1, start: int = 0) -> LaWA:
+        """An empty ring buffer; ``params`` is shown by :meth:`value` until the first snapshot."""
+        if k < 1 or every < 1 or start < 0:
+            raise ConfigError(f"average: lawa k={k} and every={every} must be >= 1 and "
+                              f"start={start} >= 0")
+
+        def ring(x):
+            x = jnp.asarray(x, jnp.float32)
+            return jnp.zeros((k, *x.shape), jnp.float32).at[0].set(x)
+
+        return cls(buffer=jax.tree.map(ring, params), count=jnp.zeros((), jnp.int32),
+                   k=k, every=every, start=start)
+
+    def taking(self, step: jax.Array) -> jax.Array:
+        """True at the steps where a snapshot is taken."""
+        return snapshot_due(step, self.start, self.every)
+
+    def update(self, params: Params, step: jax.Array) -> LaWA:
+        """Snapshot ``params`` into the next slot when ``step`` is a snapshot step (jittable).
+
+        Before the first snapshot slot 0 follows the current weights, so :meth:`value` shows
+        them.
+        """
+        take = self.taking(step)
+        slot = self.count % self.k
+
+        def write(buf, x):
+            old = jax.lax.dynamic_index_in_dim(buf, slot, 0, keepdims=False)
+            new = jnp.where(take | (self.count == 0), jnp.asarray(x, jnp.float32), old)
+            return jax.lax.dynamic_update_index_in_dim(buf, new, slot, 0)
+
+        buffer = jax.tree.map(write, self.buffer, params)
+        return dataclasses.replace(self, buffer=buffer,
+                                   count=self.count + take.astype(jnp.int32))
+
+    def filled(self) -> jax.Array:
+        """How many slots hold snapshots (at least 1: the placeholder before the first)."""
+        return jnp.clip(self.count, 1, self.k)
+
+    def value(self) -> Params:
+        """The mean of the filled slots (float32)."""
+        n = self.filled()
+        mask = (jnp.arange(self.k) < n).astype(jnp.float32)
+
+        def mean(buf):
+            # [k] x [k, ...] -> [...]: tensordot keeps the trailing axes' sharding.
+            return jnp.tensordot(mask, buf, axes=1) / n.astype(jnp.float32)
+
+        return jax.tree.map(mean, self.buffer)
+
+    def shardings(self, param_shardings: Params, replicated) -> Any:
+        """The ring buffer like the parameters on its trailing axes, ``k`` unsharded."""
+        def ring(s):
+            return NamedSharding(s.mesh, PartitionSpec(None, *s.spec))
+
+        return dataclasses.replace(jax.tree.map(lambda _: replicated, self),
+                                   buffer=jax.tree.map(ring, param_shardings))
+
+
+AVERAGERS = {"ema": EMA, "swa": SWA, "lawa": LaWA}
 
 
 def make_averager(kind: str, params: Params, **options) -> Averager | None:
@@ -128,3 +248,108 @@ def make_averager(kind: str, params: Params, **options) -> Averager | None:
     if kind not in AVERAGERS:
         raise ConfigError(f"average.kind={kind!r}: expected one of none, {', '.join(AVERAGERS)}")
     return AVERAGERS[kind].init(params, **options)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _check_kind(cfg, kind: str) -> None:
+    if cfg.kind != kind:
+        raise ConfigError(f"average.kind={cfg.kind!r}: this section describes {kind!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoAverage:
+    """``average: {kind: none}``: no averaging (the default)."""
+
+    kind: str = "none"
+
+    def __post_init__(self):
+        _check_kind(self, "none")
+
+    def options(self) -> dict:
+        return {}
+
+    def in_step(self) -> tuple[str, dict]:
+        """(kind, options) of the averager held in the jitted step's state."""
+        return self.kind, self.options()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EMAConfig:
+    """``average: {kind: ema, decay: 0.999, warmup: false}`` (see :class:`EMA`)."""
+
+    kind: str = "ema"
+    decay: float = 0.999
+    warmup: bool = False
+
+    def __post_init__(self):
+        _check_kind(self, "ema")
+        if not 0.0 < self.decay < 1.0:
+            raise ConfigError(f"average.decay={self.decay} must be in (0, 1)")
+
+    def options(self) -> dict:
+        return {"decay": self.decay, "warmup": self.warmup}
+
+    def in_step(self) -> tuple[str, dict]:
+        return self.kind, self.options()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SWAConfig:
+    """``average: {kind: swa, start: 0, every: 1}`` (see :class:`SWA`); pair it with
+    ``schedule.kind: swa`` for the SWA paper's learning rate from ``start`` on."""
+
+    kind: str = "swa"
+    start: int = 0
+    every: int = 1
+
+    def __post_init__(self):
+        _check_kind(self, "swa")
+        if self.every < 1 or self.start < 0:
+            raise ConfigError(f"average: swa start={self.start} must be >= 0 and "
+                              f"every={self.every} >= 1")
+
+    def options(self) -> dict:
+        return {"start": self.start, "every": self.every}
+
+    def in_step(self) -> tuple[str, dict]:
+        return self.kind, self.options()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LaWAConfig:
+    """``average: {kind: lawa, k: 5, every: 200, start: 0, offload: false}`` (see :class:`LaWA`).
+
+    Attributes:
+      k: how many latest snapshots the mean holds.
+      every: steps between snapshots.
+      start: snapshots are taken after steps ``s >= max(start, 1)`` with
+        ``(s - start) % every == 0``.
+      offload: keep the snapshots on the host (and on disk beside the checkpoints, under
+        ``OUT/lawa/``) instead of in the jitted step's state, for models where ``k`` device
+        copies do not fit; ``train/plugins/lawa.py`` takes them and reports ``eval_avg``.
+    """
+
+    kind: str = "lawa"
+    k: int = 5
+    every: int = 1
+    start: int = 0
+    offload: bool = False
+
+    def __post_init__(self):
+        _check_kind(self, "lawa")
+        if self.k < 1 or self.every < 1 or self.start < 0:
+            raise ConfigError(f"average: lawa k={self.k} and every={self.every} must be >= 1 "
+                              f"and start={self.start} >= 0")
+
+    def options(self) -> dict:
+        return {"k": self.k, "every": self.every, "start": self.start}
+
+    def in_step(self) -> tuple[str, dict]:
+        """Offloaded snapshots live on the host (``train/plugins/lawa.py``), not in the step."""
+        return ("none", {}) if self.offload else (self.kind, self.options())
+
+
+AverageConfig = NoAverage | EMAConfig | SWAConfig | LaWAConfig
+CONFIGS = {c.kind: c for c in (NoAverage, EMAConfig, SWAConfig, LaWAConfig)}

@@ -11,6 +11,11 @@ Scalable Strategies to Continually Pre-train Large Language Models"):
 * ``rewarm``: the continued pre-training recipe: start at ``init_lr`` (typically the previous
   run's final LR), **re-warm** linearly to ``peak_lr``, optionally hold for ``hold_steps``, then
   **re-decay** with a cosine to ``end_lr``.
+* ``swa``: the SWA paper's schedule (Izmailov et al. 2018): warmup, cosine decay from
+  ``peak_lr`` to ``swa_lr`` reached at ``swa_start`` (by default the train config's
+  ``average.start``), then constant ``swa_lr`` (``swa_cycle: 0``) or cycles of ``swa_cycle``
+  steps, each falling linearly from near ``peak_lr`` to ``swa_lr`` at its last step, where SWA
+  (``average.every = swa_cycle``) takes its snapshot.
 
 Every schedule is an ``optax.Schedule`` (a pure function of the step, jittable), assembled with
 ``optax.join_schedules``. Warmup and cooldown lengths are given in steps or as fractions of the
@@ -39,6 +44,7 @@ class ScheduleKind(enum.StrEnum):
     COSINE = "cosine"
     WSD = "wsd"
     REWARM = "rewarm"
+    SWA = "swa"
 
 
 class Cooldown(enum.StrEnum):
@@ -64,6 +70,10 @@ class ScheduleConfig:
         ``cooldown_steps`` is 0.
       cooldown: ``wsd`` only: linear | 1-sqrt.
       total_steps: schedule length; 0 means "the run's ``steps``" (filled in by the trainer).
+      swa_lr: ``swa`` only: the learning rate of the SWA phase (the cycles' low end).
+      swa_cycle: ``swa`` only: cycle length in steps (0: constant ``swa_lr``).
+      swa_start: ``swa`` only: first step of the SWA phase; -1 means the train config's
+        ``average.start`` (filled in by the trainer).
     """
 
     kind: ScheduleKind = ScheduleKind.COSINE
@@ -77,14 +87,17 @@ class ScheduleConfig:
     total_steps: int = 0
     warmup_fraction: float = 0.0
     cooldown_fraction: float = 0.0
+    swa_lr: float = 0.0
+    swa_cycle: int = 0
+    swa_start: int = -1
 
     def __post_init__(self):
         object.__setattr__(self, "kind", _enum(ScheduleKind, self.kind, "schedule.kind"))
         object.__setattr__(self, "cooldown", _enum(Cooldown, self.cooldown, "schedule.cooldown"))
-        for name in ("peak_lr", "init_lr", "end_lr"):
+        for name in ("peak_lr", "init_lr", "end_lr", "swa_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"schedule.{name}={getattr(self, name)} must be >= 0")
-        for name in ("warmup_steps", "hold_steps", "cooldown_steps", "total_steps"):
+        for name in ("warmup_steps", "hold_steps", "cooldown_steps", "total_steps", "swa_cycle"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"schedule.{name}={getattr(self, name)} must be >= 0")
         for name in ("warmup_fraction", "cooldown_fraction"):
@@ -110,6 +123,16 @@ class ScheduleConfig:
             raise ConfigError(f"schedule: warmup/hold/cooldown steps ({used}) exceed "
                               f"total_steps={total} (give them as warmup_fraction / "
                               "cooldown_fraction of the run to scale with steps)")
+        if self.kind is ScheduleKind.SWA and self.swa_start >= 0 and not \
+                self.warmup(total) <= self.swa_start <= total:
+            raise ConfigError(f"schedule.swa_start={self.swa_start} must lie between the "
+                              f"warmup ({self.warmup(total)} steps) and total_steps={total}")
+
+    def with_swa_start(self, start: int | None) -> ScheduleConfig:
+        """This schedule with ``swa_start`` filled in (from ``average.start``) when it was -1."""
+        if self.kind is not ScheduleKind.SWA or self.swa_start >= 0 or start is None:
+            return self
+        return dataclasses.replace(self, swa_start=start)
 
     def with_total(self, total_steps: int) -> ScheduleConfig:
         """This schedule with ``total_steps`` filled in when it was 0."""
@@ -131,6 +154,12 @@ class ScheduleConfig:
         if k is ScheduleKind.WSD:
             return wsd(self.init_lr, self.peak_lr, self.end_lr, warm, self.cooldown_length(),
                        total, self.cooldown)
+        if k is ScheduleKind.SWA:
+            if self.swa_start < 0:
+                raise ConfigError("schedule.kind=swa needs schedule.swa_start or "
+                                  "average.kind=swa with average.start")
+            return swa(self.init_lr, self.peak_lr, self.swa_lr, warm, self.swa_start,
+                       self.swa_cycle)
         return rewarm_redecay(self.init_lr, self.peak_lr, self.end_lr, warm, self.hold_steps,
                               total)
 
@@ -179,6 +208,31 @@ def rewarm_redecay(init_lr: float, peak_lr: float, end_lr: float, warmup_steps: 
                            [optax.constant_schedule(peak_lr), decay],
                            [warmup_steps + hold_steps])
     return warmup_then(init_lr, peak_lr, warmup_steps, [decay], [])
+
+
+def swa(init_lr: float, peak_lr: float, swa_lr: float, warmup_steps: int, swa_start: int,
+        swa_cycle: int = 0) -> optax.Schedule:
+    """SWA (Izmailov et al. 2018): warmup, cosine ``peak_lr -> swa_lr`` reached at
+    ``swa_start``, then constant ``swa_lr`` or cycles of ``swa_cycle`` steps.
+
+    In a cycle, update ``r = 1..c`` uses ``lr = (1 - r/c) peak_lr + (r/c) swa_lr`` (the paper's
+    ``t(i) = (mod(i - 1, c) + 1) / c``), so the weights after update ``c`` of each cycle, i.e.
+    at steps ``swa_start + j c``, were made with ``swa_lr``: SWA with ``start = swa_start`` and
+    ``every = swa_cycle`` averages exactly those.
+    """
+    decay = optax.cosine_decay_schedule(peak_lr, max(swa_start - warmup_steps, 1),
+                                        alpha=_ratio(swa_lr, peak_lr))
+    if swa_cycle:
+        c = swa_cycle
+
+        def after(count):
+            t = (jnp.mod(count, c) + 1) / c
+            return (1.0 - t) * peak_lr + t * swa_lr
+    else:
+        after = optax.constant_schedule(swa_lr)
+    if swa_start == warmup_steps:
+        return warmup_then(init_lr, peak_lr, warmup_steps, [after], [])
+    return warmup_then(init_lr, peak_lr, warmup_steps, [decay, after], [swa_start])
 
 
 def _ratio(end: float, peak: float) -> float:

@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import types
 import typing
 from typing import Any
 
 import yaml
 
+from jaxarith.average import AverageConfig, NoAverage
 from jaxarith.data import DataConfig, SourceConfig
 from jaxarith.errors import ConfigError
 from jaxarith.schedules import ScheduleConfig
 from train.distill import DistillSection
+from train.init import InitConfig
+
+log = logging.getLogger(__name__)
 
 
 class OnNonFinite(enum.StrEnum):
@@ -37,6 +42,7 @@ class ModelSection:
     Attributes:
       ref: a model reference to start from (HF hub id, HF directory, jaxarith Orbax directory).
       arch: for training from scratch (``ref`` empty): ``llama`` or ``gpt2``.
+        Both stay empty when the ``init:`` section gives the start weights (train/init.py).
       config: for scratch: HF ``config.json`` fields (``hidden_size``, ``n_layer``, ...).
       tokenizer: ``bundled`` (the bundled 1024-token BPE) or a directory; default: ``ref``'s.
       compute_dtype: float32 | bfloat16 (master weights stay float32).
@@ -51,7 +57,7 @@ class ModelSection:
     remat: bool = False
 
     def __post_init__(self):
-        if bool(self.ref) == bool(self.arch):
+        if self.ref and self.arch:  # neither: checked with `init` in TrainConfig
             raise ConfigError("model: give exactly one of model.ref (start from a checkpoint) "
                               "and model.arch (train from scratch)")
         if self.arch and self.arch not in ("llama", "gpt2"):
@@ -80,24 +86,6 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer: b1={self.b1}, b2={self.b2} must be in [0, 1)")
         if self.weight_decay < 0 or self.clip_norm < 0:
             raise ConfigError("optimizer.weight_decay and optimizer.clip_norm must be >= 0")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AverageConfig:
-    """Weight averaging kept in the train state (see :mod:`jaxarith.average`)."""
-
-    kind: str = "none"  # none | ema | swa
-    decay: float = 0.999  # ema
-    warmup: bool = False  # ema
-    start: int = 0  # swa
-    every: int = 1  # swa
-
-    def options(self) -> dict:
-        if self.kind == "ema":
-            return {"decay": self.decay, "warmup": self.warmup}
-        if self.kind == "swa":
-            return {"start": self.start, "every": self.every}
-        return {}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -174,6 +162,7 @@ class TrainConfig:
       seed: parameter init (scratch) seed.
       on_nonfinite: stop | skip.
       distributed: call ``jax.distributed.initialize()`` (multi-host pods).
+      init: start from another model's transformed weights (layer inheritance; train/init.py).
     """
 
     out: str
@@ -189,14 +178,21 @@ class TrainConfig:
     distributed: bool = False
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
-    average: AverageConfig = AverageConfig()
+    average: AverageConfig = NoAverage()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
     export: ExportConfig = ExportConfig()
     distill: DistillSection = DistillSection()  # see train/distill.py
+    init: InitConfig = InitConfig()
 
     def __post_init__(self):
+        if self.init.ref and (self.model.ref or self.model.arch or self.model.config):
+            raise ConfigError("init.ref gives the model: leave model.ref, model.arch and "
+                              "model.config empty")
+        if not self.init.ref and not (self.model.ref or self.model.arch):
+            raise ConfigError("model: give exactly one of model.ref (start from a checkpoint) "
+                              "and model.arch (train from scratch), or an init section")
         try:
             object.__setattr__(self, "on_nonfinite", OnNonFinite(self.on_nonfinite))
         except ValueError:
@@ -210,7 +206,8 @@ class TrainConfig:
                               f"microbatches={self.microbatches}")
         if not self.out:
             raise ConfigError("out is empty: give an output directory (out=DIR)")
-        object.__setattr__(self, "schedule", self.schedule.with_total(self.steps))
+        object.__setattr__(self, "schedule", self.schedule.with_total(self.steps)
+                           .with_swa_start(getattr(self.average, "start", None)))
 
 
 # ----------------------------------------------------------------------------- YAML <-> tree
@@ -281,6 +278,9 @@ def _convert(tp, value, key: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        tagged = _tagged(args)
+        if tagged and isinstance(value, dict):
+            return _by_kind(tagged, value, key)
         errors = []
         for a in args:
             if a is type(None):
@@ -324,6 +324,31 @@ def _convert(tp, value, key: str):
         return value
     name = getattr(tp, "__name__", str(tp))
     raise ConfigError(f"{key}={value!r}: expected {name}, got {type(value).__name__}")
+
+
+def _tagged(args) -> dict:
+    """{kind: class} when a union's members are dataclasses told apart by a ``kind`` default
+    (e.g. the ``average:`` section: one config class per method)."""
+    kinds = {getattr(a, "kind", None): a for a in args if dataclasses.is_dataclass(a)}
+    return kinds if kinds and all(isinstance(k, str) for k in kinds) else {}
+
+
+def _by_kind(tagged: dict, value: dict, key: str):
+    """Build the member named by ``value["kind"]`` (default: the first member).
+
+    Keys that belong to another member only (left over after ``average.kind=...`` switched the
+    method on the command line) are dropped with a warning; any other unknown key is an error.
+    """
+    kind = value.get("kind", next(iter(tagged)))
+    if kind not in tagged:
+        raise ConfigError(f"{key}.kind={kind!r}: expected one of {', '.join(tagged)}")
+    cls = tagged[kind]
+    own = {f.name for f in dataclasses.fields(cls)}
+    others = {f.name for c in tagged.values() for f in dataclasses.fields(c)} - own
+    dropped = sorted(k for k in value if k in others)
+    if dropped:
+        log.warning("%s: %s ignored for kind %s", key, ", ".join(dropped), kind)
+    return build(cls, {k: v for k, v in value.items() if k not in dropped}, key + ".")
 
 
 def _sources(value, key: str) -> tuple[SourceConfig, ...]:

@@ -194,7 +194,7 @@ def compiled_step(model_cfg, mesh, optimizer, schedule, batch, seq_len, microbat
     fns = build_step(model_cfg, mesh, tx=make_optimizer(optimizer, sched), schedule=sched,
                      batch=batch, seq_len=seq_len, microbatches=microbatches,
                      loss_fn=make_loss(model_cfg, dtype=dtype, remat=remat),
-                     average=(average.kind, average.options()), skip_nonfinite=skip_nonfinite,
+                     average=average.in_step(), skip_nonfinite=skip_nonfinite,
                      frozen=abstract_frozen, frozen_shardings=frozen_shd,
                      batch_fields=None if fields is None else dict(fields))
     t0 = time.perf_counter()
@@ -618,7 +618,8 @@ def check_resume(meta: dict, config_dict: dict, model_cfg: ModelConfig, where: s
                 f"tensors {', '.join(tensors[:3])}{' ...' if len(tensors) > 3 else ''}). Resume "
                 "with the model config it was written with, or train into a new out")
     saved = meta.get("config", {})
-    layout = _config_changes(saved, config_dict, ["average.kind"]) if saved else ""
+    layout = _config_changes(saved, config_dict, ["average.kind", "average.k",
+                                                  "average.offload"]) if saved else ""
     clip = lambda c: bool(c.get("optimizer", {}).get("clip_norm", 1.0))
     if saved and clip(saved) != clip(config_dict):
         layout = ", ".join(filter(None, [layout, "optimizer.clip_norm: switched on/off"]))
@@ -682,7 +683,7 @@ def _report_finished(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, mode
         fns = build_step(model_cfg, mesh, tx=make_optimizer(cfg.optimizer, sched),
                          schedule=sched, batch=cfg.batch, seq_len=cfg.data.seq_len,
                          microbatches=cfg.microbatches, loss_fn=next_token_loss_fn(model_cfg),
-                         average=(cfg.average.kind, cfg.average.options()))
+                         average=cfg.average.in_step())
         with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep) as ckpts:
             state, _, _ = ckpts.restore(fns.abstract_state)
         res["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)

@@ -16,7 +16,8 @@ Extension points, so new capabilities do not rewrite the loop:
   exact for all of them. The default is next-token NLL (:func:`next_token_loss_fn`); a
   distillation loss reads a frozen teacher from ``frozen`` (held in the state, sharded, never
   differentiated or updated).
-* ``average``: any :class:`jaxarith.average.Averager` (EMA, SWA, ...), updated inside the step.
+* ``average``: any :class:`jaxarith.average.Averager` (EMA, SWA, LaWA, ...), updated inside the
+  step and sharded as its ``shardings`` method says.
 * initial ``params`` may come from anywhere (a checkpoint, scratch, inherited layers).
 
 The training program (:mod:`train.loop`) fills these from the config: an
@@ -129,10 +130,8 @@ def state_shardings(abstract_state: TrainState, param_shd, tx, mesh, frozen_shd=
     opt = optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_shd,
                                 transform_non_params=lambda _: rep)
     avg = abstract_state.average
-    if avg is not None:
-        avg = dataclasses.replace(
-            jax.tree.map(lambda _: rep, avg),
-            params=param_shd)
+    if avg is not None:  # each averager lays out its own leaves (LaWA: a [k, ...] ring buffer)
+        avg = avg.shardings(param_shd, rep)
     frozen = frozen_shd if frozen_shd is not None else \
         jax.tree.map(lambda _: rep, abstract_state.frozen)
     return TrainState(step=rep, params=param_shd, opt_state=opt, average=avg, frozen=frozen)
