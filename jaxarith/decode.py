@@ -320,7 +320,13 @@ def _generate(dec: DecodeSpec, params, weights, prompts, key, limits):
     return out, out_lp, i
 
 
-_generate_start = jax.jit(_decode_start, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
+def _generate_start(dec: DecodeSpec, params, weights, prompts, key, limits):
+    """Prefill and the first step: the state after one token (streaming's first chunk)."""
+    state = _decode_start(dec, params, prompts, key, limits)
+    return _decode_until(dec, params, weights, limits, state, 1)
+
+
 _generate_chunk = jax.jit(_decode_until, static_argnums=0, donate_argnums=4)
 
 
@@ -331,8 +337,9 @@ def stream_chunks(dec: DecodeSpec, start, start_args, chunk, chunk_args, limits:
     ``start(*start_args)`` (jitted, first argument static) returns the loop state after the
     prefill; ``chunk(*chunk_args, state, until)`` (jitted, first argument static, state donated)
     advances it to ``until`` positions or until every row stopped. The state starts with
-    ``(position, tokens [B, R'], logprobs, done [B], ...)``. The first chunk is one token (it shows
-    at once); later ones are sized to take :data:`STREAM_SECONDS` at the speed measured so far.
+    ``(position, tokens [B, R'], logprobs, done [B], ...)``; ``start`` already holds the first
+    token (it shows at once). Later chunks are sized to take :data:`STREAM_SECONDS` at the speed
+    measured so far.
     The loop runs on the device with no host callback inside (a callback in the loop costs
     more than a tiny model's whole step) and the host pays one dispatch per chunk. The tokens
     equal those of the one-program path.
@@ -350,23 +357,24 @@ def stream_chunks(dec: DecodeSpec, start, start_args, chunk, chunk_args, limits:
         t2 = time.perf_counter()
         chunk_c = chunk.lower(*chunk_args, state, np.int32(1)).compile()
         t3 = time.perf_counter()
-        sent, width = 0, 1
+        # the first rate estimate: the start program's tokens over its (prefill-heavy) time
+        sent, start_pos, t_chunk = 0, 0, time.perf_counter() - (t2 - t1)
         while True:
-            pos = min(int(state[0]), n)
+            pos, out, done = jax.device_get((state[0], state[1], state[3]))  # one transfer
+            pos = min(int(pos), n)
+            rate = (pos - start_pos) / max(time.perf_counter() - t_chunk, 1e-6)
             if pos > sent:
                 # a row's emitted positions are a prefix: its length so far says which are valid
-                out = np.asarray(state[1])[:, :n]
+                out = np.asarray(out)[:, :n]
                 _, lengths, _ = finish(dec, out, np.zeros(out.shape, np.float32), limits, pos)
                 valid = np.arange(sent, pos)[None, :] < lengths[:, None]
                 on_tokens(sent, np.where(valid, out[:, sent:pos], dec.pad_token), valid)
                 sent = pos
-            if pos >= n or bool(np.all(np.asarray(state[3]))):
+            if pos >= n or bool(np.all(done)):
                 break
+            width = max(1, int(rate * STREAM_SECONDS))
             start_pos, t_chunk = pos, time.perf_counter()
             state = chunk_c(*chunk_args[1:], state, np.int32(min(n, sent + width)))
-            advanced = int(state[0]) - start_pos
-            rate = advanced / max(time.perf_counter() - t_chunk, 1e-6)
-            width = max(1, int(rate * STREAM_SECONDS))
         jax.block_until_ready(state)
         t4 = time.perf_counter()
     return state, (t2 - t1) + (t4 - t3), (t1 - t0) + (t3 - t2)
@@ -473,7 +481,7 @@ def generate(
     else:
         params_, weights, prompts_, key, limits_ = dynamic
         state, seconds, compile_s = stream_chunks(
-            dec, _generate_start, (dec, params_, prompts_, key, limits_),
+            dec, _generate_start, (dec, params_, weights, prompts_, key, limits_),
             _generate_chunk, (dec, params_, weights, limits_), limits, on_tokens, mesh)
         steps, out, lps = state[:3]
     tokens, lengths, lps = finish(dec, out, lps, limits, int(steps))

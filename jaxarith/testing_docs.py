@@ -36,6 +36,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import types
 
 # Names the docs use for models -> which fixture stands in for them. Hub ids become local
 # directories of the same name, so every command runs offline on tiny models.
@@ -213,7 +214,9 @@ class DocRunner:
         self.workdir = os.path.abspath(workdir)
         self.tmp = os.path.abspath(tmp or os.path.join(self.workdir, "tmp"))
         self.repo = repo
-        self.ns: dict = {"__name__": "__doc__"}
+        # the page's namespace is a real module, so dataclasses & co. can look it up
+        self.module = types.ModuleType(f"doctest_{abs(hash(self.workdir))}")
+        self.ns: dict = self.module.__dict__
         self.env_changes: dict[str, str | None] = {}
         os.makedirs(self.tmp, exist_ok=True)
         for name, fixture in FIXTURE_NAMES.items():
@@ -252,7 +255,8 @@ class DocRunner:
         raise DocFailure(f"{block.where}: {what}\n--- output (last lines) ---\n{tail}")
 
     def close(self) -> None:
-        """Undo ``export``s made by the document's commands."""
+        """Undo ``export``s made by the document's commands; forget its module."""
+        sys.modules.pop(self.module.__name__, None)
         for k, v in self.env_changes.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -276,7 +280,9 @@ class DocRunner:
     def _python(self, block: Block, code: str, argv0: str = "<doc>") -> None:
         buf = io.StringIO()
         try:
+            sys.modules[self.module.__name__] = self.module
             with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+                # dont_inherit: this file's `from __future__ import annotations` must not apply
                 exec(compile(code, block.where, "exec", dont_inherit=True), self.ns)  # noqa: S102
         except BaseException as e:  # also SystemExit
             if isinstance(e, SystemExit) and not e.code:

@@ -25,6 +25,7 @@ from jaxarith.data import DataConfig, SourceConfig
 from jaxarith.errors import ConfigError
 from jaxarith.schedules import ScheduleConfig
 from train.distill import DistillSection
+from train.init import InitConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class ModelSection:
     Attributes:
       ref: a model reference to start from (HF hub id, HF directory, jaxarith Orbax directory).
       arch: for training from scratch (``ref`` empty): ``llama`` or ``gpt2``.
+        Both stay empty when the ``init:`` section gives the start weights (train/init.py).
       config: for scratch: HF ``config.json`` fields (``hidden_size``, ``n_layer``, ...).
       tokenizer: ``bundled`` (the bundled 1024-token BPE) or a directory; default: ``ref``'s.
       compute_dtype: float32 | bfloat16 (master weights stay float32).
@@ -55,7 +57,7 @@ class ModelSection:
     remat: bool = False
 
     def __post_init__(self):
-        if bool(self.ref) == bool(self.arch):
+        if self.ref and self.arch:  # neither: checked with `init` in TrainConfig
             raise ConfigError("model: give exactly one of model.ref (start from a checkpoint) "
                               "and model.arch (train from scratch)")
         if self.arch and self.arch not in ("llama", "gpt2"):
@@ -160,6 +162,7 @@ class TrainConfig:
       seed: parameter init (scratch) seed.
       on_nonfinite: stop | skip.
       distributed: call ``jax.distributed.initialize()`` (multi-host pods).
+      init: start from another model's transformed weights (layer inheritance; train/init.py).
     """
 
     out: str
@@ -181,8 +184,15 @@ class TrainConfig:
     log: LogConfig = LogConfig()
     export: ExportConfig = ExportConfig()
     distill: DistillSection = DistillSection()  # see train/distill.py
+    init: InitConfig = InitConfig()
 
     def __post_init__(self):
+        if self.init.ref and (self.model.ref or self.model.arch or self.model.config):
+            raise ConfigError("init.ref gives the model: leave model.ref, model.arch and "
+                              "model.config empty")
+        if not self.init.ref and not (self.model.ref or self.model.arch):
+            raise ConfigError("model: give exactly one of model.ref (start from a checkpoint) "
+                              "and model.arch (train from scratch), or an init section")
         try:
             object.__setattr__(self, "on_nonfinite", OnNonFinite(self.on_nonfinite))
         except ValueError:
