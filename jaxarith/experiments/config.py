@@ -101,19 +101,26 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def read_yaml(path: str | None) -> dict:
+    """An experiment config file as a dict (``{}`` for no path); clear errors for a missing
+    file, invalid YAML or a top level that is not a mapping."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"no such experiment config: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw
+
+
 def load(path: str | None = None, overrides: dict | None = None) -> dict:
     """The embedded default, deep-merged with the YAML at ``path`` and then ``overrides``."""
-    raw: dict = {}
-    if path:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"no such experiment config: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml(path)
     cfg = deep_merge(DEFAULT, raw)
     cfg = deep_merge(cfg, overrides or {})
     # a user's data sources replace the default ones (not merged name by name)

@@ -27,8 +27,6 @@ import json
 import os
 from typing import Any
 
-import yaml
-
 from jaxarith.errors import ConfigError, JaxarithError
 from jaxarith.experiments.common import (
     Log,
@@ -39,7 +37,7 @@ from jaxarith.experiments.common import (
     write_json,
 )
 from jaxarith.experiments.config import DEFAULT as DT_DEFAULT
-from jaxarith.experiments.config import TINY_LLAMA, deep_merge
+from jaxarith.experiments.config import TINY_LLAMA, deep_merge, read_yaml
 
 MODELS = ("small_base", "large_base", "small_tuned", "large_tuned")
 SMALL = {**TINY_LLAMA, "hidden_size": 32, "intermediate_size": 96, "num_attention_heads": 2,
@@ -62,14 +60,7 @@ TOP_KEYS = ("out", "train", "small", "large", "stages", "eval")
 
 def load_config(path: str | None = None, overrides: dict | None = None) -> dict:
     """The embedded default deep-merged with the YAML at ``path`` and ``overrides``."""
-    raw: dict = {}
-    if path:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"no such experiment config: {path}") from None
-    cfg = deep_merge(deep_merge(DEFAULT, raw), overrides or {})
+    cfg = deep_merge(deep_merge(DEFAULT, read_yaml(path)), overrides or {})
     for k in cfg:
         if k not in TOP_KEYS:
             raise ConfigError(f"{path or 'config'}: unknown key {k!r} (valid: "
