@@ -16,8 +16,9 @@ recompile. Prompt lengths are padded up to a multiple of ``DecodeSpec.prompt_buc
 prompts of similar length share one program too.
 
 Streaming: an ``on_tokens`` host callback receives the tokens in chunks (the first token at once,
-then chunks of about :data:`STREAM_SECONDS` of decoding each), so the decode loop pays one host
-round trip per chunk, not per token.
+then chunks of about :data:`STREAM_SECONDS` of decoding each). The host drives the chunks, one
+compiled chunk program for every width, and queues chunk k + 1 before it reads chunk k, so the
+device never waits for the host's printing and the tokens equal the one-program path's.
 
 Shapes (letters as in :mod:`jaxarith.models`): B batch, P padded prompt length, S cache length,
 V vocabulary, R new tokens (``max_new_tokens``), M models combined.
@@ -25,6 +26,7 @@ V vocabulary, R new tokens (``max_new_tokens``), M models combined.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -330,6 +332,27 @@ def _generate_start(dec: DecodeSpec, params, weights, prompts, key, limits):
 _generate_chunk = jax.jit(_decode_until, static_argnums=0, donate_argnums=4)
 
 
+def _viewed(fn, donate: int | None):
+    """``fn`` (jitted, first argument static) returning ``(state, view)``, where ``view`` holds
+    copies of the state's ``(position, tokens, done)`` in buffers of their own: the host reads a
+    chunk's view while the state has already been donated to the next chunk.
+
+    ``donate``: the index (static argument included) of the donated state, or None.
+    """
+    key = (fn, donate)
+    if key not in _VIEWED:
+        def run(spec, *args):
+            state = fn(spec, *args)
+            return state, (state[0], state[1], state[3])
+
+        _VIEWED[key] = jax.jit(run, static_argnums=0,
+                               donate_argnums=() if donate is None else donate)
+    return _VIEWED[key]
+
+
+_VIEWED: dict = {}
+
+
 def stream_chunks(dec: DecodeSpec, start, start_args, chunk, chunk_args, limits: np.ndarray,
                   on_tokens: TokenCallback, mesh):
     """Run a decode loop in host-driven chunks, handing each chunk's tokens to ``on_tokens``.
@@ -338,46 +361,83 @@ def stream_chunks(dec: DecodeSpec, start, start_args, chunk, chunk_args, limits:
     prefill; ``chunk(*chunk_args, state, until)`` (jitted, first argument static, state donated)
     advances it to ``until`` positions or until every row stopped. The state starts with
     ``(position, tokens [B, R'], logprobs, done [B], ...)``; ``start`` already holds the first
-    token (it shows at once). Later chunks are sized to take :data:`STREAM_SECONDS` at the speed
-    measured so far.
-    The loop runs on the device with no host callback inside (a callback in the loop costs
-    more than a tiny model's whole step) and the host pays one dispatch per chunk. The tokens
-    equal those of the one-program path.
+    token (it shows at once).
+
+    Pipelined: chunk k + 1 is dispatched before the host reads chunk k's tokens (JAX dispatches
+    asynchronously), so the device never waits for the host's printing; the loop runs on the
+    device with no host callback inside (a callback in the loop costs more than a tiny model's
+    whole step). Chunks after the first are sized to take :data:`STREAM_SECONDS` at the speed
+    measured so far; ``until`` is a traced argument, so every chunk width (the last one too)
+    runs the same compiled program. Stops (all rows done, or ``max_new_tokens``) are checked
+    per chunk: a chunk dispatched after every row stopped does nothing. The tokens equal those
+    of the one-program path.
 
     Returns:
       (final state, run seconds, compile seconds).
     """
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     n = dec.max_new_tokens
+    start_v = _viewed(start, None)
+    chunk_v = _viewed(chunk, len(chunk_args))
     with ctx:
-        t0 = time.perf_counter()
-        start_c = start.lower(*start_args).compile()
-        t1 = time.perf_counter()
-        state = start_c(*start_args[1:])
-        t2 = time.perf_counter()
-        chunk_c = chunk.lower(*chunk_args, state, np.int32(1)).compile()
-        t3 = time.perf_counter()
-        # the first rate estimate: the start program's tokens over its (prefill-heavy) time
-        sent, start_pos, t_chunk = 0, 0, time.perf_counter() - (t2 - t1)
+        start_key = _compile_key(start_v, start_args, mesh)
+        start_c, compile_s = compiled(start_v, start_args, mesh, start_key)
+        t_run = time.perf_counter()
+        state, view = start_c(*start_args[1:])
+        # the chunk program (its arguments' types follow from the start program's): taken from
+        # the cache without waiting; compiled (first call) only after the first token is shown
+        chunk_key = (start_key, chunk_v)
+        chunk_c = _COMPILED.get(chunk_key)
+        pending = collections.deque([view])  # dispatched chunks whose tokens are not yet shown
+        planned, sent, shown, stopped = 1, 0, 0, False
+        # the chunk queued behind the first token: sized by the speed of this program's last
+        # call in this process (the first call has no measurement yet)
+        width, t_ready = min(_RATES.get(start_key, FIRST_CHUNK), MAX_CHUNK or n), t_run
         while True:
-            pos, out, done = jax.device_get((state[0], state[1], state[3]))  # one transfer
+            if chunk_c is not None and not stopped and planned < n and len(pending) < 2:
+                planned = min(n, planned + width)
+                state, view = chunk_c(*chunk_args[1:], state, np.int32(planned))
+                pending.append(view)
+            if not pending:
+                break
+            pos, out, done = jax.device_get(pending.popleft())
+            now = time.perf_counter()
             pos = min(int(pos), n)
-            rate = (pos - start_pos) / max(time.perf_counter() - t_chunk, 1e-6)
             if pos > sent:
                 # a row's emitted positions are a prefix: its length so far says which are valid
                 out = np.asarray(out)[:, :n]
-                _, lengths, _ = finish(dec, out, np.zeros(out.shape, np.float32), limits, pos)
+                lengths = _lengths(dec, out, limits, pos)
                 valid = np.arange(sent, pos)[None, :] < lengths[:, None]
                 on_tokens(sent, np.where(valid, out[:, sent:pos], dec.pad_token), valid)
-                sent = pos
-            if pos >= n or bool(np.all(done)):
-                break
-            width = max(1, int(rate * STREAM_SECONDS))
-            start_pos, t_chunk = pos, time.perf_counter()
-            state = chunk_c(*chunk_args[1:], state, np.int32(min(n, sent + width)))
+                # the device ran this chunk from the previous one's end (it was queued)
+                width = max(1, int((pos - shown) / max(now - t_ready, 1e-6) * STREAM_SECONDS))
+                width = min(width, MAX_CHUNK or width)
+                if shown > 0:  # a decode chunk (not the prefill-heavy start): remember its speed
+                    if len(_RATES) > _COMPILED_MAX:
+                        _RATES.clear()
+                    _RATES[start_key] = width
+                sent = shown = pos
+            t_ready = now
+            stopped = stopped or pos >= n or bool(np.all(done))
+            if chunk_c is None and not stopped:
+                t0 = time.perf_counter()
+                chunk_c, c = compiled(chunk_v, (*chunk_args, state, np.int32(1)), mesh,
+                                      chunk_key)
+                compile_s += c
+                t_ready += time.perf_counter() - t0
+                t_run += time.perf_counter() - t0
         jax.block_until_ready(state)
-        t4 = time.perf_counter()
-    return state, (t2 - t1) + (t4 - t3), (t1 - t0) + (t3 - t2)
+        seconds = time.perf_counter() - t_run
+    return state, seconds, compile_s
+
+
+FIRST_CHUNK = 4
+"""Streaming: the width of the chunk queued behind the first token when no speed has been
+measured yet for this program; later chunks are sized by :data:`STREAM_SECONDS`."""
+MAX_CHUNK: int | None = None
+"""Streaming: an upper bound on a chunk's tokens (None: no bound; tests set it to place chunk
+boundaries)."""
+_RATES: dict = {}  # a start program's cache key -> chunk width measured on its last call
 
 
 def row_limits(dec: DecodeSpec, batch: int,
@@ -390,6 +450,19 @@ def row_limits(dec: DecodeSpec, batch: int,
         raise ConfigError(f"per-row max_new_tokens {limits.tolist()} must be in "
                           f"[0, DecodeSpec.max_new_tokens={dec.max_new_tokens}]")
     return limits
+
+
+def _lengths(dec: DecodeSpec, tokens: np.ndarray, limits: np.ndarray, steps: int) -> np.ndarray:
+    """Tokens emitted per row [B]: through its first stop token, within its budget and the
+    steps run."""
+    n = tokens.shape[1]
+    if dec.stop_tokens:
+        # a comparison per stop id: np.isin costs more than a tiny model's step here
+        stops = functools.reduce(np.logical_or, [tokens == s for s in dec.stop_tokens])
+        lengths = np.where(stops.any(1), stops.argmax(1) + 1, n)
+    else:
+        lengths = np.full(tokens.shape[0], n)
+    return np.minimum(np.minimum(lengths, limits), steps)
 
 
 def finish(dec: DecodeSpec, tokens, logprobs, limits: np.ndarray,
@@ -405,30 +478,62 @@ def finish(dec: DecodeSpec, tokens, logprobs, limits: np.ndarray,
       log-probability 0.
     """
     tokens, logprobs = np.array(tokens), np.array(logprobs)
-    stops = np.isin(tokens, np.asarray(dec.stop_tokens or (-1,)))
-    lengths = np.where(stops.any(1), stops.argmax(1) + 1, tokens.shape[1])
-    lengths = np.minimum(np.minimum(lengths, limits), steps)
+    lengths = _lengths(dec, tokens, limits, steps)
     after = np.arange(tokens.shape[1])[None, :] >= lengths[:, None]
     tokens[after] = dec.pad_token
     logprobs[after] = 0.0
     return tokens, lengths, logprobs
 
 
+_COMPILED: collections.OrderedDict = collections.OrderedDict()
+_COMPILED_MAX = 32
+
+
+def _compile_key(fn, lower_args, mesh):
+    """What a compiled program depends on: the function, the static spec, the arguments'
+    structure, types (shape, dtype, weak type) and shardings, and the mesh."""
+    leaves, tree = jax.tree.flatten(lower_args[1:])
+    return (fn, lower_args[0], tree, mesh,
+            tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves))
+
+
+def compiled(fn, lower_args, mesh, key=None):
+    """The compiled program of ``fn`` for ``lower_args`` (all arguments, the static first one
+    included), and the seconds spent compiling it (0 when cached).
+
+    ``key``: the cache key when known (default :func:`_compile_key`).
+
+    Kept in a small cache of compiled programs: ``fn.lower(...).compile()`` on every call
+    would cost a lowering-cache lookup and a slow first call of a fresh executable wrapper
+    (together ~1 ms, as long as a tiny model's whole generation).
+    """
+    key = _compile_key(fn, lower_args, mesh) if key is None else key
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        return _COMPILED[key], 0.0
+    t0 = time.perf_counter()
+    exe = fn.lower(*lower_args).compile()
+    _COMPILED[key] = exe
+    if len(_COMPILED) > _COMPILED_MAX:
+        _COMPILED.popitem(last=False)
+    return exe, time.perf_counter() - t0
+
+
 def compile_and_run(fn, lower_args, args, mesh):
-    """Compile ``fn`` for ``lower_args`` (all arguments, static ones included; jax caches the
-    program) and run it on ``args`` (the non-static ones). Returns (outputs, run s, compile s).
+    """Compile ``fn`` for ``lower_args`` (all arguments, static ones included; compiled
+    programs are cached) and run it on ``args`` (the non-static ones). Returns (outputs, run s,
+    compile s).
 
     With ``mesh``, prompt arrays are placed batch-sharded and the program runs under
     ``jax.set_mesh`` so activations and caches follow the logical rules.
     """
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with ctx:
-        t0 = time.perf_counter()
-        compiled = fn.lower(*lower_args).compile()
+        exe, compile_s = compiled(fn, lower_args, mesh)
         t1 = time.perf_counter()
-        out = jax.block_until_ready(compiled(*args))
+        out = jax.block_until_ready(exe(*args))
         t2 = time.perf_counter()
-    return out, t2 - t1, t1 - t0
+    return out, t2 - t1, compile_s
 
 
 def place_prompts(padded, mesh):
