@@ -34,7 +34,8 @@ def fixed_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("combined,sampler", [
-    (False, Greedy()),
+    # plain greedy with a stop token and budgets is also tests/test_decode.py's streaming test
+    pytest.param(False, Greedy(), marks=pytest.mark.slow),
     pytest.param(False, Sampling(temperature=1.5, top_k=20), marks=pytest.mark.slow),
     (True, Sampling(temperature=1.2, top_p=0.95))], ids=["plain-greedy", "plain-sampled",
                                                         "proxy-sampled"])
