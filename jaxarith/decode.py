@@ -491,9 +491,11 @@ _COMPILED_MAX = 32
 
 def _compile_key(fn, lower_args, mesh):
     """What a compiled program depends on: the function, the static spec, the arguments'
-    structure, types (shape, dtype, weak type) and shardings, and the mesh."""
+    structure, types (shape, dtype, weak type) and shardings, the mesh, and the global JAX
+    settings that change lowering (x64, default matmul precision)."""
     leaves, tree = jax.tree.flatten(lower_args[1:])
-    return (fn, lower_args[0], tree, mesh,
+    return (fn, lower_args[0], tree, mesh, jax.config.jax_enable_x64,
+            jax.config.jax_default_matmul_precision,
             tuple((jax.typeof(x), getattr(x, "sharding", None)) for x in leaves))
 
 

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxarith import testing
 from jaxarith.convert import load_hf_params
 from jaxarith.experiments import distill_vs_inherit as dvi
 from jaxarith.models import forward
@@ -22,17 +21,20 @@ SMOKE = os.path.join(ROOT, "configs", "experiments", "distill_vs_inherit_smoke.y
 def setup(tmp_path_factory):
     """The smoke config's stage configs, with a random teacher of the smoke teacher's shape
     standing in for stage 0 at DIR/models/teacher (no training)."""
+    from jaxarith.convert.export import save_hf
+    from jaxarith.models import LlamaConfig, init_params
+
     out = str(tmp_path_factory.mktemp("dvi"))
     cfg = dvi.load_config(SMOKE, {"train": {"log": {"progress": False}}})
-    tc = cfg["teacher"]["config"]
-    hf_cfg = testing.tiny_llama_config(
-        vocab_size=tc["vocab_size"], hidden_size=tc["hidden_size"],
-        intermediate_size=tc["intermediate_size"], num_hidden_layers=tc["num_hidden_layers"],
-        num_attention_heads=tc["num_attention_heads"],
-        num_key_value_heads=tc["num_key_value_heads"], head_dim=tc["head_dim"],
-        max_position_embeddings=tc["max_position_embeddings"])
+    t_cfg = LlamaConfig.from_hf({**cfg["teacher"]["config"], "model_type": "llama"})
+    # well away from init scale, so the models' distributions differ measurably
+    params = init_params(t_cfg, 5)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(6), len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                       for x, k in zip(leaves, keys, strict=True)])
     teacher_dir = os.path.join(out, "models", "teacher")
-    testing.make_hf_model(teacher_dir, hf_cfg, seed=5, noise=0.2)
+    save_hf(t_cfg, params, teacher_dir, progress=False)
     return cfg, dvi.stage_train_configs(cfg, out), teacher_dir
 
 
