@@ -14,11 +14,13 @@ from jaxarith.errors import ConfigError
 from jaxarith.evaltasks import TASKS_DIR
 
 
-def task_manager(tasks: Sequence[str], include_path: Sequence[str | os.PathLike] = ()):
+def task_manager(tasks: Sequence[str], include_path: Sequence[str | os.PathLike] = (), *,
+                 builtin: bool = True):
     """An lm-eval ``TaskManager`` that knows every name in ``tasks``.
 
     jaxarith's own tasks and ``include_path`` are indexed first; lm-eval's built-in tasks (an
-    index of thousands of YAMLs, ~15 s) only when a requested name is not among them.
+    index of thousands of YAMLs, 5-15 s) only when a requested name is not among them and
+    ``builtin`` is true.
 
     Raises:
       ConfigError: a task name that no index knows (with the closest names).
@@ -30,14 +32,15 @@ def task_manager(tasks: Sequence[str], include_path: Sequence[str | os.PathLike]
         if not os.path.isdir(p):
             raise ConfigError(f"include path {p}: not a directory")
     tm = TaskManager(include_path=paths, include_defaults=False)
-    if set(tm.match_tasks(list(tasks))) != set(tasks):
+    if builtin and set(tm.match_tasks(list(tasks))) != set(tasks):
         tm = TaskManager(include_path=paths, include_defaults=True)
     unknown = [t for t in tasks if t not in tm.match_tasks([t])]
     if unknown:
+        where = ("lm-eval's, " if builtin else "") + f"jaxarith's ({TASKS_DIR})"
         hints = {t: difflib.get_close_matches(t, tm.all_tasks, n=3) for t in unknown}
         raise ConfigError("unknown task(s): " + "; ".join(
             f"{t}" + (f" (did you mean {', '.join(h)}?)" if h else "") for t, h in hints.items())
-            + f". Tasks are lm-eval's, jaxarith's ({TASKS_DIR}) and those in --include-path")
+            + f". Tasks are {where} and those in --include-path")
     return tm
 
 
