@@ -24,9 +24,21 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise JaxarithError("the lm-eval integration needs lm-evaluation-harness: "
                         "pip install 'jaxarith[eval]'") from e
 
+import logging  # noqa: E402
+
 from jaxarith.lmeval.lm import JaxarithLM  # noqa: E402
 
 MODEL_NAME = "jaxarith"
+
+
+def _drop_shipped_task_advice(record: logging.LogRecord) -> bool:
+    """lm-eval advises ``--metadata`` for every task with a ``custom_dataset``; the shipped
+    tasks take none, so their copy of the advice is noise."""
+    msg = record.getMessage()
+    return not (msg.startswith("jaxarith_") and "Custom kwargs can be passed" in msg)
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_drop_shipped_task_advice)
 
 if MODEL_NAME not in model_registry:  # a second import (e.g. importlib.reload) is a no-op
     register_model(MODEL_NAME)(JaxarithLM)
