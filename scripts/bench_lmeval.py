@@ -7,8 +7,9 @@ perplexity: one request per document, several windows each). Each side runs the 
 ``lm_eval.simple_evaluate`` (the same lm-eval overhead on both sides) once to warm up (jaxarith
 compiles its length buckets there), then ``--repeats`` timed runs, the two sides interleaved;
 the median is reported. The per-request answers of the two sides are compared (max abs
-difference of the log-likelihoods, identical ``is_greedy``). The load average is recorded: the
-machine may be shared, so rerun on a quiet one before quoting a ratio.
+difference of the log-likelihoods, identical ``is_greedy``). The machine (CPU, peaks, load
+average at start and end: ``scripts/benchenv.py``) is recorded; on a busy machine rerun before
+quoting a ratio.
 
     python scripts/bench_lmeval.py --quick     # a tiny model, few documents (< 1 min)
     python scripts/bench_lmeval.py             # ~16M and ~100M Llamas (minutes)
@@ -25,6 +26,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import benchenv  # noqa: E402  (scripts/ is on sys.path when this file runs)
 import lm_eval  # noqa: E402
 import numpy as np  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
@@ -106,15 +108,15 @@ def main() -> None:
     docs = ({"jaxarith_mc": list(range(8)), "jaxarith_ppl": list(range(4))} if args.quick else
             {"jaxarith_mc": list(range(24)), "jaxarith_ppl": list(range(12))})
     tm = task_manager(list(TASKS))
-    load_start = os.getloadavg()[0]
+    machine = benchenv.start(quick=args.quick)
+    print(benchenv.describe(machine), flush=True)
     rows = []
     for name, size in sizes.items():
         rows += bench_size(name, size, tm, docs, args.batch_size, repeats)
-    result = {"rows": rows, "batch_size": args.batch_size, "repeats": repeats,
-              "load_avg_1m_at_start": load_start, "load_avg_1m_at_end": os.getloadavg()[0],
-              "cpu_count": os.cpu_count(), "quick": args.quick}
-    print(f"load average (1 min): {load_start:.2f} at start, "
-          f"{result['load_avg_1m_at_end']:.2f} at end")
+    machine = benchenv.finish(machine)
+    print(benchenv.describe(machine))
+    result = {"machine": machine, "rows": rows, "batch_size": args.batch_size,
+              "repeats": repeats, "quick": args.quick}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:

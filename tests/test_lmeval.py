@@ -99,8 +99,10 @@ def test_rolling_loglikelihood_equals_the_hf_backend(name, runs):
     # per rolling window (a loglikelihood request of <= 128 tokens) against float64 sums of
     # the hf backend's own model call: within 1e-4
     texts = [s["doc"]["text"] for s in ours["samples"]["jaxarith_ppl"]]
-    windows = [(None, *lm_eval.utils.make_disjoint_window(w)) for t in texts
-               for w in lm_eval.utils.get_rolling_token_windows(
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    windows = [(None, *make_disjoint_window(w)) for t in texts
+               for w in get_rolling_token_windows(
                    lm.tok_encode(t), lm.prefix_token_id, lm.max_length, context_len=1)]
     assert len(windows) >= 2 * len(texts)  # several windows per long document
     ref = []
@@ -170,12 +172,16 @@ def test_proxy_tuning_scores_the_combined_distribution(llama_dir, llama_tied_dir
     base, expert, anti = llama_dir, llama_tied_dir, gpt2_dir
     pairs = [("The mode argument can be", " read only"), ("Connect as usual", " to port 21"),
              ("x", " = 1")]
-    reqs = [lm_eval.api.instance.Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    from lm_eval.api.instance import Instance
+
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
     plain = JaxarithLM(pretrained=base[0]).loglikelihood(reqs, disable_tqdm=True)
     args = dict(pretrained=base[0], expert=expert[0], anti_expert=anti[0])
     zero = JaxarithLM(**args, alpha=0.0).loglikelihood(reqs, disable_tqdm=True)
     np.testing.assert_allclose([x[0] for x in zero], [x[0] for x in plain], rtol=0, atol=1e-5)
     assert [x[1] for x in zero] == [x[1] for x in plain]
+    eft0 = JaxarithLM(pretrained=base[0], eft_tuned=expert[0], eft_ref=anti[0], beta=0)
+    assert eft0.loglikelihood(reqs, disable_tqdm=True) == zero  # the same weights: (1, 0, 0)
     # alpha = 0.7 against float64 numpy on transformers' logits of the three models
     lm = JaxarithLM(**args, alpha="0.7")  # model_args strings arrive unparsed sometimes
     ours = lm.loglikelihood(reqs, disable_tqdm=True)
@@ -201,7 +207,9 @@ def test_simple_evaluate_by_name_equals_the_cli(llama_dir, capsys):
     assert out["results"] == json.loads(json.dumps(by_name["results"]))
     assert out["results"]["jaxarith_mc"]["sample_len"] == 3
     # model="hf" still resolves after jaxarith registered itself
-    assert lm_eval.api.registry.get_model("hf").__name__ == "HFLM"
+    from lm_eval.api.registry import get_model
+
+    assert get_model("hf").__name__ == "HFLM"
 
 
 def test_cli_writes_results_atomically(gpt2_dir, tmp_path, capsys):
@@ -231,6 +239,26 @@ def test_shipped_tasks_are_package_data():
         for ext in ("yaml", "jsonl"):
             assert f"{name}.{ext}" in files
             assert any(fnmatch.fnmatch(f"evaltasks/{name}.{ext}", p) for p in data)
+
+
+def test_generation_kwargs_map_to_the_decoder_samplers(gpt2_dir):
+    from lm_eval.models.utils import normalize_gen_kwargs
+
+    from jaxarith.sampling import Greedy, Sampling
+
+    lm = JaxarithLM(pretrained=gpt2_dir[0])
+
+    def sampler(**kw):
+        kw = dict(normalize_gen_kwargs(kw, 16))
+        kw.pop("until", None), kw.pop("max_gen_toks")
+        return lm._sampler(kw)
+
+    assert sampler(do_sample=False, temperature=0.7) == Greedy()
+    assert sampler(temperature=0.0) == Greedy()
+    assert sampler(do_sample=True, temperature=0.7, top_k=5, top_p=0.9) == \
+        Sampling(temperature=0.7, top_k=5, top_p=0.9)
+    with pytest.raises(ConfigError, match="repetition_penalty"):
+        sampler(do_sample=True, repetition_penalty=1.2)
 
 
 def test_bad_inputs_are_clear_errors(llama_dir, gpt2_dir, tmp_path, capsys):
