@@ -170,8 +170,11 @@ def _np_log_softmax(z):
 
 def test_proxy_tuning_scores_the_combined_distribution(llama_dir, llama_tied_dir, gpt2_dir):
     base, expert, anti = llama_dir, llama_tied_dir, gpt2_dir
-    pairs = [("The mode argument can be", " read only"), ("Connect as usual", " to port 21"),
-             ("x", " = 1")]
+    # three multiple-choice requests of the shipped task (17-32 tokens: the 32-token bucket
+    # of the parity runs, so the single-model program is reused)
+    with open(f"{TASKS_DIR}/jaxarith_mc.jsonl") as f:
+        docs = [json.loads(line) for line in f][:3]
+    pairs = [(d["context"], " " + d["choices"][0]) for d in docs]
     from lm_eval.api.instance import Instance
 
     reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]

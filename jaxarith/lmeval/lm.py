@@ -123,6 +123,7 @@ class JaxarithLM(TemplateLM):
         self._max_gen_toks = _positive("max_gen_toks", max_gen_toks, 256)
         self.add_bos_token = _bool("add_bos_token", add_bos_token)
         self.seed, self._batches = int(seed), 0
+        self._stop_cache: dict[tuple[str, ...], tuple[int, ...]] = {}
         if device not in (None, "cpu", "cuda", "tpu", "jax") and not str(device).startswith(
                 ("cuda:", "tpu:")):
             raise ConfigError(f"device={device!r}: model=jaxarith places work by the mesh; "
@@ -289,6 +290,9 @@ class JaxarithLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Continuations from the jitted KV-cache decoder, cut at the first ``until`` string.
 
+        A row stops at EOS, at a token that contains an ``until`` string (see
+        :meth:`_stop_tokens`) or after ``max_gen_toks``.
+
         Requests with the same generation kwargs are batched (longest prompt first, prompts
         left-padded to a length bucket, the batch padded to ``batch_size`` rows), so programs
         are keyed by (bucket, max_gen_toks, sampler) only.
@@ -314,6 +318,7 @@ class JaxarithLM(TemplateLM):
             if max_ctx < 1:
                 raise ConfigError(f"max_gen_toks={max_gen} leaves no room for a prompt in "
                                   f"max_length={self.max_length}")
+            self._stop_tokens(until)  # the vocabulary scan, outside the timing of batches
             enc = {i: self._encode_context(requests[i].args[0], max_ctx) for i in idx}
             idx = sorted(idx, key=lambda i: -len(enc[i]))
             for start in range(0, len(idx), batch):
@@ -322,7 +327,7 @@ class JaxarithLM(TemplateLM):
                 bucket = scoring.bucket_for(len(prompts[0]), self.buckets)
                 prompts += [prompts[0]] * (batch - len(prompts))
                 spec = DecodeSpec(members=self.spec.members, max_new_tokens=max_gen,
-                                  sampler=sampler, stop_tokens=(self.eot_token_id,),
+                                  sampler=sampler, stop_tokens=self._stop_tokens(until),
                                   pad_token=self._pad_id(), dtype=self.spec.dtype,
                                   prompt_bucket=bucket)
                 # a new seed per batch: sampled batches must not repeat each other's draws
@@ -336,6 +341,22 @@ class JaxarithLM(TemplateLM):
                 pbar.update(len(part))
         pbar.close()
         return res  # type: ignore[return-value]
+
+    def _stop_tokens(self, until: list[str]) -> tuple[int, ...]:
+        """EOS and every token whose own text holds one of the ``until`` strings.
+
+        A row may stop at such a token without changing the answer: the decoded text then holds
+        the string, and everything from its first occurrence on is cut anyway. Strings that
+        only form across token boundaries are cut after generation (the row runs on to EOS or
+        ``max_gen_toks``). Special tokens decode to nothing in the answer, so they never count.
+        """
+        key = tuple(u for u in until if u)
+        if key not in self._stop_cache:
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))],
+                                                skip_special_tokens=True)
+            ids = [i for i, t in enumerate(texts) if any(u in t for u in key)]
+            self._stop_cache[key] = tuple(sorted({self.eot_token_id, *ids}))
+        return self._stop_cache[key]
 
     def _encode_context(self, context: str, max_ctx: int) -> list[int]:
         """A generation prompt as the HF backend's ``tok_batch_encode`` makes it."""
