@@ -269,6 +269,9 @@ def test_bad_inputs_are_clear_errors(llama_dir, gpt2_dir, tmp_path, capsys):
         JaxarithLM(pretrained=str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="unknown model_args.*temperture"):
         JaxarithLM(pretrained=llama_dir[0], temperture=1)
+    with pytest.raises(ConfigError, match="alpha='high': expected a number"):
+        JaxarithLM(pretrained=llama_dir[0], expert=gpt2_dir[0], anti_expert=gpt2_dir[0],
+                   alpha="high")
     with pytest.raises(ConfigError, match="both expert= and anti_expert="):
         JaxarithLM(pretrained=llama_dir[0], expert=gpt2_dir[0])
     with pytest.raises(ConfigError, match="mesh spec"):

@@ -69,6 +69,13 @@ def _bool(name: str, v) -> bool | None:
     raise ConfigError(f"model_args {name}={v!r}: expected true or false")
 
 
+def _float(name: str, v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"model_args {name}={v!r}: expected a number") from None
+
+
 def _positive(name: str, v, default: int | None) -> int | None:
     if v is None:
         return default
@@ -114,6 +121,8 @@ class JaxarithLM(TemplateLM):
         if expert is not None and eft_tuned is not None:
             raise ConfigError("expert/anti_expert (proxy tuning) and eft_tuned/eft_ref (EFT) "
                               "are exclusive")
+        alpha, beta = _float("alpha", alpha), _float("beta", beta)
+        max_length = _positive("max_length", max_length, None)
         if isinstance(batch_size, str) and batch_size.startswith("auto"):
             log.info("batch_size=%s: model=jaxarith uses a fixed batch of 8 rows", batch_size)
             batch_size = None
@@ -145,15 +154,15 @@ class JaxarithLM(TemplateLM):
         models = [load_model(r, mesh=self.mesh, dtype=jnp.dtype(dtype), progress=False)
                   for r in refs]
         cfgs = [m.config for m in models]
-        members = (proxy_tuning(*cfgs, alpha=float(alpha)) if mode == "proxy" else
-                   eft(*cfgs, beta=float(beta)) if mode == "eft" else (Member(cfgs[0]),))
+        members = (proxy_tuning(*cfgs, alpha=alpha) if mode == "proxy" else
+                   eft(*cfgs, beta=beta) if mode == "eft" else (Member(cfgs[0]),))
         self.tokenizer = self._shared_tokenizer(models)
         # the spec for scoring; generation derives its own (sampler, lengths) from it
         self.spec = DecodeSpec(members=members, max_new_tokens=1, dtype=dtype)
         self.params = tuple(m.params for m in models)
         self.config = cfgs[0]
         context = min(c.context_length for c in cfgs)
-        self._max_length = _positive("max_length", max_length, context)
+        self._max_length = max_length or context
         if self._max_length > context:
             raise ConfigError(f"max_length={self._max_length} exceeds the context length "
                               f"{context} of the models")
