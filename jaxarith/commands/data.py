@@ -39,7 +39,8 @@ def register(sub) -> None:
     t.add_argument("--workers", type=int, default=0,
                    help="tokenising threads (default: the number of CPUs)")
     t.add_argument("--batch-docs", type=int, default=256, help="documents per tokenizer call")
-    t.add_argument("--shard-windows", type=int, default=65536, help="windows per shard")
+    t.add_argument("--shard-windows", type=int, default=16384,
+                   help="windows per shard (bounds the reader's per-shard buffers)")
     t.add_argument("--overwrite", action="store_true",
                    help="replace OUT if jaxarith wrote it")
     _common.add_json(t)
