@@ -173,8 +173,11 @@ def test_missing_manifest_and_corrupt_shards(shards, tokenizer, tmp_path):
         data.load_sources(cfg(bad), tokenizer)
 
 
-def test_jsonl_parquet_and_datasets_inputs_equal_their_sources(tokenizer, tmp_path):
+def test_jsonl_parquet_and_datasets_inputs_equal_their_sources(tokenizer, tmp_path,
+                                                               monkeypatch):
     import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -183,9 +186,11 @@ def test_jsonl_parquet_and_datasets_inputs_equal_their_sources(tokenizer, tmp_pa
     jl.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
     pq.write_table(pa.table({"body": docs}), tmp_path / "d.parquet", row_group_size=50)
     datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "ds"))
+    (tmp_path / "builder").mkdir()  # a local data directory, read by load_dataset
+    (tmp_path / "builder" / "train.jsonl").write_text(jl.read_text())
     for kind, path in (("jsonl", jl), ("parquet", tmp_path / "d.parquet"),
-                       ("datasets", tmp_path / "ds")):
-        out = tmp_path / f"out_{kind}"
+                       ("datasets", tmp_path / "ds"), ("datasets", tmp_path / "builder")):
+        out = tmp_path / f"out_{path.name}"
         tokenized.tokenize_to_dir([str(path)], str(out), tokenizer_ref="bundled", seq_len=T,
                                   opts=tokenized.ReadOptions(text_field="body"), add_bos=True,
                                   eval_fraction=0.1)
