@@ -85,17 +85,16 @@ class ReadOptions:
 
 
 def load_tokenizer(ref: str):
-    """``bundled`` (the bundled BPE) or a directory holding tokenizer files (HF model, Orbax
-    checkpoint, tokenizer directory)."""
+    """``bundled`` (the bundled BPE), a directory holding tokenizer files (HF model, Orbax
+    checkpoint, tokenizer directory) or a hub id: what a run's ``model.tokenizer`` names."""
     if ref == "bundled":
         from jaxarith.assets import bundled_tokenizer
 
         return bundled_tokenizer()
-    if not os.path.isdir(os.path.expanduser(ref)):
-        raise ConfigError(f"--tokenizer {ref}: not 'bundled' and not a directory")
     from jaxarith.refs import load_tokenizer as load
 
-    return load(os.path.expanduser(ref))
+    path = os.path.expanduser(ref)
+    return load(path if os.path.isdir(path) else ref)
 
 
 def tokenizer_hash(tokenizer) -> str:

@@ -22,7 +22,8 @@ def register(sub) -> None:
                         "bundled:docs; read in the order given, as one source")
     t.add_argument("out", metavar="OUT", help="output directory (written atomically)")
     t.add_argument("--tokenizer", required=True, metavar="REF",
-                   help="'bundled' or a directory with tokenizer files (model or tokenizer)")
+                   help="'bundled', a directory with tokenizer files (model or tokenizer) or "
+                        "a hub id: the run's model.tokenizer")
     t.add_argument("--seq-len", type=int, required=True, help="tokens per window")
     t.add_argument("--kind", default="", choices=("", "text", "jsonl", "parquet", "datasets"),
                    help="input kind (default: by suffix; a directory is a `datasets` dataset)")
