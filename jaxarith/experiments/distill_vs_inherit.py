@@ -146,28 +146,32 @@ def _kl_sums(t_cfg, s_cfg, pt, ps, tokens, mask):
 _KL_SUMS: list = []
 
 
-def heldout_kl(teacher, student, windows, batch: int) -> float:
+def heldout_kl(teacher, student, windows, batch: int, mesh=None) -> float:
     """The pooled forward KL(p_teacher || p_student) at temperature 1 over every predicting
     position of ``windows`` [n, T] (the positions the next-token NLL scores), in nats.
 
     Args:
       teacher, student: loaded models (:func:`jaxarith.refs.load_model`) sharing a vocabulary.
       batch: windows per forward (the last batch is padded and masked).
+      mesh: the mesh the models' parameters are placed on (None: one device).
     """
+    import contextlib
+
     import jax
     import numpy as np
 
     if not _KL_SUMS:
         _KL_SUMS.append(jax.jit(_kl_sums, static_argnums=(0, 1)))
     total, count = 0.0, 0.0
-    for s in range(0, len(windows), batch):
-        chunk = np.asarray(windows[s: s + batch])
-        tokens = np.zeros((batch, chunk.shape[1]), np.int32)
-        mask = np.zeros_like(tokens)
-        tokens[: len(chunk)], mask[: len(chunk)] = chunk, 1
-        t, c = _KL_SUMS[0](teacher.config, student.config, teacher.params, student.params,
-                           tokens, mask)
-        total, count = total + float(t), count + float(c)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        for s in range(0, len(windows), batch):
+            chunk = np.asarray(windows[s: s + batch])
+            tokens = np.zeros((batch, chunk.shape[1]), np.int32)
+            mask = np.zeros_like(tokens)
+            tokens[: len(chunk)], mask[: len(chunk)] = chunk, 1
+            t, c = _KL_SUMS[0](teacher.config, student.config, teacher.params,
+                               student.params, tokens, mask)
+            total, count = total + float(t), count + float(c)
     return total / max(count, 1.0)
 
 
@@ -178,13 +182,15 @@ def evaluate(tcfgs: dict, refs: dict, log: Log) -> dict:
     from train.inheritune import HeldOut
 
     held = HeldOut(tcfgs["scratch"], refs["teacher"])
-    teacher = load_model(refs["teacher"], progress=False)
+    # on the run's mesh: the held-out loss's compiled function expects parameters placed there
+    teacher = load_model(refs["teacher"], mesh=held.mesh, progress=False)
     res = {}
     for name in MODELS:
-        m = teacher if name == "teacher" else load_model(refs[name], progress=False)
+        m = teacher if name == "teacher" else \
+            load_model(refs[name], mesh=held.mesh, progress=False)
         res[name] = {"heldout_loss": held(m.params, m.config),
                      "heldout_kl_to_teacher": 0.0 if name == "teacher" else
-                     heldout_kl(teacher, m, held.windows, held.batch),
+                     heldout_kl(teacher, m, held.windows, held.batch, held.mesh),
                      "layers": m.config.num_hidden_layers,
                      "params": num_params(m.config)}
         log(f"    {name}: held-out loss {res[name]['heldout_loss']:.4f}, "
