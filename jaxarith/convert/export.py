@@ -83,7 +83,7 @@ def hf_slices(directory: str, cfg: ModelConfig) -> SliceSource:
     names = check_checkpoint(cfg, ckpt)
 
     def slices(rule: Rule, layer: int | None) -> tuple[np.ndarray, ...]:
-        key = rule.hf_key if layer is None else rule.hf_key.format(i=layer)
+        key = rule.key(layer)
         return tuple(rule.to_canon(ckpt.get(names[key])))
 
     slices.dtypes = {t: ckpt.dtype(names[expand(rule, cfg.num_hidden_layers)[0][0]])
