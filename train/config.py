@@ -26,6 +26,7 @@ from jaxarith.errors import ConfigError
 from jaxarith.schedules import ScheduleConfig
 from train.distill import DistillSection
 from train.init import InitConfig
+from train.plugins.moe import MoESection
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,12 @@ class ModelSection:
         if self.ref and self.arch:  # neither: checked with `init` in TrainConfig
             raise ConfigError("model: give exactly one of model.ref (start from a checkpoint) "
                               "and model.arch (train from scratch)")
-        if self.arch and self.arch not in ("llama", "gpt2"):
-            raise ConfigError(f"model.arch={self.arch!r}: expected llama or gpt2")
+        if self.arch:
+            from jaxarith.models.registry import FAMILIES
+
+            if self.arch not in FAMILIES:
+                raise ConfigError(f"model.arch={self.arch!r}: expected one of "
+                                  f"{', '.join(sorted(FAMILIES))}")
         if self.arch:  # typos in model.config are errors naming the key, before any work
             from jaxarith.models import check_config_keys
 
@@ -163,6 +168,7 @@ class TrainConfig:
       on_nonfinite: stop | skip.
       distributed: call ``jax.distributed.initialize()`` (multi-host pods).
       init: start from another model's transformed weights (layer inheritance; train/init.py).
+      moe: router loss coefficients of mixture-of-experts models (train/plugins/moe.py).
     """
 
     out: str
@@ -185,6 +191,7 @@ class TrainConfig:
     export: ExportConfig = ExportConfig()
     distill: DistillSection = DistillSection()  # see train/distill.py
     init: InitConfig = InitConfig()
+    moe: MoESection = MoESection()  # router loss coefficients (train/plugins/moe.py)
 
     def __post_init__(self):
         if self.init.ref and (self.model.ref or self.model.arch or self.model.config):

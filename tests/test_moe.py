@@ -1,0 +1,215 @@
+"""Mixtral against transformers: log-probs on a padded batch, router choices, the load-balancing
+loss (and a float64 numpy reference), experts sharded over 8 devices, HF <-> Orbax, greedy
+generation, training through the train program, the capacity (dropping) rule."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+from jaxarith import moe, sharding, testing
+from jaxarith.convert import HFCheckpoint, load_hf_params
+from jaxarith.convert.route import convert
+from jaxarith.decode import Decoder, Member, generate, left_pad
+from jaxarith.errors import ConfigError
+from jaxarith.models import config_from_hf, forward, load_config, param_specs
+
+E, K = 4, 2
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """Tiny GQA Mixtral (2 layers, 4 experts, top-2) saved by transformers. Noise 0.2 on every
+    weight so the router's choices differ from token to token."""
+    d = str(tmp_path_factory.mktemp("mixtral"))
+    hf = testing.make_hf_model(d, testing.tiny_mixtral_config(), seed=3, noise=0.2)
+    cfg, params = load_hf_params(d, progress=False)
+    return d, hf, cfg, params
+
+
+def _padded_batch():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, testing.TINY_VOCAB, (3, 12))
+    mask = np.ones_like(tokens)
+    mask[1, :4] = 0   # left padding
+    mask[2, 9:] = 0   # right padding
+    return tokens, mask
+
+
+def _hf_outputs(hf, tokens, mask):
+    pos = np.clip(np.cumsum(mask, -1) - 1, 0, None)
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                 position_ids=torch.tensor(pos), output_router_logits=True)
+    return out
+
+
+def test_logprobs_router_and_aux_loss_equal_transformers(mixtral):
+    _, hf, cfg, params = mixtral
+    assert cfg.num_local_experts == E and cfg.num_experts_per_tok == K
+    tokens, mask = _padded_batch()
+    ref = _hf_outputs(hf, tokens, mask)
+    logits, _, router = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask),
+                                return_aux=True)
+    real = mask.astype(bool)
+    ours = np.asarray(jax.nn.log_softmax(logits, -1))[real]
+    theirs = torch.log_softmax(ref.logits, -1).numpy()[real]
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    # the router: logits [L, B, T, E] and the chosen experts, token by token
+    hf_router = np.stack([r.numpy().reshape(*tokens.shape, E) for r in ref.router_logits])
+    router = np.asarray(router)
+    np.testing.assert_allclose(router[:, real], hf_router[:, real], atol=1e-5, rtol=0)
+    ours_k = np.sort(np.asarray(jax.lax.top_k(router, K)[1]), -1)[:, real]
+    theirs_k = np.sort(np.asarray(torch.topk(torch.tensor(hf_router), K).indices), -1)[:, real]
+    np.testing.assert_array_equal(ours_k, theirs_k)
+    assert len(np.unique(ours_k.reshape(-1, K), axis=0)) > 2  # routing really varies
+    # load-balancing loss: transformers' function on its own router logits, and float64 numpy
+    hf_aux = load_balancing_loss_func(tuple(ref.router_logits), E, K,
+                                      torch.tensor(mask)).item()
+    aux = float(moe.load_balancing_loss(jnp.asarray(router), K, jnp.asarray(mask)))
+    np.testing.assert_allclose(aux, hf_aux, rtol=1e-5)
+    np.testing.assert_allclose(aux, moe.np_load_balancing_loss(router, K, mask), rtol=1e-5)
+
+
+def test_aux_and_z_loss_against_numpy_reference():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(3, 2, 5, 6)).astype(np.float32) * 2
+    mask = rng.integers(0, 2, (2, 5))
+    mask[0, 0] = 1
+    for m in (None, mask):
+        got = float(moe.load_balancing_loss(jnp.asarray(logits), 2,
+                                            None if m is None else jnp.asarray(m)))
+        np.testing.assert_allclose(got, moe.np_load_balancing_loss(logits, 2, m), rtol=1e-5)
+    # z-loss: mean over layers and real tokens of logsumexp^2 (float64 numpy)
+    x = logits.astype(np.float64)
+    lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    want = (lse**2 * mask[None]).sum() / (mask.sum() * 3)
+    np.testing.assert_allclose(float(moe.router_z_loss(jnp.asarray(logits), jnp.asarray(mask))),
+                               want, rtol=1e-5)
+
+
+def test_capacity_drops_the_later_pairs_of_a_full_expert():
+    """The documented rule, against a numpy loop: within an expert, (token, choice) pairs are
+    kept in flattened order up to the cap; a dropped pair adds nothing."""
+    rng = np.random.default_rng(2)
+    n, d, f, e, k = 10, 4, 6, 3, 2
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    gate, up = (rng.normal(size=(e, d, f)).astype(np.float32) for _ in range(2))
+    down = rng.normal(size=(e, f, d)).astype(np.float32)
+    weights, experts = moe.route(jnp.asarray(rng.normal(size=(n, e)) * 3), k)
+    weights, experts = np.asarray(weights), np.asarray(experts)
+
+    def ref(cap):
+        out, taken = np.zeros((n, d)), np.zeros(e, int)
+        for t in range(n):
+            for c in range(k):
+                j = experts[t, c]
+                taken[j] += 1
+                if taken[j] > cap:
+                    continue
+                h = x[t].astype(np.float64)
+                g, u = h @ gate[j], h @ up[j]
+                out[t] += weights[t, c] * ((g / (1 + np.exp(-g)) * u) @ down[j])
+        return out
+
+    for factor in (0.0, 0.5, 1.0):
+        cap = moe.capacity(n, k, e, factor)
+        got = moe.experts_mlp(jnp.asarray(x), jnp.asarray(weights), jnp.asarray(experts),
+                              jnp.asarray(gate), jnp.asarray(up), jnp.asarray(down),
+                              capacity_factor=factor)
+        np.testing.assert_allclose(np.asarray(got), ref(cap), atol=1e-4, rtol=1e-5)
+    assert moe.capacity(n, k, e, 0.5) == 4  # ceil(0.5 * 20 / 3): some pairs really drop
+
+
+def test_experts_sharded_on_8_devices_equal_one_device(mixtral):
+    d, _, cfg, params = mixtral
+    mesh = sharding.make_mesh("expert=4,fsdp=2")
+    _, sharded = load_hf_params(d, mesh=mesh, progress=False)
+    spec = sharded["layers"]["moe"]["gate"].sharding.spec
+    assert spec[1] == "expert" and spec[2] == "fsdp"
+    assert len(sharded["layers"]["moe"]["down"].addressable_shards[0].data.shape) == 4
+    assert sharded["layers"]["moe"]["down"].addressable_shards[0].data.shape[1] == E // 4
+    tokens, mask = _padded_batch()
+    tokens, mask = np.concatenate([tokens, tokens[:1]]), np.concatenate([mask, mask[:1]])
+    one = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))[0]
+    with jax.set_mesh(mesh):
+        many = jax.jit(lambda p, t, m: forward(p, cfg, t, attention_mask=m)[0])(
+            sharded, jnp.asarray(tokens), jnp.asarray(mask))
+    np.testing.assert_allclose(np.asarray(many), np.asarray(one), atol=1e-5, rtol=0)
+
+
+def test_hf_orbax_hf_round_trip_and_transformers_loads_it(mixtral, tmp_path):
+    src, hf, _, _ = mixtral
+    convert(src, tmp_path / "orbax", progress=False)
+    convert(str(tmp_path / "orbax"), tmp_path / "hf", progress=False)
+    before, after = HFCheckpoint(src), HFCheckpoint(str(tmp_path / "hf"))
+    assert set(after.keys()) == set(before.keys())
+    assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in after.keys()
+    for k in before.keys():
+        assert np.array_equal(after.get(k), before.get(k)), k
+    assert load_config(str(tmp_path / "hf")) == load_config(src)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(model).__name__ == "MixtralForCausalLM"
+    tokens = np.random.RandomState(0).randint(3, testing.TINY_VOCAB, (2, 9))
+    np.testing.assert_array_equal(testing.hf_logits(model, tokens), testing.hf_logits(hf, tokens))
+
+
+def test_greedy_generation_equals_transformers(mixtral):
+    _, hf, cfg, params = mixtral
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22], [40]]
+    ours = generate(Decoder(members=(Member(cfg),), max_new_tokens=6), [params], prompts)
+    tokens, mask = left_pad(prompts)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(tokens).long(),
+                          attention_mask=torch.tensor(mask).long(), max_new_tokens=6,
+                          do_sample=False, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(ours.tokens, ref[:, tokens.shape[1]:].numpy())
+
+
+def test_config_errors():
+    base = testing.tiny_mixtral_config().to_dict()
+    with pytest.raises(ConfigError, match="num_experts_per_tok=5 exceeds num_local_experts=4"):
+        config_from_hf({**base, "num_experts_per_tok": 5})
+    with pytest.raises(ConfigError, match="no attention or MLP biases"):
+        config_from_hf({**base, "attention_bias": True})
+    with pytest.raises(ConfigError, match="sliding_window=16"):
+        config_from_hf({**base, "sliding_window": 16})
+    cfg = config_from_hf(base)
+    specs = param_specs(cfg)["layers"]["moe"]
+    assert specs["gate"].shape == (2, E, 32, 48) and specs["gate"].axes[1] == "experts"
+    assert cfg.to_hf()["architectures"] == ["MixtralForCausalLM"]
+
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+TINY_MIXTRAL = ["model.arch=mixtral", "model.config.num_local_experts=4",
+                "model.config.num_experts_per_tok=2", "model.config.intermediate_size=64",
+                "batch=4", "mesh=fsdp=4,expert=2", "data.seq_len=32",
+                "data.sources.code.max_docs=200", "data.sources.replay.max_docs=100",
+                "eval.batches=1", "log.every=1",
+                "log.progress=false", "checkpoint.every=0", "log.plot=false",
+                "log.tensorboard=false", "average.kind=none", "eval.at_end=false",
+                "schedule.peak_lr=1e-2", "schedule.warmup_steps=2", "steps=12",
+                "schedule.total_steps=12", "moe.z_loss=0.001"]
+
+
+def test_train_program_lowers_the_loss_and_logs_router_metrics(tmp_path):
+    from train import loop
+    from train.config import load_config as load_train_config
+
+    cfg = load_train_config(os.path.join(ROOT, "configs", "tiny_llama.yaml"),
+                            [*TINY_MIXTRAL, f"out={tmp_path / 'run'}"])
+    res = loop.run(cfg)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        recs = [r for r in map(json.loads, f) if "loss" in r]
+    assert res["status"] == "done" and len(recs) == 12
+    assert recs[-1]["loss"] < recs[0]["loss"] - 0.5, (recs[0]["loss"], recs[-1]["loss"])
+    for r in recs:
+        loads = [r[f"expert_load/{i}"] for i in range(4)]
+        assert abs(sum(loads) - 1) < 1e-4 and all(0 <= x <= 1 for x in loads)
+        assert 0 < r["aux_loss"] < 4 and r["z_loss"] > 0  # aux: E * sum f*P, k=2 when balanced
