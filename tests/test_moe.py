@@ -18,7 +18,7 @@ from jaxarith.convert import HFCheckpoint, load_hf_params
 from jaxarith.convert.route import convert
 from jaxarith.decode import Decoder, Member, generate, left_pad
 from jaxarith.errors import ConfigError
-from jaxarith.models import config_from_hf, forward, load_config, param_specs
+from jaxarith.models import config_from_hf, forward, load_config, next_token_loss, param_specs
 
 E, K = 4, 2
 
@@ -198,6 +198,43 @@ TINY_MIXTRAL = ["model.arch=mixtral", "model.config.num_local_experts=4",
                 "schedule.total_steps=12", "moe.z_loss=0.001"]
 
 
+def test_train_loss_lowers_the_loss_and_reports_router_metrics(mixtral):
+    """A few jitted Adam steps on the family's training loss (the one train/step.py uses for a
+    Mixtral): the loss falls, the metrics are the router losses and loads."""
+    import optax
+
+    from train.step import next_token_loss_fn
+
+    _, _, cfg, params = mixtral
+    loss_fn = next_token_loss_fn(cfg)  # dispatches to jaxarith.moe.train_loss
+    tokens = jnp.asarray(np.random.default_rng(4).integers(3, 200, (2, 16)), jnp.int32)
+    tx = optax.adam(1e-2)
+
+    @jax.jit
+    def step(p, opt):
+        (loss, (n, m)), g = jax.value_and_grad(
+            lambda p: (lambda r: (r[0], (r[1], r[2])))(loss_fn(p, {}, {"tokens": tokens})),
+            has_aux=True)(p)
+        updates, opt = tx.update(jax.tree.map(lambda x: x / n, g), opt, p)
+        return optax.apply_updates(p, updates), opt, loss / n, jax.tree.map(lambda v: v / n, m)
+
+    opt = tx.init(params)
+    losses = []
+    for _ in range(6):
+        params, opt, loss, metrics = step(params, opt)
+        losses.append(float(loss))
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert set(metrics) == {"aux_loss", "z_loss", *(f"expert_load/{i}" for i in range(E))}
+    assert abs(sum(float(metrics[f"expert_load/{i}"]) for i in range(E)) - 1) < 1e-5
+    # the loss is the NLL plus 0.001 x the load-balancing loss (the config's coefficient)
+    (nll, count), total = jax.jit(lambda p: (next_token_loss(p, cfg, tokens),
+                                             loss_fn(p, {}, {"tokens": tokens})))(params)
+    aux = float(total[2]["aux_loss"] / total[1])
+    np.testing.assert_allclose(float(total[0]), float(nll) + float(count) * 0.001 * aux,
+                               rtol=1e-6)
+
+
+@pytest.mark.slow  # ~15-40 s: compiles the program's train step
 def test_train_program_lowers_the_loss_and_logs_router_metrics(tmp_path):
     from train import loop
     from train.config import load_config as load_train_config
@@ -255,3 +292,26 @@ def test_merges_treat_each_expert_as_its_own_tensor(three_mixtrals, tmp_path, na
               for r in three_mixtrals]
         alone = arith.run(spec, None, [{"w": x} for x in xs])["w"]
         np.testing.assert_array_equal(gate[1, 2], np.asarray(alone))
+
+
+@pytest.mark.slow  # two runs of the train program (~1 min on 2 shared cores)
+def test_train_program_kill_and_resume_equals_uninterrupted(tmp_path):
+    from train import loop
+    from train.config import load_config as load_train_config
+
+    base = [*TINY_MIXTRAL, "steps=4", "schedule.total_steps=4", "checkpoint.every=2"]
+    config = os.path.join(ROOT, "configs", "tiny_llama.yaml")
+    full = loop.run(load_train_config(config, [*base, f"out={tmp_path / 'full'}"]))
+    cfg = load_train_config(config, [*base, f"out={tmp_path / 'cut'}"])
+
+    def crash(step, _):
+        if step == 3:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        loop.run(cfg, on_step=crash)
+    resumed = loop.run(cfg)
+    assert sorted(resumed["batches"]) == [3, 4]
+    a, b = jax.device_get(resumed["state"].params), jax.device_get(full["state"].params)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)

@@ -1,10 +1,13 @@
 """``jaxarith moe`` against mergekit-moe 0.1.5's own output on tiny Llama experts (cheap_embed
-gates within 1e-5, hidden gates within bfloat16 rounding, every other tensor exact), the
-degenerate-gate warning, and clear errors with nothing written."""
+gates within 1e-5, hidden gates within bfloat16 rounding, every other tensor exact), reading
+mergekit's fused-expert layout, the degenerate-gate warning, and clear errors with nothing
+written."""
 
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,8 @@ import transformers
 import yaml
 
 from jaxarith import cli, testing
+from jaxarith.convert import load_hf_params
+from jaxarith.models import forward
 
 PROMPTS = [
     {"positive_prompts": ["def f(x): return x", "import os"], "negative_prompts": ["the cat"]},
@@ -77,6 +82,19 @@ def test_equals_mergekit_moe(llamas, tmp_path, capsys, mode, gate_atol):
             assert cos.min() > 1 - 1e-4, k
         else:
             np.testing.assert_array_equal(a, b, err_msg=k)
+    # jaxarith reads mergekit's fused layout too: the same canonical tree, the same logits
+    cfg_t, theirs_params = load_hf_params(str(tmp_path / "theirs"), progress=False)
+    cfg_o, ours_params = load_hf_params(str(tmp_path / "ours"), progress=False)
+    assert cfg_t.hf_fused_experts and not cfg_o.hf_fused_experts and cfg_t == cfg_o
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(ours_params)[0],
+                            jax.tree.leaves(theirs_params), strict=True):
+        if "router" not in jax.tree_util.keystr(path):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    tokens = np.random.RandomState(1).randint(3, testing.TINY_VOCAB, (2, 9))
+    theirs_model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "theirs"))
+    np.testing.assert_allclose(
+        np.asarray(forward(theirs_params, cfg_t, jnp.asarray(tokens))[0]),
+        testing.hf_logits(theirs_model.eval(), tokens), atol=1e-4, rtol=0)
     gates = np.stack([ours[f"model.layers.{i}.mlp.gate.weight"].numpy() for i in range(2)])
     if mode == "hidden":  # a gate per layer, from that layer's input
         assert not np.allclose(gates[0], gates[1], atol=1e-2)

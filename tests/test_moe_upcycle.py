@@ -61,6 +61,7 @@ def test_upcycled_hf_equals_dense_in_jaxarith_and_transformers(llama_dir, tmp_pa
     assert os.path.exists(os.path.join(out, "tokenizer.json"))
 
 
+@pytest.mark.slow  # ~10-25 s on 2 shared cores
 def test_noise_orbax_output_and_mesh(llama_dir, tmp_path, capsys):
     src, _ = llama_dir
     out = str(tmp_path / "noisy")

@@ -185,6 +185,9 @@ class Family:
     # Optional: the family's own training loss factory ``(cfg, *, dtype, remat) -> loss_fn``
     # (train/step.py's interface), e.g. Mixtral's NLL plus its router losses. None: plain NLL.
     train_loss: Callable[..., Callable] | None = None
+    # Optional: ``(cfg, directory) -> cfg`` adjusted to the tensor layout a checkpoint directory
+    # stores when a family has two (Mixtral: per-expert or fused experts); called by load_config.
+    checkpoint_layout: Callable[[Any, str], Any] | None = None
 
 
 # ----------------------------------------------------------------------------- HF config keys

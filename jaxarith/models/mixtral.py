@@ -16,9 +16,13 @@ transformers) is not applied.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import struct
 from typing import Any, ClassVar
 
 import jax
+import numpy as np
 
 from jaxarith import moe
 from jaxarith.errors import ConfigError
@@ -53,6 +57,10 @@ class MixtralConfig(llama.LlamaConfig):
     router_aux_loss_coef: float = 0.001
     moe_capacity_factor: float = 0.0
     model_type: str = "mixtral"
+    # the checkpoint's tensor layout (not a config.json key; see checkpoint_layout): False the
+    # per-expert tensors save_pretrained writes, True transformers 5's fused experts (as
+    # mergekit-moe 0.1.5 writes them)
+    hf_fused_experts: bool = dataclasses.field(default=False, compare=False)
 
     arch: ClassVar[Arch] = Arch.MIXTRAL
     HF_KEYS_READ: ClassVar[frozenset[str]] = llama.LlamaConfig.HF_KEYS_READ | frozenset({
@@ -130,9 +138,23 @@ def block(cfg: MixtralConfig, p: dict, x: jax.Array,
 
 def hf_rules(cfg: MixtralConfig) -> list[Rule]:
     """HF ``MixtralForCausalLM`` tensors as ``save_pretrained`` writes them (one tensor per
-    expert: ``block_sparse_moe.experts.{j}.w1/w2/w3``, router ``block_sparse_moe.gate``)."""
+    expert: ``block_sparse_moe.experts.{j}.w1/w2/w3``, router ``block_sparse_moe.gate``), or
+    with ``cfg.hf_fused_experts`` in transformers 5's fused layout (``mlp.experts.gate_up_proj``
+    ``[E, 2F, D]``, ``mlp.experts.down_proj`` ``[E, D, F]``, router ``mlp.gate``)."""
     D, E, F = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
     rules = [r for r in llama.hf_rules(cfg) if ".mlp." not in r.hf_key]
+    if cfg.hf_fused_experts:
+        p = "model.layers.{i}.mlp."
+        L = ("layers", "moe")
+        swap = (0, 2, 1)
+        rules.append(transpose_rule(p + "gate.weight", L + ("router",), (E, D)))
+        rules.append(Rule(p + "experts.gate_up_proj", (L + ("gate",), L + ("up",)), (E, 2 * F, D),
+                          lambda w: (w[:, :F].transpose(swap), w[:, F:].transpose(swap)),
+                          lambda g, u: np.concatenate([g.transpose(swap), u.transpose(swap)],
+                                                      axis=1)))
+        rules.append(Rule(p + "experts.down_proj", (L + ("down",),), (E, D, F),
+                          lambda w: (w.transpose(swap),), lambda c: c.transpose(swap)))
+        return rules
     p = "model.layers.{i}.block_sparse_moe."
     L = ("layers", "moe")
     rules.append(transpose_rule(p + "gate.weight", L + ("router",), (E, D)))
@@ -141,6 +163,30 @@ def hf_rules(cfg: MixtralConfig) -> list[Rule]:
         rules.append(dataclasses.replace(
             transpose_rule(p + "experts.{j}." + hf + ".weight", L + (name,), shape), experts=E))
     return rules
+
+
+def _stored_keys(directory: str) -> list[str]:
+    """Tensor names of the safetensors checkpoint in ``directory`` (from the index or the file
+    header; nothing else is read). Empty when there is none (e.g. an Orbax checkpoint)."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    try:
+        if os.path.exists(index):
+            with open(index) as f:
+                return list(json.load(f).get("weight_map", {}))
+        if os.path.exists(single):
+            with open(single, "rb") as f:
+                n = struct.unpack("<Q", f.read(8))[0]
+                return list(json.loads(f.read(n)))
+    except (OSError, ValueError, struct.error):
+        pass  # the loader reports a broken checkpoint with its own message
+    return []
+
+
+def checkpoint_layout(cfg: MixtralConfig, directory: str) -> MixtralConfig:
+    """``cfg`` with ``hf_fused_experts`` set when ``directory`` stores fused experts."""
+    fused = any(k.endswith("mlp.experts.gate_up_proj") for k in _stored_keys(directory))
+    return dataclasses.replace(cfg, hf_fused_experts=fused) if fused else cfg
 
 
 FAMILY = Family(
@@ -154,4 +200,5 @@ FAMILY = Family(
     hf_rules=hf_rules,
     hf_buffers=("rotary_emb.inv_freq",),
     train_loss=moe.train_loss,
+    checkpoint_layout=checkpoint_layout,
 )
