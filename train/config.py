@@ -42,7 +42,8 @@ class ModelSection:
 
     Attributes:
       ref: a model reference to start from (HF hub id, HF directory, jaxarith Orbax directory).
-      arch: for training from scratch (``ref`` empty): ``llama`` or ``gpt2``.
+      arch: for training from scratch (``ref`` empty): a registered family (``llama``, ``gpt2``,
+        ``mixtral``).
         Both stay empty when the ``init:`` section gives the start weights (train/init.py).
       config: for scratch: HF ``config.json`` fields (``hidden_size``, ``n_layer``, ...).
       tokenizer: ``bundled`` (the bundled 1024-token BPE) or a directory; default: ``ref``'s.
