@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 import sys
 
-from jaxarith import __version__
+from jaxarith import __version__, distributed
 from jaxarith.commands import _common
 
 
@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"jaxarith.commands.{info.name}").register(sub)
+    for command in sub.choices.values():  # every subcommand can run on many processes
+        if "--coordinator" not in command._option_string_actions:
+            distributed.add_arguments(command)
     return parser
 
 
