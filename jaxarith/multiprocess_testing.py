@@ -84,3 +84,38 @@ def run(args: Sequence[str], *, processes: int, devices: int, timeout: float = 3
         cwd: str | None = None, env: dict | None = None) -> list[Result]:
     """Start and wait (see :func:`start`, :func:`wait`)."""
     return wait(start(args, processes=processes, devices=devices, cwd=cwd, env=env), timeout)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jaxarith.multiprocess_testing [--processes N] [--devices D] [--timeout S] --
+    PYTHON_ARGS...``: run ``python PYTHON_ARGS`` as N local processes of one multi-process run
+    (e.g. ``-- -m jaxarith convert SRC DST --mesh data=2,fsdp=4 --json``). Process 0's stdout
+    is printed; every process's stderr follows, prefixed by its index. Exits with the first
+    non-zero exit code (124 at the timeout)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m jaxarith.multiprocess_testing",
+                                description=main.__doc__)
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--devices", type=int, default=4, help="CPU devices per process")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    a = p.parse_args(argv)
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    if not args:
+        p.error("give the python arguments after --, e.g. -- -m jaxarith convert SRC DST")
+    results = run(args, processes=a.processes, devices=a.devices, timeout=a.timeout)
+    sys.stdout.write(results[0].stdout)
+    for i, r in enumerate(results):
+        for line in r.stderr.splitlines():
+            print(f"[{i}] {line}", file=sys.stderr)
+    for r in results:
+        if r.timed_out:
+            return 124
+        if r.returncode:
+            return r.returncode if r.returncode > 0 else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

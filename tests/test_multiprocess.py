@@ -119,11 +119,12 @@ def test_convert_hf_to_orbax_on_2_processes_is_bit_identical(llama_dir, tmp_path
 TRAIN = ["-m", "train", "configs/tiny_llama.yaml", "steps=6", "batch=8", "data.seq_len=32",
          "log.every=1", "eval.every=0", "eval.batches=1", "checkpoint.every=3",
          "checkpoint.keep=3", "log.plot=false", "log.tensorboard=false",
-         "schedule.warmup_steps=1", "schedule.total_steps=6", "--json"]
+         "schedule.warmup_steps=1", "schedule.total_steps=6"]
 
 
 def _train(out: str, processes: int, mesh: str) -> dict:
-    res = _ok(mt.run([*TRAIN, f"out={out}", f"mesh={mesh}", "--export-hf", out + "_hf"],
+    res = _ok(mt.run([*TRAIN, f"out={out}", f"mesh={mesh}", "--export-hf", out + "_hf",
+                      "--json"],
                      processes=processes, devices=8 // processes, timeout=TIMEOUT, cwd=ROOT))
     for r in res[1:]:
         assert r.stdout.strip() == ""
@@ -196,7 +197,8 @@ def test_a_dead_process_fails_the_other_and_the_checkpoint_restores(tmp_path):
 
     out = str(tmp_path / "run")
     cmd = [*TRAIN, f"out={out}", "mesh=data=2,fsdp=4", "steps=100000",
-           "schedule.total_steps=100000", "checkpoint.every=2", "checkpoint.async_save=false"]
+           "schedule.total_steps=100000", "checkpoint.every=2", "checkpoint.async_save=false",
+           "--json"]
     procs = mt.start(cmd, processes=2, devices=4, cwd=ROOT)
     deadline = time.monotonic() + TIMEOUT
     while not os.path.isdir(os.path.join(out, "checkpoints", "4")):
@@ -213,9 +215,9 @@ def test_a_dead_process_fails_the_other_and_the_checkpoint_restores(tmp_path):
     steps = sorted(int(s) for s in os.listdir(os.path.join(out, "checkpoints")) if s.isdigit())
     last = steps[-1]
     assert last >= 4
-    resumed = _one_json(_ok(mt.run(
-        [*TRAIN, f"out={out}", "mesh=fsdp=-1", f"steps={last + 1}",
-         "schedule.total_steps=100000"], processes=1, devices=8, timeout=TIMEOUT, cwd=ROOT))[0])
+    cmd = [*TRAIN, f"out={out}", "mesh=fsdp=-1", f"steps={last + 1}",
+           "schedule.total_steps=100000", "--json"]
+    resumed = _one_json(_ok(mt.run(cmd, processes=1, devices=8, timeout=TIMEOUT, cwd=ROOT))[0])
     assert resumed["step"] == last + 1 and resumed["status"] == "done"
 
 
