@@ -134,6 +134,16 @@ def config_from_args(args: Any, *, auto: bool = False) -> ClusterConfig:
                          heartbeat_timeout=getattr(args, "heartbeat_timeout", None) or 100)
 
 
+def config_from_env() -> ClusterConfig:
+    """The :class:`ClusterConfig` the ``JAXARITH_*`` environment variables give (for scripts
+    that call the library directly: ``initialize(config_from_env())``)."""
+    return ClusterConfig(coordinator=os.environ.get(ENV_COORDINATOR) or None,
+                         num_processes=_env_int(ENV_NUM_PROCESSES),
+                         process_id=_env_int(ENV_PROCESS_ID),
+                         init_timeout=_env_int(ENV_INIT_TIMEOUT) or 300,
+                         heartbeat_timeout=_env_int(ENV_HEARTBEAT_TIMEOUT) or 100)
+
+
 _STATE: dict[str, Any] = {"cluster": None}
 
 
