@@ -9,6 +9,7 @@ eval and failure scenarios are ``slow``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -70,14 +71,19 @@ def test_every_subcommand_and_train_take_the_flags(monkeypatch):
     monkeypatch.setenv(distributed.ENV_PROCESS_ID, "3")
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    for name, p in sub.choices.items():
-        assert "--coordinator" in p._option_string_actions, name
-        assert "--distributed" in p._option_string_actions, name
+    def leaves(p):
+        nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        return [q for a in nested for c in a.choices.values() for q in leaves(c)] or [p]
+
+    for name, top in sub.choices.items():
+        for p in leaves(top):
+            assert "--coordinator" in p._option_string_actions, name
+            assert "--distributed" in p._option_string_actions, name
     args = parser.parse_args(["inspect", "x", "--process-id", "2"])
     cfg = distributed.config_from_args(args)
     assert (cfg.coordinator, cfg.num_processes, cfg.process_id) == ("10.0.0.1:8476", 4, 2)
-    import argparse
-
+    args = parser.parse_args(["delta", "extract", "a", "b", "c", "--process-id", "1"])
+    assert distributed.config_from_args(args).process_id == 1
     p = argparse.ArgumentParser()
     add_arguments(p)
     assert distributed.config_from_args(p.parse_args(["c.yaml", "--distributed"])).auto
@@ -233,3 +239,29 @@ def test_launch_tpu_dry_run_prints_one_command_per_worker():
         assert f"--worker={i}" in line and "my-pod" in line and "us-east5-a" in line
         assert "python -m train configs/llama3_2_1b_cpt_pod.yaml steps=100" in line
         assert "--distributed" in line
+
+
+@pytest.mark.slow
+def test_in_memory_merge_on_2_processes_equals_streamed(llama_dir, tmp_path):
+    """``merge --in-memory`` (TIES, jitted over the 2-process mesh, exported by process 0 with
+    tensors gathered one at a time) writes the same bytes as the streamed merge on 1 process."""
+    from jaxarith import testing
+    from jaxarith.cli import main
+
+    base, _ = llama_dir
+    other = str(tmp_path / "other")
+    testing.make_hf_model(other, testing.tiny_llama_config(
+        rope_scaling=testing.LLAMA3_ROPE), seed=7)
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {other}\n"
+                   "    parameters: {weight: 0.7, density: 0.5}\ndtype: float32\n")
+    two = str(tmp_path / "two")
+    res = _ok(mt.run(["-m", "jaxarith", "merge", str(cfg), two, "--in-memory", "--mesh",
+                      "data=2,fsdp=4", "--json"], processes=2, devices=4, timeout=TIMEOUT,
+                     cwd=ROOT))
+    assert _one_json(res[0])["executor"] == "memory"
+    assert main(["merge", str(cfg), str(tmp_path / "one"), "--json"]) == 0
+    want, got = _tensors(str(tmp_path / "one")), _tensors(two)
+    assert sorted(want) == sorted(got)
+    for k in want:
+        assert np.array_equal(want[k], got[k]), k
