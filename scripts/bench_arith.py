@@ -3,12 +3,14 @@
 Generates bfloat16 Llama-shaped checkpoints (sharded safetensors, random weights) of ~0.5B and
 ~1B parameters, then times, each in a fresh process: ``delta extract``, ``delta apply`` and a
 3-model TIES merge (base + 2), a plain copy of the same input bytes, and mergekit's
-task_arithmetic and ties (if ``--mergekit PYTHON`` points at a venv with mergekit installed,
-e.g. /tmp/mkvenv/bin/python). Reports wall time, peak RSS and effective bandwidth
-(bytes read + written per second), and ratios to mergekit.
+task_arithmetic and ties (mergekit 0.1.5 is in the project's ``test`` extra, so by default the
+``mergekit-yaml`` beside this Python is used; ``--mergekit PYTHON`` picks another venv's,
+``--mergekit none`` skips it). Reports wall time, peak RSS and effective bandwidth (bytes read +
+written per second), its fraction of this run's measured copy bandwidth (``scripts/benchenv.py``),
+and ratios to mergekit.
 
-    python scripts/bench_arith.py --quick                      # tiny sizes, < 1 min
-    python scripts/bench_arith.py --mergekit /tmp/mkvenv/bin/python   # full run
+    .venv/bin/python scripts/bench_arith.py --quick            # tiny sizes, < 1 min
+    .venv/bin/python scripts/bench_arith.py                    # 0.5B and 1B, with mergekit
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 
+import benchenv  # scripts/ is on sys.path when this file runs
 import ml_dtypes
 import numpy as np
 
@@ -142,11 +145,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (< 1 min)")
     ap.add_argument("--sizes", default=None, help="comma list of " + ",".join(SIZES))
-    ap.add_argument("--mergekit", default=None, metavar="PYTHON",
-                    help="python of a venv with mergekit (e.g. /tmp/mkvenv/bin/python)")
+    ap.add_argument("--mergekit", default=sys.executable, metavar="PYTHON",
+                    help="python of a venv with mergekit (default: this one; 'none' skips it)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--out", default="bench_results/arith.json")
     args = ap.parse_args()
+    mergekit_yaml_bin = os.path.join(os.path.dirname(args.mergekit), "mergekit-yaml")
+    if args.mergekit == "none" or not os.path.exists(mergekit_yaml_bin):
+        if args.mergekit != "none":
+            print(f"no mergekit-yaml beside {args.mergekit}: mergekit rows skipped")
+        args.mergekit = None
+    machine = benchenv.start(quick=args.quick, torch_peak=False)
     sizes = ["tiny"] if args.quick else (args.sizes or "0.5B,1B").split(",")
     work = args.work or tempfile.mkdtemp(prefix="bench_arith-")
     os.makedirs(work, exist_ok=True)
@@ -158,14 +167,19 @@ def main() -> None:
         ref = mk.get((r["size"], r["op"].split()[0]))
         r["speedup_vs_mergekit"] = ref["seconds"] / r["seconds"] if ref and ref is not r \
             else None
-    print(f"{'size':>5} {'op':<26} {'s':>8} {'peak GiB':>9} {'GB/s':>7} {'x mergekit':>10}")
+    machine = benchenv.finish(machine)
+    for r in rows:
+        r["fraction_of_copy_bandwidth"] = r["gb_per_s"] / machine["copy_gb_s"]
+    print(benchenv.describe(machine))
+    print(f"{'size':>5} {'op':<26} {'s':>8} {'peak GiB':>9} {'GB/s':>7} {'% copy':>7} "
+          f"{'x mergekit':>10}")
     for r in rows:
         sp = f"{r['speedup_vs_mergekit']:.2f}" if r["speedup_vs_mergekit"] else "-"
         print(f"{r['size']:>5} {r['op']:<26} {r['seconds']:8.2f} {r['peak_rss_gib']:9.2f} "
-              f"{r['gb_per_s']:7.3f} {sp:>10}")
+              f"{r['gb_per_s']:7.3f} {r['fraction_of_copy_bandwidth']:7.1%} {sp:>10}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"rows": rows, "mergekit": args.mergekit}, fh, indent=2)
+        json.dump({"machine": machine, "rows": rows, "mergekit": args.mergekit}, fh, indent=2)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 
+import benchenv  # scripts/ is on sys.path when this file runs
 import numpy as np
 
 SIZES = {  # name: (hidden, intermediate, layers, heads, kv heads, vocab)
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     size = "quick" if args.quick else "full"
     counts = [int(x) for x in args.inputs.split(",")]
     rows = []
+    machine = benchenv.start(quick=args.quick, torch_peak=False)
     with tempfile.TemporaryDirectory() as tmp:
         dirs = []
         for i in range(max(counts)):
@@ -98,12 +100,14 @@ def main(argv=None) -> int:
                 row["in_memory_peak_rss_mb"] = round(peak_rss_mb(
                     [sys.executable, "-c", SOUP, *dirs[:n]])[0], 1)
             rows.append(row)
-    res = {"size": size, "checkpoint_mb": round(nbytes / 2**20, 1),
+    res = {"machine": benchenv.finish(machine), "size": size,
+           "checkpoint_mb": round(nbytes / 2**20, 1),
            "largest_tensor_mb": round(largest / 2**20, 1),
            "baseline_rss_mb": round(base, 1), "load_average": os.getloadavg()[0], "rows": rows}
     if args.json:
         print(json.dumps(res))
     else:
+        print(benchenv.describe(res["machine"]))
         print(f"{size}: one checkpoint {res['checkpoint_mb']} MB, largest tensor "
               f"{res['largest_tensor_mb']} MB, python+jax baseline {res['baseline_rss_mb']} MB, "
               f"load average {res['load_average']:.1f}")

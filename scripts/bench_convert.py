@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 
+import benchenv  # scripts/ is on sys.path when this file runs
 import ml_dtypes
 import numpy as np
 
@@ -126,6 +127,7 @@ def main() -> None:
     args.out = args.out or f"bench_results/convert{'_quick' if args.quick else ''}.json"
     work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
     py, rows = sys.executable, []
+    machine = benchenv.start(quick=args.quick, torch_peak=False)
     t_start, cpu_start, _ = run([py, "-c", "import jaxarith.convert.route"])
     try:
         for name, dims in sizes.items():
@@ -158,6 +160,8 @@ def main() -> None:
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
+    machine = benchenv.finish(machine)
+    print(benchenv.describe(machine))
     print(f"startup (import jaxarith.convert.route): {t_start:.2f} s wall, {cpu_start:.2f} s CPU")
     print("times: wall s / CPU s; RSS: peak GB of the process")
     hdr = (f"{'model':>7} {'GB':>5} {'copy':>11} {'naive':>11} {'RSS':>5} {'HF->Orbax':>11} "
@@ -173,8 +177,8 @@ def main() -> None:
               f"{r['hf_to_orbax_vs_copy']:7.3f} {r['orbax_to_hf_vs_copy']:7.3f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"startup_s": t_start, "startup_cpu_s": cpu_start, "quick": args.quick,
-                   "rows": rows}, fh, indent=2)
+        json.dump({"machine": machine, "startup_s": t_start, "startup_cpu_s": cpu_start,
+                   "quick": args.quick, "rows": rows}, fh, indent=2)
     print(f"wrote {args.out}")
 
 

@@ -31,6 +31,7 @@ import os
 import tempfile
 import time
 
+import benchenv  # scripts/ is on sys.path when this file runs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -135,10 +136,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=None, help="default 3 (--quick: 2)")
-    ap.add_argument("--bandwidth", type=float, default=20.0, help="GB/s (measured ~20-25)")
+    ap.add_argument("--bandwidth", type=float, default=0.0,
+                    help="GB/s for the bandwidth limit (default: copy bandwidth measured now)")
     ap.add_argument("--out", default="bench_results/decode.json")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 2)
+    machine = benchenv.start(quick=args.quick)
+    args.bandwidth = args.bandwidth or machine["copy_gb_s"]
     sizes = QUICK if args.quick else SIZES
     args.repeats = args.repeats or (2 if args.quick else 3)
     new = 64 if args.quick else args.new
@@ -200,6 +204,8 @@ def main() -> None:
                              "same_tokens": bool((g.tokens == plain).all()),
                              "plain_fraction_of_limit": (new / t_plain) * eft_bytes
                              / (args.bandwidth * 1e9)})
+    machine = benchenv.finish(machine)
+    print(benchenv.describe(machine))
     print(f"{'bench':<20} {'model':>6} {'batch':>5} {'ours tok/s':>10} {'ref tok/s':>10} "
           f"{'speedup':>8}  notes")
     for r in rows:
@@ -218,7 +224,7 @@ def main() -> None:
               f"{r['speedup']:8.2f}  {notes}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"new_tokens": new, "rows": rows}, f, indent=2)
+        json.dump({"machine": machine, "new_tokens": new, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")
 
 

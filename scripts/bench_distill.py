@@ -65,6 +65,10 @@ def main(argv=None) -> int:
     rounds = args.rounds or (2 if args.quick else 3)
     steps = args.steps or (3 if args.quick else 4)
 
+    import benchenv  # scripts/ is on sys.path when this file runs
+
+    machine = benchenv.start(quick=args.quick, torch_peak=False)
+
     import jax
     import numpy as np
 
@@ -142,6 +146,8 @@ def main(argv=None) -> int:
                      "predicted_ratio": pred, "error": meas / pred - 1,
                      "memory_bytes": mem(progs[f"live{mult}x"][3])})
     load = os.getloadavg()
+    machine = benchenv.finish(machine)
+    print(benchenv.describe(machine))
     print(f"student {size}: {matmul_params(student) / 1e6:.2f}M matmul params, batch {batch} x "
           f"{seq_len}; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}")
     print(f"plain step: {tps['plain']:.0f} tok/s, memory {mem(progs['plain'][3]) / 2**20:.1f} MiB")
@@ -157,7 +163,8 @@ def main(argv=None) -> int:
               f"{r['memory_bytes'] / 2**20:>7.1f} MiB")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"size": size, "quick": args.quick, "load_average": load, "rows": rows,
+        json.dump({"machine": machine, "size": size, "quick": args.quick, "load_average": load,
+                   "rows": rows,
                    "plain_tokens_per_s": tps["plain"], "cached_tokens_per_s": tps["cached"],
                    "plain_memory_bytes": mem(progs["plain"][3]),
                    "cached_memory_bytes": mem(progs["cached"][3])}, f, indent=2)

@@ -19,8 +19,9 @@ FLOPs of one forward (the PaLM convention, without the softmax/norm/elementwise 
 where N_matmul counts every weight used in a matmul (all blocks plus ``lm_head``, or the tied
 embedding used as ``lm_head``; the input-embedding gather is not counted), and the second term
 is QK^T plus PV over the full T x T score matrix (causal masking is not subtracted, as in PaLM).
-MFU = flops / seconds / peak, with peak the measured float32 matmul rate of this CPU
-(~160 GFLOP/s on 2 cores, see ENVIRONMENT.md; ``--peak-gflops``).
+MFU = flops / seconds / peak, with peak the best float32 matmul rate of this CPU measured in the
+same run (jax's or torch's, whichever is higher; ``scripts/benchenv.py``; ``--peak-gflops`` to
+override).
 
     python scripts/bench_forward.py              # ~20M and ~100M, batch 4 x 512
     python scripts/bench_forward.py --quick      # tiny sizes, < 1 min
@@ -53,6 +54,7 @@ os.environ["XLA_FLAGS"] = " ".join(
     f for f in os.environ.get("XLA_FLAGS", "").split()
     if not f.startswith("--xla_force_host_platform_device_count"))
 
+import benchenv  # noqa: E402  (scripts/ is on sys.path when this file runs)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -237,7 +239,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: the CPUs this process may use, "
                          "which is also what XLA's CPU client uses)")
-    ap.add_argument("--peak-gflops", type=float, default=160.0)
+    ap.add_argument("--peak-gflops", type=float, default=0.0,
+                    help="MFU denominator (default: measured in this run)")
     ap.add_argument("--sizes", default=None, help="comma list of model names to run")
     ap.add_argument("--dump-hlo", default=None, help="directory for the compiled HLO text")
     ap.add_argument("--profile", default=None,
@@ -260,12 +263,18 @@ def main() -> None:
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     env = environment(len(os.sched_getaffinity(0)))
+    machine = benchenv.start(quick=args.quick)
+    if not args.peak_gflops:
+        args.peak_gflops = max(machine.get("jax_matmul_peak_gflops", 0.0),
+                               machine.get("torch_matmul_peak_gflops", 0.0))
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_forward_") as work:
         for name, dims in sizes.items():
             rows.append(bench_one(name, dims, args, work))
 
+    machine = benchenv.finish(machine)
+    print(benchenv.describe(machine))
     print(f"threads: torch {env['torch_num_threads']}, XLA CPU {env['xla_cpu_threads']}; "
           f"load avg at start {env['load_avg_1m_at_start']:.2f}; peak {args.peak_gflops} GFLOP/s")
     hdr = (f"{'model':>7} {'params':>8} {'BxT':>8} {'jax tok/s':>10} {'torch tok/s':>11} "
@@ -278,8 +287,8 @@ def main() -> None:
               f"{r['jax_compile_s']:9.2f} {r['loss_abs_diff']:8.1e}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"environment": env, "peak_gflops": args.peak_gflops, "quick": args.quick,
-                   "rows": rows}, fh, indent=2)
+        json.dump({"environment": env, "machine": machine, "peak_gflops": args.peak_gflops,
+                   "quick": args.quick, "rows": rows}, fh, indent=2)
     print(f"wrote {args.out}")
 
 

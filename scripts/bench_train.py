@@ -2,7 +2,8 @@
 
 Same Llama model shape, batch, sequence length, AdamW (weight decay 0.1, global-norm clipping
 1.0), float32, random tokens; one run measures both and reports the ratio, plus MFU against this
-machine's float32 matmul peak (measured here with a jitted 2048^2 matmul). FLOPs per token use
+machine's float32 matmul peak (the best of jax and torch, measured in the same run by
+``scripts/benchenv.py``, with the CPU, its flags and the load average). FLOPs per token use
 the formula in ``train/metrics.py`` (6N + 6 L T d_attn, causal attention at half).
 
     .venv/bin/python scripts/bench_train.py --quick          # tiny model, < 1 min
@@ -37,21 +38,6 @@ def hf_config(over: dict, seq_len: int):
     from jaxarith.testing import tiny_llama_config
 
     return tiny_llama_config(max_position_embeddings=max(seq_len, 128), **over)
-
-
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def bench_jax(hf, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
@@ -141,10 +127,15 @@ def main(argv=None) -> int:
     steps = args.steps or (5 if args.quick else 8)
     warmup = 2
 
+    import benchenv  # scripts/ is on sys.path when this file runs
+
     from jaxarith.models.config import config_from_hf
     from train.metrics import flops_per_token, matmul_params
 
-    peak = matmul_peak(1024 if args.quick else 2048)
+    machine = benchenv.start(quick=args.quick)
+    # MFU against the best float32 matmul rate either framework reached on this CPU in this run
+    peak = 1e9 * max(machine.get("jax_matmul_peak_gflops", 0.0),
+                     machine.get("torch_matmul_peak_gflops", 0.0))
     rows = []
     for name in sizes:
         over, batch, seq_len = SIZES[name]
@@ -163,7 +154,9 @@ def main(argv=None) -> int:
             "formula_flops_per_step": fpt * batch * seq_len, "jax_memory": j["memory"],
             "torch_threads": t["threads"],
         })
-    print(f"float32 matmul peak (measured): {peak / 1e9:.1f} GFLOP/s")
+    machine = benchenv.finish(machine)
+    print(benchenv.describe(machine))
+    print(f"MFU denominator: {peak / 1e9:.1f} GFLOP/s (best float32 matmul measured above)")
     head = (f"{'size':<10} {'matmul params':>13} {'batch x seq':>11} {'jax tok/s':>10} "
             f"{'torch tok/s':>11} {'jax/torch':>9} {'jax MFU':>8} {'torch MFU':>9} "
             f"{'compile s':>9}")
@@ -176,7 +169,8 @@ def main(argv=None) -> int:
               f"{r['jax_compile_s']:>9.1f}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"peak_flops": peak, "quick": args.quick, "rows": rows}, f, indent=2)
+        json.dump({"machine": machine, "peak_flops": peak, "quick": args.quick, "rows": rows}, f,
+                  indent=2)
     print(f"wrote {args.out}")
     return 0
 
