@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import os
 import sys
@@ -306,18 +307,83 @@ def on_primary(fn: Callable[[], str | None], what: str) -> str:
     return shared[len("ok:"):]
 
 
+GATHER_CHUNK_BYTES = 64 << 20  # a tensor is gathered in row blocks of about this size
+
+
 def to_host(x) -> np.ndarray:
     """The whole value of an array on the host of every process.
 
-    A fully addressable array (one process) is copied with ``device_get``; an array spread over
-    processes is gathered with ``process_allgather`` (a collective: every process must call it,
-    in the same order). Callers gather one tensor (or one layer of a stacked tensor) at a time,
-    so host memory stays near the largest tensor.
+    A fully addressable array (one process) is copied with ``device_get``. An array spread over
+    processes is gathered in blocks of rows (about :data:`GATHER_CHUNK_BYTES` each): every
+    process receives each block once, split over its own devices, and copies it into one host
+    buffer, so the transient memory of the collective stays near one block, not a multiple of
+    the tensor. A collective: every process must call it, in the same order. Callers gather one
+    tensor (or one layer of a stacked tensor) at a time.
     """
     import jax
 
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
+    shape = tuple(x.shape)
+    split = _partitioned_dims(x.sharding, len(shape))
+    # blocks along a dimension the source does not split (slicing it moves no data)
+    axis = next((i for i in range(len(shape)) if i not in split and shape[i] > 1), 0)
+    if not shape or shape[axis] <= 1:
+        rows = shape[axis] if shape else 0
+    else:
+        row_bytes = max(1, x.dtype.itemsize * int(np.prod(shape, dtype=np.int64)) // shape[axis])
+        rows = int(min(shape[axis], max(1, GATHER_CHUNK_BYTES // row_bytes)))
+    gather = _gather_fn(x.sharding, shape, axis, rows)
+    if gather is None:  # not on every device: jax's own gather (replicated on every device)
+        from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    out = np.empty(shape, x.dtype)
+    if not shape:
+        return np.asarray(gather(x, 0).addressable_data(0)).reshape(())
+    for start in range(0, shape[axis], rows):
+        first = min(start, shape[axis] - rows)  # the last block ends at the last row
+        block = gather(x, first)
+        for shard in block.addressable_shards:
+            index = list(shard.index)
+            lo, hi, _ = index[axis].indices(rows)
+            index[axis] = slice(first + lo, first + hi)
+            out[tuple(index)] = np.asarray(shard.data)
+    return out
+
+
+def _partitioned_dims(sharding, ndim: int) -> set[int]:
+    """The dimensions a NamedSharding splits (empty for other shardings)."""
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return set()
+    return {i for i, s in enumerate(tuple(spec)[:ndim]) if s is not None}
+
+
+@functools.lru_cache(maxsize=64)
+def _gather_fn(src_sharding, shape: tuple[int, ...], axis: int, rows: int):
+    """A jitted ``(array, start) -> the block of `rows` along `axis` from start``, resharded to
+    "whole in each process, split over its devices" along a dimension the source splits (so
+    the reshard gathers and never replicates the whole input); None when the source is not on
+    every device."""
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    if set(src_sharding.device_set) != set(devices):
+        return None
+    local = jax.local_device_count()
+    mesh = Mesh(np.asarray(devices).reshape(jax.process_count(), local),
+                ("processes", "local"))
+    block = list(shape)
+    if shape:
+        block[axis] = rows
+    split = _partitioned_dims(src_sharding, len(shape))
+    candidates = sorted(range(len(block)), key=lambda i: (i not in split, i))
+    dim = next((i for i in candidates if block[i] % local == 0), None)
+    spec = PartitionSpec() if dim is None else PartitionSpec(*([None] * dim), "local")
+
+    def take(a, start):
+        return a if not shape else jax.lax.dynamic_slice_in_dim(a, start, rows, axis=axis)
+
+    return jax.jit(take, out_shardings=NamedSharding(mesh, spec))

@@ -15,6 +15,7 @@ above the process's fixed cost (``startup``: importing jax + jaxarith), like the
 route. On this 2-core machine the 2-process wall times measure the cores, not the method.
 
     python scripts/bench_multiprocess.py --quick     # one tiny size, about a minute
+    python scripts/bench_multiprocess.py --size mid  # 0.34 GB, about 3 minutes
     python scripts/bench_multiprocess.py             # ~0.5B and ~1B
 """
 
@@ -29,12 +30,14 @@ import sys
 import tempfile
 import time
 
-from bench_convert import make_checkpoint  # scripts/ is on sys.path when this file runs
+import benchenv  # scripts/ is on sys.path when this file runs
+from bench_convert import make_checkpoint
 
 from jaxarith import multiprocess_testing as mt
 
 SIZES = {"0.5B": (1536, 4096, 16, 12, 4, 32000), "1B": (2048, 8192, 16, 32, 8, 128256)}
 QUICK = {"tiny": (512, 1024, 4, 8, 4, 16384)}
+MID = {"mid": (1024, 2048, 4, 8, 4, 65536)}  # 0.34 GB, largest tensor 134 MB: about 3 min
 
 EXPORT = """
 import sys
@@ -74,13 +77,17 @@ def launch(args: list[str], processes: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--size", choices=sorted({**QUICK, **MID, **SIZES}), default=None,
+                    help="one size only (tiny, mid, 0.5B, 1B)")
     ap.add_argument("--out", default=None, help="JSON output (default bench_results/"
                     "multiprocess[_quick].json)")
     args = ap.parse_args()
     sizes = QUICK if args.quick else SIZES
+    if args.size:
+        sizes = {args.size: {**QUICK, **MID, **SIZES}[args.size]}
     args.out = args.out or f"bench_results/multiprocess{'_quick' if args.quick else ''}.json"
     work = tempfile.mkdtemp(prefix="bench_multiprocess_")
-    load = os.getloadavg()
+    machine = benchenv.start(quick=args.quick, torch_peak=False)
     startup = launch(["-c", "import jaxarith.convert.route, jax; jax.devices()"], 1)
     rows = []
     try:
@@ -101,8 +108,10 @@ def main() -> None:
                     shutil.rmtree(d, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    machine = benchenv.finish(machine)
+    print(benchenv.describe(machine))
     base = startup["rss_gb"][0]
-    print(f"load average before: {load[0]:.1f}; startup (import + devices): "
+    print(f"startup (import + devices): "
           f"{startup['wall_s']:.1f} s, {base:.2f} GB RSS")
     print(f"{'model':>6} {'GB':>5} {'largest':>7} {'P':>2} {'HF->Orbax s':>11} {'RSS/proc':>12} "
           f"{'Orbax->HF s':>11} {'RSS/proc':>12} {'export s':>9} {'RSS/proc':>12} "
@@ -118,7 +127,7 @@ def main() -> None:
               f"{r['export_rss_above_startup_in_largest_tensors']:24.1f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as fh:
-        json.dump({"quick": args.quick, "load_average": load, "startup": startup,
+        json.dump({"quick": args.quick, "machine": machine, "startup": startup,
                    "rows": rows}, fh, indent=2)
     print(f"wrote {args.out}")
 
