@@ -56,7 +56,7 @@ def start(args: Sequence[str], *, processes: int, devices: int, port: int | None
         cluster = {} if processes == 1 else {
             "JAXARITH_COORDINATOR": f"127.0.0.1:{port}",
             "JAXARITH_NUM_PROCESSES": str(processes), "JAXARITH_PROCESS_ID": str(i),
-            "JAXARITH_INIT_TIMEOUT": "60", "JAXARITH_HEARTBEAT_TIMEOUT": "15"}
+            "JAXARITH_INIT_TIMEOUT": "180", "JAXARITH_HEARTBEAT_TIMEOUT": "30"}
         procs.append(subprocess.Popen(
             [sys.executable, *args], cwd=cwd, env=environment(devices, {**cluster, **(env or {})}),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True))

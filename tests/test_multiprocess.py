@@ -196,7 +196,7 @@ def test_eval_loss_2_processes_equals_1(llama_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_dead_process_fails_the_other_and_the_checkpoint_restores(tmp_path):
-    """Kill process 1 mid-run: process 0 exits non-zero within the heartbeat timeout (15 s
+    """Kill process 1 mid-run: process 0 exits non-zero within the heartbeat timeout (30 s
     here), naming the dead task; the last complete checkpoint resumes on 1 process."""
     import signal
     import time
@@ -212,10 +212,10 @@ def test_a_dead_process_fails_the_other_and_the_checkpoint_restores(tmp_path):
         time.sleep(0.2)
     os.killpg(procs[1].pid, signal.SIGKILL)
     t0 = time.monotonic()
-    res = mt.wait(procs, 90)
+    res = mt.wait(procs, 120)
     waited = time.monotonic() - t0
     assert not res[0].timed_out and res[0].returncode != 0
-    assert waited < 60, waited
+    assert waited < 90, waited
     assert "stopped sending heartbeats" in res[0].stderr or "another task died" in \
         res[0].stderr, res[0].stderr[-2000:]
     steps = sorted(int(s) for s in os.listdir(os.path.join(out, "checkpoints")) if s.isdigit())
