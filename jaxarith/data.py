@@ -17,8 +17,9 @@ drops a source. Element ``k`` of the mixture is a pure function of ``k``, so:
 * the iterator's state is one integer (``get_state()`` -> ``{"next_index": k}``), saved with the
   checkpoint, so a resumed run sees exactly the batches an uninterrupted run would have.
 
-The token windows of each source are held in host memory (int32); for corpora beyond host memory,
-pre-tokenise into shards and point a source at each (documented limitation).
+The token windows of each source are held in host memory (int32), except for a ``kind: tokenized``
+source (``jaxarith data tokenize``, :mod:`jaxarith.tokenized`), whose windows stay on disk and are
+read by index: the same windows as the text source, so the same batches.
 
 Loss weights. Every example is ``{"tokens": [T] int32, "weights": [T] float32, "source": id}``;
 ``weights`` is the loss weight of each token as a prediction target. Text sources have all ones,
@@ -56,6 +57,7 @@ class SourceKind(enum.StrEnum):
     PARQUET = "parquet"
     DATASETS = "datasets"
     CHAT = "chat"  # jsonl of {"messages": [...]}, one conversation per window
+    TOKENIZED = "tokenized"  # a `jaxarith data tokenize` directory, read on demand
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,7 +67,8 @@ class SourceConfig:
     Attributes:
       name: label used in metrics (``eval/<name>/loss``).
       kind: text | jsonl | parquet | datasets | chat (a jsonl of ``{"messages": [...]}``;
-        ``bundled:instruct`` is the bundled instruction set).
+        ``bundled:instruct`` is the bundled instruction set) | tokenized (a directory written by
+        ``jaxarith data tokenize``, read on demand: :mod:`jaxarith.tokenized`).
       path: a file, a glob, ``bundled:code`` / ``bundled:docs``; for ``datasets`` a hub name,
         a local data directory, or a directory written by ``Dataset.save_to_disk``.
       weight: mixing weight (normalised over sources; 0 drops the source from training).
@@ -287,6 +290,10 @@ def load_source(src: SourceConfig, tokenizer, cfg: DataConfig) -> SourceData:
     """Read, split, tokenise and pack one source."""
     if src.kind is SourceKind.CHAT:
         return load_chat_source(src, tokenizer, cfg)
+    if src.kind is SourceKind.TOKENIZED:
+        from jaxarith import tokenized
+
+        return tokenized.load_source(src, tokenizer, cfg)
     docs = read_documents(src)
     train_docs, eval_docs = split_documents(docs, cfg.eval_fraction)
     train = pack(tokenize(train_docs, tokenizer, add_bos=cfg.add_bos), cfg.seq_len)

@@ -82,13 +82,16 @@ def is_strict() -> bool:
 def parse_mesh_spec(spec: str, num_devices: int | None = None) -> dict[str, int]:
     """Parse ``"data=2,fsdp=-1"`` into axis sizes for all three mesh axes.
 
+    Axes are separated by ``,`` or ``+`` (``"data=2+fsdp=-1"``: the form that survives
+    comma-separated argument strings such as lm-eval's ``model_args``).
+
     Raises:
         ConfigError: unknown axis, bad size, more than one ``-1``, or a product that is not the
             device count.
     """
     n = jax.device_count() if num_devices is None else num_devices
     sizes: dict[str, int] = {}
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+    for part in [p.strip() for p in spec.replace("+", ",").split(",") if p.strip()]:
         name, sep, value = part.partition("=")
         name = name.strip()
         if not sep:
