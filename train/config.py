@@ -167,7 +167,8 @@ class TrainConfig:
         replicated along it, with a warning).
       seed: parameter init (scratch) seed.
       on_nonfinite: stop | skip.
-      distributed: call ``jax.distributed.initialize()`` (multi-host pods).
+      distributed: join the cluster ``jax.distributed.initialize()`` detects (multi-host pods;
+        the same as ``--distributed``; explicit: ``--coordinator``: jaxarith.distributed).
       init: start from another model's transformed weights (layer inheritance; train/init.py).
       moe: router loss coefficients of mixture-of-experts models (train/plugins/moe.py).
     """
