@@ -261,6 +261,13 @@ def atomic_dir(dst: PathLike, *, overwrite: bool = False,
         with atomic_dir("out/model", overwrite=args.overwrite, inputs=[args.src]) as tmp:
             write_files(tmp)
     """
+    from jaxarith import distributed
+
+    if distributed.process_count() > 1:
+        with _shared_atomic_dir(dst, overwrite=overwrite, inputs=inputs, kind=kind,
+                                info=info) as tmp:
+            yield tmp
+        return
     dst = check_destination(dst, overwrite, inputs=inputs)
     clean_stale(dst)
     tmp = _sibling(dst, "tmp")
@@ -268,18 +275,59 @@ def atomic_dir(dst: PathLike, *, overwrite: bool = False,
     try:
         with terminate_as_exception():
             yield tmp
-            write_marker(tmp, kind, **(info or {}))
-            if os.path.lexists(dst):
-                # re-check: dst may have changed while we worked
-                check_destination(dst, overwrite, inputs=inputs)
-                old = _sibling(dst, "old")
-                os.rename(dst, old)
-                os.rename(tmp, dst)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, dst)
+            _commit(tmp, dst, overwrite, inputs, kind, info)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _commit(tmp: str, dst: str, overwrite: bool, inputs, kind: str, info: dict | None) -> str:
+    """Mark the complete temporary ``tmp`` and rename it to ``dst`` (the old one removed)."""
+    write_marker(tmp, kind, **(info or {}))
+    if os.path.lexists(dst):
+        # re-check: dst may have changed while we worked
+        check_destination(dst, overwrite, inputs=inputs)
+        old = _sibling(dst, "old")
+        os.rename(dst, old)
+        os.rename(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, dst)
+    return dst
+
+
+@contextlib.contextmanager
+def _shared_atomic_dir(dst: PathLike, *, overwrite: bool, inputs, kind: str,
+                       info: dict | None) -> Iterator[str]:
+    """:func:`atomic_dir` of a multi-process run: one temporary for all processes.
+
+    Process 0 checks the destination and creates the temporary; every process gets its name and
+    writes its part (an Orbax save writes each process's shards; an HF export writes from
+    process 0 only); after a barrier process 0 commits it. The destination must be on storage
+    every process sees (a shared file system or a bucket). An error on process 0 is raised on
+    every process.
+    """
+    from jaxarith import distributed
+
+    def prepare() -> str:
+        d = check_destination(dst, overwrite, inputs=inputs)
+        clean_stale(d)
+        tmp = _sibling(d, "tmp")
+        os.mkdir(tmp)
+        return tmp
+
+    tmp = distributed.on_primary(prepare, f"prepare {os.fspath(dst)}")
+    real_dst = os.path.abspath(os.path.expanduser(os.fspath(dst)))  # as check_destination
+    try:
+        with terminate_as_exception():
+            yield tmp
+            distributed.barrier(f"jaxarith atomic_dir written {tmp}")
+            distributed.on_primary(
+                lambda: _commit(tmp, real_dst, overwrite, inputs, kind, info),
+                f"commit {real_dst}")
+    except BaseException:
+        if distributed.is_primary():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -303,6 +351,17 @@ def claim_dir(directory: PathLike, *, kind: str, inputs: Iterable[PathLike | Non
     Raises:
       UnsafeDestinationError: the directory may not be used.
     """
+    from jaxarith import distributed
+
+    if distributed.process_count() > 1:  # one process claims it for all
+        return distributed.on_primary(
+            lambda: _claim(directory, kind=kind, inputs=inputs, accept=accept, info=info),
+            f"claim {os.fspath(directory)}")
+    return _claim(directory, kind=kind, inputs=inputs, accept=accept, info=info)
+
+
+def _claim(directory: PathLike, *, kind: str, inputs: Iterable[PathLike | None],
+           accept: Iterable[str], info: dict | None) -> str:
     path = os.path.abspath(os.path.expanduser(os.fspath(directory)))
     if os.path.lexists(path) and not is_output(path):
         why = _why_unsafe(_real(path), _local_inputs(inputs))

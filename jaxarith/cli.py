@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 import sys
 
-from jaxarith import __version__
+from jaxarith import __version__, distributed
 from jaxarith.commands import _common
 
 
@@ -29,7 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"jaxarith.commands.{info.name}").register(sub)
+    for command in sub.choices.values():  # every subcommand can run on many processes
+        _add_distributed(command)
     return parser
+
+
+def _add_distributed(p: argparse.ArgumentParser) -> None:
+    """The multi-process flags on every leaf parser (``delta extract``, not ``delta``)."""
+    nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in nested:
+        for child in action.choices.values():
+            _add_distributed(child)
+    if not nested and "--coordinator" not in p._option_string_actions:
+        distributed.add_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -133,7 +133,12 @@ class DataConfig:
 @dataclasses.dataclass(frozen=True)
 class SourceData:
     """A source's token windows: ``train`` [N, T] and held-out ``eval`` [M, T] (int32), with
-    their loss weights (float32, same shapes; None means all ones)."""
+    their loss weights (float32, same shapes; None means all ones).
+
+    The loader interface: ``train`` / ``eval`` (and the weights) may be any random-access
+    sequence of windows (``len()`` and ``x[i] -> [T]``), e.g. records read from disk on demand;
+    the pipeline then reads, in each process, only the rows of that process's share of every
+    global batch (:func:`process_shard`)."""
 
     name: str
     weight: float
@@ -347,6 +352,18 @@ def check_batch(global_batch: int, process_count: int) -> int:
     return global_batch // process_count
 
 
+def process_shard(ds: grain.MapDataset, process_index: int, process_count: int
+                  ) -> grain.MapDataset:
+    """This process's examples of a global example stream: elements ``p, p + P, ...``.
+
+    Global batch ``i`` is elements ``i * B ... (i + 1) * B - 1`` of ``ds``; process ``p`` gets
+    its ``B / P`` strided rows, so the processes together hold each global batch exactly, the
+    result does not depend on the number of processes, and a lazy source (any ``SourceData``
+    whose windows are read on demand) is read only where this process needs it.
+    """
+    return ds[process_index::process_count]
+
+
 def batch_iterator(ds: grain.MapDataset, global_batch: int, *, process_index: int = 0,
                    process_count: int = 1, state: dict | None = None):
     """An iterator of this process's share of each global batch (a dict of [b, T] arrays).
@@ -359,8 +376,8 @@ def batch_iterator(ds: grain.MapDataset, global_batch: int, *, process_index: in
       A grain ``DatasetIterator``; ``get_state()`` / ``set_state()`` checkpoint it.
     """
     local = check_batch(global_batch, process_count)
-    it = iter(ds[process_index::process_count].batch(local, drop_remainder=True)
-              .to_iter_dataset())
+    it = iter(process_shard(ds, process_index, process_count)
+              .batch(local, drop_remainder=True).to_iter_dataset())
     if state is not None:
         it.set_state(state)
     return it
@@ -370,6 +387,15 @@ def eval_windows(source: SourceData, max_windows: int) -> np.ndarray | dict:
     """The first ``max_windows`` held-out windows of a source (fixed, not shuffled): the token
     array [n, T] for a text source; for a source with loss weights (chat) a dict ``{"tokens":
     [n, T], "weights": [n, T]}`` so that its eval scores only the weighted tokens."""
+    n = min(max_windows, len(source.eval))
     if source.eval_weights is None:
-        return source.eval[:max_windows]
-    return {"tokens": source.eval[:max_windows], "weights": source.eval_weights[:max_windows]}
+        return _first_rows(source.eval, n)
+    return {"tokens": _first_rows(source.eval, n),
+            "weights": _first_rows(source.eval_weights, n)}
+
+
+def _first_rows(windows, n: int) -> np.ndarray:
+    """The first ``n`` rows of an array or of any random-access sequence of windows."""
+    if isinstance(windows, np.ndarray) or n == 0:
+        return np.asarray(windows[:n])
+    return np.stack([np.asarray(windows[i]) for i in range(n)])

@@ -1,9 +1,12 @@
 """Meshes and the one table that maps logical axis names to mesh axes.
 
 Model code names *logical* axes only (``vocab``, ``embed``, ``heads``, ...). ``RULES`` maps each to
-zero or more of the mesh axes ``data``, ``fsdp``, ``tensor``; nothing else in jaxarith names a mesh
-axis. A mesh is described by a string such as ``"data=2,fsdp=2,tensor=2"`` or ``"fsdp=-1"`` (-1
-fills with the remaining devices); axes not named get size 1, so every mesh has all three axes.
+zero or more of the mesh axes ``data``, ``fsdp``, ``tensor``, ``expert``; nothing else in jaxarith
+names a mesh axis. A mesh is described by a string such as ``"data=2,fsdp=2,tensor=2"`` or
+``"fsdp=-1"`` (-1 fills with the remaining devices); axes not named get size 1, so every mesh has
+all four axes. ``expert`` holds the experts of mixture-of-experts layers (logical axis
+``experts``); batches are not split over it (each expert group sees the whole batch and computes
+only its own experts' share).
 
 Divisibility: a parameter dimension that does not divide the size of its mesh axes is replicated
 along that dimension with a warning naming the parameter and the sizes (once per parameter and
@@ -28,7 +31,7 @@ from jaxarith.errors import ConfigError, ShardingError
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 LogicalAxes = tuple[str | None, ...]
 
@@ -50,6 +53,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "act_heads": ("tensor",),
     "act_vocab": ("tensor",),
     "cache_seq": (),
+    "experts": ("expert",),
 }
 
 
@@ -80,7 +84,7 @@ def is_strict() -> bool:
 
 
 def parse_mesh_spec(spec: str, num_devices: int | None = None) -> dict[str, int]:
-    """Parse ``"data=2,fsdp=-1"`` into axis sizes for all three mesh axes.
+    """Parse ``"data=2,fsdp=-1"`` into axis sizes for all mesh axes (:data:`MESH_AXES`).
 
     Axes are separated by ``,`` or ``+`` (``"data=2+fsdp=-1"``: the form that survives
     comma-separated argument strings such as lm-eval's ``model_args``).
@@ -129,7 +133,7 @@ def parse_mesh_spec(spec: str, num_devices: int | None = None) -> dict[str, int]
 
 
 def make_mesh(spec: str = "fsdp=-1", devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A mesh with axes ``(data, fsdp, tensor)`` from a spec string (Auto axis types)."""
+    """A mesh with axes :data:`MESH_AXES` from a spec string (Auto axis types)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = parse_mesh_spec(spec, len(devices))
     arr = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])

@@ -84,8 +84,9 @@ def _hf_candidate(ref: str) -> Candidate:
         out = {}
         for i, (key, layer) in enumerate(layers):
             for t, x in zip(rule.targets, rule.to_canon(ckpt.get(names[key])), strict=True):
-                if i == 0:
-                    out[t] = np.empty((len(layers), *np.shape(x)), np.asarray(x).dtype)
+                if i == 0:  # [L, ...], or [L, E, ...] for per-expert rules
+                    lead = (L, rule.experts) if rule.experts else (len(layers),)
+                    out[t] = np.empty((*lead, *np.shape(x)), np.asarray(x).dtype)
                 out[t][layer] = x
         return out
 

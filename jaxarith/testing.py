@@ -30,6 +30,20 @@ def tiny_llama_config(**overrides: Any):
     return transformers.LlamaConfig(**kw)
 
 
+def tiny_mixtral_config(**overrides: Any):
+    """Tiny GQA Mixtral: 2 layers, 4 experts, top-2 (an untied Llama body with sparse MLPs)."""
+    import transformers
+
+    kw: dict[str, Any] = dict(
+        vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+        num_local_experts=4, num_experts_per_tok=2, rope_theta=10000.0,
+        tie_word_embeddings=False, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+    kw.update(overrides)
+    return transformers.MixtralConfig(**kw)
+
+
 def tiny_gpt2_config(**overrides: Any):
     import transformers
 

@@ -186,7 +186,7 @@ def test_inspect(kind, llama_dir, tmp_path):
     if kind == "orbax":
         assert "layers/attn/q" in names
         q = next(t for t in info["tensors"] if t["name"] == "layers/attn/q")
-        assert q["sharding"] == {"mesh": {"data": 1, "fsdp": 8, "tensor": 1},
+        assert q["sharding"] == {"mesh": {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1},
                                  "spec": [None, "fsdp", None, None]}
     else:
         assert "model.layers.1.self_attn.q_proj.weight" in names

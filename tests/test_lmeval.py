@@ -147,7 +147,7 @@ def test_eight_device_mesh_equals_one_device(llama_dir, runs, tm):
     one = runs["llama"][1]
     samples = {"jaxarith_mc": [0, 1, 2], "jaxarith_gen": [0, 1]}
     lm = JaxarithLM(pretrained=llama_dir[0], mesh="data=2+fsdp=2+tensor=2", batch_size=4)
-    assert dict(lm.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(lm.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
     many = _run(lm, tm, samples)
     a = _responses(one, "jaxarith_mc")[:12]
     b = _responses(many, "jaxarith_mc")
@@ -159,7 +159,8 @@ def test_eight_device_mesh_equals_one_device(llama_dir, runs, tm):
 def test_mesh_spec_accepts_plus_as_separator():
     plus = sharding.parse_mesh_spec("data=2+fsdp=2+tensor=2", 8)
     assert plus == sharding.parse_mesh_spec("data=2,fsdp=2,tensor=2", 8)
-    assert sharding.parse_mesh_spec("fsdp=-1+tensor=2", 8) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert sharding.parse_mesh_spec("fsdp=-1+tensor=2", 8) == {"data": 1, "fsdp": 4, "tensor": 2,
+                                                                "expert": 1}
 
 
 def _np_log_softmax(z):

@@ -70,10 +70,10 @@ def test_indivisible_dimension_is_replicated_or_strict_error():
 
 
 @pytest.mark.parametrize("spec, sizes", [
-    ("fsdp=-1", {"data": 1, "fsdp": 8, "tensor": 1}),
-    ("data=2,fsdp=-1", {"data": 2, "fsdp": 4, "tensor": 1}),
-    ("data=2, fsdp=2, tensor=2", {"data": 2, "fsdp": 2, "tensor": 2}),
-    ("tensor=8", {"data": 1, "fsdp": 1, "tensor": 8}),
+    ("fsdp=-1", {"data": 1, "fsdp": 8, "tensor": 1, "expert": 1}),
+    ("data=2,fsdp=-1", {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}),
+    ("data=2, fsdp=2, tensor=2", {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}),
+    ("tensor=8", {"data": 1, "fsdp": 1, "tensor": 8, "expert": 1}),
 ])
 def test_parse_mesh_spec(spec, sizes):
     assert sharding.parse_mesh_spec(spec, 8) == sizes

@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at the end, write the final weights as an HF model (export.hf_dir)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON summary object on stdout (no progress bar)")
+    from jaxarith.distributed import add_arguments as add_distributed
+
+    add_distributed(p)
 
 
 def handle(args) -> int:
@@ -36,6 +39,11 @@ def handle(args) -> int:
     if args.json:
         overrides.append("log.progress=false")
     cfg = load_config(args.config, overrides)
+    if cfg.distributed:  # the config's `distributed: true`: auto-detect, before any JAX call
+        from jaxarith import distributed
+
+        if distributed.initialize(distributed.config_from_args(args, auto=True)):
+            distributed.quiet_secondary()
     try:
         summary = run(cfg)
     except KeyboardInterrupt:  # Ctrl-C before or after the training steps

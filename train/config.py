@@ -26,6 +26,7 @@ from jaxarith.errors import ConfigError
 from jaxarith.schedules import ScheduleConfig
 from train.distill import DistillSection
 from train.init import InitConfig
+from train.plugins.moe import MoESection
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ class ModelSection:
 
     Attributes:
       ref: a model reference to start from (HF hub id, HF directory, jaxarith Orbax directory).
-      arch: for training from scratch (``ref`` empty): ``llama`` or ``gpt2``.
+      arch: for training from scratch (``ref`` empty): a registered family (``llama``, ``gpt2``,
+        ``mixtral``).
         Both stay empty when the ``init:`` section gives the start weights (train/init.py).
       config: for scratch: HF ``config.json`` fields (``hidden_size``, ``n_layer``, ...).
       tokenizer: ``bundled`` (the bundled 1024-token BPE) or a directory; default: ``ref``'s.
@@ -60,8 +62,12 @@ class ModelSection:
         if self.ref and self.arch:  # neither: checked with `init` in TrainConfig
             raise ConfigError("model: give exactly one of model.ref (start from a checkpoint) "
                               "and model.arch (train from scratch)")
-        if self.arch and self.arch not in ("llama", "gpt2"):
-            raise ConfigError(f"model.arch={self.arch!r}: expected llama or gpt2")
+        if self.arch:
+            from jaxarith.models.registry import FAMILIES
+
+            if self.arch not in FAMILIES:
+                raise ConfigError(f"model.arch={self.arch!r}: expected one of "
+                                  f"{', '.join(sorted(FAMILIES))}")
         if self.arch:  # typos in model.config are errors naming the key, before any work
             from jaxarith.models import check_config_keys
 
@@ -161,8 +167,10 @@ class TrainConfig:
         replicated along it, with a warning).
       seed: parameter init (scratch) seed.
       on_nonfinite: stop | skip.
-      distributed: call ``jax.distributed.initialize()`` (multi-host pods).
+      distributed: join the cluster ``jax.distributed.initialize()`` detects (multi-host pods;
+        the same as ``--distributed``; explicit: ``--coordinator``: jaxarith.distributed).
       init: start from another model's transformed weights (layer inheritance; train/init.py).
+      moe: router loss coefficients of mixture-of-experts models (train/plugins/moe.py).
     """
 
     out: str
@@ -185,6 +193,7 @@ class TrainConfig:
     export: ExportConfig = ExportConfig()
     distill: DistillSection = DistillSection()  # see train/distill.py
     init: InitConfig = InitConfig()
+    moe: MoESection = MoESection()  # router loss coefficients (train/plugins/moe.py)
 
     def __post_init__(self):
         if self.init.ref and (self.model.ref or self.model.arch or self.model.config):

@@ -13,6 +13,13 @@
       pos_embed: ""               # GPT-2 wpe: inherit | fresh (empty: inherit)
       allow_repeat: false
 
+Sparse upcycling (a dense Llama/Mistral REF becomes a Mixtral whose experts copy its MLPs, see
+:mod:`jaxarith.upcycle`; ``method`` may be left out, the section implies it)::
+
+    init:
+      ref: runs/dense/hf
+      upcycle: {experts: 8, top_k: 2, noise: 0.0, router: random}
+
 With ``init.ref`` set, ``model.ref`` and ``model.arch`` stay empty: the architecture and config come
 from REF with the new depth, the tokenizer (unless ``model.tokenizer``) from REF's directory, and
 fresh tensors from ``init_params`` seeded by the run's ``seed``. One section serves every way of
@@ -32,7 +39,31 @@ import jax.numpy as jnp
 from jaxarith.errors import ConfigError
 from jaxarith.models.config import ModelConfig, load_config
 
-METHODS = ("inherit",)
+METHODS = ("inherit", "upcycle")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UpcycleSection:
+    """``init.upcycle``: experts per layer, experts per token, noise std, router init."""
+
+    experts: int = 0
+    top_k: int = 2
+    noise: float = 0.0
+    router: str = "random"
+
+    def __post_init__(self):
+        if self.experts < 0 or self.noise < 0:
+            raise ConfigError(f"init.upcycle: experts={self.experts} and noise={self.noise} "
+                              "must be >= 0")
+        if self.experts and not 1 <= self.top_k <= self.experts:
+            raise ConfigError(f"init.upcycle.top_k={self.top_k} must be between 1 and "
+                              f"experts={self.experts}")
+        if self.router not in ("random", "zeros"):
+            raise ConfigError(f"init.upcycle.router={self.router!r}: expected random or zeros")
+
+    @property
+    def enabled(self) -> bool:
+        return self.experts > 0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -48,9 +79,19 @@ class InitConfig:
     final_norm: str = "inherit"
     pos_embed: str = ""
     allow_repeat: bool = False
+    upcycle: UpcycleSection = UpcycleSection()
 
     def __post_init__(self):
         from jaxarith import inherit as inherit_lib
+
+        if self.upcycle.enabled and self.method == "inherit":  # the section implies the method
+            object.__setattr__(self, "method", "upcycle")
+        if self.method == "upcycle":
+            if not self.upcycle.enabled:
+                raise ConfigError("init.method=upcycle needs init.upcycle.experts")
+            if self.layers:
+                raise ConfigError("init.layers does not apply to init.upcycle (all of REF's "
+                                  "layers are upcycled)")
 
         if self.method not in METHODS:
             raise ConfigError(f"init.method={self.method!r}: expected one of {', '.join(METHODS)}")
@@ -105,6 +146,11 @@ def start_config(init: InitConfig) -> tuple[ModelConfig, str]:
     any weight is read.
     """
     directory = _ref_dir(init.ref)
+    if init.method == "upcycle":
+        from jaxarith.upcycle import upcycle_config
+
+        u = init.upcycle
+        return upcycle_config(load_config(directory), u.experts, u.top_k), directory
     return plan(init, load_config(directory)).config, directory
 
 
@@ -114,5 +160,12 @@ def start_params(init: InitConfig, mesh, seed: int, *, progress: bool = False) -
     from jaxarith.refs import load_model
 
     src = load_model(init.ref, mesh=mesh, dtype=jnp.float32, progress=progress)
+    if init.method == "upcycle":
+        from jaxarith.upcycle import upcycle_config, upcycle_params
+
+        u = init.upcycle
+        cfg = upcycle_config(src.config, u.experts, u.top_k)
+        return upcycle_params(src.params, cfg, jax.random.PRNGKey(seed), noise=u.noise,
+                              router=u.router, mesh=mesh)
     p = plan(init, src.config)
     return inherit_lib.apply_plan(src.params, p, jax.random.PRNGKey(seed), mesh)

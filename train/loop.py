@@ -66,13 +66,12 @@ class _Stop:
 
 
 def initialize_distributed() -> None:
-    """``jax.distributed.initialize()``; no cluster found is a one-line :class:`ConfigError`."""
-    try:
-        jax.distributed.initialize()
-    except (ValueError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"distributed: true but no multi-host cluster was found ({first}); "
-                          "on one machine run with distributed=false") from None
+    """Join the cluster ``jax.distributed`` detects (``distributed: true``) unless this process
+    already joined one (``--coordinator`` / ``--distributed``, see :mod:`jaxarith.distributed`);
+    no cluster found is a one-line :class:`ConfigError`."""
+    from jaxarith import distributed
+
+    distributed.initialize(distributed.ClusterConfig(auto=True))
 
 
 # ----------------------------------------------------------------------------- model & data
@@ -529,8 +528,9 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
                                            tensorboard=cfg.log.tensorboard, progress=progress)
         writer.log(_startup_message(cfg, model_cfg, mesh, info, fpt, start, data_s, compile_s,
                                     sources))
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=2)
+        if jax.process_index() == 0:
+            with open(os.path.join(out, "config.json"), "w") as f:
+                json.dump(config_dict, f, indent=2)
 
         def save() -> None:
             ckpts.save(ctx.step, ctx.state, it.get_state(),

@@ -96,8 +96,13 @@ def make_optimizer(opt, schedule: optax.Schedule) -> optax.GradientTransformatio
 def next_token_loss_fn(cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = False) -> LossFn:
     """The default loss: summed next-token NLL, its token count and no extra metrics.
 
-    Honours an optional ``batch["weights"]`` (``[b, T]`` loss weights of target tokens).
+    Honours an optional ``batch["weights"]`` (``[b, T]`` loss weights of target tokens). A
+    family with its own ``train_loss`` (Mixtral: NLL plus its router losses) gets that instead.
     """
+    own = transformer.family(cfg).train_loss
+    if own is not None:
+        return own(cfg, dtype=dtype, remat=remat)
+
     def loss(params, frozen, batch):
         del frozen
         nll, count = transformer.next_token_loss(params, cfg, batch["tokens"],

@@ -47,7 +47,19 @@ def _offset(x: np.ndarray, y: np.ndarray) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def rule_layout(rule: Rule, j: int) -> Layout:
-    """The layout of target ``j`` of ``rule`` (see the module doc)."""
+    """The layout of target ``j`` of ``rule`` (see the module doc).
+
+    Raises:
+      UnsupportedArchitectureError: the HF tensor is not a matrix (transformers 5's fused
+        Mixtral experts ``[E, 2F, D]``): merges need the per-expert layout.
+    """
+    if len(rule.hf_shape) > 2:
+        from jaxarith.errors import UnsupportedArchitectureError
+
+        raise UnsupportedArchitectureError(
+            f"{rule.hf_key}: merges read HF matrices, this checkpoint stores {len(rule.hf_shape)}"
+            "-D fused experts; write it in the per-expert layout first (jaxarith convert SRC "
+            "ORBAX_DIR, then jaxarith convert ORBAX_DIR HF_DIR)")
     rc, cc, _ = _hf_index_views(rule, j)
     shape = rc.shape
     rng = np.random.default_rng(0)

@@ -1,6 +1,8 @@
 """In-memory executor: one ``jax.jit`` over whole canonical trees of (sharded) arrays.
 
-Stacked leaves (``layers/...``) are vmapped over their leading layer axis, so per-layer schedules
+Stacked leaves (``layers/...``) are vmapped over their leading layer axis (and mixture-of-experts
+leaves ``[L, E, ...]`` over their expert axis too: each expert is its own tensor, as in the HF
+checkpoint and the streaming executor), so per-layer schedules
 and selections are just ``[L]`` arrays and compile time does not grow with depth. Outputs keep the
 first input's shardings; ``donate=True`` donates the first tree's buffers (e.g. the model in
 ``apply_delta``) so the result can reuse them.
@@ -18,7 +20,7 @@ import numpy as np
 from jaxarith.arith.check import check_trees, leaf_names
 from jaxarith.arith.kernel import NO_LAYER, tensor_step
 from jaxarith.arith.layout import hf_layouts
-from jaxarith.arith.select import MergeSpec, path_seed
+from jaxarith.arith.select import MergeSpec, expert_seed, path_seed
 from jaxarith.models.config import ModelConfig
 
 
@@ -33,6 +35,18 @@ def _leaf_plan(spec: MergeSpec, path: tuple[str, ...], hf_key: str | None,
         p, sel = spec.tensor_params(names, None, 1, numel, n_inputs)
         return p, seed, NO_LAYER, bool(sel), None
     L = shape[0]
+    if hf_key is not None and "{j}" in hf_key:  # [L, E, ...]: each expert its own tensor
+        E = shape[1]
+        numel = int(np.prod(shape[2:]))
+        per = [spec.tensor_params((canon, hf_key.format(i=i, j=j)), i, L, numel, n_inputs)
+               for i in range(L) for j in range(E)]
+        p = {k: np.stack([q[k] for q, _ in per]).reshape(L, E, *np.shape(per[0][0][k]))
+             for k in per[0][0]}
+        sels = np.array([s for _, s in per]).reshape(L, E)
+        mode = bool(sels.flat[0]) if sels.all() or not sels.any() else None
+        seeds = np.stack([expert_seed(spec.seed, canon, j) for j in range(E)])
+        layers = np.repeat(np.arange(L, dtype=np.uint32)[:, None], E, axis=1)
+        return p, np.broadcast_to(seeds, (L, E, 2)).copy(), layers, mode, sels
     numel = int(np.prod(shape[1:]))
     per = [spec.tensor_params((canon,) if hf_key is None else (canon, hf_key.format(i=i)), i, L,
                               numel, n_inputs) for i in range(L)]
@@ -56,15 +70,22 @@ def _apply(method, statics, leaves, params, seeds, layers, sels):
     for (stacked, mode, dtype, layout), xs, p, seed, layer, sel in zip(
             statics, leaves, params, seeds, layers, sels, strict=True):
         selected = mode if mode is not None else sel
+        # stacked: the number of leading axes vmapped over (1: layers, 2: layers and experts)
         if stacked and mode is None:
             f = functools.partial(_step_traced_sel, method, dtype, layout)
-            out.append(jax.vmap(f)(xs, p, seed, layer, selected))
+            out.append(_vmapped(f, stacked)(xs, p, seed, layer, selected))
         elif stacked:
             f = functools.partial(_step_static_sel, method, dtype, layout, mode)
-            out.append(jax.vmap(f)(xs, p, seed, layer))
+            out.append(_vmapped(f, stacked)(xs, p, seed, layer))
         else:
             out.append(tensor_step(method, xs, p, seed, layer, selected, dtype, layout))
     return out
+
+
+def _vmapped(f, levels: int):
+    for _ in range(levels):
+        f = jax.vmap(f)
+    return f
 
 
 @functools.lru_cache(maxsize=64)
@@ -107,7 +128,8 @@ def run(
                                                len(trees))
         out_dtype = jnp.dtype(dtype) if dtype is not None else (
             jnp.dtype(jnp.float32) if spec.method.keeps_float32 else leaf.dtype)
-        statics.append((path[0] == "layers", mode, out_dtype, layouts.get(path)))
+        levels = 0 if path[0] != "layers" else np.ndim(layer)
+        statics.append((levels, mode, out_dtype, layouts.get(path)))
         leaves.append(tuple(f[j] for f in flats))
         params.append(p)
         seeds.append(seed)

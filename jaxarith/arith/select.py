@@ -175,6 +175,12 @@ class MergeSpec:
         return p, self.selection(names)
 
 
+def expert_seed(seed: int, path: str, expert: int) -> np.ndarray:
+    """:func:`path_seed` of expert ``expert``'s tensor in an ``[L, E, ...]`` leaf (each expert
+    draws its own random masks)."""
+    return path_seed(seed, f"{path}/{expert}")
+
+
 def path_seed(seed: int, path: str) -> np.ndarray:
     """Raw PRNG key data ``[2] uint32`` of one canonical tensor: the seed and a stable hash of
     the path (the layer and the model are folded in by the executors' shared wrapper)."""

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from jaxarith.arith.check import check_shapes
 from jaxarith.arith.kernel import NO_LAYER, tensor_step
 from jaxarith.arith.layout import rule_layout
-from jaxarith.arith.select import MergeSpec, path_seed
+from jaxarith.arith.select import MergeSpec, expert_seed, path_seed
 from jaxarith.convert.export import write_hf
 from jaxarith.convert.hf import HFCheckpoint, check_checkpoint
 from jaxarith.convert.keymap import expand, rules_for
@@ -138,15 +138,18 @@ def _results(spec, items, specs, ckpts, names, L, stats, bar) -> Iterator[np.nda
             parts = [rule.to_canon(a) for a in arrays]  # per model: one array per target
             del arrays
             outs = []
+            # a per-expert tensor: (layer, expert); its seed names the expert (see memory.py)
+            layer, expert = layer if isinstance(layer, tuple) else (layer, None)
             for j, target in enumerate(rule.targets):
                 xs = tuple(parts[m][j] for m in range(n))
                 canon = "/".join(target)
                 p, sel = spec.tensor_params((canon, key), layer, L, xs[0].size, n)
                 step = _step if layer is None else _layer_step
                 lay = NO_LAYER if layer is None else np.uint32(layer)
+                seed = path_seed(spec.seed, canon) if expert is None else \
+                    expert_seed(spec.seed, canon, expert)
                 with spec.method.precision():
-                    outs.append(np.asarray(step(spec.method, xs, p,
-                                                path_seed(spec.seed, canon), lay, bool(sel),
+                    outs.append(np.asarray(step(spec.method, xs, p, seed, lay, bool(sel),
                                                 specs[i][2], layouts[target])))
             del parts
             bar.update()

@@ -31,10 +31,15 @@ def add_dtype(p: argparse.ArgumentParser, default: str = "float32",
 
 
 def mesh_from(args) -> Any:
-    """The mesh of ``--mesh`` (None without one); ``--strict-sharding`` makes every parameter
-    sharding of this command strict."""
+    """The mesh of ``--mesh`` (None without one: one device); ``--strict-sharding`` makes every
+    parameter sharding of this command strict. In a multi-process run the default is
+    ``fsdp=-1`` over every process's devices (one device would leave the others idle)."""
+    from jaxarith import distributed
+
     if not getattr(args, "mesh", None):
-        return None
+        if distributed.process_count() == 1 or not hasattr(args, "mesh"):
+            return None
+        args.mesh = "fsdp=-1"
     from jaxarith.sharding import make_mesh, set_strict_sharding
 
     set_strict_sharding(getattr(args, "strict_sharding", False))
@@ -42,8 +47,10 @@ def mesh_from(args) -> Any:
 
 
 def progress_enabled(args) -> bool:
-    """Progress bars go to stderr, only for humans at a terminal."""
-    return not getattr(args, "json", False) and sys.stderr.isatty()
+    """Progress bars go to stderr, only for humans at a terminal, from process 0 only."""
+    from jaxarith.distributed import is_primary
+
+    return not getattr(args, "json", False) and sys.stderr.isatty() and is_primary()
 
 
 def emit(args, result: dict[str, Any], human: str) -> None:
@@ -99,16 +106,20 @@ _HANDLED = (JaxarithError, FileNotFoundError, FileExistsError, PermissionError,
 
 
 def run(args) -> int:
-    """Call the subcommand's handler; an error on input becomes one line and a non-zero exit.
+    """Join the multi-process run the flags ask for (:mod:`jaxarith.distributed`), then call the
+    subcommand's handler; an error on input becomes one line and a non-zero exit.
 
     A ``JaxarithError`` (or a missing / unreadable file, a distributed config run without a
     cluster) exits 2; Ctrl-C 130; SIGTERM 143; a closed stdout (``jaxarith inspect X | head``)
     141. Under ``--json`` the line is ``{"error": ..., "type": ...}`` on stdout.
     """
+    from jaxarith import distributed
     from jaxarith.atomic import terminate_as_exception
 
     try:
         with terminate_as_exception():
+            # join a multi-process run (--coordinator / --distributed) before any other JAX call
+            distributed.setup_from_args(args)
             code = int(args.handler(args) or 0)
             sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
             return code
@@ -123,7 +134,10 @@ def run(args) -> int:
             os.dup2(devnull, sys.stdout.fileno())
             print(f"jaxarith {args.command}: {msg}", file=sys.stderr)
             return code
-        if getattr(args, "json", False):
+        if not distributed.is_primary():  # stdout is process 0's: name this process on stderr
+            print(f"{distributed.error_prefix()}jaxarith {args.command}: error: {msg}",
+                  file=sys.stderr, flush=True)
+        elif getattr(args, "json", False):
             try:
                 print(json.dumps({"error": msg, "type": type(e).__name__}), flush=True)
             except BrokenPipeError:

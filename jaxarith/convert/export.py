@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxarith import distributed
 from jaxarith.atomic import atomic_dir
 from jaxarith.convert.fastcopy import contiguous
 from jaxarith.convert.hf import INDEX_FILE, SINGLE_FILE, get_path
@@ -63,7 +64,8 @@ def leaf_slices(fetch: LeafSource) -> SliceSource:
             cache.clear()
             cache.update(rule=rule, leaves=fetch(list(rule.targets)))
         leaves = cache["leaves"]
-        return tuple(np.asarray(jax.device_get(leaves[t] if layer is None else leaves[t][layer]))
+        # one layer at a time; gathered from every process in a multi-process run
+        return tuple(distributed.to_host(leaves[t] if layer is None else leaves[t][layer])
                      for t in rule.targets)
 
     slices.dtypes = getattr(fetch, "dtypes", None)
@@ -83,7 +85,7 @@ def hf_slices(directory: str, cfg: ModelConfig) -> SliceSource:
     names = check_checkpoint(cfg, ckpt)
 
     def slices(rule: Rule, layer: int | None) -> tuple[np.ndarray, ...]:
-        key = rule.hf_key if layer is None else rule.hf_key.format(i=layer)
+        key = rule.key(layer)
         return tuple(rule.to_canon(ckpt.get(names[key])))
 
     slices.dtypes = {t: ckpt.dtype(names[expand(rule, cfg.num_hidden_layers)[0][0]])
@@ -153,42 +155,65 @@ def write_hf(
     tokenizer and generation-config files from ``tokenizer_dir`` (a generation config from the
     model config when there is none), all into ``dst`` atomically.
 
+    In a multi-process run every process calls it (each tensor is gathered from all processes,
+    one at a time, so no host ever holds the whole model) and process 0 alone writes.
+
     Args:
       specs: (HF name, shape, dtype) of every tensor, in file order.
     Returns:
       {"files", "tensors", "bytes" (tensor data), "bytes_written" (files, with headers)}.
     """
-    from jaxarith.convert.orbax import copy_side_files
 
     shards = plan_shards(specs, parse_size(max_shard_size))
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
     nbytes = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d in specs)
-    bar = tqdm(total=len(specs), desc=desc, unit="tensor", disable=not progress, leave=False)
+    primary = distributed.is_primary()
+    bar = tqdm(total=len(specs), desc=desc, unit="tensor", disable=not progress or not primary,
+               leave=False)
     written = 0
     with atomic_dir(dst, overwrite=overwrite) as tmp:
-        weight_map = {}
-        for name, idx in zip(names, shards, strict=True):
-            part = [specs[i] for i in idx]
-            written += write_safetensors(os.path.join(tmp, name), part,
-                                         _take(tensors, len(idx), bar))
-            weight_map.update({k: name for k, _, _ in part})
-        if len(shards) > 1:
-            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
-                json.dump({"metadata": {"total_size": nbytes}, "weight_map": weight_map},
-                          f, indent=2)
-        hf = cfg.to_hf()
-        hf["torch_dtype"] = hf["dtype"] = _config_dtype(specs)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2, sort_keys=True)
-        copied = copy_side_files(tokenizer_dir, tmp)
-        if "generation_config.json" not in copied and cfg.bos_token_id is not None:
-            gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-                   "pad_token_id": cfg.pad_token_id}
-            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-                json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+        if not primary:
+            # multi-process: every process takes part in gathering each tensor (a collective,
+            # one tensor at a time); process 0 alone writes the files
+            for _ in _take(tensors, len(specs), bar):
+                pass
+        else:
+            written = _write_files(cfg, tmp, specs, shards, names, nbytes, tensors, bar,
+                                   tokenizer_dir)
     bar.close()
     return {"files": names, "tensors": len(specs), "bytes": nbytes, "bytes_written": written}
+
+
+def _write_files(cfg: ModelConfig, tmp: str, specs: list[TensorSpec], shards: list[list[int]],
+                 names: list[str], nbytes: int, tensors: Iterator[np.ndarray], bar,
+                 tokenizer_dir: str | None) -> int:
+    """Write the safetensors shards, index, config and side files into ``tmp``; returns the
+    bytes written."""
+    from jaxarith.convert.orbax import copy_side_files
+
+    written = 0
+    weight_map = {}
+    for name, idx in zip(names, shards, strict=True):
+        part = [specs[i] for i in idx]
+        written += write_safetensors(os.path.join(tmp, name), part,
+                                     _take(tensors, len(idx), bar))
+        weight_map.update({k: name for k, _, _ in part})
+    if len(shards) > 1:
+        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+            json.dump({"metadata": {"total_size": nbytes}, "weight_map": weight_map},
+                      f, indent=2)
+    hf = cfg.to_hf()
+    hf["torch_dtype"] = hf["dtype"] = _config_dtype(specs)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+    copied = copy_side_files(tokenizer_dir, tmp)
+    if "generation_config.json" not in copied and cfg.bos_token_id is not None:
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+               "pad_token_id": cfg.pad_token_id}
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+    return written
 
 
 def _take(it: Iterator[np.ndarray], n: int, bar) -> Iterator[np.ndarray]:

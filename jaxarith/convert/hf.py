@@ -224,13 +224,15 @@ def _place(ckpt, names, cfg, rule: Rule, j: int, shape, dtype, shd) -> jax.Array
     bufs = {key: np.empty(_slice_shape(idx, shape), dtype) for key, (idx, _) in groups.items()}
     for hf_key, layer in expand(rule, cfg.num_hidden_layers):
         value = np.asarray(rule.to_canon(ckpt.get(names[hf_key]))[j]).astype(dtype, copy=False)
+        lead = () if layer is None else layer if isinstance(layer, tuple) else (layer,)
+        n = len(lead)
         for key, (index, _) in groups.items():
-            if layer is None:
-                copy_into(bufs[key], value[index])  # tiled: value is often a transpose
-            else:
-                lo, hi, _ = index[0].indices(shape[0])
-                if lo <= layer < hi:
-                    copy_into(bufs[key][layer - lo], value[index[1:]])
+            # the slice of this HF tensor in the leaf: leading (layer[, expert]) indices
+            bounds = [index[d].indices(shape[d])[:2] for d in range(n)]
+            if all(lo <= i < hi for i, (lo, hi) in zip(lead, bounds, strict=True)):
+                at = tuple(i - lo for i, (lo, _) in zip(lead, bounds, strict=True))
+                # tiled: value is often a transpose
+                copy_into(bufs[key][at] if at else bufs[key], value[index[n:]])
     arrays = []
     for key, (_, devices) in groups.items():
         for d in devices:

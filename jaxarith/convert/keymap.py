@@ -34,8 +34,12 @@ def normalize_key(cfg: ModelConfig, key: str) -> str:
     return family(cfg).normalize_hf_key(key)
 
 
-def expand(rule: Rule, num_layers: int) -> list[tuple[str, int | None]]:
-    """(hf key, layer index) for every HF tensor a rule covers."""
+def expand(rule: Rule, num_layers: int) -> list[tuple[str, int | tuple[int, int] | None]]:
+    """(hf key, index) for every HF tensor a rule covers: the index is None (a whole leaf), the
+    layer, or ``(layer, expert)`` for per-expert rules; ``leaf[index]`` is that tensor's slice."""
     if not rule.per_layer:
         return [(rule.hf_key, None)]
+    if rule.experts:
+        return [(rule.key((i, j)), (i, j)) for i in range(num_layers)
+                for j in range(rule.experts)]
     return [(rule.hf_key.format(i=i), i) for i in range(num_layers)]

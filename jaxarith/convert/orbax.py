@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxarith import __version__
+from jaxarith import __version__, distributed
 from jaxarith.atomic import atomic_dir
 from jaxarith.convert.hf import get_path, iter_hf_leaves, resolve_hf_dir, set_path
 from jaxarith.errors import CheckpointError
@@ -97,10 +97,11 @@ def save_orbax(cfg: ModelConfig, params: dict, dst: str | os.PathLike, *,
     """
     _check_tree(cfg, params)
     with atomic_dir(dst, overwrite=overwrite) as tmp, save_context(compress):
-        ocp.v1.save_pytree(os.path.join(tmp, PARAMS_DIR), params)
-        save_config(cfg, tmp)
-        copy_side_files(tokenizer_dir, tmp)
-        _write_metadata(cfg, tmp, _leaf_dtype(params), compress)
+        ocp.v1.save_pytree(os.path.join(tmp, PARAMS_DIR), params)  # collective
+        if distributed.is_primary():
+            save_config(cfg, tmp)
+            copy_side_files(tokenizer_dir, tmp)
+            _write_metadata(cfg, tmp, _leaf_dtype(params), compress)
     return os.fspath(dst)
 
 
@@ -152,9 +153,10 @@ def hf_to_orbax(src: str, dst: str | os.PathLike, *, dtype=None, mesh=None,
             dtypes.add(str(value.dtype))
             del tree, value
         ocp.v1.partial.finalize(target)
-        save_config(cfg, tmp)
-        copy_side_files(directory, tmp)
-        _write_metadata(cfg, tmp, dtypes.pop() if len(dtypes) == 1 else "mixed", compress)
+        if distributed.is_primary():
+            save_config(cfg, tmp)
+            copy_side_files(directory, tmp)
+            _write_metadata(cfg, tmp, dtypes.pop() if len(dtypes) == 1 else "mixed", compress)
     return os.fspath(dst)
 
 

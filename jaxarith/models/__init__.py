@@ -1,7 +1,8 @@
-"""Model families (Llama, GPT-2) over one canonical parameter layout.
+"""Model families (Llama, GPT-2, Mixtral) over one canonical parameter layout.
 
-Each family is one module (``llama.py``, ``gpt2.py``) registered in ``registry.py`` through the
-interface of ``family.py``; ``transformer.py`` is the driver they share (see docs/models.md).
+Each family is one module (``llama.py``, ``gpt2.py``, ``mixtral.py``) registered in
+``registry.py`` through the interface of ``family.py``; ``transformer.py`` is the driver they
+share (see docs/models.md).
 
 Shape letters, used the same way in every comment, docstring and einsum of jaxarith:
 
@@ -24,6 +25,8 @@ M       models combined at decode time (members of a logit-arithmetic spec)
 A       microbatches of one training step (gradient accumulation)
 R       response: new tokens generated per row (``max_new_tokens``)
 J       speculative draft length (tokens drafted per round)
+E       experts of a mixture-of-experts layer (``num_local_experts``)
+C       experts chosen per token (top-k, ``num_experts_per_tok``)
 ======  ====================================================================
 """
 
@@ -42,6 +45,7 @@ from jaxarith.models.family import BlockContext, Family, Inputs, ParamSpec, Rule
 from jaxarith.models.gpt2 import GPT2Config
 from jaxarith.models.layers import KVCache
 from jaxarith.models.llama import LlamaConfig
+from jaxarith.models.mixtral import MixtralConfig
 from jaxarith.models.registry import FAMILIES, family, family_for_model_type, register
 from jaxarith.models.transformer import (
     CausalLM,
@@ -60,7 +64,8 @@ from jaxarith.models.transformer import (
 )
 
 __all__ = [
-    "Arch", "DType", "GPT2Config", "LlamaConfig", "ModelConfig", "RopeScaling", "RopeType",
+    "Arch", "DType", "GPT2Config", "LlamaConfig", "MixtralConfig", "ModelConfig", "RopeScaling",
+    "RopeType",
     "check_config_keys", "config_from_hf", "load_config", "save_config", "BlockContext",
     "Family", "Inputs", "ParamSpec", "Rule", "FAMILIES", "family", "family_for_model_type",
     "register",

@@ -60,11 +60,13 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
     try:
-        return config_from_hf(d)
+        cfg = config_from_hf(d)
     except ConfigError as e:
         if type(e) is not ConfigError or path in str(e):
             raise
         raise ConfigError(f"{path}: {e}") from None
+    layout = family(cfg).checkpoint_layout
+    return cfg if layout is None else layout(cfg, os.path.dirname(path))
 
 
 def save_config(config: ModelConfig, directory: str | os.PathLike) -> None:

@@ -38,6 +38,7 @@ class Arch(enum.StrEnum):
 
     LLAMA = "llama"
     GPT2 = "gpt2"
+    MIXTRAL = "mixtral"
 
 
 class DType(enum.StrEnum):
@@ -126,6 +127,11 @@ class Rule:
     ``to_canon`` maps the HF array to the canonical per-layer arrays (a tuple, one per target);
     ``to_hf`` is its inverse. Hooks only transpose, reshape, split and concatenate, so a round trip
     is bit-exact.
+
+    ``experts > 0``: one HF tensor per layer *and expert* (``{j}`` = expert index, e.g. Mixtral's
+    ``...experts.{j}.w1.weight``); the canonical leaves are ``[L, E, ...]`` and the hooks map one
+    expert's slice. Such a rule's index (see :func:`jaxarith.convert.keymap.expand`) is the
+    tuple ``(layer, expert)``, so ``leaf[index]`` is the slice either way.
     """
 
     hf_key: str
@@ -133,10 +139,19 @@ class Rule:
     hf_shape: tuple[int, ...]
     to_canon: Callable[[np.ndarray], tuple[np.ndarray, ...]]
     to_hf: Callable[..., np.ndarray]
+    experts: int = 0
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.hf_key
+
+    def key(self, index: int | tuple[int, int] | None) -> str:
+        """The HF tensor name at ``index`` (None, a layer, or ``(layer, expert)``)."""
+        if index is None:
+            return self.hf_key
+        if isinstance(index, tuple):
+            return self.hf_key.format(i=index[0], j=index[1])
+        return self.hf_key.format(i=index)
 
 
 def copy_rule(hf_key: str, target: Path, hf_shape: tuple[int, ...]) -> Rule:
@@ -167,6 +182,12 @@ class Family:
     hf_rules: Callable[[Any], list[Rule]]
     hf_buffers: tuple[str, ...] = ()
     normalize_hf_key: Callable[[str], str] = _same_key
+    # Optional: the family's own training loss factory ``(cfg, *, dtype, remat) -> loss_fn``
+    # (train/step.py's interface), e.g. Mixtral's NLL plus its router losses. None: plain NLL.
+    train_loss: Callable[..., Callable] | None = None
+    # Optional: ``(cfg, directory) -> cfg`` adjusted to the tensor layout a checkpoint directory
+    # stores when a family has two (Mixtral: per-expert or fused experts); called by load_config.
+    checkpoint_layout: Callable[[Any, str], Any] | None = None
 
 
 # ----------------------------------------------------------------------------- HF config keys

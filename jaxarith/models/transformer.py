@@ -180,8 +180,12 @@ def forward(
     cache: KVCache | None = None,
     dtype=jnp.float32,
     remat: bool = False,
+    return_aux: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits [B, T, V] (float32) of ``tokens`` [B, T], and the updated cache if one is given.
+
+    With ``return_aux``, a third value: what the family's blocks return besides the activations
+    (a block may return ``(x, aux)``, e.g. Mixtral's router logits), stacked over layers, or None.
 
     Concrete ``tokens`` outside ``[0, vocab_size)`` raise :class:`ConfigError` (see
     :func:`check_token_ids`).
@@ -229,20 +233,21 @@ def forward(
             return attn_fn(q, k, v, scale=scale)
 
         x = fam.block(cfg, p, x, BlockContext(positions, layer, attention))
+        x, aux = x if isinstance(x, tuple) else (x, None)
         return sharding.constrain(x, ("batch", "seq", "act_embed")), \
-            (written[0] if written else None)
+            (written[0] if written else None, aux)
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     kv_xs = None if cache is None else (cache.k, cache.v)
     layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-    x, new_kv = jax.lax.scan(body, x, (params["layers"], layer_ids, kv_xs))
+    x, (new_kv, aux) = jax.lax.scan(body, x, (params["layers"], layer_ids, kv_xs))
 
     logits = fam.unembed(cfg, params, x).astype(jnp.float32)
     logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
-    if cache is None:
-        return logits, None
-    return logits, KVCache(k=new_kv[0], v=new_kv[1], valid=key_valid, index=cache.index + t)
+    new_cache = None if cache is None else \
+        KVCache(k=new_kv[0], v=new_kv[1], valid=key_valid, index=cache.index + t)
+    return (logits, new_cache, aux) if return_aux else (logits, new_cache)
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -274,6 +279,13 @@ def next_token_loss(
     """
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
     logits, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat)
+    return nll_from_logits(logits, tokens, mask, weights)
+
+
+def nll_from_logits(logits: jax.Array, tokens: jax.Array, mask: jax.Array,
+                    weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(nll_sum, count) of :func:`next_token_loss` from the logits [B, T, V] of ``tokens``."""
+    mask = mask.astype(bool)
     # logsumexp over the full logits, then slice the small [B, T] result: slicing
     # logits[:, :-1] first makes XLA copy the whole [B, T, V] tensor before the softmax.
     lse = jax.nn.logsumexp(logits, axis=-1)[:, :-1]

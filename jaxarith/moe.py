@@ -1,0 +1,202 @@
+"""Mixture-of-experts routing and router losses (Mixtral's sparse MLP), as pure functions.
+
+Routing (``G(x) = Softmax(TopK(x W_g))`` as transformers' ``MixtralTopKRouter``): router logits in
+float32, softmax over all E experts, the top k probabilities kept and renormalised to sum to 1.
+
+Dispatch is by *sorting*, not a dense loop over experts: the ``n * k`` (token, choice) pairs
+are sorted by expert, gathered into one ``[n*k, D]`` array whose rows are grouped by expert, run
+through the experts with grouped matmuls (``jax.lax.ragged_dot``, group sizes counted per call),
+un-sorted, and combined with the routing weights. Every shape is static (``A`` is fixed), so it
+jits once. Cost: ``k`` expert MLPs per token, never E.
+
+Capacity (``capacity_factor``): 0 (the default) is **dropless**: every (token, choice) pair is
+computed, as transformers does. ``c > 0`` caps each expert at ``C = ceil(c * n * k / E)`` pairs
+per call: within an expert, pairs are kept in order of the flattened (token, choice) index, i.e.
+earlier tokens of the batch first (row-major over ``[B, T]``) and for one token its first choice
+before its second; a dropped pair contributes zero (the token keeps its residual), and the other
+choice's weight is *not* renormalised. Padding tokens are routed like any token (their outputs
+are never read), so with a cap they also take capacity.
+
+Shape letters as in :mod:`jaxarith.models` (E experts, C = k choices per token); ``n`` is the
+number of tokens of one call (``B * T``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def router_logits(h: jax.Array, router: jax.Array) -> jax.Array:
+    """Router logits ``[..., E]`` in float32 from hidden states ``[..., D]``, router [D, E]."""
+    return jnp.einsum("...D,DE->...E", h.astype(jnp.float32), router.astype(jnp.float32))
+
+
+def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """Top-k routing as transformers' Mixtral: softmax (float32), top k, renormalised.
+
+    Args:
+      logits: ``[..., E]`` router logits.
+    Returns:
+      (weights ``[..., k]`` float32 summing to 1, experts ``[..., k]`` int32, best first).
+    """
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    top, idx = jax.lax.top_k(probs, top_k)
+    return top / jnp.sum(top, axis=-1, keepdims=True), idx.astype(jnp.int32)
+
+
+def capacity(n: int, top_k: int, experts: int, factor: float) -> int:
+    """Pairs each expert may take per call: ``ceil(factor * n * k / E)`` (``factor`` 0: all)."""
+    if factor <= 0:
+        return n * top_k
+    return max(1, math.ceil(factor * n * top_k / experts))
+
+
+def experts_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.Array,
+                up: jax.Array, down: jax.Array, *, capacity_factor: float = 0.0) -> jax.Array:
+    """The weighted sum of each token's chosen SwiGLU experts, by sort-based grouped matmuls.
+
+    Args:
+      x: ``[n, D]`` tokens (already normalised).
+      weights, experts: ``[n, k]`` from :func:`route`.
+      gate, up: ``[E, D, F]``; down: ``[E, F, D]``.
+      capacity_factor: 0 dropless; else the cap of the module docstring.
+    Returns:
+      ``[n, D]`` in x's dtype.
+    """
+    n, k = experts.shape
+    e = gate.shape[0]
+    flat = experts.reshape(-1)                       # [n*k] expert of each (token, choice)
+    order = jnp.argsort(flat, stable=True)           # pairs grouped by expert
+    xs = jnp.take(x, order // k, axis=0)             # [n*k, D]
+    sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E]
+    dt = x.dtype
+    g = jax.lax.ragged_dot(xs, gate.astype(dt), sizes)       # [n*k, F]
+    u = jax.lax.ragged_dot(xs, up.astype(dt), sizes)
+    ys = jax.lax.ragged_dot(jax.nn.silu(g) * u, down.astype(dt), sizes)  # [n*k, D]
+    cap = capacity(n, k, e, capacity_factor)
+    if cap < n * k:
+        starts = jnp.cumsum(sizes) - sizes
+        rank = jnp.arange(n * k) - starts[flat[order]]
+        ys = jnp.where((rank < cap)[:, None], ys, jnp.zeros_like(ys))
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
+    y = jnp.take(ys, inverse, axis=0).reshape(n, k, -1)  # back to [n, k, D]
+    return jnp.einsum("TCD,TC->TD", y, weights.astype(dt))
+
+
+def sparse_mlp(h: jax.Array, p: dict, top_k: int, *,
+               capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
+    """Mixtral's sparse MLP on ``h`` [B, T, D] with ``p`` = ``{router, gate, up, down}`` of one
+    layer. Returns (output [B, T, D], router logits [B, T, E] float32)."""
+    b, t, d = h.shape
+    logits = router_logits(h, p["router"])
+    weights, experts = route(logits, top_k)
+    y = experts_mlp(h.reshape(b * t, d), weights.reshape(b * t, -1),
+                    experts.reshape(b * t, -1), p["gate"], p["up"], p["down"],
+                    capacity_factor=capacity_factor)
+    return y.reshape(b, t, d), logits
+
+
+# ----------------------------------------------------------------------------- router losses
+
+
+def _mask(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """[1, B, T, 1] float32 weights of real tokens (all ones without a mask)."""
+    if mask is None:
+        return jnp.ones((1, *logits.shape[1:-1], 1), jnp.float32)
+    return mask.astype(jnp.float32)[None, ..., None]
+
+
+def expert_fractions(logits: jax.Array, top_k: int,
+                     mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(tokens per expert, mean router probability per expert), pooled over layers and real
+    tokens, as transformers' ``load_balancing_loss_func``: the first is the mean number of
+    top-k choices of each expert per token (sums to k), the second the mean softmax (sums to 1).
+
+    Args:
+      logits: ``[L, B, T, E]`` router logits of every layer.
+      mask: ``[B, T]`` 1 for real tokens.
+    """
+    e = logits.shape[-1]
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    _, chosen = jax.lax.top_k(probs, top_k)
+    counts = jnp.sum(jax.nn.one_hot(chosen, e, dtype=jnp.float32), axis=-2)  # [L, B, T, E]
+    m = _mask(logits, mask)
+    rows = jnp.maximum(jnp.sum(m) * logits.shape[0], 1.0)
+    return jnp.sum(counts * m, axis=(0, 1, 2)) / rows, jnp.sum(probs * m, axis=(0, 1, 2)) / rows
+
+
+def load_balancing_loss(logits: jax.Array, top_k: int, mask: jax.Array | None = None) -> jax.Array:
+    """transformers' ``load_balancing_loss_func``: ``E * sum_e f_e * P_e`` with ``f`` and ``P``
+    of :func:`expert_fractions` (pooled over layers; 1 * k when perfectly balanced)."""
+    f, p = expert_fractions(logits, top_k, mask)
+    return logits.shape[-1] * jnp.sum(f * p)
+
+
+def router_z_loss(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """ST-MoE's router z-loss: mean over layers and real tokens of ``logsumexp(logits)^2``."""
+    z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)[..., None]  # [L, B, T, 1]
+    m = _mask(logits, mask)
+    return jnp.sum(z * z * m) / jnp.maximum(jnp.sum(m) * logits.shape[0], 1.0)
+
+
+def np_load_balancing_loss(logits: np.ndarray, top_k: int, mask: np.ndarray | None = None
+                           ) -> float:
+    """A float64 numpy reference of :func:`load_balancing_loss` (for tests): the formula read
+    straight off transformers' code, with a per-token Python loop."""
+    logits = np.asarray(logits, np.float64)
+    n_layers, b, t, e = logits.shape
+    mask = np.ones((b, t)) if mask is None else np.asarray(mask, np.float64)
+    tokens = np.zeros(e)
+    probs = np.zeros(e)
+    rows = 0.0
+    for layer in range(n_layers):
+        for i in range(b):
+            for j in range(t):
+                z = logits[layer, i, j] - logits[layer, i, j].max()
+                p = np.exp(z) / np.exp(z).sum()
+                for c in np.argsort(-p, kind="stable")[:top_k]:
+                    tokens[c] += mask[i, j]
+                probs += p * mask[i, j]
+                rows += mask[i, j]
+    return float(e * np.sum((tokens / rows) * (probs / rows)))
+
+
+# ----------------------------------------------------------------------------- training loss
+
+
+def train_loss(cfg, *, dtype=jnp.float32, remat: bool = False, aux_coef: float | None = None,
+               z_coef: float = 0.0):
+    """The training loss of an MoE model in train/step.py's interface.
+
+    ``loss_sum = nll + count * (aux_coef * aux + z_coef * z)`` where ``aux`` is
+    :func:`load_balancing_loss` (default coefficient: the config's ``router_aux_loss_coef``) and
+    ``z`` :func:`router_z_loss`, both over the microbatch's tokens; metrics ``aux_loss``,
+    ``z_loss`` and ``expert_load/<i>`` (share of the top-k choices taken by expert i, pooled
+    over layers), each times ``count`` as the interface wants (the step divides by the total
+    count, so with microbatches they are count-weighted means of per-microbatch values: exact
+    for one microbatch, as transformers computes them per batch).
+    """
+    from jaxarith.models import transformer
+
+    coef = cfg.router_aux_loss_coef if aux_coef is None else aux_coef
+    k = cfg.num_experts_per_tok
+
+    def loss(params, frozen, batch):
+        del frozen
+        tokens = batch["tokens"]
+        mask = jnp.ones(tokens.shape, bool)
+        logits, _, router = transformer.forward(params, cfg, tokens, attention_mask=mask,
+                                                dtype=dtype, remat=remat, return_aux=True)
+        nll, count = transformer.nll_from_logits(logits, tokens, mask, batch.get("weights"))
+        aux = load_balancing_loss(router, k, mask)
+        z = router_z_loss(router, mask)
+        f, _ = expert_fractions(router, k, mask)
+        metrics = {"aux_loss": aux * count, "z_loss": z * count}
+        metrics.update({f"expert_load/{i}": f[i] / k * count for i in range(f.shape[0])})
+        return nll + count * (coef * aux + z_coef * z), count, metrics
+
+    return loss
