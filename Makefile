@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # 8 fake CPU devices, so every sharded path runs on a laptop.
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: demo test test-all lint bench clean
+.PHONY: demo test test-multiprocess test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ demo: $(STAMP)  ## the main job: the delta-transplant experiment on the embedded
 test: $(STAMP)  ## lint + the test suite (CI runs exactly this)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-multiprocess: $(STAMP)  ## the slow 2-process x 4-device runs (CI runs them after `make test`)
+	$(PY) -m pytest -q -m slow tests/test_multiprocess.py
 
 test-all: $(STAMP)  ## including tests marked slow
 	$(PY) -m pytest -q -n 2 --dist loadfile -m ""

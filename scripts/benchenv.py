@@ -10,8 +10,9 @@ records, next to its rows:
   from a table, so MFU columns are fractions of what this CPU reached in this run;
 - this run's copy bandwidth (a 256 MiB numpy copy), the reference for streamed merges and
   conversion;
-- the load average at the start and the end: a table measured with a load above half the cores
-  says so (``busy``), because a shared machine makes every wall time too slow.
+- the load average at the start and the end: a table measured with other work running (a load
+  above half the cores at the start, or above the cores + 1 at the end, when the benchmark's own
+  threads count) says so (``busy``), because a shared machine makes every wall time too slow.
 
 Use::
 
@@ -138,9 +139,10 @@ def start(quick: bool = False, torch_peak: bool = True) -> dict:
 def finish(env: dict) -> dict:
     """Add the load average at the end and whether the machine was busy during the run."""
     end = round(load_average(), 2)
-    limit = max(1.0, 0.5 * (env.get("cores") or 1))
-    return {**env, "load_average_end": end,
-            "busy": max(env.get("load_average_start", 0.0), end) > limit}
+    cores = env.get("cores") or 1
+    # busy: other work at the start, or more at the end than this benchmark's own threads
+    busy = env.get("load_average_start", 0.0) > max(1.0, 0.5 * cores) or end > cores + 1
+    return {**env, "load_average_end": end, "busy": busy}
 
 
 def describe(env: dict) -> str:
@@ -158,6 +160,6 @@ def describe(env: dict) -> str:
     parts.append(load)
     line = "; ".join(parts)
     if env.get("busy"):
-        line += ("\nWARNING: the machine was busy (load above half the cores): "
+        line += ("\nWARNING: the machine was busy (other work beside this benchmark): "
                  "wall times are too slow")
     return line
