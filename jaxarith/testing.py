@@ -6,6 +6,7 @@ Nothing is downloaded: models are built from a config with random weights, saved
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -99,3 +100,22 @@ def hf_logits(model, tokens, attention_mask=None):
         out = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
                     position_ids=torch.tensor(pos))
     return out.logits.float().numpy()
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Counts XLA backend compilations in the block: ``with count_compiles() as n: ...; n[0]``
+    (tests assert that cached or bucketed programs compile nothing new)."""
+    import jax
+
+    n = [0]
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            n[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield n
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

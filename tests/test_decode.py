@@ -1,7 +1,6 @@
 """Generation with one model: transformers parity, cache vs full re-forward, stops and limits,
 samplers against numpy, no recompilation, streaming, sharding, errors, the CLI."""
 
-import contextlib
 
 import jax
 import jax.numpy as jnp
@@ -16,26 +15,13 @@ from jaxarith.errors import ConfigError
 from jaxarith.models import forward
 from jaxarith.refs import load_tokenizer
 from jaxarith.sampling import Greedy, Sampling
+from jaxarith.testing import count_compiles
 
 # four rows (divisible by data * fsdp = 4), left-padded to 8 slots (the default prompt bucket)
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22], [40]]
 NEW = 8
 
 
-@contextlib.contextmanager
-def count_compiles():
-    """Counts XLA backend compilations in the block: ``with count_compiles() as n: ...; n[0]``."""
-    n = [0]
-
-    def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            n[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield n
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ random Llama and GPT-2 models (per request, metrics, greedy generations), bounde
 an 8-device mesh, proxy tuning (alpha=0 and a float64 numpy reference from transformers' logits),
 the simple_evaluate route equal to the CLI, the shipped tasks, and clear errors."""
 
-import contextlib
 import json
 
 import jax
@@ -18,6 +17,7 @@ from jaxarith.errors import ConfigError, JaxarithError  # noqa: E402
 from jaxarith.evaltasks import TASK_NAMES, TASKS_DIR  # noqa: E402
 from jaxarith.lmeval import JaxarithLM  # noqa: E402  (registers model="jaxarith")
 from jaxarith.lmeval.run import task_manager  # noqa: E402
+from jaxarith.testing import count_compiles  # noqa: E402
 
 # documents per task: enough to exercise every path (ppl docs 1 and 2 are longer than the tiny
 # models' 128-token context: several rolling windows each)
@@ -25,20 +25,6 @@ SAMPLES = {"jaxarith_mc": list(range(6)), "jaxarith_ppl": [1, 2, 3],
            "jaxarith_gen": list(range(4))}
 
 
-@contextlib.contextmanager
-def count_compiles():
-    """Counts XLA backend compilations in the block."""
-    n = [0]
-
-    def listener(event, duration, **kw):
-        if event == "/jax/core/compile/backend_compile_duration":
-            n[0] += 1
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield n
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 @pytest.fixture(scope="module")
