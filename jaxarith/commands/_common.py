@@ -16,6 +16,12 @@ def add_json(p: argparse.ArgumentParser) -> None:
                    help="print one JSON object on stdout instead of human output")
 
 
+def add_model_output(p: argparse.ArgumentParser) -> None:
+    """``--to hf|orbax`` and ``--overwrite`` of a command that writes one model to OUT."""
+    p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+
+
 def add_mesh(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--mesh", default=default, metavar="SPEC",
                    help="device mesh, e.g. 'fsdp=-1' or 'data=2,fsdp=2,tensor=2' "

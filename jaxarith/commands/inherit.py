@@ -30,8 +30,7 @@ def register(sub) -> None:
     p.add_argument("--allow-repeat", action="store_true",
                    help="let list: repeat layers (depth up-scaling)")
     p.add_argument("--seed", type=int, default=0, help="seed of freshly initialised tensors")
-    p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    _common.add_model_output(p)
     _common.add_mesh(p)
     _common.add_json(p)
     p.set_defaults(handler=handle)

@@ -22,8 +22,7 @@ def register(sub) -> None:
     p.add_argument("--allow-all-same", action="store_true",
                    help="allow every expert to be the same model (mergekit's "
                         "--i-understand-this-is-not-useful-without-training)")
-    p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    _common.add_model_output(p)
     _common.add_mesh(p)
     _common.add_json(p)
     p.set_defaults(handler=handle)

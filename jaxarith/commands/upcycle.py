@@ -22,8 +22,7 @@ def register(sub) -> None:
     p.add_argument("--router", choices=("random", "zeros"), default="random",
                    help="router init: normal(0, 0.02) or zeros (default random)")
     p.add_argument("--seed", type=int, default=0, help="seed of the router and the noise")
-    p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    _common.add_model_output(p)
     _common.add_mesh(p)
     _common.add_json(p)
     p.set_defaults(handler=handle)
