@@ -22,6 +22,17 @@ def add_model_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
 
 
+def add_combination(p: argparse.ArgumentParser) -> None:
+    """The logit-arithmetic flags shared by ``generate`` and ``lm-eval``: proxy tuning
+    (``--expert/--anti-expert/--alpha``) or emulated fine-tuning (``--eft TUNED REF --beta``)."""
+    p.add_argument("--expert", help="proxy tuning: the small tuned model")
+    p.add_argument("--anti-expert", help="proxy tuning: the small untuned model")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--eft", nargs=2, metavar=("TUNED", "REF"),
+                   help="emulated fine-tuning with this tuned model and its base")
+    p.add_argument("--beta", type=float, default=1.0)
+
+
 def add_mesh(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--mesh", default=default, metavar="SPEC",
                    help="device mesh, e.g. 'fsdp=-1' or 'data=2,fsdp=2,tensor=2' "

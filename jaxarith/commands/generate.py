@@ -37,12 +37,7 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--expert", help="proxy tuning: the small tuned model")
-    p.add_argument("--anti-expert", help="proxy tuning: the small untuned model")
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--eft", nargs=2, metavar=("TUNED", "REF"),
-                   help="emulated fine-tuning with this tuned model and its base")
-    p.add_argument("--beta", type=float, default=1.0)
+    _common.add_combination(p)
     p.add_argument("--speculative", type=int, default=0, metavar="K",
                    help="with --eft: draft K tokens per round with the smaller model")
     p.add_argument("--template", action="append", default=[], metavar="ROLE=TEXT",

@@ -34,12 +34,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="rows per jitted call (default 8)")
     p.add_argument("--max-length", type=int, default=None,
                    help="scoring window in tokens (default: the model's context length)")
-    p.add_argument("--expert", help="proxy tuning: the small tuned model")
-    p.add_argument("--anti-expert", help="proxy tuning: the small untuned model")
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--eft", nargs=2, metavar=("TUNED", "REF"),
-                   help="emulated fine-tuning with this tuned model and its base")
-    p.add_argument("--beta", type=float, default=1.0)
+    _common.add_combination(p)
     p.add_argument("--seed", type=int, default=None, help="lm-eval's seeds (few-shot "
                    "sampling ...) and the model's sampling seed (default: lm-eval's defaults, "
                    "model seed 0)")
