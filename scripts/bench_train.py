@@ -9,6 +9,7 @@ the formula in ``train/metrics.py`` (6N + 6 L T d_attn, causal attention at half
     .venv/bin/python scripts/bench_train.py --quick          # tiny model, < 1 min
     .venv/bin/python scripts/bench_train.py                  # ~14M and ~100M Llama, a few min
     .venv/bin/python scripts/bench_train.py --out bench_results/train.json
+    .venv/bin/python scripts/bench_train.py --sizes base-100M --profile /tmp/train_trace
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def hf_config(over: dict, seq_len: int):
     return tiny_llama_config(max_position_embeddings=max(seq_len, 128), **over)
 
 
-def bench_jax(hf, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
+def bench_jax(hf, batch: int, seq_len: int, steps: int, warmup: int,
+              profile: str | None = None) -> dict:
     import jax
     import numpy as np
 
@@ -78,6 +80,13 @@ def bench_jax(hf, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
         state, m = step(state, {"tokens": batches[i]})
         float(m["loss"])  # the loop reads the loss every step too
     dt = time.perf_counter() - t
+    if profile:
+        import benchenv
+
+        print(f"--- XLA ops by total time (one traced step), trace under {profile}")
+        # the step donates its state: trace a call on a copy of the last state
+        for line in benchenv.profile_ops(step, (state, {"tokens": batches[-1]}), profile):
+            print(line)
     return {"tokens_per_s": steps * batch * seq_len / dt, "compile_s": compile_s,
             "xla_flops_per_step": info["flops"], "memory": info["memory"]}
 
@@ -121,6 +130,9 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default=None, help=f"comma list of {', '.join(SIZES)}")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default="bench_results/train.json")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="trace one extra jax step per size with jax.profiler and print the XLA "
+                        "ops by total time (traces under DIR/SIZE)")
     args = p.parse_args(argv)
     sizes = args.sizes.split(",") if args.sizes else (["tiny"] if args.quick else
                                                       ["tiny", "small-14M", "base-100M"])
@@ -142,7 +154,8 @@ def main(argv=None) -> int:
         hf = hf_config(over, seq_len)
         cfg = config_from_hf(hf.to_dict())
         fpt = flops_per_token(cfg, seq_len)
-        j = bench_jax(hf, batch, seq_len, steps, warmup)
+        j = bench_jax(hf, batch, seq_len, steps, warmup,
+                      os.path.join(args.profile, name) if args.profile else None)
         t = bench_torch(hf, batch, seq_len, steps, warmup)
         rows.append({
             "size": name, "params": matmul_params(cfg), "batch": batch, "seq_len": seq_len,

@@ -26,8 +26,13 @@ Use::
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
 import os
 import platform
+import re
 import time
 
 import numpy as np
@@ -163,3 +168,42 @@ def describe(env: dict) -> str:
         line += ("\nWARNING: the machine was busy (other work beside this benchmark): "
                  "wall times are too slow")
     return line
+
+
+def profile_ops(compiled, call_args, trace_dir: str, top: int = 25) -> list[str]:
+    """Trace one call of ``compiled`` and return lines: total ms, count, op, shape, fused ops.
+
+    Times are the XLA CPU thunks' wall times summed over the call (ops inside the layer scan
+    count once per layer); they include waiting for the cores when other processes run.
+    """
+    import jax
+
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        jax.block_until_ready(compiled(*call_args))
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"),
+                             recursive=True), key=os.path.getmtime)
+    if not files:
+        return [f"no perfetto trace written under {trace_dir}"]
+    with gzip.open(files[-1]) as fh:
+        events = json.load(fh)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    hlo = compiled.as_text()
+    # instruction name -> (result shape, called computation)
+    insts = {m[1]: (m[2], m[3]) for m in re.finditer(
+        r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+\[[\d,]*\])\S* \w[\w-]*\(.*?calls=%?([\w.\-]+)",
+        hlo, re.M)}
+    bodies = {m[1]: m[2] for m in re.finditer(r"^%?([\w.\-]+) \(.*?\{\n(.*?)\n\}", hlo,
+                                              re.M | re.S)}
+    total, count = collections.defaultdict(float), collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in insts:
+            total[e["name"]] += e.get("dur", 0) / 1e3
+            count[e["name"]] += 1
+    boring = {"parameter", "bitcast", "broadcast", "constant"}
+    lines = [f"{'ms':>9} {'n':>3}  {'op':32} {'result':22} fused ops "
+             f"(sum of listed ops {sum(total.values()):.0f} ms)"]
+    for op, ms in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
+        shape, calls = insts[op]
+        inner = sorted(set(re.findall(r"\} (\w[\w-]*)\(", bodies.get(calls, ""))) - boring)
+        lines.append(f"{ms:9.1f} {count[op]:3d}  {op:32} {shape:22} {','.join(inner)}")
+    return lines

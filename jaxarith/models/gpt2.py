@@ -36,7 +36,7 @@ from jaxarith.models.family import (
     copy_rule,
     require,
 )
-from jaxarith.models.layers import gathered, layer_norm
+from jaxarith.models.layers import dense, gathered, layer_norm
 
 # ----------------------------------------------------------------------------- config
 
@@ -218,27 +218,27 @@ def embed(cfg: GPT2Config, params: dict, inputs: Inputs) -> jax.Array:
 def unembed(cfg: GPT2Config, params: dict, x: jax.Array) -> jax.Array:
     n = params["final_norm"]
     x = layer_norm(x, n["scale"], n["bias"], cfg.layer_norm_epsilon)
-    return jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(x.dtype))
+    return dense(x, params["embed"], w_transposed=True)
 
 
 def block(cfg: GPT2Config, p: dict, x: jax.Array, ctx: BlockContext) -> jax.Array:
     """One pre-norm block: LayerNorm, attention, residual; LayerNorm, GELU MLP, residual."""
     a, n = p["attn"], p["attn_norm"]
     h = layer_norm(x, n["scale"], n["bias"], cfg.layer_norm_epsilon)
-    q = jnp.einsum("BTD,DNH->BTNH", h, a["q"].astype(h.dtype)) + a["q_bias"].astype(h.dtype)
-    k = jnp.einsum("BTD,DNH->BTNH", h, a["k"].astype(h.dtype)) + a["k_bias"].astype(h.dtype)
-    v = jnp.einsum("BTD,DNH->BTNH", h, a["v"].astype(h.dtype)) + a["v_bias"].astype(h.dtype)
+    q = dense(h, a["q"]) + a["q_bias"].astype(h.dtype)
+    k = dense(h, a["k"]) + a["k_bias"].astype(h.dtype)
+    v = dense(h, a["v"]) + a["v_bias"].astype(h.dtype)
     scale = jnp.float32(cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0)
     if cfg.scale_attn_by_inverse_layer_idx:
         scale = scale / (ctx.layer + 1).astype(jnp.float32)
     # Scores and softmax are always float32 here, which is what reorder_and_upcast_attn asks for.
     out = ctx.attention(q, k, v, scale=scale)
-    x = x + jnp.einsum("BTNH,NHD->BTD", out, a["o"].astype(out.dtype)) + a["o_bias"].astype(x.dtype)
+    x = x + dense(out, a["o"], 2) + a["o_bias"].astype(x.dtype)
     m, n = p["mlp"], p["mlp_norm"]
     h = layer_norm(x, n["scale"], n["bias"], cfg.layer_norm_epsilon)
-    h = jnp.einsum("BTD,DF->BTF", h, m["up"].astype(h.dtype)) + m["up_bias"].astype(h.dtype)
+    h = dense(h, m["up"]) + m["up_bias"].astype(h.dtype)
     h = jax.nn.gelu(h, approximate=True)
-    h = jnp.einsum("BTF,FD->BTD", h, m["down"].astype(h.dtype)) + m["down_bias"].astype(h.dtype)
+    h = dense(h, m["down"]) + m["down_bias"].astype(h.dtype)
     return x + h
 
 

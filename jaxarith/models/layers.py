@@ -19,7 +19,7 @@ from jaxarith.models.family import ParamSpec, parse_enum
 
 __all__ = ["ParamSpec", "RopeType", "RopeScaling", "rope_inv_freq", "rope", "rms_norm",
            "layer_norm", "KVCache", "attention_mask", "attend", "attend_causal",
-           "update_cache_layer", "gathered"]
+           "update_cache_layer", "gathered", "dense"]
 
 
 def gathered(table: jax.Array) -> jax.Array:
@@ -28,6 +28,32 @@ def gathered(table: jax.Array) -> jax.Array:
     from jaxarith.sharding import constrain
 
     return constrain(table, (None, None))
+
+
+def dense(x: jax.Array, w: jax.Array, n_in: int = 1, *, w_transposed: bool = False) -> jax.Array:
+    """``x [..., *in] @ w [*in, *out] -> [..., *out]`` as one 2-D matmul, in ``x``'s dtype.
+
+    Every projection of the models goes through here: the leading dims are flattened into one
+    row axis and the weight into a matrix (reshapes of contiguous arrays, free), so XLA sees a
+    plain ``[rows, K] @ [K, N]`` dot. Written as an einsum over ``B, T`` instead, the weight
+    gradient contracts two axes and XLA's CPU backend transposed the ``[B, T, F]`` activation
+    gradients with a slow strided copy in every layer of the backward pass (25% of a 100M
+    model's training step; docs/benchmarks.md).
+
+    Args:
+      n_in: how many trailing dims of ``x`` are contracted with the leading dims of ``w``.
+      w_transposed: ``w`` is ``[*out, *in]`` instead (a tied embedding ``[V, D]`` as output head).
+    """
+    lead, k_shape = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+    k = math.prod(k_shape)
+    w = w.astype(x.dtype)
+    if w_transposed:
+        out_shape = w.shape[:w.ndim - n_in]
+        y = x.reshape(-1, k) @ w.reshape(-1, k).T
+    else:
+        out_shape = w.shape[n_in:]
+        y = x.reshape(-1, k) @ w.reshape(k, -1)
+    return y.reshape(*lead, *out_shape)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:

@@ -37,7 +37,7 @@ from jaxarith.models.family import (
     require,
     transpose_rule,
 )
-from jaxarith.models.layers import RopeScaling, gathered, rms_norm, rope, rope_inv_freq
+from jaxarith.models.layers import RopeScaling, dense, gathered, rms_norm, rope, rope_inv_freq
 
 # ----------------------------------------------------------------------------- config
 
@@ -228,8 +228,8 @@ def embed(cfg: LlamaConfig, params: dict, inputs: Inputs) -> jax.Array:
 def unembed(cfg: LlamaConfig, params: dict, x: jax.Array) -> jax.Array:
     x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
     if cfg.tie_word_embeddings:
-        return jnp.einsum("BTD,VD->BTV", x, params["embed"].astype(x.dtype))
-    return jnp.einsum("BTD,DV->BTV", x, params["lm_head"].astype(x.dtype))
+        return dense(x, params["embed"], w_transposed=True)
+    return dense(x, params["lm_head"])
 
 
 def _bias(p: dict, name: str, y: jax.Array) -> jax.Array:
@@ -246,21 +246,21 @@ def self_attention(cfg: LlamaConfig, p: dict, x: jax.Array, ctx: BlockContext) -
     a = p["attn"]
     inv_freq = jnp.asarray(_inv_freq(cfg))
     h = rms_norm(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
-    q = _bias(a, "q_bias", jnp.einsum("BTD,DNH->BTNH", h, a["q"].astype(h.dtype)))
-    k = _bias(a, "k_bias", jnp.einsum("BTD,DKH->BTKH", h, a["k"].astype(h.dtype)))
-    v = _bias(a, "v_bias", jnp.einsum("BTD,DKH->BTKH", h, a["v"].astype(h.dtype)))
+    q = _bias(a, "q_bias", dense(h, a["q"]))
+    k = _bias(a, "k_bias", dense(h, a["k"]))
+    v = _bias(a, "v_bias", dense(h, a["v"]))
     q, k = rope(q, ctx.positions, inv_freq), rope(k, ctx.positions, inv_freq)
     out = ctx.attention(q, k, v, scale=cfg.head_dim**-0.5)
-    return _bias(a, "o_bias", jnp.einsum("BTNH,NHD->BTD", out, a["o"].astype(out.dtype)))
+    return _bias(a, "o_bias", dense(out, a["o"], 2))
 
 
 def mlp(cfg: LlamaConfig, p: dict, x: jax.Array) -> jax.Array:
     """The MLP branch [B, T, D]: RMSNorm, SwiGLU."""
     m = p["mlp"]
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
-    gate = _bias(m, "gate_bias", jnp.einsum("BTD,DF->BTF", h, m["gate"].astype(h.dtype)))
-    up = _bias(m, "up_bias", jnp.einsum("BTD,DF->BTF", h, m["up"].astype(h.dtype)))
-    down = jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, m["down"].astype(h.dtype))
+    gate = _bias(m, "gate_bias", dense(h, m["gate"]))
+    up = _bias(m, "up_bias", dense(h, m["up"]))
+    down = dense(jax.nn.silu(gate) * up, m["down"])
     return _bias(m, "down_bias", down)
 
 
