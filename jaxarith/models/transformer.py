@@ -18,6 +18,7 @@ from flax import nnx
 from jaxarith import sharding
 from jaxarith.errors import ConfigError
 from jaxarith.models.family import BlockContext, Family, Inputs, ModelConfig, ParamSpec
+from jaxarith.models.fused_ce import linear_cross_entropy
 from jaxarith.models.layers import (
     KVCache,
     attend,
@@ -181,6 +182,7 @@ def forward(
     dtype=jnp.float32,
     remat: bool = False,
     return_aux: bool = False,
+    hidden_only: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits [B, T, V] (float32) of ``tokens`` [B, T], and the updated cache if one is given.
 
@@ -197,6 +199,8 @@ def forward(
         valid earlier slots.
       dtype: compute dtype; parameters are cast per block, norms and softmax run in float32.
       remat: recompute each block's activations in the backward pass.
+      hidden_only: return the last block's output [B, T, D] (before the final norm and the
+        output head) in place of the logits.
     """
     fam = family(cfg)
     check_token_ids(tokens, cfg.vocab_size)
@@ -243,8 +247,11 @@ def forward(
     layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
     x, (new_kv, aux) = jax.lax.scan(body, x, (params["layers"], layer_ids, kv_xs))
 
-    logits = fam.unembed(cfg, params, x).astype(jnp.float32)
-    logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
+    if hidden_only:
+        logits = x
+    else:
+        logits = fam.unembed(cfg, params, x).astype(jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
     new_cache = None if cache is None else \
         KVCache(k=new_kv[0], v=new_kv[1], valid=key_valid, index=cache.index + t)
     return (logits, new_cache, aux) if return_aux else (logits, new_cache)
@@ -265,6 +272,7 @@ def next_token_loss(
     weights: jax.Array | None = None,
     dtype=jnp.float32,
     remat: bool = False,
+    fused: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed negative log-likelihood of next tokens and the number of predicted tokens.
 
@@ -276,10 +284,35 @@ def next_token_loss(
         (``weights[:, t]`` weighs the prediction of ``tokens[:, t]`` from the prefix; column 0 is
         never a target). E.g. 1 on assistant tokens and 0 elsewhere for instruction tuning. They
         multiply the attention-mask rule above; ``count`` is then their sum.
+      fused: compute the output head and the cross-entropy together, in chunks along T, with
+        the gradient made in the forward pass (:mod:`jaxarith.models.fused_ce`): the ``[B, T,
+        V]`` logits are never held. Same value to float32 rounding; the training default.
+        Families without a ``head`` use the logits path.
     """
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+    fam = family(cfg)
+    if fused and fam.head is not None:
+        x, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat,
+                       hidden_only=True)
+        h, w, vocab_major = fam.head(cfg, params, x)
+        weight = target_weights(mask, weights)
+        # position t predicts token t + 1; the last position predicts nothing (weight 0)
+        targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+        weight = jnp.concatenate([weight, jnp.zeros_like(weight[:, :1])], axis=1)
+        return linear_cross_entropy(h, w, targets, weight, vocab_major=vocab_major), \
+            jnp.sum(weight)
     logits, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat)
     return nll_from_logits(logits, tokens, mask, weights)
+
+
+def target_weights(mask: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """[B, T - 1] float32 weight of predicting token t + 1 from position t: both real tokens,
+    times ``weights[:, 1:]`` when given."""
+    mask = mask.astype(bool)
+    weight = (mask[:, :-1] & mask[:, 1:]).astype(jnp.float32)
+    if weights is not None:
+        weight = weight * weights[:, 1:].astype(jnp.float32)
+    return weight
 
 
 def nll_from_logits(logits: jax.Array, tokens: jax.Array, mask: jax.Array,
@@ -290,9 +323,7 @@ def nll_from_logits(logits: jax.Array, tokens: jax.Array, mask: jax.Array,
     # logits[:, :-1] first makes XLA copy the whole [B, T, V] tensor before the softmax.
     lse = jax.nn.logsumexp(logits, axis=-1)[:, :-1]
     lp = jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0] - lse
-    weight = (mask[:, :-1] & mask[:, 1:]).astype(jnp.float32)
-    if weights is not None:
-        weight = weight * weights[:, 1:].astype(jnp.float32)
+    weight = target_weights(mask, weights)
     return -jnp.sum(lp * weight), jnp.sum(weight)
 
 
