@@ -243,9 +243,12 @@ def forward(
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    kv_xs = None if cache is None else (cache.k, cache.v)
-    layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-    x, (new_kv, aux) = jax.lax.scan(body, x, (params["layers"], layer_ids, kv_xs))
+    if isinstance(params["layers"], tuple):  # unstacked (see unstack_layers): a Python loop
+        x, new_kv, aux = _unrolled(body, x, params["layers"], cache)
+    else:
+        kv_xs = None if cache is None else (cache.k, cache.v)
+        layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+        x, (new_kv, aux) = jax.lax.scan(body, x, (params["layers"], layer_ids, kv_xs))
 
     if hidden_only:
         logits = x
@@ -255,6 +258,57 @@ def forward(
     new_cache = None if cache is None else \
         KVCache(k=new_kv[0], v=new_kv[1], valid=key_valid, index=cache.index + t)
     return (logits, new_cache, aux) if return_aux else (logits, new_cache)
+
+
+def _unrolled(body, x, layers: tuple, cache: KVCache | None):
+    """The layer scan as a Python loop over per-layer trees; the cache's k/v stay per layer
+    (tuples) when they came as tuples, else they are stacked again."""
+    kvs, auxs = [], []
+    for i, p in enumerate(layers):
+        kv = None if cache is None else (cache.k[i], cache.v[i])
+        x, (new, aux) = body(x, (p, jnp.int32(i), kv))
+        kvs.append(new)
+        auxs.append(aux)
+    aux = None if auxs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxs)
+    if cache is None:
+        return x, None, aux
+    k, v = tuple(k for k, _ in kvs), tuple(v for _, v in kvs)
+    if not isinstance(cache.k, tuple):
+        k, v = jnp.stack(k), jnp.stack(v)
+    return x, (k, v), aux
+
+
+def unstack_layers(params: Params) -> Params:
+    """``params`` with ``layers`` as a tuple of per-layer trees (static slices of the stacked
+    leaves). :func:`forward` then runs the layers as a Python loop.
+
+    For decoding on the CPU: inside a ``while_loop`` over tokens, the stacked layout makes XLA
+    copy every layer's weights out of the stack at every token (the ``dynamic-slice`` of the
+    layer scan is not fused into the matmuls): about as much time as the matmuls themselves.
+    Unstacked once before the loop, the weights are read in place. Costs one copy of the layer
+    weights per call (transient memory).
+    """
+    stacked = params["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], stacked)
+                                      for i in range(n))}
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+    """The cache with ``k``/``v`` as tuples of per-layer ``[B, S, K, H]`` arrays (updated in
+    place by the decode loop; see :func:`unstack_layers`)."""
+    if isinstance(cache.k, tuple):
+        return cache
+    n = cache.k.shape[0]
+    return cache._replace(k=tuple(cache.k[i] for i in range(n)),
+                          v=tuple(cache.v[i] for i in range(n)))
+
+
+def stack_cache(cache: KVCache) -> KVCache:
+    """Inverse of :func:`unstack_cache`."""
+    if not isinstance(cache.k, tuple):
+        return cache
+    return cache._replace(k=jnp.stack(cache.k), v=jnp.stack(cache.v))
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
