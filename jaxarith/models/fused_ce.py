@@ -78,9 +78,8 @@ def _fused(h, w, targets, weights, vocab_major, chunk):
 def _fused_fwd(h, w, targets, weights, vocab_major, chunk):
     wc_ = w.astype(h.dtype)
 
-    def body(carry, xs):
-        total, dw = carry
-        hc, tc, wc = xs
+    def grads(hc, tc, wc):
+        """One chunk's NLL, its hidden-state gradient and its share of the weight gradient."""
         nll, logits, lse = _nll_chunk(hc, w, tc, wc, vocab_major)
         # d nll / d logits = weight * (softmax - onehot), float32, then the compute dtype
         g = jnp.exp(logits - lse[..., None])
@@ -89,17 +88,24 @@ def _fused_fwd(h, w, targets, weights, vocab_major, chunk):
         b, c, d = hc.shape
         g2, h2 = g.reshape(b * c, -1), hc.reshape(b * c, d)
         if vocab_major:  # w [V, D]
-            dh = g2 @ wc_
-            dw = dw + (g2.T @ h2).astype(jnp.float32)
+            dh, dw = g2 @ wc_, g2.T @ h2
         else:  # w [D, V]
-            dh = g2 @ wc_.T
-            dw = dw + (h2.T @ g2).astype(jnp.float32)
-        dh = dh.reshape(b, c, d)
-        return (total + nll, dw), dh
+            dh, dw = g2 @ wc_.T, h2.T @ g2
+        return nll, dh.reshape(b, c, d), dw.astype(jnp.float32)
 
-    init = (jnp.zeros((), jnp.float32), jnp.zeros(w.shape, jnp.float32))
-    (total, dw), dh = jax.lax.scan(
-        body, init, (_chunks(h, chunk), _chunks(targets, chunk), _chunks(weights, chunk)))
+    def body(carry, xs):
+        total, dw = carry
+        nll, dh, dw_c = grads(*xs)
+        return (total + nll, dw + dw_c), dh
+
+    hs, ts, ws = _chunks(h, chunk), _chunks(targets, chunk), _chunks(weights, chunk)
+    # the first chunk outside the loop starts the sums: no zero-filled [D, V] accumulator
+    total, dh0, dw = grads(hs[0], ts[0], ws[0])
+    if hs.shape[0] > 1:
+        (total, dw), dh_rest = jax.lax.scan(body, (total, dw), (hs[1:], ts[1:], ws[1:]))
+        dh = jnp.concatenate([dh0[None], dh_rest], axis=0)
+    else:
+        dh = dh0[None]
     return total, (_unchunk(dh), dw.astype(w.dtype), targets, weights)
 
 
