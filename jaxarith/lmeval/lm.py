@@ -166,7 +166,8 @@ class JaxarithLM(TemplateLM):
         if self._max_length > context:
             raise ConfigError(f"max_length={self._max_length} exceeds the context length "
                               f"{context} of the models")
-        self.buckets = scoring.length_buckets(self._max_length)
+        self.buckets = scoring.length_buckets(self._max_length)  # generation prompts
+        self.score_buckets = scoring.score_buckets(self._max_length)
         self.custom_prefix_token_id = None if prefix_token_id is None else int(prefix_token_id)
         if self.tokenizer.eos_token_id is None:
             raise ConfigError(f"{refs[0]}: the tokenizer has no eos token (lm-eval needs one "
@@ -248,7 +249,7 @@ class JaxarithLM(TemplateLM):
                     desc="Running loglikelihood requests")
         res = scoring.score_requests(
             self.spec, self.params, [(c, x) for _, c, x in requests],
-            max_length=self.max_length, batch_size=self.batch_size, buckets=self.buckets,
+            max_length=self.max_length, batch_size=self.batch_size, buckets=self.score_buckets,
             mesh=self.mesh, pad_token=self._pad_id(), on_batch=pbar.update)
         pbar.close()
         for (key, _, _), answer in zip(requests, res, strict=True):

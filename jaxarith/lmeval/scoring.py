@@ -28,6 +28,7 @@ import numpy as np
 from jaxarith import sharding
 from jaxarith.decode import DecodeSpec, combine, member_weights
 from jaxarith.errors import ConfigError
+from jaxarith.models import transformer
 from jaxarith.models.transformer import forward
 
 
@@ -55,20 +56,44 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score_batch(spec: DecodeSpec, params, weights, tokens, mask, targets, scored):
-    """Per-row (sum of log p(target), every target greedy) over the ``scored`` positions.
+def _score_groups(spec: DecodeSpec, params, weights, prefix, prefix_mask, last, group, suffix,
+                  suffix_mask, targets):
+    """Per-token log p(target) and per-row greedy flags of one batch of context groups.
+
+    Each context (prefix) runs once into a KV cache; the cache is gathered to the rows (one row
+    per continuation of a context) and the rows' suffixes run from it. The output head and
+    log-softmax run only at the scored positions: each prefix's last real token (it predicts a
+    continuation's first token) and the suffix positions.
 
     Args:
-      tokens, mask, targets, scored: [B, T] int32 (mask and scored 0/1); ``targets`` is
-        ``tokens`` shifted left by one.
+      prefix, prefix_mask: [G, Tp] right-padded contexts (mask 0/1).
+      last: [G] position of each prefix's last real token.
+      group: [R] the prefix of each row.
+      suffix, suffix_mask: [R, Ts] right-padded ``continuation[:-1]`` per row.
+      targets: [R, 1 + Ts] the continuation (position 0 is predicted from the prefix).
     Returns:
-      (log p(target) [B, T] float32, 0 where not scored; is_greedy [B] bool).
+      (log p(target) [R, 1 + Ts] float32, 0 where not scored; is_greedy [R] bool).
     """
-    logits = [forward(p, m.config, tokens, attention_mask=mask, dtype=jnp.dtype(spec.dtype))[0]
-              for m, p in zip(spec.members, params, strict=True)]
-    logp = combine(spec, logits, weights)  # [B, T, V] float32
-    scored = scored.astype(bool)
-    lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [B, T]
+    dtype = jnp.dtype(spec.dtype)
+    g, tp = prefix.shape
+    ts = suffix.shape[1]
+    logits = []
+    for m, p in zip(spec.members, params, strict=True):
+        cfg = m.config
+        cache = transformer.init_cache(cfg, g, tp + ts, dtype)
+        h0, cache = forward(p, cfg, prefix, attention_mask=prefix_mask, cache=cache, dtype=dtype,
+                            hidden_only=True)
+        h0 = jnp.take_along_axis(h0, last[:, None, None], axis=1)  # [G, 1, D]
+        cache = cache._replace(k=jnp.take(cache.k, group, axis=1),
+                               v=jnp.take(cache.v, group, axis=1),
+                               valid=jnp.take(cache.valid, group, axis=0))
+        h1, _ = forward(p, cfg, suffix, attention_mask=suffix_mask, cache=cache, dtype=dtype,
+                        hidden_only=True)
+        h = jnp.concatenate([jnp.take(h0, group, axis=0), h1], axis=1)  # [R, 1 + Ts, D]
+        logits.append(transformer.family(cfg).unembed(cfg, p, h).astype(jnp.float32))
+    logp = combine(spec, logits, weights)  # [R, 1 + Ts, V] float32
+    scored = jnp.concatenate([jnp.ones_like(suffix_mask[:, :1]), suffix_mask], axis=1) > 0
+    lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(logp, axis=-1) == targets
     # per-token values go to the host, which sums them in float64
     return jnp.where(scored, lp, 0.0), jnp.all(greedy | ~scored, axis=-1)
@@ -76,11 +101,34 @@ def _score_batch(spec: DecodeSpec, params, weights, tokens, mask, targets, score
 
 def compiled_programs() -> int:
     """How many programs the scorer has compiled in this process (for the boundedness test)."""
-    return _score_batch._cache_size()
+    return _score_groups._cache_size()
+
+
+def score_buckets(max_length: int, smallest: int = 8) -> tuple[int, ...]:
+    """Padded lengths of the scorer's contexts and continuations: ``smallest``, then steps of
+    about 1.5x (8, 16, 24, 32, 48, 64, 96, ...), then ``max_length``.
+
+    Finer than :func:`length_buckets` (at most 1.5x the tokens of the longest row, 2x below
+    16): the scorer's rows are short (a context, or a continuation) and padding is most of
+    their cost. The number of programs stays ``O(log(max_length))`` per dimension.
+    """
+    if max_length < 1:
+        raise ConfigError(f"max_length={max_length} must be at least 1")
+    out, n = [], smallest
+    while n < max_length:
+        out.append(n)
+        n = 2 * n if n < 16 else n * 3 // 2 if n & (n - 1) == 0 else 2 ** n.bit_length()
+    return (*out, max_length)
 
 
 def _rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int):
-    """(input ids, target ids, number scored) per request, cut as lm-eval's HF backend does."""
+    """(prefix, suffix, targets) per request, cut as lm-eval's HF backend does.
+
+    The HF backend scores ``whole = (context + continuation)[-(max_length + 1):]``: input
+    ``whole[:-1]``, the last ``len(continuation)`` positions scored. Here that input is split
+    into the prefix ``whole[:-len(continuation)]`` (the context, left-truncated; its last token
+    predicts the continuation's first) and the suffix ``continuation[:-1]``.
+    """
     rows = []
     for i, (ctx, cont) in enumerate(pairs):
         if not len(ctx) or not len(cont):
@@ -89,8 +137,35 @@ def _rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int)
             raise ConfigError(f"request {i}: continuation of {len(cont)} tokens exceeds "
                               f"max_length={max_length}")
         whole = (list(ctx) + list(cont))[-(max_length + 1):]
-        rows.append((whole[:-1], whole[1:], len(cont)))
+        n = len(cont)
+        rows.append((tuple(whole[:-n]), whole[-n:-1], whole[-n:]))
     return rows
+
+
+def _batches(rows, batch_size: int, buckets: Sequence[int]):
+    """Batches of context groups: (groups per call, rows per call, groups), groups being lists
+    of request indices with one prefix.
+
+    Groups are classed by their size rounded up to a power of two ``m`` (multiple choice with 4
+    choices: 4; rolling windows: 1); a batch holds ``batch_size`` groups of one class and
+    ``batch_size * m`` rows. Within a class groups are sorted by their padded prefix and suffix
+    lengths, so a batch's shape fits its groups closely and few shapes occur.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (prefix, _, _) in enumerate(rows):
+        groups.setdefault(prefix, []).append(i)
+    classes: dict[int, list[list[int]]] = {}
+    for idx in groups.values():
+        classes.setdefault(1 << (len(idx) - 1).bit_length(), []).append(idx)
+
+    def key(idx):
+        return (bucket_for(len(rows[idx[0]][0]), buckets),
+                bucket_for(max(1, *(len(rows[i][1]) for i in idx)), buckets))
+
+    for m in sorted(classes):
+        found = sorted(classes[m], key=key, reverse=True)
+        for start in range(0, len(found), batch_size):
+            yield batch_size, batch_size * m, found[start:start + batch_size]
 
 
 def score_requests(
@@ -107,14 +182,19 @@ def score_requests(
 ) -> list[tuple[float, bool]]:
     """``(log p(cont | ctx), is_greedy)`` per ``(ctx, cont)`` token pair, in the given order.
 
+    Requests with the same (truncated) context share one run of it (see :func:`_score_groups`).
+
     Args:
       spec: the members (their configs and weights) and compute dtype; its sampler and lengths
         are unused here.
       params: one parameter tree per member.
       pairs: (context ids, continuation ids), both non-empty.
       max_length: the model window; longer inputs lose tokens on the left (as in lm-eval).
-      batch_size: rows per call (rounded up to the mesh's data-parallel size).
-      buckets: padded lengths (see :func:`length_buckets`); the last must be >= ``max_length``.
+      batch_size: contexts per call (rounded up to the mesh's data-parallel size); a call scores
+        every continuation of its contexts (``batch_size * m`` rows, m the number of
+        continuations per context rounded up to a power of two).
+      buckets: padded lengths of contexts and continuations (see :func:`score_buckets`); the
+        last must be >= ``max_length``.
       mesh: score sharded on this mesh (params already placed on it).
       on_batch: called with the number of requests done after each batch (progress).
     """
@@ -122,30 +202,47 @@ def score_requests(
     if mesh is not None:
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
         batch_size = -(-batch_size // dp) * dp
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     weights = member_weights(spec)
     out: list[tuple[float, bool] | None] = [None] * len(rows)
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+
+    def place(a, axes):
+        if mesh is None:
+            return a
+        return jax.device_put(a, sharding.named_sharding(mesh, axes, a.shape))
+
     with ctx:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            t = bucket_for(len(rows[idx[0]][0]), buckets)
-            arrays = np.zeros((4, batch_size, t), np.int32)  # tokens, mask, targets, scored
-            arrays[0] = pad_token
-            for r, i in enumerate(idx):
-                inp, tgt, n = rows[i]
-                arrays[0, r, :len(inp)], arrays[1, r, :len(inp)] = inp, 1
-                arrays[2, r, :len(tgt)] = tgt
-                arrays[3, r, len(inp) - n:len(inp)] = 1
-            arrays[1, len(idx):, 0] = 1  # dummy rows: one real token keeps softmax finite
-            placed = [a if mesh is None else
-                      jax.device_put(a, sharding.named_sharding(mesh, ("batch", "seq"), a.shape))
-                      for a in arrays]
-            total, greedy = _score_batch(spec, tuple(params), weights, *placed)
-            total = np.asarray(total, np.float64).sum(-1)
+        for n_groups, n_rows, groups in _batches(rows, batch_size, buckets):
+            tp = bucket_for(max(len(rows[g[0]][0]) for g in groups), buckets)
+            ts = bucket_for(max(1, *(len(rows[i][1]) for g in groups for i in g)), buckets)
+            prefix = np.full((n_groups, tp), pad_token, np.int32)
+            prefix_mask = np.zeros((n_groups, tp), np.int32)
+            prefix_mask[:, 0] = 1  # dummy groups: one real token keeps softmax finite
+            last = np.zeros(n_groups, np.int32)
+            group = np.zeros(n_rows, np.int32)
+            suffix = np.full((n_rows, ts), pad_token, np.int32)
+            suffix_mask = np.zeros((n_rows, ts), np.int32)
+            targets = np.zeros((n_rows, 1 + ts), np.int32)
+            order = []
+            for g, idx in enumerate(groups):
+                p = rows[idx[0]][0]
+                prefix[g, :len(p)], prefix_mask[g, :len(p)], last[g] = p, 1, len(p) - 1
+                for i in idx:
+                    r = len(order)
+                    _, s, t = rows[i]
+                    group[r] = g
+                    suffix[r, :len(s)], suffix_mask[r, :len(s)] = s, 1
+                    targets[r, :len(t)] = t
+                    order.append(i)
+            lp, greedy = _score_groups(
+                spec, tuple(params), weights, place(prefix, ("batch", "seq")),
+                place(prefix_mask, ("batch", "seq")), place(last, ("batch",)),
+                place(group, ("batch",)), place(suffix, ("batch", "seq")),
+                place(suffix_mask, ("batch", "seq")), place(targets, ("batch", "seq")))
+            total = np.asarray(lp, np.float64).sum(-1)
             greedy = np.asarray(greedy)
-            for r, i in enumerate(idx):
+            for r, i in enumerate(order):
                 out[i] = (float(total[r]), bool(greedy[r]))
             if on_batch is not None:
-                on_batch(len(idx))
+                on_batch(len(order))
     return out  # type: ignore[return-value]
