@@ -93,6 +93,33 @@ def _score_groups(spec: DecodeSpec, params, weights, prefix, prefix_mask, last, 
         logits.append(transformer.family(cfg).unembed(cfg, p, h).astype(jnp.float32))
     logp = combine(spec, logits, weights)  # [R, 1 + Ts, V] float32
     scored = jnp.concatenate([jnp.ones_like(suffix_mask[:, :1]), suffix_mask], axis=1) > 0
+    return _token_scores(logp, targets, scored)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_rows(spec: DecodeSpec, params, weights, tokens, mask, at, targets, scored):
+    """Per-token log p(target) and per-row greedy flags of rows that share no context.
+
+    One causal forward per row (no cache); the output head and log-softmax run only at the K
+    gathered positions ``at`` (the scored ones).
+
+    Args:
+      tokens, mask: [B, T] right-padded rows (context + continuation[:-1]).
+      at: [B, K] the positions whose next token is scored; targets, scored: [B, K].
+    Returns:
+      (log p(target) [B, K] float32, 0 where not scored; is_greedy [B] bool).
+    """
+    dtype = jnp.dtype(spec.dtype)
+    logits = []
+    for m, p in zip(spec.members, params, strict=True):
+        cfg = m.config
+        h, _ = forward(p, cfg, tokens, attention_mask=mask, dtype=dtype, hidden_only=True)
+        h = jnp.take_along_axis(h, at[..., None], axis=1)  # [B, K, D]
+        logits.append(transformer.family(cfg).unembed(cfg, p, h).astype(jnp.float32))
+    return _token_scores(combine(spec, logits, weights), targets, scored > 0)
+
+
+def _token_scores(logp, targets, scored):
     lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
     greedy = jnp.argmax(logp, axis=-1) == targets
     # per-token values go to the host, which sums them in float64
@@ -101,7 +128,7 @@ def _score_groups(spec: DecodeSpec, params, weights, prefix, prefix_mask, last, 
 
 def compiled_programs() -> int:
     """How many programs the scorer has compiled in this process (for the boundedness test)."""
-    return _score_groups._cache_size()
+    return _score_groups._cache_size() + _score_rows._cache_size()
 
 
 def score_buckets(max_length: int, smallest: int = 8) -> tuple[int, ...]:
@@ -148,8 +175,10 @@ def _batches(rows, batch_size: int, buckets: Sequence[int]):
 
     Groups are classed by their size rounded up to a power of two ``m`` (multiple choice with 4
     choices: 4; rolling windows: 1); a batch holds ``batch_size`` groups of one class and
-    ``batch_size * m`` rows. Within a class groups are sorted by their padded prefix and suffix
-    lengths, so a batch's shape fits its groups closely and few shapes occur.
+    ``batch_size * m`` rows. Groups of one (m = 1) are scored as whole rows by
+    :func:`_score_rows`, the others by :func:`_score_groups`. Within a class groups are
+    sorted by their padded lengths, so a batch's shape fits its groups closely and few shapes
+    occur.
     """
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (prefix, _, _) in enumerate(rows):
@@ -159,7 +188,10 @@ def _batches(rows, batch_size: int, buckets: Sequence[int]):
         classes.setdefault(1 << (len(idx) - 1).bit_length(), []).append(idx)
 
     def key(idx):
-        return (bucket_for(len(rows[idx[0]][0]), buckets),
+        p, s, x = rows[idx[0]]
+        if len(idx) == 1:  # a whole row (see _score_rows): its length, its scored positions
+            return bucket_for(len(p) + len(s), buckets), bucket_for(len(x), buckets)
+        return (bucket_for(len(p), buckets),
                 bucket_for(max(1, *(len(rows[i][1]) for i in idx)), buckets))
 
     for m in sorted(classes):
@@ -213,32 +245,16 @@ def score_requests(
 
     with ctx:
         for n_groups, n_rows, groups in _batches(rows, batch_size, buckets):
-            tp = bucket_for(max(len(rows[g[0]][0]) for g in groups), buckets)
-            ts = bucket_for(max(1, *(len(rows[i][1]) for g in groups for i in g)), buckets)
-            prefix = np.full((n_groups, tp), pad_token, np.int32)
-            prefix_mask = np.zeros((n_groups, tp), np.int32)
-            prefix_mask[:, 0] = 1  # dummy groups: one real token keeps softmax finite
-            last = np.zeros(n_groups, np.int32)
-            group = np.zeros(n_rows, np.int32)
-            suffix = np.full((n_rows, ts), pad_token, np.int32)
-            suffix_mask = np.zeros((n_rows, ts), np.int32)
-            targets = np.zeros((n_rows, 1 + ts), np.int32)
-            order = []
-            for g, idx in enumerate(groups):
-                p = rows[idx[0]][0]
-                prefix[g, :len(p)], prefix_mask[g, :len(p)], last[g] = p, 1, len(p) - 1
-                for i in idx:
-                    r = len(order)
-                    _, s, t = rows[i]
-                    group[r] = g
-                    suffix[r, :len(s)], suffix_mask[r, :len(s)] = s, 1
-                    targets[r, :len(t)] = t
-                    order.append(i)
-            lp, greedy = _score_groups(
-                spec, tuple(params), weights, place(prefix, ("batch", "seq")),
-                place(prefix_mask, ("batch", "seq")), place(last, ("batch",)),
-                place(group, ("batch",)), place(suffix, ("batch", "seq")),
-                place(suffix_mask, ("batch", "seq")), place(targets, ("batch", "seq")))
+            if n_rows == n_groups:  # no shared contexts: whole rows, one forward
+                order = [g[0] for g in groups]
+                arrays = _row_arrays([rows[i] for i in order], n_rows, buckets, pad_token)
+                lp, greedy = _score_rows(spec, tuple(params), weights, *(
+                    place(a, ("batch", "seq") if a.ndim == 2 else ("batch",)) for a in arrays))
+            else:
+                order = [i for g in groups for i in g]
+                arrays = _group_arrays(rows, groups, n_groups, n_rows, buckets, pad_token)
+                lp, greedy = _score_groups(spec, tuple(params), weights, *(
+                    place(a, ("batch", "seq") if a.ndim == 2 else ("batch",)) for a in arrays))
             total = np.asarray(lp, np.float64).sum(-1)
             greedy = np.asarray(greedy)
             for r, i in enumerate(order):
@@ -246,3 +262,47 @@ def score_requests(
             if on_batch is not None:
                 on_batch(len(order))
     return out  # type: ignore[return-value]
+
+
+def _row_arrays(rows, n_rows: int, buckets: Sequence[int], pad_token: int):
+    """tokens, mask, at, targets, scored of :func:`_score_rows` for ``rows`` (plus dummies)."""
+    t = bucket_for(max(len(p) + len(s) for p, s, _ in rows), buckets)
+    k = bucket_for(max(len(x) for _, _, x in rows), buckets)
+    tokens = np.full((n_rows, t), pad_token, np.int32)
+    mask = np.zeros((n_rows, t), np.int32)
+    mask[:, 0] = 1  # dummy rows: one real token keeps softmax finite
+    at = np.zeros((n_rows, k), np.int32)
+    targets = np.zeros((n_rows, k), np.int32)
+    scored = np.zeros((n_rows, k), np.int32)
+    for r, (p, s, x) in enumerate(rows):
+        n, m = len(p) + len(s), len(x)
+        tokens[r, :len(p)], tokens[r, len(p):n], mask[r, :n] = p, s, 1
+        at[r, :m] = np.arange(n - m, n)
+        targets[r, :m], scored[r, :m] = x, 1
+    return tokens, mask, at, targets, scored
+
+
+def _group_arrays(rows, groups, n_groups: int, n_rows: int, buckets: Sequence[int],
+                  pad_token: int):
+    """prefix, prefix_mask, last, group, suffix, suffix_mask, targets of :func:`_score_groups`."""
+    tp = bucket_for(max(len(rows[g[0]][0]) for g in groups), buckets)
+    ts = bucket_for(max(1, *(len(rows[i][1]) for g in groups for i in g)), buckets)
+    prefix = np.full((n_groups, tp), pad_token, np.int32)
+    prefix_mask = np.zeros((n_groups, tp), np.int32)
+    prefix_mask[:, 0] = 1  # dummy groups: one real token keeps softmax finite
+    last = np.zeros(n_groups, np.int32)
+    group = np.zeros(n_rows, np.int32)
+    suffix = np.full((n_rows, ts), pad_token, np.int32)
+    suffix_mask = np.zeros((n_rows, ts), np.int32)
+    targets = np.zeros((n_rows, 1 + ts), np.int32)
+    r = 0
+    for g, idx in enumerate(groups):
+        p = rows[idx[0]][0]
+        prefix[g, :len(p)], prefix_mask[g, :len(p)], last[g] = p, 1, len(p) - 1
+        for i in idx:
+            _, s, t = rows[i]
+            group[r] = g
+            suffix[r, :len(s)], suffix_mask[r, :len(s)] = s, 1
+            targets[r, :len(t)] = t
+            r += 1
+    return prefix, prefix_mask, last, group, suffix, suffix_mask, targets
