@@ -185,6 +185,40 @@ def test_proxy_tuning_scores_the_combined_distribution(llama_dir, llama_tied_dir
         assert greedy == bool(np.all(rows.argmax(-1) == np.asarray(x)))
 
 
+def test_shared_contexts_score_the_combined_distribution(llama_dir, llama_tied_dir, gpt2_dir):
+    # every choice of two documents (plus a one-token continuation, scored from the context
+    # alone) under proxy tuning, with a window that cuts some contexts on the left: requests
+    # sharing a (cut) context are scored from one run of it, every member alike
+    from lm_eval.api.instance import Instance
+
+    from jaxarith.lmeval import scoring
+
+    with open(f"{TASKS_DIR}/jaxarith_mc.jsonl") as f:
+        docs = [json.loads(line) for line in f][:2]
+    pairs = [(d["context"], " " + c) for d in docs for c in d["choices"]]
+    pairs.append((docs[0]["context"], "\n"))
+    reqs = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    base, expert, anti = llama_dir, llama_tied_dir, gpt2_dir
+    lm = JaxarithLM(pretrained=base[0], expert=expert[0], anti_expert=anti[0], alpha=0.7,
+                    max_length=24)
+    enc = [lm._encode_pair(*p) for p in pairs]
+    assert len(enc[-1][1]) == 1
+    rows = scoring._rows(enc, lm.max_length)
+    batches = list(scoring._batches(rows, lm.batch_size, lm.score_buckets))
+    sizes = sorted(len(g) for _, _, groups in batches for g in groups)
+    assert sum(sizes) == len(pairs) and max(sizes) >= 3  # shared, though some contexts are cut
+    assert any(len(c) + len(x) > lm.max_length + 1 for c, x in enc)  # some are cut
+    ours = lm.loglikelihood(reqs, disable_tqdm=True)
+    for (c, x), (lp, greedy) in zip(enc, ours, strict=True):
+        whole = (c + x)[-(lm.max_length + 1):]
+        ids = np.asarray([whole[:-1]])
+        logp = _np_log_softmax(sum(w * _np_log_softmax(testing.hf_logits(m[1], ids)[0])
+                                   for w, m in ((1.0, base), (0.7, expert), (-0.7, anti))))
+        rows = logp[len(whole) - 1 - len(x):]
+        assert lp == pytest.approx(sum(rows[i, t] for i, t in enumerate(x)), abs=1e-4)
+        assert greedy == bool(np.all(rows.argmax(-1) == np.asarray(x)))
+
+
 def test_simple_evaluate_by_name_equals_the_cli(llama_dir, capsys):
     # the mesh and batch of the 8-device test: its programs are reused
     d = llama_dir[0]
