@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 TILE = 256
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 # Below this many elements a plain numpy copy is as fast (the array fits in cache).
 MIN_TILED = 1 << 16
 
@@ -36,6 +37,11 @@ def copy_into(dst: np.ndarray, src: np.ndarray, tile: int = TILE) -> None:
     """
     if dst.shape != src.shape:
         raise ValueError(f"copy_into: shapes differ, {dst.shape} vs {src.shape}")
+    if dst.dtype == src.dtype and dst.dtype.itemsize in _UINT and dst.dtype.kind != "O":
+        # the same bits as unsigned integers: numpy's fast strided loops (ml_dtypes' bfloat16
+        # copies element by element through the dtype's own functions, holding the GIL)
+        u = _UINT[dst.dtype.itemsize]
+        dst, src = dst.view(u), src.view(u)
     if src.ndim < 2 or src.size < MIN_TILED or src.flags.c_contiguous:
         dst[...] = src
         return

@@ -101,6 +101,10 @@ class HFCheckpoint:
     def get(self, key: str) -> np.ndarray:
         return self.files[self.where[key]].get(key)
 
+    def view(self, key: str) -> np.ndarray:
+        """A read-only memory-mapped view of the tensor (see :meth:`SafetensorsFile.view`)."""
+        return self.files[self.where[key]].view(key)
+
 
 def check_checkpoint(cfg: ModelConfig, ckpt: HFCheckpoint) -> dict[str, str]:
     """Check every key and shape; return {expected HF key: key as stored}.
