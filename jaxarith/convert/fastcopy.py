@@ -63,3 +63,13 @@ def contiguous(x: np.ndarray, dtype=None) -> np.ndarray:
     out = np.empty(x.shape, dtype)
     copy_into(out, x)
     return out
+
+
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """``np.empty`` whose data starts on an ``align``-byte boundary: ``jax.device_put`` of such
+    a host array on CPU aliases it (zero-copy) instead of copying it into a new buffer."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + align, np.uint8)
+    off = -raw.ctypes.data % align
+    return raw[off:off + n].view(dtype).reshape(shape)
