@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from jaxarith.atomic import check_destination, protect_inputs
+from jaxarith.convert import pipeline
 from jaxarith.convert.export import hf_slices, save_hf
 from jaxarith.convert.hf import resolve_hf_dir
 from jaxarith.convert.orbax import hf_to_orbax, orbax_source, save_orbax
@@ -43,6 +44,7 @@ def convert(
     Returns:
       {"src", "dst", "route", ...}: for HF output also "files", "tensors", "bytes".
     """
+    pipeline.recycle_memory()  # tensor buffers reused, not re-faulted, tensor after tensor
     with protect_inputs([src]):  # every writer below refuses to replace src
         return _convert(src, dst, to=to, dtype=dtype, mesh=mesh, max_shard_size=max_shard_size,
                         overwrite=overwrite, progress=progress, compress=compress)
