@@ -41,7 +41,15 @@ from jaxarith import sharding
 from jaxarith.errors import ConfigError
 from jaxarith.models.family import DType, ModelConfig, parse_enum
 from jaxarith.models.layers import KVCache
-from jaxarith.models.transformer import CACHE_AXES, check_token_ids, forward, init_cache
+from jaxarith.models.transformer import (
+    CACHE_AXES,
+    check_token_ids,
+    forward,
+    init_cache,
+    stack_cache,
+    unstack_cache,
+    unstack_layers,
+)
 from jaxarith.sampling import Greedy, Sampler
 
 TokenCallback = Callable[[int, np.ndarray, np.ndarray], None]
@@ -244,6 +252,12 @@ def combine(dec: DecodeSpec, logits: Sequence[jax.Array],
 
 def constrain_cache(cache: KVCache) -> KVCache:
     """Shard a cache by the logical rules (batch, kv heads ...) when a mesh is set."""
+    if isinstance(cache.k, tuple):  # per layer (unstack_cache): the axes without "layers"
+        per_layer = CACHE_AXES.k[1:]
+        return cache._replace(
+            k=tuple(sharding.constrain(k, per_layer) for k in cache.k),
+            v=tuple(sharding.constrain(v, per_layer) for v in cache.v),
+            valid=sharding.constrain(cache.valid, CACHE_AXES.valid))
     return jax.tree.map(sharding.constrain, cache, CACHE_AXES,
                         is_leaf=lambda x: isinstance(x, jax.Array))
 
@@ -312,7 +326,11 @@ def _decode_until(dec: DecodeSpec, params, weights, limits, state, until):
         i, _, _, done, *_ = state
         return (i < until) & ~jnp.all(done)
 
-    return jax.lax.while_loop(cond, _decode_body(dec, params, weights, limits), state)
+    # the loop reads per-layer weights and caches in place (see transformer.unstack_layers)
+    params = tuple(unstack_layers(p) for p in params)
+    state = (*state[:4], tuple(unstack_cache(c) for c in state[4]), *state[5:])
+    state = jax.lax.while_loop(cond, _decode_body(dec, params, weights, limits), state)
+    return (*state[:4], tuple(stack_cache(c) for c in state[4]), *state[5:])
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -35,6 +35,7 @@ from jaxarith.decode import (
     stream_chunks,
 )
 from jaxarith.errors import ConfigError
+from jaxarith.models.transformer import stack_cache, unstack_cache, unstack_layers
 from jaxarith.sampling import Greedy
 
 
@@ -192,7 +193,11 @@ def _speculative_until(sd: SpeculativeSpec, params, weights, limits, state, unti
         pos, _, _, done, *_ = s
         return (pos < until) & ~jnp.all(done)
 
-    return jax.lax.while_loop(cond, body, state)
+    # per-layer weights and caches, read in place by the loop (transformer.unstack_layers)
+    params = tuple(unstack_layers(p) for p in params)
+    state = (*state[:4], tuple(unstack_cache(c) for c in state[4]), *state[5:])
+    state = jax.lax.while_loop(cond, body, state)
+    return (*state[:4], tuple(stack_cache(c) for c in state[4]), *state[5:])
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -10,6 +10,7 @@ the formula in ``train/metrics.py`` (6N + 6 L T d_attn, causal attention at half
     .venv/bin/python scripts/bench_train.py                  # ~14M and ~100M Llama, a few min
     .venv/bin/python scripts/bench_train.py --out bench_results/train.json
     .venv/bin/python scripts/bench_train.py --sizes base-100M --profile /tmp/train_trace
+    .venv/bin/python scripts/bench_train.py --bf16           # + bfloat16 compute rows
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ def hf_config(over: dict, seq_len: int):
 
 
 def bench_jax(hf, batch: int, seq_len: int, steps: int, warmup: int,
-              profile: str | None = None) -> dict:
+              profile: str | None = None, compute: str = "float32") -> dict:
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from jaxarith.models.config import config_from_hf
@@ -64,7 +66,7 @@ def bench_jax(hf, batch: int, seq_len: int, steps: int, warmup: int,
     sched = ScheduleConfig(kind="constant", peak_lr=1e-4, total_steps=steps + warmup).build()
     tx = make_optimizer(OptimizerConfig(weight_decay=0.1, clip_norm=1.0), sched)
     fns = build_step(cfg, mesh, tx=tx, schedule=sched, batch=batch, seq_len=seq_len,
-                     loss_fn=next_token_loss_fn(cfg))
+                     loss_fn=next_token_loss_fn(cfg, dtype=jnp.dtype(compute)))
     t = time.perf_counter()
     step, info = compile_step(fns, mesh)
     compile_s = time.perf_counter() - t
@@ -91,7 +93,10 @@ def bench_jax(hf, batch: int, seq_len: int, steps: int, warmup: int,
             "xla_flops_per_step": info["flops"], "memory": info["memory"]}
 
 
-def bench_torch(hf, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
+def bench_torch(hf, batch: int, seq_len: int, steps: int, warmup: int,
+                compute: str = "float32") -> dict:
+    import contextlib
+
     import torch
     import transformers
 
@@ -108,7 +113,12 @@ def bench_torch(hf, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
 
     def one(tokens):
         opt.zero_grad(set_to_none=True)
-        loss = model(input_ids=tokens, labels=tokens).loss
+        # bfloat16: autocast's mixed precision (float32 master weights), like jaxarith's compute
+        # dtype; float32: no autocast
+        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if compute == "bfloat16"
+               else contextlib.nullcontext())
+        with ctx:
+            loss = model(input_ids=tokens, labels=tokens).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -130,6 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default=None, help=f"comma list of {', '.join(SIZES)}")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default="bench_results/train.json")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time bfloat16 compute (jaxarith compute dtype, torch autocast; "
+                        "float32 master weights on both sides)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="trace one extra jax step per size with jax.profiler and print the XLA "
                         "ops by total time (traces under DIR/SIZE)")
@@ -154,29 +167,33 @@ def main(argv=None) -> int:
         hf = hf_config(over, seq_len)
         cfg = config_from_hf(hf.to_dict())
         fpt = flops_per_token(cfg, seq_len)
-        j = bench_jax(hf, batch, seq_len, steps, warmup,
-                      os.path.join(args.profile, name) if args.profile else None)
-        t = bench_torch(hf, batch, seq_len, steps, warmup)
-        rows.append({
-            "size": name, "params": matmul_params(cfg), "batch": batch, "seq_len": seq_len,
-            "steps": steps, "flops_per_token": fpt,
-            "jax_tokens_per_s": j["tokens_per_s"], "torch_tokens_per_s": t["tokens_per_s"],
-            "speedup": j["tokens_per_s"] / t["tokens_per_s"],
-            "jax_mfu": j["tokens_per_s"] * fpt / peak, "torch_mfu": t["tokens_per_s"] * fpt / peak,
-            "jax_compile_s": j["compile_s"], "xla_flops_per_step": j["xla_flops_per_step"],
-            "formula_flops_per_step": fpt * batch * seq_len, "jax_memory": j["memory"],
-            "torch_threads": t["threads"],
-        })
+        for compute in ("float32", "bfloat16") if args.bf16 else ("float32",):
+            j = bench_jax(hf, batch, seq_len, steps, warmup,
+                          os.path.join(args.profile, name) if args.profile else None, compute)
+            t = bench_torch(hf, batch, seq_len, steps, warmup, compute)
+            rows.append({
+                "size": name, "compute": compute, "params": matmul_params(cfg), "batch": batch,
+                "seq_len": seq_len, "steps": steps, "flops_per_token": fpt,
+                "jax_tokens_per_s": j["tokens_per_s"], "torch_tokens_per_s": t["tokens_per_s"],
+                "speedup": j["tokens_per_s"] / t["tokens_per_s"],
+                "jax_mfu": j["tokens_per_s"] * fpt / peak,
+                "torch_mfu": t["tokens_per_s"] * fpt / peak,
+                "jax_compile_s": j["compile_s"], "xla_flops_per_step": j["xla_flops_per_step"],
+                "formula_flops_per_step": fpt * batch * seq_len, "jax_memory": j["memory"],
+                "torch_threads": t["threads"],
+            })
     machine = benchenv.finish(machine)
     print(benchenv.describe(machine))
     print(f"MFU denominator: {peak / 1e9:.1f} GFLOP/s (best float32 matmul measured above)")
-    head = (f"{'size':<10} {'matmul params':>13} {'batch x seq':>11} {'jax tok/s':>10} "
+    head = (f"{'size':<10} {'compute':<8} {'matmul params':>13} {'batch x seq':>11} "
+            f"{'jax tok/s':>10} "
             f"{'torch tok/s':>11} {'jax/torch':>9} {'jax MFU':>8} {'torch MFU':>9} "
             f"{'compile s':>9}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['size']:<10} {r['params'] / 1e6:>12.1f}M {r['batch']:>4} x {r['seq_len']:<4} "
+        print(f"{r['size']:<10} {r['compute']:<8} {r['params'] / 1e6:>12.1f}M "
+              f"{r['batch']:>4} x {r['seq_len']:<4} "
               f"{r['jax_tokens_per_s']:>10.0f} {r['torch_tokens_per_s']:>11.0f} "
               f"{r['speedup']:>8.2f}x {r['jax_mfu']:>8.1%} {r['torch_mfu']:>9.1%} "
               f"{r['jax_compile_s']:>9.1f}")

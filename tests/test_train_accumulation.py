@@ -11,13 +11,15 @@ from train.config import load_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LLAMA = os.path.join(ROOT, "configs", "tiny_llama.yaml")
-# Adam's first updates are g / (|g| + eps): eps=1e-6 keeps the comparison about accumulation,
-# not about float32 rounding of near-zero gradients amplified by eps=1e-8.
+# Adam's first updates are g / (|g| + eps): a larger eps keeps the comparison about accumulation,
+# not about float32 rounding of near-zero gradients amplified by 1 / eps. Rare tokens' embedding
+# rows get gradients near 1e-6: at eps=1e-6 the float32 summation order alone moved them by
+# 7.6e-7 (logits loss) or 1.27e-6 (fused loss), at eps=1e-5 by 3.0e-7 / 2.8e-7 (atol 1e-6).
 ARGS = ["batch=8", "data.seq_len=64", "data.sources.code.max_docs=600",
         "data.sources.replay.max_docs=300", "eval.batches=1", "log.every=1",
         "log.progress=false", "checkpoint.every=0", "schedule.total_steps=40",
         "schedule.peak_lr=1e-2", "schedule.warmup_steps=1", "steps=2", "eval.at_end=false",
-        "log.plot=false", "log.tensorboard=false", "optimizer.eps=1e-6",
+        "log.plot=false", "log.tensorboard=false", "optimizer.eps=1e-5",
         "mesh=data=2,fsdp=2,tensor=2"]
 
 

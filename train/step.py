@@ -93,11 +93,15 @@ def make_optimizer(opt, schedule: optax.Schedule) -> optax.GradientTransformatio
     return optax.chain(*parts)
 
 
-def next_token_loss_fn(cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = False) -> LossFn:
+def next_token_loss_fn(cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = False,
+                       fused: bool = True) -> LossFn:
     """The default loss: summed next-token NLL, its token count and no extra metrics.
 
     Honours an optional ``batch["weights"]`` (``[b, T]`` loss weights of target tokens). A
     family with its own ``train_loss`` (Mixtral: NLL plus its router losses) gets that instead.
+    ``fused`` (default): the output head and the cross-entropy run fused and chunked
+    (:mod:`jaxarith.models.fused_ce`; the ``[b, T, V]`` logits are never held); False: through
+    the full logits, as evaluation does.
     """
     own = transformer.family(cfg).train_loss
     if own is not None:
@@ -107,7 +111,7 @@ def next_token_loss_fn(cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = Fal
         del frozen
         nll, count = transformer.next_token_loss(params, cfg, batch["tokens"],
                                                  weights=batch.get("weights"), dtype=dtype,
-                                                 remat=remat)
+                                                 remat=remat, fused=fused)
         return nll, count, {}
 
     return loss
@@ -231,13 +235,20 @@ def build_step(
             m_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), m_acc, m)
             return (g_acc, loss_acc + loss_sum, n_acc + n, m_acc), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        zeros = jax.lax.with_sharding_constraint(zeros, param_shd)
         first = jax.tree.map(lambda x: x[0], batch_in)
-        m_shape = jax.eval_shape(loss_fn, state.params, state.frozen, first)[2]
-        m_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), m_shape)
-        init_carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), m_zeros)
-        (g_sum, loss_total, count, m_sum), _ = jax.lax.scan(micro, init_carry, batch_in)
+        if microbatches == 1:  # no accumulation buffers: the gradient is the sum
+            (loss_total, (count, m_sum)), g_sum = grad_fn(state.params, state.frozen, first)
+            g_sum = jax.tree.map(lambda g: g.astype(jnp.float32), g_sum)
+            m_sum = jax.tree.map(lambda m: m.astype(jnp.float32), m_sum)
+            count = count.astype(jnp.float32)
+            loss_total = loss_total.astype(jnp.float32)
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+            zeros = jax.lax.with_sharding_constraint(zeros, param_shd)
+            m_shape = jax.eval_shape(loss_fn, state.params, state.frozen, first)[2]
+            m_zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), m_shape)
+            init_carry = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), m_zeros)
+            (g_sum, loss_total, count, m_sum), _ = jax.lax.scan(micro, init_carry, batch_in)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, g_sum)
         loss = loss_total / denom

@@ -12,7 +12,8 @@ What a family provides:
   class attributes ``arch``, ``HF_KEYS_READ`` and ``HF_KEYS_IGNORED`` (unknown keys are errors).
 - ``param_specs(cfg)``: the canonical parameter tree of :class:`ParamSpec` (shape, logical axes,
   initialiser); the one init rule (``transformer.init_params``) and the shardings follow it.
-- ``embed`` / ``block`` / ``unembed``: the forward pass, as pure functions of the parameter tree.
+- ``embed`` / ``block`` / ``unembed``: the forward pass, as pure functions of the parameter tree
+  (``head``, optional: ``unembed`` split into the head's input and weight, for the fused loss).
   The driver scans ``block`` over the stacked layers and hands it a :class:`BlockContext` with the
   attention to call (causal, padded, with or without a KV cache: the driver's choice).
 - ``hf_rules(cfg)``: the conversion table, one :class:`Rule` per HF tensor (a name map plus value
@@ -180,6 +181,11 @@ class Family:
     block: Callable[[Any, dict, jax.Array, BlockContext], jax.Array]
     unembed: Callable[[Any, dict, jax.Array], jax.Array]
     hf_rules: Callable[[Any], list[Rule]]
+    # Optional: ``(cfg, params, x) -> (h, w, vocab_major)``, the output head as its input (after
+    # the final norm) and weight (``[D, V]``, or ``[V, D]`` when ``vocab_major``), such that
+    # ``unembed == dense(h, w)``; lets the training loss fuse the head with the cross-entropy
+    # (jaxarith.models.fused_ce). None: the loss goes through ``unembed``'s logits.
+    head: Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, bool]] | None = None
     hf_buffers: tuple[str, ...] = ()
     normalize_hf_key: Callable[[str], str] = _same_key
     # Optional: the family's own training loss factory ``(cfg, *, dtype, remat) -> loss_fn``

@@ -215,10 +215,15 @@ def embed(cfg: GPT2Config, params: dict, inputs: Inputs) -> jax.Array:
     return x + jnp.take(gathered(params["pos_embed"]), inputs.positions, axis=0)
 
 
-def unembed(cfg: GPT2Config, params: dict, x: jax.Array) -> jax.Array:
+def head(cfg: GPT2Config, params: dict, x: jax.Array) -> tuple[jax.Array, jax.Array, bool]:
+    """The output head's input and weight: (final-normed x, the tied embedding [V, D], True)."""
     n = params["final_norm"]
-    x = layer_norm(x, n["scale"], n["bias"], cfg.layer_norm_epsilon)
-    return dense(x, params["embed"], w_transposed=True)
+    return layer_norm(x, n["scale"], n["bias"], cfg.layer_norm_epsilon), params["embed"], True
+
+
+def unembed(cfg: GPT2Config, params: dict, x: jax.Array) -> jax.Array:
+    h, w, vocab_major = head(cfg, params, x)
+    return dense(h, w, w_transposed=vocab_major)
 
 
 def block(cfg: GPT2Config, p: dict, x: jax.Array, ctx: BlockContext) -> jax.Array:
@@ -297,6 +302,7 @@ FAMILY = Family(
     embed=embed,
     block=block,
     unembed=unembed,
+    head=head,
     hf_rules=hf_rules,
     # the causal-mask buffers older transformers versions saved
     hf_buffers=(".attn.bias", ".attn.masked_bias"),

@@ -174,6 +174,8 @@ class KVCache(NamedTuple):
 
     @property
     def max_len(self) -> int:
+        if isinstance(self.k, tuple):  # per-layer [B, S, K, H] (transformer.unstack_cache)
+            return self.k[0].shape[1]
         return self.k.shape[2]
 
 

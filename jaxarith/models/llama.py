@@ -225,11 +225,17 @@ def embed(cfg: LlamaConfig, params: dict, inputs: Inputs) -> jax.Array:
     return jnp.take(gathered(params["embed"]), inputs.tokens, axis=0)
 
 
-def unembed(cfg: LlamaConfig, params: dict, x: jax.Array) -> jax.Array:
+def head(cfg: LlamaConfig, params: dict, x: jax.Array) -> tuple[jax.Array, jax.Array, bool]:
+    """The output head's input and weight: (final-normed x, weight, weight is [V, D])."""
     x = rms_norm(x, params["final_norm"]["scale"], cfg.rms_norm_eps)
     if cfg.tie_word_embeddings:
-        return dense(x, params["embed"], w_transposed=True)
-    return dense(x, params["lm_head"])
+        return x, params["embed"], True
+    return x, params["lm_head"], False
+
+
+def unembed(cfg: LlamaConfig, params: dict, x: jax.Array) -> jax.Array:
+    h, w, vocab_major = head(cfg, params, x)
+    return dense(h, w, w_transposed=vocab_major)
 
 
 def _bias(p: dict, name: str, y: jax.Array) -> jax.Array:
@@ -320,6 +326,7 @@ FAMILY = Family(
     embed=embed,
     block=block,
     unembed=unembed,
+    head=head,
     hf_rules=hf_rules,
     hf_buffers=("rotary_emb.inv_freq",),
 )

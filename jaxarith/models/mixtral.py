@@ -197,6 +197,7 @@ FAMILY = Family(
     embed=llama.embed,
     block=block,
     unembed=llama.unembed,
+    head=llama.head,
     hf_rules=hf_rules,
     hf_buffers=("rotary_emb.inv_freq",),
     train_loss=moe.train_loss,

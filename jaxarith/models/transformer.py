@@ -18,6 +18,7 @@ from flax import nnx
 from jaxarith import sharding
 from jaxarith.errors import ConfigError
 from jaxarith.models.family import BlockContext, Family, Inputs, ModelConfig, ParamSpec
+from jaxarith.models.fused_ce import linear_cross_entropy
 from jaxarith.models.layers import (
     KVCache,
     attend,
@@ -181,6 +182,7 @@ def forward(
     dtype=jnp.float32,
     remat: bool = False,
     return_aux: bool = False,
+    hidden_only: bool = False,
 ) -> tuple[jax.Array, KVCache | None]:
     """Logits [B, T, V] (float32) of ``tokens`` [B, T], and the updated cache if one is given.
 
@@ -197,6 +199,8 @@ def forward(
         valid earlier slots.
       dtype: compute dtype; parameters are cast per block, norms and softmax run in float32.
       remat: recompute each block's activations in the backward pass.
+      hidden_only: return the last block's output [B, T, D] (before the final norm and the
+        output head) in place of the logits.
     """
     fam = family(cfg)
     check_token_ids(tokens, cfg.vocab_size)
@@ -239,15 +243,72 @@ def forward(
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    kv_xs = None if cache is None else (cache.k, cache.v)
-    layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
-    x, (new_kv, aux) = jax.lax.scan(body, x, (params["layers"], layer_ids, kv_xs))
+    if isinstance(params["layers"], tuple):  # unstacked (see unstack_layers): a Python loop
+        x, new_kv, aux = _unrolled(body, x, params["layers"], cache)
+    else:
+        kv_xs = None if cache is None else (cache.k, cache.v)
+        layer_ids = jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32)
+        x, (new_kv, aux) = jax.lax.scan(body, x, (params["layers"], layer_ids, kv_xs))
 
-    logits = fam.unembed(cfg, params, x).astype(jnp.float32)
-    logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
+    if hidden_only:
+        logits = x
+    else:
+        logits = fam.unembed(cfg, params, x).astype(jnp.float32)
+        logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
     new_cache = None if cache is None else \
         KVCache(k=new_kv[0], v=new_kv[1], valid=key_valid, index=cache.index + t)
     return (logits, new_cache, aux) if return_aux else (logits, new_cache)
+
+
+def _unrolled(body, x, layers: tuple, cache: KVCache | None):
+    """The layer scan as a Python loop over per-layer trees; the cache's k/v stay per layer
+    (tuples) when they came as tuples, else they are stacked again."""
+    kvs, auxs = [], []
+    for i, p in enumerate(layers):
+        kv = None if cache is None else (cache.k[i], cache.v[i])
+        x, (new, aux) = body(x, (p, jnp.int32(i), kv))
+        kvs.append(new)
+        auxs.append(aux)
+    aux = None if auxs[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxs)
+    if cache is None:
+        return x, None, aux
+    k, v = tuple(k for k, _ in kvs), tuple(v for _, v in kvs)
+    if not isinstance(cache.k, tuple):
+        k, v = jnp.stack(k), jnp.stack(v)
+    return x, (k, v), aux
+
+
+def unstack_layers(params: Params) -> Params:
+    """``params`` with ``layers`` as a tuple of per-layer trees (static slices of the stacked
+    leaves). :func:`forward` then runs the layers as a Python loop.
+
+    For decoding on the CPU: inside a ``while_loop`` over tokens, the stacked layout makes XLA
+    copy every layer's weights out of the stack at every token (the ``dynamic-slice`` of the
+    layer scan is not fused into the matmuls): about as much time as the matmuls themselves.
+    Unstacked once before the loop, the weights are read in place. Costs one copy of the layer
+    weights per call (transient memory).
+    """
+    stacked = params["layers"]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], stacked)
+                                      for i in range(n))}
+
+
+def unstack_cache(cache: KVCache) -> KVCache:
+    """The cache with ``k``/``v`` as tuples of per-layer ``[B, S, K, H]`` arrays (updated in
+    place by the decode loop; see :func:`unstack_layers`)."""
+    if isinstance(cache.k, tuple):
+        return cache
+    n = cache.k.shape[0]
+    return cache._replace(k=tuple(cache.k[i] for i in range(n)),
+                          v=tuple(cache.v[i] for i in range(n)))
+
+
+def stack_cache(cache: KVCache) -> KVCache:
+    """Inverse of :func:`unstack_cache`."""
+    if not isinstance(cache.k, tuple):
+        return cache
+    return cache._replace(k=jnp.stack(cache.k), v=jnp.stack(cache.v))
 
 
 def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -265,6 +326,7 @@ def next_token_loss(
     weights: jax.Array | None = None,
     dtype=jnp.float32,
     remat: bool = False,
+    fused: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed negative log-likelihood of next tokens and the number of predicted tokens.
 
@@ -276,10 +338,35 @@ def next_token_loss(
         (``weights[:, t]`` weighs the prediction of ``tokens[:, t]`` from the prefix; column 0 is
         never a target). E.g. 1 on assistant tokens and 0 elsewhere for instruction tuning. They
         multiply the attention-mask rule above; ``count`` is then their sum.
+      fused: compute the output head and the cross-entropy together, in chunks along T, with
+        the gradient made in the forward pass (:mod:`jaxarith.models.fused_ce`): the ``[B, T,
+        V]`` logits are never held. Same value to float32 rounding; the training default.
+        Families without a ``head`` use the logits path.
     """
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+    fam = family(cfg)
+    if fused and fam.head is not None:
+        x, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat,
+                       hidden_only=True)
+        h, w, vocab_major = fam.head(cfg, params, x)
+        weight = target_weights(mask, weights)
+        # position t predicts token t + 1; the last position predicts nothing (weight 0)
+        targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+        weight = jnp.concatenate([weight, jnp.zeros_like(weight[:, :1])], axis=1)
+        return linear_cross_entropy(h, w, targets, weight, vocab_major=vocab_major), \
+            jnp.sum(weight)
     logits, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat)
     return nll_from_logits(logits, tokens, mask, weights)
+
+
+def target_weights(mask: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+    """[B, T - 1] float32 weight of predicting token t + 1 from position t: both real tokens,
+    times ``weights[:, 1:]`` when given."""
+    mask = mask.astype(bool)
+    weight = (mask[:, :-1] & mask[:, 1:]).astype(jnp.float32)
+    if weights is not None:
+        weight = weight * weights[:, 1:].astype(jnp.float32)
+    return weight
 
 
 def nll_from_logits(logits: jax.Array, tokens: jax.Array, mask: jax.Array,
@@ -290,9 +377,7 @@ def nll_from_logits(logits: jax.Array, tokens: jax.Array, mask: jax.Array,
     # logits[:, :-1] first makes XLA copy the whole [B, T, V] tensor before the softmax.
     lse = jax.nn.logsumexp(logits, axis=-1)[:, :-1]
     lp = jnp.take_along_axis(logits[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0] - lse
-    weight = (mask[:, :-1] & mask[:, 1:]).astype(jnp.float32)
-    if weights is not None:
-        weight = weight * weights[:, 1:].astype(jnp.float32)
+    weight = target_weights(mask, weights)
     return -jnp.sum(lp * weight), jnp.sum(weight)
 
 
