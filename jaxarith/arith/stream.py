@@ -36,7 +36,6 @@ from jaxarith.arith.check import check_shapes
 from jaxarith.arith.kernel import NO_LAYER, tensor_step
 from jaxarith.arith.layout import rule_layout
 from jaxarith.arith.select import MergeSpec, expert_seed, path_seed
-from jaxarith.convert import pipeline
 from jaxarith.convert.export import write_hf
 from jaxarith.convert.fastcopy import contiguous
 from jaxarith.convert.hf import HFCheckpoint, check_checkpoint
@@ -106,7 +105,6 @@ def run_streamed(
       ArchitectureMismatchError, CheckpointError: before anything is written.
     """
     t0 = time.perf_counter()
-    pipeline.recycle_memory()  # tensor buffers reused, not re-faulted, tensor after tensor
     spec.check_inputs(len(refs))
     cfgs, ckpts, names = open_checkpoints(refs)
     cfg = cfgs[0]

@@ -66,8 +66,9 @@ def recycle_memory() -> bool:
     makes the next tensor reuse the same, already mapped pages; peak memory stays that of the
     largest tensors in flight (measured slightly lower: fewer partially used mappings).
 
-    Process-wide: called by the streamed entry points (``convert``, the streamed merge/delta
-    executor). A no-op returning False where malloc is not glibc's.
+    Process-wide, so only the CLI commands call it (``jaxarith convert --to hf``, ``merge``,
+    ``delta``: each its own process), never the library functions; a Python caller may call it
+    before a streamed job. A no-op returning False where malloc is not glibc's.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 from jaxarith.atomic import check_destination, protect_inputs
-from jaxarith.convert import pipeline
 from jaxarith.convert.export import hf_slices, save_hf
 from jaxarith.convert.hf import resolve_hf_dir
 from jaxarith.convert.orbax import hf_to_orbax, orbax_source, save_orbax
@@ -57,9 +56,6 @@ def _convert(src, dst, *, to, dtype, mesh, max_shard_size, overwrite, progress,
     if to not in ("hf", "orbax"):
         raise ConfigError(f"--to {to!r}: expected 'hf' or 'orbax'")
     route = f"{'orbax' if kind is RefKind.ORBAX else 'hf'}->{to}"
-    if to == "hf":  # HF writes: tensor buffers reused, not re-faulted, tensor after tensor (to
-        # Orbax, tensorstore holds the buffers: there it only raised the peak RSS, by ~40%)
-        pipeline.recycle_memory()
     if route == "hf->orbax":
         hf_to_orbax(src, dst, dtype=dtype, mesh=mesh, overwrite=overwrite, progress=progress,
                     compress=compress)
