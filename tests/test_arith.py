@@ -664,3 +664,19 @@ def test_magnitude_mask_ties_broken_by_hf_position(layout):
         want = (want_hf.T if transposed else want_hf).reshape(x.shape)
         assert got.sum() == k
         np.testing.assert_array_equal(got, want, err_msg=f"k={k}")
+
+
+def test_magnitude_mask_host_threshold_and_cut():
+    """The streamed executor's route (threshold and tie cut by one np.partition on the host,
+    no bisection, no scan) keeps exactly the entries of a stable argsort of the HF view."""
+    rng = np.random.default_rng(11)
+    x = (rng.integers(-3, 4, (9, 7)) * 0.25).astype(np.float32)  # few levels: ties everywhere
+    x[0, 0] = 2.0**-140  # a denormal, below every other nonzero magnitude
+    for k in (0, 1, 5, 20, 40, 62, 63):
+        thr, cut = ops.host_threshold(x, k)
+        got = np.asarray(ops.magnitude_mask(x, k, None, thr, cut))
+        want = np.zeros(x.size, bool)
+        want[np.argsort(-np.abs(x.astype(np.float64)).reshape(-1), kind="stable")[:k]] = True
+        np.testing.assert_array_equal(got, want.reshape(x.shape), err_msg=f"k={k}")
+        # and the same mask as the bisection + running count
+        np.testing.assert_array_equal(got, np.asarray(ops.magnitude_mask(x, k)))

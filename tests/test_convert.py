@@ -212,6 +212,42 @@ def test_tiled_copy_equals_numpy(dtype):
         copy_into(dst[0], w)
 
 
+def test_memory_mapped_view_equals_read(llama_dir, tmp_path):
+    """The streamed readers' zero-copy view: the same array as a read, read-only; a file
+    truncated after its header was read is named in the error."""
+    src, _ = llama_dir
+    ckpt = HFCheckpoint(src)
+    for k in ckpt.keys():
+        v = ckpt.view(k)
+        np.testing.assert_array_equal(v.view(np.uint8), ckpt.get(k).view(np.uint8))
+        assert v.dtype == ckpt.dtype(k) and not v.flags.writeable
+    shutil.copytree(src, tmp_path / "m")
+    st = HFCheckpoint(str(tmp_path / "m"))
+    path = st.files[next(iter(st.files))].path
+    os.truncate(path, 100)
+    with pytest.raises(CheckpointError, match="cannot map tensor"):
+        for k in st.keys():
+            st.view(k)
+
+
+def test_ahead_keeps_order_and_raises_at_the_failing_item():
+    from jaxarith.convert.fastcopy import aligned_empty
+    from jaxarith.convert.pipeline import ahead
+
+    def items():
+        yield from range(5)
+        raise KeyError("item 5")
+
+    for depth in (0, 1, 3):
+        got = []
+        with pytest.raises(KeyError, match="item 5"):
+            for x in ahead(items(), depth):
+                got.append(x)
+        assert got == list(range(5))
+    a = aligned_empty((3, 5), ml_dtypes.bfloat16)
+    assert a.ctypes.data % 64 == 0 and a.shape == (3, 5) and a.dtype == ml_dtypes.bfloat16
+
+
 def test_in_memory_save_orbax_and_save_hf(llama_tied_dir, tmp_path):
     """The APIs other modules call: sharded in-memory params -> Orbax and -> HF (bfloat16)."""
     from jaxarith.convert.export import save_hf

@@ -15,6 +15,8 @@ from jaxarith.arith.methods import Method
 from jaxarith.arith.ops import Layout
 
 NO_LAYER = np.uint32(0xFFFFFFFF)  # folded into the key of tensors outside the layers
+# Parameters that are not float32: keep counts, and TIES thresholds found on the host.
+_PARAM_DTYPES = {"k": jnp.int32, "thr": jnp.uint32, "cut": jnp.int32}
 
 
 def tensor_key(path_seed: jax.Array, layer: jax.Array) -> jax.Array:
@@ -38,7 +40,7 @@ def tensor_step(method: Method, xs: tuple[jax.Array, ...], p: dict, path_seed: j
     if method.merge_dtype is not None:  # a merge config's `dtype`: the inputs as mergekit sees them
         xs = tuple(x.astype(method.merge_dtype) for x in xs)
     xs32 = tuple(x.astype(jnp.float32) for x in xs)
-    p = {k: jnp.asarray(v).astype(jnp.int32 if k == "k" else jnp.float32) for k, v in p.items()}
+    p = {k: jnp.asarray(v).astype(_PARAM_DTYPES.get(k, jnp.float32)) for k, v in p.items()}
     if selected is False:
         return method.passthrough(xs32).astype(out_dtype)
     out = method(xs32, p, tensor_key(path_seed, layer), layout)

@@ -91,6 +91,11 @@ class Method:
         return self.kind in (Kind.DARE_LINEAR, Kind.DARE_TIES)
 
     @property
+    def magnitude_trim(self) -> bool:
+        """TIES: each task vector is trimmed to its largest magnitudes (``ops.magnitude_mask``)."""
+        return self.kind in _TASK and _TASK[self.kind][0] == "magnitude"
+
+    @property
     def keeps_float32(self) -> bool:
         """A delta is kept in float32 by default (bf16 would lose most of it)."""
         return self.kind is Kind.DELTA
@@ -157,7 +162,7 @@ class Method:
             keys=keys, sparsification=sparsification,
             consensus=self.consensus if consensus else None,
             normalize=default_norm if normalize is None else normalize, rescale=self.rescale,
-            layout=layout,
+            layout=layout, thrs=p.get("thr"), cuts=p.get("cut"),
         )
 
 

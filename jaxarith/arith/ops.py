@@ -97,7 +97,8 @@ def _as_matrix(x: Array, layout: Layout) -> tuple[Array, bool]:
     return x.reshape(a, -1), transposed
 
 
-def magnitude_mask(x: Array, k: Array, layout: Layout = None) -> Array:
+def magnitude_mask(x: Array, k: Array, layout: Layout = None, thr: Array | None = None,
+                   cut: Array | None = None) -> Array:
     """Boolean mask of the ``k`` entries of largest ``|x|``, exactly ``k`` (mergekit's trim).
 
     The threshold is the ``k``-th largest magnitude, found exactly without a sort: the float32
@@ -108,6 +109,14 @@ def magnitude_mask(x: Array, k: Array, layout: Layout = None) -> Array:
     the kept set is deterministic and the same on any sharding or batching; ``k = 0`` keeps
     nothing; ``k`` may be traced (per-layer schedules). On this CPU a 4M-entry tensor takes
     ~2x the old keep-all-ties threshold, ~5x less than a full sort (``jnp.sort``).
+
+    ``thr``, when given, is that threshold already found (a ``uint32`` bit pattern, e.g. by
+    :func:`host_threshold` in one selection pass on the host: the streamed executor's route,
+    ~10x faster than the bisection there); the k-th largest value is unique, so the mask is the
+    same whichever way it was found. ``cut`` (with ``thr``, for a tensor in its own HF layout,
+    ``layout=None``) is the row-major position of the last tied entry kept (-1: none), found
+    with ``thr``: the tied entries kept are then those at or before it, the same set as the
+    running count picks, without the count (a scan: the costliest part of the mask on CPU).
     """
     bits = jax.lax.bitcast_convert_type(jnp.abs(x), jnp.uint32)  # [*S]
     k = jnp.asarray(k, jnp.int32)
@@ -118,11 +127,17 @@ def magnitude_mask(x: Array, k: Array, layout: Layout = None) -> Array:
         enough = jnp.sum(bits >= mid, dtype=jnp.int32) >= k
         return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
 
-    # Invariant: count(bits >= lo) >= k and count(bits >= hi) < k (hi = 2^31 > any finite |x|);
-    # at the end hi = lo + 1, so lo is exactly the k-th largest bit pattern.
-    thr, _ = jax.lax.fori_loop(0, 31, step, (jnp.uint32(0), jnp.uint32(1 << 31)))
+    if thr is None:
+        # Invariant: count(bits >= lo) >= k and count(bits >= hi) < k (hi = 2^31 > any finite
+        # |x|); at the end hi = lo + 1, so lo is exactly the k-th largest bit pattern.
+        thr, _ = jax.lax.fori_loop(0, 31, step, (jnp.uint32(0), jnp.uint32(1 << 31)))
+    else:
+        thr = jnp.asarray(thr, jnp.uint32)
     above = bits > thr
     at = bits == thr
+    if cut is not None:
+        pos = jax.lax.broadcasted_iota(jnp.int32, (x.size,), 0).reshape(x.shape)
+        return (above | (at & (pos <= cut))) & (k > 0)
     room = k - jnp.sum(above, dtype=jnp.int32)  # how many tied entries still fit
     m, transposed = _as_matrix(at, layout)
     if transposed:
@@ -133,20 +148,42 @@ def magnitude_mask(x: Array, k: Array, layout: Layout = None) -> Array:
     return keep & (k > 0)
 
 
+def host_threshold(x: np.ndarray, k: int) -> tuple[np.uint32, np.int32]:
+    """``thr`` and ``cut`` of :func:`magnitude_mask` by one selection pass on the host.
+
+    Args:
+      x: a float32 numpy array in its HF layout (row-major = HF order), e.g. a task vector, or
+        its ``|x|`` bit patterns as ``uint32``; k: how many entries the trim keeps.
+    Returns:
+      (the float32 bit pattern of the ``k``-th largest ``|x|`` as ``uint32``, the row-major
+      position of the last entry equal to it that is kept, -1 if none); (0, -1) when
+      ``k <= 0`` (the mask keeps nothing).
+    """
+    bits = x.reshape(-1) if x.dtype == np.uint32 else np.abs(x.reshape(-1)).view(np.uint32)
+    n = bits.size
+    if k <= 0 or n == 0:
+        return np.uint32(0), np.int32(-1)
+    k = min(int(k), n)
+    thr = np.partition(bits, n - k)[n - k]  # one introselect pass over a copy
+    room = k - int(np.count_nonzero(bits > thr))  # >= 1: count(bits >= thr) >= k
+    return np.uint32(thr), np.int32(np.flatnonzero(bits == thr)[room - 1])
+
+
 def random_mask(key: Array, density: Array, shape: tuple[int, ...]) -> Array:
     """Bernoulli keep-mask, keep probability ``density`` (drop probability ``p = 1 - density``)."""
     return jax.random.bernoulli(key, density, shape)
 
 
 def sparsify(x: Array, *, method: str | None, k: Array, density: Array, key: Array,
-             rescale: bool, layout: Layout = None) -> Array:
+             rescale: bool, layout: Layout = None, thr: Array | None = None,
+             cut: Array | None = None) -> Array:
     """Trim one task vector: ``"magnitude"`` (TIES: keep the top ``k``) or ``"random"`` (DARE:
     keep each entry with probability ``density``, rescaled by ``1 / density`` = ``1 / (1 - p)``
-    when ``rescale``); ``None`` returns ``x``."""
+    when ``rescale``); ``None`` returns ``x``. ``thr``, ``cut``: see :func:`magnitude_mask`."""
     if method is None:
         return x
     if method == "magnitude":
-        return jnp.where(magnitude_mask(x, k, layout), x, 0.0)
+        return jnp.where(magnitude_mask(x, k, layout, thr, cut), x, 0.0)
     if method == "random":
         kept = jnp.where(random_mask(key, density, x.shape), x, 0.0)
         if rescale:
@@ -185,6 +222,8 @@ def task_merge(
     normalize: bool,
     rescale: bool = True,
     layout: Layout = None,
+    thrs: Array | None = None,
+    cuts: Array | None = None,
 ) -> Array:
     """Generalised task arithmetic: ``base + lam * merge_i(w_i * trim(models_i - base))``.
 
@@ -196,15 +235,22 @@ def task_merge(
     Args:
       base: ``[*S]``; models: ``[M, *S]``; weights, densities: ``[M]`` float; ks: ``[M]`` int
         (entries kept by a magnitude trim, see :func:`keep_count`); keys: ``[M, 2]`` PRNG keys.
+      thrs, cuts: ``[M]`` uint32 magnitude thresholds of the trims and int32 tie cuts when
+        already known (:func:`host_threshold`); None: :func:`magnitude_mask` finds them.
     Returns:
       The merged tensor ``[*S]``. With consensus, an entry where no model agrees with the elected
       sign gets divisor 1 (so a zero update); without, ``|sum w| < 1e-8`` divides by 1.
     """
     w = weights.reshape((-1,) + (1,) * base.ndim)  # [M, 1...]
+    known = thrs is not None and sparsification == "magnitude"
+    thrs = jnp.zeros(ks.shape, jnp.uint32) if thrs is None else thrs
+    cut = cuts is not None and known
+    cuts = jnp.zeros(ks.shape, jnp.int32) if cuts is None else cuts
     tvs = jax.vmap(
-        lambda m, k, d, key: sparsify(m - base, method=sparsification, k=k, density=d, key=key,
-                                      rescale=rescale, layout=layout)
-    )(models, ks, densities, keys) * w  # [M, *S]
+        lambda m, k, d, key, t, c: sparsify(m - base, method=sparsification, k=k, density=d,
+                                            key=key, rescale=rescale, layout=layout,
+                                            thr=t if known else None, cut=c if cut else None)
+    )(models, ks, densities, keys, thrs, cuts) * w  # [M, *S]
     m = tvs.shape[0]
     if consensus is not None:
         agree = sign_consensus(tvs, consensus)

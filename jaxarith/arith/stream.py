@@ -5,15 +5,21 @@ every input checkpoint, turned into its canonical per-layer form with the keymap
 hook (transposes / splits, exact), run through :func:`kernel.tensor_step` (float32 math, the same
 formula objects as the in-memory executor), turned back with ``to_hf``, cast, and written into the
 output shard being filled. The layer index (for schedules and DARE keys) comes from
-``keymap.expand``. The next tensor is read by a background thread while this one is computed.
+``keymap.expand``. A tensor whose canonical form is a mere transpose of the HF one is computed
+in its HF layout instead (the same entries, so the same bits, without two strided copies). Inputs
+are memory-mapped views of the files; a few tensors are computed ahead on worker threads while
+the current one is written, so reading, computing and writing overlap. TIES finds its trim
+thresholds and tie cuts on the host by one ``np.partition`` pass per model
+(``ops.host_threshold``; ``ops.magnitude_mask`` bisects and scans otherwise).
 
-Host memory stays near two tensors of each input plus one output tensor, whatever the number of
-layers; the output is written by the one HF writer (``convert.export.write_hf``: shards, index,
-config, atomically).
+Host memory stays near a few tensors of each input and output, whatever the number of layers;
+the output is written by the one HF writer (``convert.export.write_hf``: shards, index, config,
+atomically).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import functools
 import os
@@ -21,14 +27,17 @@ import time
 from collections.abc import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxarith.arith import ops
 from jaxarith.arith.check import check_shapes
 from jaxarith.arith.kernel import NO_LAYER, tensor_step
 from jaxarith.arith.layout import rule_layout
 from jaxarith.arith.select import MergeSpec, expert_seed, path_seed
 from jaxarith.convert.export import write_hf
+from jaxarith.convert.fastcopy import contiguous
 from jaxarith.convert.hf import HFCheckpoint, check_checkpoint
 from jaxarith.convert.keymap import expand, rules_for
 from jaxarith.errors import ArchitectureMismatchError, ConfigError
@@ -121,36 +130,104 @@ def run_streamed(
 
 
 def _read(ckpts, names, key) -> list[np.ndarray]:
-    return [ckpt.get(nm[key]) for ckpt, nm in zip(ckpts, names, strict=True)]
+    """The tensor ``key`` of every input as read-only memory-mapped views (no copy)."""
+    return [ckpt.view(nm[key]) for ckpt, nm in zip(ckpts, names, strict=True)]
+
+
+# Tensors computed ahead of the one being written (each on a worker thread: file reads, XLA and
+# numpy release the GIL, so reading, computing and writing overlap). Memory: about this many
+# tensors' inputs and results at once, whatever the model size.
+AHEAD = 2
+
+
+def _direct(method, rule, array: np.ndarray) -> bool:
+    """Whether ``rule``'s tensor can be computed in its HF layout, skipping ``to_canon`` /
+    ``to_hf`` (two strided copies of every matrix).
+
+    True when the rule's one canonical target is a view of the whole HF tensor (a transpose or
+    reshape: the same entries, permuted) and the result of every entry depends on that entry
+    alone, or, for TIES, on per-tensor counts plus HF's row-major order (which is the layout the
+    formula is then told: ``None``). Not for DARE (masks drawn in canonical positions) nor SLERP
+    (float64 sums, whose order would change).
+    """
+    if method.uses_key or method.wants_x64 or len(rule.targets) != 1:
+        return False
+    canon = rule.to_canon(array)[0]
+    return canon.size == array.size and np.may_share_memory(canon, array)
+
+
+def _tv_bits(method, base, model):
+    """``|model - base|`` as float32 bit patterns, cast exactly as :func:`tensor_step` casts
+    (the same XLA subtraction, so the same bits: XLA flushes denormal results to zero)."""
+    xs = (jnp.asarray(base), jnp.asarray(model))
+    if method.merge_dtype is not None:
+        xs = tuple(x.astype(method.merge_dtype) for x in xs)
+    b, m = (x.astype(jnp.float32) for x in xs)
+    return jax.lax.bitcast_convert_type(jnp.abs(m - b), jnp.uint32)
+
+
+_tv_bits_jit = jax.jit(_tv_bits, static_argnums=0)
+
+
+def _thresholds(method, xs, ks) -> tuple[np.ndarray, np.ndarray]:
+    """TIES' per-model trim thresholds and tie cuts (``ops.host_threshold``: one selection pass
+    each instead of the formula's 31 counting passes and its scan) of a tensor in HF layout."""
+    thr, cut = np.zeros(len(ks), np.uint32), np.full(len(ks), -1, np.int32)
+    for i, k in enumerate(ks):
+        if int(k) > 0:
+            bits = np.asarray(_tv_bits_jit(method, xs[0], xs[i + 1]))
+            thr[i], cut[i] = ops.host_threshold(bits, int(k))
+    return thr, cut
+
+
+def _compute(spec, rule, key, layer, ckpts, names, L, dtype, layouts) -> tuple[np.ndarray, int]:
+    """(the output HF tensor, contiguous, in ``dtype``; bytes read) of one HF tensor."""
+    n = len(ckpts)
+    arrays = _read(ckpts, names, key)
+    nread = sum(a.nbytes for a in arrays)
+    direct = _direct(spec.method, rule, arrays[0])
+    # per model: one array per target (the HF array itself when computed in HF layout)
+    parts = [(a,) if direct else rule.to_canon(a) for a in arrays]
+    del arrays
+    outs = []
+    # a per-expert tensor: (layer, expert); its seed names the expert (see memory.py)
+    layer, expert = layer if isinstance(layer, tuple) else (layer, None)
+    for j, target in enumerate(rule.targets):
+        # canonical views are transposes: copy them through cache-sized tiles
+        xs = tuple(parts[m][j] if direct else contiguous(parts[m][j]) for m in range(n))
+        canon = "/".join(target)
+        p, sel = spec.tensor_params((canon, key), layer, L, xs[0].size, n)
+        if sel and direct and spec.method.magnitude_trim and xs[0].size < 2**31:
+            p["thr"], p["cut"] = _thresholds(spec.method, xs, p["k"])
+        step = _step if layer is None else _layer_step
+        lay = NO_LAYER if layer is None else np.uint32(layer)
+        seed = path_seed(spec.seed, canon) if expert is None else \
+            expert_seed(spec.seed, canon, expert)
+        with spec.method.precision():
+            outs.append(np.asarray(step(spec.method, xs, p, seed, lay, bool(sel), dtype,
+                                        None if direct else layouts[target])))
+    del parts, xs
+    out = outs[0] if direct else contiguous(np.asarray(rule.to_hf(*outs)), dtype)
+    return out, nread
 
 
 def _results(spec, items, specs, ckpts, names, L, stats, bar) -> Iterator[np.ndarray]:
-    """The output tensors in ``items`` order; reads one tensor ahead on a worker thread."""
-    n = len(ckpts)
+    """The output tensors in ``items`` order, computed ``AHEAD`` tensors ahead on worker
+    threads while the caller writes."""
     layouts = {t: rule_layout(rule, j) for rule, _, _ in items for j, t in enumerate(rule.targets)}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(_read, ckpts, names, items[0][1]) if items else None
-        for i, (rule, key, layer) in enumerate(items):
-            arrays = future.result()
-            if i + 1 < len(items):
-                future = pool.submit(_read, ckpts, names, items[i + 1][1])
-            stats["bytes_read"] += sum(a.nbytes for a in arrays)
-            parts = [rule.to_canon(a) for a in arrays]  # per model: one array per target
-            del arrays
-            outs = []
-            # a per-expert tensor: (layer, expert); its seed names the expert (see memory.py)
-            layer, expert = layer if isinstance(layer, tuple) else (layer, None)
-            for j, target in enumerate(rule.targets):
-                xs = tuple(parts[m][j] for m in range(n))
-                canon = "/".join(target)
-                p, sel = spec.tensor_params((canon, key), layer, L, xs[0].size, n)
-                step = _step if layer is None else _layer_step
-                lay = NO_LAYER if layer is None else np.uint32(layer)
-                seed = path_seed(spec.seed, canon) if expert is None else \
-                    expert_seed(spec.seed, canon, expert)
-                with spec.method.precision():
-                    outs.append(np.asarray(step(spec.method, xs, p, seed, lay, bool(sel),
-                                                specs[i][2], layouts[target])))
-            del parts
-            bar.update()
-            yield np.asarray(rule.to_hf(*outs))
+    pending: collections.deque = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=AHEAD) as pool:
+        try:
+            for i in range(len(items)):
+                while len(pending) <= AHEAD and i + len(pending) < len(items):
+                    rule, key, layer = items[i + len(pending)]
+                    pending.append(pool.submit(_compute, spec, rule, key, layer, ckpts, names,
+                                               L, specs[i + len(pending)][2], layouts))
+                out, nread = pending.popleft().result()
+                stats["bytes_read"] += nread
+                bar.update()
+                yield out
+                del out
+        finally:
+            for f in pending:
+                f.cancel()

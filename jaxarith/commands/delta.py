@@ -82,6 +82,9 @@ def handle_norms(args) -> int:
 
 def _run(args, name: str, refs, shared) -> int:
     from jaxarith.arith.execute import execute
+    from jaxarith.convert import pipeline
+
+    pipeline.recycle_memory()  # process-wide: streamed tensors reuse freed buffers
     from jaxarith.arith.methods import method
     from jaxarith.arith.select import MergeSpec, Selection
     from jaxarith.atomic import protect_inputs

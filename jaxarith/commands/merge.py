@@ -37,6 +37,9 @@ def _num_layers(ref: str) -> int:
 
 def handle(args) -> int:
     from jaxarith.arith.execute import execute
+    from jaxarith.convert import pipeline
+
+    pipeline.recycle_memory()  # process-wide: streamed tensors reuse freed buffers
     from jaxarith.arith.mergeconfig import load_merge_config
     from jaxarith.atomic import protect_inputs
 

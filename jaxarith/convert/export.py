@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from jaxarith import distributed
 from jaxarith.atomic import atomic_dir
+from jaxarith.convert import pipeline
 from jaxarith.convert.fastcopy import contiguous
 from jaxarith.convert.hf import INDEX_FILE, SINGLE_FILE, get_path
 from jaxarith.convert.keymap import Rule, expand, rules_for
@@ -103,6 +104,15 @@ def memory_slices(params: dict) -> SliceSource:
 
 def _hf_tensors(cfg: ModelConfig, slices: SliceSource,
                 dtypes: list[np.dtype]) -> Iterator[np.ndarray]:
+    """The HF tensors, each built (fetched, transposed, cast) one ahead on a worker thread while
+    the writer writes the previous one (single-process runs; a multi-process run gathers each
+    tensor collectively, in step on every process)."""
+    return pipeline.ahead(_build_hf_tensors(cfg, slices, dtypes),
+                          1 if jax.process_count() == 1 else 0)
+
+
+def _build_hf_tensors(cfg: ModelConfig, slices: SliceSource,
+                      dtypes: list[np.dtype]) -> Iterator[np.ndarray]:
     i = 0
     for rule in rules_for(cfg):
         for _, layer in expand(rule, cfg.num_hidden_layers):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 TILE = 256
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 # Below this many elements a plain numpy copy is as fast (the array fits in cache).
 MIN_TILED = 1 << 16
 
@@ -36,6 +37,11 @@ def copy_into(dst: np.ndarray, src: np.ndarray, tile: int = TILE) -> None:
     """
     if dst.shape != src.shape:
         raise ValueError(f"copy_into: shapes differ, {dst.shape} vs {src.shape}")
+    if dst.dtype == src.dtype and dst.dtype.itemsize in _UINT and dst.dtype.kind != "O":
+        # the same bits as unsigned integers: numpy's fast strided loops (ml_dtypes' bfloat16
+        # copies element by element through the dtype's own functions, holding the GIL)
+        u = _UINT[dst.dtype.itemsize]
+        dst, src = dst.view(u), src.view(u)
     if src.ndim < 2 or src.size < MIN_TILED or src.flags.c_contiguous:
         dst[...] = src
         return
@@ -57,3 +63,13 @@ def contiguous(x: np.ndarray, dtype=None) -> np.ndarray:
     out = np.empty(x.shape, dtype)
     copy_into(out, x)
     return out
+
+
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """``np.empty`` whose data starts on an ``align``-byte boundary: ``jax.device_put`` of such
+    a host array on CPU aliases it (zero-copy) instead of copying it into a new buffer."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + align, np.uint8)
+    off = -raw.ctypes.data % align
+    return raw[off:off + n].view(dtype).reshape(shape)

@@ -18,7 +18,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxarith import sharding
-from jaxarith.convert.fastcopy import copy_into
+from jaxarith.convert import pipeline
+from jaxarith.convert.fastcopy import aligned_empty, copy_into
 from jaxarith.convert.keymap import Rule, expand, ignorable, normalize_key, rules_for
 from jaxarith.convert.safetensors_io import SafetensorsFile
 from jaxarith.errors import (
@@ -101,6 +102,10 @@ class HFCheckpoint:
     def get(self, key: str) -> np.ndarray:
         return self.files[self.where[key]].get(key)
 
+    def view(self, key: str) -> np.ndarray:
+        """A read-only memory-mapped view of the tensor (see :meth:`SafetensorsFile.view`)."""
+        return self.files[self.where[key]].view(key)
+
 
 def check_checkpoint(cfg: ModelConfig, ckpt: HFCheckpoint) -> dict[str, str]:
     """Check every key and shape; return {expected HF key: key as stored}.
@@ -162,11 +167,23 @@ def iter_hf_leaves(
     dtype=None,
     strict_sharding: bool | None = None,
     progress: bool = True,
+    ahead: int = 0,
 ) -> Iterator[tuple[tuple[str, ...], jax.Array]]:
     """Yield (canonical path, array on its final sharding) one tensor at a time.
 
     The checkpoint is fully checked (keys and shapes) before the first tensor is read.
+
+    Args:
+      ahead: build this many leaves in advance on a worker thread while the caller uses the
+        current one (a streamed conversion: reading and transposing overlap the writing). Their
+        host buffers are then aligned so that putting them on a CPU device aliases them
+        instead of copying, so the extra leaf costs no more memory than that copy did.
     """
+    yield from pipeline.ahead(_hf_leaves(directory, cfg, mesh, dtype, strict_sharding, progress,
+                                         aligned=ahead > 0), ahead)
+
+
+def _hf_leaves(directory, cfg, mesh, dtype, strict_sharding, progress, aligned):
     ckpt = HFCheckpoint(directory)
     names = check_checkpoint(cfg, ckpt)
     specs = param_specs(cfg)
@@ -181,7 +198,7 @@ def iter_hf_leaves(
         else:
             shd = sharding.named_sharding(mesh, spec.axes, spec.shape, name="/".join(path),
                                           strict=strict_sharding)
-        yield path, _place(ckpt, names, cfg, rule, j, spec.shape, leaf_dtype, shd)
+        yield path, _place(ckpt, names, cfg, rule, j, spec.shape, leaf_dtype, shd, aligned)
 
 
 def load_hf_params(
@@ -214,16 +231,19 @@ def load_hf_params(
     return cfg, params
 
 
-def _place(ckpt, names, cfg, rule: Rule, j: int, shape, dtype, shd) -> jax.Array:
-    """Build one canonical tensor on its sharding, reading each HF tensor once."""
+def _place(ckpt, names, cfg, rule: Rule, j: int, shape, dtype, shd,
+           aligned: bool = False) -> jax.Array:
+    """Build one canonical tensor on its sharding, reading each HF tensor once (a memory-mapped
+    view, copied straight into the leaf's buffer; ``aligned``: buffers jax can alias)."""
     index_map = shd.addressable_devices_indices_map(tuple(shape))
     groups: dict[tuple, list] = {}
     for device, index in index_map.items():
         key = tuple((s.start, s.stop, s.step) for s in index)
         groups.setdefault(key, [index, []])[1].append(device)
-    bufs = {key: np.empty(_slice_shape(idx, shape), dtype) for key, (idx, _) in groups.items()}
+    empty = aligned_empty if aligned else np.empty
+    bufs = {key: empty(_slice_shape(idx, shape), dtype) for key, (idx, _) in groups.items()}
     for hf_key, layer in expand(rule, cfg.num_hidden_layers):
-        value = np.asarray(rule.to_canon(ckpt.get(names[hf_key]))[j]).astype(dtype, copy=False)
+        value = np.asarray(rule.to_canon(ckpt.view(names[hf_key]))[j])  # cast by copy_into
         lead = () if layer is None else layer if isinstance(layer, tuple) else (layer,)
         n = len(lead)
         for key, (index, _) in groups.items():

@@ -145,8 +145,9 @@ def hf_to_orbax(src: str, dst: str | os.PathLike, *, dtype=None, mesh=None,
     dtypes = set()
     with atomic_dir(dst, overwrite=overwrite) as tmp, save_context(compress):
         target = os.path.join(tmp, PARAMS_DIR)
+        # the next leaf is read and transposed while this one is saved
         for path, value in iter_hf_leaves(directory, cfg, mesh=mesh, dtype=dtype,
-                                          progress=progress):
+                                          progress=progress, ahead=1):
             tree: dict = {}
             set_path(tree, path, value)
             ocp.v1.partial.save(target, tree)

@@ -9,6 +9,7 @@ header mapping each tensor name to ``{dtype, shape, data_offsets}``, then the ra
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ from collections.abc import Iterable
 import ml_dtypes
 import numpy as np
 
+from jaxarith.convert.fastcopy import contiguous
 from jaxarith.errors import CheckpointError
 
 DTYPES: dict[str, np.dtype] = {
@@ -104,6 +106,32 @@ class SafetensorsFile:
         return out
 
 
+    def view(self, name: str) -> np.ndarray:
+        """The tensor as a read-only array memory-mapped from the file: no copy, no buffer.
+
+        A map of this one tensor's bytes (page-aligned), unmapped when the array is released,
+        so streaming a checkpoint through it keeps only the tensors in use resident (unlike one
+        long-lived map of the whole file). The kernel is asked to read the range ahead.
+        """
+        e = self._entries[name]
+        lo, hi = e["data_offsets"]
+        shape, dtype = tuple(e["shape"]), DTYPES[e["dtype"]]
+        if hi == lo:
+            return np.empty(shape, dtype)
+        start = self._data_start + lo
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        try:
+            with open(self.path, "rb") as f:
+                mm = mmap.mmap(f.fileno(), start - base + hi - lo, access=mmap.ACCESS_READ,
+                               offset=base)
+        except (OSError, ValueError) as err:  # e.g. the file shrank since its header was read
+            raise CheckpointError(f"{self.path}: cannot map tensor {name!r} ({err})") from None
+        if hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_WILLNEED)
+        out = np.frombuffer(mm, dtype, count=(hi - lo) // dtype.itemsize, offset=start - base)
+        return out.reshape(shape)
+
+
 def write_safetensors(
     path: str | os.PathLike,
     specs: list[tuple[str, tuple[int, ...], np.dtype]],
@@ -128,7 +156,7 @@ def write_safetensors(
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for (name, shape, dtype), arr in zip(specs, arrays, strict=True):
-            arr = np.ascontiguousarray(arr)
+            arr = contiguous(arr)  # tiled when arr is a transposed view
             if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
                 raise CheckpointError(f"{name}: got {arr.dtype}{list(arr.shape)}, header says "
                                       f"{np.dtype(dtype)}{list(shape)}")
