@@ -1,18 +1,29 @@
 """Jitted log-likelihood scoring of token sequences under one model or a logit combination.
 
 lm-eval's ``loglikelihood`` asks for ``log p(continuation | context)`` and whether the
-continuation is the greedy one. :func:`score_requests` answers a list of such requests in fixed
-shapes: requests are sorted by length (longest first), cut into batches of ``batch_size`` rows
-(the last one padded with dummy rows), and each batch is right-padded to the smallest *length
-bucket* that holds its longest row. The jitted scorer therefore compiles at most one program per
-bucket, whatever the number of distinct lengths in a task.
+continuation is the greedy one; a multiple-choice document sends one request per choice, all
+with the same context. :func:`score_requests` groups requests by their (window-cut) context:
 
-Each row is scored exactly as lm-eval's HF backend does it: the input is
+* a context shared by several requests runs once, into a KV cache; the cache is gathered to one
+  row per continuation and the continuations run from it (:func:`_score_groups`);
+* a request with a context of its own (rolling-perplexity windows, single continuations) runs
+  as one causal row (:func:`_score_rows`).
+
+Either way the output head and the log-softmax run only at the scored positions (gathered
+hidden states), not over the whole padded row. Batches hold ``batch_size`` contexts; contexts,
+continuations and rows are right-padded to the smallest *score bucket* (8, 16, 24, 32, 48, 64,
+96, ..., ``max_length``: at most 1.5x the longest above 16 tokens) that holds them, so the
+scorer compiles a bounded number of programs whatever the number of distinct lengths.
+
+Each request is scored exactly as lm-eval's HF backend does it: the input is
 ``(context + continuation)[-(max_length + 1):][:-1]`` and the last ``len(continuation)``
-positions are scored. For a combination (proxy tuning, EFT) the distribution at every position
-is :func:`jaxarith.decode.combine` of the members' logits, the same one the decoder samples from.
+positions are scored (the split into a context and ``continuation[:-1]`` computes the same
+causal forward pass). For a combination (proxy tuning, EFT) every member runs the same scheme
+and the distribution at every scored position is :func:`jaxarith.decode.combine` of the
+members' logits, the same one the decoder samples from.
 
-Shapes: B batch rows, T padded length (a bucket), V vocabulary.
+Shapes: G contexts, R rows (continuations), B rows, T/Tp/Ts padded lengths (score buckets), K
+scored positions, V vocabulary.
 """
 
 from __future__ import annotations
