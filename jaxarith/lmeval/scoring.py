@@ -191,9 +191,12 @@ def _batches(rows, batch_size: int, buckets: Sequence[int]):
     sorted by their padded lengths, so a batch's shape fits its groups closely and few shapes
     occur.
     """
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, (prefix, _, _) in enumerate(rows):
-        groups.setdefault(prefix, []).append(i)
+    groups: dict[tuple, list[int]] = {}
+    for i, (prefix, suffix, _) in enumerate(rows):
+        # sharing saves the context's tokens once per extra row: worth a second forward pass
+        # only when the context is at least as long as the continuation (not for rolling
+        # windows, whose one-token contexts are often equal)
+        groups.setdefault(prefix if len(prefix) >= len(suffix) else (-1, i), []).append(i)
     classes: dict[int, list[list[int]]] = {}
     for idx in groups.values():
         classes.setdefault(1 << (len(idx) - 1).bit_length(), []).append(idx)
