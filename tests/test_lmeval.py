@@ -334,3 +334,16 @@ def test_hf_backend_still_registered_first():
 
 
 _ = torch  # transformers' models (fixtures) need torch
+
+
+def test_only_contexts_longer_than_their_continuations_are_shared():
+    # rolling windows: equal one-token contexts, long continuations -> scored as own rows
+    # (one group of them once made a [128, 512, V] batch); choices of one context -> shared
+    from jaxarith.lmeval import scoring
+
+    pairs = [([1], list(range(2, 60)))] * 3 + [([5, 6, 7, 8, 9], [10, 11])] * 4
+    rows = scoring._rows(pairs, 64)
+    batches = list(scoring._batches(rows, 8, scoring.score_buckets(64)))
+    sizes = sorted(len(g) for _, _, groups in batches for g in groups)
+    assert sizes == [1, 1, 1, 4]
+    assert [(g, r) for g, r, _ in batches] == [(8, 8), (8, 32)]
