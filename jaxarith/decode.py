@@ -326,10 +326,20 @@ def _decode_until(dec: DecodeSpec, params, weights, limits, state, until):
         i, _, _, done, *_ = state
         return (i < until) & ~jnp.all(done)
 
-    # the loop reads per-layer weights and caches in place (see transformer.unstack_layers)
     params = tuple(unstack_layers(p) for p in params)
+    return while_in_place(cond, _decode_body(dec, params, weights, limits), state)
+
+
+def while_in_place(cond, body, state):
+    """``lax.while_loop`` over a token-loop state whose slot 4 holds the members' caches: the
+    loop sees per-layer caches, updated in place, and the result has them stacked again.
+
+    With the members' params unstacked too (``transformer.unstack_layers``, done by the caller
+    before building ``body``), the loop reads every layer's weights and cache in place: XLA's
+    CPU backend otherwise copies each layer out of the stacked arrays at every token.
+    """
     state = (*state[:4], tuple(unstack_cache(c) for c in state[4]), *state[5:])
-    state = jax.lax.while_loop(cond, _decode_body(dec, params, weights, limits), state)
+    state = jax.lax.while_loop(cond, body, state)
     return (*state[:4], tuple(stack_cache(c) for c in state[4]), *state[5:])
 
 

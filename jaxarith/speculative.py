@@ -33,9 +33,10 @@ from jaxarith.decode import (
     prepare_prompts,
     row_limits,
     stream_chunks,
+    while_in_place,
 )
 from jaxarith.errors import ConfigError
-from jaxarith.models.transformer import stack_cache, unstack_cache, unstack_layers
+from jaxarith.models.transformer import unstack_layers
 from jaxarith.sampling import Greedy
 
 
@@ -135,6 +136,7 @@ def _speculative_until(sd: SpeculativeSpec, params, weights, limits, state, unti
     one = jnp.ones((1,), jnp.float32)
     stops = jnp.asarray(dec.stop_tokens or (-1,), jnp.int32)
     slots = jnp.arange(k + 1)[None, :]
+    params = tuple(unstack_layers(p) for p in params)  # read in place by the loop
 
     def body(s):
         pos, out, out_lp, done, caches, t, rounds, accepted, drafted, key = s
@@ -193,11 +195,7 @@ def _speculative_until(sd: SpeculativeSpec, params, weights, limits, state, unti
         pos, _, _, done, *_ = s
         return (pos < until) & ~jnp.all(done)
 
-    # per-layer weights and caches, read in place by the loop (transformer.unstack_layers)
-    params = tuple(unstack_layers(p) for p in params)
-    state = (*state[:4], tuple(unstack_cache(c) for c in state[4]), *state[5:])
-    state = jax.lax.while_loop(cond, body, state)
-    return (*state[:4], tuple(stack_cache(c) for c in state[4]), *state[5:])
+    return while_in_place(cond, body, state)
 
 
 @functools.partial(jax.jit, static_argnums=0)
