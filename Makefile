@@ -22,10 +22,11 @@ test: $(STAMP)  ## lint + the test suite (CI runs exactly this)
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-multiprocess: $(STAMP)  ## the slow 2-process x 4-device runs (CI runs them after `make test`)
-	$(PY) -m pytest -q -m slow tests/test_multiprocess.py
+	$(PY) -m pytest -q -m slow tests/test_multiprocess.py tests/test_lmeval_multiprocess.py
 
 test-slow: $(STAMP)  ## the other tests marked slow (end-to-end runs, extra parity cases; CI runs them last)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m slow --ignore tests/test_multiprocess.py
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow --ignore tests/test_multiprocess.py \
+		--ignore tests/test_lmeval_multiprocess.py
 
 test-all: $(STAMP)  ## including tests marked slow
 	$(PY) -m pytest -q -n 2 --dist loadfile -m ""

@@ -505,6 +505,10 @@ def finish(dec: DecodeSpec, tokens, logprobs, limits: np.ndarray,
       stop token, within its budget and the steps run; later positions hold ``pad_token`` and
       log-probability 0.
     """
+    if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
+        from jaxarith.distributed import to_host  # rows on other processes' devices too
+
+        tokens, logprobs = to_host(tokens), to_host(logprobs)
     tokens, logprobs = np.array(tokens), np.array(logprobs)
     lengths = _lengths(dec, tokens, limits, steps)
     after = np.arange(tokens.shape[1])[None, :] >= lengths[:, None]

@@ -99,30 +99,43 @@ def _summary(results: dict) -> str:
 
 def handle(args) -> int:
     from jaxarith.atomic import atomic_dir
+    from jaxarith.distributed import on_primary
     from jaxarith.lmeval.run import evaluate, jsonable
 
     tasks = _check(args)
-    if args.output_path:  # refuse a bad destination before the models load
+    if args.output_path:  # refuse a bad destination before the models load (on process 0)
         from jaxarith.atomic import check_destination
 
-        check_destination(args.output_path, args.overwrite, inputs=[args.model])
-    if args.mesh:
-        _common.mesh_from(args)  # validates the spec and applies --strict-sharding
+        on_primary(lambda: str(check_destination(args.output_path, args.overwrite,
+                                                 inputs=[args.model])),
+                   f"check --output-path {args.output_path}")
+    # validates the spec and applies --strict-sharding (several processes: fsdp=-1 default)
+    _common.mesh_from(args)
+    # several processes: process 0 runs lm-eval, the others follow it and get None
     results = evaluate(model_args(args), tasks, include_path=args.include_path,
                        num_fewshot=args.num_fewshot, limit=args.limit,
                        batch_size=args.batch_size, log_samples=args.log_samples,
                        seed=args.seed)
-    samples = results.pop("samples", None)
-    results = jsonable(results)
-    if args.output_path:
+    samples = None if results is None else results.pop("samples", None)
+    results = None if results is None else jsonable(results)
+    if args.output_path:  # every process takes part; process 0 writes the files
         with atomic_dir(args.output_path, overwrite=args.overwrite, inputs=[args.model],
                         kind="lm-eval") as tmp:
-            with open(os.path.join(tmp, "results.json"), "w") as f:
-                json.dump(results, f, indent=1)
-            if samples is not None:
-                with open(os.path.join(tmp, "samples.jsonl"), "w") as f:
-                    for task, rows in samples.items():
-                        for row in rows:
-                            f.write(json.dumps(jsonable({"task": task, **row})) + "\n")
-    _common.emit(args, results, _summary(results))
+            if results is not None:
+                _write(tmp, results, samples)
+    if results is not None:
+        _common.emit(args, results, _summary(results))
     return 0
+
+
+def _write(directory: str, results: dict, samples: dict | None) -> None:
+    """results.json (and samples.jsonl with --log-samples) in ``directory``."""
+    from jaxarith.lmeval.run import jsonable
+
+    with open(os.path.join(directory, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if samples is not None:
+        with open(os.path.join(directory, "samples.jsonl"), "w") as f:
+            for task, rows in samples.items():
+                for row in rows:
+                    f.write(json.dumps(jsonable({"task": task, **row})) + "\n")

@@ -29,6 +29,7 @@ model_args (``key=value`` pairs; lm-eval splits on commas, so a mesh uses ``+``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from typing import Any
@@ -48,8 +49,8 @@ from lm_eval.models.utils import (
 from tqdm.auto import tqdm
 
 from jaxarith.decode import DecodeSpec, Member, generate
-from jaxarith.errors import ConfigError
-from jaxarith.lmeval import scoring
+from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.lmeval import multihost, scoring
 from jaxarith.logits import eft, proxy_tuning
 from jaxarith.sampling import Greedy, Sampling
 
@@ -109,9 +110,6 @@ class JaxarithLM(TemplateLM):
         if not pretrained:
             raise ConfigError("model_args needs pretrained=MODEL (an HF directory, hub id or "
                               "Orbax checkpoint)")
-        if jax.process_count() > 1:
-            raise ConfigError("model=jaxarith runs in one process (any number of local "
-                              "devices); multi-process evaluation is not supported yet")
         dtype = "float32" if dtype in (None, "auto") else str(dtype)
         if dtype not in DTYPES:
             raise ConfigError(f"model_args dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -142,6 +140,11 @@ class JaxarithLM(TemplateLM):
         from jaxarith.refs import load_model
         from jaxarith.sharding import make_mesh
 
+        # several processes: process 0 drives lm-eval, the others follow (see follow())
+        self._processes, self._primary = jax.process_count(), jax.process_index() == 0
+        self._stopped = False
+        if not mesh and self._processes > 1:
+            mesh = "fsdp=-1"  # every process's devices (one device would leave the rest idle)
         self.mesh = make_mesh(str(mesh)) if mesh else None
         refs = [str(pretrained)]
         mode = "single"
@@ -248,10 +251,8 @@ class JaxarithLM(TemplateLM):
         """``(logprob, is_greedy)`` for ``((context, continuation), ctx ids, cont ids)`` triples."""
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                     desc="Running loglikelihood requests")
-        res = scoring.score_requests(
-            self.spec, self.params, [(c, x) for _, c, x in requests],
-            max_length=self.max_length, batch_size=self.batch_size, buckets=self.score_buckets,
-            mesh=self.mesh, pad_token=self._pad_id(), on_batch=pbar.update)
+        res = self._collective("score", {"pairs": [(c, x) for _, c, x in requests]},
+                               on_batch=pbar.update)
         pbar.close()
         for (key, _, _), answer in zip(requests, res, strict=True):
             if key is not None:
@@ -337,14 +338,12 @@ class JaxarithLM(TemplateLM):
                 prompts = [enc[i] for i in part]
                 bucket = scoring.bucket_for(len(prompts[0]), self.buckets)
                 prompts += [prompts[0]] * (batch - len(prompts))
-                spec = DecodeSpec(members=self.spec.members, max_new_tokens=max_gen,
-                                  sampler=sampler, stop_tokens=self._stop_tokens(until),
-                                  pad_token=self._pad_id(), dtype=self.spec.dtype,
-                                  prompt_bucket=bucket)
                 # a new seed per batch: sampled batches must not repeat each other's draws
                 self._batches += 1
-                g = generate(spec, self.params, prompts, seed=self.seed + self._batches,
-                             mesh=self.mesh)
+                g = self._collective("generate", {
+                    "prompts": prompts, "max_gen": max_gen, "sampler": sampler,
+                    "stop_tokens": self._stop_tokens(until), "bucket": bucket,
+                    "seed": self.seed + self._batches})
                 for r, i in enumerate(part):
                     text = self.tok_decode(g.tokens[r, :g.lengths[r]].tolist())
                     res[i] = postprocess_generated_text(text, until, None)
@@ -380,6 +379,84 @@ class JaxarithLM(TemplateLM):
         if not ids:
             raise ConfigError(f"a generation context tokenised to zero tokens: {context!r}")
         return ids
+
+    # ------------------------------------------------------------------ collective operations
+
+    def _score(self, pairs, on_batch=None):
+        """``(log p, is_greedy)`` of ``(context ids, continuation ids)`` pairs (collective)."""
+        return scoring.score_requests(
+            self.spec, self.params, pairs, max_length=self.max_length,
+            batch_size=self.batch_size, buckets=self.score_buckets, mesh=self.mesh,
+            pad_token=self._pad_id(), on_batch=on_batch)
+
+    def _generate(self, prompts, max_gen: int, sampler, stop_tokens, bucket: int, seed: int):
+        """One batch of the jitted decoder (collective)."""
+        spec = DecodeSpec(members=self.spec.members, max_new_tokens=max_gen, sampler=sampler,
+                          stop_tokens=stop_tokens, pad_token=self._pad_id(),
+                          dtype=self.spec.dtype, prompt_bucket=bucket)
+        return generate(spec, self.params, prompts, seed=seed, mesh=self.mesh)
+
+    _OPS = {"score": "_score", "generate": "_generate"}
+
+    def _collective(self, op: str, kwargs: dict, **local):
+        """Run the operation ``op`` (a name in ``_OPS``) with host ``kwargs``. In a
+        multi-process run, process 0 first sends it to the processes in :meth:`follow`, so
+        all of them run the same jitted programs; ``local`` arguments (callbacks) stay here."""
+        if self._processes > 1:
+            if not self._primary:
+                raise ConfigError("model=jaxarith: in a multi-process run only process 0 runs "
+                                  "lm-eval; the other processes call JaxarithLM.follow()")
+            if self._stopped:
+                raise ConfigError("model=jaxarith: the following processes were stopped "
+                                  "(stop_followers); no more requests can run")
+            multihost.send((op, kwargs))
+        return getattr(self, self._OPS[op])(**kwargs, **local)
+
+    def follow(self) -> None:
+        """Processes other than 0 of a multi-process run: make every collective call process 0
+        makes, until it calls :meth:`stop_followers` (:meth:`leading` does).
+
+        An input error process 0 also meets (a :class:`~jaxarith.errors.JaxarithError`, raised
+        before any collective) does not end the loop: process 0 decides what follows.
+
+        Raises:
+          JaxarithError: process 0 stopped after an error (its message), so the run fails on
+            every process.
+          ConfigError: called in process 0, or in a single-process run.
+        """
+        if self._processes == 1 or self._primary:
+            raise ConfigError("JaxarithLM.follow() is for processes other than 0 of a "
+                              "multi-process run; process 0 runs lm-eval")
+        while True:
+            op, kwargs = multihost.receive()
+            if op == multihost.STOP:
+                if kwargs.get("error"):
+                    raise JaxarithError(f"process 0 failed: {kwargs['error']}")
+                return
+            try:
+                getattr(self, self._OPS[op])(**kwargs)
+            except JaxarithError as e:  # the same input error as process 0's
+                log.debug("follower: %s failed like on process 0: %s", op, e)
+
+    def stop_followers(self, error: str | None = None) -> None:
+        """Process 0: end the other processes' :meth:`follow` (``error``: process 0 failed
+        with this message; they raise it). Does nothing with one process or when done."""
+        if self._processes == 1 or not self._primary or self._stopped:
+            return
+        self._stopped = True
+        multihost.send((multihost.STOP, {"error": error}))
+
+    @contextlib.contextmanager
+    def leading(self):
+        """Process 0: run lm-eval inside ``with lm.leading():``; the followers are stopped on
+        the way out, with the error when one leaves the block (so they never wait forever)."""
+        try:
+            yield self
+        except BaseException as e:
+            self.stop_followers(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            raise
+        finally:
+            self.stop_followers()
 
     def get_model_info(self) -> dict:
         """Recorded by lm-eval in its results (``model_info``)."""

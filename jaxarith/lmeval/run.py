@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from jaxarith.errors import ConfigError
+from jaxarith.errors import ConfigError, JaxarithError
 from jaxarith.evaltasks import TASKS_DIR
 
 
@@ -47,8 +47,14 @@ def task_manager(tasks: Sequence[str], include_path: Sequence[str | os.PathLike]
 def evaluate(model_args: dict[str, Any], tasks: Sequence[str], *,
              include_path: Sequence[str | os.PathLike] = (), num_fewshot: int | None = None,
              limit: float | None = None, batch_size: int = 8, log_samples: bool = False,
-             seed: int | None = None) -> dict:
+             seed: int | None = None) -> dict | None:
     """``lm_eval.simple_evaluate(model="jaxarith", ...)``; returns lm-eval's results dict.
+
+    In a multi-process JAX run (``jax.process_count() > 1``) every process calls this with the
+    same arguments: all of them load the models (sharded over every process's devices), process
+    0 runs lm-eval and returns the results, the others follow it
+    (:meth:`~jaxarith.lmeval.JaxarithLM.follow`) and return None. An error on process 0 (an
+    unknown task, a failing request) is raised on every process.
 
     Args:
       model_args: keyword arguments of :class:`jaxarith.lmeval.JaxarithLM` (``pretrained``...).
@@ -57,18 +63,53 @@ def evaluate(model_args: dict[str, Any], tasks: Sequence[str], *,
       seed: lm-eval's random / numpy / torch / fewshot seeds (default: lm-eval's defaults; the
         model's sampling ``seed`` is in ``model_args``).
     """
+    import jax
     import lm_eval
 
     import jaxarith.lmeval  # noqa: F401  (registers model="jaxarith")
 
-    tm = task_manager(tasks, include_path)
     limit = None if limit is None else (int(limit) if limit >= 1 else float(limit))
     seeds = {} if seed is None else {k: seed for k in (
         "random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")}
-    return lm_eval.simple_evaluate(
-        model="jaxarith", model_args=dict(model_args), tasks=list(tasks),
-        num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, task_manager=tm,
-        log_samples=log_samples, **seeds)
+    kwargs = dict(tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
+                  batch_size=batch_size, log_samples=log_samples, **seeds)
+    if jax.process_count() == 1:
+        tm = task_manager(tasks, include_path)
+        return lm_eval.simple_evaluate(model="jaxarith", model_args=dict(model_args),
+                                       task_manager=tm, **kwargs)
+    return _evaluate_multiprocess(model_args, include_path, kwargs)
+
+
+def _evaluate_multiprocess(model_args: dict[str, Any], include_path, kwargs: dict) -> dict | None:
+    """:func:`evaluate` in a multi-process run: process 0 drives lm-eval, the others follow."""
+    import jax
+    import lm_eval
+
+    from jaxarith.lmeval import JaxarithLM, multihost
+
+    primary = jax.process_index() == 0
+    tm, error = None, None
+    if primary:  # the tasks are checked before the models load, and only where lm-eval runs
+        try:
+            tm = task_manager(kwargs["tasks"], include_path)
+        except JaxarithError as e:
+            error = e
+    verdict = multihost.share(None if error is None else str(error), primary=primary)
+    if error is not None:
+        raise error
+    if verdict is not None:
+        raise JaxarithError(f"process 0 failed: {verdict}")
+    # every process builds the model as lm-eval's evaluator would (its loading is collective)
+    lm = JaxarithLM.create_from_arg_obj(dict(model_args), {
+        "batch_size": kwargs["batch_size"], "max_batch_size": None, "device": None})
+    if not primary:
+        lm.follow()
+        return None
+    with lm.leading():
+        results = lm_eval.simple_evaluate(model=lm, task_manager=tm, **kwargs)
+    # as recorded for model="jaxarith" (lm-eval names a model instance by its class)
+    results["config"].update(model="jaxarith", model_args=dict(model_args))
+    return results
 
 
 def jsonable(obj: Any) -> Any:

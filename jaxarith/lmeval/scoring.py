@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxarith import sharding
+from jaxarith import distributed, sharding
 from jaxarith.decode import DecodeSpec, combine, member_weights
 from jaxarith.errors import ConfigError
 from jaxarith.models import transformer
@@ -258,7 +258,9 @@ def score_requests(
         call with fewer rows is padded to a power of two of them).
       buckets: padded lengths of rows and of their scored positions (see
         :func:`score_buckets`); the last must be >= ``max_length``.
-      mesh: score sharded on this mesh (params already placed on it).
+      mesh: score sharded on this mesh (params already placed on it). A mesh over several
+        processes' devices makes this a collective: every process calls it with the same
+        arguments (see :mod:`jaxarith.lmeval.multihost`) and gets every result.
       on_batch: called with the number of requests done after each batch (progress).
       min_row: the shortest packed row (more short requests per row: larger matmuls).
     """
@@ -268,6 +270,7 @@ def score_requests(
     weights = member_weights(spec)
     out: list[tuple[float, bool] | None] = [None] * len(rows)
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    gather = mesh is not None and jax.process_count() > 1  # a collective call: see mesh
 
     def place(a):
         if mesh is None:
@@ -281,6 +284,8 @@ def score_requests(
             n_rows = min(batch_size, dp * (1 << (-(-len(packed) // dp) - 1).bit_length()))
             *arrays, where = _packed_arrays(rows, packed, n_rows, t, k, pad_token)
             lp, greedy = _score_packed(spec, tuple(params), weights, *map(place, arrays))
+            if gather:  # rows sharded over other processes' devices: every process gets all
+                lp, greedy = distributed.to_host(lp), distributed.to_host(greedy)
             lp, greedy = np.asarray(lp, np.float64), np.asarray(greedy)
             for i, (r, k, n) in where.items():
                 out[i] = (float(lp[r, k:k + n].sum()), bool(greedy[r, k:k + n].all()))
