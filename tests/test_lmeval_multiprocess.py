@@ -91,7 +91,7 @@ def test_lm_eval_on_2_processes_equals_1_process(llama_dir, tmp_path, capsys):
 def test_an_error_on_process_0_stops_the_follower(llama_dir, tmp_path):
     """A task whose generation kwargs the model refuses fails on process 0 inside lm-eval,
     after the models loaded: process 1 is stopped with the error (exit 2, no hang), and no
-    output directory is left."""
+    output directory is left. An unknown task stops both before the models load."""
     shipped = os.path.join(ROOT, "jaxarith", "evaltasks")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -115,6 +115,12 @@ def test_an_error_on_process_0_stops_the_follower(llama_dir, tmp_path):
     assert "repetition_penalty" in res[1].stderr
     assert not out.exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporaries
+    # an unknown task: refused on process 0 before the models load, on both processes
+    res = mt.run(["-m", "jaxarith", "lm-eval", llama_dir[0], "--tasks", "jaxarith_mcc",
+                  "--json"], processes=2, devices=4, timeout=TIMEOUT, cwd=ROOT)
+    assert [(r.timed_out, r.returncode) for r in res] == [(False, 2), (False, 2)], res
+    assert "unknown task(s): jaxarith_mcc" in json.loads(res[0].stdout)["error"]
+    assert "process 0 failed: unknown task(s): jaxarith_mcc" in res[1].stderr
 
 
 # ----------------------------------------------------------------------------- one process (fast)
