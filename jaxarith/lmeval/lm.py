@@ -12,9 +12,16 @@ Tokenisation copies lm-eval's HF backend (``_encode_pair``, the empty-context pr
 ``get_rolling_token_windows`` with ``context_len=1``, left-truncated generation contexts), so
 per-request numbers agree with ``model="hf"`` on the same weights.
 
+Several JAX processes (``jax.distributed``): every process builds the model (its loading is
+collective); process 0 runs lm-eval inside ``with lm.leading():`` and the others call
+:meth:`JaxarithLM.follow`, which repeats each scoring call and generation batch process 0 makes
+(:mod:`jaxarith.lmeval.multihost`), so the jitted programs run on every process's devices.
+:func:`jaxarith.lmeval.run.evaluate` and ``jaxarith lm-eval`` do this themselves.
+
 model_args (``key=value`` pairs; lm-eval splits on commas, so a mesh uses ``+``):
   pretrained       model reference (required); its tokenizer is used for every member
-  mesh             e.g. ``fsdp=-1`` or ``data=2+fsdp=2+tensor=2`` (default: one device)
+  mesh             e.g. ``fsdp=-1`` or ``data=2+fsdp=2+tensor=2`` (default: one device;
+                   ``fsdp=-1`` over every device in a multi-process run)
   dtype            float32 (default) or bfloat16: the forward passes' compute dtype
   expert, anti_expert, alpha     proxy tuning: pretrained + alpha * (expert - anti_expert)
   eft_tuned, eft_ref, beta       EFT: pretrained + beta * (eft_tuned - eft_ref)
