@@ -56,6 +56,8 @@ class Candidate:
       read: ``read(rule) -> {canonical path: host array}`` for the rule's leaves (all layers).
       tokenizer: a directory with tokenizer files, ``bundled``, or None.
       dtypes: {canonical path: stored dtype}.
+      orbax: ``read`` is an Orbax restore (a collective in a multi-process run: every process
+        must call it).
     """
 
     ref: str
@@ -63,6 +65,7 @@ class Candidate:
     read: Reader
     tokenizer: str | None
     dtypes: dict = dataclasses.field(default_factory=dict)
+    orbax: bool = False
 
 
 def _hf_candidate(ref: str) -> Candidate:
@@ -109,7 +112,7 @@ def _orbax_candidate(ref: str) -> Candidate:
     _check_stored(ref, cfg, stored)
     return Candidate(os.fspath(ref), cfg,
                      lambda rule: load_host_leaves(ref, list(rule.targets), stored=stored), ref,
-                     _stored_dtypes(stored))
+                     _stored_dtypes(stored), orbax=True)
 
 
 def _run_candidates(path: str) -> list[Candidate]:
@@ -128,7 +131,7 @@ def _run_candidates(path: str) -> list[Candidate]:
         label = f"{os.fspath(path)}@{step}"
         _check_stored(label, cfg, stored)
         read = (lambda rule, s=step, st=stored: run.read_params(s, list(rule.targets), st))
-        out.append(Candidate(label, cfg, read, tok, _stored_dtypes(stored)))
+        out.append(Candidate(label, cfg, read, tok, _stored_dtypes(stored), orbax=True))
     return out
 
 
@@ -226,6 +229,9 @@ def mean_source(cands: Sequence[Candidate], dtype=None):
     # save_hf reads each leaf's output dtype from here before fetching anything
     fetch.dtypes = {p: np.dtype(dtype) if dtype is not None else dt
                     for p, dt in cands[0].dtypes.items()}
+    # safetensors reads summed on this process's own device, no collective: in a multi-process
+    # run only process 0 computes the mean (write_hf); Orbax restores need every process
+    fetch.host_only = not any(c.orbax for c in cands)
     return fetch
 
 

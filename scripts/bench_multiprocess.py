@@ -50,26 +50,49 @@ save_hf(cfg, params, sys.argv[2], progress=False)
 """
 
 
+# Runs ``python ARGS`` in a child of a small Python process and writes the child's peak RSS
+# (KiB) to a file. The peak RSS ``os.wait4`` reports for a direct child of this script is at
+# least this script's own RSS when it forked (Linux keeps the high-water mark across exec), so
+# measured directly every figure below ~0.7 GB (this process, with numpy and jax imported)
+# read 0.70 GB.
+PEAK_RSS = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def launch(args: list[str], processes: int) -> dict:
     """Run ``python ARGS`` as ``processes`` processes; wall s and per-process peak RSS (GB)."""
     port = mt.free_port()
     t0 = time.perf_counter()
-    procs, logs = [], []
+    procs, logs, peaks = [], [], []
     for i in range(processes):
         cluster = {} if processes == 1 else {
             "JAXARITH_COORDINATOR": f"127.0.0.1:{port}", "JAXARITH_NUM_PROCESSES": str(processes),
             "JAXARITH_PROCESS_ID": str(i)}
         log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nothing blocks on output
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, *args], stdout=log, stderr=log,
+        fd, peak = tempfile.mkstemp(prefix="bench_rss_")
+        os.close(fd)
+        peaks.append(peak)
+        procs.append(subprocess.Popen([sys.executable, "-c", PEAK_RSS, peak, *args],
+                                      stdout=log, stderr=log,
                                       env=mt.environment(8 // processes, cluster)))
     rss, cpu = [], []
-    for p, log in zip(procs, logs, strict=True):
+    for p, log, peak in zip(procs, logs, peaks, strict=True):
         _, status, usage = os.wait4(p.pid, 0)
         if os.waitstatus_to_exitcode(status):
             log.seek(0)
             raise RuntimeError(f"{args} failed: {log.read()[-2000:]}")
-        rss.append(usage.ru_maxrss / 1e6)  # KiB on Linux
+        with open(peak) as f:
+            rss.append(int(f.read()) / 1e6)  # KiB on Linux
+        os.remove(peak)
         cpu.append(usage.ru_utime + usage.ru_stime)
     return {"wall_s": time.perf_counter() - t0, "cpu_s": sum(cpu), "rss_gb": rss}
 

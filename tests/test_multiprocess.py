@@ -120,6 +120,23 @@ def test_convert_hf_to_orbax_on_2_processes_is_bit_identical(llama_dir, tmp_path
         assert want[k].dtype == got[k].dtype and np.array_equal(want[k], got[k]), k
 
 
+@pytest.mark.slow
+def test_convert_orbax_to_hf_on_2_processes_is_bit_identical(llama_dir, tmp_path):
+    """Orbax -> HF on 2 processes (process 0 reads and writes, process 1 reads nothing: the
+    leaves are host arrays, no collective): every tensor bit-identical to the source."""
+    from jaxarith.convert.route import convert
+
+    src, _ = llama_dir
+    orbax, hf = str(tmp_path / "orbax"), str(tmp_path / "hf")
+    convert(src, orbax, progress=False)
+    info = _mp_json(["convert", orbax, hf], tmp_path)
+    assert info["route"] == "orbax->hf"
+    want, got = _tensors(src), _tensors(hf)
+    assert sorted(want) == sorted(got)
+    for k in want:
+        assert want[k].dtype == got[k].dtype and np.array_equal(want[k], got[k]), k
+
+
 # ----------------------------------------------------------------------------- training (slow)
 
 TRAIN = ["-m", "train", "configs/tiny_llama.yaml", "steps=6", "batch=8", "data.seq_len=32",
