@@ -2,10 +2,14 @@
 
 The same work on 1 process x 8 CPU devices and on 2 processes x 4 devices (one machine, gloo
 collectives), for a random bfloat16 Llama checkpoint (generated locally, as in
-``bench_convert.py``), each run in fresh subprocesses (peak RSS of each from ``os.wait4``):
+``bench_convert.py``), each run in fresh subprocesses (peak RSS of each measured by a small
+launcher process, see ``PEAK_RSS``):
 
 - ``hf->orbax``: ``jaxarith convert`` (each process reads only its devices' slices)
-- ``orbax->hf``: ``jaxarith convert`` back (process 0 writes)
+- ``orbax->hf``: ``jaxarith convert`` back (process 0 reads the host leaves and writes; the
+  other processes read nothing)
+- ``restore``: ``load_orbax`` onto every process's devices (``fsdp=-1``): each process reads
+  only its devices' shards (the first half of ``export``, and what a training resume does)
 - ``export``: the training export path: restore the Orbax checkpoint sharded over every
   process's devices (``fsdp=-1``), then ``save_hf`` from the in-memory global arrays: each
   tensor is gathered from all processes one at a time, process 0 writes
@@ -38,6 +42,16 @@ from jaxarith import multiprocess_testing as mt
 SIZES = {"0.5B": (1536, 4096, 16, 12, 4, 32000), "1B": (2048, 8192, 16, 32, 8, 128256)}
 QUICK = {"tiny": (512, 1024, 4, 8, 4, 16384)}
 MID = {"mid": (1024, 2048, 4, 8, 4, 65536)}  # 0.34 GB, largest tensor 134 MB: about 3 min
+
+RESTORE = """
+import sys
+import jax
+from jaxarith import distributed, sharding
+distributed.initialize(distributed.config_from_env())
+from jaxarith.convert.orbax import load_orbax
+cfg, params = load_orbax(sys.argv[1], mesh=sharding.make_mesh("fsdp=-1"))
+jax.block_until_ready(params)
+"""
 
 EXPORT = """
 import sys
@@ -123,10 +137,11 @@ def main() -> None:
                 h2o = launch(["-m", "jaxarith", "convert", src, orbax, "--mesh", "fsdp=-1",
                               "--json"], n)
                 o2h = launch(["-m", "jaxarith", "convert", orbax, back, "--json"], n)
+                restore = launch(["-c", RESTORE, orbax], n)
                 export = launch(["-c", EXPORT, orbax, exp], n)
                 rows.append({"model": name, "gb": total / 1e9, "largest_tensor_gb": largest / 1e9,
                              "processes": n, "hf_to_orbax": h2o, "orbax_to_hf": o2h,
-                             "export": export})
+                             "restore": restore, "export": export})
                 for d in (orbax, back, exp):
                     shutil.rmtree(d, ignore_errors=True)
     finally:
@@ -137,8 +152,8 @@ def main() -> None:
     print(f"startup (import + devices): "
           f"{startup['wall_s']:.1f} s, {base:.2f} GB RSS")
     print(f"{'model':>6} {'GB':>5} {'largest':>7} {'P':>2} {'HF->Orbax s':>11} {'RSS/proc':>12} "
-          f"{'Orbax->HF s':>11} {'RSS/proc':>12} {'export s':>9} {'RSS/proc':>12} "
-          f"{'export-startup / largest':>24}")
+          f"{'Orbax->HF s':>11} {'RSS/proc':>12} {'restore s':>9} {'RSS/proc':>12} "
+          f"{'export s':>9} {'RSS/proc':>12} {'export-startup / largest':>24}")
     for r in rows:
         fmt = lambda m: "/".join(f"{x:.2f}" for x in m["rss_gb"])
         above = max(r["export"]["rss_gb"]) - base
@@ -146,6 +161,7 @@ def main() -> None:
         print(f"{r['model']:>6} {r['gb']:5.2f} {r['largest_tensor_gb']:7.3f} {r['processes']:>2} "
               f"{r['hf_to_orbax']['wall_s']:11.1f} {fmt(r['hf_to_orbax']):>12} "
               f"{r['orbax_to_hf']['wall_s']:11.1f} {fmt(r['orbax_to_hf']):>12} "
+              f"{r['restore']['wall_s']:9.1f} {fmt(r['restore']):>12} "
               f"{r['export']['wall_s']:9.1f} {fmt(r['export']):>12} "
               f"{r['export_rss_above_startup_in_largest_tensors']:24.1f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
