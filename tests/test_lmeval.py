@@ -204,9 +204,11 @@ def test_shared_contexts_score_the_combined_distribution(llama_dir, llama_tied_d
     enc = [lm._encode_pair(*p) for p in pairs]
     assert len(enc[-1][1]) == 1
     rows = scoring._rows(enc, lm.max_length)
-    batches = list(scoring._batches(rows, lm.batch_size, lm.score_buckets))
-    sizes = sorted(len(g) for _, _, groups in batches for g in groups)
-    assert sum(sizes) == len(pairs) and max(sizes) >= 3  # shared, though some contexts are cut
+    calls = list(scoring._calls(rows, lm.max_length, lm.batch_size, lm.score_buckets))
+    units = [u for *_, packed in calls for row in packed for u in row]
+    assert sorted(i for _, idx in units for i in idx) == list(range(len(pairs)))
+    assert max(len(idx) for _, idx in units) >= 3  # shared, though some contexts are cut
+    assert max(len(row) for *_, packed in calls for row in packed) >= 2  # units share rows
     assert any(len(c) + len(x) > lm.max_length + 1 for c, x in enc)  # some are cut
     ours = lm.loglikelihood(reqs, disable_tqdm=True)
     for (c, x), (lp, greedy) in zip(enc, ours, strict=True):
@@ -336,14 +338,19 @@ def test_hf_backend_still_registered_first():
 _ = torch  # transformers' models (fixtures) need torch
 
 
-def test_only_contexts_longer_than_their_continuations_are_shared():
-    # rolling windows: equal one-token contexts, long continuations -> scored as own rows
-    # (one group of them once made a [128, 512, V] batch); choices of one context -> shared
+def test_units_and_rows_respect_the_window():
+    # rolling windows: equal one-token contexts, long continuations -> one unit each (a unit
+    # never exceeds max_length slots); four choices of one context -> one unit of 5 + 4 tokens;
+    # one-token continuations add scored slots, not tokens, and are counted against the window
     from jaxarith.lmeval import scoring
 
-    pairs = [([1], list(range(2, 60)))] * 3 + [([5, 6, 7, 8, 9], [10, 11])] * 4
+    pairs = ([([1], list(range(2, 60)))] * 3 + [([5, 6, 7, 8, 9], [10, 11])] * 4
+             + [([3, 4], [7])] * 70)
     rows = scoring._rows(pairs, 64)
-    batches = list(scoring._batches(rows, 8, scoring.score_buckets(64)))
-    sizes = sorted(len(g) for _, _, groups in batches for g in groups)
-    assert sizes == [1, 1, 1, 4]
-    assert [(g, r) for g, r, _ in batches] == [(8, 8), (8, 32)]
+    units = scoring._units(rows, 64)
+    assert [len(idx) for _, idx in units] == [1, 1, 1, 4, 64, 6]
+    assert [scoring._cost(rows, *u) for u in units] == [58, 58, 58, 9, 64, 6]
+    calls = list(scoring._pack(rows, units, 8, scoring.score_buckets(64)))
+    # best fit decreasing into 64-slot rows: 64 | 58 + 6 (the tightest fit) | 58 | 58 | 9
+    assert [(t, k, [[len(idx) for _, idx in r] for r in packed]) for t, k, packed in calls] == [
+        (64, 64, [[64], [1, 6], [1], [1], [4]])]

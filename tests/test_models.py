@@ -169,6 +169,35 @@ def test_cache_prefill_equals_full_forward(llama_dir):
     assert int(cache.index) == 10
 
 
+@pytest.mark.parametrize("fixture", ["llama_dir", "gpt2_dir"])
+def test_packed_rows_equal_transformers_on_each_sequence(fixture, request):
+    """A [B, T, T] mask packs sequences in one row (a shared prefix, two branches that do not
+    see each other, another sequence); each slot's logits equal transformers' on that
+    slot's own sequence."""
+    directory, model = request.getfixturevalue(fixture)
+    cfg, params = load_hf_params(directory, progress=False)
+    rng = np.random.RandomState(3)
+    prefix, a, b, other = (rng.randint(3, testing.TINY_VOCAB, n).tolist() for n in (4, 3, 2, 5))
+    seqs = [prefix, prefix + a, prefix + b, other]  # slots: prefix | a | b | other | pad
+    tokens = prefix + a + b + other + [0, 0]
+    unit = [1] * 9 + [2] * 5 + [0, 0]
+    branch = [0] * 4 + [1] * 3 + [2] * 2 + [0] * 7
+    positions = [0, 1, 2, 3, 4, 5, 6, 4, 5, 0, 1, 2, 3, 4, 0, 1]
+    u, br, slot = np.asarray(unit), np.asarray(branch), np.arange(16)
+    mask = ((slot[:, None] >= slot[None]) & (u[:, None] == u[None])
+            & ((br[None] == 0) | (br[None] == br[:, None])))
+    got, _ = forward(params, cfg, jnp.asarray([tokens]), attention_mask=jnp.asarray(mask[None]),
+                     positions=jnp.asarray([positions]))
+    got = np.asarray(got[0])
+    ref = [testing.hf_logits(model, np.asarray([s]))[0] for s in seqs]
+    np.testing.assert_allclose(got[:4], ref[0], atol=1e-4)
+    np.testing.assert_allclose(got[4:7], ref[1][4:], atol=1e-4)
+    np.testing.assert_allclose(got[7:9], ref[2][4:], atol=1e-4)
+    np.testing.assert_allclose(got[9:14], ref[3], atol=1e-4)
+    with pytest.raises(ConfigError, match="explicit positions"):
+        forward(params, cfg, jnp.asarray([tokens]), attention_mask=jnp.asarray(mask[None]))
+
+
 def test_repeated_calls_do_not_recompile(gpt2_dir):
     from jaxarith.evaluate import _batch_nll
 

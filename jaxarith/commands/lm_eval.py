@@ -32,7 +32,7 @@ def register(sub) -> None:
     p.add_argument("--limit", type=float, default=None,
                    help="documents per task (a fraction below 1 is a share of each task)")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="contexts per jitted scoring call, rows per generation call (default 8)")
+                   help="packed rows per jitted scoring call, rows per generation call (default 8)")
     p.add_argument("--max-length", type=int, default=None,
                    help="scoring window in tokens (default: the model's context length)")
     _common.add_combination(p)

@@ -2,17 +2,17 @@
 
 lm-eval's ``loglikelihood`` asks for ``log p(continuation | context)`` and whether the
 continuation is the greedy one; a multiple-choice document sends one request per choice, all
-with the same context. :func:`score_requests` groups requests by their (window-cut) context:
+with the same context. :func:`score_requests` groups requests by their (window-cut) context
+into *units*: a context followed by the suffixes of all its requests (:func:`_units`). Units
+are packed into rows (:func:`_pack`): a row of T tokens holds as many units as fit, and an
+attention mask keeps them apart, so
 
-* a context shared by several requests runs once, into a KV cache; the cache is gathered to one
-  row per continuation and the continuations run from it (:func:`_score_groups`);
-* a request with a context of its own (rolling-perplexity windows, single continuations) runs
-  as one causal row (:func:`_score_rows`).
+* a context shared by several requests runs once, and its continuations do not see each other;
+* short requests share a row instead of each being padded to a row of its own;
+* the output head and the log-softmax run only at the scored positions.
 
-Either way the output head and the log-softmax run only at the scored positions (gathered
-hidden states), not over the whole padded row. Batches hold ``batch_size`` contexts; contexts,
-continuations and rows are right-padded to the smallest *score bucket* (8, 16, 24, 32, 48, 64,
-96, ..., ``max_length``: at most 1.5x the longest above 16 tokens) that holds them, so the
+Row lengths T and the number K of scored positions per row are padded to the smallest *score
+bucket* (8, 16, 24, 32, 48, 64, 96, ..., ``max_length``: at most 1.5x above 16 tokens), so the
 scorer compiles a bounded number of programs whatever the number of distinct lengths.
 
 Each request is scored exactly as lm-eval's HF backend does it: the input is
@@ -22,8 +22,7 @@ causal forward pass). For a combination (proxy tuning, EFT) every member runs th
 and the distribution at every scored position is :func:`jaxarith.decode.combine` of the
 members' logits, the same one the decoder samples from.
 
-Shapes: G contexts, R rows (continuations), B rows, T/Tp/Ts padded lengths (score buckets), K
-scored positions, V vocabulary.
+Shapes: B packed rows, T their padded length, K scored positions per row, V vocabulary.
 """
 
 from __future__ import annotations
@@ -67,79 +66,47 @@ def bucket_for(n: int, buckets: Sequence[int]) -> int:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score_groups(spec: DecodeSpec, params, weights, prefix, prefix_mask, last, group, suffix,
-                  suffix_mask, targets):
-    """Per-token log p(target) and per-row greedy flags of one batch of context groups.
+def _score_packed(spec: DecodeSpec, params, weights, tokens, positions, unit, branch, at,
+                  targets, scored):
+    """Per-position log p(target) and greedy flags of one batch of packed rows.
 
-    Each context (prefix) runs once into a KV cache; the cache is gathered to the rows (one row
-    per continuation of a context) and the rows' suffixes run from it. The output head and
-    log-softmax run only at the scored positions: each prefix's last real token (it predicts a
-    continuation's first token) and the suffix positions.
+    A row holds several *units* (see :func:`_units`): a context followed by the suffixes
+    (``continuation[:-1]``) of every request sharing it. A token attends, causally, to its own
+    unit's context and to its own suffix only, never to a sibling suffix or another unit, and
+    its position counts from its unit's start (a suffix continues at the context's length), so
+    each request is computed exactly as its own ``context + continuation[:-1]`` row. The output
+    head and log-softmax run only at the K gathered positions ``at`` (the scored ones).
 
     Args:
-      prefix, prefix_mask: [G, Tp] right-padded contexts (mask 0/1).
-      last: [G] position of each prefix's last real token.
-      group: [R] the prefix of each row.
-      suffix, suffix_mask: [R, Ts] right-padded ``continuation[:-1]`` per row.
-      targets: [R, 1 + Ts] the continuation (position 0 is predicted from the prefix).
+      tokens, positions: [B, T] packed rows (right-padded).
+      unit: [B, T] the unit of each token within its row (1, 2, ...; 0 for padding).
+      branch: [B, T] 0 for a unit's context, i >= 1 for the i-th suffix of that unit.
+      at: [B, K] the slots whose next token is scored; targets, scored: [B, K].
     Returns:
-      (log p(target) [R, 1 + Ts] float32, 0 where not scored; is_greedy [R] bool).
+      (log p(target) [B, K] float32, 0 where not scored; greedy [B, K] bool).
     """
     dtype = jnp.dtype(spec.dtype)
-    g, tp = prefix.shape
-    ts = suffix.shape[1]
+    t = tokens.shape[1]
+    slot = jnp.arange(t)
+    mask = ((slot[:, None] >= slot[None, :])[None]
+            & (unit[:, :, None] == unit[:, None, :])
+            & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])))
     logits = []
     for m, p in zip(spec.members, params, strict=True):
         cfg = m.config
-        cache = transformer.init_cache(cfg, g, tp + ts, dtype)
-        h0, cache = forward(p, cfg, prefix, attention_mask=prefix_mask, cache=cache, dtype=dtype,
-                            hidden_only=True)
-        h0 = jnp.take_along_axis(h0, last[:, None, None], axis=1)  # [G, 1, D]
-        cache = cache._replace(k=jnp.take(cache.k, group, axis=1),
-                               v=jnp.take(cache.v, group, axis=1),
-                               valid=jnp.take(cache.valid, group, axis=0))
-        h1, _ = forward(p, cfg, suffix, attention_mask=suffix_mask, cache=cache, dtype=dtype,
-                        hidden_only=True)
-        h = jnp.concatenate([jnp.take(h0, group, axis=0), h1], axis=1)  # [R, 1 + Ts, D]
-        logits.append(transformer.family(cfg).unembed(cfg, p, h).astype(jnp.float32))
-    logp = combine(spec, logits, weights)  # [R, 1 + Ts, V] float32
-    scored = jnp.concatenate([jnp.ones_like(suffix_mask[:, :1]), suffix_mask], axis=1) > 0
-    return _token_scores(logp, targets, scored)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _score_rows(spec: DecodeSpec, params, weights, tokens, mask, at, targets, scored):
-    """Per-token log p(target) and per-row greedy flags of rows that share no context.
-
-    One causal forward per row (no cache); the output head and log-softmax run only at the K
-    gathered positions ``at`` (the scored ones).
-
-    Args:
-      tokens, mask: [B, T] right-padded rows (context + continuation[:-1]).
-      at: [B, K] the positions whose next token is scored; targets, scored: [B, K].
-    Returns:
-      (log p(target) [B, K] float32, 0 where not scored; is_greedy [B] bool).
-    """
-    dtype = jnp.dtype(spec.dtype)
-    logits = []
-    for m, p in zip(spec.members, params, strict=True):
-        cfg = m.config
-        h, _ = forward(p, cfg, tokens, attention_mask=mask, dtype=dtype, hidden_only=True)
+        h, _ = forward(p, cfg, tokens, attention_mask=mask, positions=positions, dtype=dtype,
+                       hidden_only=True)
         h = jnp.take_along_axis(h, at[..., None], axis=1)  # [B, K, D]
         logits.append(transformer.family(cfg).unembed(cfg, p, h).astype(jnp.float32))
-    return _token_scores(combine(spec, logits, weights), targets, scored > 0)
-
-
-def _token_scores(logp, targets, scored):
+    logp = combine(spec, logits, weights)  # [B, K, V] float32
     lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    greedy = jnp.argmax(logp, axis=-1) == targets
-    # per-token values go to the host, which sums them in float64
-    return jnp.where(scored, lp, 0.0), jnp.all(greedy | ~scored, axis=-1)
+    # per-position values go to the host, which sums them in float64
+    return jnp.where(scored > 0, lp, 0.0), jnp.argmax(logp, axis=-1) == targets
 
 
 def compiled_programs() -> int:
     """How many programs the scorer has compiled in this process (for the boundedness test)."""
-    return _score_groups._cache_size() + _score_rows._cache_size()
+    return _score_packed._cache_size()
 
 
 def score_buckets(max_length: int, smallest: int = 8) -> tuple[int, ...]:
@@ -180,38 +147,78 @@ def _rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int)
     return rows
 
 
-def _batches(rows, batch_size: int, buckets: Sequence[int]):
-    """Batches of context groups: (groups per call, rows per call, groups), groups being lists
-    of request indices with one prefix.
+MIN_ROW = 128  # packed rows hold at least this many tokens (several short units each)
 
-    Groups are classed by their size rounded up to a power of two ``m`` (multiple choice with 4
-    choices: 4; rolling windows: 1); a batch holds ``batch_size`` groups of one class and
-    ``batch_size * m`` rows. Groups of one (m = 1) are scored as whole rows by
-    :func:`_score_rows`, the others by :func:`_score_groups`. Within a class groups are
-    sorted by their padded lengths, so a batch's shape fits its groups closely and few shapes
-    occur.
+
+def _cost(rows, prefix, idx) -> int:
+    """Slots a unit takes in a packed row: its tokens (context and suffixes) or its scored
+    positions, whichever is more (one-token continuations add a scored position but no token)."""
+    tokens = len(prefix) + sum(len(rows[i][1]) for i in idx)
+    return max(tokens, sum(len(rows[i][2]) for i in idx))
+
+
+def _units(rows, cap: int) -> list[tuple[tuple[int, ...], list[int]]]:
+    """Requests grouped by their (cut) context: ``(context, request indices)`` units, each of
+    at most ``cap`` slots (see :func:`_cost`; a context with more continuations than fit
+    is repeated in several units). A one-request unit is that request's own row."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (prefix, _, _) in enumerate(rows):
+        groups.setdefault(prefix, []).append(i)
+    units = []
+    for prefix, idx in groups.items():
+        cur: list[int] = []
+        for i in idx:
+            if cur and _cost(rows, prefix, [*cur, i]) > cap:
+                units.append((prefix, cur))
+                cur = []
+            cur.append(i)
+        units.append((prefix, cur))
+    return units
+
+
+def _pack(rows, units, batch_size: int, buckets: Sequence[int], min_row: int = MIN_ROW):
+    """Calls of the scorer: ``(T, K, rows)``, ``batch_size`` or fewer packed rows of T slots
+    and K scored positions (buckets), each row a list of units.
+
+    A unit goes to rows of length T = the smallest bucket holding ``max(min_row, its cost)``;
+    within a length, units are packed best-fit decreasing (each into the fullest row it fits).
+    Rows are ordered fullest first and taken ``batch_size`` at a time.
     """
-    groups: dict[tuple, list[int]] = {}
-    for i, (prefix, suffix, _) in enumerate(rows):
-        # sharing saves the context's tokens once per extra row: worth a second forward pass
-        # only when the context is at least as long as the continuation (not for rolling
-        # windows, whose one-token contexts are often equal)
-        groups.setdefault(prefix if len(prefix) >= len(suffix) else (-1, i), []).append(i)
-    classes: dict[int, list[list[int]]] = {}
-    for idx in groups.values():
-        classes.setdefault(1 << (len(idx) - 1).bit_length(), []).append(idx)
+    floor = bucket_for(min(min_row, buckets[-1]), buckets)
+    by_length: dict[int, list[int]] = {}
+    costs = [_cost(rows, *u) for u in units]
+    for j, c in enumerate(costs):
+        by_length.setdefault(max(floor, bucket_for(c, buckets)), []).append(j)
+    for t in sorted(by_length, reverse=True):
+        packed: list[list[int]] = []  # rows of unit indices
+        free: dict[int, list[int]] = {}  # free slots -> rows with that many
+        for j in sorted(by_length[t], key=lambda j: -costs[j]):
+            c = costs[j]
+            fit = next((f for f in range(c, t + 1) if free.get(f)), None)
+            if fit is None:
+                packed.append([])
+                r, fit = len(packed) - 1, t
+            else:
+                r = free[fit].pop()
+            packed[r].append(j)
+            free.setdefault(fit - c, []).append(r)
+        packed.sort(key=lambda r: -sum(costs[j] for j in r))
+        for start in range(0, len(packed), batch_size):
+            call = [[units[j] for j in r] for r in packed[start:start + batch_size]]
+            k = max(sum(len(rows[i][2]) for _, idx in r for i in idx) for r in call)
+            yield t, bucket_for(k, buckets), call
 
-    def key(idx):
-        p, s, x = rows[idx[0]]
-        if len(idx) == 1:  # a whole row (see _score_rows): its length, its scored positions
-            return bucket_for(len(p) + len(s), buckets), bucket_for(len(x), buckets)
-        return (bucket_for(len(p), buckets),
-                bucket_for(max(1, *(len(rows[i][1]) for i in idx)), buckets))
 
-    for m in sorted(classes):
-        found = sorted(classes[m], key=key, reverse=True)
-        for start in range(0, len(found), batch_size):
-            yield batch_size, batch_size * m, found[start:start + batch_size]
+def _calls(rows, max_length: int, batch_size: int, buckets: Sequence[int],
+           min_row: int = MIN_ROW):
+    """The scorer's calls for ``rows`` (see :func:`_pack`): ``(T, K, packed rows)``.
+
+    A unit (one context and its continuations) fills at most one row of ``max_length`` slots,
+    or of ``min_row`` when the window is shorter (positions never exceed the window).
+    """
+    cap = max(max_length, min_row)
+    buckets = tuple(buckets) if buckets[-1] >= cap else (*buckets, cap)
+    return _pack(rows, _units(rows, cap), batch_size, buckets, min_row)
 
 
 def score_requests(
@@ -225,10 +232,12 @@ def score_requests(
     mesh: jax.sharding.Mesh | None = None,
     pad_token: int = 0,
     on_batch=None,
+    min_row: int = MIN_ROW,
 ) -> list[tuple[float, bool]]:
     """``(log p(cont | ctx), is_greedy)`` per ``(ctx, cont)`` token pair, in the given order.
 
-    Requests with the same (truncated) context share one run of it (see :func:`_score_groups`).
+    Requests with the same (truncated) context share one run of it, and short requests share
+    rows (see :func:`_score_packed`).
 
     Args:
       spec: the members (their configs and weights) and compute dtype; its sampler and lengths
@@ -236,87 +245,68 @@ def score_requests(
       params: one parameter tree per member.
       pairs: (context ids, continuation ids), both non-empty.
       max_length: the model window; longer inputs lose tokens on the left (as in lm-eval).
-      batch_size: contexts per call (rounded up to the mesh's data-parallel size); a call scores
-        every continuation of its contexts (``batch_size * m`` rows, m the number of
-        continuations per context rounded up to a power of two).
-      buckets: padded lengths of contexts and continuations (see :func:`score_buckets`); the
-        last must be >= ``max_length``.
+      batch_size: packed rows per call (rounded up to the mesh's data-parallel size; a last
+        call with fewer rows is padded to a power of two of them).
+      buckets: padded lengths of rows and of their scored positions (see
+        :func:`score_buckets`); the last must be >= ``max_length``.
       mesh: score sharded on this mesh (params already placed on it).
       on_batch: called with the number of requests done after each batch (progress).
+      min_row: the shortest packed row (more short requests per row: larger matmuls).
     """
     rows = _rows(pairs, max_length)
-    if mesh is not None:
-        dp = mesh.shape["data"] * mesh.shape["fsdp"]
-        batch_size = -(-batch_size // dp) * dp
+    dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_size = -(-batch_size // dp) * dp
     weights = member_weights(spec)
     out: list[tuple[float, bool] | None] = [None] * len(rows)
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
-    def place(a, axes):
+    def place(a):
         if mesh is None:
             return a
-        return jax.device_put(a, sharding.named_sharding(mesh, axes, a.shape))
+        return jax.device_put(a, sharding.named_sharding(mesh, ("batch", "seq"), a.shape))
 
     with ctx:
-        for n_groups, n_rows, groups in _batches(rows, batch_size, buckets):
-            if n_rows == n_groups:  # no shared contexts: whole rows, one forward
-                order = [g[0] for g in groups]
-                arrays = _row_arrays([rows[i] for i in order], n_rows, buckets, pad_token)
-                lp, greedy = _score_rows(spec, tuple(params), weights, *(
-                    place(a, ("batch", "seq") if a.ndim == 2 else ("batch",)) for a in arrays))
-            else:
-                order = [i for g in groups for i in g]
-                arrays = _group_arrays(rows, groups, n_groups, n_rows, buckets, pad_token)
-                lp, greedy = _score_groups(spec, tuple(params), weights, *(
-                    place(a, ("batch", "seq") if a.ndim == 2 else ("batch",)) for a in arrays))
-            total = np.asarray(lp, np.float64).sum(-1)
-            greedy = np.asarray(greedy)
-            for r, i in enumerate(order):
-                out[i] = (float(total[r]), bool(greedy[r]))
+        for t, k, packed in _calls(rows, max_length, batch_size, buckets, min_row):
+            # the last call of a length may hold fewer rows: pad them to a power of two (times
+            # the data-parallel size), not to batch_size (a bounded number of extra programs)
+            n_rows = min(batch_size, dp * (1 << (-(-len(packed) // dp) - 1).bit_length()))
+            *arrays, where = _packed_arrays(rows, packed, n_rows, t, k, pad_token)
+            lp, greedy = _score_packed(spec, tuple(params), weights, *map(place, arrays))
+            lp, greedy = np.asarray(lp, np.float64), np.asarray(greedy)
+            for i, (r, k, n) in where.items():
+                out[i] = (float(lp[r, k:k + n].sum()), bool(greedy[r, k:k + n].all()))
             if on_batch is not None:
-                on_batch(len(order))
+                on_batch(len(where))
     return out  # type: ignore[return-value]
 
 
-def _row_arrays(rows, n_rows: int, buckets: Sequence[int], pad_token: int):
-    """tokens, mask, at, targets, scored of :func:`_score_rows` for ``rows`` (plus dummies)."""
-    t = bucket_for(max(len(p) + len(s) for p, s, _ in rows), buckets)
-    k = bucket_for(max(len(x) for _, _, x in rows), buckets)
+def _packed_arrays(rows, packed, n_rows: int, t: int, k: int, pad_token: int):
+    """tokens, positions, unit, branch, at, targets, scored of :func:`_score_packed` for the
+    ``packed`` rows (plus empty ones up to ``n_rows``), and ``{request: (row, first scored
+    slot, count)}``."""
     tokens = np.full((n_rows, t), pad_token, np.int32)
-    mask = np.zeros((n_rows, t), np.int32)
-    mask[:, 0] = 1  # dummy rows: one real token keeps softmax finite
+    positions = np.zeros((n_rows, t), np.int32)
+    unit = np.zeros((n_rows, t), np.int32)
+    branch = np.zeros((n_rows, t), np.int32)
     at = np.zeros((n_rows, k), np.int32)
     targets = np.zeros((n_rows, k), np.int32)
     scored = np.zeros((n_rows, k), np.int32)
-    for r, (p, s, x) in enumerate(rows):
-        n, m = len(p) + len(s), len(x)
-        tokens[r, :len(p)], tokens[r, len(p):n], mask[r, :n] = p, s, 1
-        at[r, :m] = np.arange(n - m, n)
-        targets[r, :m], scored[r, :m] = x, 1
-    return tokens, mask, at, targets, scored
-
-
-def _group_arrays(rows, groups, n_groups: int, n_rows: int, buckets: Sequence[int],
-                  pad_token: int):
-    """prefix, prefix_mask, last, group, suffix, suffix_mask, targets of :func:`_score_groups`."""
-    tp = bucket_for(max(len(rows[g[0]][0]) for g in groups), buckets)
-    ts = bucket_for(max(1, *(len(rows[i][1]) for g in groups for i in g)), buckets)
-    prefix = np.full((n_groups, tp), pad_token, np.int32)
-    prefix_mask = np.zeros((n_groups, tp), np.int32)
-    prefix_mask[:, 0] = 1  # dummy groups: one real token keeps softmax finite
-    last = np.zeros(n_groups, np.int32)
-    group = np.zeros(n_rows, np.int32)
-    suffix = np.full((n_rows, ts), pad_token, np.int32)
-    suffix_mask = np.zeros((n_rows, ts), np.int32)
-    targets = np.zeros((n_rows, 1 + ts), np.int32)
-    r = 0
-    for g, idx in enumerate(groups):
-        p = rows[idx[0]][0]
-        prefix[g, :len(p)], prefix_mask[g, :len(p)], last[g] = p, 1, len(p) - 1
-        for i in idx:
-            _, s, t = rows[i]
-            group[r] = g
-            suffix[r, :len(s)], suffix_mask[r, :len(s)] = s, 1
-            targets[r, :len(t)] = t
-            r += 1
-    return prefix, prefix_mask, last, group, suffix, suffix_mask, targets
+    where = {}
+    for r, units in enumerate(packed):
+        slot = j = 0  # next free token slot, next scored slot
+        for u, (prefix, idx) in enumerate(units, start=1):
+            p = len(prefix)
+            tokens[r, slot:slot + p], positions[r, slot:slot + p] = prefix, np.arange(p)
+            unit[r, slot:slot + p] = u
+            last, slot = slot + p - 1, slot + p  # the context's last token predicts target 0
+            for b, i in enumerate(idx, start=1):
+                _, suffix, target = rows[i]
+                n = len(suffix)
+                tokens[r, slot:slot + n], positions[r, slot:slot + n] = suffix, p + np.arange(n)
+                unit[r, slot:slot + n], branch[r, slot:slot + n] = u, b
+                at[r, j] = last
+                at[r, j + 1:j + 1 + n] = np.arange(slot, slot + n)
+                targets[r, j:j + n + 1], scored[r, j:j + n + 1] = target, 1
+                where[i] = (r, j, n + 1)
+                slot, j = slot + n, j + n + 1
+    return tokens, positions, unit, branch, at, targets, scored, where

@@ -194,6 +194,9 @@ def forward(
 
     Args:
       attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right). Default all ones.
+        Or, without a cache, a full [B, T, T] mask (query t may attend key s; it must be causal,
+        with every query attending at least itself), e.g. several sequences packed in one row
+        (see :mod:`jaxarith.lmeval.scoring`); ``positions`` are then required.
       positions: [B, T]. Default: counted from the mask (and the cache's valid slots).
       cache: a :class:`KVCache`; the T tokens are written at ``cache.index`` and attend to all
         valid earlier slots.
@@ -205,7 +208,11 @@ def forward(
     fam = family(cfg)
     check_token_ids(tokens, cfg.vocab_size)
     b, t = tokens.shape
-    mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    full = attention_mask is not None and attention_mask.ndim == 3  # [B, T, T]: packed rows
+    if full and (cache is not None or positions is None):
+        raise ConfigError("a [B, T, T] attention_mask needs explicit positions and no cache")
+    mask = jnp.ones((b, t), bool) if attention_mask is None or full else \
+        attention_mask.astype(bool)
     if positions is None:
         prev = 0 if cache is None else jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)
         positions = positions_from_mask(mask, prev)
@@ -219,7 +226,7 @@ def forward(
     else:
         q_slots = cache.index + jnp.arange(t)
         key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-    attn_mask = make_attention_mask(q_slots, key_valid)
+    attn_mask = attention_mask.astype(bool) if full else make_attention_mask(q_slots, key_valid)
     if cache is None:  # keys are the queries' own positions: skip blocks above the diagonal
         attn_fn = functools.partial(attend_causal, mask=attn_mask)
     else:
