@@ -270,9 +270,12 @@ def llama_other(llama_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_in_memory_merge_on_2_processes_equals_streamed(llama_dir, llama_other, tmp_path):
+@pytest.mark.parametrize("executor", ["memory", "streamed"])
+def test_in_memory_merge_on_2_processes_equals_streamed(executor, llama_dir, llama_other,
+                                                       tmp_path):
     """``merge --in-memory`` (TIES, jitted over the 2-process mesh, exported by process 0 with
-    tensors gathered one at a time) writes the same bytes as the streamed merge on 1 process."""
+    tensors gathered one at a time), and the streamed merge on 2 processes (process 0 alone
+    reads and computes), write the same bytes as the streamed merge on 1 process."""
     from jaxarith.cli import main
 
     base, _ = llama_dir
@@ -281,10 +284,10 @@ def test_in_memory_merge_on_2_processes_equals_streamed(llama_dir, llama_other, 
     cfg.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {other}\n"
                    "    parameters: {weight: 0.7, density: 0.5}\ndtype: float32\n")
     two = str(tmp_path / "two")
-    res = _ok(mt.run(["-m", "jaxarith", "merge", str(cfg), two, "--in-memory", "--mesh",
-                      "data=2,fsdp=4", "--json"], processes=2, devices=4, timeout=TIMEOUT,
-                     cwd=ROOT))
-    assert _one_json(res[0])["executor"] == "memory"
+    flags = ["--in-memory", "--mesh", "data=2,fsdp=4"] if executor == "memory" else []
+    res = _ok(mt.run(["-m", "jaxarith", "merge", str(cfg), two, *flags, "--json"],
+                     processes=2, devices=4, timeout=TIMEOUT, cwd=ROOT))
+    assert _one_json(res[0])["executor"] == executor
     assert main(["merge", str(cfg), str(tmp_path / "one"), "--json"]) == 0
     want, got = _tensors(str(tmp_path / "one")), _tensors(two)
     assert sorted(want) == sorted(got)
@@ -316,22 +319,29 @@ def _in_process_json(cmd: list[str], capsys) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["uniform", "greedy"])
+@pytest.mark.parametrize("method", ["uniform", "uniform-orbax-input", "greedy"])
 def test_average_on_2_processes_is_the_float64_mean(method, llama_dir, llama_other, tmp_path,
                                                     capsys):
-    """``average`` on 2 processes: ``uniform`` (streamed, every process reads the inputs,
-    process 0 writes; here to Orbax through a temporary HF checkpoint all processes share) and
-    ``greedy`` (scored and held on the 2-process mesh, exported by gathering). The result is the
-    float64 numpy mean of the (kept) inputs' tensors; greedy keeps and scores as on 1 process."""
+    """``average`` on 2 processes: ``uniform`` of HF inputs (streamed; process 0 alone reads
+    and computes; here to Orbax through a temporary HF checkpoint all processes share), of an
+    HF and an Orbax input (every process joins each Orbax restore) and ``greedy`` (scored and
+    held on the 2-process mesh, exported by gathering). The result is the float64 numpy mean of
+    the (kept) inputs' tensors; greedy keeps and scores as on 1 process."""
     from jaxarith.convert.route import convert
 
     src = {llama_dir[0]: _tensors(llama_dir[0]), llama_other: _tensors(llama_other)}
     out = str(tmp_path / "avg")
-    flags = ["--method", method]
+    flags = ["--method", "uniform" if method.startswith("uniform") else method]
     if method == "uniform":
         info = _mp_json(["average", *src, out, *flags, "--to", "orbax"], tmp_path)
         convert(out, str(tmp_path / "hf"), progress=False)
         got, kept = _tensors(str(tmp_path / "hf")), list(src)
+    elif method == "uniform-orbax-input":
+        orbax = str(tmp_path / "other_orbax")
+        convert(llama_other, orbax, progress=False)
+        src[orbax] = src.pop(llama_other)
+        info = _mp_json(["average", *src, out, *flags], tmp_path)
+        got, kept = _tensors(out), list(src)
     else:
         held = tmp_path / "held.txt"
         with open(os.path.join(ROOT, "jaxarith", "assets", "corpus_docs.txt")) as f:
