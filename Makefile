@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # 8 fake CPU devices, so every sharded path runs on a laptop.
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: demo test test-multiprocess test-all lint bench clean
+.PHONY: demo test test-multiprocess test-slow test-all lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)  ## lint + the test suite (CI runs exactly this)
 
 test-multiprocess: $(STAMP)  ## the slow 2-process x 4-device runs (CI runs them after `make test`)
 	$(PY) -m pytest -q -m slow tests/test_multiprocess.py
+
+test-slow: $(STAMP)  ## the other tests marked slow (end-to-end runs, extra parity cases; CI runs them last)
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow --ignore tests/test_multiprocess.py
 
 test-all: $(STAMP)  ## including tests marked slow
 	$(PY) -m pytest -q -n 2 --dist loadfile -m ""

@@ -8,6 +8,9 @@ import pytest
 
 from jaxarith.experiments import weak_to_strong
 
+# the whole pipeline (~1 min): CI runs it in its slow step (`make test-slow`)
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "experiments", "weak_to_strong_smoke.yaml")
 

@@ -45,6 +45,7 @@ def _student_raw(reference, out, **init):
     return raw
 
 
+@pytest.mark.slow  # ~25 s; docs/inherit.md runs the same commands by default
 def test_init_section_builds_the_inherited_student(reference, tmp_path):
     raw = _student_raw(reference, tmp_path / "s", layers="spread:3", parts=["attn", "norms"])
     cfg = from_dict(raw, FAST + ["steps=6"])
@@ -97,6 +98,7 @@ class _Killed(Exception):
     pass
 
 
+@pytest.mark.slow  # ~25 s; docs/inherit.md runs the same commands by default
 def test_grow_loop_rounds_jsonl_and_resume(reference, tmp_path, monkeypatch, capsys):
     out = tmp_path / "grow"
     raw = _student_raw(reference, out)

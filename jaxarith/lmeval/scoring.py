@@ -98,10 +98,19 @@ def _score_packed(spec: DecodeSpec, params, weights, tokens, positions, unit, br
                        hidden_only=True)
         h = jnp.take_along_axis(h, at[..., None], axis=1)  # [B, K, D]
         logits.append(transformer.family(cfg).unembed(cfg, p, h).astype(jnp.float32))
-    logp = combine(spec, logits, weights)  # [B, K, V] float32
-    lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    if len(logits) == 1 and spec.members[0].weight == 1.0:
+        # one model: log p(target) = z[target] - logsumexp(z), without writing log_softmax's
+        # [B, K, V] (twice: combine renormalises); the same up to float32 rounding
+        z = logits[0]
+        if spec.vocab_limit is not None and spec.vocab_limit < z.shape[-1]:
+            z = jnp.where(jnp.arange(z.shape[-1]) < spec.vocab_limit, z, -jnp.inf)
+        lp = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0] - \
+            jax.nn.logsumexp(z, axis=-1)
+    else:
+        z = combine(spec, logits, weights)  # [B, K, V] float32 log-probabilities
+        lp = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
     # per-position values go to the host, which sums them in float64
-    return jnp.where(scored > 0, lp, 0.0), jnp.argmax(logp, axis=-1) == targets
+    return jnp.where(scored > 0, lp, 0.0), jnp.argmax(z, axis=-1) == targets
 
 
 def compiled_programs() -> int:
