@@ -22,13 +22,14 @@ errors are reported by every process. The helpers below (:func:`barrier`,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -305,6 +306,29 @@ def on_primary(fn: Callable[[], str | None], what: str) -> str:
     if shared.startswith("error:"):
         raise JaxarithError(f"process 0 failed to {what}: {shared[len('error:'):]}")
     return shared[len("ok:"):]
+
+
+@contextlib.contextmanager
+def shared_tempdir(*, prefix: str, dir: str) -> Iterator[str]:
+    """A temporary directory under ``dir`` (which every process sees) for intermediate files of
+    a multi-process run: process 0 creates it and every process gets its name; process 0
+    removes it at the end (after a barrier on success; at once on an error). With one process,
+    a plain ``tempfile.TemporaryDirectory``."""
+    import shutil
+    import tempfile
+
+    if process_count() == 1:
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=dir) as tmp:
+            yield tmp
+        return
+    tmp = on_primary(lambda: tempfile.mkdtemp(prefix=prefix, dir=dir),
+                     f"create a temporary directory in {dir}")
+    try:
+        yield tmp
+        barrier(f"jaxarith shared_tempdir done {tmp}")
+    finally:
+        if is_primary():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 GATHER_CHUNK_BYTES = 64 << 20  # a tensor is gathered in row blocks of about this size

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxarith import arith
+from jaxarith import arith, distributed
 from jaxarith.arith.check import check_shapes, tree_shapes
 from jaxarith.convert.hf import get_path, set_path
 from jaxarith.convert.keymap import Rule, expand, rules_for
@@ -56,6 +56,8 @@ class Candidate:
       read: ``read(rule) -> {canonical path: host array}`` for the rule's leaves (all layers).
       tokenizer: a directory with tokenizer files, ``bundled``, or None.
       dtypes: {canonical path: stored dtype}.
+      orbax: ``read`` is an Orbax restore (a collective in a multi-process run: every process
+        must call it).
     """
 
     ref: str
@@ -63,6 +65,7 @@ class Candidate:
     read: Reader
     tokenizer: str | None
     dtypes: dict = dataclasses.field(default_factory=dict)
+    orbax: bool = False
 
 
 def _hf_candidate(ref: str) -> Candidate:
@@ -109,7 +112,7 @@ def _orbax_candidate(ref: str) -> Candidate:
     _check_stored(ref, cfg, stored)
     return Candidate(os.fspath(ref), cfg,
                      lambda rule: load_host_leaves(ref, list(rule.targets), stored=stored), ref,
-                     _stored_dtypes(stored))
+                     _stored_dtypes(stored), orbax=True)
 
 
 def _run_candidates(path: str) -> list[Candidate]:
@@ -128,7 +131,7 @@ def _run_candidates(path: str) -> list[Candidate]:
         label = f"{os.fspath(path)}@{step}"
         _check_stored(label, cfg, stored)
         read = (lambda rule, s=step, st=stored: run.read_params(s, list(rule.targets), st))
-        out.append(Candidate(label, cfg, read, tok, _stored_dtypes(stored)))
+        out.append(Candidate(label, cfg, read, tok, _stored_dtypes(stored), orbax=True))
     return out
 
 
@@ -226,6 +229,9 @@ def mean_source(cands: Sequence[Candidate], dtype=None):
     # save_hf reads each leaf's output dtype from here before fetching anything
     fetch.dtypes = {p: np.dtype(dtype) if dtype is not None else dt
                     for p, dt in cands[0].dtypes.items()}
+    # safetensors reads summed on this process's own device, no collective: in a multi-process
+    # run only process 0 computes the mean (write_hf); Orbax restores need every process
+    fetch.host_only = not any(c.orbax for c in cands)
     return fetch
 
 
@@ -254,11 +260,12 @@ def load_tokenizer(cand: Candidate):
 
 def write(cfg: ModelConfig, out: str | os.PathLike, *, params=None, source=None,
           to: str = "hf", dtype=None, tokenizer: str | None = None, overwrite: bool = False,
-          progress: bool = False, max_shard_size: str | int = "5GB") -> dict:
+          progress: bool = False, max_shard_size: str | int = "5GB", mesh=None) -> dict:
     """Write averaged weights (a tree, or a leaf source streamed rule by rule) as HF or Orbax.
 
     Orbax output from a source goes through a temporary HF checkpoint beside ``out`` (both steps
-    stream); ``out`` appears only when complete.
+    stream; ``mesh``: the Orbax arrays' sharding, default one device); ``out`` appears only when
+    complete.
     """
     from jaxarith.atomic import check_destination
     from jaxarith.convert.export import save_hf
@@ -275,23 +282,25 @@ def write(cfg: ModelConfig, out: str | os.PathLike, *, params=None, source=None,
             params = jax.tree.map(lambda x: x.astype(dtype), params)
         save_orbax(cfg, params, dst, tokenizer_dir=tokenizer, overwrite=overwrite)
         return {}
-    with tempfile.TemporaryDirectory(prefix=".average-", dir=os.path.dirname(dst)) as tmp:
+    # multi-process: one temporary for all (process 0 writes the HF files, all read them)
+    with distributed.shared_tempdir(prefix=".average-", dir=os.path.dirname(dst)) as tmp:
         hf = os.path.join(tmp, "hf")
         save_hf(cfg, None, hf, source=source, dtype=dtype, tokenizer_dir=tokenizer,
                 progress=progress)
-        hf_to_orbax(hf, dst, overwrite=overwrite, progress=progress)
+        hf_to_orbax(hf, dst, mesh=mesh, overwrite=overwrite, progress=progress)
     return {}
 
 
 def uniform(cands: Sequence[Candidate], out: str | os.PathLike, *, to: str = "hf", dtype=None,
             overwrite: bool = False, progress: bool = False,
-            max_shard_size: str | int = "5GB") -> dict:
-    """Write the uniform mean of ``cands`` to ``out``, streamed tensor by tensor."""
+            max_shard_size: str | int = "5GB", mesh=None) -> dict:
+    """Write the uniform mean of ``cands`` to ``out``, streamed tensor by tensor (``mesh``: the
+    sharding of Orbax output)."""
     cfg = cands[0].config
     with tokenizer_dir(cands[0]) as tok:
         info = write(cfg, out, source=mean_source(cands, dtype), to=to, dtype=dtype,
                      tokenizer=tok, overwrite=overwrite, progress=progress,
-                     max_shard_size=max_shard_size)
+                     max_shard_size=max_shard_size, mesh=mesh)
     return {"method": "uniform", "inputs": [c.ref for c in cands], "out": os.fspath(out),
             "to": to, **info}
 

@@ -2,10 +2,14 @@
 
 The same work on 1 process x 8 CPU devices and on 2 processes x 4 devices (one machine, gloo
 collectives), for a random bfloat16 Llama checkpoint (generated locally, as in
-``bench_convert.py``), each run in fresh subprocesses (peak RSS of each from ``os.wait4``):
+``bench_convert.py``), each run in fresh subprocesses (peak RSS of each measured by a small
+launcher process, see ``PEAK_RSS``):
 
 - ``hf->orbax``: ``jaxarith convert`` (each process reads only its devices' slices)
-- ``orbax->hf``: ``jaxarith convert`` back (process 0 writes)
+- ``orbax->hf``: ``jaxarith convert`` back (process 0 reads the host leaves and writes; the
+  other processes read nothing)
+- ``restore``: ``load_orbax`` onto every process's devices (``fsdp=-1``): each process reads
+  only its devices' shards (the first half of ``export``, and what a training resume does)
 - ``export``: the training export path: restore the Orbax checkpoint sharded over every
   process's devices (``fsdp=-1``), then ``save_hf`` from the in-memory global arrays: each
   tensor is gathered from all processes one at a time, process 0 writes
@@ -39,6 +43,16 @@ SIZES = {"0.5B": (1536, 4096, 16, 12, 4, 32000), "1B": (2048, 8192, 16, 32, 8, 1
 QUICK = {"tiny": (512, 1024, 4, 8, 4, 16384)}
 MID = {"mid": (1024, 2048, 4, 8, 4, 65536)}  # 0.34 GB, largest tensor 134 MB: about 3 min
 
+RESTORE = """
+import sys
+import jax
+from jaxarith import distributed, sharding
+distributed.initialize(distributed.config_from_env())
+from jaxarith.convert.orbax import load_orbax
+cfg, params = load_orbax(sys.argv[1], mesh=sharding.make_mesh("fsdp=-1"))
+jax.block_until_ready(params)
+"""
+
 EXPORT = """
 import sys
 from jaxarith import distributed, sharding
@@ -50,26 +64,49 @@ save_hf(cfg, params, sys.argv[2], progress=False)
 """
 
 
+# Runs ``python ARGS`` in a child of a small Python process and writes the child's peak RSS
+# (KiB) to a file. The peak RSS ``os.wait4`` reports for a direct child of this script is at
+# least this script's own RSS when it forked (Linux keeps the high-water mark across exec), so
+# measured directly every figure below ~0.7 GB (this process, with numpy and jax imported)
+# read 0.70 GB.
+PEAK_RSS = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def launch(args: list[str], processes: int) -> dict:
     """Run ``python ARGS`` as ``processes`` processes; wall s and per-process peak RSS (GB)."""
     port = mt.free_port()
     t0 = time.perf_counter()
-    procs, logs = [], []
+    procs, logs, peaks = [], [], []
     for i in range(processes):
         cluster = {} if processes == 1 else {
             "JAXARITH_COORDINATOR": f"127.0.0.1:{port}", "JAXARITH_NUM_PROCESSES": str(processes),
             "JAXARITH_PROCESS_ID": str(i)}
         log = tempfile.TemporaryFile("w+")  # a file, not a pipe: nothing blocks on output
         logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, *args], stdout=log, stderr=log,
+        fd, peak = tempfile.mkstemp(prefix="bench_rss_")
+        os.close(fd)
+        peaks.append(peak)
+        procs.append(subprocess.Popen([sys.executable, "-c", PEAK_RSS, peak, *args],
+                                      stdout=log, stderr=log,
                                       env=mt.environment(8 // processes, cluster)))
     rss, cpu = [], []
-    for p, log in zip(procs, logs, strict=True):
+    for p, log, peak in zip(procs, logs, peaks, strict=True):
         _, status, usage = os.wait4(p.pid, 0)
         if os.waitstatus_to_exitcode(status):
             log.seek(0)
             raise RuntimeError(f"{args} failed: {log.read()[-2000:]}")
-        rss.append(usage.ru_maxrss / 1e6)  # KiB on Linux
+        with open(peak) as f:
+            rss.append(int(f.read()) / 1e6)  # KiB on Linux
+        os.remove(peak)
         cpu.append(usage.ru_utime + usage.ru_stime)
     return {"wall_s": time.perf_counter() - t0, "cpu_s": sum(cpu), "rss_gb": rss}
 
@@ -100,10 +137,11 @@ def main() -> None:
                 h2o = launch(["-m", "jaxarith", "convert", src, orbax, "--mesh", "fsdp=-1",
                               "--json"], n)
                 o2h = launch(["-m", "jaxarith", "convert", orbax, back, "--json"], n)
+                restore = launch(["-c", RESTORE, orbax], n)
                 export = launch(["-c", EXPORT, orbax, exp], n)
                 rows.append({"model": name, "gb": total / 1e9, "largest_tensor_gb": largest / 1e9,
                              "processes": n, "hf_to_orbax": h2o, "orbax_to_hf": o2h,
-                             "export": export})
+                             "restore": restore, "export": export})
                 for d in (orbax, back, exp):
                     shutil.rmtree(d, ignore_errors=True)
     finally:
@@ -114,8 +152,8 @@ def main() -> None:
     print(f"startup (import + devices): "
           f"{startup['wall_s']:.1f} s, {base:.2f} GB RSS")
     print(f"{'model':>6} {'GB':>5} {'largest':>7} {'P':>2} {'HF->Orbax s':>11} {'RSS/proc':>12} "
-          f"{'Orbax->HF s':>11} {'RSS/proc':>12} {'export s':>9} {'RSS/proc':>12} "
-          f"{'export-startup / largest':>24}")
+          f"{'Orbax->HF s':>11} {'RSS/proc':>12} {'restore s':>9} {'RSS/proc':>12} "
+          f"{'export s':>9} {'RSS/proc':>12} {'export-startup / largest':>24}")
     for r in rows:
         fmt = lambda m: "/".join(f"{x:.2f}" for x in m["rss_gb"])
         above = max(r["export"]["rss_gb"]) - base
@@ -123,6 +161,7 @@ def main() -> None:
         print(f"{r['model']:>6} {r['gb']:5.2f} {r['largest_tensor_gb']:7.3f} {r['processes']:>2} "
               f"{r['hf_to_orbax']['wall_s']:11.1f} {fmt(r['hf_to_orbax']):>12} "
               f"{r['orbax_to_hf']['wall_s']:11.1f} {fmt(r['orbax_to_hf']):>12} "
+              f"{r['restore']['wall_s']:9.1f} {fmt(r['restore']):>12} "
               f"{r['export']['wall_s']:9.1f} {fmt(r['export']):>12} "
               f"{r['export_rss_above_startup_in_largest_tensors']:24.1f}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

@@ -120,6 +120,23 @@ def test_convert_hf_to_orbax_on_2_processes_is_bit_identical(llama_dir, tmp_path
         assert want[k].dtype == got[k].dtype and np.array_equal(want[k], got[k]), k
 
 
+@pytest.mark.slow
+def test_convert_orbax_to_hf_on_2_processes_is_bit_identical(llama_dir, tmp_path):
+    """Orbax -> HF on 2 processes (process 0 reads and writes, process 1 reads nothing: the
+    leaves are host arrays, no collective): every tensor bit-identical to the source."""
+    from jaxarith.convert.route import convert
+
+    src, _ = llama_dir
+    orbax, hf = str(tmp_path / "orbax"), str(tmp_path / "hf")
+    convert(src, orbax, progress=False)
+    info = _mp_json(["convert", orbax, hf], tmp_path)
+    assert info["route"] == "orbax->hf"
+    want, got = _tensors(src), _tensors(hf)
+    assert sorted(want) == sorted(got)
+    for k in want:
+        assert want[k].dtype == got[k].dtype and np.array_equal(want[k], got[k]), k
+
+
 # ----------------------------------------------------------------------------- training (slow)
 
 TRAIN = ["-m", "train", "configs/tiny_llama.yaml", "steps=6", "batch=8", "data.seq_len=32",
@@ -241,27 +258,159 @@ def test_launch_tpu_dry_run_prints_one_command_per_worker():
         assert "--distributed" in line
 
 
-@pytest.mark.slow
-def test_in_memory_merge_on_2_processes_equals_streamed(llama_dir, tmp_path):
-    """``merge --in-memory`` (TIES, jitted over the 2-process mesh, exported by process 0 with
-    tensors gathered one at a time) writes the same bytes as the streamed merge on 1 process."""
+@pytest.fixture(scope="module")
+def llama_other(llama_dir, tmp_path_factory):
+    """A second model of llama_dir's architecture (other weights), to merge or average with."""
     from jaxarith import testing
+
+    d = str(tmp_path_factory.mktemp("llama_other"))
+    testing.make_hf_model(d, testing.tiny_llama_config(rope_scaling=testing.LLAMA3_ROPE),
+                          seed=7)
+    return d
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["memory", "streamed"])
+def test_in_memory_merge_on_2_processes_equals_streamed(executor, llama_dir, llama_other,
+                                                       tmp_path):
+    """``merge --in-memory`` (TIES, jitted over the 2-process mesh, exported by process 0 with
+    tensors gathered one at a time), and the streamed merge on 2 processes (process 0 alone
+    reads and computes), write the same bytes as the streamed merge on 1 process."""
     from jaxarith.cli import main
 
     base, _ = llama_dir
-    other = str(tmp_path / "other")
-    testing.make_hf_model(other, testing.tiny_llama_config(
-        rope_scaling=testing.LLAMA3_ROPE), seed=7)
+    other = llama_other
     cfg = tmp_path / "merge.yaml"
     cfg.write_text(f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {other}\n"
                    "    parameters: {weight: 0.7, density: 0.5}\ndtype: float32\n")
     two = str(tmp_path / "two")
-    res = _ok(mt.run(["-m", "jaxarith", "merge", str(cfg), two, "--in-memory", "--mesh",
-                      "data=2,fsdp=4", "--json"], processes=2, devices=4, timeout=TIMEOUT,
-                     cwd=ROOT))
-    assert _one_json(res[0])["executor"] == "memory"
+    flags = ["--in-memory", "--mesh", "data=2,fsdp=4"] if executor == "memory" else []
+    res = _ok(mt.run(["-m", "jaxarith", "merge", str(cfg), two, *flags, "--json"],
+                     processes=2, devices=4, timeout=TIMEOUT, cwd=ROOT))
+    assert _one_json(res[0])["executor"] == executor
     assert main(["merge", str(cfg), str(tmp_path / "one"), "--json"]) == 0
     want, got = _tensors(str(tmp_path / "one")), _tensors(two)
     assert sorted(want) == sorted(got)
     for k in want:
         assert np.array_equal(want[k], got[k]), k
+
+
+# ----------------------------------------------------------------------------- average, inherit,
+# generate on 2 processes (slow): one 2-process launch each, against numpy / 1 process / HF
+
+
+def _mp_json(cmd: list[str], tmp_path) -> dict:
+    """Run ``jaxarith CMD --json`` on 2 processes x 4 devices (mesh data=2,fsdp=4 where the
+    command takes one): process 0's JSON; process 1 prints nothing on stdout."""
+    res = _ok(mt.run(["-m", "jaxarith", *cmd, "--json"], processes=2, devices=4,
+                     timeout=TIMEOUT, cwd=ROOT))
+    assert res[1].stdout.strip() == ""
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporaries left
+    return _one_json(res[0])
+
+
+def _in_process_json(cmd: list[str], capsys) -> dict:
+    """``jaxarith CMD --json`` in this process (1 process x 8 devices)."""
+    from jaxarith.cli import main
+
+    capsys.readouterr()
+    assert main([*cmd, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["uniform", "uniform-orbax-input", "greedy"])
+def test_average_on_2_processes_is_the_float64_mean(method, llama_dir, llama_other, tmp_path,
+                                                    capsys):
+    """``average`` on 2 processes: ``uniform`` of HF inputs (streamed; process 0 alone reads
+    and computes; here to Orbax through a temporary HF checkpoint all processes share), of an
+    HF and an Orbax input (every process joins each Orbax restore) and ``greedy`` (scored and
+    held on the 2-process mesh, exported by gathering). The result is the float64 numpy mean of
+    the (kept) inputs' tensors; greedy keeps and scores as on 1 process."""
+    from jaxarith.convert.route import convert
+
+    src = {llama_dir[0]: _tensors(llama_dir[0]), llama_other: _tensors(llama_other)}
+    out = str(tmp_path / "avg")
+    flags = ["--method", "uniform" if method.startswith("uniform") else method]
+    if method == "uniform":
+        info = _mp_json(["average", *src, out, *flags, "--to", "orbax"], tmp_path)
+        convert(out, str(tmp_path / "hf"), progress=False)
+        got, kept = _tensors(str(tmp_path / "hf")), list(src)
+    elif method == "uniform-orbax-input":
+        orbax = str(tmp_path / "other_orbax")
+        convert(llama_other, orbax, progress=False)
+        src[orbax] = src.pop(llama_other)
+        info = _mp_json(["average", *src, out, *flags], tmp_path)
+        got, kept = _tensors(out), list(src)
+    else:
+        held = tmp_path / "held.txt"
+        with open(os.path.join(ROOT, "jaxarith", "assets", "corpus_docs.txt")) as f:
+            held.write_text(f.read()[:3000])
+        flags += ["--eval-text", str(held), "--seq-len", "32", "--mesh", "data=2,fsdp=4"]
+        info = _mp_json(["average", *src, out, *flags], tmp_path)
+        one = _in_process_json(["average", *src, str(tmp_path / "one"), *flags], capsys)
+        assert info["kept"] == one["kept"]
+        for a, b in zip(info["candidates"], one["candidates"], strict=True):
+            assert a["ref"] == b["ref"] and a["kept"] == b["kept"]
+            assert abs(a["loss"] - b["loss"]) < 1e-5, (a, b)
+        assert abs(info["soup_loss"] - one["soup_loss"]) < 1e-5
+        got, kept = _tensors(out), info["kept"]
+        assert len(kept) == 2  # both kept: the soup below is a mean of two
+    assert sorted(got) == sorted(src[llama_dir[0]])
+    for k, x in got.items():
+        want = np.mean([src[r][k].astype(np.float64) for r in kept], axis=0)
+        assert x.dtype == np.float32
+        np.testing.assert_allclose(x, want, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.slow
+def test_inherit_on_2_processes_picks_the_source_layers(llama_dir, tmp_path, capsys):
+    """``inherit --layers list:1,0 --parts attn,norms`` on 2 processes: each inherited tensor
+    equals the source tensor numpy picks (layer i <- source layer [1, 0][i], embeddings, head,
+    final norm), and the fresh MLP equals the 1-process (8-device) run's."""
+    src_dir = llama_dir[0]
+    out = str(tmp_path / "inh")
+    cmd = ["inherit", src_dir, out, "--layers", "list:1,0", "--parts", "attn,norms",
+           "--seed", "3", "--mesh", "data=2,fsdp=4"]
+    info = _mp_json(cmd, tmp_path)
+    assert info["layers"] == [1, 0] and info["src_layers"] == 2
+    src, got = _tensors(src_dir), _tensors(out)
+    assert sorted(got) == sorted(src)
+    one = str(tmp_path / "one")
+    _in_process_json([*cmd[:2], one, *cmd[3:]], capsys)
+    fresh = _tensors(one)
+    for k, x in got.items():
+        if ".mlp." in k:  # freshly initialised: as on 1 process, not the source's
+            assert np.array_equal(x, fresh[k]), k
+            assert not np.array_equal(x, src[k]), k
+            continue
+        name = k
+        if k.startswith("model.layers."):
+            i, rest = k[len("model.layers."):].split(".", 1)
+            name = f"model.layers.{[1, 0][int(i)]}.{rest}"
+        assert x.dtype == src[name].dtype and np.array_equal(x, src[name]), k
+
+
+@pytest.mark.slow
+def test_generate_greedy_on_2_processes_equals_1_and_transformers(llama_dir, tmp_path, capsys):
+    """Greedy ``generate`` of 4 prompts (batch sharded over the 2-process mesh): the tokens of
+    1 process x 8 devices, and those of transformers' greedy ``generate`` on the same model."""
+    import torch
+
+    from jaxarith.refs import load_tokenizer
+
+    src_dir, hf_model = llama_dir
+    prompts = ["The cat", "Once upon a time there", "x", "A model of"]
+    cmd = ["generate", src_dir, *[a for p in prompts for a in ("--prompt", p)],
+           "--max-new-tokens", "8", "--no-stop-at-eos", "--mesh", "data=2,fsdp=4"]
+    two = _mp_json(cmd, tmp_path)
+    one = _in_process_json(cmd, capsys)
+    got = [r["token_ids"] for r in two["results"]]
+    assert got == [r["token_ids"] for r in one["results"]]
+    tok = load_tokenizer(src_dir)
+    for p, ids in zip(prompts, got, strict=True):
+        prompt = tok(p)["input_ids"]
+        with torch.no_grad():
+            ref = hf_model.generate(input_ids=torch.tensor([prompt]).long(), max_new_tokens=8,
+                                    do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert ids == ref[0, len(prompt):].tolist(), p

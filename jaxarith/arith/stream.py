@@ -123,7 +123,8 @@ def run_streamed(
     results = _results(spec, items, specs, ckpts, names, L, stats, bar)
     tok_dir = ckpts[tokenizer_from].directory if tokenizer_from is not None else None
     info = write_hf(cfg, dst, specs, results, max_shard_size=max_shard_size,
-                    tokenizer_dir=tok_dir, overwrite=overwrite, progress=False)
+                    tokenizer_dir=tok_dir, overwrite=overwrite, progress=False,
+                    host_only=True)  # files in, files out: other processes read nothing
     bar.close()
     return {"tensors": len(items), "files": info["files"], "bytes_read": stats["bytes_read"],
             "bytes_written": info["bytes_written"], "seconds": time.perf_counter() - t0}

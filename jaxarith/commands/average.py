@@ -85,8 +85,9 @@ def handle(args) -> int:
     progress = _common.progress_enabled(args)
     cands = soups.open_candidates(args.refs, last=args.last)
     if args.method in ("uniform", "lawa"):
+        mesh = _common.mesh_from(args) if args.to == "orbax" else None
         info = soups.uniform(cands, args.out, to=args.to, dtype=args.dtype,
-                             overwrite=args.overwrite, progress=progress)
+                             overwrite=args.overwrite, progress=progress, mesh=mesh)
         info["method"] = args.method
         _common.emit(args, info, f"{args.method}: mean of {len(cands)} checkpoints -> "
                                  f"{info['out']}")

@@ -126,6 +126,7 @@ def handle(args) -> int:
     import jax.numpy as jnp
 
     from jaxarith.decode import DecodeSpec, Member, generate
+    from jaxarith.distributed import is_primary
     from jaxarith.errors import ConfigError
     from jaxarith.logits import eft, proxy_tuning
     from jaxarith.models.transformer import num_params
@@ -187,7 +188,8 @@ def handle(args) -> int:
              + (f"; acceptance {g.acceptance_rate:.2f}" if args.speculative else "") + "]")
     if streamer is not None:
         print()
-        print(stats, file=sys.stderr)
+        if is_primary():  # a multi-process run: one stats line, process 0's
+            print(stats, file=sys.stderr)
         return 0
     human = "\n".join(f"{p}{r['text']}" for p, r in zip(prompts, results, strict=True))
     _common.emit(args, info, human + "\n" + stats)

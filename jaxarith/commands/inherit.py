@@ -42,6 +42,7 @@ def handle(args) -> int:
 
     import jax
 
+    from jaxarith import distributed
     from jaxarith import inherit as inherit_lib
     from jaxarith.atomic import check_destination
     from jaxarith.models.config import load_config
@@ -64,7 +65,7 @@ def handle(args) -> int:
                                 allow_repeat=args.allow_repeat)
     notes = [str(w.message) for w in caught]
     for n in notes:
-        if not args.json:
+        if not args.json and distributed.is_primary():  # once in a multi-process run
             print(f"warning: {n}", file=sys.stderr)
 
     mesh = _common.mesh_from(args)

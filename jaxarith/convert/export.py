@@ -70,6 +70,7 @@ def leaf_slices(fetch: LeafSource) -> SliceSource:
                      for t in rule.targets)
 
     slices.dtypes = getattr(fetch, "dtypes", None)
+    slices.host_only = getattr(fetch, "host_only", False)
     return slices
 
 
@@ -91,6 +92,7 @@ def hf_slices(directory: str, cfg: ModelConfig) -> SliceSource:
 
     slices.dtypes = {t: ckpt.dtype(names[expand(rule, cfg.num_hidden_layers)[0][0]])
                      for rule in rules_for(cfg) for t in rule.targets}
+    slices.host_only = True  # files read on the host: no collective (see write_hf)
     return slices
 
 
@@ -157,6 +159,7 @@ def write_hf(
     overwrite: bool = False,
     progress: bool = True,
     desc: str = "export",
+    host_only: bool = False,
 ) -> dict:
     """THE writer of HF checkpoints (every route: convert, merge, delta, training exports).
 
@@ -170,6 +173,9 @@ def write_hf(
 
     Args:
       specs: (HF name, shape, dtype) of every tensor, in file order.
+      host_only: the tensors are computed on the host without any collective (read from files,
+        an average of files): in a multi-process run only process 0 builds them (the others
+        would read every input only to discard it).
     Returns:
       {"files", "tensors", "bytes" (tensor data), "bytes_written" (files, with headers)}.
     """
@@ -186,8 +192,9 @@ def write_hf(
         if not primary:
             # multi-process: every process takes part in gathering each tensor (a collective,
             # one tensor at a time); process 0 alone writes the files
-            for _ in _take(tensors, len(specs), bar):
-                pass
+            if not host_only:
+                for _ in _take(tensors, len(specs), bar):
+                    pass
         else:
             written = _write_files(cfg, tmp, specs, shards, names, nbytes, tensors, bar,
                                    tokenizer_dir)
@@ -272,7 +279,8 @@ def save_hf(
             specs.append((key, rule.hf_shape, dt))
     tensors = _hf_tensors(cfg, slices, [d for _, _, d in specs])
     info = write_hf(cfg, dst, specs, tensors, max_shard_size=max_shard_size,
-                    tokenizer_dir=tokenizer_dir, overwrite=overwrite, progress=progress)
+                    tokenizer_dir=tokenizer_dir, overwrite=overwrite, progress=progress,
+                    host_only=getattr(slices, "host_only", False))
     return info
 
 

@@ -235,10 +235,14 @@ def load_orbax(ref: str | os.PathLike, *, mesh=None, dtype=None,
     return cfg, _restore(ref, target, partial=paths is not None)
 
 
-def _restore(ref: str, target: dict, *, partial: bool) -> dict:
-    """``ocp.v1.load_pytree`` with its storage errors turned into one CheckpointError."""
+def _restore(ref: str, target: dict, *, partial: bool, primary_only: bool = False) -> dict:
+    """``ocp.v1.load_pytree`` with its storage errors turned into one CheckpointError
+    (``primary_only``: run by process 0 alone, its barriers over process 0 only)."""
     ctx = ocp.v1.Context()
     ctx.pytree.loading.partial_load = partial
+    if primary_only and distributed.process_count() > 1:
+        ctx.multiprocessing.primary_host = 0
+        ctx.multiprocessing.active_processes = {0}
     try:
         with ctx, warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -261,7 +265,8 @@ class HostArray:
 
 
 def load_host_leaves(ref: str | os.PathLike, paths: list[tuple[str, ...]], *, dtype=None,
-                     stored: dict | None = None) -> dict[tuple[str, ...], np.ndarray]:
+                     stored: dict | None = None,
+                     primary_only: bool = False) -> dict[tuple[str, ...], np.ndarray]:
     """Restore some canonical leaves as numpy arrays on the host (no device copy).
 
     Args:
@@ -269,6 +274,8 @@ def load_host_leaves(ref: str | os.PathLike, paths: list[tuple[str, ...]], *, dt
       paths: canonical leaves, e.g. ``[("layers", "mlp", "up")]``.
       dtype: cast to this dtype on restore (default: as stored).
       stored: :func:`stored_arrays` of ``ref``, when the caller already has it.
+      primary_only: a multi-process run where process 0 alone calls this (an Orbax restore is
+        otherwise a collective every process must join).
     Returns:
       {path: array}.
     """
@@ -281,19 +288,25 @@ def load_host_leaves(ref: str | os.PathLike, paths: list[tuple[str, ...]], *, dt
             raise CheckpointError(f"{ref}: tensor {name} missing from the Orbax checkpoint")
         shape, stored_dtype = stored[name]
         set_path(target, p, HostArray(tuple(shape), np.dtype(dtype or stored_dtype)))
-    tree = _restore(ref, target, partial=True)
+    tree = _restore(ref, target, partial=True, primary_only=primary_only)
     return {p: get_path(tree, p) for p in paths}
 
 
 def orbax_source(ref: str, *, dtype=None):
-    """A leaf source for :func:`jaxarith.convert.export.save_hf`: host leaves on demand."""
+    """A leaf source for :func:`jaxarith.convert.export.save_hf`: host leaves on demand.
+
+    In a multi-process run process 0 alone reads them (an Orbax restore over process 0 only):
+    the HF writer needs no collective for host arrays, so the other processes read nothing.
+    """
     ref = _abs(ref)
     read_metadata(ref)
     stored = stored_arrays(ref)
+    alone = distributed.process_count() > 1
 
     def source(paths):
-        return load_host_leaves(ref, paths, dtype=dtype, stored=stored)
+        return load_host_leaves(ref, paths, dtype=dtype, stored=stored, primary_only=alone)
 
     source.dtypes = {tuple(name.split("/")): jnp.dtype(dtype or d)
                      for name, (_, d) in stored.items()}  # per leaf, as stored unless cast
+    source.host_only = True  # see write_hf: processes other than 0 never call it
     return source
