@@ -414,7 +414,7 @@ class JaxarithLM(TemplateLM):
                 raise ConfigError("model=jaxarith: in a multi-process run only process 0 runs "
                                   "lm-eval; the other processes call JaxarithLM.follow()")
             if self._stopped:
-                raise ConfigError("model=jaxarith: the following processes were stopped "
+                raise ConfigError("model=jaxarith: the other processes were already stopped "
                                   "(stop_followers); no more requests can run")
             multihost.send((op, kwargs))
         return getattr(self, self._OPS[op])(**kwargs, **local)
