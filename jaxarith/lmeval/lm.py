@@ -27,7 +27,7 @@ model_args (``key=value`` pairs; lm-eval splits on commas, so a mesh uses ``+``)
   eft_tuned, eft_ref, beta       EFT: pretrained + beta * (eft_tuned - eft_ref)
   max_length       the scoring window (default: the model's context length)
   max_gen_toks     generation budget when a task gives none (default 256)
-  batch_size       packed rows per jitted scoring call (each of 128 or more tokens, holding
+  batch_size       packed rows per jitted scoring call (each of 256 or more tokens, holding
                    several short requests), rows per generation call (default 8; "auto" means 8)
   max_batch_size, device         accepted from lm-eval's evaluator; JAX places work by the mesh
   add_bos_token, prefix_token_id as in lm-eval's HF backend

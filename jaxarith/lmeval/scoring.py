@@ -156,7 +156,7 @@ def _rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int)
     return rows
 
 
-MIN_ROW = 128  # packed rows hold at least this many tokens (several short units each)
+MIN_ROW = 256  # packed rows hold at least this many tokens (several short units each)
 
 
 def _cost(rows, prefix, idx) -> int:
@@ -255,7 +255,7 @@ def score_requests(
       pairs: (context ids, continuation ids), both non-empty.
       max_length: the model window; longer inputs lose tokens on the left (as in lm-eval).
       batch_size: packed rows per call (rounded up to the mesh's data-parallel size; a last
-        call with fewer rows is padded to a power of two of them).
+        call with fewer rows is not padded to it).
       buckets: padded lengths of rows and of their scored positions (see
         :func:`score_buckets`); the last must be >= ``max_length``.
       mesh: score sharded on this mesh (params already placed on it). A mesh over several
@@ -279,9 +279,9 @@ def score_requests(
 
     with ctx:
         for t, k, packed in _calls(rows, max_length, batch_size, buckets, min_row):
-            # the last call of a length may hold fewer rows: pad them to a power of two (times
-            # the data-parallel size), not to batch_size (a bounded number of extra programs)
-            n_rows = min(batch_size, dp * (1 << (-(-len(packed) // dp) - 1).bit_length()))
+            # the last call of a length may hold fewer rows: padded to a multiple of the
+            # data-parallel size, not to batch_size (at most one extra program per length)
+            n_rows = -(-len(packed) // dp) * dp
             *arrays, where = _packed_arrays(rows, packed, n_rows, t, k, pad_token)
             lp, greedy = _score_packed(spec, tuple(params), weights, *map(place, arrays))
             if gather:  # rows sharded over other processes' devices: every process gets all
