@@ -208,18 +208,28 @@ def _read_jsonl(src: SourceConfig, path: str) -> list[str]:
     return out
 
 
-def _read_datasets(src: SourceConfig) -> list[str]:
+def open_dataset(path: str, split: str, text_field: str, what: str):
+    """A ``datasets`` dataset: saved with ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict``
+    and its ``split``), else ``datasets.load_dataset(path, split=split)`` (a local builder or data
+    directory, or a hub id); ``text_field`` must be a column. ``what`` names the caller in
+    errors."""
     import datasets
 
-    path = os.path.expanduser(src.path)
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "dataset_info.json")):
+    path = os.path.expanduser(path)
+    if os.path.exists(os.path.join(path, "dataset_info.json")) or \
+            os.path.exists(os.path.join(path, "dataset_dict.json")):
         ds = datasets.load_from_disk(path)
-        ds = ds[src.split] if isinstance(ds, datasets.DatasetDict) else ds
+        ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     else:
-        ds = datasets.load_dataset(path, split=src.split)
-    if src.text_field not in ds.column_names:
-        raise JaxarithError(f"data source {src.name!r}: dataset {src.path} has no column "
-                            f"{src.text_field!r} (columns: {ds.column_names})")
+        ds = datasets.load_dataset(path, split=split)
+    if text_field not in ds.column_names:
+        raise JaxarithError(f"{what}: dataset {path} has no column {text_field!r} "
+                            f"(columns: {ds.column_names})")
+    return ds
+
+
+def _read_datasets(src: SourceConfig) -> list[str]:
+    ds = open_dataset(src.path, src.split, src.text_field, f"data source {src.name!r}")
     if src.max_docs:
         ds = ds.select(range(min(src.max_docs, len(ds))))
     return [str(t) for t in ds[src.text_field]]

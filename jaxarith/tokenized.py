@@ -165,18 +165,10 @@ def _file_docs(path: str, kind: str, opts: ReadOptions) -> Iterator[str]:
 
 
 def _dataset_docs(path: str, opts: ReadOptions) -> Iterator[str]:
-    """A ``datasets`` dataset saved with ``save_to_disk``, or a local builder / data dir."""
-    import datasets
+    """A ``datasets`` dataset (see :func:`jaxarith.data.open_dataset`), read in batches."""
+    from jaxarith.data import open_dataset
 
-    if os.path.exists(os.path.join(path, "dataset_info.json")) or \
-            os.path.exists(os.path.join(path, "dataset_dict.json")):
-        ds = datasets.load_from_disk(path)
-        ds = ds[opts.split] if isinstance(ds, datasets.DatasetDict) else ds
-    else:
-        ds = datasets.load_dataset(path, split=opts.split)
-    if opts.text_field not in ds.column_names:
-        raise JaxarithError(f"dataset {path} has no column {opts.text_field!r} "
-                            f"(columns: {ds.column_names})")
+    ds = open_dataset(path, opts.split, opts.text_field, "data tokenize")
     for batch in ds.select_columns([opts.text_field]).iter(batch_size=1024):
         yield from (str(t) for t in batch[opts.text_field])
 

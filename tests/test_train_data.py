@@ -1,6 +1,7 @@
 """grain data pipeline: reading sources, packing with separators, weighted mixing with replay,
 per-process shares and exact resume from the iterator state."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -106,15 +107,22 @@ def test_sources_text_jsonl_parquet_datasets(tmp_path, tokenizer):
 
     pq.write_table(pa.table({"body": texts}), tmp_path / "a.parquet")
     datasets.Dataset.from_dict({"body": texts}).save_to_disk(str(tmp_path / "ds"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": texts}),
+                          "test": datasets.Dataset.from_dict({"body": ["x"]})}).save_to_disk(
+        str(tmp_path / "dd"))  # a DatasetDict: its split is read
     cfgs = [data.SourceConfig(name="t", path=str(tmp_path / "a.txt")),
             data.SourceConfig(name="j", kind="jsonl", path=str(tmp_path / "*.jsonl"),
                               text_field="body"),
             data.SourceConfig(name="p", kind="parquet", path=str(tmp_path / "a.parquet"),
                               text_field="body"),
             data.SourceConfig(name="d", kind="datasets", path=str(tmp_path / "ds"),
+                              text_field="body"),
+            data.SourceConfig(name="dd", kind="datasets", path=str(tmp_path / "dd"),
                               text_field="body")]
     for c in cfgs:
         assert data.read_documents(c) == texts, c.kind
+    with pytest.raises(JaxarithError, match="data source 'd'.*no column 'text'"):
+        data.read_documents(dataclasses.replace(cfgs[3], text_field="text"))
     dc = data.DataConfig(sources=tuple(cfgs[:1]), seq_len=16, eval_fraction=0.1)
     sd = data.load_source(cfgs[0], tokenizer, dc)
     n_train = len(data.tokenize(texts[:18], tokenizer)) // 16
