@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -42,20 +42,26 @@ END_OF_TURN = ("<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>")
 Messages = Sequence[dict]
 
 
-def read_jsonl(path: str | os.PathLike) -> list[list[dict]]:
-    """The conversations of a jsonl file of ``{"messages": [...]}`` lines (checked)."""
-    out = []
+def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed JSON)`` of each non-blank line of a jsonl file; invalid JSON is an
+    error naming the file and line."""
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise JaxarithError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            msgs = obj.get("messages") if isinstance(obj, dict) else None
-            check_messages(msgs, f"{path}:{n}")
-            out.append(msgs)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[list[dict]]:
+    """The conversations of a jsonl file of ``{"messages": [...]}`` lines (checked)."""
+    out = []
+    for n, obj in jsonl_records(path):
+        msgs = obj.get("messages") if isinstance(obj, dict) else None
+        check_messages(msgs, f"{path}:{n}")
+        out.append(msgs)
     return out
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import glob
-import json
 import os
 from collections.abc import Sequence
 
@@ -192,19 +191,14 @@ def read_documents(src: SourceConfig) -> list[str]:
 
 
 def _read_jsonl(src: SourceConfig, path: str) -> list[str]:
+    from jaxarith.chat import jsonl_records
+
     out = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JaxarithError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or src.text_field not in obj:
-                raise JaxarithError(f"{path}:{n}: no key {src.text_field!r} "
-                                    f"(data source {src.name!r})")
-            out.append(str(obj[src.text_field]))
+    for n, obj in jsonl_records(path):
+        if not isinstance(obj, dict) or src.text_field not in obj:
+            raise JaxarithError(f"{path}:{n}: no key {src.text_field!r} "
+                                f"(data source {src.name!r})")
+        out.append(str(obj[src.text_field]))
     return out
 
 
