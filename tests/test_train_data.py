@@ -132,6 +132,10 @@ def test_sources_text_jsonl_parquet_datasets(tmp_path, tokenizer):
 def test_bad_sources_name_the_problem(tmp_path):
     with pytest.raises(JaxarithError, match="no such file"):
         data.read_documents(data.SourceConfig(name="x", path=str(tmp_path / "missing.txt")))
+    (tmp_path / "c.jsonl").write_text('{"text": "ok"}\n\n{"text": oops}\n')
+    with pytest.raises(JaxarithError, match=r"c.jsonl:3: invalid JSON"):
+        data.read_documents(data.SourceConfig(name="c", kind="jsonl",
+                                              path=str(tmp_path / "c.jsonl")))
     (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(JaxarithError, match=r"b.jsonl:2: no key 'text'"):
         data.read_documents(data.SourceConfig(name="x", kind="jsonl",
