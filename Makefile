@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)  ## the main job: the delta-transplant experiment on the embedded default (CPU)
-	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(PY) -m jaxarith.demo
+	XLA_FLAGS=--xla_force_host_platform_device_count=1 $(PY) -m train.demo
 
 test: $(STAMP)  ## lint + the test suite (CI runs exactly this)
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,10 @@
 """The ``jaxarith`` command: thin parsers that call the library.
 
-Each subcommand lives in its own module under ``jaxarith/commands/`` with a ``register(sub)``
-function; modules are discovered, so adding a command touches no shared file. Every subcommand
+Each subcommand lives in its own module with a ``register(sub)`` function: the library's commands
+under ``jaxarith/commands/`` (discovered), and commands of other packages through the entry-point
+group ``jaxarith.commands`` (the training program's ``train``, ``inheritune``, ``distill``,
+``average`` and ``experiment`` live in ``train/commands/``, since the library never imports
+``train``). Adding a command touches no shared file. Every subcommand
 takes ``--json`` and then prints exactly one JSON object on stdout (errors included:
 ``{"error": ...}``), human output otherwise.
 """
@@ -10,25 +13,36 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import pkgutil
 import sys
 
+import jaxarith.commands as pkg
 from jaxarith import __version__, distributed
 from jaxarith.commands import _common
 
+ENTRY_POINTS = "jaxarith.commands"
+
+
+def command_modules() -> list:
+    """The modules that define subcommands: ``jaxarith.commands.*`` and the entry points."""
+    mods = [importlib.import_module(f"jaxarith.commands.{m.name}")
+            for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name)
+            if not m.name.startswith("_")]
+    eps = sorted(importlib.metadata.entry_points(group=ENTRY_POINTS), key=lambda e: e.name)
+    mods += [ep.load() for ep in eps]
+    return sorted(mods, key=lambda m: m.__name__.rpartition(".")[2])  # --help lists by name
+
 
 def build_parser() -> argparse.ArgumentParser:
-    import jaxarith.commands as pkg
-
     parser = argparse.ArgumentParser(
         prog="jaxarith",
         description="Weight and logit arithmetic for pre-trained language models (JAX/Flax NNX).",
     )
     parser.add_argument("--version", action="version", version=f"jaxarith {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"jaxarith.commands.{info.name}").register(sub)
+    for module in command_modules():
+        module.register(sub)
     for command in sub.choices.values():  # every subcommand can run on many processes
         _add_distributed(command)
     return parser

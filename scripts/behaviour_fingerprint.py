@@ -63,8 +63,12 @@ def _run(args: list[str], out: str | None = None) -> str:
 
 
 def fingerprint(work: str) -> dict[str, str]:
-    from jaxarith.testing import (make_hf_model, tiny_gpt2_config, tiny_llama_config,
-                                  tiny_mixtral_config)
+    from jaxarith.testing.fixtures.fixtures import (
+        make_hf_model,
+        tiny_gpt2_config,
+        tiny_llama_config,
+        tiny_mixtral_config,
+    )
 
     j = lambda *p: os.path.join(work, *p)  # noqa: E731
     make_hf_model(j("llama"), tiny_llama_config(), seed=0)

@@ -28,8 +28,8 @@ import benchenv  # scripts/ is on sys.path when this file runs
 import ml_dtypes
 import numpy as np
 
-from jaxarith.convert.keymap import expand, rules_for
-from jaxarith.convert.safetensors_io import write_safetensors
+from jaxarith.io.convert.keymap import expand, rules_for
+from jaxarith.io.convert.safetensors_io import write_safetensors
 from jaxarith.models.config import load_config
 
 SIZES = {  # name: (hidden, intermediate, layers, heads, kv heads, vocab)

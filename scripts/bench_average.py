@@ -33,7 +33,7 @@ WRAP = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], "
 SOUP = """
 import sys
 from jaxarith import arith
-from jaxarith.refs import load_model
+from jaxarith.io.refs import load_model
 models = [load_model(r, progress=False) for r in sys.argv[1:]]
 arith.soup([m.params for m in models], models[0].config)
 """
@@ -43,8 +43,8 @@ def make_checkpoint(d: str, size: str, seed: int) -> tuple[int, int]:
     """Write a random float32 HF Llama checkpoint; returns (bytes, largest tensor bytes)."""
     import transformers
 
-    from jaxarith.convert.keymap import expand, rules_for
-    from jaxarith.convert.safetensors_io import write_safetensors
+    from jaxarith.io.convert.keymap import expand, rules_for
+    from jaxarith.io.convert.safetensors_io import write_safetensors
     from jaxarith.models.config import load_config
 
     h, f, n_layers, heads, kv, vocab = SIZES[size]
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             d = os.path.join(tmp, f"m{i}")
             nbytes, largest = make_checkpoint(d, size, i)
             dirs.append(d)
-        base, _ = peak_rss_mb([sys.executable, "-c", "import jax, jaxarith.soups; "
+        base, _ = peak_rss_mb([sys.executable, "-c", "import jax, jaxarith.average.soups; "
                                "jax.numpy.zeros(1).block_until_ready()"])
         for n in counts:
             out = os.path.join(tmp, f"avg{n}")

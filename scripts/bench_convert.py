@@ -8,7 +8,7 @@ from ``os.wait4``):
 - ``orbax->hf``  : ``jaxarith convert`` back (streamed)
 - ``naive``      : ``transformers`` ``from_pretrained`` then a numpy copy of every tensor
 - ``copy``       : a plain copy of the same safetensors bytes (the throughput reference)
-- ``startup``    : ``python -c "import jaxarith.convert.route"`` (the fixed cost inside both
+- ``startup``    : ``python -c "import jaxarith.io.convert.route"`` (the fixed cost inside both
   conversion timings: jax, orbax, tensorstore imports)
 
 Wall time is reported next to CPU time (user + sys of the process): on a shared machine the wall
@@ -36,7 +36,7 @@ import benchenv  # scripts/ is on sys.path when this file runs
 import ml_dtypes
 import numpy as np
 
-from jaxarith.convert.safetensors_io import write_safetensors
+from jaxarith.io.convert.safetensors_io import write_safetensors
 
 SIZES = {  # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
     "0.1B": (768, 2048, 12, 12, 4, 32000),
@@ -128,7 +128,7 @@ def main() -> None:
     work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
     py, rows = sys.executable, []
     machine = benchenv.start(quick=args.quick, torch_peak=False)
-    t_start, cpu_start, _ = run([py, "-c", "import jaxarith.convert.route"])
+    t_start, cpu_start, _ = run([py, "-c", "import jaxarith.io.convert.route"])
     try:
         for name, dims in sizes.items():
             src = os.path.join(work, f"hf-{name}")
@@ -162,7 +162,8 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     machine = benchenv.finish(machine)
     print(benchenv.describe(machine))
-    print(f"startup (import jaxarith.convert.route): {t_start:.2f} s wall, {cpu_start:.2f} s CPU")
+    print(f"startup (import jaxarith.io.convert.route): {t_start:.2f} s wall, "
+          f"{cpu_start:.2f} s CPU")
     print("times: wall s / CPU s; RSS: peak GB of the process")
     hdr = (f"{'model':>7} {'GB':>5} {'copy':>11} {'naive':>11} {'RSS':>5} {'HF->Orbax':>11} "
            f"{'RSS':>5} {'Orbax->HF':>11} {'RSS':>5} {'limit':>5} {'h->o/cp':>7} {'o->h/cp':>7}")

@@ -45,8 +45,8 @@ def _status_mb(key: str) -> float:
 
 def child(kind: str, path: str, seq_len: int, batch: int, batches: int) -> dict:
     """In a fresh process: build the loader over one source and draw ``batches`` batches."""
-    from jaxarith import data
-    from jaxarith.assets import bundled_tokenizer
+    from jaxarith.data import pipeline as data
+    from jaxarith.data.assets import bundled_tokenizer
 
     tok = bundled_tokenizer()
     tok(["warm up"], add_special_tokens=False)
@@ -77,7 +77,7 @@ def _run_child(*args) -> dict:
 
 
 def make_corpus(path: str, repeat: int) -> int:
-    from jaxarith.assets import CORPUS_CODE, CORPUS_DOCS
+    from jaxarith.data.assets import CORPUS_CODE, CORPUS_DOCS
 
     text = "\n\n".join(open(p, encoding="utf-8").read() for p in (CORPUS_CODE, CORPUS_DOCS))
     with open(path, "w", encoding="utf-8") as f:
@@ -87,7 +87,7 @@ def make_corpus(path: str, repeat: int) -> int:
 
 
 def tokenize(src: str, out: str, seq_len: int) -> dict:
-    from jaxarith import tokenized
+    from jaxarith.data import tokenized
 
     t0 = time.perf_counter()
     m = tokenized.tokenize_to_dir([src], out, tokenizer_ref="bundled", seq_len=seq_len,

@@ -34,8 +34,8 @@ import numpy as np  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from jaxarith import testing  # noqa: E402
-from jaxarith.lmeval import JaxarithLM  # noqa: E402
-from jaxarith.lmeval.run import task_manager  # noqa: E402
+from jaxarith.eval.lmeval import JaxarithLM  # noqa: E402
+from jaxarith.eval.lmeval.run import task_manager  # noqa: E402
 
 SIZES = {  # name: hidden, intermediate, layers, heads, kv heads, vocab, context
     "16M": (256, 768, 4, 8, 4, 32000, 512),

@@ -5,7 +5,7 @@ For each Mixtral made locally (random weights, saved by transformers, loaded by 
 - ``forward``: jaxarith's jitted mean next-token NLL vs ``MixtralForCausalLM(input_ids,
   labels=input_ids).loss`` under ``torch.no_grad()``;
 - ``train``: one optimizer step (loss with the load-balancing term, backward, AdamW): jaxarith's
-  jitted ``value_and_grad`` of :func:`jaxarith.moe.train_loss` + ``optax.adamw`` vs torch's
+  jitted ``value_and_grad`` of :func:`jaxarith.models.moe.train_loss` + ``optax.adamw`` vs torch's
   ``loss.backward()`` + ``torch.optim.AdamW`` with ``output_router_logits=True``;
 - ``routing share``: the jitted routing alone (router logits, top-k, sort by expert, gather,
   un-sort, combine; the expert matmuls replaced by the identity) over all layers at the model's
@@ -45,7 +45,7 @@ SIZES = {  # name: (hidden, intermediate, layers, heads, kv_heads, vocab, expert
 
 
 def hf_config(dims, seq_len: int):
-    from jaxarith.testing import tiny_mixtral_config
+    from jaxarith.testing.fixtures import tiny_mixtral_config
 
     d, f, n_layers, heads, kv, vocab, experts, k = dims
     return tiny_mixtral_config(vocab_size=vocab, hidden_size=d, intermediate_size=f,
@@ -57,7 +57,7 @@ def hf_config(dims, seq_len: int):
 
 def routing_only(cfg, n: int):
     """The dispatch of one layer without the expert matmuls (see the module docstring)."""
-    from jaxarith import moe
+    from jaxarith.models import moe
 
     def one(h, router):
         logits = moe.router_logits(h, router)
@@ -90,10 +90,10 @@ def bench_one(name, dims, args, workdir) -> dict:
     import optax
     import torch
 
-    from jaxarith import moe
-    from jaxarith.convert.hf import load_hf_params
+    from jaxarith.io.convert.hf import load_hf_params
+    from jaxarith.models import moe
     from jaxarith.models.transformer import next_token_loss, num_params
-    from jaxarith.testing import make_hf_model
+    from jaxarith.testing.fixtures import make_hf_model
 
     directory = os.path.join(workdir, name)
     model = make_hf_model(directory, hf_config(dims, args.seq), seed=0, with_tokenizer=False)

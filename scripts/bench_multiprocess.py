@@ -37,7 +37,7 @@ import time
 import benchenv  # scripts/ is on sys.path when this file runs
 from bench_convert import make_checkpoint
 
-from jaxarith import multiprocess_testing as mt
+from jaxarith.testing import multiprocess as mt
 
 SIZES = {"0.5B": (1536, 4096, 16, 12, 4, 32000), "1B": (2048, 8192, 16, 32, 8, 128256)}
 QUICK = {"tiny": (512, 1024, 4, 8, 4, 16384)}
@@ -48,7 +48,7 @@ import sys
 import jax
 from jaxarith import distributed, sharding
 distributed.initialize(distributed.config_from_env())
-from jaxarith.convert.orbax import load_orbax
+from jaxarith.io.convert.orbax import load_orbax
 cfg, params = load_orbax(sys.argv[1], mesh=sharding.make_mesh("fsdp=-1"))
 jax.block_until_ready(params)
 """
@@ -57,8 +57,8 @@ EXPORT = """
 import sys
 from jaxarith import distributed, sharding
 distributed.initialize(distributed.config_from_env())
-from jaxarith.convert.export import save_hf
-from jaxarith.convert.orbax import load_orbax
+from jaxarith.io.convert.export import save_hf
+from jaxarith.io.convert.orbax import load_orbax
 cfg, params = load_orbax(sys.argv[1], mesh=sharding.make_mesh("fsdp=-1"))
 save_hf(cfg, params, sys.argv[2], progress=False)
 """
@@ -125,7 +125,7 @@ def main() -> None:
     args.out = args.out or f"bench_results/multiprocess{'_quick' if args.quick else ''}.json"
     work = tempfile.mkdtemp(prefix="bench_multiprocess_")
     machine = benchenv.start(quick=args.quick, torch_peak=False)
-    startup = launch(["-c", "import jaxarith.convert.route, jax; jax.devices()"], 1)
+    startup = launch(["-c", "import jaxarith.io.convert.route, jax; jax.devices()"], 1)
     rows = []
     try:
         for name, dims in sizes.items():

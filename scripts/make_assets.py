@@ -1,4 +1,4 @@
-"""Build the bundled text and tokenizer in ``jaxarith/assets/`` (offline, deterministic).
+"""Build the bundled text and tokenizer in ``jaxarith/data/assets/`` (offline, deterministic).
 
 Two corpora stand in for "original pre-training data" and "a new domain":
   - ``corpus_docs.txt``: docstrings of the installed Python's standard library (prose);
@@ -20,7 +20,7 @@ import warnings
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-ASSETS = os.path.join(os.path.dirname(__file__), "..", "jaxarith", "assets")
+ASSETS = os.path.join(os.path.dirname(__file__), "..", "jaxarith", "data", "assets")
 MODULES = sorted(
     m.name for m in pkgutil.iter_modules()
     if m.module_finder.path.endswith("lib/python3.11") and not m.name.startswith("_")

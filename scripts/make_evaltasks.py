@@ -1,4 +1,4 @@
-"""Build the offline lm-eval task data in ``jaxarith/evaltasks/`` (deterministic, no network).
+"""Build the offline lm-eval task data in ``jaxarith/eval/tasks/`` (deterministic, no network).
 
 Three small tasks (tens of documents, so tests stay fast), each a jsonl next to its task YAML:
 
@@ -21,7 +21,7 @@ import random
 import re
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "jaxarith")
-ASSETS, OUT = os.path.join(ROOT, "assets"), os.path.join(ROOT, "evaltasks")
+ASSETS, OUT = os.path.join(ROOT, "data", "assets"), os.path.join(ROOT, "eval", "tasks")
 N_MC, N_PPL, N_GEN = 24, 12, 16
 CONTEXT_WORDS, CHOICE_WORDS = 8, 4
 

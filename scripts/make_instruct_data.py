@@ -1,4 +1,4 @@
-"""Build the bundled instruction data set in ``jaxarith/assets/`` (offline, deterministic).
+"""Build the bundled instruction data set in ``jaxarith/data/assets/`` (offline, deterministic).
 
 Question/answer pairs about the installed Python's standard library, made with ``inspect``:
 
@@ -28,7 +28,7 @@ import sys
 import warnings
 import zlib
 
-ASSETS = os.path.join(os.path.dirname(__file__), "..", "jaxarith", "assets")
+ASSETS = os.path.join(os.path.dirname(__file__), "..", "jaxarith", "data", "assets")
 sys.path.insert(0, os.path.dirname(__file__))
 from make_assets import MODULES  # noqa: E402
 

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxarith import arith, testing
+from jaxarith import arith
 from jaxarith.arith import ops
 from jaxarith.arith.select import MergeSpec
 from jaxarith.cli import main
-from jaxarith.convert.hf import HFCheckpoint, load_hf_params
 from jaxarith.errors import ArchitectureMismatchError
+from jaxarith.io.convert.hf import HFCheckpoint, load_hf_params
 from jaxarith.sharding import make_mesh
+from jaxarith.testing import fixtures as testing
 
 # ----------------------------------------------------------------------------- numpy references
 
@@ -531,7 +532,7 @@ def _cli(args, capsys):
 
 def test_cli_in_memory_orbax_out_and_orbax_inputs(three_llamas, tmp_path, capsys):
     """--in-memory and --to orbax from the CLI; Orbax models as inputs of delta and merge."""
-    from jaxarith.convert.orbax import load_orbax
+    from jaxarith.io.convert.orbax import load_orbax
 
     tuned, base = three_llamas[1], three_llamas[0]
     s = _cli(["delta", "extract", tuned, base, str(tmp_path / "d_s")], capsys)

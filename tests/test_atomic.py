@@ -10,10 +10,10 @@ import textwrap
 
 import pytest
 
-from jaxarith import atomic
-from jaxarith.atomic import MARKER, OutputExistsError, UnsafeDestinationError, atomic_dir
 from jaxarith.cli import main
-from jaxarith.convert.route import convert
+from jaxarith.io import atomic
+from jaxarith.io.atomic import MARKER, OutputExistsError, UnsafeDestinationError, atomic_dir
+from jaxarith.io.convert.route import convert
 
 
 def _tree(path) -> dict:
@@ -178,7 +178,7 @@ def test_interrupted_old_output_is_reported_not_deleted(tmp_path, capsys):
 
 _SLOW_WRITER = textwrap.dedent("""
     import os, sys, time, types
-    from jaxarith.atomic import atomic_dir
+    from jaxarith.io.atomic import atomic_dir
     from jaxarith.commands import _common
 
     def handler(args):

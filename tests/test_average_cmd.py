@@ -9,11 +9,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxarith import soups, testing
+from jaxarith.average import soups
 from jaxarith.cli import main
-from jaxarith.convert.hf import HFCheckpoint, load_hf_params
-from jaxarith.convert.orbax import hf_to_orbax
 from jaxarith.errors import ArchitectureMismatchError, CheckpointError, ConfigError
+from jaxarith.io.convert.hf import HFCheckpoint, load_hf_params
+from jaxarith.io.convert.orbax import hf_to_orbax
+from jaxarith.testing import fixtures as testing
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LLAMA = os.path.join(ROOT, "configs", "tiny_llama.yaml")
@@ -68,7 +69,7 @@ def test_uniform_equals_float64_numpy_mean(models, tmp_path, capsys, kind):
     if kind == "orbax":  # --to orbax: same numbers
         assert main(["average", *refs, str(tmp_path / "o"), "--to", "orbax", "--json"]) == 0
         capsys.readouterr()
-        from jaxarith.refs import load_model
+        from jaxarith.io.refs import load_model
 
         got = load_model(str(tmp_path / "o"), progress=False).params
         _, ref = load_hf_params(str(out), progress=False)
@@ -102,7 +103,7 @@ def test_greedy_soup_of_the_best_alone_when_nothing_helps():
 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
-    from jaxarith.assets import read_text
+    from jaxarith.data.assets import read_text
 
     p = tmp_path_factory.mktemp("text") / "held_out.txt"
     p.write_text(read_text(max_chars=3000))

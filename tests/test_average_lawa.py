@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from jaxarith.average import LaWA, LaWAConfig, SWAConfig
+from jaxarith.average.averagers import LaWA, LaWAConfig, SWAConfig
 from jaxarith.errors import ConfigError
 from jaxarith.models import transformer
 from jaxarith.models.config import config_from_hf
 from jaxarith.schedules import ScheduleConfig
 from jaxarith.sharding import make_mesh
-from jaxarith.testing import tiny_llama_config
+from jaxarith.testing.fixtures import tiny_llama_config
 from train.checkpoint import Checkpoints
 from train.config import OptimizerConfig, from_dict, to_dict
 from train.step import (

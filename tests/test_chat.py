@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxarith import assets, chat
-from jaxarith import data as data_lib
+from jaxarith.data import assets, chat
+from jaxarith.data import pipeline as data_lib
 from jaxarith.errors import JaxarithError
 
 CONV = [{"role": "system", "content": "Be brief."},
@@ -127,9 +127,9 @@ def test_chat_source_one_conversation_per_window_no_leak(tmp_path, tok):
 def test_answer_nll_matches_transformers(llama_dir, tok):
     import torch
 
-    from jaxarith.decode import Member
-    from jaxarith.instruct_eval import answer_nll
-    from jaxarith.refs import load_model
+    from jaxarith.decode.loop import Member
+    from jaxarith.eval.instruct import answer_nll
+    from jaxarith.io.refs import load_model
 
     path, hf = llama_dir
     model = load_model(path, progress=False)

@@ -9,9 +9,6 @@ import sys
 import numpy as np
 import pytest
 
-from jaxarith import testing
-from jaxarith.convert import load_hf_params
-from jaxarith.convert.safetensors_io import SafetensorsFile, write_safetensors
 from jaxarith.errors import (
     CheckpointError,
     ConfigError,
@@ -20,7 +17,10 @@ from jaxarith.errors import (
     UnexpectedTensorError,
     UnsupportedArchitectureError,
 )
+from jaxarith.io.convert import load_hf_params
+from jaxarith.io.convert.safetensors_io import SafetensorsFile, write_safetensors
 from jaxarith.models import GPT2Config, LlamaConfig, config_from_hf, load_config
+from jaxarith.testing import fixtures as testing
 
 
 @pytest.mark.parametrize("fixture", ["llama_dir", "llama_tied_dir", "gpt2_dir"])

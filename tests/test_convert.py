@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import transformers
 
-from jaxarith import sharding, testing
-from jaxarith.atomic import OutputExistsError
-from jaxarith.convert import HFCheckpoint, load_hf_params
-from jaxarith.convert.orbax import hf_to_orbax, load_orbax
-from jaxarith.convert.route import convert
+from jaxarith import sharding
 from jaxarith.errors import CheckpointError, JaxarithError, UnsupportedArchitectureError
+from jaxarith.io.atomic import OutputExistsError
+from jaxarith.io.convert import HFCheckpoint, load_hf_params
+from jaxarith.io.convert.orbax import hf_to_orbax, load_orbax
+from jaxarith.io.convert.route import convert
 from jaxarith.models import abstract_params, load_config
+from jaxarith.testing import fixtures as testing
 
 FIXTURES = ["llama_dir", "llama_tied_dir", "gpt2_dir"]
 
@@ -194,7 +195,7 @@ def test_inspect(kind, llama_dir, tmp_path):
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
 def test_tiled_copy_equals_numpy(dtype):
-    from jaxarith.convert.fastcopy import contiguous, copy_into
+    from jaxarith.io.convert.fastcopy import contiguous, copy_into
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((300, 517)).astype(np.float32).astype(dtype)  # not tile multiples
@@ -231,8 +232,8 @@ def test_memory_mapped_view_equals_read(llama_dir, tmp_path):
 
 
 def test_ahead_keeps_order_and_raises_at_the_failing_item():
-    from jaxarith.convert.fastcopy import aligned_empty
-    from jaxarith.convert.pipeline import ahead
+    from jaxarith.io.convert.fastcopy import aligned_empty
+    from jaxarith.io.convert.pipeline import ahead
 
     def items():
         yield from range(5)
@@ -250,8 +251,8 @@ def test_ahead_keeps_order_and_raises_at_the_failing_item():
 
 def test_in_memory_save_orbax_and_save_hf(llama_tied_dir, tmp_path):
     """The APIs other modules call: sharded in-memory params -> Orbax and -> HF (bfloat16)."""
-    from jaxarith.convert.export import save_hf
-    from jaxarith.convert.orbax import read_metadata, save_orbax
+    from jaxarith.io.convert.export import save_hf
+    from jaxarith.io.convert.orbax import read_metadata, save_orbax
 
     src, _ = llama_tied_dir
     mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
@@ -330,7 +331,7 @@ def test_hf_to_hf_streamed_cast_and_reshard(fixture, request, tmp_path):
 @pytest.fixture(scope="module")
 def mixed_dtype_llama(tmp_path_factory):
     """bfloat16 weights with float32 norms (as transformers' keep-in-fp32 modules save them)."""
-    from jaxarith.convert.safetensors_io import write_safetensors
+    from jaxarith.io.convert.safetensors_io import write_safetensors
 
     d = tmp_path_factory.mktemp("mixed")
     testing.make_hf_model(d / "f32", testing.tiny_llama_config())

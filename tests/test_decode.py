@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from jaxarith import cli, sharding
-from jaxarith.convert import load_hf_params
-from jaxarith.decode import Decoder, Member, generate, left_pad
+from jaxarith.decode.loop import Decoder, Member, generate, left_pad
+from jaxarith.decode.sampling import Greedy, Sampling
 from jaxarith.errors import ConfigError
+from jaxarith.io.convert import load_hf_params
+from jaxarith.io.refs import load_tokenizer
 from jaxarith.models import forward
-from jaxarith.refs import load_tokenizer
-from jaxarith.sampling import Greedy, Sampling
-from jaxarith.testing import count_compiles
+from jaxarith.testing.fixtures import count_compiles
 
 # four rows (divisible by data * fsdp = 4), left-padded to 8 slots (the default prompt bucket)
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22], [40]]

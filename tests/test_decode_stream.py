@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from test_decode import PROMPTS, count_compiles
 
-from jaxarith import decode
-from jaxarith.convert import load_hf_params
-from jaxarith.decode import DecodeSpec, Member, generate
-from jaxarith.logits import proxy_tuning
-from jaxarith.sampling import Greedy, Sampling
+from jaxarith.decode import loop as decode
+from jaxarith.decode.combine import proxy_tuning
+from jaxarith.decode.loop import DecodeSpec, Member, generate
+from jaxarith.decode.sampling import Greedy, Sampling
+from jaxarith.io.convert import load_hf_params
 
 NEW = 11
 WIDTH = 3  # chunks: [0], [1, 2, 3], [4, 5, 6], [7, 8, 9], [10]: the last one is cut short

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxarith import distill as D
+from jaxarith.distill import losses as D
 from jaxarith.errors import ConfigError
 
 KINDS = list(D.LossKind)

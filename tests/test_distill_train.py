@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxarith import distill as D
-from jaxarith import distill_cache
-from jaxarith.data import load_sources
+from jaxarith.data.pipeline import load_sources
+from jaxarith.distill import cache as distill_cache
+from jaxarith.distill import losses as D
 from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.io.refs import load_model
 from jaxarith.models import transformer
-from jaxarith.refs import load_model
 from train import loop
 from train.config import load_config
 
@@ -43,7 +43,7 @@ def teacher(tmp_path_factory):
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory):
     """An untrained one-layer GPT-2 with the bundled tokenizer's vocabulary (HF directory)."""
-    from jaxarith.testing import make_hf_model, tiny_gpt2_config
+    from jaxarith.testing.fixtures import make_hf_model, tiny_gpt2_config
 
     d = tmp_path_factory.mktemp("random_teacher")
     make_hf_model(d, tiny_gpt2_config(n_layer=1), seed=3, noise=0.5)
@@ -57,7 +57,7 @@ def student_cfg(out, *extra):
 def heldout_kl(teacher_dir, params, cfg):
     """Mean KL(p_teacher || p_student) over the held-out code windows, in float32."""
     t = load_model(teacher_dir, progress=False)
-    from jaxarith.assets import bundled_tokenizer
+    from jaxarith.data.assets import bundled_tokenizer
 
     src = load_sources(cfg.data, bundled_tokenizer())[0]
     tokens = jnp.asarray(src.eval[:16])
@@ -91,7 +91,7 @@ def test_cache_equals_live_topk_and_resume_in_both_modes(teacher, tmp_path):
             "distill.top_k=8", "distill.top_k_tail=true", "distill.loss=jsd",
             "distill.temperature=2.0"]
     cfg0 = student_cfg(tmp_path / "c0", *base)
-    from jaxarith.assets import bundled_tokenizer
+    from jaxarith.data.assets import bundled_tokenizer
 
     tok = bundled_tokenizer()
     sources = load_sources(cfg0.data, tok)
@@ -173,8 +173,8 @@ def test_bad_distill_input_is_refused_before_compiling(random_teacher, tmp_path,
 
 def test_cache_cli_records_equal_the_live_teacher_and_resume(random_teacher, tmp_path, capsys,
                                                              monkeypatch):
-    from jaxarith.assets import bundled_tokenizer
     from jaxarith.cli import main
+    from jaxarith.data.assets import bundled_tokenizer
 
     k = 5
     overrides = ["data.sources.code.max_docs=60", "data.sources.replay.max_docs=40",

@@ -1,7 +1,7 @@
 """Every example in README.md, docs/*.md and the configs' header commands runs (doc tests).
 
 One test item per block, in document order; the blocks of a page share a working directory and
-a Python namespace (see ``jaxarith/testing_docs.py`` for the markers and substitutions). Blocks
+a Python namespace (see ``jaxarith/testing/docs.py`` for the markers and substitutions). Blocks
 marked ``<!-- doctest: skip reason=... -->`` are reported as skipped with their reason.
 """
 
@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from jaxarith import testing
-from jaxarith.testing_docs import FIXTURE_NAMES, DocRunner, document_blocks, extract_markdown
+from jaxarith.testing import fixtures as testing
+from jaxarith.testing.docs import FIXTURE_NAMES, DocRunner, document_blocks, extract_markdown
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = document_blocks(REPO)

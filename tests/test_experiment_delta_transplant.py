@@ -12,9 +12,9 @@ from safetensors.numpy import load_file
 
 from jaxarith import cli
 from jaxarith.errors import ConfigError, JaxarithError
-from jaxarith.experiments import config as config_lib
-from jaxarith.experiments import delta_transplant
-from jaxarith.experiments.common import prepare_out
+from train.experiments import config as config_lib
+from train.experiments import delta_transplant
+from train.experiments.common import prepare_out
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("base", "instruct", "trained", "final", "instruct_trained")
@@ -69,7 +69,8 @@ def test_writes_every_output(run_dir):
     assert "| final |" in report and "loss_curves.png" in report
     # the held-out eval text is not in the training split of its source
     new = open(os.path.join(out, "eval", "new_domain.txt")).read()
-    assert new[:200] in open(os.path.join(ROOT, "jaxarith", "assets", "corpus_code.txt")).read()
+    corpus = os.path.join(ROOT, "jaxarith", "data", "assets", "corpus_code.txt")
+    assert new[:200] in open(corpus).read()
 
 
 def test_final_is_trained_plus_delta_tensor_by_tensor(run_dir):

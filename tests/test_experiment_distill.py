@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxarith.convert import load_hf_params
-from jaxarith.experiments import distill_vs_inherit as dvi
+from jaxarith.io.convert import load_hf_params
+from jaxarith.io.refs import load_model
 from jaxarith.models import forward
-from jaxarith.refs import load_model
+from train.experiments import distill_vs_inherit as dvi
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "experiments", "distill_vs_inherit_smoke.yaml")
@@ -21,7 +21,7 @@ SMOKE = os.path.join(ROOT, "configs", "experiments", "distill_vs_inherit_smoke.y
 def setup(tmp_path_factory):
     """The smoke config's stage configs, with a random teacher of the smoke teacher's shape
     standing in for stage 0 at DIR/models/teacher (no training)."""
-    from jaxarith.convert.export import save_hf
+    from jaxarith.io.convert.export import save_hf
     from jaxarith.models import LlamaConfig, init_params
 
     out = str(tmp_path_factory.mktemp("dvi"))

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxarith.experiments import weak_to_strong
+from train.experiments import weak_to_strong
 
 # the whole pipeline (~1 min): CI runs it in its slow step (`make test-slow`)
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxarith import sharding
-from jaxarith.convert.hf import load_hf_params
+from jaxarith.io.convert.hf import load_hf_params
 from jaxarith.models import transformer
 from jaxarith.models.fused_ce import chunk_length, linear_cross_entropy
 

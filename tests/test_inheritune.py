@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxarith import inherit as inh
 from jaxarith import sharding
+from jaxarith.arith import inherit as inh
 from jaxarith.errors import ConfigError
-from jaxarith.refs import load_model
+from jaxarith.io.refs import load_model
 from train import inheritune, loop
 from train.config import from_dict, load_config
 from train.extensions import discover

@@ -14,10 +14,10 @@ lm_eval = pytest.importorskip("lm_eval")  # the eval extra (installed by the tes
 
 from jaxarith import cli, sharding, testing  # noqa: E402
 from jaxarith.errors import ConfigError, JaxarithError  # noqa: E402
-from jaxarith.evaltasks import TASK_NAMES, TASKS_DIR  # noqa: E402
-from jaxarith.lmeval import JaxarithLM  # noqa: E402  (registers model="jaxarith")
-from jaxarith.lmeval.run import task_manager  # noqa: E402
-from jaxarith.testing import count_compiles  # noqa: E402
+from jaxarith.eval.lmeval import JaxarithLM  # noqa: E402  (registers model="jaxarith")
+from jaxarith.eval.lmeval.run import task_manager  # noqa: E402
+from jaxarith.eval.tasks import TASK_NAMES, TASKS_DIR  # noqa: E402
+from jaxarith.testing.fixtures import count_compiles  # noqa: E402
 
 # documents per task: enough to exercise every path (ppl docs 1 and 2 are longer than the tiny
 # models' 128-token context: several rolling windows each)
@@ -191,7 +191,7 @@ def test_shared_contexts_score_the_combined_distribution(llama_dir, llama_tied_d
     # sharing a (cut) context are scored from one run of it, every member alike
     from lm_eval.api.instance import Instance
 
-    from jaxarith.lmeval import scoring
+    from jaxarith.eval.lmeval import scoring
 
     with open(f"{TASKS_DIR}/jaxarith_mc.jsonl") as f:
         docs = [json.loads(line) for line in f][:2]
@@ -264,13 +264,13 @@ def test_shipped_tasks_are_package_data():
     for name in TASK_NAMES:
         for ext in ("yaml", "jsonl"):
             assert f"{name}.{ext}" in files
-            assert any(fnmatch.fnmatch(f"evaltasks/{name}.{ext}", p) for p in data)
+            assert any(fnmatch.fnmatch(f"eval/tasks/{name}.{ext}", p) for p in data)
 
 
 def test_generation_kwargs_map_to_the_decoder_samplers(gpt2_dir):
     from lm_eval.models.utils import normalize_gen_kwargs
 
-    from jaxarith.sampling import Greedy, Sampling
+    from jaxarith.decode.sampling import Greedy, Sampling
 
     lm = JaxarithLM(pretrained=gpt2_dir[0])
 
@@ -324,11 +324,11 @@ def test_cli_unknown_task_searches_every_index(llama_dir, capsys):
 
 @pytest.mark.slow  # a fresh interpreter (~5 s); test_simple_evaluate_by_name checks in-process
 def test_hf_backend_still_registered_first():
-    # importing jaxarith.lmeval before any lm-eval model lookup must not hide the built-ins
+    # importing jaxarith.eval.lmeval before any lm-eval model lookup must not hide the built-ins
     import subprocess
     import sys
 
-    code = ("import jaxarith.lmeval, lm_eval.api.registry as r; "
+    code = ("import jaxarith.eval.lmeval, lm_eval.api.registry as r; "
             "print(r.get_model('hf').__name__, r.get_model('jaxarith').__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.split()
@@ -342,7 +342,7 @@ def test_units_and_rows_respect_the_window():
     # rolling windows: equal one-token contexts, long continuations -> one unit each (a unit
     # never exceeds max_length slots); four choices of one context -> one unit of 5 + 4 tokens;
     # one-token continuations add scored slots, not tokens, and are counted against the window
-    from jaxarith.lmeval import scoring
+    from jaxarith.eval.lmeval import scoring
 
     pairs = ([([1], list(range(2, 60)))] * 3 + [([5, 6, 7, 8, 9], [10, 11])] * 4
              + [([3, 4], [7])] * 70)

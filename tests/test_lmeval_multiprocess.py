@@ -2,7 +2,7 @@
 follows) against 1 process x 8 devices on the same mesh, and errors on process 0 ending both.
 
 The reference is the single-process run (itself checked against lm-eval's ``hf`` backend in
-tests/test_lmeval.py). Each 2-process launch is started with jaxarith.multiprocess_testing on a
+tests/test_lmeval.py). Each 2-process launch is started with jaxarith.testing.multiprocess on a
 free port with a timeout, so a follower that never hears "stop" fails the test instead of
 hanging it. Slow (a launch costs 15-25 s here): run by ``make test-multiprocess``.
 """
@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("lm_eval")  # the eval extra (installed by the test extra)
 
 from jaxarith import cli  # noqa: E402
-from jaxarith import multiprocess_testing as mt  # noqa: E402
+from jaxarith.testing import multiprocess as mt  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240  # seconds for one launch
@@ -92,7 +92,7 @@ def test_an_error_on_process_0_stops_the_follower(llama_dir, tmp_path):
     """A task whose generation kwargs the model refuses fails on process 0 inside lm-eval,
     after the models loaded: process 1 is stopped with the error (exit 2, no hang), and no
     output directory is left. An unknown task stops both before the models load."""
-    shipped = os.path.join(ROOT, "jaxarith", "evaltasks")
+    shipped = os.path.join(ROOT, "jaxarith", "eval", "tasks")
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     shutil.copy(os.path.join(shipped, "loader.py"), tasks)  # the YAML's custom_dataset
@@ -131,7 +131,7 @@ def test_messages_survive_the_broadcast_framing(monkeypatch):
     one follows in a body padded to a power of two (a bounded number of broadcast shapes)."""
     import numpy as np
 
-    from jaxarith.lmeval import multihost
+    from jaxarith.eval.lmeval import multihost
 
     sent = []
     monkeypatch.setattr(multihost, "_broadcast", lambda buf: sent.append(buf.copy()) or buf)
@@ -153,7 +153,7 @@ def test_follow_and_leading_in_one_process(llama_dir):
     """With one process there is nobody to lead: follow() is a clear error, leading() and
     stop_followers() do nothing (no collective is sent)."""
     from jaxarith.errors import ConfigError
-    from jaxarith.lmeval import JaxarithLM
+    from jaxarith.eval.lmeval import JaxarithLM
 
     lm = JaxarithLM(pretrained=llama_dir[0])
     with pytest.raises(ConfigError, match="processes other than 0"):

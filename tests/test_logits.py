@@ -12,10 +12,7 @@ import pytest
 from test_decode import PROMPTS, count_compiles
 
 from jaxarith import cli
-from jaxarith.convert import load_hf_params
-from jaxarith.decode import Decoder, Member, combine, generate, left_pad
-from jaxarith.errors import ConfigError
-from jaxarith.logits import (
+from jaxarith.decode.combine import (
     SpeculativeDecoder,
     accept_or_resample,
     eft,
@@ -25,9 +22,12 @@ from jaxarith.logits import (
     proxy_tuning,
     reward_interpolation,
 )
+from jaxarith.decode.loop import Decoder, Member, combine, generate, left_pad
+from jaxarith.decode.sampling import Sampling
+from jaxarith.errors import ConfigError
+from jaxarith.io.convert import load_hf_params
 from jaxarith.models import LlamaConfig, forward, init_params
 from jaxarith.models.transformer import jit_forward
-from jaxarith.sampling import Sampling
 
 NEW = 8
 

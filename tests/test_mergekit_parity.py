@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxarith import testing
 from jaxarith.cli import main
-from jaxarith.convert.hf import HFCheckpoint
-from jaxarith.convert.safetensors_io import write_safetensors
+from jaxarith.io.convert.hf import HFCheckpoint
+from jaxarith.io.convert.safetensors_io import write_safetensors
+from jaxarith.testing import fixtures as testing
 
 mergekit = pytest.importorskip("mergekit", reason="mergekit==0.1.5 (the `test` extra) is not "
                                                   "installed: no parity check against it")

@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from jaxarith import testing
-from jaxarith.convert import load_hf_params
 from jaxarith.errors import ConfigError
-from jaxarith.evaluate import eval_loss
+from jaxarith.eval.loss import eval_loss
+from jaxarith.io.convert import load_hf_params
 from jaxarith.models import (
     CausalLM,
     check_config_keys,
@@ -25,6 +24,7 @@ from jaxarith.models import (
     num_params,
     token_logprobs,
 )
+from jaxarith.testing import fixtures as testing
 
 TOL = 1e-4
 FIXTURES = ["llama_dir", "llama_tied_dir", "gpt2_dir"]
@@ -199,7 +199,7 @@ def test_packed_rows_equal_transformers_on_each_sequence(fixture, request):
 
 
 def test_repeated_calls_do_not_recompile(gpt2_dir):
-    from jaxarith.evaluate import _batch_nll
+    from jaxarith.eval.loss import _batch_nll
 
     directory, _ = gpt2_dir
     cfg, params = load_hf_params(directory, progress=False)
@@ -352,7 +352,7 @@ def test_out_of_range_token_ids_are_a_clear_error(llama_dir):
         CausalLM.from_params(cfg, params)(jnp.asarray([[3, -1]]))
     with pytest.raises(ConfigError, match=message):
         eval_loss(params, cfg, bad[0])
-    from jaxarith.decode import DecodeSpec, Member, generate
+    from jaxarith.decode.loop import DecodeSpec, Member, generate
 
     with pytest.raises(ConfigError, match=r"model prompt: token id 1024 is outside"):
         generate(DecodeSpec(members=(Member(cfg),), max_new_tokens=2), [params], bad.tolist())
@@ -365,7 +365,7 @@ def test_out_of_range_token_ids_are_a_clear_error(llama_dir):
 def test_family_rules_cover_every_parameter_exactly_once(fixture, request):
     """Each canonical leaf of the family's ParamSpec table is the target of exactly one HF rule,
     with the shape the rule's hook produces from the HF shape."""
-    from jaxarith.convert.keymap import rules_for
+    from jaxarith.io.convert.keymap import rules_for
     from jaxarith.models import param_specs
     from jaxarith.sharding import path_str
 
@@ -389,7 +389,7 @@ def test_a_family_registered_at_run_time_runs_everywhere(monkeypatch):
     import dataclasses
     from typing import ClassVar
 
-    from jaxarith.convert.keymap import rules_for
+    from jaxarith.io.convert.keymap import rules_for
     from jaxarith.models import LlamaConfig, init_params, llama, register, registry
 
     monkeypatch.setattr(registry, "FAMILIES", dict(registry.FAMILIES))

@@ -13,12 +13,13 @@ import torch
 import transformers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from jaxarith import moe, sharding, testing
-from jaxarith.convert import HFCheckpoint, load_hf_params
-from jaxarith.convert.route import convert
-from jaxarith.decode import Decoder, Member, generate, left_pad
+from jaxarith import sharding
+from jaxarith.decode.loop import Decoder, Member, generate, left_pad
 from jaxarith.errors import ConfigError
-from jaxarith.models import config_from_hf, forward, load_config, next_token_loss, param_specs
+from jaxarith.io.convert import HFCheckpoint, load_hf_params
+from jaxarith.io.convert.route import convert
+from jaxarith.models import config_from_hf, forward, load_config, moe, next_token_loss, param_specs
+from jaxarith.testing import fixtures as testing
 
 E, K = 4, 2
 
@@ -206,7 +207,7 @@ def test_train_loss_lowers_the_loss_and_reports_router_metrics(mixtral):
     from train.step import next_token_loss_fn
 
     _, _, cfg, params = mixtral
-    loss_fn = next_token_loss_fn(cfg)  # dispatches to jaxarith.moe.train_loss
+    loss_fn = next_token_loss_fn(cfg)  # dispatches to jaxarith.models.moe.train_loss
     tokens = jnp.asarray(np.random.default_rng(4).integers(3, 200, (2, 16)), jnp.int32)
     tx = optax.adam(1e-2)
 

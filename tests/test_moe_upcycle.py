@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import transformers
 
-from jaxarith import cli, testing
-from jaxarith.convert import load_hf_params
+from jaxarith import cli
+from jaxarith.io.convert import load_hf_params
+from jaxarith.io.refs import load_model
 from jaxarith.models import forward
-from jaxarith.refs import load_model
+from jaxarith.testing import fixtures as testing
 
 
 def _tokens():

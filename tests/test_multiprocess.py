@@ -1,6 +1,6 @@
 """Multi-process runs on this CPU: 2 JAX processes x 4 devices each, against 1 process x 8.
 
-Every run is started by the test (jaxarith.multiprocess_testing) on a free port with explicit
+Every run is started by the test (jaxarith.testing.multiprocess) on a free port with explicit
 ``XLA_FLAGS`` (4 devices per process) and a timeout, so a hung collective fails the test. The
 independent reference is always the single-process program (8 devices) or the source files.
 Launches are expensive on 2 cores: the default suite has one 2-process launch; the training,
@@ -20,8 +20,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxarith import distributed
-from jaxarith import multiprocess_testing as mt
 from jaxarith.errors import ConfigError
+from jaxarith.testing import multiprocess as mt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 240  # seconds for one launch (a hung collective fails instead of hanging CI)
@@ -111,7 +111,7 @@ def test_convert_hf_to_orbax_on_2_processes_is_bit_identical(llama_dir, tmp_path
     assert _one_json(res[0])["route"] == "hf->orbax"
     assert res[1].stdout.strip() == ""  # stdout is process 0's
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # no temporaries left
-    from jaxarith.convert.route import convert
+    from jaxarith.io.convert.route import convert
 
     convert(orbax, str(tmp_path / "hf"), progress=False)
     want, got = _tensors(src), _tensors(str(tmp_path / "hf"))
@@ -124,7 +124,7 @@ def test_convert_hf_to_orbax_on_2_processes_is_bit_identical(llama_dir, tmp_path
 def test_convert_orbax_to_hf_on_2_processes_is_bit_identical(llama_dir, tmp_path):
     """Orbax -> HF on 2 processes (process 0 reads and writes, process 1 reads nothing: the
     leaves are host arrays, no collective): every tensor bit-identical to the source."""
-    from jaxarith.convert.route import convert
+    from jaxarith.io.convert.route import convert
 
     src, _ = llama_dir
     orbax, hf = str(tmp_path / "orbax"), str(tmp_path / "hf")
@@ -201,7 +201,7 @@ def test_train_2_processes_equals_1_and_resumes_anywhere(tmp_path):
 def test_eval_loss_2_processes_equals_1(llama_dir, tmp_path):
     src, _ = llama_dir
     text = tmp_path / "text.txt"
-    with open(os.path.join(ROOT, "jaxarith", "assets", "corpus_docs.txt")) as f:
+    with open(os.path.join(ROOT, "jaxarith", "data", "assets", "corpus_docs.txt")) as f:
         text.write_text(f.read()[:20000])
     cmd = ["-m", "jaxarith", "eval-loss", src, "--text", str(text), "--seq-len", "32",
            "--mesh", "data=2,fsdp=4", "--json"]
@@ -261,7 +261,7 @@ def test_launch_tpu_dry_run_prints_one_command_per_worker():
 @pytest.fixture(scope="module")
 def llama_other(llama_dir, tmp_path_factory):
     """A second model of llama_dir's architecture (other weights), to merge or average with."""
-    from jaxarith import testing
+    from jaxarith.testing import fixtures as testing
 
     d = str(tmp_path_factory.mktemp("llama_other"))
     testing.make_hf_model(d, testing.tiny_llama_config(rope_scaling=testing.LLAMA3_ROPE),
@@ -327,7 +327,7 @@ def test_average_on_2_processes_is_the_float64_mean(method, llama_dir, llama_oth
     HF and an Orbax input (every process joins each Orbax restore) and ``greedy`` (scored and
     held on the 2-process mesh, exported by gathering). The result is the float64 numpy mean of
     the (kept) inputs' tensors; greedy keeps and scores as on 1 process."""
-    from jaxarith.convert.route import convert
+    from jaxarith.io.convert.route import convert
 
     src = {llama_dir[0]: _tensors(llama_dir[0]), llama_other: _tensors(llama_other)}
     out = str(tmp_path / "avg")
@@ -344,7 +344,7 @@ def test_average_on_2_processes_is_the_float64_mean(method, llama_dir, llama_oth
         got, kept = _tensors(out), list(src)
     else:
         held = tmp_path / "held.txt"
-        with open(os.path.join(ROOT, "jaxarith", "assets", "corpus_docs.txt")) as f:
+        with open(os.path.join(ROOT, "jaxarith", "data", "assets", "corpus_docs.txt")) as f:
             held.write_text(f.read()[:3000])
         flags += ["--eval-text", str(held), "--seq-len", "32", "--mesh", "data=2,fsdp=4"]
         info = _mp_json(["average", *src, out, *flags], tmp_path)
@@ -397,7 +397,7 @@ def test_generate_greedy_on_2_processes_equals_1_and_transformers(llama_dir, tmp
     1 process x 8 devices, and those of transformers' greedy ``generate`` on the same model."""
     import torch
 
-    from jaxarith.refs import load_tokenizer
+    from jaxarith.io.refs import load_tokenizer
 
     src_dir, hf_model = llama_dir
     prompts = ["The cat", "Once upon a time there", "x", "A model of"]

@@ -8,8 +8,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxarith import sharding
-from jaxarith.convert import load_hf_params
 from jaxarith.errors import ConfigError, ShardingError
+from jaxarith.io.convert import load_hf_params
 from jaxarith.models import LlamaConfig, abstract_params, forward, jit_forward
 from jaxarith.models.config import RopeScaling
 
@@ -165,7 +165,7 @@ TABLES = {
 
 @pytest.fixture(scope="module")
 def eight_heads_dir(tmp_path_factory):
-    from jaxarith import testing
+    from jaxarith.testing import fixtures as testing
 
     d = tmp_path_factory.mktemp("eight_heads")
     testing.make_hf_model(d, testing.tiny_llama_config(**EIGHT_HEADS), seed=5,

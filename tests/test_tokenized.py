@@ -1,7 +1,7 @@
 """Pre-tokenised data (`jaxarith data tokenize`, `kind: tokenized`): the windows, batches, mixture
 and resume state equal those of the text sources they were made from (the in-memory text
-pipeline of jaxarith.data is the reference); mismatches and damage are clear errors; the command
-is atomic and prints one JSON object."""
+pipeline of jaxarith.data.pipeline is the reference); mismatches and damage are clear errors; the
+command is atomic and prints one JSON object."""
 
 import json
 import os
@@ -12,8 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from jaxarith import data, tokenized
-from jaxarith.assets import CORPUS_CODE, CORPUS_DOCS, TOKENIZER_JSON, bundled_tokenizer
+from jaxarith.data import pipeline as data
+from jaxarith.data import tokenized
+from jaxarith.data.assets import CORPUS_CODE, CORPUS_DOCS, TOKENIZER_JSON, bundled_tokenizer
 from train import loop
 from train.config import load_config
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxarith.average import EMA, SWA, make_averager
+from jaxarith.average.averagers import EMA, SWA, make_averager
 from jaxarith.errors import ConfigError
 
 

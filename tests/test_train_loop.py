@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxarith import testing
+from jaxarith.testing import fixtures as testing
 from train import loop
 from train.config import load_config
 
@@ -120,8 +120,8 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_pa
 
 
 def test_tiny_gpt2_trains_and_exports_with_delta(tmp_path):
-    from jaxarith.convert.export import save_hf
-    from jaxarith.convert.hf import load_hf_params
+    from jaxarith.io.convert.export import save_hf
+    from jaxarith.io.convert.hf import load_hf_params
     from train.step import scratch_params
 
     scratch = load_config(GPT2, [f"out={tmp_path}"])
@@ -155,7 +155,7 @@ def test_tiny_configs_full_run_loss_falls_well_below_start(tmp_path, config):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from jaxarith.convert.hf import load_hf_params
+    from jaxarith.io.convert.hf import load_hf_params
     from jaxarith.models import transformer
 
     res = loop.run(load_config(config, [f"out={tmp_path / 'run'}", "log.progress=false",

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from jaxarith.average import AverageConfig, NoAverage
-from jaxarith.data import DataConfig, SourceConfig
+from jaxarith.average.averagers import AverageConfig, NoAverage
+from jaxarith.data.pipeline import DataConfig, SourceConfig
 from jaxarith.errors import ConfigError
 from jaxarith.schedules import ScheduleConfig
 from train.distill import DistillSection

@@ -34,8 +34,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxarith import distill as D
-from jaxarith import distill_cache
+from jaxarith.distill import cache as distill_cache
+from jaxarith.distill import losses as D
 from jaxarith.errors import ConfigError
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig
@@ -53,7 +53,7 @@ class DistillSection:
       cache: an offline top-k cache directory (``jaxarith distill cache``) instead of a live
         teacher; its ``k`` becomes ``top_k``.
       loss, temperature, scale_by_temperature, alpha, beta, lam, top_k, top_k_tail: see
-        :class:`jaxarith.distill.DistillLoss`.
+        :class:`jaxarith.distill.losses.DistillLoss`.
       teacher_dtype: float32 | bfloat16: the live teacher's weights and forward.
     """
 
@@ -114,7 +114,7 @@ def check_vocab(student_cfg: ModelConfig, teacher_cfg: ModelConfig, teacher_ref:
 def load_teacher(ref: str, teacher_cfg: ModelConfig, mesh, dtype: str = "float32",
                  progress: bool = False):
     """The teacher's parameters in ``dtype``, sharded on ``mesh`` by the logical-axis rules."""
-    from jaxarith.refs import load_model
+    from jaxarith.io.refs import load_model
 
     loaded = load_model(ref, mesh=mesh, dtype=jnp.dtype(dtype), progress=progress)
     if loaded.config != teacher_cfg:

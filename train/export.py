@@ -3,7 +3,7 @@
 ``final = trained + (delta_tuned - delta_base)`` is the instruct-transplant recipe: continue
 pre-training a base model on new data, then re-add the instruction-tuning delta. The delta uses
 :mod:`jaxarith.arith` (``delta`` / ``apply_delta``, float32 math) and the writer is
-:func:`jaxarith.convert.export.save_hf` (atomic, sharded safetensors).
+:func:`jaxarith.io.convert.export.save_hf` (atomic, sharded safetensors).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from jaxarith.atomic import protect_inputs
 from jaxarith.errors import ConfigError
+from jaxarith.io.atomic import protect_inputs
 from jaxarith.models.config import ModelConfig
 
 
@@ -31,7 +31,7 @@ def export_params(cfg, state) -> dict:
 def add_delta(params: dict, model_cfg: ModelConfig, tuned_ref: str, base_ref: str, mesh=None):
     """``params + (tuned - base)`` with both references loaded onto ``mesh``."""
     from jaxarith import arith
-    from jaxarith.refs import load_model
+    from jaxarith.io.refs import load_model
 
     tuned = load_model(tuned_ref, mesh=mesh, dtype=jnp.float32, progress=False)
     base = load_model(base_ref, mesh=mesh, dtype=jnp.float32, progress=False)
@@ -45,7 +45,7 @@ def add_delta(params: dict, model_cfg: ModelConfig, tuned_ref: str, base_ref: st
 
 def export_hf(cfg, model_cfg: ModelConfig, model_dir: str | None, state) -> str:
     """Write ``cfg.export.hf_dir`` (HF safetensors + config + tokenizer). Returns the path."""
-    from jaxarith.convert.export import save_hf
+    from jaxarith.io.convert.export import save_hf
 
     ex = cfg.export
     params = export_params(cfg, state)
@@ -56,7 +56,7 @@ def export_hf(cfg, model_cfg: ModelConfig, model_dir: str | None, state) -> str:
     tok_dir = model_dir
     with tempfile.TemporaryDirectory() as tmp:
         if not tok_dir or cfg.model.tokenizer == "bundled":
-            from jaxarith.assets import bundled_tokenizer
+            from jaxarith.data.assets import bundled_tokenizer
 
             bundled_tokenizer().save_pretrained(tmp)
             tok_dir = tmp

@@ -102,7 +102,7 @@ class HeldOut:
     """The pooled held-out loss of a config's data, for any params (reference or student)."""
 
     def __init__(self, cfg, model_dir: str | None):
-        from jaxarith import data as data_lib
+        from jaxarith.data import pipeline as data_lib
         from jaxarith.sharding import make_mesh
         from train.loop import tokenizer_for
 
@@ -155,8 +155,8 @@ def run(path: str, overrides: list[str] | None = None, *, on_round=None) -> dict
       "ref_val_loss",
       "reference_layers", "out", "jsonl", "plot"}``.
     """
+    from jaxarith.io.refs import load_model
     from jaxarith.models.config import load_config as load_model_config
-    from jaxarith.refs import load_model
     from train import init as init_lib
     from train import loop
 

@@ -14,7 +14,7 @@
       allow_repeat: false
 
 Sparse upcycling (a dense Llama/Mistral REF becomes a Mixtral whose experts copy its MLPs, see
-:mod:`jaxarith.upcycle`; ``method`` may be left out, the section implies it)::
+:mod:`jaxarith.arith.upcycle`; ``method`` may be left out, the section implies it)::
 
     init:
       ref: runs/dense/hf
@@ -82,7 +82,7 @@ class InitConfig:
     upcycle: UpcycleSection = UpcycleSection()
 
     def __post_init__(self):
-        from jaxarith import inherit as inherit_lib
+        from jaxarith.arith import inherit as inherit_lib
 
         if self.upcycle.enabled and self.method == "inherit":  # the section implies the method
             object.__setattr__(self, "method", "upcycle")
@@ -116,18 +116,18 @@ class InitConfig:
 
 
 def _ref_dir(ref: str) -> str:
-    from jaxarith.refs import RefKind, ref_kind
+    from jaxarith.io.refs import RefKind, ref_kind
 
     if ref_kind(ref) is RefKind.ORBAX:
         return os.fspath(ref)
-    from jaxarith.convert.hf import resolve_hf_dir
+    from jaxarith.io.convert.hf import resolve_hf_dir
 
     return resolve_hf_dir(ref)
 
 
 def plan(init: InitConfig, src_cfg: ModelConfig):
-    """The :class:`jaxarith.inherit.Plan` of ``init`` over a source of config ``src_cfg``."""
-    from jaxarith import inherit as inherit_lib
+    """The :class:`jaxarith.arith.inherit.Plan` of ``init`` over a source of config ``src_cfg``."""
+    from jaxarith.arith import inherit as inherit_lib
 
     layers = init.layers or f"first:{src_cfg.num_hidden_layers}"
     try:
@@ -147,7 +147,7 @@ def start_config(init: InitConfig) -> tuple[ModelConfig, str]:
     """
     directory = _ref_dir(init.ref)
     if init.method == "upcycle":
-        from jaxarith.upcycle import upcycle_config
+        from jaxarith.arith.upcycle import upcycle_config
 
         u = init.upcycle
         return upcycle_config(load_config(directory), u.experts, u.top_k), directory
@@ -156,12 +156,12 @@ def start_config(init: InitConfig) -> tuple[ModelConfig, str]:
 
 def start_params(init: InitConfig, mesh, seed: int, *, progress: bool = False) -> dict:
     """The student's start weights on ``mesh``: REF loaded there, transformed under jit."""
-    from jaxarith import inherit as inherit_lib
-    from jaxarith.refs import load_model
+    from jaxarith.arith import inherit as inherit_lib
+    from jaxarith.io.refs import load_model
 
     src = load_model(init.ref, mesh=mesh, dtype=jnp.float32, progress=progress)
     if init.method == "upcycle":
-        from jaxarith.upcycle import upcycle_config, upcycle_params
+        from jaxarith.arith.upcycle import upcycle_config, upcycle_params
 
         u = init.upcycle
         cfg = upcycle_config(src.config, u.experts, u.top_k)

@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxarith import data as data_lib
 from jaxarith import sharding
+from jaxarith.data import pipeline as data_lib
 from jaxarith.errors import CheckpointError, ConfigError, JaxarithError
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig, config_from_hf, load_config
@@ -88,11 +88,11 @@ def model_config(cfg: TrainConfig, extensions: Sequence[Extension] = ()
     m = cfg.model
     if not m.ref:
         return config_from_hf({"model_type": m.arch, **m.config}), None
-    from jaxarith.refs import RefKind, ref_kind
+    from jaxarith.io.refs import RefKind, ref_kind
 
     if ref_kind(m.ref) is RefKind.ORBAX:
         return load_config(m.ref), os.fspath(m.ref)
-    from jaxarith.convert.hf import resolve_hf_dir
+    from jaxarith.io.convert.hf import resolve_hf_dir
 
     directory = resolve_hf_dir(m.ref)
     return load_config(directory), directory
@@ -106,7 +106,7 @@ def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh, progress: boo
     if ext is not None:
         return ext.init_params(cfg, model_cfg, mesh)
     if cfg.model.ref:
-        from jaxarith.refs import load_model
+        from jaxarith.io.refs import load_model
 
         return load_model(cfg.model.ref, mesh=mesh, dtype=jnp.float32, progress=progress).params
     return scratch_params(model_cfg, cfg.seed, mesh)
@@ -116,10 +116,10 @@ def tokenizer_for(cfg: TrainConfig, model_dir: str | None):
     """The tokenizer: ``bundled``, a directory, or (default) the starting model's."""
     name = cfg.model.tokenizer or model_dir
     if not name or name == "bundled":
-        from jaxarith.assets import bundled_tokenizer
+        from jaxarith.data.assets import bundled_tokenizer
 
         return bundled_tokenizer()
-    from jaxarith.refs import load_tokenizer
+    from jaxarith.io.refs import load_tokenizer
 
     return load_tokenizer(name)
 
@@ -445,7 +445,7 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     set_strict_sharding(cfg.mesh_strict)
     check_batch_fits(cfg.batch, cfg.microbatches, mesh, jax.process_count())
     data_lib.check_batch(cfg.batch, jax.process_count())
-    from jaxarith.atomic import claim_dir
+    from jaxarith.io.atomic import claim_dir
 
     # a new, empty or earlier jaxarith run directory (marked); never someone else's files
     out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"))
@@ -467,7 +467,7 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
         return _report_finished(cfg, done, model_cfg, model_dir, mesh, ckpt_dir)
     if cfg.export.hf_dir and os.path.exists(cfg.export.hf_dir) \
             and not os.path.exists(os.path.join(out, "summary.json")):
-        from jaxarith.atomic import check_destination
+        from jaxarith.io.atomic import check_destination
 
         # refuse now, not after the whole run
         check_destination(cfg.export.hf_dir, cfg.export.overwrite,
@@ -674,7 +674,7 @@ def _report_finished(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, mode
     res = {**saved, "already_done": True, "batches": {}}
     hf = cfg.export.hf_dir
     if hf and (os.path.abspath(hf) != saved.get("export_hf") or cfg.export.overwrite):
-        from jaxarith.atomic import check_destination
+        from jaxarith.io.atomic import check_destination
         from train.export import export_hf
 
         check_destination(hf, cfg.export.overwrite,

@@ -16,8 +16,8 @@ Extension points, so new capabilities do not rewrite the loop:
   exact for all of them. The default is next-token NLL (:func:`next_token_loss_fn`); a
   distillation loss reads a frozen teacher from ``frozen`` (held in the state, sharded, never
   differentiated or updated).
-* ``average``: any :class:`jaxarith.average.Averager` (EMA, SWA, LaWA, ...), updated inside the
-  step and sharded as its ``shardings`` method says.
+* ``average``: any :class:`jaxarith.average.averagers.Averager` (EMA, SWA, LaWA, ...), updated
+  inside the step and sharded as its ``shardings`` method says.
 * initial ``params`` may come from anywhere (a checkpoint, scratch, inherited layers).
 
 The training program (:mod:`train.loop`) fills these from the config: an
@@ -43,7 +43,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxarith import sharding
-from jaxarith.average import make_averager
+from jaxarith.average.averagers import make_averager
 from jaxarith.errors import ConfigError
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig
@@ -185,7 +185,7 @@ def build_step(
       batch, seq_len, microbatches: the global batch ``[microbatches, batch // microbatches,
         seq_len]`` the step takes.
       loss_fn: ``(params, frozen, batch) -> (loss_sum, count, metrics)`` (see the module doc).
-      average: (kind, options) for :func:`jaxarith.average.make_averager`.
+      average: (kind, options) for :func:`jaxarith.average.averagers.make_averager`.
       skip_nonfinite: a step with a non-finite loss or gradient leaves the state unchanged.
       frozen: non-trainable trees kept in the state (abstract or concrete).
       batch_fields: the batch's fields, ``name -> (trailing shape after T, dtype)``; default

@@ -6,8 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import jax
 
-from jaxarith.convert.keymap import rules_for
 from jaxarith.errors import ArchitectureMismatchError
+from jaxarith.io.convert.keymap import rules_for
 from jaxarith.models.config import ModelConfig
 
 Path = tuple[str, ...]

@@ -14,8 +14,8 @@ from jaxarith.arith.check import check_trees
 from jaxarith.arith.memory import run
 from jaxarith.arith.select import MergeSpec
 from jaxarith.arith.stream import run_streamed
-from jaxarith.atomic import check_destination
 from jaxarith.errors import ConfigError
+from jaxarith.io.atomic import check_destination
 
 
 def execute(
@@ -38,7 +38,7 @@ def execute(
       to: ``"hf"`` or ``"orbax"``.
       in_memory: load everything and run under jit even when streaming is possible.
     """
-    from jaxarith.refs import RefKind, load_model, ref_kind
+    from jaxarith.io.refs import RefKind, load_model, ref_kind
 
     if to not in ("hf", "orbax"):
         raise ConfigError(f"--to {to!r}: expected 'hf' or 'orbax'")
@@ -60,12 +60,12 @@ def execute(
     result = run(spec, cfg, trees, dtype=dtype)
     del trees
     if to == "hf":
-        from jaxarith.convert.export import save_hf
+        from jaxarith.io.convert.export import save_hf
 
         info = save_hf(cfg, result, out, max_shard_size=max_shard_size, tokenizer_dir=tok_dir,
                        overwrite=overwrite, progress=progress)
     else:
-        from jaxarith.convert.orbax import save_orbax
+        from jaxarith.io.convert.orbax import save_orbax
 
         save_orbax(cfg, result, out, tokenizer_dir=tok_dir, overwrite=overwrite)
         info = {}

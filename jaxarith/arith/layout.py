@@ -15,7 +15,7 @@ import functools
 import numpy as np
 
 from jaxarith.arith.ops import Layout
-from jaxarith.convert.keymap import Rule, rules_for
+from jaxarith.io.convert.keymap import Rule, rules_for
 from jaxarith.models.config import ModelConfig
 
 Path = tuple[str, ...]

@@ -131,7 +131,7 @@ def run(args) -> int:
     141. Under ``--json`` the line is ``{"error": ..., "type": ...}`` on stdout.
     """
     from jaxarith import distributed
-    from jaxarith.atomic import terminate_as_exception
+    from jaxarith.io.atomic import terminate_as_exception
 
     try:
         with terminate_as_exception():

@@ -25,9 +25,9 @@ def register(sub) -> None:
 def handle(args) -> int:
     import time
 
-    from jaxarith.convert import pipeline
-    from jaxarith.convert.route import convert
-    from jaxarith.refs import RefKind, ref_kind
+    from jaxarith.io.convert import pipeline
+    from jaxarith.io.convert.route import convert
+    from jaxarith.io.refs import RefKind, ref_kind
 
     t0 = time.perf_counter()
     to = args.to or ("hf" if ref_kind(args.src) is RefKind.ORBAX else "orbax")

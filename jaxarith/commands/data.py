@@ -49,7 +49,7 @@ def register(sub) -> None:
 
 
 def handle_tokenize(args) -> int:
-    from jaxarith import tokenized
+    from jaxarith.data import tokenized
 
     opts = tokenized.ReadOptions(kind=args.kind, text_field=args.text_field, split=args.split,
                                  doc_separator=args.doc_separator, max_docs=args.max_docs)

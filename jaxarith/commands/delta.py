@@ -82,12 +82,12 @@ def handle_norms(args) -> int:
 
 def _run(args, name: str, refs, shared) -> int:
     from jaxarith.arith.execute import execute
-    from jaxarith.convert import pipeline
+    from jaxarith.io.convert import pipeline
 
     pipeline.recycle_memory()  # process-wide: streamed tensors reuse freed buffers
     from jaxarith.arith.methods import method
     from jaxarith.arith.select import MergeSpec, Selection
-    from jaxarith.atomic import protect_inputs
+    from jaxarith.io.atomic import protect_inputs
 
     spec = MergeSpec(method=method(name), shared=shared,
                      selection=Selection(include=tuple(args.include),

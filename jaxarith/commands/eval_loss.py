@@ -25,8 +25,8 @@ def handle(args) -> int:
     import jax.numpy as jnp
 
     from jaxarith.errors import ConfigError, JaxarithError
-    from jaxarith.evaluate import eval_loss
-    from jaxarith.refs import load_model
+    from jaxarith.eval.loss import eval_loss
+    from jaxarith.io.refs import load_model
 
     _common.check_positive(batch_size=args.batch_size)
     if args.seq_len is not None and args.seq_len < 2:

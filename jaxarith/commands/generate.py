@@ -50,8 +50,8 @@ def register(sub) -> None:
 
 
 def _sampler(args):
+    from jaxarith.decode.sampling import Greedy, Sampling
     from jaxarith.errors import ConfigError
-    from jaxarith.sampling import Greedy, Sampling
 
     sampling = any(v is not None for v in (args.temperature, args.top_p, args.top_k))
     if args.greedy and sampling:
@@ -125,13 +125,13 @@ class _Streamer:
 def handle(args) -> int:
     import jax.numpy as jnp
 
-    from jaxarith.decode import DecodeSpec, Member, generate
+    from jaxarith.decode.combine import eft, proxy_tuning
+    from jaxarith.decode.loop import DecodeSpec, Member, generate
+    from jaxarith.decode.speculative import SpeculativeSpec, generate_speculative
     from jaxarith.distributed import is_primary
     from jaxarith.errors import ConfigError
-    from jaxarith.logits import eft, proxy_tuning
+    from jaxarith.io.refs import load_model
     from jaxarith.models.transformer import num_params
-    from jaxarith.refs import load_model
-    from jaxarith.speculative import SpeculativeSpec, generate_speculative
 
     mode = _check_args(args)
     templates = _templates(args, mode)

@@ -1,6 +1,6 @@
 """``jaxarith inherit SRC OUT --layers SPEC``: a smaller (or stacked) model from SRC's layers.
 
-Layer specs: ``first:N``, ``last:N``, ``spread:N``, ``list:0,3,5`` (see ``jaxarith.inherit``).
+Layer specs: ``first:N``, ``last:N``, ``spread:N``, ``list:0,3,5`` (see ``jaxarith.arith.inherit``).
 OUT is a complete checkpoint (config with the new depth, tokenizer files) written atomically.
 """
 
@@ -43,10 +43,10 @@ def handle(args) -> int:
     import jax
 
     from jaxarith import distributed
-    from jaxarith import inherit as inherit_lib
-    from jaxarith.atomic import check_destination
+    from jaxarith.arith import inherit as inherit_lib
+    from jaxarith.io.atomic import check_destination
+    from jaxarith.io.refs import RefKind, load_model, ref_kind
     from jaxarith.models.config import load_config
-    from jaxarith.refs import RefKind, load_model, ref_kind
 
     # Everything that can be checked from configs is checked before any weight is read.
     check_destination(args.out, args.overwrite)
@@ -54,7 +54,7 @@ def handle(args) -> int:
     if kind is RefKind.ORBAX:
         src_cfg = load_config(args.src)
     else:
-        from jaxarith.convert.hf import resolve_hf_dir
+        from jaxarith.io.convert.hf import resolve_hf_dir
 
         src_cfg = load_config(resolve_hf_dir(args.src))
     with warnings.catch_warnings(record=True) as caught:
@@ -73,12 +73,12 @@ def handle(args) -> int:
     src = load_model(args.src, mesh=mesh, progress=progress)
     params = inherit_lib.apply_plan(src.params, plan, jax.random.PRNGKey(args.seed), mesh)
     if args.to == "orbax":
-        from jaxarith.convert.orbax import save_orbax
+        from jaxarith.io.convert.orbax import save_orbax
 
         save_orbax(plan.config, params, args.out, tokenizer_dir=src.directory,
                    overwrite=args.overwrite)
     else:
-        from jaxarith.convert.export import save_hf
+        from jaxarith.io.convert.export import save_hf
 
         save_hf(plan.config, params, args.out, tokenizer_dir=src.directory,
                 overwrite=args.overwrite, progress=progress)

@@ -50,8 +50,8 @@ def inspect_model(ref: str) -> dict:
     """
     import numpy as np
 
+    from jaxarith.io.refs import RefKind, ref_kind
     from jaxarith.models import load_config, num_params
-    from jaxarith.refs import RefKind, ref_kind
 
     kind = ref_kind(ref)
     tensors = []
@@ -62,7 +62,7 @@ def inspect_model(ref: str) -> dict:
         import jax
         import orbax.checkpoint as ocp
 
-        from jaxarith.convert.orbax import PARAMS_DIR, read_metadata
+        from jaxarith.io.convert.orbax import PARAMS_DIR, read_metadata
 
         directory = os.path.abspath(ref)  # orbax needs absolute paths
         meta = read_metadata(directory)
@@ -76,7 +76,7 @@ def inspect_model(ref: str) -> dict:
                             "shape": list(leaf.shape), "dtype": str(np.dtype(leaf.dtype)),
                             "sharding": sharding_info(shd)})
     else:
-        from jaxarith.convert.hf import HFCheckpoint, resolve_hf_dir
+        from jaxarith.io.convert.hf import HFCheckpoint, resolve_hf_dir
 
         directory = resolve_hf_dir(ref)
         meta = {}

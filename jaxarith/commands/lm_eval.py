@@ -1,7 +1,7 @@
 """``jaxarith lm-eval MODEL --tasks T1,T2``: lm-evaluation-harness tasks on a jaxarith model.
 
-The model (or a logit combination) is lm-eval's ``model="jaxarith"`` (jaxarith.lmeval); the
-tasks are lm-eval's, plus the offline tasks shipped in jaxarith/evaltasks/ (always on the
+The model (or a logit combination) is lm-eval's ``model="jaxarith"`` (jaxarith.eval.lmeval); the
+tasks are lm-eval's, plus the offline tasks shipped in jaxarith/eval/tasks/ (always on the
 include path): jaxarith_mc, jaxarith_ppl, jaxarith_gen, and the group jaxarith_offline.
 
 Logit arithmetic (every model must share MODEL's tokenizer):
@@ -98,13 +98,13 @@ def _summary(results: dict) -> str:
 
 
 def handle(args) -> int:
-    from jaxarith.atomic import atomic_dir
     from jaxarith.distributed import on_primary
-    from jaxarith.lmeval.run import evaluate, jsonable
+    from jaxarith.eval.lmeval.run import evaluate, jsonable
+    from jaxarith.io.atomic import atomic_dir
 
     tasks = _check(args)
     if args.output_path:  # refuse a bad destination before the models load (on process 0)
-        from jaxarith.atomic import check_destination
+        from jaxarith.io.atomic import check_destination
 
         on_primary(lambda: str(check_destination(args.output_path, args.overwrite,
                                                  inputs=[args.model])),
@@ -130,7 +130,7 @@ def handle(args) -> int:
 
 def _write(directory: str, results: dict, samples: dict | None) -> None:
     """results.json (and samples.jsonl with --log-samples) in ``directory``."""
-    from jaxarith.lmeval.run import jsonable
+    from jaxarith.eval.lmeval.run import jsonable
 
     with open(os.path.join(directory, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -27,9 +27,9 @@ def register(sub) -> None:
 
 
 def _num_layers(ref: str) -> int:
-    from jaxarith.convert.hf import resolve_hf_dir
+    from jaxarith.io.convert.hf import resolve_hf_dir
+    from jaxarith.io.refs import RefKind, ref_kind
     from jaxarith.models.config import load_config
-    from jaxarith.refs import RefKind, ref_kind
 
     directory = ref if ref_kind(ref) is RefKind.ORBAX else resolve_hf_dir(ref)
     return load_config(directory).num_hidden_layers
@@ -37,11 +37,11 @@ def _num_layers(ref: str) -> int:
 
 def handle(args) -> int:
     from jaxarith.arith.execute import execute
-    from jaxarith.convert import pipeline
+    from jaxarith.io.convert import pipeline
 
     pipeline.recycle_memory()  # process-wide: streamed tensors reuse freed buffers
     from jaxarith.arith.mergeconfig import load_merge_config
-    from jaxarith.atomic import protect_inputs
+    from jaxarith.io.atomic import protect_inputs
 
     mc = load_merge_config(args.config)
     if mc.layer_ranges:  # before any work: a partial range is an error, not a full merge

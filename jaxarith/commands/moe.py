@@ -2,8 +2,8 @@
 mergekit-moe's YAML unchanged (``base_model``, ``gate_mode``, ``experts_per_token``,
 ``experts[].source_model`` with ``positive_prompts`` / ``negative_prompts``, ``dtype``).
 
-Gates are computed as mergekit-moe 0.1.5 computes them (see ``jaxarith.moe_merge``); OUT is an HF
-Mixtral directory (or Orbax with ``--to orbax``) with the base model's tokenizer, written
+Gates are computed as mergekit-moe 0.1.5 computes them (see ``jaxarith.arith.moe_merge``); OUT is
+an HF Mixtral directory (or Orbax with ``--to orbax``) with the base model's tokenizer, written
 atomically. Bad input is refused before any weight is read.
 """
 
@@ -32,8 +32,8 @@ def handle(args) -> int:
     import logging
     import sys
 
-    from jaxarith import moe_merge
-    from jaxarith.atomic import check_destination
+    from jaxarith.arith import moe_merge
+    from jaxarith.io.atomic import check_destination
 
     cfg_moe = moe_merge.load_yaml(args.config, allow_all_same=args.allow_all_same)
     check_destination(args.out, args.overwrite,
@@ -54,12 +54,12 @@ def handle(args) -> int:
     finally:
         moe_merge.log.removeHandler(handler)
     if args.to == "orbax":
-        from jaxarith.convert.orbax import save_orbax
+        from jaxarith.io.convert.orbax import save_orbax
 
         save_orbax(cfg, params, args.out, tokenizer_dir=info["base_dir"],
                    overwrite=args.overwrite)
     else:
-        from jaxarith.convert.export import save_hf
+        from jaxarith.io.convert.export import save_hf
 
         save_hf(cfg, params, args.out, tokenizer_dir=info["base_dir"], overwrite=args.overwrite,
                 progress=progress)

@@ -1,5 +1,5 @@
 """``jaxarith upcycle DENSE OUT --experts E --top-k K``: sparse upcycling of a dense Llama/Mistral
-into a Mixtral whose experts are copies of each layer's MLP (see ``jaxarith.upcycle``).
+into a Mixtral whose experts are copies of each layer's MLP (see ``jaxarith.arith.upcycle``).
 
 With exact copies (no ``--noise``) OUT computes DENSE's function, whatever the router. OUT is a
 complete checkpoint (Mixtral config, tokenizer files) written atomically.
@@ -31,12 +31,12 @@ def register(sub) -> None:
 def handle(args) -> int:
     import jax
 
-    from jaxarith import upcycle
-    from jaxarith.atomic import check_destination
+    from jaxarith.arith import upcycle
     from jaxarith.errors import ConfigError
+    from jaxarith.io.atomic import check_destination
+    from jaxarith.io.refs import RefKind, load_model, ref_kind
     from jaxarith.models.config import load_config
     from jaxarith.models.transformer import num_params
-    from jaxarith.refs import RefKind, load_model, ref_kind
 
     # everything checkable from configs is checked before any weight is read
     if args.noise < 0:
@@ -45,7 +45,7 @@ def handle(args) -> int:
     if ref_kind(args.dense) is RefKind.ORBAX:
         dense_cfg = load_config(args.dense)
     else:
-        from jaxarith.convert.hf import resolve_hf_dir
+        from jaxarith.io.convert.hf import resolve_hf_dir
 
         dense_cfg = load_config(resolve_hf_dir(args.dense))
     cfg = upcycle.upcycle_config(dense_cfg, args.experts, args.top_k)
@@ -56,11 +56,11 @@ def handle(args) -> int:
     params = upcycle.upcycle_params(src.params, cfg, jax.random.PRNGKey(args.seed),
                                     noise=args.noise, router=args.router, mesh=mesh)
     if args.to == "orbax":
-        from jaxarith.convert.orbax import save_orbax
+        from jaxarith.io.convert.orbax import save_orbax
 
         save_orbax(cfg, params, args.out, tokenizer_dir=src.directory, overwrite=args.overwrite)
     else:
-        from jaxarith.convert.export import save_hf
+        from jaxarith.io.convert.export import save_hf
 
         save_hf(cfg, params, args.out, tokenizer_dir=src.directory, overwrite=args.overwrite,
                 progress=progress)

@@ -131,7 +131,7 @@ class Rule:
 
     ``experts > 0``: one HF tensor per layer *and expert* (``{j}`` = expert index, e.g. Mixtral's
     ``...experts.{j}.w1.weight``); the canonical leaves are ``[L, E, ...]`` and the hooks map one
-    expert's slice. Such a rule's index (see :func:`jaxarith.convert.keymap.expand`) is the
+    expert's slice. Such a rule's index (see :func:`jaxarith.io.convert.keymap.expand`) is the
     tuple ``(layer, expert)``, so ``leaf[index]`` is the slice either way.
     """
 

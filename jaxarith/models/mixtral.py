@@ -8,8 +8,8 @@ axis)::
     layers/moe/gate, up [L, E, D, F] (layers, experts, embed, mlp)  HF experts.{j}.w1 / w3
     layers/moe/down    [L, E, F, D]  (layers, experts, mlp, embed)  HF experts.{j}.w2
 
-Routing and the router losses are in :mod:`jaxarith.moe`. Attention has no biases and no sliding
-window (refused, as for Mistral); ``router_jitter_noise`` (training-time input noise in
+Routing and the router losses are in :mod:`jaxarith.models.moe`. Attention has no biases and no
+sliding window (refused, as for Mistral); ``router_jitter_noise`` (training-time input noise in
 transformers) is not applied.
 """
 
@@ -24,9 +24,8 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from jaxarith import moe
 from jaxarith.errors import ConfigError
-from jaxarith.models import llama
+from jaxarith.models import llama, moe
 from jaxarith.models.family import (
     Arch,
     BlockContext,
@@ -49,7 +48,7 @@ class MixtralConfig(llama.LlamaConfig):
       num_experts_per_tok: k, experts each token is routed to.
       router_aux_loss_coef: weight of the load-balancing loss in training.
       moe_capacity_factor: jaxarith's own key (HF ignores it): 0 dropless (default), else the
-        per-expert cap of :mod:`jaxarith.moe`.
+        per-expert cap of :mod:`jaxarith.models.moe`.
     """
 
     num_local_experts: int = 8

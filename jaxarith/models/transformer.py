@@ -196,7 +196,7 @@ def forward(
       attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right). Default all ones.
         Or, without a cache, a full [B, T, T] mask (query t may attend key s; it must be causal,
         with every query attending at least itself), e.g. several sequences packed in one row
-        (see :mod:`jaxarith.lmeval.scoring`); ``positions`` are then required.
+        (see :mod:`jaxarith.eval.lmeval.scoring`); ``positions`` are then required.
       positions: [B, T]. Default: counted from the mask (and the cache's valid slots).
       cache: a :class:`KVCache`; the T tokens are written at ``cache.index`` and attend to all
         valid earlier slots.

@@ -115,8 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
     args = ap.parse_args(argv)
 
+    from jaxarith.io.refs import load_model
     from jaxarith.models.config import load_config as load_model_config
-    from jaxarith.refs import load_model
     from train import EXIT_INTERRUPTED, EXIT_PREEMPTED, loop
     from train.config import from_dict
     from train.inheritune import HeldOut

@@ -25,7 +25,7 @@ def extension(cfg) -> Extension | None:
     vocab = len(tokenizer)
     t_dtype = jnp.dtype(sec.teacher_dtype)
     if sec.cache:
-        from jaxarith import distill_cache
+        from jaxarith.distill import cache as distill_cache
 
         cache = distill_cache.open_cache(sec.cache)
         if sec.top_k not in (0, cache.k):

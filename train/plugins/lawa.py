@@ -3,9 +3,9 @@ offload: true}``.
 
 For models where ``k`` device copies of the weights do not fit, the snapshots are not held in the
 jitted step's state (the step then carries no averager) but copied to host memory after the
-snapshot steps (:func:`jaxarith.average.snapshot_due`, the rule of the in-step
-:class:`~jaxarith.average.LaWA`), each process keeping only the shards its devices hold. Each
-snapshot is also written once, atomically, to ``OUT/lawa/<step>.p<process>.npz`` (only the
+snapshot steps (:func:`jaxarith.average.averagers.snapshot_due`, the rule of the in-step
+:class:`~jaxarith.average.averagers.LaWA`), each process keeping only the shards its devices hold.
+Each snapshot is also written once, atomically, to ``OUT/lawa/<step>.p<process>.npz`` (only the
 latest ``k`` are kept), so a resumed run finds the snapshots taken up to its checkpoint; files of
 later steps (written after the checkpoint it resumes from) are discarded and taken again.
 
@@ -22,7 +22,7 @@ import re
 import jax
 import numpy as np
 
-from jaxarith.average import LaWAConfig, snapshot_due
+from jaxarith.average.averagers import LaWAConfig, snapshot_due
 from train.extensions import Extension, Hook, RunContext
 
 SNAPSHOT_DIR = "lawa"

@@ -8,9 +8,10 @@
                              # of the model's config (transformers' default 0.001)
 
 Without the section a Mixtral still trains with its load-balancing loss at the config's
-coefficient and no z-loss (the family's own loss, :func:`jaxarith.moe.train_loss`); the metrics
-``aux_loss``, ``z_loss`` and ``expert_load/<i>`` are logged either way. The section only changes
-the coefficients, so it cannot be combined with another loss (distillation): that is an error.
+coefficient and no z-loss (the family's own loss, :func:`jaxarith.models.moe.train_loss`); the
+metrics ``aux_loss``, ``z_loss`` and ``expert_load/<i>`` are logged either way. The section only
+changes the coefficients, so it cannot be combined with another loss (distillation): that is an
+error.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def extension(cfg) -> Extension | None:
     sec = cfg.moe
     if not sec.enabled:
         return None
-    from jaxarith import moe
+    from jaxarith.models import moe
 
     def loss(model_cfg, *, dtype=jnp.float32, remat=False):
         if not hasattr(model_cfg, "num_local_experts"):

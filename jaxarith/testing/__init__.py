@@ -1,0 +1,16 @@
+"""Test helpers, never imported by the library: tiny local models (``fixtures``), the runner that
+executes the docs' commands (``docs``) and the local multi-process launcher (``multiprocess``)."""
+
+from jaxarith.testing.fixtures import (
+    LLAMA3_ROPE,
+    TINY_VOCAB,
+    count_compiles,
+    hf_logits,
+    make_hf_model,
+    tiny_gpt2_config,
+    tiny_llama_config,
+    tiny_mixtral_config,
+)
+
+__all__ = ["LLAMA3_ROPE", "TINY_VOCAB", "count_compiles", "hf_logits", "make_hf_model",
+           "tiny_gpt2_config", "tiny_llama_config", "tiny_mixtral_config"]
