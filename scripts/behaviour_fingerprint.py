@@ -29,7 +29,7 @@ _VOLATILE = {"seconds", "elapsed", "time", "tokens_per_second", "compile_seconds
 def _scrub(obj):
     if isinstance(obj, dict):
         return {k: _scrub(v) for k, v in sorted(obj.items())
-                if k not in _VOLATILE and "second" not in k and "time" not in k}
+                if k not in _VOLATILE and not any(w in k for w in ("second", "time", "per_s"))}
     if isinstance(obj, list):
         return [_scrub(v) for v in obj]
     if isinstance(obj, str) and obj.startswith("/tmp"):
@@ -63,7 +63,7 @@ def _run(args: list[str], out: str | None = None) -> str:
 
 
 def fingerprint(work: str) -> dict[str, str]:
-    from jaxarith.testing.fixtures.fixtures import (
+    from jaxarith.testing import (
         make_hf_model,
         tiny_gpt2_config,
         tiny_llama_config,

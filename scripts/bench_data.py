@@ -45,7 +45,7 @@ def _status_mb(key: str) -> float:
 
 def child(kind: str, path: str, seq_len: int, batch: int, batches: int) -> dict:
     """In a fresh process: build the loader over one source and draw ``batches`` batches."""
-    from jaxarith.data import pipeline as data
+    from jaxarith import data
     from jaxarith.data.assets import bundled_tokenizer
 
     tok = bundled_tokenizer()

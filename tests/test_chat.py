@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from jaxarith import data as data_lib
 from jaxarith.data import assets, chat
-from jaxarith.data import pipeline as data_lib
 from jaxarith.errors import JaxarithError
 
 CONV = [{"role": "system", "content": "Be brief."},

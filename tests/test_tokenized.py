@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxarith.data import pipeline as data
+from jaxarith import data
 from jaxarith.data import tokenized
 from jaxarith.data.assets import CORPUS_CODE, CORPUS_DOCS, TOKENIZER_JSON, bundled_tokenizer
 from train import loop

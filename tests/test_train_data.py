@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxarith.data import pipeline as data
+from jaxarith import data
 from jaxarith.data.assets import EOS_ID, bundled_tokenizer
 from jaxarith.errors import ConfigError, JaxarithError
 

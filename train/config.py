@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from jaxarith.average.averagers import AverageConfig, NoAverage
-from jaxarith.data.pipeline import DataConfig, SourceConfig
+from jaxarith.data.sources import DataConfig, SourceConfig
 from jaxarith.errors import ConfigError
 from jaxarith.schedules import ScheduleConfig
 from train.distill import DistillSection

@@ -102,7 +102,7 @@ class HeldOut:
     """The pooled held-out loss of a config's data, for any params (reference or student)."""
 
     def __init__(self, cfg, model_dir: str | None):
-        from jaxarith.data import pipeline as data_lib
+        from jaxarith import data as data_lib
         from jaxarith.sharding import make_mesh
         from train.loop import tokenizer_for
 

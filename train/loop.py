@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxarith import data as data_lib
 from jaxarith import sharding
-from jaxarith.data import pipeline as data_lib
 from jaxarith.errors import CheckpointError, ConfigError, JaxarithError
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig, config_from_hf, load_config

@@ -1,23 +1,46 @@
 """Training data: sources, chat rendering, pre-tokenised shards and the grain pipeline.
 
-- ``pipeline``: :class:`DataConfig` / :class:`SourceConfig` (text, jsonl, ``datasets``, chat,
-  tokenised sources), tokenising and packing into windows, the replay mixture and the per-process
-  batch iterator;
+- ``sources``: :class:`DataConfig` / :class:`SourceConfig` (text, jsonl, parquet, ``datasets``,
+  chat and tokenised sources) and how their documents are read;
+- ``pipeline``: tokenising and packing into windows, the held-out split, the replay mixture and
+  the per-process batch iterator;
 - ``chat``: chat conversations rendered with the tokenizer's template, answer-only masks;
 - ``tokenized``: ``jaxarith data tokenize``: documents to token shards with a manifest, read back
   as windows;
 - ``assets``: the bundled corpora, instruction data and tokenizer (offline tests and the demo).
+
+Example::
+
+    from jaxarith import data
+    cfg = data.DataConfig(seq_len=128, sources=(data.SourceConfig(name="code",
+                                                                  path="bundled:code"),))
+    sources = data.load_sources(cfg, tokenizer)
+    batches = data.batch_iterator(data.mixed_dataset(sources, seed=0), global_batch=8)
 """
 
 from jaxarith.data.pipeline import (
+    batch_iterator,
+    check_batch,
+    eval_windows,
+    load_source,
+    load_sources,
+    mixed_dataset,
+    pack,
+    split_documents,
+    tokenize,
+)
+from jaxarith.data.sources import (
+    BUNDLED,
     DataConfig,
     SourceConfig,
     SourceData,
     SourceKind,
-    batch_iterator,
-    load_sources,
-    mixed_dataset,
+    open_dataset,
+    read_chats,
+    read_documents,
 )
 
-__all__ = ["DataConfig", "SourceConfig", "SourceData", "SourceKind", "batch_iterator",
-           "load_sources", "mixed_dataset"]
+__all__ = ["BUNDLED", "DataConfig", "SourceConfig", "SourceData", "SourceKind",
+           "batch_iterator", "check_batch", "eval_windows", "load_source", "load_sources",
+           "mixed_dataset", "open_dataset", "pack", "read_chats", "read_documents",
+           "split_documents", "tokenize"]

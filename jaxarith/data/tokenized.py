@@ -43,6 +43,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from jaxarith.data import sources
+from jaxarith.data.sources import SourceData
 from jaxarith.errors import ConfigError, JaxarithError
 
 FORMAT = "jaxarith.tokenized/1"  # a file-format tag written into data: never renamed
@@ -112,11 +114,9 @@ def tokenizer_hash(tokenizer) -> str:
 def expand_inputs(paths: Sequence[str]) -> list[str]:
     """Input paths in the order given; a glob expands sorted (as a text source's ``path``);
     ``bundled:code`` / ``bundled:docs`` name the bundled corpora."""
-    from jaxarith.data.pipeline import BUNDLED
-
     out = []
     for p in paths:
-        p = BUNDLED.get(p, os.path.expanduser(p))
+        p = sources.BUNDLED.get(p, os.path.expanduser(p))
         hits = sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p]
         if not hits or not os.path.exists(hits[0]):
             raise ConfigError(f"input {p}: no such file or directory")
@@ -141,16 +141,14 @@ def kind_of(path: str, opts: ReadOptions) -> str:
 
 def _file_docs(path: str, kind: str, opts: ReadOptions) -> Iterator[str]:
     """The raw documents of one input (empty ones included: the caller drops them)."""
-    from jaxarith.data import pipeline as data
-
-    src = data.SourceConfig(name=os.path.basename(path) or path, path=path,
-                            kind=data.SourceKind(kind), text_field=opts.text_field,
-                            split=opts.split, doc_separator=opts.doc_separator)
+    src = sources.SourceConfig(name=os.path.basename(path) or path, path=path,
+                               kind=sources.SourceKind(kind), text_field=opts.text_field,
+                               split=opts.split, doc_separator=opts.doc_separator)
     if kind == "text":
         with open(path, encoding="utf-8") as fh:
             yield from (d.strip("\n") for d in fh.read().split(opts.doc_separator))
     elif kind == "jsonl":
-        yield from data._read_jsonl(src, path)
+        yield from sources.read_jsonl(src, path)
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -166,9 +164,7 @@ def _file_docs(path: str, kind: str, opts: ReadOptions) -> Iterator[str]:
 
 def _dataset_docs(path: str, opts: ReadOptions) -> Iterator[str]:
     """A ``datasets`` dataset (see :func:`jaxarith.data.pipeline.open_dataset`), read in batches."""
-    from jaxarith.data.pipeline import open_dataset
-
-    ds = open_dataset(path, opts.split, opts.text_field, "data tokenize")
+    ds = sources.open_dataset(path, opts.split, opts.text_field, "data tokenize")
     for batch in ds.select_columns([opts.text_field]).iter(batch_size=1024):
         yield from (str(t) for t in batch[opts.text_field])
 
@@ -517,7 +513,6 @@ def check_compatible(manifest: dict, directory: str, *, name: str, seq_len: int,
 def load_source(src, tokenizer, cfg):
     """A ``kind: tokenized`` source as :class:`jaxarith.data.pipeline.SourceData` whose window
     arrays are :class:`TokenWindows` (read on demand)."""
-    from jaxarith.data.pipeline import SourceData
 
     if src.max_docs:
         raise ConfigError(f"data.sources.{src.name}.max_docs: applies when tokenising "

@@ -57,7 +57,7 @@ def held_out_ids(args, cand) -> tuple[list[int], int | None]:
     if args.eval_config:
         import numpy as np
 
-        from jaxarith.data import pipeline as data_lib
+        from jaxarith import data as data_lib
         from train.config import load_config
 
         tcfg = load_config(args.eval_config, ["out=unused"])

@@ -92,7 +92,7 @@ def write_eval_texts(cfg: dict, tcfg, out: str) -> dict:
     The documents are the same held-out split the training program leaves out of training
     (the last ``data.eval_fraction`` of each source), capped at ``eval.max_chars``.
     """
-    from jaxarith.data import pipeline as data_lib
+    from jaxarith import data as data_lib
 
     d = os.path.join(out, "eval")
     os.makedirs(d, exist_ok=True)
@@ -146,8 +146,8 @@ def make_final(base: str, instruct: str, trained: str, dst: str) -> None:
 
 def evaluate_model(ref: str, texts: dict, cfg: dict) -> dict:
     """New/old-domain loss (as ``jaxarith eval-loss`` computes it) and the instruction eval."""
+    from jaxarith import data
     from jaxarith.data import chat
-    from jaxarith.data import pipeline as data
     from jaxarith.decode.loop import Member
     from jaxarith.eval.instruct import evaluate_instruct
     from jaxarith.eval.loss import eval_loss

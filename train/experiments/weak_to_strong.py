@@ -128,8 +128,8 @@ def _member_params(name: str, params: dict) -> list:
 
 def evaluate_all(cfg: dict, refs: dict, out: str, log: Log) -> dict:
     """The instruction eval of every model and combination (one JSON per entry, cached)."""
+    from jaxarith import data
     from jaxarith.data import chat
-    from jaxarith.data import pipeline as data
     from jaxarith.eval.instruct import evaluate_instruct
     from jaxarith.io.refs import load_model
 
@@ -156,8 +156,8 @@ def evaluate_all(cfg: dict, refs: dict, out: str, log: Log) -> dict:
 def timing(cfg: dict, refs: dict) -> dict:
     """Plain large decoding, plain EFT and speculative EFT (k from the config) on the same
     greedy prompts: tokens/s (compilation excluded), acceptance rates, speed-ups."""
+    from jaxarith import data
     from jaxarith.data import chat
-    from jaxarith.data import pipeline as data
     from jaxarith.decode.combine import eft_up
     from jaxarith.decode.loop import DecodeSpec, Member, generate
     from jaxarith.decode.speculative import SpeculativeSpec, generate_speculative
