@@ -5,7 +5,7 @@ For each Mixtral made locally (random weights, saved by transformers, loaded by 
 - ``forward``: jaxarith's jitted mean next-token NLL vs ``MixtralForCausalLM(input_ids,
   labels=input_ids).loss`` under ``torch.no_grad()``;
 - ``train``: one optimizer step (loss with the load-balancing term, backward, AdamW): jaxarith's
-  jitted ``value_and_grad`` of :func:`jaxarith.models.moe.train_loss` + ``optax.adamw`` vs torch's
+  jitted ``value_and_grad`` of :func:`train.losses.moe_loss_fn` + ``optax.adamw`` vs torch's
   ``loss.backward()`` + ``torch.optim.AdamW`` with ``output_router_logits=True``;
 - ``routing share``: the jitted routing alone (router logits, top-k, sort by expert, gather,
   un-sort, combine; the expert matmuls replaced by the identity) over all layers at the model's
@@ -91,9 +91,9 @@ def bench_one(name, dims, args, workdir) -> dict:
     import torch
 
     from jaxarith.io.convert.hf import load_hf_params
-    from jaxarith.models import moe
     from jaxarith.models.transformer import next_token_loss, num_params
     from jaxarith.testing.fixtures import make_hf_model
+    from train import losses
 
     directory = os.path.join(workdir, name)
     model = make_hf_model(directory, hf_config(dims, args.seq), seed=0, with_tokenizer=False)
@@ -103,7 +103,7 @@ def bench_one(name, dims, args, workdir) -> dict:
     tok_pt, tok_jx = torch.from_numpy(tokens_np), jnp.asarray(tokens_np, jnp.int32)
 
     fwd = jax.jit(lambda p, t: (lambda s: s[0] / s[1])(next_token_loss(p, cfg, t)))
-    loss_fn = moe.train_loss(cfg)
+    loss_fn = losses.moe_loss_fn(cfg)
     tx = optax.adamw(1e-4)
 
     @jax.jit

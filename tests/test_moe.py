@@ -207,7 +207,7 @@ def test_train_loss_lowers_the_loss_and_reports_router_metrics(mixtral):
     from train.step import next_token_loss_fn
 
     _, _, cfg, params = mixtral
-    loss_fn = next_token_loss_fn(cfg)  # dispatches to jaxarith.models.moe.train_loss
+    loss_fn = next_token_loss_fn(cfg)  # dispatches to train.losses.moe_loss_fn
     tokens = jnp.asarray(np.random.default_rng(4).integers(3, 200, (2, 16)), jnp.int32)
     tx = optax.adam(1e-2)
 

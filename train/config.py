@@ -23,6 +23,8 @@ import yaml
 from jaxarith.average.averagers import AverageConfig, NoAverage
 from jaxarith.data.sources import DataConfig, SourceConfig
 from jaxarith.errors import ConfigError
+from jaxarith.models import check_config_keys
+from jaxarith.models.registry import FAMILIES
 from jaxarith.schedules import ScheduleConfig
 from train.distill import DistillSection
 from train.init import InitConfig
@@ -63,13 +65,10 @@ class ModelSection:
             raise ConfigError("model: give exactly one of model.ref (start from a checkpoint) "
                               "and model.arch (train from scratch)")
         if self.arch:
-            from jaxarith.models.registry import FAMILIES
-
             if self.arch not in FAMILIES:
                 raise ConfigError(f"model.arch={self.arch!r}: expected one of "
                                   f"{', '.join(sorted(FAMILIES))}")
         if self.arch:  # typos in model.config are errors naming the key, before any work
-            from jaxarith.models import check_config_keys
 
             check_config_keys(self.arch, self.config, "model.config")
         if self.compute_dtype not in ("float32", "bfloat16"):

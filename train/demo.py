@@ -19,6 +19,8 @@ import os
 import sys
 import time
 
+from train.experiments import config, delta_transplant, report
+
 if "--help" not in sys.argv and "XLA_FLAGS" not in os.environ:
     # one CPU device: the tiny model trains fastest unsharded (XLA still uses every core)
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
@@ -31,8 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from absl import logging as absl_logging
-
-    from train.experiments import config, delta_transplant, report
 
     absl_logging.set_verbosity(absl_logging.ERROR)  # orbax's per-checkpoint info lines
     t0 = time.perf_counter()

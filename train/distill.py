@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jaxarith.distill import cache as distill_cache
 from jaxarith.distill import losses as D
 from jaxarith.errors import ConfigError
+from jaxarith.io.refs import load_model
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig
 
@@ -114,8 +115,6 @@ def check_vocab(student_cfg: ModelConfig, teacher_cfg: ModelConfig, teacher_ref:
 def load_teacher(ref: str, teacher_cfg: ModelConfig, mesh, dtype: str = "float32",
                  progress: bool = False):
     """The teacher's parameters in ``dtype``, sharded on ``mesh`` by the logical-axis rules."""
-    from jaxarith.io.refs import load_model
-
     loaded = load_model(ref, mesh=mesh, dtype=jnp.dtype(dtype), progress=progress)
     if loaded.config != teacher_cfg:
         raise ConfigError(f"distill.teacher {ref}: its config changed while loading")

@@ -14,8 +14,12 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from jaxarith import arith
+from jaxarith.data.assets import bundled_tokenizer
 from jaxarith.errors import ConfigError
 from jaxarith.io.atomic import protect_inputs
+from jaxarith.io.convert.export import save_hf
+from jaxarith.io.refs import load_model
 from jaxarith.models.config import ModelConfig
 
 
@@ -30,9 +34,6 @@ def export_params(cfg, state) -> dict:
 
 def add_delta(params: dict, model_cfg: ModelConfig, tuned_ref: str, base_ref: str, mesh=None):
     """``params + (tuned - base)`` with both references loaded onto ``mesh``."""
-    from jaxarith import arith
-    from jaxarith.io.refs import load_model
-
     tuned = load_model(tuned_ref, mesh=mesh, dtype=jnp.float32, progress=False)
     base = load_model(base_ref, mesh=mesh, dtype=jnp.float32, progress=False)
     for name, m in (("delta_tuned", tuned), ("delta_base", base)):
@@ -45,8 +46,6 @@ def add_delta(params: dict, model_cfg: ModelConfig, tuned_ref: str, base_ref: st
 
 def export_hf(cfg, model_cfg: ModelConfig, model_dir: str | None, state) -> str:
     """Write ``cfg.export.hf_dir`` (HF safetensors + config + tokenizer). Returns the path."""
-    from jaxarith.io.convert.export import save_hf
-
     ex = cfg.export
     params = export_params(cfg, state)
     mesh = jax.tree.leaves(params)[0].sharding.mesh if hasattr(
@@ -56,8 +55,6 @@ def export_hf(cfg, model_cfg: ModelConfig, model_dir: str | None, state) -> str:
     tok_dir = model_dir
     with tempfile.TemporaryDirectory() as tmp:
         if not tok_dir or cfg.model.tokenizer == "bundled":
-            from jaxarith.data.assets import bundled_tokenizer
-
             bundled_tokenizer().save_pretrained(tmp)
             tok_dir = tmp
         elif cfg.model.tokenizer:

@@ -39,6 +39,7 @@ import pkgutil
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import train.plugins as pkg
 from jaxarith.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -149,8 +150,6 @@ def only_one(extensions: Sequence[Extension], attr: str) -> Extension | None:
 def discover(cfg: TrainConfig) -> list[Extension]:
     """The extensions ``cfg`` enables: ``extension(cfg)`` of every module in :mod:`train.plugins`
     that returns one (modules in name order)."""
-    import train.plugins as pkg
-
     out = []
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):

@@ -34,8 +34,17 @@ import sys
 import numpy as np
 import yaml
 
+from jaxarith import data as data_lib
+from jaxarith.commands import _common
 from jaxarith.errors import ConfigError
-from train import EXIT_INTERRUPTED, EXIT_PREEMPTED  # a round stopped: resume later
+from jaxarith.io.refs import load_model
+from jaxarith.models.config import load_config as load_model_config
+from jaxarith.sharding import make_mesh
+from train import EXIT_INTERRUPTED, EXIT_PREEMPTED, loop  # a round stopped: resume later
+from train import init as init_lib
+from train.config import apply_overrides, build, from_dict
+from train.loop import make_eval, tokenizer_for
+from train.metrics import read_metrics
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,8 +68,6 @@ class InherituneConfig:
 
 def load(path: str, overrides: list[str] | None = None) -> tuple[dict, InherituneConfig]:
     """The raw train config (overrides applied, without ``inheritune``) and the grow section."""
-    from train.config import apply_overrides, build
-
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
@@ -89,8 +96,6 @@ def load(path: str, overrides: list[str] | None = None) -> tuple[dict, Inheritun
 
 def round_config(raw: dict, n: int):
     """The TrainConfig of the round with an ``n``-layer student, in ``OUT/round_n``."""
-    from train.config import from_dict
-
     raw = json.loads(json.dumps(raw))
     raw["init"]["layers"] = f"first:{n}"
     raw["out"] = os.path.abspath(os.path.join(raw["out"], f"round_{n}"))
@@ -102,10 +107,6 @@ class HeldOut:
     """The pooled held-out loss of a config's data, for any params (reference or student)."""
 
     def __init__(self, cfg, model_dir: str | None):
-        from jaxarith import data as data_lib
-        from jaxarith.sharding import make_mesh
-        from train.loop import tokenizer_for
-
         self.mesh = make_mesh(cfg.mesh)
         self.cfg = cfg
         self.batch = cfg.batch // cfg.microbatches
@@ -117,8 +118,6 @@ class HeldOut:
         self.windows = np.concatenate(sets)
 
     def __call__(self, params, model_cfg) -> float:
-        from train.loop import make_eval
-
         evaluate = make_eval(model_cfg, self.mesh, self.batch, self.cfg.data.seq_len,
                              self.cfg.model.compute_dtype)
         return float(evaluate(params, self.windows))
@@ -155,11 +154,6 @@ def run(path: str, overrides: list[str] | None = None, *, on_round=None) -> dict
       "ref_val_loss",
       "reference_layers", "out", "jsonl", "plot"}``.
     """
-    from jaxarith.io.refs import load_model
-    from jaxarith.models.config import load_config as load_model_config
-    from train import init as init_lib
-    from train import loop
-
     raw, grow = load(path, overrides)
     out = os.path.abspath(raw["out"])
     ref_dir = init_lib._ref_dir(grow.reference)
@@ -229,8 +223,6 @@ def plot(out: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from train.metrics import read_metrics
-
     rounds = _read_rounds(os.path.join(out, "inheritune.jsonl"))
     if not rounds:
         return None
@@ -296,7 +288,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.command = "inheritune"
     args.handler = handle
-    from jaxarith.commands import _common
 
     return _common.run(args)
 

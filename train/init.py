@@ -31,12 +31,15 @@ training extension in ``train/plugins/init.py`` (its ``model`` and ``init_params
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
 
+from jaxarith.arith import inherit as inherit_lib
+from jaxarith.arith.upcycle import upcycle_config, upcycle_params
 from jaxarith.errors import ConfigError
+from jaxarith.io import refs
+from jaxarith.io.refs import load_model
 from jaxarith.models.config import ModelConfig, load_config
 
 METHODS = ("inherit", "upcycle")
@@ -82,8 +85,6 @@ class InitConfig:
     upcycle: UpcycleSection = UpcycleSection()
 
     def __post_init__(self):
-        from jaxarith.arith import inherit as inherit_lib
-
         if self.upcycle.enabled and self.method == "inherit":  # the section implies the method
             object.__setattr__(self, "method", "upcycle")
         if self.method == "upcycle":
@@ -115,20 +116,8 @@ class InitConfig:
         return bool(self.ref)
 
 
-def _ref_dir(ref: str) -> str:
-    from jaxarith.io.refs import RefKind, ref_kind
-
-    if ref_kind(ref) is RefKind.ORBAX:
-        return os.fspath(ref)
-    from jaxarith.io.convert.hf import resolve_hf_dir
-
-    return resolve_hf_dir(ref)
-
-
 def plan(init: InitConfig, src_cfg: ModelConfig):
     """The :class:`jaxarith.arith.inherit.Plan` of ``init`` over a source of config ``src_cfg``."""
-    from jaxarith.arith import inherit as inherit_lib
-
     layers = init.layers or f"first:{src_cfg.num_hidden_layers}"
     try:
         return inherit_lib.plan(src_cfg, layers, parts=init.parts, embeddings=init.embeddings,
@@ -145,10 +134,8 @@ def start_config(init: InitConfig) -> tuple[ModelConfig, str]:
     Validates the whole section against REF's config (layer indices, parts, tied head) before
     any weight is read.
     """
-    directory = _ref_dir(init.ref)
+    directory = refs.resolve(init.ref).dir
     if init.method == "upcycle":
-        from jaxarith.arith.upcycle import upcycle_config
-
         u = init.upcycle
         return upcycle_config(load_config(directory), u.experts, u.top_k), directory
     return plan(init, load_config(directory)).config, directory
@@ -156,13 +143,8 @@ def start_config(init: InitConfig) -> tuple[ModelConfig, str]:
 
 def start_params(init: InitConfig, mesh, seed: int, *, progress: bool = False) -> dict:
     """The student's start weights on ``mesh``: REF loaded there, transformed under jit."""
-    from jaxarith.arith import inherit as inherit_lib
-    from jaxarith.io.refs import load_model
-
     src = load_model(init.ref, mesh=mesh, dtype=jnp.float32, progress=progress)
     if init.method == "upcycle":
-        from jaxarith.arith.upcycle import upcycle_config, upcycle_params
-
         u = init.upcycle
         cfg = upcycle_config(src.config, u.experts, u.top_k)
         return upcycle_params(src.params, cfg, jax.random.PRNGKey(seed), noise=u.noise,

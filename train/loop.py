@@ -32,13 +32,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxarith import data as data_lib
-from jaxarith import sharding
+from jaxarith import distributed, sharding
+from jaxarith.data.assets import bundled_tokenizer
 from jaxarith.errors import CheckpointError, ConfigError, JaxarithError
+from jaxarith.io import refs
+from jaxarith.io.atomic import check_destination, claim_dir
+from jaxarith.io.refs import load_model, load_tokenizer
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig, config_from_hf, load_config
+from jaxarith.sharding import make_mesh, set_strict_sharding
 from train import metrics as metrics_lib
 from train.checkpoint import Checkpoints
 from train.config import OnNonFinite, TrainConfig, to_dict
+from train.export import export_hf
 from train.extensions import Extension, Hook, Keyed, RunContext, discover, only_one
 from train.step import (
     TOKENS_ONLY,
@@ -69,8 +75,6 @@ def initialize_distributed() -> None:
     """Join the cluster ``jax.distributed`` detects (``distributed: true``) unless this process
     already joined one (``--coordinator`` / ``--distributed``, see :mod:`jaxarith.distributed`);
     no cluster found is a one-line :class:`ConfigError`."""
-    from jaxarith import distributed
-
     distributed.initialize(distributed.ClusterConfig(auto=True))
 
 
@@ -88,13 +92,8 @@ def model_config(cfg: TrainConfig, extensions: Sequence[Extension] = ()
     m = cfg.model
     if not m.ref:
         return config_from_hf({"model_type": m.arch, **m.config}), None
-    from jaxarith.io.refs import RefKind, ref_kind
 
-    if ref_kind(m.ref) is RefKind.ORBAX:
-        return load_config(m.ref), os.fspath(m.ref)
-    from jaxarith.io.convert.hf import resolve_hf_dir
-
-    directory = resolve_hf_dir(m.ref)
+    directory = refs.resolve(m.ref).dir
     return load_config(directory), directory
 
 
@@ -106,8 +105,6 @@ def initial_params(cfg: TrainConfig, model_cfg: ModelConfig, mesh, progress: boo
     if ext is not None:
         return ext.init_params(cfg, model_cfg, mesh)
     if cfg.model.ref:
-        from jaxarith.io.refs import load_model
-
         return load_model(cfg.model.ref, mesh=mesh, dtype=jnp.float32, progress=progress).params
     return scratch_params(model_cfg, cfg.seed, mesh)
 
@@ -116,10 +113,7 @@ def tokenizer_for(cfg: TrainConfig, model_dir: str | None):
     """The tokenizer: ``bundled``, a directory, or (default) the starting model's."""
     name = cfg.model.tokenizer or model_dir
     if not name or name == "bundled":
-        from jaxarith.data.assets import bundled_tokenizer
-
         return bundled_tokenizer()
-    from jaxarith.io.refs import load_tokenizer
 
     return load_tokenizer(name)
 
@@ -438,14 +432,12 @@ def _preemptible():
 def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     if cfg.distributed:
         initialize_distributed()
-    from jaxarith.sharding import make_mesh, set_strict_sharding
 
     extensions = list(discover(cfg) if extensions is None else extensions)
     mesh = make_mesh(cfg.mesh)
     set_strict_sharding(cfg.mesh_strict)
     check_batch_fits(cfg.batch, cfg.microbatches, mesh, jax.process_count())
     data_lib.check_batch(cfg.batch, jax.process_count())
-    from jaxarith.io.atomic import claim_dir
 
     # a new, empty or earlier jaxarith run directory (marked); never someone else's files
     out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"))
@@ -467,8 +459,6 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
         return _report_finished(cfg, done, model_cfg, model_dir, mesh, ckpt_dir)
     if cfg.export.hf_dir and os.path.exists(cfg.export.hf_dir) \
             and not os.path.exists(os.path.join(out, "summary.json")):
-        from jaxarith.io.atomic import check_destination
-
         # refuse now, not after the whole run
         check_destination(cfg.export.hf_dir, cfg.export.overwrite,
                           inputs=[out, model_dir, cfg.export.delta_tuned, cfg.export.delta_base])
@@ -563,8 +553,6 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
         keep = start >= cfg.steps and os.path.exists(cfg.export.hf_dir) \
             and not cfg.export.overwrite
         if not keep:
-            from train.export import export_hf
-
             summary["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)
     _write_summary(os.path.join(out, "summary.json"), summary)
     summary["state"] = state  # the final TrainState (not serialised)
@@ -674,9 +662,6 @@ def _report_finished(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, mode
     res = {**saved, "already_done": True, "batches": {}}
     hf = cfg.export.hf_dir
     if hf and (os.path.abspath(hf) != saved.get("export_hf") or cfg.export.overwrite):
-        from jaxarith.io.atomic import check_destination
-        from train.export import export_hf
-
         check_destination(hf, cfg.export.overwrite,
                           inputs=[where, model_dir, cfg.export.delta_tuned, cfg.export.delta_base])
         sched = cfg.schedule.build()

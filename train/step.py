@@ -47,6 +47,7 @@ from jaxarith.average.averagers import make_averager
 from jaxarith.errors import ConfigError
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig
+from train import losses
 
 Params = dict
 Batch = dict  # field name -> one microbatch's array, [b, T, ...]
@@ -98,14 +99,13 @@ def next_token_loss_fn(cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = Fal
     """The default loss: summed next-token NLL, its token count and no extra metrics.
 
     Honours an optional ``batch["weights"]`` (``[b, T]`` loss weights of target tokens). A
-    family with its own ``train_loss`` (Mixtral: NLL plus its router losses) gets that instead.
+    routed family (Mixtral) gets NLL plus its router losses (:func:`train.losses.moe_loss_fn`).
     ``fused`` (default): the output head and the cross-entropy run fused and chunked
     (:mod:`jaxarith.models.fused_ce`; the ``[b, T, V]`` logits are never held); False: through
     the full logits, as evaluation does.
     """
-    own = transformer.family(cfg).train_loss
-    if own is not None:
-        return own(cfg, dtype=dtype, remat=remat)
+    if transformer.family(cfg).routed:
+        return losses.moe_loss_fn(cfg, dtype=dtype, remat=remat)
 
     def loss(params, frozen, batch):
         del frozen

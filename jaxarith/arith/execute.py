@@ -16,6 +16,9 @@ from jaxarith.arith.select import MergeSpec
 from jaxarith.arith.stream import run_streamed
 from jaxarith.errors import ConfigError
 from jaxarith.io.atomic import check_destination
+from jaxarith.io.convert.export import save_hf
+from jaxarith.io.convert.orbax import save_orbax
+from jaxarith.io.refs import RefKind, load_model, ref_kind
 
 
 def execute(
@@ -38,8 +41,6 @@ def execute(
       to: ``"hf"`` or ``"orbax"``.
       in_memory: load everything and run under jit even when streaming is possible.
     """
-    from jaxarith.io.refs import RefKind, load_model, ref_kind
-
     if to not in ("hf", "orbax"):
         raise ConfigError(f"--to {to!r}: expected 'hf' or 'orbax'")
     spec.check_inputs(len(refs))
@@ -60,13 +61,9 @@ def execute(
     result = run(spec, cfg, trees, dtype=dtype)
     del trees
     if to == "hf":
-        from jaxarith.io.convert.export import save_hf
-
         info = save_hf(cfg, result, out, max_shard_size=max_shard_size, tokenizer_dir=tok_dir,
                        overwrite=overwrite, progress=progress)
     else:
-        from jaxarith.io.convert.orbax import save_orbax
-
         save_orbax(cfg, result, out, tokenizer_dir=tok_dir, overwrite=overwrite)
         info = {}
     return {"executor": "memory", "out": os.fspath(out), "to": to,

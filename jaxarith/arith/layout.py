@@ -15,6 +15,7 @@ import functools
 import numpy as np
 
 from jaxarith.arith.ops import Layout
+from jaxarith.errors import UnsupportedArchitectureError
 from jaxarith.io.convert.keymap import Rule, rules_for
 from jaxarith.models.config import ModelConfig
 
@@ -54,8 +55,6 @@ def rule_layout(rule: Rule, j: int) -> Layout:
         Mixtral experts ``[E, 2F, D]``): merges need the per-expert layout.
     """
     if len(rule.hf_shape) > 2:
-        from jaxarith.errors import UnsupportedArchitectureError
-
         raise UnsupportedArchitectureError(
             f"{rule.hf_key}: merges read HF matrices, this checkpoint stores {len(rule.hf_shape)}"
             "-D fused experts; write it in the per-expert layout first (jaxarith convert SRC "

@@ -41,7 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
+from jaxarith.arith.upcycle import upcycle_config
 from jaxarith.errors import ConfigError, ShapeMismatchError
+from jaxarith.io import refs
+from jaxarith.io.refs import load_model, load_tokenizer
+from jaxarith.models.family import BlockContext, Inputs
+from jaxarith.models.layers import attend, attention_mask
+from jaxarith.models.registry import family
+from jaxarith.models.transformer import param_shardings
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +205,6 @@ def layer_inputs(params: dict, cfg, tokens: jax.Array, mask: jax.Array,
     """The hidden states entering every layer, ``[L, B, T, D]`` (transformers'
     ``hidden_states[:-1]``), with positions ``0..T-1`` from the padded start as transformers
     counts them when no ``position_ids`` are given; padded keys are masked."""
-    from jaxarith.models.family import BlockContext, Inputs
-    from jaxarith.models.layers import attend, attention_mask
-    from jaxarith.models.registry import family
-
     fam = family(cfg)
     b, t = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -286,17 +289,7 @@ def _check_shapes(base_cfg, cfgs: dict[str, Any]) -> None:
 def build(cfg_moe: MoEConfig, *, mesh=None, seed: int = 0, progress: bool = False):
     """(Mixtral config, params, info) of the merge; ``info`` has ``degenerate_layers`` and the
     output ``dtype``. Configs and shapes are checked before any weight is read."""
-    from jaxarith.arith.upcycle import upcycle_config
-    from jaxarith.io.refs import RefKind, load_model, load_tokenizer, ref_kind
-    from jaxarith.models.config import load_config
-
-    def config_of(ref):
-        if ref_kind(ref) is RefKind.ORBAX:
-            return load_config(ref)
-        from jaxarith.io.convert.hf import resolve_hf_dir
-
-        return load_config(resolve_hf_dir(ref))
-
+    config_of = refs.load_config
     base_cfg = config_of(cfg_moe.base_model)
     if base_cfg.model_type not in ("llama", "mistral"):
         raise ConfigError(f"base_model {cfg_moe.base_model}: a {base_cfg.model_type} model; "
@@ -341,8 +334,6 @@ def build(cfg_moe: MoEConfig, *, mesh=None, seed: int = 0, progress: bool = Fals
     params["layers"] = layers
     params = jax.tree.map(lambda x: x.astype(out_dtype), params)
     if mesh is not None:
-        from jaxarith.models.transformer import param_shardings
-
         params = jax.device_put(params, param_shardings(out_cfg, mesh))
     return out_cfg, params, {"degenerate_layers": bad, "dtype": str(out_dtype),
                              "base_dir": base.directory}

@@ -21,8 +21,11 @@ from collections.abc import Iterator
 import numpy as np
 
 from jaxarith.arith.check import check_shapes
+from jaxarith.arith.stream import open_checkpoints
 from jaxarith.errors import ConfigError
+from jaxarith.io.convert.hf import params_to_hf_tensors
 from jaxarith.io.convert.keymap import expand, rules_for
+from jaxarith.io.refs import RefKind, load_model, ref_kind
 
 MEASURES = ("abs", "square")
 
@@ -37,12 +40,7 @@ def named_tensors(ref: str) -> tuple[object, Iterator[tuple[str, int | None, np.
 
     HF checkpoints are read tensor by tensor; an Orbax checkpoint is restored, then walked.
     """
-    from jaxarith.arith.stream import open_checkpoints
-    from jaxarith.io.refs import RefKind, load_model, ref_kind
-
     if ref_kind(ref) is RefKind.ORBAX:
-        from jaxarith.io.convert.hf import params_to_hf_tensors
-
         model = load_model(ref, progress=False)
         cfg = model.config
         layers = {k: i for r in rules_for(cfg) for k, i in expand(r, cfg.num_hidden_layers)}

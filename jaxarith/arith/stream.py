@@ -39,8 +39,9 @@ from jaxarith.arith.select import MergeSpec, expert_seed, path_seed
 from jaxarith.errors import ArchitectureMismatchError, ConfigError
 from jaxarith.io.convert.export import write_hf
 from jaxarith.io.convert.fastcopy import contiguous
-from jaxarith.io.convert.hf import HFCheckpoint, check_checkpoint
+from jaxarith.io.convert.hf import HFCheckpoint, check_checkpoint, resolve_hf_dir
 from jaxarith.io.convert.keymap import expand, rules_for
+from jaxarith.io.refs import RefKind, ref_kind
 from jaxarith.models.config import load_config
 
 _step = jax.jit(tensor_step, static_argnums=(0, 5, 6, 7))
@@ -58,9 +59,6 @@ def _layer_step(method, xs, p, seed, layer, selected, out_dtype, layout):
 
 def open_checkpoints(refs: Sequence[str]):
     """(configs, checkpoints, {expected HF key: stored key} per model), architecture-checked."""
-    from jaxarith.io.convert.hf import resolve_hf_dir
-    from jaxarith.io.refs import RefKind, ref_kind
-
     for r in refs:
         if ref_kind(r) is RefKind.ORBAX:
             raise ConfigError(f"{r}: the streamed executor reads HF safetensors checkpoints; "

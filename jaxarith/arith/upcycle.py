@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxarith.errors import ConfigError, UnsupportedArchitectureError
+from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig
 from jaxarith.models.family import Arch
 from jaxarith.models.mixtral import MixtralConfig
@@ -71,8 +72,6 @@ def upcycle_params(params: dict, cfg: MixtralConfig, key: jax.Array, *, noise: f
       noise: std of the Gaussian noise added to each expert copy (0: exact copies).
       router: ``random`` (normal, std 0.02) or ``zeros``.
     """
-    from jaxarith.models import transformer
-
     router = RouterInit(router)
     if noise < 0:
         raise ConfigError(f"upcycle: --noise {noise} must be >= 0")

@@ -22,6 +22,9 @@ import warnings
 import numpy as np
 
 from jaxarith.errors import CheckpointError
+from jaxarith.io.convert.hf import get_path, resolve_hf_dir, set_path
+from jaxarith.io.convert.orbax import HostArray
+from jaxarith.io.refs import RefKind, ref_kind
 from jaxarith.models.config import ModelConfig, config_from_hf, load_config
 
 CHECKPOINTS = "checkpoints"
@@ -78,12 +81,8 @@ class Run:
         """The trained model's config: from ``model.ref`` or the scratch ``arch`` + ``config``."""
         m = self.train_config["model"]
         if m.get("ref"):
-            from jaxarith.io.refs import RefKind, ref_kind
-
             ref = m["ref"]
             if ref_kind(ref) is not RefKind.ORBAX:
-                from jaxarith.io.convert.hf import resolve_hf_dir
-
                 ref = resolve_hf_dir(ref)
             return load_config(ref)
         return config_from_hf({"model_type": m["arch"], **(m.get("config") or {})})
@@ -93,8 +92,6 @@ class Run:
         m = self.train_config["model"]
         tok = m.get("tokenizer") or m.get("ref") or "bundled"
         if tok != "bundled" and not os.path.isdir(tok):
-            from jaxarith.io.convert.hf import resolve_hf_dir
-
             tok = resolve_hf_dir(tok)
         return tok
 
@@ -127,9 +124,6 @@ class Run:
                     stored: dict | None = None) -> dict[tuple[str, ...], np.ndarray]:
         """Restore some parameter leaves of a step's train state as host numpy arrays."""
         import orbax.checkpoint as ocp
-
-        from jaxarith.io.convert.hf import get_path, set_path
-        from jaxarith.io.convert.orbax import HostArray
 
         stored = stored if stored is not None else self.stored(step)
         target: dict = {}

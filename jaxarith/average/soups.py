@@ -36,11 +36,31 @@ import numpy as np
 
 from jaxarith import arith, distributed
 from jaxarith.arith.check import check_shapes, tree_shapes
+from jaxarith.average.runs import Run, is_run_dir
+from jaxarith.data.assets import bundled_tokenizer
 from jaxarith.errors import CheckpointError, ConfigError
-from jaxarith.io.convert.hf import get_path, set_path
+from jaxarith.eval.loss import eval_loss
+from jaxarith.io.atomic import check_destination
+from jaxarith.io.convert.export import save_hf
+from jaxarith.io.convert.hf import (
+    HFCheckpoint,
+    check_checkpoint,
+    get_path,
+    resolve_hf_dir,
+    set_path,
+)
 from jaxarith.io.convert.keymap import Rule, expand, rules_for
-from jaxarith.models.config import ModelConfig
-from jaxarith.models.transformer import abstract_params
+from jaxarith.io.convert.orbax import (
+    hf_to_orbax,
+    load_host_leaves,
+    read_metadata,
+    save_orbax,
+    stored_arrays,
+)
+from jaxarith.io.refs import RefKind, ref_kind
+from jaxarith.io.refs import load_tokenizer as load
+from jaxarith.models.config import ModelConfig, load_config
+from jaxarith.models.transformer import abstract_params, param_shardings
 
 Path = tuple[str, ...]
 Reader = Callable[[Rule], dict[Path, np.ndarray]]
@@ -69,9 +89,6 @@ class Candidate:
 
 
 def _hf_candidate(ref: str) -> Candidate:
-    from jaxarith.io.convert.hf import HFCheckpoint, check_checkpoint, resolve_hf_dir
-    from jaxarith.models.config import load_config
-
     directory = resolve_hf_dir(ref)
     cfg = load_config(directory)
     ckpt = HFCheckpoint(directory)
@@ -103,9 +120,6 @@ def _stored_dtypes(stored: dict) -> dict:
 
 
 def _orbax_candidate(ref: str) -> Candidate:
-    from jaxarith.io.convert.orbax import load_host_leaves, read_metadata, stored_arrays
-    from jaxarith.models.config import load_config
-
     read_metadata(ref)
     cfg = load_config(ref)
     stored = stored_arrays(ref)
@@ -116,8 +130,6 @@ def _orbax_candidate(ref: str) -> Candidate:
 
 
 def _run_candidates(path: str) -> list[Candidate]:
-    from jaxarith.average.runs import Run
-
     run = Run.open(path)
     steps = run.steps()
     if not steps:
@@ -156,9 +168,6 @@ def open_candidates(refs: Sequence[str], *, last: int | None = None) -> list[Can
       CheckpointError: a run directory without checkpoints, an unreadable checkpoint.
       ArchitectureMismatchError: naming the first differing tensor.
     """
-    from jaxarith.average.runs import is_run_dir
-    from jaxarith.io.refs import RefKind, ref_kind
-
     opened: list[Candidate] = []
     lazy = []  # open model references only if kept: list every run's steps first
     for r in refs:
@@ -239,8 +248,6 @@ def mean_source(cands: Sequence[Candidate], dtype=None):
 def tokenizer_dir(cand: Candidate):
     """A directory with the candidate's tokenizer files (the bundled one saved to a temp dir)."""
     if cand.tokenizer == "bundled":
-        from jaxarith.data.assets import bundled_tokenizer
-
         with tempfile.TemporaryDirectory() as tmp:
             bundled_tokenizer().save_pretrained(tmp)
             yield tmp
@@ -250,10 +257,7 @@ def tokenizer_dir(cand: Candidate):
 
 def load_tokenizer(cand: Candidate):
     if cand.tokenizer == "bundled":
-        from jaxarith.data.assets import bundled_tokenizer
-
         return bundled_tokenizer()
-    from jaxarith.io.refs import load_tokenizer as load
 
     return load(cand.tokenizer)
 
@@ -267,10 +271,6 @@ def write(cfg: ModelConfig, out: str | os.PathLike, *, params=None, source=None,
     stream; ``mesh``: the Orbax arrays' sharding, default one device); ``out`` appears only when
     complete.
     """
-    from jaxarith.io.atomic import check_destination
-    from jaxarith.io.convert.export import save_hf
-    from jaxarith.io.convert.orbax import hf_to_orbax, save_orbax
-
     if to not in ("hf", "orbax"):
         raise ConfigError(f"--to {to!r}: expected 'hf' or 'orbax'")
     dst = check_destination(out, overwrite)
@@ -308,8 +308,6 @@ def uniform(cands: Sequence[Candidate], out: str | os.PathLike, *, to: str = "hf
 def load_params(cand: Candidate, mesh=None) -> dict:
     """The candidate's parameters as float32 arrays on ``mesh`` (one device if None), read one
     canonical tensor at a time."""
-    from jaxarith.models.transformer import param_shardings
-
     cfg = cand.config
     shd = param_shardings(cfg, mesh) if mesh is not None else None
     params: dict = {}
@@ -374,8 +372,6 @@ def greedy(cands: Sequence[Candidate], token_ids, *, mesh=None, seq_len: int | N
       "greedy", "candidates": [{"ref", "loss", "kept"}] (in the order tried, best first),
       "soup_loss", "kept"}`` (``kept``: the refs in the order added).
     """
-    from jaxarith.eval.loss import eval_loss
-
     cfg = cands[0].config
 
     def score(params) -> float:

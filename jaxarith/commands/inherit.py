@@ -45,18 +45,11 @@ def handle(args) -> int:
     from jaxarith import distributed
     from jaxarith.arith import inherit as inherit_lib
     from jaxarith.io.atomic import check_destination
-    from jaxarith.io.refs import RefKind, load_model, ref_kind
-    from jaxarith.models.config import load_config
+    from jaxarith.io.refs import load_config, load_model
 
     # Everything that can be checked from configs is checked before any weight is read.
     check_destination(args.out, args.overwrite)
-    kind = ref_kind(args.src)
-    if kind is RefKind.ORBAX:
-        src_cfg = load_config(args.src)
-    else:
-        from jaxarith.io.convert.hf import resolve_hf_dir
-
-        src_cfg = load_config(resolve_hf_dir(args.src))
+    src_cfg = load_config(args.src)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", inherit_lib.InverseLayerIdxWarning)
         plan = inherit_lib.plan(src_cfg, args.layers, parts=args.parts,

@@ -27,12 +27,9 @@ def register(sub) -> None:
 
 
 def _num_layers(ref: str) -> int:
-    from jaxarith.io.convert.hf import resolve_hf_dir
-    from jaxarith.io.refs import RefKind, ref_kind
-    from jaxarith.models.config import load_config
+    from jaxarith.io.refs import load_config
 
-    directory = ref if ref_kind(ref) is RefKind.ORBAX else resolve_hf_dir(ref)
-    return load_config(directory).num_hidden_layers
+    return load_config(ref).num_hidden_layers
 
 
 def handle(args) -> int:

@@ -34,20 +34,14 @@ def handle(args) -> int:
     from jaxarith.arith import upcycle
     from jaxarith.errors import ConfigError
     from jaxarith.io.atomic import check_destination
-    from jaxarith.io.refs import RefKind, load_model, ref_kind
-    from jaxarith.models.config import load_config
+    from jaxarith.io.refs import load_config, load_model
     from jaxarith.models.transformer import num_params
 
     # everything checkable from configs is checked before any weight is read
     if args.noise < 0:
         raise ConfigError(f"--noise {args.noise} must be >= 0")
     check_destination(args.out, args.overwrite, inputs=[args.dense])
-    if ref_kind(args.dense) is RefKind.ORBAX:
-        dense_cfg = load_config(args.dense)
-    else:
-        from jaxarith.io.convert.hf import resolve_hf_dir
-
-        dense_cfg = load_config(resolve_hf_dir(args.dense))
+    dense_cfg = load_config(args.dense)
     cfg = upcycle.upcycle_config(dense_cfg, args.experts, args.top_k)
 
     mesh = _common.mesh_from(args)

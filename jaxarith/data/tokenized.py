@@ -44,8 +44,11 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from jaxarith.data import sources
+from jaxarith.data.assets import bundled_tokenizer
 from jaxarith.data.sources import SourceData
 from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.io.atomic import atomic_dir, check_destination
+from jaxarith.io.refs import load_tokenizer as load
 
 FORMAT = "jaxarith.tokenized/1"  # a file-format tag written into data: never renamed
 MANIFEST = "manifest.json"
@@ -90,10 +93,7 @@ def load_tokenizer(ref: str):
     """``bundled`` (the bundled BPE), a directory holding tokenizer files (HF model, Orbax
     checkpoint, tokenizer directory) or a hub id: what a run's ``model.tokenizer`` names."""
     if ref == "bundled":
-        from jaxarith.data.assets import bundled_tokenizer
-
         return bundled_tokenizer()
-    from jaxarith.io.refs import load_tokenizer as load
 
     path = os.path.expanduser(ref)
     return load(path if os.path.isdir(path) else ref)
@@ -342,8 +342,6 @@ def tokenize_to_dir(inputs: Sequence[str], out: str, *, tokenizer_ref: str, seq_
       the manifest (also written to ``out/manifest.json``).
     """
     from tqdm.auto import tqdm
-
-    from jaxarith.io.atomic import atomic_dir, check_destination
 
     if seq_len < 2:
         raise ConfigError(f"--seq-len {seq_len}: must be at least 2")

@@ -39,6 +39,7 @@ import numpy as np
 
 from jaxarith import sharding
 from jaxarith.decode.sampling import Greedy, Sampler
+from jaxarith.distributed import to_host
 from jaxarith.errors import ConfigError
 from jaxarith.models.family import DType, ModelConfig, parse_enum
 from jaxarith.models.layers import KVCache
@@ -506,8 +507,6 @@ def finish(dec: DecodeSpec, tokens, logprobs, limits: np.ndarray,
       log-probability 0.
     """
     if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
-        from jaxarith.distributed import to_host  # rows on other processes' devices too
-
         tokens, logprobs = to_host(tokens), to_host(logprobs)
     tokens, logprobs = np.array(tokens), np.array(logprobs)
     lengths = _lengths(dec, tokens, limits, steps)

@@ -35,7 +35,13 @@ import shutil
 
 import numpy as np
 
-from jaxarith.errors import JaxarithError
+from jaxarith import sharding
+from jaxarith.distill import losses as D
+from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.io import refs
+from jaxarith.io.atomic import check_destination
+from jaxarith.io.refs import load_model
+from jaxarith.models import transformer
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -63,14 +69,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def teacher_config(ref: str):
     """A model reference's config, read without loading its weights."""
-    from jaxarith.io.refs import RefKind, ref_kind
-    from jaxarith.models.config import load_config
-
-    if ref_kind(ref) is RefKind.ORBAX:
-        return load_config(os.fspath(ref))
-    from jaxarith.io.convert.hf import resolve_hf_dir
-
-    return load_config(resolve_hf_dir(ref))
+    return refs.load_config(ref)
 
 
 # ----------------------------------------------------------------------------- records
@@ -236,12 +235,6 @@ def write_cache(teacher_ref: str, sources, tokenizer, out: str, *, k: int, seq_l
     import jax.numpy as jnp
     from tqdm import tqdm
 
-    from jaxarith import sharding
-    from jaxarith.distill import losses as D
-    from jaxarith.errors import ConfigError
-    from jaxarith.io.atomic import check_destination
-    from jaxarith.models import transformer
-
     t0 = time.perf_counter()
     out = os.path.abspath(os.fspath(out))
     if os.path.lexists(out) and not overwrite:
@@ -281,8 +274,6 @@ def write_cache(teacher_ref: str, sources, tokenizer, out: str, *, k: int, seq_l
     os.makedirs(partial, exist_ok=True)
     with open(os.path.join(partial, PLAN), "w") as f:
         json.dump(plan, f)
-
-    from jaxarith.io.refs import load_model
 
     params = load_model(teacher_ref, mesh=mesh, dtype=jnp.dtype(dtype), progress=progress).params
     tok_shd = None if mesh is None else \

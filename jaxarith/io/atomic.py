@@ -38,6 +38,7 @@ import sys
 import threading
 from collections.abc import Iterable, Iterator
 
+from jaxarith import __version__, distributed
 from jaxarith.errors import JaxarithError, Terminated
 
 MARKER = ".jaxarith-output.json"
@@ -98,8 +99,6 @@ def is_output(path: PathLike) -> bool:
 
 def write_marker(directory: PathLike, kind: str = "output", **info) -> str:
     """Write :data:`MARKER` into ``directory`` (what wrote it, when, how). Returns its path."""
-    from jaxarith import __version__
-
     record = {"written_by": f"jaxarith {__version__}", "kind": kind,
               "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "command": sys.argv, "host": socket.gethostname(), "pid": os.getpid(), **info}
@@ -261,8 +260,6 @@ def atomic_dir(dst: PathLike, *, overwrite: bool = False,
         with atomic_dir("out/model", overwrite=args.overwrite, inputs=[args.src]) as tmp:
             write_files(tmp)
     """
-    from jaxarith import distributed
-
     if distributed.process_count() > 1:
         with _shared_atomic_dir(dst, overwrite=overwrite, inputs=inputs, kind=kind,
                                 info=info) as tmp:
@@ -307,8 +304,6 @@ def _shared_atomic_dir(dst: PathLike, *, overwrite: bool, inputs, kind: str,
     every process sees (a shared file system or a bucket). An error on process 0 is raised on
     every process.
     """
-    from jaxarith import distributed
-
     def prepare() -> str:
         d = check_destination(dst, overwrite, inputs=inputs)
         clean_stale(d)
@@ -351,8 +346,6 @@ def claim_dir(directory: PathLike, *, kind: str, inputs: Iterable[PathLike | Non
     Raises:
       UnsafeDestinationError: the directory may not be used.
     """
-    from jaxarith import distributed
-
     if distributed.process_count() > 1:  # one process claims it for all
         return distributed.on_primary(
             lambda: _claim(directory, kind=kind, inputs=inputs, accept=accept, info=info),

@@ -1,7 +1,13 @@
 """One resolver for model references: HF hub id, local HF directory, or Orbax checkpoint directory.
 
-Every command takes a model reference and calls :func:`load_model`, so all of them accept the same
-three kinds.
+Every command takes a model reference and goes through this module, so all of them accept the
+same three kinds:
+
+- :func:`resolve` -> :class:`Ref` ``(kind, dir)``: the local directory that holds the model's
+  ``config.json`` and tokenizer files (a hub id is downloaded to the HF cache first);
+- :func:`load_config`: the model's :class:`~jaxarith.models.ModelConfig`, without its weights;
+- :func:`load_model`: config and parameters, placed on a mesh;
+- :func:`load_tokenizer`: the tokenizer saved next to the model.
 """
 
 from __future__ import annotations
@@ -13,10 +19,11 @@ import os
 import jax
 
 from jaxarith.errors import JaxarithError
+from jaxarith.io.convert import orbax as orbax_io
+from jaxarith.io.convert.hf import load_hf_params, resolve_hf_dir
+from jaxarith.io.convert.orbax import ORBAX_METADATA
+from jaxarith.models import config as config_lib
 from jaxarith.models.config import ModelConfig
-
-# An Orbax checkpoint written by jaxarith holds this metadata record next to the arrays.
-ORBAX_METADATA = "jaxarith.json"
 
 
 class RefKind(enum.StrEnum):
@@ -54,6 +61,28 @@ def ref_kind(ref: str | os.PathLike) -> RefKind:
     return RefKind.HF_HUB
 
 
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """A resolved model reference: its kind and the local directory holding ``config.json``
+    and the tokenizer files (the Orbax checkpoint itself, an HF directory, or the hub snapshot).
+    """
+
+    kind: RefKind
+    dir: str
+
+
+def resolve(ref: str | os.PathLike) -> Ref:
+    """The kind of ``ref`` and its local directory (downloads a hub id's config and weights
+    into the HF cache; see :func:`jaxarith.io.convert.hf.resolve_hf_dir`)."""
+    kind = ref_kind(ref)
+    return Ref(kind, os.fspath(ref) if kind is RefKind.ORBAX else resolve_hf_dir(ref))
+
+
+def load_config(ref: str | os.PathLike) -> ModelConfig:
+    """The model config of any model reference (no weights are read)."""
+    return config_lib.load_config(resolve(ref).dir)
+
+
 def load_model(
     ref: str | os.PathLike,
     *,
@@ -62,23 +91,19 @@ def load_model(
     progress: bool = True,
 ) -> LoadedModel:
     """Resolve a model reference into (config, params) placed on ``mesh`` (one device if None)."""
-    kind = ref_kind(ref)
-    if kind is RefKind.ORBAX:
-        from jaxarith.io.convert import orbax as orbax_io
-
-        cfg, params = orbax_io.load_orbax(ref, mesh=mesh, dtype=dtype)
-        return LoadedModel(cfg, params, kind, os.fspath(ref))
-    from jaxarith.io.convert.hf import load_hf_params, resolve_hf_dir
-
-    directory = resolve_hf_dir(ref)
-    cfg, params = load_hf_params(directory, mesh=mesh, dtype=dtype, progress=progress)
-    return LoadedModel(cfg, params, kind, directory)
+    r = resolve(ref)
+    if r.kind is RefKind.ORBAX:
+        cfg, params = orbax_io.load_orbax(r.dir, mesh=mesh, dtype=dtype)
+    else:
+        cfg, params = load_hf_params(r.dir, mesh=mesh, dtype=dtype, progress=progress)
+    return LoadedModel(cfg, params, r.kind, r.dir)
 
 
-def load_tokenizer(directory: str):
-    """The tokenizer saved next to a model (an HF directory or an Orbax checkpoint)."""
+def load_tokenizer(ref: str | os.PathLike):
+    """The tokenizer saved next to a model: ``ref`` is a model reference or its directory."""
     from transformers import AutoTokenizer
 
+    directory = os.fspath(ref) if os.path.isdir(ref) else resolve(ref).dir
     try:
         return AutoTokenizer.from_pretrained(directory)
     except Exception as e:

@@ -188,9 +188,9 @@ class Family:
     head: Callable[[Any, dict, jax.Array], tuple[jax.Array, jax.Array, bool]] | None = None
     hf_buffers: tuple[str, ...] = ()
     normalize_hf_key: Callable[[str], str] = _same_key
-    # Optional: the family's own training loss factory ``(cfg, *, dtype, remat) -> loss_fn``
-    # (train/step.py's interface), e.g. Mixtral's NLL plus its router losses. None: plain NLL.
-    train_loss: Callable[..., Callable] | None = None
+    # Whether the blocks return per-layer router logits as ``forward``'s aux (a mixture of
+    # experts, e.g. Mixtral); the training program then adds the router losses (train/losses.py).
+    routed: bool = False
     # Optional: ``(cfg, directory) -> cfg`` adjusted to the tensor layout a checkpoint directory
     # stores when a family has two (Mixtral: per-expert or fused experts); called by load_config.
     checkpoint_layout: Callable[[Any, str], Any] | None = None

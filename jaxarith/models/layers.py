@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxarith.models.family import ParamSpec, parse_enum
+from jaxarith.sharding import constrain
 
 __all__ = ["ParamSpec", "RopeType", "RopeScaling", "rope_inv_freq", "rope", "rms_norm",
            "layer_norm", "KVCache", "attention_mask", "attend", "attend_causal",
@@ -25,8 +26,6 @@ __all__ = ["ParamSpec", "RopeType", "RopeScaling", "rope_inv_freq", "rope", "rms
 def gathered(table: jax.Array) -> jax.Array:
     """A lookup table replicated before a gather (FSDP all-gathers it; XLA cannot gather from
     a table sharded on both dimensions without a full rematerialisation)."""
-    from jaxarith.sharding import constrain
-
     return constrain(table, (None, None))
 
 

@@ -199,6 +199,6 @@ FAMILY = Family(
     head=llama.head,
     hf_rules=hf_rules,
     hf_buffers=("rotary_emb.inv_freq",),
-    train_loss=moe.train_loss,
+    routed=True,
     checkpoint_layout=checkpoint_layout,
 )

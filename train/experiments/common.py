@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable
 
 from jaxarith.errors import JaxarithError
+from jaxarith.io.atomic import claim_dir
+from train.loop import run
 
 Log = Callable[[str], None]
 
@@ -26,8 +28,6 @@ def prepare_out(out: str, experiment: str) -> str:
     """Create ``out`` (or re-use one a jaxarith command made) and mark it as an experiment
     output (:func:`jaxarith.io.atomic.claim_dir`); a non-empty directory jaxarith did not write is
     refused."""
-    from jaxarith.io.atomic import claim_dir
-
     return claim_dir(out, kind="experiment", info={"experiment": experiment})
 
 
@@ -48,8 +48,6 @@ def write_text(path: str, text: str) -> None:
 
 def run_training(name: str, tcfg) -> dict:
     """Run one training stage through the training program (resuming from its checkpoint)."""
-    from train.loop import run
-
     summary = run(tcfg)
     if summary["status"] != "done":
         raise StagePreempted(f"stage {name} stopped at step {summary['step']} "

@@ -29,8 +29,19 @@ import json
 import os
 import time
 
+from jaxarith import arith, data
+from jaxarith import data as data_lib
+from jaxarith.arith.norms import MEASURES, norms_report
+from jaxarith.data import chat
+from jaxarith.decode.loop import Member
 from jaxarith.errors import JaxarithError
+from jaxarith.eval.instruct import evaluate_instruct
+from jaxarith.eval.loss import eval_loss
+from jaxarith.io.convert.export import save_hf
+from jaxarith.io.refs import load_model
+from train.config import from_dict
 from train.experiments import config as config_lib
+from train.experiments import report
 from train.experiments.common import (
     Log,
     Stages,
@@ -54,8 +65,6 @@ def stage_train_configs(cfg: dict, out: str) -> dict:
       {stage name: TrainConfig} for the stages this config runs (``pretrain`` and ``instruct``
       only when their model is not given; ``trained`` and ``instruct_trained`` always).
     """
-    from train.config import from_dict
-
     models = os.path.join(out, "models")
     tokenizer = cfg["train"].get("model", {}).get("tokenizer", "")
     base_ref = cfg["base"] or os.path.join(models, "base")
@@ -92,8 +101,6 @@ def write_eval_texts(cfg: dict, tcfg, out: str) -> dict:
     The documents are the same held-out split the training program leaves out of training
     (the last ``data.eval_fraction`` of each source), capped at ``eval.max_chars``.
     """
-    from jaxarith import data as data_lib
-
     d = os.path.join(out, "eval")
     os.makedirs(d, exist_ok=True)
     by_name = {s.name: s for s in tcfg.data.sources}
@@ -119,18 +126,12 @@ def write_eval_texts(cfg: dict, tcfg, out: str) -> dict:
 
 def norms(base: str, other: str) -> dict:
     """The norms report of ``other - base`` for every measure (abs, square), per layer."""
-    from jaxarith.arith.norms import MEASURES, norms_report
-
     return {m: norms_report(base, other, m, per_layer=True) for m in MEASURES}
 
 
 def make_final(base: str, instruct: str, trained: str, dst: str) -> None:
     """``final = trained + (instruct - base)`` in float32, written as an HF model."""
     import jax.numpy as jnp
-
-    from jaxarith import arith
-    from jaxarith.io.convert.export import save_hf
-    from jaxarith.io.refs import load_model
 
     b, i, t = (load_model(r, dtype=jnp.float32, progress=False) for r in (base, instruct, trained))
     for name, m in (("instruct", i), ("trained", t)):
@@ -146,13 +147,6 @@ def make_final(base: str, instruct: str, trained: str, dst: str) -> None:
 
 def evaluate_model(ref: str, texts: dict, cfg: dict) -> dict:
     """New/old-domain loss (as ``jaxarith eval-loss`` computes it) and the instruction eval."""
-    from jaxarith import data
-    from jaxarith.data import chat
-    from jaxarith.decode.loop import Member
-    from jaxarith.eval.instruct import evaluate_instruct
-    from jaxarith.eval.loss import eval_loss
-    from jaxarith.io.refs import load_model
-
     model = load_model(ref, progress=False)
     tok = model.tokenizer()
     res = {}
@@ -184,8 +178,6 @@ def run(cfg: dict, out: str | None = None, *, log: Log = log_stderr, progress: b
       log: where the per-stage progress lines go (stderr by default).
       progress: show the training programs' progress bars.
     """
-    from train.experiments import report
-
     out = prepare_out(out or cfg["out"], "delta-transplant")
     tcfgs = stage_train_configs(cfg, out)
     if not progress:

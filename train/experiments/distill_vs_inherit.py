@@ -32,7 +32,12 @@ import copy
 import os
 from typing import Any
 
+from jaxarith.distill.losses import DistillLoss, per_token
 from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.io.refs import load_model
+from jaxarith.models import forward
+from jaxarith.models.transformer import num_params
+from train.config import from_dict
 from train.experiments.common import (
     Log,
     Stages,
@@ -43,6 +48,8 @@ from train.experiments.common import (
     write_text,
 )
 from train.experiments.config import TINY_LLAMA, deep_merge, read_yaml
+from train.inheritune import HeldOut
+from train.metrics import read_metrics
 
 ARMS = ("scratch", "inherit", "distill", "inherit_distill")
 MODELS = ("teacher", *ARMS)
@@ -94,8 +101,6 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> dict:
 
 def stage_train_configs(cfg: dict, out: str) -> dict:
     """The training config of the teacher and of each arm (built, so checked, before any work)."""
-    from train.config import from_dict
-
     models = os.path.join(out, "models")
     teacher_hf = os.path.join(models, "teacher")
     student_cfg = {**cfg["teacher"]["config"], "num_hidden_layers": cfg["student"]["layers"]}
@@ -132,9 +137,6 @@ def _kl_sums(t_cfg, s_cfg, pt, ps, tokens, mask):
     """(sum, count) of KL(p_teacher || p_student) at temperature 1 over the predicting
     positions of ``tokens`` [B, T] (position t predicts token t + 1; both must be real)."""
     import jax.numpy as jnp
-
-    from jaxarith.distill.losses import DistillLoss, per_token
-    from jaxarith.models import forward
 
     zt, _ = forward(pt, t_cfg, tokens, attention_mask=mask)
     zs, _ = forward(ps, s_cfg, tokens, attention_mask=mask)
@@ -177,10 +179,6 @@ def heldout_kl(teacher, student, windows, batch: int, mesh=None) -> float:
 
 def evaluate(tcfgs: dict, refs: dict, log: Log) -> dict:
     """Held-out NLL and KL(teacher || model) of every model on the same windows."""
-    from jaxarith.io.refs import load_model
-    from jaxarith.models.transformer import num_params
-    from train.inheritune import HeldOut
-
     held = HeldOut(tcfgs["scratch"], refs["teacher"])
     # on the run's mesh: the held-out loss's compiled function expects parameters placed there
     teacher = load_model(refs["teacher"], mesh=held.mesh, progress=False)
@@ -201,8 +199,6 @@ def evaluate(tcfgs: dict, refs: dict, log: Log) -> dict:
 
 def curves(tcfgs: dict) -> dict:
     """name -> [(step, held-out loss averaged over the sources)] from each run's eval rows."""
-    from train.metrics import read_metrics
-
     out = {}
     for name, tc in tcfgs.items():
         pts = []

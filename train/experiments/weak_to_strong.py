@@ -27,7 +27,16 @@ import json
 import os
 from typing import Any
 
+from jaxarith import data
+from jaxarith.data import chat
+from jaxarith.decode.combine import eft_up, proxy_tuning
+from jaxarith.decode.loop import DecodeSpec, Member, generate
+from jaxarith.decode.speculative import SpeculativeSpec, generate_speculative
 from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.eval.instruct import evaluate_instruct
+from jaxarith.io.refs import load_model
+from train.config import from_dict
+from train.experiments import report_w2s
 from train.experiments.common import (
     Log,
     Stages,
@@ -76,8 +85,6 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> dict:
 
 def stage_train_configs(cfg: dict, out: str) -> dict:
     """The training config of each of the four training stages (built and checked now)."""
-    from train.config import from_dict
-
     models = os.path.join(out, "models")
     built = {}
     for size in ("small", "large"):
@@ -100,9 +107,6 @@ def stage_train_configs(cfg: dict, out: str) -> dict:
 
 def combinations(cfg: dict, configs: dict) -> dict:
     """name -> members: the plain models and every proxy-tuning / EFT combination evaluated."""
-    from jaxarith.decode.combine import eft_up, proxy_tuning
-    from jaxarith.decode.loop import Member
-
     lb, st, sb = configs["large_base"], configs["small_tuned"], configs["small_base"]
     out = {"large_base": (Member(lb),), "large_tuned": (Member(configs["large_tuned"]),),
            "small_tuned": (Member(st),)}
@@ -128,11 +132,6 @@ def _member_params(name: str, params: dict) -> list:
 
 def evaluate_all(cfg: dict, refs: dict, out: str, log: Log) -> dict:
     """The instruction eval of every model and combination (one JSON per entry, cached)."""
-    from jaxarith import data
-    from jaxarith.data import chat
-    from jaxarith.eval.instruct import evaluate_instruct
-    from jaxarith.io.refs import load_model
-
     loaded = {n: load_model(refs[n], progress=False) for n in MODELS}
     configs = {n: m.config for n, m in loaded.items()}
     params = {n: m.params for n, m in loaded.items()}
@@ -156,13 +155,6 @@ def evaluate_all(cfg: dict, refs: dict, out: str, log: Log) -> dict:
 def timing(cfg: dict, refs: dict) -> dict:
     """Plain large decoding, plain EFT and speculative EFT (k from the config) on the same
     greedy prompts: tokens/s (compilation excluded), acceptance rates, speed-ups."""
-    from jaxarith import data
-    from jaxarith.data import chat
-    from jaxarith.decode.combine import eft_up
-    from jaxarith.decode.loop import DecodeSpec, Member, generate
-    from jaxarith.decode.speculative import SpeculativeSpec, generate_speculative
-    from jaxarith.io.refs import load_model
-
     m = {n: load_model(refs[n], progress=False) for n in ("large_base", "small_tuned",
                                                           "small_base")}
     tok = m["small_tuned"].tokenizer()
@@ -216,8 +208,6 @@ def run(cfg: dict, out: str | None = None, *, log: Log = log_stderr,
         progress: bool = True) -> dict:
     """Run (or resume) the experiment; returns the results written to results.json."""
     import dataclasses
-
-    from train.experiments import report_w2s
 
     out = prepare_out(out or cfg["out"], "weak-to-strong")
     tcfgs = stage_train_configs(cfg, out)

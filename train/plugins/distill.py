@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxarith.distill import cache as distill_cache
 from jaxarith.errors import ConfigError
 from train import distill as TD
+from train import loop
 from train.extensions import Extension
 
 
 def _tokenizer(cfg):
-    from train import loop
-
     model_dir = loop.model_config(cfg)[1] if cfg.model.ref else None
     return loop.tokenizer_for(cfg, model_dir)
 
@@ -25,8 +25,6 @@ def extension(cfg) -> Extension | None:
     vocab = len(tokenizer)
     t_dtype = jnp.dtype(sec.teacher_dtype)
     if sec.cache:
-        from jaxarith.distill import cache as distill_cache
-
         cache = distill_cache.open_cache(sec.cache)
         if sec.top_k not in (0, cache.k):
             raise ConfigError(f"distill.top_k={sec.top_k} but distill.cache {cache.path} holds "

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 from train.extensions import Extension
+from train.init import start_config, start_params
 
 
 def extension(cfg) -> Extension | None:
     if not cfg.init.enabled:
         return None
-    from train.init import start_config, start_params
 
     return Extension(
         name="init",

@@ -8,7 +8,7 @@
                              # of the model's config (transformers' default 0.001)
 
 Without the section a Mixtral still trains with its load-balancing loss at the config's
-coefficient and no z-loss (the family's own loss, :func:`jaxarith.models.moe.train_loss`); the
+coefficient and no z-loss (:func:`train.losses.moe_loss_fn`); the
 metrics ``aux_loss``, ``z_loss`` and ``expert_load/<i>`` are logged either way. The section only
 changes the coefficients, so it cannot be combined with another loss (distillation): that is an
 error.
@@ -21,6 +21,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from jaxarith.errors import ConfigError
+from train import losses
 from train.extensions import Extension
 
 
@@ -46,13 +47,12 @@ def extension(cfg) -> Extension | None:
     sec = cfg.moe
     if not sec.enabled:
         return None
-    from jaxarith.models import moe
 
     def loss(model_cfg, *, dtype=jnp.float32, remat=False):
         if not hasattr(model_cfg, "num_local_experts"):
             raise ConfigError(f"moe: the section needs a mixture-of-experts model, the model is "
                               f"a dense {model_cfg.model_type}")
-        return moe.train_loss(model_cfg, dtype=dtype, remat=remat,
+        return losses.moe_loss_fn(model_cfg, dtype=dtype, remat=remat,
                               aux_coef=sec.aux_loss_coef, z_coef=sec.z_loss)
 
     return Extension(name="moe", loss=loss, loss_key=sec)

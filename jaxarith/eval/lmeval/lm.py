@@ -60,6 +60,8 @@ from jaxarith.decode.loop import DecodeSpec, Member, generate
 from jaxarith.decode.sampling import Greedy, Sampling
 from jaxarith.errors import ConfigError, JaxarithError
 from jaxarith.eval.lmeval import multihost, scoring
+from jaxarith.io.refs import load_model
+from jaxarith.sharding import make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +145,6 @@ class JaxarithLM(TemplateLM):
                 ("cuda:", "tpu:")):
             raise ConfigError(f"device={device!r}: model=jaxarith places work by the mesh; "
                               f"use mesh= in model_args")
-
-        from jaxarith.io.refs import load_model
-        from jaxarith.sharding import make_mesh
 
         # several processes: process 0 drives lm-eval, the others follow (see follow())
         self._processes, self._primary = jax.process_count(), jax.process_index() == 0

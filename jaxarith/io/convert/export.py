@@ -25,8 +25,9 @@ from jaxarith.errors import ConfigError
 from jaxarith.io.atomic import atomic_dir
 from jaxarith.io.convert import pipeline
 from jaxarith.io.convert.fastcopy import contiguous
-from jaxarith.io.convert.hf import INDEX_FILE, SINGLE_FILE, get_path
+from jaxarith.io.convert.hf import INDEX_FILE, SINGLE_FILE, HFCheckpoint, check_checkpoint, get_path
 from jaxarith.io.convert.keymap import Rule, expand, rules_for
+from jaxarith.io.convert.orbax import copy_side_files
 from jaxarith.io.convert.safetensors_io import write_safetensors
 from jaxarith.models.config import ModelConfig, save_config
 
@@ -81,8 +82,6 @@ def hf_slices(directory: str, cfg: ModelConfig) -> SliceSource:
     so host memory stays at one HF tensor. Keys and shapes are checked before anything is read.
     ``slices.dtypes`` gives each canonical leaf's stored dtype.
     """
-    from jaxarith.io.convert.hf import HFCheckpoint, check_checkpoint
-
     ckpt = HFCheckpoint(directory)
     names = check_checkpoint(cfg, ckpt)
 
@@ -207,8 +206,6 @@ def _write_files(cfg: ModelConfig, tmp: str, specs: list[TensorSpec], shards: li
                  tokenizer_dir: str | None) -> int:
     """Write the safetensors shards, index, config and side files into ``tmp``; returns the
     bytes written."""
-    from jaxarith.io.convert.orbax import copy_side_files
-
     written = 0
     weight_map = {}
     for name, idx in zip(names, shards, strict=True):

@@ -30,7 +30,6 @@ from jaxarith import __version__, distributed
 from jaxarith.errors import CheckpointError
 from jaxarith.io.atomic import atomic_dir
 from jaxarith.io.convert.hf import get_path, iter_hf_leaves, resolve_hf_dir, set_path
-from jaxarith.io.refs import ORBAX_METADATA
 from jaxarith.models.config import ModelConfig, load_config, save_config
 from jaxarith.models.transformer import abstract_params
 
@@ -39,6 +38,10 @@ FORMAT = "jaxarith.orbax.v1"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "generation_config.json",
                    "chat_template.jinja")
+
+# An Orbax checkpoint written by jaxarith holds this metadata record next to the arrays (the
+# model references of jaxarith.io.refs recognise Orbax directories by it).
+ORBAX_METADATA = "jaxarith.json"
 
 
 def copy_side_files(src_dir: str | None, dst_dir: str) -> list[str]:
