@@ -21,8 +21,9 @@ def moe_loss_fn(cfg, *, dtype=jnp.float32, remat: bool = False,
     ``router_aux_loss_coef``) and ``z`` :func:`~jaxarith.models.moe.router_z_loss`, both over
     the microbatch's tokens; metrics ``aux_loss``, ``z_loss`` and ``expert_load/<i>`` (share
     of the top-k choices taken by expert i, pooled over layers), each times ``count`` as the
-    interface wants (the step divides by the total count, so with microbatches they are count-weighted means of per-microbatch values: exact
-    for one microbatch, as transformers computes them per batch).
+    interface wants (the step divides by the total count, so with microbatches they are
+    count-weighted means of per-microbatch values: exact for one microbatch, as transformers
+    computes them per batch).
     """
     coef = cfg.router_aux_loss_coef if aux_coef is None else aux_coef
     k = cfg.num_experts_per_tok
