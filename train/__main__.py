@@ -13,6 +13,13 @@ import argparse
 import json
 import sys
 
+from jaxarith import distributed
+from jaxarith.commands import _common
+from jaxarith.distributed import add_arguments as add_distributed
+from train import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from train.config import load_config
+from train.loop import run
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file (see configs/)")
@@ -22,17 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at the end, write the final weights as an HF model (export.hf_dir)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON summary object on stdout (no progress bar)")
-    from jaxarith.distributed import add_arguments as add_distributed
 
     add_distributed(p)
 
 
 def handle(args) -> int:
     """Load the config, run, print the summary; the exit code says how the run ended."""
-    from train import EXIT_INTERRUPTED, EXIT_PREEMPTED
-    from train.config import load_config
-    from train.loop import run
-
     overrides = list(args.overrides)
     if args.export_hf:
         overrides.append(f"export.hf_dir={args.export_hf}")
@@ -40,7 +42,6 @@ def handle(args) -> int:
         overrides.append("log.progress=false")
     cfg = load_config(args.config, overrides)
     if cfg.distributed:  # the config's `distributed: true`: auto-detect, before any JAX call
-        from jaxarith import distributed
 
         if distributed.initialize(distributed.config_from_args(args, auto=True)):
             distributed.quiet_secondary()
@@ -67,8 +68,6 @@ def handle(args) -> int:
 
 
 def _interrupted(args, summary: dict | None) -> int:
-    from train import EXIT_INTERRUPTED
-
     msg = "interrupted (Ctrl-C)"
     if summary is not None:
         msg += (f" at step {summary['step']}; a checkpoint is saved: run the same command to "
@@ -93,7 +92,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.command = "train"
     args.handler = handle
-    from jaxarith.commands import _common
 
     try:
         return _common.run(args)

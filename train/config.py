@@ -28,7 +28,7 @@ from jaxarith.models.registry import FAMILIES
 from jaxarith.schedules import ScheduleConfig
 from train.distill import DistillSection
 from train.init import InitConfig
-from train.plugins.moe import MoESection
+from train.losses import MoESection
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class TrainConfig:
     export: ExportConfig = ExportConfig()
     distill: DistillSection = DistillSection()  # see train/distill.py
     init: InitConfig = InitConfig()
-    moe: MoESection = MoESection()  # router loss coefficients (train/plugins/moe.py)
+    moe: MoESection = MoESection()  # router loss coefficients (train/losses.py)
 
     def __post_init__(self):
         if self.init.ref and (self.model.ref or self.model.arch or self.model.config):

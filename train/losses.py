@@ -7,9 +7,29 @@ itself knows nothing of training (train/step.py picks the loss).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
+from jaxarith.errors import ConfigError
 from jaxarith.models import moe, transformer
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoESection:
+    """Router loss coefficients (see the module docstring)."""
+
+    z_loss: float = 0.0
+    aux_loss_coef: float | None = None
+
+    def __post_init__(self):
+        if self.z_loss < 0 or (self.aux_loss_coef is not None and self.aux_loss_coef < 0):
+            raise ConfigError(f"moe: z_loss={self.z_loss} and aux_loss_coef="
+                              f"{self.aux_loss_coef} must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.z_loss > 0 or self.aux_loss_coef is not None
 
 
 def moe_loss_fn(cfg, *, dtype=jnp.float32, remat: bool = False,

@@ -8,7 +8,11 @@ import os
 import sys
 from typing import Any
 
+from jaxarith import distributed
+from jaxarith.distributed import is_primary
 from jaxarith.errors import ConfigError, JaxarithError, Terminated
+from jaxarith.io.atomic import terminate_as_exception
+from jaxarith.sharding import make_mesh, set_strict_sharding
 
 
 def add_json(p: argparse.ArgumentParser) -> None:
@@ -51,13 +55,10 @@ def mesh_from(args) -> Any:
     """The mesh of ``--mesh`` (None without one: one device); ``--strict-sharding`` makes every
     parameter sharding of this command strict. In a multi-process run the default is
     ``fsdp=-1`` over every process's devices (one device would leave the others idle)."""
-    from jaxarith import distributed
-
     if not getattr(args, "mesh", None):
         if distributed.process_count() == 1 or not hasattr(args, "mesh"):
             return None
         args.mesh = "fsdp=-1"
-    from jaxarith.sharding import make_mesh, set_strict_sharding
 
     set_strict_sharding(getattr(args, "strict_sharding", False))
     return make_mesh(args.mesh)
@@ -65,8 +66,6 @@ def mesh_from(args) -> Any:
 
 def progress_enabled(args) -> bool:
     """Progress bars go to stderr, only for humans at a terminal, from process 0 only."""
-    from jaxarith.distributed import is_primary
-
     return not getattr(args, "json", False) and sys.stderr.isatty() and is_primary()
 
 
@@ -130,9 +129,6 @@ def run(args) -> int:
     cluster) exits 2; Ctrl-C 130; SIGTERM 143; a closed stdout (``jaxarith inspect X | head``)
     141. Under ``--json`` the line is ``{"error": ..., "type": ...}`` on stdout.
     """
-    from jaxarith import distributed
-    from jaxarith.io.atomic import terminate_as_exception
-
     try:
         with terminate_as_exception():
             # join a multi-process run (--coordinator / --distributed) before any other JAX call

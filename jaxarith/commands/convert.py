@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from jaxarith.commands import _common
+from jaxarith.io.convert import pipeline
+from jaxarith.io.convert.route import convert
+from jaxarith.io.refs import RefKind, ref_kind
 
 
 def register(sub) -> None:
@@ -24,10 +27,6 @@ def register(sub) -> None:
 
 def handle(args) -> int:
     import time
-
-    from jaxarith.io.convert import pipeline
-    from jaxarith.io.convert.route import convert
-    from jaxarith.io.refs import RefKind, ref_kind
 
     t0 = time.perf_counter()
     to = args.to or ("hf" if ref_kind(args.src) is RefKind.ORBAX else "orbax")

@@ -4,6 +4,7 @@ data into packed windows (ArrayRecord shards + manifest) for a ``kind: tokenized
 from __future__ import annotations
 
 from jaxarith.commands import _common
+from jaxarith.data import tokenized
 
 
 def register(sub) -> None:
@@ -49,8 +50,6 @@ def register(sub) -> None:
 
 
 def handle_tokenize(args) -> int:
-    from jaxarith.data import tokenized
-
     opts = tokenized.ReadOptions(kind=args.kind, text_field=args.text_field, split=args.split,
                                  doc_separator=args.doc_separator, max_docs=args.max_docs)
     m = tokenized.tokenize_to_dir(

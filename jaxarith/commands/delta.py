@@ -10,7 +10,13 @@
 
 from __future__ import annotations
 
+from jaxarith.arith.execute import execute
+from jaxarith.arith.methods import method
+from jaxarith.arith.norms import delta_cosine, norms_report
+from jaxarith.arith.select import MergeSpec, Selection
 from jaxarith.commands import _common
+from jaxarith.io.atomic import protect_inputs
+from jaxarith.io.convert import pipeline
 
 
 def _out_flags(p) -> None:
@@ -58,13 +64,9 @@ def register(sub) -> None:
 
 
 def handle_norms(args) -> int:
-    from jaxarith.arith.norms import norms_report
-
     r = norms_report(args.base, args.other, args.measure, per_layer=args.per_layer,
                      per_tensor=args.per_tensor)
     if args.cosine:
-        from jaxarith.arith.norms import delta_cosine
-
         r["cosine"] = delta_cosine(args.other, args.base, args.cosine)
     lines = [f"measure {r['measure']}",
              f"  base   {r['base_norm']:.6e}", f"  other  {r['other_norm']:.6e}",
@@ -81,13 +83,7 @@ def handle_norms(args) -> int:
 
 
 def _run(args, name: str, refs, shared) -> int:
-    from jaxarith.arith.execute import execute
-    from jaxarith.io.convert import pipeline
-
     pipeline.recycle_memory()  # process-wide: streamed tensors reuse freed buffers
-    from jaxarith.arith.methods import method
-    from jaxarith.arith.select import MergeSpec, Selection
-    from jaxarith.io.atomic import protect_inputs
 
     spec = MergeSpec(method=method(name), shared=shared,
                      selection=Selection(include=tuple(args.include),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from jaxarith.commands import _common
+from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.eval.loss import eval_loss
+from jaxarith.io.refs import load_model
 
 
 def register(sub) -> None:
@@ -23,10 +26,6 @@ def handle(args) -> int:
     import sys
 
     import jax.numpy as jnp
-
-    from jaxarith.errors import ConfigError, JaxarithError
-    from jaxarith.eval.loss import eval_loss
-    from jaxarith.io.refs import load_model
 
     _common.check_positive(batch_size=args.batch_size)
     if args.seq_len is not None and args.seq_len < 2:

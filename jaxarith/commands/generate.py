@@ -19,6 +19,14 @@ import argparse
 import sys
 
 from jaxarith.commands import _common
+from jaxarith.decode.combine import eft, proxy_tuning
+from jaxarith.decode.loop import DecodeSpec, Member, generate
+from jaxarith.decode.sampling import Greedy, Sampling
+from jaxarith.decode.speculative import SpeculativeSpec, generate_speculative
+from jaxarith.distributed import is_primary
+from jaxarith.errors import ConfigError
+from jaxarith.io.refs import load_model
+from jaxarith.models.transformer import num_params
 
 ROLES = {"proxy": ("model", "expert", "anti-expert"), "eft": ("model", "tuned", "ref"),
          "single": ("model",)}
@@ -50,9 +58,6 @@ def register(sub) -> None:
 
 
 def _sampler(args):
-    from jaxarith.decode.sampling import Greedy, Sampling
-    from jaxarith.errors import ConfigError
-
     sampling = any(v is not None for v in (args.temperature, args.top_p, args.top_k))
     if args.greedy and sampling:
         raise ConfigError("--greedy excludes --temperature/--top-p/--top-k")
@@ -63,8 +68,6 @@ def _sampler(args):
 
 
 def _check_args(args) -> str:
-    from jaxarith.errors import ConfigError
-
     if args.expert is not None and args.eft is not None:
         raise ConfigError("--expert/--anti-expert and --eft are exclusive")
     if (args.expert is None) != (args.anti_expert is None):
@@ -77,8 +80,6 @@ def _check_args(args) -> str:
 
 
 def _templates(args, mode: str) -> dict[str, str]:
-    from jaxarith.errors import ConfigError
-
     out = {}
     for item in args.template:
         role, sep, text = item.partition("=")
@@ -93,8 +94,6 @@ def _templates(args, mode: str) -> dict[str, str]:
 
 def _shared_tokenizer(refs, models):
     """MODEL's tokenizer, after checking every other model's is the same vocabulary."""
-    from jaxarith.errors import ConfigError
-
     toks = [m.tokenizer() for m in models]
     vocab = toks[0].get_vocab()
     for ref, tok in zip(refs[1:], toks[1:], strict=True):
@@ -124,14 +123,6 @@ class _Streamer:
 
 def handle(args) -> int:
     import jax.numpy as jnp
-
-    from jaxarith.decode.combine import eft, proxy_tuning
-    from jaxarith.decode.loop import DecodeSpec, Member, generate
-    from jaxarith.decode.speculative import SpeculativeSpec, generate_speculative
-    from jaxarith.distributed import is_primary
-    from jaxarith.errors import ConfigError
-    from jaxarith.io.refs import load_model
-    from jaxarith.models.transformer import num_params
 
     mode = _check_args(args)
     templates = _templates(args, mode)

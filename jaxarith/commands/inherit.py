@@ -6,7 +6,13 @@ OUT is a complete checkpoint (config with the new depth, tokenizer files) writte
 
 from __future__ import annotations
 
+from jaxarith import distributed
+from jaxarith.arith import inherit as inherit_lib
 from jaxarith.commands import _common
+from jaxarith.io.atomic import check_destination
+from jaxarith.io.convert.export import save_hf
+from jaxarith.io.convert.orbax import save_orbax
+from jaxarith.io.refs import load_config, load_model
 
 CHOICES = ("inherit", "fresh")
 
@@ -42,11 +48,6 @@ def handle(args) -> int:
 
     import jax
 
-    from jaxarith import distributed
-    from jaxarith.arith import inherit as inherit_lib
-    from jaxarith.io.atomic import check_destination
-    from jaxarith.io.refs import load_config, load_model
-
     # Everything that can be checked from configs is checked before any weight is read.
     check_destination(args.out, args.overwrite)
     src_cfg = load_config(args.src)
@@ -66,13 +67,9 @@ def handle(args) -> int:
     src = load_model(args.src, mesh=mesh, progress=progress)
     params = inherit_lib.apply_plan(src.params, plan, jax.random.PRNGKey(args.seed), mesh)
     if args.to == "orbax":
-        from jaxarith.io.convert.orbax import save_orbax
-
         save_orbax(plan.config, params, args.out, tokenizer_dir=src.directory,
                    overwrite=args.overwrite)
     else:
-        from jaxarith.io.convert.export import save_hf
-
         save_hf(plan.config, params, args.out, tokenizer_dir=src.directory,
                 overwrite=args.overwrite, progress=progress)
     result = {"src_layers": src_cfg.num_hidden_layers, "layers": list(plan.layers),

@@ -7,6 +7,10 @@ Reads only metadata: safetensors headers for HF models, the array metadata of Or
 from __future__ import annotations
 
 from jaxarith.commands import _common
+from jaxarith.io.convert.hf import HFCheckpoint, resolve_hf_dir
+from jaxarith.io.convert.orbax import PARAMS_DIR, read_metadata
+from jaxarith.io.refs import RefKind, ref_kind
+from jaxarith.models import load_config, num_params
 
 
 def register(sub) -> None:
@@ -50,9 +54,6 @@ def inspect_model(ref: str) -> dict:
     """
     import numpy as np
 
-    from jaxarith.io.refs import RefKind, ref_kind
-    from jaxarith.models import load_config, num_params
-
     kind = ref_kind(ref)
     tensors = []
     if kind is RefKind.ORBAX:
@@ -61,8 +62,6 @@ def inspect_model(ref: str) -> dict:
 
         import jax
         import orbax.checkpoint as ocp
-
-        from jaxarith.io.convert.orbax import PARAMS_DIR, read_metadata
 
         directory = os.path.abspath(ref)  # orbax needs absolute paths
         meta = read_metadata(directory)
@@ -76,8 +75,6 @@ def inspect_model(ref: str) -> dict:
                             "shape": list(leaf.shape), "dtype": str(np.dtype(leaf.dtype)),
                             "sharding": sharding_info(shd)})
     else:
-        from jaxarith.io.convert.hf import HFCheckpoint, resolve_hf_dir
-
         directory = resolve_hf_dir(ref)
         meta = {}
         ckpt = HFCheckpoint(directory)

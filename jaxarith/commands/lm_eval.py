@@ -19,6 +19,9 @@ import json
 import os
 
 from jaxarith.commands import _common
+from jaxarith.distributed import on_primary
+from jaxarith.errors import ConfigError
+from jaxarith.io.atomic import atomic_dir, check_destination
 
 
 def register(sub) -> None:
@@ -66,8 +69,6 @@ def model_args(args) -> dict:
 
 
 def _check(args) -> list[str]:
-    from jaxarith.errors import ConfigError
-
     _common.check_positive(batch_size=args.batch_size, max_length=args.max_length)
     if args.expert is not None and args.eft is not None:
         raise ConfigError("--expert/--anti-expert and --eft are exclusive")
@@ -98,13 +99,11 @@ def _summary(results: dict) -> str:
 
 
 def handle(args) -> int:
-    from jaxarith.distributed import on_primary
+    # lm-eval is an optional extra: its package is imported only when the command runs
     from jaxarith.eval.lmeval.run import evaluate, jsonable
-    from jaxarith.io.atomic import atomic_dir
 
     tasks = _check(args)
     if args.output_path:  # refuse a bad destination before the models load (on process 0)
-        from jaxarith.io.atomic import check_destination
 
         on_primary(lambda: str(check_destination(args.output_path, args.overwrite,
                                                  inputs=[args.model])),
@@ -130,7 +129,7 @@ def handle(args) -> int:
 
 def _write(directory: str, results: dict, samples: dict | None) -> None:
     """results.json (and samples.jsonl with --log-samples) in ``directory``."""
-    from jaxarith.eval.lmeval.run import jsonable
+    from jaxarith.eval.lmeval.run import jsonable  # lm-eval is optional (see handle)
 
     with open(os.path.join(directory, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

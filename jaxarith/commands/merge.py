@@ -8,7 +8,12 @@ Streamed tensor by tensor when every model is an HF checkpoint and OUT is HF.
 
 from __future__ import annotations
 
+from jaxarith.arith.execute import execute
+from jaxarith.arith.mergeconfig import load_merge_config
 from jaxarith.commands import _common
+from jaxarith.io.atomic import protect_inputs
+from jaxarith.io.convert import pipeline
+from jaxarith.io.refs import load_config
 
 
 def register(sub) -> None:
@@ -27,18 +32,11 @@ def register(sub) -> None:
 
 
 def _num_layers(ref: str) -> int:
-    from jaxarith.io.refs import load_config
-
     return load_config(ref).num_hidden_layers
 
 
 def handle(args) -> int:
-    from jaxarith.arith.execute import execute
-    from jaxarith.io.convert import pipeline
-
     pipeline.recycle_memory()  # process-wide: streamed tensors reuse freed buffers
-    from jaxarith.arith.mergeconfig import load_merge_config
-    from jaxarith.io.atomic import protect_inputs
 
     mc = load_merge_config(args.config)
     if mc.layer_ranges:  # before any work: a partial range is an error, not a full merge

@@ -9,7 +9,11 @@ atomically. Bad input is refused before any weight is read.
 
 from __future__ import annotations
 
+from jaxarith.arith import moe_merge
 from jaxarith.commands import _common
+from jaxarith.io.atomic import check_destination
+from jaxarith.io.convert.export import save_hf
+from jaxarith.io.convert.orbax import save_orbax
 
 
 def register(sub) -> None:
@@ -32,9 +36,6 @@ def handle(args) -> int:
     import logging
     import sys
 
-    from jaxarith.arith import moe_merge
-    from jaxarith.io.atomic import check_destination
-
     cfg_moe = moe_merge.load_yaml(args.config, allow_all_same=args.allow_all_same)
     check_destination(args.out, args.overwrite,
                       inputs=[cfg_moe.base_model, *(e.source_model for e in cfg_moe.experts)])
@@ -54,13 +55,9 @@ def handle(args) -> int:
     finally:
         moe_merge.log.removeHandler(handler)
     if args.to == "orbax":
-        from jaxarith.io.convert.orbax import save_orbax
-
         save_orbax(cfg, params, args.out, tokenizer_dir=info["base_dir"],
                    overwrite=args.overwrite)
     else:
-        from jaxarith.io.convert.export import save_hf
-
         save_hf(cfg, params, args.out, tokenizer_dir=info["base_dir"], overwrite=args.overwrite,
                 progress=progress)
     if not args.json:

@@ -7,7 +7,14 @@ complete checkpoint (Mixtral config, tokenizer files) written atomically.
 
 from __future__ import annotations
 
+from jaxarith.arith import upcycle
 from jaxarith.commands import _common
+from jaxarith.errors import ConfigError
+from jaxarith.io.atomic import check_destination
+from jaxarith.io.convert.export import save_hf
+from jaxarith.io.convert.orbax import save_orbax
+from jaxarith.io.refs import load_config, load_model
+from jaxarith.models.transformer import num_params
 
 
 def register(sub) -> None:
@@ -31,12 +38,6 @@ def register(sub) -> None:
 def handle(args) -> int:
     import jax
 
-    from jaxarith.arith import upcycle
-    from jaxarith.errors import ConfigError
-    from jaxarith.io.atomic import check_destination
-    from jaxarith.io.refs import load_config, load_model
-    from jaxarith.models.transformer import num_params
-
     # everything checkable from configs is checked before any weight is read
     if args.noise < 0:
         raise ConfigError(f"--noise {args.noise} must be >= 0")
@@ -50,12 +51,8 @@ def handle(args) -> int:
     params = upcycle.upcycle_params(src.params, cfg, jax.random.PRNGKey(args.seed),
                                     noise=args.noise, router=args.router, mesh=mesh)
     if args.to == "orbax":
-        from jaxarith.io.convert.orbax import save_orbax
-
         save_orbax(cfg, params, args.out, tokenizer_dir=src.directory, overwrite=args.overwrite)
     else:
-        from jaxarith.io.convert.export import save_hf
-
         save_hf(cfg, params, args.out, tokenizer_dir=src.directory, overwrite=args.overwrite,
                 progress=progress)
     total = num_params(cfg)

@@ -327,9 +327,9 @@ class DocRunner:
 
     def _cli(self, block: Block, cmd: str, prog: str, argv: list[str]) -> None:
         if prog == "train":
-            from train.__main__ import main
+            from train.__main__ import main  # imported when a page runs it: tests load this early
         else:
-            from jaxarith.cli import main
+            from jaxarith.cli import main  # (as above)
         buf = io.StringIO()
         try:
             with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):

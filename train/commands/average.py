@@ -13,7 +13,13 @@ directories (all of a run's train-state checkpoints, by step; only their paramet
 
 from __future__ import annotations
 
+from jaxarith import data as data_lib
+from jaxarith.average import soups
+from jaxarith.average.soups import load_tokenizer
 from jaxarith.commands import _common
+from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.io.atomic import check_destination
+from train.config import load_config
 
 
 def register(sub) -> None:
@@ -45,9 +51,6 @@ def register(sub) -> None:
 
 def held_out_ids(args, cand) -> tuple[list[int], int | None]:
     """(token ids, window length) of the greedy soup's held-out data."""
-    from jaxarith.average.soups import load_tokenizer
-    from jaxarith.errors import ConfigError, JaxarithError
-
     if args.eval_text:
         with open(args.eval_text, encoding="utf-8") as f:
             ids = load_tokenizer(cand)(f.read())["input_ids"]
@@ -56,9 +59,6 @@ def held_out_ids(args, cand) -> tuple[list[int], int | None]:
         return ids, args.seq_len
     if args.eval_config:
         import numpy as np
-
-        from jaxarith import data as data_lib
-        from train.config import load_config
 
         tcfg = load_config(args.eval_config, ["out=unused"])
         sources = data_lib.load_sources(tcfg.data, load_tokenizer(cand))
@@ -72,10 +72,6 @@ def held_out_ids(args, cand) -> tuple[list[int], int | None]:
 
 
 def handle(args) -> int:
-    from jaxarith.average import soups
-    from jaxarith.errors import ConfigError
-    from jaxarith.io.atomic import check_destination
-
     if args.method == "lawa" and args.last is None:
         raise ConfigError("--method lawa averages the latest K checkpoints: give --last K")
     if args.method == "greedy" and not (args.eval_text or args.eval_config):

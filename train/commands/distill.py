@@ -9,6 +9,11 @@ interrupted command resumes at the first unfinished shard; OUT appears only when
 from __future__ import annotations
 
 from jaxarith.commands import _common
+from jaxarith.data.pipeline import load_sources
+from jaxarith.distill import cache as distill_cache
+from jaxarith.errors import ConfigError
+from train import loop
+from train.config import load_config
 
 
 def register(sub) -> None:
@@ -35,12 +40,6 @@ def register(sub) -> None:
 
 
 def handle_cache(args) -> int:
-    from jaxarith.data.pipeline import load_sources
-    from jaxarith.distill import cache as distill_cache
-    from jaxarith.errors import ConfigError
-    from train import loop
-    from train.config import load_config
-
     if args.batch < 1 or args.shard_windows < 1:
         raise ConfigError("--batch and --shard-windows must be positive")
     cfg = load_config(args.config, [*args.overrides, "out=" + args.out + ".run"]

@@ -5,6 +5,8 @@ resume)."""
 from __future__ import annotations
 
 from jaxarith.commands import _common
+from train.experiments import config, delta_transplant, report, report_w2s, weak_to_strong
+from train.experiments import distill_vs_inherit as dvi
 
 
 def register(sub) -> None:
@@ -56,8 +58,6 @@ def register(sub) -> None:
 def handle_delta_transplant(args) -> int:
     import os
 
-    from train.experiments import config, delta_transplant, report
-
     cfg = config.load(args.config)
     out = os.path.abspath(args.out or cfg["out"])
     res = delta_transplant.run(cfg, out, progress=not args.json)
@@ -69,8 +69,6 @@ def handle_delta_transplant(args) -> int:
 def handle_weak_to_strong(args) -> int:
     import os
 
-    from train.experiments import report_w2s, weak_to_strong
-
     cfg = weak_to_strong.load_config(args.config)
     out = os.path.abspath(args.out or cfg["out"])
     res = weak_to_strong.run(cfg, out, progress=not args.json)
@@ -81,8 +79,6 @@ def handle_weak_to_strong(args) -> int:
 
 def handle_distill_vs_inherit(args) -> int:
     import os
-
-    from train.experiments import distill_vs_inherit as dvi
 
     cfg = dvi.load_config(args.config)
     out = os.path.abspath(args.out or cfg["out"])

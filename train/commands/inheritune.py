@@ -4,10 +4,10 @@ growing until one matches the reference's held-out loss."""
 
 from __future__ import annotations
 
+from train.inheritune import add_arguments, handle
+
 
 def register(sub) -> None:
-    from train.inheritune import add_arguments, handle
-
     p = sub.add_parser("inheritune", help="Inheritune grow loop: inherit, train, grow until the "
                        "student matches its reference", description=__doc__)
     add_arguments(p)

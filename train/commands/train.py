@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
+from train.__main__ import add_arguments, handle
+
 
 def register(sub) -> None:
-    from train.__main__ import add_arguments, handle
-
     p = sub.add_parser("train", help="continued pre-training / training from scratch (YAML config)",
                        description=__doc__)
     add_arguments(p)

@@ -16,30 +16,11 @@ error.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 
 from jaxarith.errors import ConfigError
 from train import losses
 from train.extensions import Extension
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MoESection:
-    """Router loss coefficients (see the module docstring)."""
-
-    z_loss: float = 0.0
-    aux_loss_coef: float | None = None
-
-    def __post_init__(self):
-        if self.z_loss < 0 or (self.aux_loss_coef is not None and self.aux_loss_coef < 0):
-            raise ConfigError(f"moe: z_loss={self.z_loss} and aux_loss_coef="
-                              f"{self.aux_loss_coef} must be >= 0")
-
-    @property
-    def enabled(self) -> bool:
-        return self.z_loss > 0 or self.aux_loss_coef is not None
 
 
 def extension(cfg) -> Extension | None:

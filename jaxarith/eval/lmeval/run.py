@@ -66,6 +66,7 @@ def evaluate(model_args: dict[str, Any], tasks: Sequence[str], *,
     import jax
     import lm_eval
 
+    # not at module level: the package needs lm-eval, and importing it registers the model
     import jaxarith.eval.lmeval  # noqa: F401  (registers model="jaxarith")
 
     limit = None if limit is None else (int(limit) if limit >= 1 else float(limit))
@@ -85,6 +86,7 @@ def _evaluate_multiprocess(model_args: dict[str, Any], include_path, kwargs: dic
     import jax
     import lm_eval
 
+    # not at module level: the package needs lm-eval, and importing it registers the model
     from jaxarith.eval.lmeval import JaxarithLM, multihost
 
     primary = jax.process_index() == 0
