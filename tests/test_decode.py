@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jaxarith import cli, sharding
-from jaxarith.decode.loop import Decoder, Member, generate, left_pad
+from jaxarith.decode.loop import DecodeSpec, Member, generate, left_pad
 from jaxarith.decode.sampling import Greedy, Sampling
 from jaxarith.errors import ConfigError
 from jaxarith.io.convert import load_hf_params
@@ -33,7 +33,7 @@ def models(llama_dir, gpt2_dir):
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_greedy_equals_transformers_generate(name, models):
     cfg, params, hf_model, _ = models[name]
-    ours = generate(Decoder(members=(Member(cfg),), max_new_tokens=NEW), [params], PROMPTS)
+    ours = generate(DecodeSpec(members=(Member(cfg),), max_new_tokens=NEW), [params], PROMPTS)
     tokens, mask = left_pad(PROMPTS)
     with torch.no_grad():
         ref = hf_model.generate(input_ids=torch.tensor(tokens).long(),
@@ -46,11 +46,11 @@ def test_greedy_equals_transformers_generate(name, models):
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_cache_decoding_equals_full_reforward_at_every_step(name, models):
     cfg, params, _, _ = models[name]
-    g = generate(Decoder(members=(Member(cfg),), max_new_tokens=NEW), [params], PROMPTS)
+    g = generate(DecodeSpec(members=(Member(cfg),), max_new_tokens=NEW), [params], PROMPTS)
     tokens, mask = left_pad(PROMPTS)
     full = np.concatenate([tokens, g.tokens], 1)
     fmask = np.concatenate([mask, np.ones_like(g.tokens)], 1)
-    logits, _ = forward(params, cfg, jnp.asarray(full), attention_mask=jnp.asarray(fmask))
+    logits, _, _ = forward(params, cfg, jnp.asarray(full), attention_mask=jnp.asarray(fmask))
     lp = np.asarray(jax.nn.log_softmax(logits, -1))[:, tokens.shape[1] - 1:-1]  # [B, NEW, V]
     ref = np.take_along_axis(lp, g.tokens[..., None], -1)[..., 0]
     np.testing.assert_allclose(g.logprobs, ref, atol=1e-4, rtol=0)
@@ -59,13 +59,13 @@ def test_cache_decoding_equals_full_reforward_at_every_step(name, models):
 
 def test_stop_tokens_per_row_limits_and_streaming(models):
     cfg, params, _, _ = models["gpt2"]
-    free = generate(Decoder(members=(Member(cfg),), max_new_tokens=NEW), [params], PROMPTS)
+    free = generate(DecodeSpec(members=(Member(cfg),), max_new_tokens=NEW), [params], PROMPTS)
     stop = int(free.tokens[0, 2])
     limits = [NEW, 3, NEW, 0]
     seen = []
-    g = generate(Decoder(members=(Member(cfg),), max_new_tokens=NEW, stop_tokens=(stop,),
+    g = generate(DecodeSpec(members=(Member(cfg),), max_new_tokens=NEW, stop_tokens=(stop,),
                          pad_token=0), [params], PROMPTS, max_new_tokens=limits,
-                 on_step=lambda i, t, v: seen.append((int(i), t.copy(), v.copy())))
+                 on_tokens=lambda i, t, v: seen.append((int(i), t.copy(), v.copy())))
     for row in range(len(PROMPTS)):
         hits = np.flatnonzero(free.tokens[row] == stop)
         n = min(hits[0] + 1 if len(hits) else NEW, limits[row])
@@ -87,12 +87,12 @@ def test_stop_tokens_per_row_limits_and_streaming(models):
 
 def test_repeated_calls_do_not_recompile(models):
     cfg, params, _, _ = models["gpt2"]
-    dec = Decoder(members=(Member(cfg),), max_new_tokens=4, sampler=Sampling(temperature=0.8))
+    dec = DecodeSpec(members=(Member(cfg),), max_new_tokens=4, sampler=Sampling(temperature=0.8))
     generate(dec, [params], PROMPTS, seed=0)
     with count_compiles() as n:
         # other prompts of the same padded length, another seed, per-row limits, an equal decoder
         g = generate(dec, [params], [[9, 9, 9, 9, 9, 9], [1, 2], [3, 4, 5], [6]], seed=1)
-        generate(Decoder(members=(Member(cfg),), max_new_tokens=4,
+        generate(DecodeSpec(members=(Member(cfg),), max_new_tokens=4,
                          sampler=Sampling(temperature=0.8)), [params], PROMPTS, seed=2,
                  max_new_tokens=[1, 2, 3, 4])
     assert n[0] == 0 and g.compile_seconds < 1.0
@@ -103,7 +103,7 @@ def test_repeated_calls_do_not_recompile(models):
 
 def test_seeded_sampling_is_reproducible_and_differs_across_seeds(models):
     cfg, params, _, _ = models["gpt2"]
-    dec = Decoder(members=(Member(cfg),), max_new_tokens=4, sampler=Sampling(temperature=0.8))
+    dec = DecodeSpec(members=(Member(cfg),), max_new_tokens=4, sampler=Sampling(temperature=0.8))
     a, b, c = (generate(dec, [params], PROMPTS, seed=s).tokens for s in (0, 0, 1))
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
@@ -161,7 +161,7 @@ def test_sampling_draws_follow_the_transformed_distribution():
 
 def test_sharded_generation_equals_single_device(models):
     cfg, params, _, directory = models["llama"]
-    dec = Decoder(members=(Member(cfg),), max_new_tokens=NEW)
+    dec = DecodeSpec(members=(Member(cfg),), max_new_tokens=NEW)
     ref = generate(dec, [params], PROMPTS)
     mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
     _, sharded = load_hf_params(directory, mesh=mesh, progress=False)
@@ -172,19 +172,19 @@ def test_sharded_generation_equals_single_device(models):
 
 def test_bad_input_is_a_clear_error(models):
     cfg, params, _, _ = models["gpt2"]
-    dec = Decoder(members=(Member(cfg),), max_new_tokens=NEW)
+    dec = DecodeSpec(members=(Member(cfg),), max_new_tokens=NEW)
     with pytest.raises(ConfigError, match="prompt of 197 tokens .* exceeds the model's context "
                                           "of 128"):
         generate(dec, [params], [list(range(3, 200))])
     with pytest.raises(ConfigError, match=r"at least one token; prompt\(s\) \[1\] are empty"):
         generate(dec, [params], [[5, 6], []])
     with pytest.raises(ConfigError, match="does not fit the cache of cache_len=16"):
-        generate(Decoder(members=(Member(cfg),), max_new_tokens=NEW, cache_len=16), [params],
+        generate(DecodeSpec(members=(Member(cfg),), max_new_tokens=NEW, cache_len=16), [params],
                  [list(range(3, 13))])
     with pytest.raises(ConfigError, match=r"per-row max_new_tokens \[9, 1\] must be in"):
         generate(dec, [params], [[5], [6]], max_new_tokens=[9, 1])
     with pytest.raises(ConfigError, match="vocab_limit=2000 must be in"):
-        Decoder(members=(Member(cfg),), max_new_tokens=1, vocab_limit=2000)
+        DecodeSpec(members=(Member(cfg),), max_new_tokens=1, vocab_limit=2000)
     with pytest.raises(ConfigError, match="temperature=0"):
         Sampling(temperature=0)
 
@@ -197,7 +197,7 @@ def test_cli_generate_json_and_streaming(models, capsys):
     result = __import__("json").loads(capsys.readouterr().out)
     tok = load_tokenizer(directory)
     ids = tok(prompt)["input_ids"]
-    ref = generate(Decoder(members=(Member(cfg),), max_new_tokens=5), [params], [ids])
+    ref = generate(DecodeSpec(members=(Member(cfg),), max_new_tokens=5), [params], [ids])
     assert result["token_ids"] == ref.tokens[0, :ref.lengths[0]].tolist()
     assert result["text"] == tok.decode(result["token_ids"], skip_special_tokens=True)
     assert result["tokens_per_s"] > 0 and len(result["results"]) == 1

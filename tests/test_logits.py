@@ -12,18 +12,10 @@ import pytest
 from test_decode import PROMPTS, count_compiles
 
 from jaxarith import cli
-from jaxarith.decode.combine import (
-    SpeculativeDecoder,
-    accept_or_resample,
-    eft,
-    eft_down,
-    eft_up,
-    generate_speculative,
-    proxy_tuning,
-    reward_interpolation,
-)
-from jaxarith.decode.loop import Decoder, Member, combine, generate, left_pad
+from jaxarith.decode.combine import eft, eft_down, eft_up, proxy_tuning, reward_interpolation
+from jaxarith.decode.loop import DecodeSpec, Member, combine, generate, left_pad
 from jaxarith.decode.sampling import Sampling
+from jaxarith.decode.speculative import SpeculativeSpec, accept_or_resample, generate_speculative
 from jaxarith.errors import ConfigError
 from jaxarith.io.convert import load_hf_params
 from jaxarith.models import LlamaConfig, forward, init_params
@@ -40,7 +32,7 @@ def two(llama_dir, llama_tied_dir):
 
 
 def _greedy(members, params):
-    return generate(Decoder(members=members, max_new_tokens=NEW), params, PROMPTS)
+    return generate(DecodeSpec(members=members, max_new_tokens=NEW), params, PROMPTS)
 
 
 def test_combiner_identities(two):
@@ -101,7 +93,7 @@ def test_preset_weights_follow_the_papers_formulas():
         (proxy_tuning(cfg, cfg, cfg, alpha=alpha), lp[0] + alpha * (lp[1] - lp[2])),
     ]
     for members, ref in cases:
-        dec = Decoder(members=members, max_new_tokens=1)
+        dec = DecodeSpec(members=members, max_new_tokens=1)
         got = combine(dec, [jnp.asarray(x) for x in z[:len(members)]])
         np.testing.assert_allclose(np.asarray(got), _np_logp(ref), atol=1e-5)
 
@@ -110,7 +102,7 @@ def test_vocab_mismatch_is_a_clear_error(two):
     cfg, *_ = two
     other = __import__("dataclasses").replace(cfg, vocab_size=cfg.vocab_size + 8)
     with pytest.raises(ConfigError, match="vocab sizes differ: base=1024, expert=1032"):
-        Decoder(members=proxy_tuning(cfg, other, cfg, 1.0), max_new_tokens=4)
+        DecodeSpec(members=proxy_tuning(cfg, other, cfg, 1.0), max_new_tokens=4)
 
 
 def test_tokenizer_mismatch_is_a_clear_cli_error(gpt2_dir, tmp_path, capsys):
@@ -134,7 +126,7 @@ def test_padded_vocab_rows_are_masked():
     z = jnp.asarray(np.random.RandomState(0).randn(2, 10), jnp.float32)
     cfg = LlamaConfig(vocab_size=10, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=4)
-    dec = Decoder(members=(Member(cfg, 1.0), Member(cfg, -0.5)), max_new_tokens=1,
+    dec = DecodeSpec(members=(Member(cfg, 1.0), Member(cfg, -0.5)), max_new_tokens=1,
                   vocab_limit=7)
     lp = np.asarray(combine(dec, [z, 2 * z]))
     assert np.all(np.isneginf(lp[:, 7:])) and not np.isnan(lp).any()
@@ -168,11 +160,11 @@ def test_speculative_eft_greedy_equals_plain_eft(two):
     callback) are exactly the returned ones, stop tokens and budgets included."""
     cfg_a, pa, cfg_b, pb = two
     pc = jax.tree.map(lambda x: x * 1.5, pa)
-    dec = Decoder(members=eft(cfg_a, cfg_b, cfg_a, beta=0.5), max_new_tokens=NEW,
+    dec = DecodeSpec(members=eft(cfg_a, cfg_b, cfg_a, beta=0.5), max_new_tokens=NEW,
                   stop_tokens=(7,))
     plain = generate(dec, [pa, pb, pc], PROMPTS)
     STREAMED.clear()
-    spec = generate_speculative(SpeculativeDecoder(decoder=dec, drafter=1, k=3), [pa, pb, pc],
+    spec = generate_speculative(SpeculativeSpec(decoder=dec, drafter=1, k=3), [pa, pb, pc],
                                 PROMPTS, on_step=_record)
     np.testing.assert_array_equal(spec.tokens, plain.tokens)
     assert _streamed_rows() == [row[:n].tolist()
@@ -181,10 +173,10 @@ def test_speculative_eft_greedy_equals_plain_eft(two):
     np.testing.assert_allclose(spec.logprobs, plain.logprobs, atol=1e-4)
     assert 0 < spec.acceptance_rate < 1 and spec.rounds >= 1
     # target = drafter (weights 0, 1, 0: same program) accepts every draft
-    same = Decoder(members=(Member(cfg_a, 0.0), Member(cfg_b, 1.0), Member(cfg_a, 0.0)),
+    same = DecodeSpec(members=(Member(cfg_a, 0.0), Member(cfg_b, 1.0), Member(cfg_a, 0.0)),
                    max_new_tokens=NEW, stop_tokens=(7,))
     with count_compiles() as n:
-        full = generate_speculative(SpeculativeDecoder(decoder=same, drafter=1, k=3),
+        full = generate_speculative(SpeculativeSpec(decoder=same, drafter=1, k=3),
                                     [pa, pb, pc], PROMPTS, max_new_tokens=[NEW, 2, 5, NEW],
                                     on_step=_record)
     assert n[0] == 0 and full.acceptance_rate == 1.0
@@ -193,7 +185,7 @@ def test_speculative_eft_greedy_equals_plain_eft(two):
                                 for row, n in zip(full.tokens, full.lengths, strict=True)]
     assert full.rounds <= -(-(NEW - 1) // 4)  # first token from prefill, then k + 1 per round
     # a row with a budget of 0 streams nothing (not even the prefill's token), like generate
-    for fn, d in ((generate_speculative, SpeculativeDecoder(decoder=same, drafter=1, k=3)),
+    for fn, d in ((generate_speculative, SpeculativeSpec(decoder=same, drafter=1, k=3)),
                   (generate, same)):
         STREAMED.clear()
         g = fn(d, [pa, pb, pc], PROMPTS, max_new_tokens=[0, 1, 5, NEW], on_step=_record)
@@ -252,10 +244,10 @@ def test_speculative_eft_sampling_distribution_matches_plain_eft():
     beta = 1.5
     members = eft(large, small, small, beta=beta)
     sampler = Sampling(temperature=1.0, top_p=0.9)
-    dec = Decoder(members=members, max_new_tokens=2, sampler=sampler)
+    dec = DecodeSpec(members=members, max_new_tokens=2, sampler=sampler)
     prompt = [1, 2, 3]
     exact = _exact_two_token_distribution(members, params, sampler, prompt, (1, beta, -beta), 16)
-    spec = generate_speculative(SpeculativeDecoder(decoder=dec, drafter=1, k=2), params,
+    spec = generate_speculative(SpeculativeSpec(decoder=dec, drafter=1, k=2), params,
                                 [prompt] * 3000, seed=2)
     assert (spec.lengths == 2).all()
     pvalue = _chi_square_pvalue(spec.tokens[:, 0] * 16 + spec.tokens[:, 1], exact)

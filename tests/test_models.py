@@ -49,7 +49,7 @@ def test_logprobs_match_transformers_on_padded_batch(fixture, request):
     cfg, params = load_hf_params(directory, progress=False)
     tokens, mask = _batch()
     ref = jax.nn.log_softmax(testing.hf_logits(hf_model, tokens, mask), axis=-1)
-    logits, _ = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    logits, _, _ = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
     ours = jax.nn.log_softmax(logits, axis=-1)
     diff = np.abs(np.asarray(ours) - np.asarray(ref))[mask.astype(bool)]
     assert diff.max() < TOL, f"{fixture}: max |dlogp| = {diff.max():.2e}"
@@ -143,7 +143,7 @@ def test_bfloat16_compute_close_to_float32(gpt2_dir):
     cfg, params = load_hf_params(directory, progress=False)
     tokens, mask = _batch(b=2)
     lp32 = token_logprobs(forward(params, cfg, jnp.asarray(tokens))[0], jnp.asarray(tokens))
-    logits16, _ = forward(params, cfg, jnp.asarray(tokens), dtype=jnp.bfloat16)
+    logits16, _, _ = forward(params, cfg, jnp.asarray(tokens), dtype=jnp.bfloat16)
     assert logits16.dtype == jnp.float32  # logits are returned in float32 whatever the compute
     lp16 = token_logprobs(logits16, jnp.asarray(tokens))
     # bf16 has 8 bits of mantissa: a real but bounded difference (not a parity claim).
@@ -157,11 +157,11 @@ def test_cache_prefill_equals_full_forward(llama_dir):
     directory, _ = llama_dir
     cfg, params = load_hf_params(directory, progress=False)
     tokens, mask = _batch(b=2, t=10)
-    full, _ = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    full, _, _ = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
     cache = init_cache(cfg, 2, 16)
-    a, cache = forward(params, cfg, jnp.asarray(tokens[:, :6]),
+    a, cache, _ = forward(params, cfg, jnp.asarray(tokens[:, :6]),
                        attention_mask=jnp.asarray(mask[:, :6]), cache=cache)
-    b, cache = forward(params, cfg, jnp.asarray(tokens[:, 6:]),
+    b, cache, _ = forward(params, cfg, jnp.asarray(tokens[:, 6:]),
                        attention_mask=jnp.asarray(mask[:, 6:]), cache=cache)
     got = np.concatenate([np.asarray(a), np.asarray(b)], axis=1)
     m = mask.astype(bool)
@@ -186,7 +186,7 @@ def test_packed_rows_equal_transformers_on_each_sequence(fixture, request):
     u, br, slot = np.asarray(unit), np.asarray(branch), np.arange(16)
     mask = ((slot[:, None] >= slot[None]) & (u[:, None] == u[None])
             & ((br[None] == 0) | (br[None] == br[:, None])))
-    got, _ = forward(params, cfg, jnp.asarray([tokens]), attention_mask=jnp.asarray(mask[None]),
+    got, _, _ = forward(params, cfg, jnp.asarray([tokens]), attention_mask=jnp.asarray(mask[None]),
                      positions=jnp.asarray([positions]))
     got = np.asarray(got[0])
     ref = [testing.hf_logits(model, np.asarray([s]))[0] for s in seqs]
@@ -244,7 +244,7 @@ def test_blocked_attention_past_128_tokens_matches_transformers(llama_long):
     mask = np.ones((2, 300), np.int64)
     mask[1, :37] = 0
     ref = jax.nn.log_softmax(testing.hf_logits(hf_model, tokens, mask), axis=-1)
-    logits, _ = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    logits, _, _ = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
     ours = jax.nn.log_softmax(logits, axis=-1)
     diff = np.abs(np.asarray(ours) - np.asarray(ref))[mask.astype(bool)]
     assert diff.max() < TOL, f"max |dlogp| = {diff.max():.2e}"

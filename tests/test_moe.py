@@ -14,7 +14,7 @@ import transformers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from jaxarith import sharding
-from jaxarith.decode.loop import Decoder, Member, generate, left_pad
+from jaxarith.decode.loop import DecodeSpec, Member, generate, left_pad
 from jaxarith.errors import ConfigError
 from jaxarith.io.convert import HFCheckpoint, load_hf_params
 from jaxarith.io.convert.route import convert
@@ -56,8 +56,7 @@ def test_logprobs_router_and_aux_loss_equal_transformers(mixtral):
     assert cfg.num_local_experts == E and cfg.num_experts_per_tok == K
     tokens, mask = _padded_batch()
     ref = _hf_outputs(hf, tokens, mask)
-    logits, _, router = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask),
-                                return_aux=True)
+    logits, _, router = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
     real = mask.astype(bool)
     ours = np.asarray(jax.nn.log_softmax(logits, -1))[real]
     theirs = torch.log_softmax(ref.logits, -1).numpy()[real]
@@ -164,7 +163,7 @@ def test_hf_orbax_hf_round_trip_and_transformers_loads_it(mixtral, tmp_path):
 def test_greedy_generation_equals_transformers(mixtral):
     _, hf, cfg, params = mixtral
     prompts = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22], [40]]
-    ours = generate(Decoder(members=(Member(cfg),), max_new_tokens=6), [params], prompts)
+    ours = generate(DecodeSpec(members=(Member(cfg),), max_new_tokens=6), [params], prompts)
     tokens, mask = left_pad(prompts)
     with torch.no_grad():
         ref = hf.generate(input_ids=torch.tensor(tokens).long(),

@@ -28,7 +28,7 @@ def _tokens():
 
 def _logits(cfg, params):
     tokens, mask = _tokens()
-    logits, _ = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
+    logits, _, _ = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask))
     return np.asarray(logits)
 
 

@@ -161,7 +161,7 @@ def make_loss_fn(student_cfg: ModelConfig, opts: D.DistillLoss, *,
 
     def loss_fn(params, frozen, batch):
         tokens = batch["tokens"]
-        logits, _ = transformer.forward(params, student_cfg, tokens, dtype=dtype, remat=remat)
+        logits, _, _ = transformer.forward(params, student_cfg, tokens, dtype=dtype, remat=remat)
         weight = jnp.ones(tokens[:, 1:].shape, jnp.float32)
         if batch.get("weights") is not None:
             weight = weight * batch["weights"][:, 1:].astype(jnp.float32)
@@ -170,7 +170,7 @@ def make_loss_fn(student_cfg: ModelConfig, opts: D.DistillLoss, *,
                              batch["teacher_rest"][:, :-1])
         else:
             t_params = jax.lax.stop_gradient(frozen[NAME])
-            t_logits, _ = transformer.forward(t_params, teacher_cfg, tokens,
+            t_logits, _, _ = transformer.forward(t_params, teacher_cfg, tokens,
                                               dtype=teacher_dtype)
             teacher = jax.lax.stop_gradient(t_logits[:, :-1])
         return D.total_sums(logits[:, :-1], teacher, tokens[:, 1:], weight, opts, vocab_size)

@@ -53,7 +53,7 @@ def moe_loss_fn(cfg, *, dtype=jnp.float32, remat: bool = False,
         tokens = batch["tokens"]
         mask = jnp.ones(tokens.shape, bool)
         logits, _, router = transformer.forward(params, cfg, tokens, attention_mask=mask,
-                                                dtype=dtype, remat=remat, return_aux=True)
+                                                dtype=dtype, remat=remat)
         nll, count = transformer.nll_from_logits(logits, tokens, mask, batch.get("weights"))
         aux = moe.load_balancing_loss(router, k, mask)
         z = moe.router_z_loss(router, mask)

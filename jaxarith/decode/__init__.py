@@ -19,6 +19,17 @@ from jaxarith.decode.loop import DecodeSpec, Generation, Member, generate
 from jaxarith.decode.sampling import Greedy, Sampling
 from jaxarith.decode.speculative import SpeculativeGeneration, SpeculativeSpec, generate_speculative
 
+# Old names, removed: using one says what replaced it.
+_RENAMED = {"Decoder": "DecodeSpec", "SpeculativeDecoder": "SpeculativeSpec",
+            "StepCallback": "TokenCallback (jaxarith.decode.loop)", "Sample": "Sampling"}
+
+
+def __getattr__(name: str):
+    if name in _RENAMED:
+        raise AttributeError(f"jaxarith.decode.{name} was renamed {_RENAMED[name]}")
+    raise AttributeError(f"module 'jaxarith.decode' has no attribute {name!r}")
+
+
 __all__ = ["DecodeSpec", "Generation", "Greedy", "Member", "Sampling", "SpeculativeGeneration",
            "SpeculativeSpec", "eft", "eft_down", "eft_up", "generate", "generate_speculative",
            "proxy_tuning", "reward_interpolation"]

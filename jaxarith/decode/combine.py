@@ -59,16 +59,4 @@ def reward_interpolation(base: ModelConfig, tuned1: ModelConfig, tuned2: ModelCo
             Member(tuned2, beta * (1.0 - lam), "tuned2"), Member(reference, -beta, "reference"))
 
 
-
-# Speculative decoding moved to its own module; the old import path keeps working.
-from jaxarith.decode.speculative import (  # noqa: E402
-    SpeculativeDecoder,
-    SpeculativeGeneration,
-    SpeculativeSpec,
-    accept_or_resample,
-    generate_speculative,
-)
-
-__all__ = ["proxy_tuning", "eft", "eft_up", "eft_down", "reward_interpolation",
-           "SpeculativeSpec", "SpeculativeDecoder", "SpeculativeGeneration", "accept_or_resample",
-           "generate_speculative"]
+__all__ = ["proxy_tuning", "eft", "eft_up", "eft_down", "reward_interpolation"]

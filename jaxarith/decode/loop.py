@@ -58,7 +58,6 @@ TokenCallback = Callable[[int, np.ndarray, np.ndarray], None]
 output positions ``start .. start + C - 1`` (consecutive calls continue where the last one
 ended) and ``valid`` [B, C] bool is False where a row emitted nothing (finished, or a budget
 reached)."""
-StepCallback = TokenCallback  # the name before the callback was chunked
 
 STREAM_SECONDS = 0.1
 """Streaming granularity: after the first token (sent alone, at once), chunks are sized to take
@@ -128,8 +127,6 @@ class DecodeSpec:
     def vocab_size(self) -> int:
         return self.members[0].config.vocab_size
 
-
-Decoder = DecodeSpec  # the name before it was clear that this is a spec, not a decoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +267,7 @@ def prefill(dec: DecodeSpec, params, prompts, extra: int = 0):
         cfg = member.config
         length = dec.cache_len or tokens.shape[1] + dec.max_new_tokens + extra
         cache = constrain_cache(init_cache(cfg, tokens.shape[0], length, jnp.dtype(dec.dtype)))
-        logits, cache = forward(p, cfg, tokens, attention_mask=mask, cache=cache,
+        logits, cache, _ = forward(p, cfg, tokens, attention_mask=mask, cache=cache,
                                 dtype=jnp.dtype(dec.dtype))
         caches.append(constrain_cache(cache))
         last.append(logits[:, -1])
@@ -281,7 +278,7 @@ def feed(member: Member, dtype: DType | str, params, cache: KVCache, tokens: jax
          mask: jax.Array | None = None) -> tuple[KVCache, jax.Array]:
     """Feed tokens [B, T] to one member's cache; returns (cache, logits [B, T, V])."""
     mask = jnp.ones(tokens.shape, bool) if mask is None else mask
-    logits, cache = forward(params, member.config, tokens, attention_mask=mask, cache=cache,
+    logits, cache, _ = forward(params, member.config, tokens, attention_mask=mask, cache=cache,
                             dtype=jnp.dtype(dtype))
     return constrain_cache(cache), logits
 
@@ -586,7 +583,6 @@ def generate(
     mesh: jax.sharding.Mesh | None = None,
     max_new_tokens: Sequence[int] | int | None = None,
     on_tokens: TokenCallback | None = None,
-    on_step: TokenCallback | None = None,
 ) -> Generation:
     """Generate for a batch of prompts with every member of ``dec`` combined at each step.
 
@@ -602,7 +598,6 @@ def generate(
       on_tokens: host callback ``fn(start, tokens [B, C], valid [B, C])`` receiving the tokens
         in chunks as they are produced (streaming; see :data:`TokenCallback`). Part of the
         compilation key: pass the same function to reuse the program.
-      on_step: the former name of ``on_tokens``.
     Returns:
       a :class:`Generation`.
     """
@@ -612,7 +607,6 @@ def generate(
     limits = row_limits(dec, padded[0][0].shape[0], max_new_tokens)
     dynamic = (tuple(params), member_weights(dec), place_prompts(padded, mesh),
                jax.random.key(seed), limits)
-    on_tokens = on_tokens or on_step
     if on_tokens is None:
         (out, lps, steps), seconds, compile_s = compile_and_run(
             _generate, (dec, *dynamic), dynamic, mesh)

@@ -80,5 +80,4 @@ class Sampling:
         return jax.random.categorical(rng, self.transform(logprobs), axis=-1).astype(jnp.int32)
 
 
-Sample = Sampling  # the name used before the issue settled on ``Sampling``
 Sampler = Greedy | Sampling

@@ -92,7 +92,6 @@ class SpeculativeSpec:
             raise ConfigError(f"speculative k={self.k} must be >= 1")
 
 
-SpeculativeDecoder = SpeculativeSpec  # the name before it was clear that this is a spec
 
 
 def _rollback(cache, index):
@@ -237,13 +236,12 @@ def generate_speculative(
     mesh: jax.sharding.Mesh | None = None,
     max_new_tokens=None,
     on_tokens: TokenCallback | None = None,
-    on_step: TokenCallback | None = None,
 ) -> SpeculativeGeneration:
     """Like :func:`jaxarith.decode.loop.generate`, drafting with ``sd.drafter``; same distribution.
 
     Args:
-      as :func:`jaxarith.decode.loop.generate` (``on_tokens`` receives the emitted tokens in chunks,
-      ``on_step`` is its former name).
+      as :func:`jaxarith.decode.loop.generate` (``on_tokens`` receives the emitted tokens in
+      chunks).
     Returns:
       a :class:`SpeculativeGeneration` with the acceptance rate.
     """
@@ -254,7 +252,6 @@ def generate_speculative(
     limits = row_limits(dec, padded[0][0].shape[0], max_new_tokens)
     dynamic = (tuple(params), member_weights(dec), place_prompts(padded, mesh),
                jax.random.key(seed), limits)
-    on_tokens = on_tokens or on_step
     if on_tokens is None:
         (out, lps, pos, rounds, accepted, drafted), seconds, compile_s = compile_and_run(
             _speculative, (sd, *dynamic), dynamic, mesh)

@@ -280,7 +280,7 @@ def write_cache(teacher_ref: str, sources, tokenizer, out: str, *, k: int, seq_l
         sharding.named_sharding(mesh, ("batch", "seq"), (batch, seq_len))
 
     def top(p, tokens):
-        logits, _ = transformer.forward(p, t_cfg, tokens, dtype=jnp.dtype(dtype))
+        logits, _, _ = transformer.forward(p, t_cfg, tokens, dtype=jnp.dtype(dtype))
         return tuple(D.teacher_topk(logits, k, vocab))
 
     jitted = jax.jit(top)

@@ -9,6 +9,7 @@ Param carries its logical axes as metadata. Shape letters: see :mod:`jaxarith.mo
 from __future__ import annotations
 
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,23 @@ from jaxarith.models.layers import attention_mask as make_attention_mask
 from jaxarith.models.registry import family as _family
 
 Params = dict
+
+
+class ForwardOutput(NamedTuple):
+    """What :func:`forward` returns."""
+
+    logits: jax.Array  # [B, T, V] float32 (with hidden_only: the last block's output [B, T, D])
+    cache: KVCache | None  # the updated cache, when one was given
+    aux: Any  # the blocks' extra outputs stacked over layers (Mixtral: router logits), or None
+
+
+class UnstackedLayers(tuple):
+    """``params["layers"]`` as a tuple of per-layer trees (:func:`unstack_layers`), which
+    :func:`forward` runs as a Python loop instead of a scan (for decoding); a pytree node."""
+
+
+jax.tree_util.register_pytree_node(UnstackedLayers, lambda t: (tuple(t), None),
+                                   lambda _, children: UnstackedLayers(children))
 
 
 def family(cfg: ModelConfig) -> Family:
@@ -181,13 +199,12 @@ def forward(
     cache: KVCache | None = None,
     dtype=jnp.float32,
     remat: bool = False,
-    return_aux: bool = False,
     hidden_only: bool = False,
-) -> tuple[jax.Array, KVCache | None]:
-    """Logits [B, T, V] (float32) of ``tokens`` [B, T], and the updated cache if one is given.
-
-    With ``return_aux``, a third value: what the family's blocks return besides the activations
-    (a block may return ``(x, aux)``, e.g. Mixtral's router logits), stacked over layers, or None.
+) -> ForwardOutput:
+    """Logits [B, T, V] (float32) of ``tokens`` [B, T], the updated cache if one is given, and
+    what the family's blocks return besides the activations (a block may return ``(x, aux)``,
+    e.g. Mixtral's router logits [L, B, T, E]), stacked over layers, or None: a
+    :class:`ForwardOutput` ``(logits, cache, aux)``.
 
     Concrete ``tokens`` outside ``[0, vocab_size)`` raise :class:`ConfigError` (see
     :func:`check_token_ids`).
@@ -250,7 +267,7 @@ def forward(
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    if isinstance(params["layers"], tuple):  # unstacked (see unstack_layers): a Python loop
+    if isinstance(params["layers"], UnstackedLayers):  # see unstack_layers: a Python loop
         x, new_kv, aux = _unrolled(body, x, params["layers"], cache)
     else:
         kv_xs = None if cache is None else (cache.k, cache.v)
@@ -264,7 +281,7 @@ def forward(
         logits = sharding.constrain(logits, ("batch", "seq", "act_vocab"))
     new_cache = None if cache is None else \
         KVCache(k=new_kv[0], v=new_kv[1], valid=key_valid, index=cache.index + t)
-    return (logits, new_cache, aux) if return_aux else (logits, new_cache)
+    return ForwardOutput(logits, new_cache, aux)
 
 
 def _unrolled(body, x, layers: tuple, cache: KVCache | None):
@@ -286,8 +303,8 @@ def _unrolled(body, x, layers: tuple, cache: KVCache | None):
 
 
 def unstack_layers(params: Params) -> Params:
-    """``params`` with ``layers`` as a tuple of per-layer trees (static slices of the stacked
-    leaves). :func:`forward` then runs the layers as a Python loop.
+    """``params`` with ``layers`` as :class:`UnstackedLayers`, per-layer trees (static slices of
+    the stacked leaves). :func:`forward` then runs the layers as a Python loop.
 
     For decoding on the CPU: inside a ``while_loop`` over tokens, the stacked layout makes XLA
     copy every layer's weights out of the stack at every token (the ``dynamic-slice`` of the
@@ -297,8 +314,8 @@ def unstack_layers(params: Params) -> Params:
     """
     stacked = params["layers"]
     n = jax.tree.leaves(stacked)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], stacked)
-                                      for i in range(n))}
+    return {**params, "layers": UnstackedLayers(jax.tree.map(lambda a, i=i: a[i], stacked)
+                                                for i in range(n))}
 
 
 def unstack_cache(cache: KVCache) -> KVCache:
@@ -353,7 +370,7 @@ def next_token_loss(
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
     fam = family(cfg)
     if fused and fam.head is not None:
-        x, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat,
+        x, _, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat,
                        hidden_only=True)
         h, w, vocab_major = fam.head(cfg, params, x)
         weight = target_weights(mask, weights)
@@ -362,7 +379,7 @@ def next_token_loss(
         weight = jnp.concatenate([weight, jnp.zeros_like(weight[:, :1])], axis=1)
         return linear_cross_entropy(h, w, targets, weight, vocab_major=vocab_major), \
             jnp.sum(weight)
-    logits, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat)
+    logits, _, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat)
     return nll_from_logits(logits, tokens, mask, weights)
 
 
@@ -418,7 +435,7 @@ class CausalLM(nnx.Module):
 
     def __call__(self, tokens, *, attention_mask=None, positions=None, cache=None,
                  dtype=jnp.float32, remat=False):
-        logits, new_cache = forward(self.params(), self.config, tokens,
+        logits, new_cache, _ = forward(self.params(), self.config, tokens,
                                     attention_mask=attention_mask, positions=positions,
                                     cache=cache, dtype=dtype, remat=remat)
         return logits if cache is None else (logits, new_cache)

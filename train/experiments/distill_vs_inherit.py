@@ -138,8 +138,8 @@ def _kl_sums(t_cfg, s_cfg, pt, ps, tokens, mask):
     positions of ``tokens`` [B, T] (position t predicts token t + 1; both must be real)."""
     import jax.numpy as jnp
 
-    zt, _ = forward(pt, t_cfg, tokens, attention_mask=mask)
-    zs, _ = forward(ps, s_cfg, tokens, attention_mask=mask)
+    zt, _, _ = forward(pt, t_cfg, tokens, attention_mask=mask)
+    zs, _, _ = forward(ps, s_cfg, tokens, attention_mask=mask)
     kl = per_token(zs[:, :-1], zt[:, :-1], DistillLoss(loss="forward_kl", temperature=1.0))
     valid = (mask[:, :-1] * mask[:, 1:]).astype(jnp.float32)
     return jnp.sum(kl * valid), jnp.sum(valid)

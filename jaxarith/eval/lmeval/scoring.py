@@ -94,7 +94,7 @@ def _score_packed(spec: DecodeSpec, params, weights, tokens, positions, unit, br
     logits = []
     for m, p in zip(spec.members, params, strict=True):
         cfg = m.config
-        h, _ = forward(p, cfg, tokens, attention_mask=mask, positions=positions, dtype=dtype,
+        h, _, _ = forward(p, cfg, tokens, attention_mask=mask, positions=positions, dtype=dtype,
                        hidden_only=True)
         h = jnp.take_along_axis(h, at[..., None], axis=1)  # [B, K, D]
         logits.append(transformer.family(cfg).unembed(cfg, p, h).astype(jnp.float32))
