@@ -99,9 +99,9 @@ def tokenize(src: str, out: str, seq_len: int) -> dict:
 
 def step_consumption(name: str, peak_flops: float) -> dict:
     from train import loop, metrics
-    from train.config import load_config
+    from train.config import load_train_config
 
-    cfg = load_config(os.path.join(ROOT, CONFIGS[name]), ["out=unused"])
+    cfg = load_train_config(os.path.join(ROOT, CONFIGS[name]), ["out=unused"])
     mcfg, _ = loop.model_config(cfg)
     fpt = metrics.flops_per_token(mcfg, cfg.data.seq_len)
     return {"batch": cfg.batch, "seq_len": cfg.data.seq_len, "flops_per_token": fpt,

@@ -153,10 +153,10 @@ FAST = ["batch=8", "data.seq_len=64", "data.sources.code.max_docs=300",
 def run_dir(tmp_path_factory):
     """A 4-step tiny Llama run with LaWA (k=2, every step), a checkpoint every step, keep 3."""
     from train import loop
-    from train.config import load_config
+    from train.config import load_train_config
 
     out = tmp_path_factory.mktemp("lawa_run") / "run"
-    cfg = load_config(LLAMA, [*FAST, "steps=4", f"out={out}", "checkpoint.every=1",
+    cfg = load_train_config(LLAMA, [*FAST, "steps=4", f"out={out}", "checkpoint.every=1",
                               "checkpoint.keep=3", "checkpoint.async_save=false",
                               "eval.every=2", "average.kind=lawa", "average.k=2",
                               "average.every=1"])
@@ -247,11 +247,11 @@ def test_offloaded_lawa_equals_in_step_lawa_across_a_kill(run_dir, tmp_path):
     """``offload: true`` (host snapshots, files beside the checkpoints) reports the same
     ``eval_avg`` as the in-step ring buffer, also when killed and resumed in between."""
     from train import loop
-    from train.config import load_config
+    from train.config import load_train_config
 
     run, _ = run_dir
     out = tmp_path / "offload"
-    cfg = load_config(LLAMA, [*FAST, "steps=4", f"out={out}", "checkpoint.every=1",
+    cfg = load_train_config(LLAMA, [*FAST, "steps=4", f"out={out}", "checkpoint.every=1",
                               "checkpoint.keep=3", "checkpoint.async_save=false",
                               "eval.every=2", "average.kind=lawa", "average.k=2",
                               "average.every=1", "average.offload=true", "log.plot=false"])

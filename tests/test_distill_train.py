@@ -17,7 +17,7 @@ from jaxarith.errors import ConfigError, JaxarithError
 from jaxarith.io.refs import load_model
 from jaxarith.models import transformer
 from train import loop
-from train.config import load_config
+from train.config import load_train_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LLAMA = os.path.join(ROOT, "configs", "tiny_llama.yaml")
@@ -34,8 +34,9 @@ STUDENT = ["model.config.hidden_size=32", "model.config.intermediate_size=64",
 def teacher(tmp_path_factory):
     """A tiny Llama trained 60 steps on the bundled code corpus, exported as an HF directory."""
     d = tmp_path_factory.mktemp("teacher")
-    cfg = load_config(LLAMA, [*FAST, "steps=60", f"out={d / 'run'}", "schedule.total_steps=60",
-                              f"export.hf_dir={d / 'hf'}", "eval.at_end=false"])
+    cfg = load_train_config(LLAMA, [*FAST, "steps=60", f"out={d / 'run'}",
+                                    "schedule.total_steps=60", f"export.hf_dir={d / 'hf'}",
+                                    "eval.at_end=false"])
     loop.run(cfg)
     return str(d / "hf")
 
@@ -51,7 +52,7 @@ def random_teacher(tmp_path_factory):
 
 
 def student_cfg(out, *extra):
-    return load_config(LLAMA, [*FAST, *STUDENT, f"out={out}", *extra])
+    return load_train_config(LLAMA, [*FAST, *STUDENT, f"out={out}", *extra])
 
 
 def heldout_kl(teacher_dir, params, cfg):

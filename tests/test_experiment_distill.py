@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     from jaxarith.models import LlamaConfig, init_params
 
     out = str(tmp_path_factory.mktemp("dvi"))
-    cfg = dvi.load_config(SMOKE, {"train": {"log": {"progress": False}}})
+    cfg = dvi.load_experiment_config(SMOKE, {"train": {"log": {"progress": False}}})
     t_cfg = LlamaConfig.from_hf({**cfg["teacher"]["config"], "model_type": "llama"})
     # well away from init scale, so the models' distributions differ measurably
     params = init_params(t_cfg, 5)
@@ -144,17 +144,17 @@ def test_config_errors(tmp_path):
     from jaxarith.errors import ConfigError
 
     with pytest.raises(ConfigError, match="student.layers=2"):
-        dvi.load_config(SMOKE, {"student": {"layers": 2}})
+        dvi.load_experiment_config(SMOKE, {"student": {"layers": 2}})
     with pytest.raises(ConfigError, match="unknown key 'studnet'"):
-        dvi.load_config(SMOKE, {"studnet": {}})
+        dvi.load_experiment_config(SMOKE, {"studnet": {}})
     with pytest.raises(ConfigError, match="student.lr"):
-        dvi.load_config(SMOKE, {"student": {"lr": 1}})
+        dvi.load_experiment_config(SMOKE, {"student": {"lr": 1}})
 
 
 @pytest.mark.slow
 def test_smoke_pipeline_end_to_end(tmp_path):
     """Every stage and output of the smoke config (a few steps each), then a cached rerun."""
-    cfg = dvi.load_config(SMOKE, {"train": {"log": {"progress": False}}})
+    cfg = dvi.load_experiment_config(SMOKE, {"train": {"log": {"progress": False}}})
     lines = []
     res = dvi.run(cfg, str(tmp_path / "run"), log=lines.append, progress=False)
     for f in ("results.json", "report.md", "loss_curves.png", "eval.json"):

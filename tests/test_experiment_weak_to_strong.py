@@ -18,7 +18,7 @@ SMOKE = os.path.join(ROOT, "configs", "experiments", "weak_to_strong_smoke.yaml"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("w2s") / "run")
-    cfg = weak_to_strong.load_config(SMOKE, {"train": {"log": {"progress": False}},
+    cfg = weak_to_strong.load_experiment_config(SMOKE, {"train": {"log": {"progress": False}},
                                              "eval": {"alphas": [0.0, 1.0], "betas": [2.0],
                                                       "speculative_k": [2]}})
     lines = []

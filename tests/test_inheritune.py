@@ -13,7 +13,7 @@ from jaxarith.arith import inherit as inh
 from jaxarith.errors import ConfigError
 from jaxarith.io.refs import load_model
 from train import inheritune, loop
-from train.config import from_dict, load_config
+from train.config import from_dict, load_train_config
 from train.extensions import discover
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -29,7 +29,7 @@ FAST = ["batch=8", "data.seq_len=32", "data.sources.code.max_docs=200",
 def reference(tmp_path_factory):
     """A 6-layer GPT-2 trained for 30 steps on the bundled text, exported as HF."""
     d = tmp_path_factory.mktemp("inheritune_ref")
-    cfg = load_config(GPT2, [*FAST, "steps=30", f"out={d / 'run'}", "model.config.n_embd=32",
+    cfg = load_train_config(GPT2, [*FAST, "steps=30", f"out={d / 'run'}", "model.config.n_embd=32",
                              "model.config.n_layer=6", f"export.hf_dir={d / 'hf'}",
                              "log.plot=false"])
     loop.run(cfg)

@@ -237,7 +237,7 @@ def test_train_loss_lowers_the_loss_and_reports_router_metrics(mixtral):
 @pytest.mark.slow  # ~15-40 s: compiles the program's train step
 def test_train_program_lowers_the_loss_and_logs_router_metrics(tmp_path):
     from train import loop
-    from train.config import load_config as load_train_config
+    from train.config import load_train_config
 
     cfg = load_train_config(os.path.join(ROOT, "configs", "tiny_llama.yaml"),
                             [*TINY_MIXTRAL, f"out={tmp_path / 'run'}"])
@@ -297,7 +297,7 @@ def test_merges_treat_each_expert_as_its_own_tensor(three_mixtrals, tmp_path, na
 @pytest.mark.slow  # two runs of the train program (~1 min on 2 shared cores)
 def test_train_program_kill_and_resume_equals_uninterrupted(tmp_path):
     from train import loop
-    from train.config import load_config as load_train_config
+    from train.config import load_train_config
 
     base = [*TINY_MIXTRAL, "steps=4", "schedule.total_steps=4", "checkpoint.every=2"]
     config = os.path.join(ROOT, "configs", "tiny_llama.yaml")

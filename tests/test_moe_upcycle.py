@@ -93,12 +93,12 @@ def test_bad_sources_and_options_write_nothing(llama_tied_dir, gpt2_dir, llama_d
 
 
 def test_train_config_init_upcycle(llama_dir, tmp_path):
-    from train.config import load_config
+    from train.config import load_train_config
     from train.init import start_config, start_params
 
     src, _ = llama_dir
     root = os.path.join(os.path.dirname(__file__), "..")
-    cfg = load_config(os.path.join(root, "configs", "tiny_llama.yaml"),
+    cfg = load_train_config(os.path.join(root, "configs", "tiny_llama.yaml"),
                       [f"out={tmp_path}", "model.arch=", "model.config={}",
                        f"init.ref={src}", "init.upcycle.experts=4", "init.upcycle.top_k=2"])
     assert cfg.init.method == "upcycle"
@@ -111,7 +111,7 @@ def test_train_config_init_upcycle(llama_dir, tmp_path):
     from jaxarith.errors import ConfigError
 
     with pytest.raises(ConfigError, match="init.upcycle.top_k=5 must be between 1 and"):
-        load_config(os.path.join(root, "configs", "tiny_llama.yaml"),
+        load_train_config(os.path.join(root, "configs", "tiny_llama.yaml"),
                     [f"out={tmp_path}", "model.arch=", "model.config={}", f"init.ref={src}",
                      "init.upcycle.experts=4", "init.upcycle.top_k=5"])
     assert jax.tree.leaves(params)

@@ -16,7 +16,7 @@ from jaxarith import data
 from jaxarith.data import tokenized
 from jaxarith.data.assets import CORPUS_CODE, CORPUS_DOCS, TOKENIZER_JSON, bundled_tokenizer
 from train import loop
-from train.config import load_config
+from train.config import load_train_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LLAMA = os.path.join(ROOT, "configs", "tiny_llama.yaml")
@@ -109,8 +109,9 @@ def _train_args(shards, tokenized_sources: bool):
 
 
 def test_training_from_tokenized_equals_text_and_resumes(shards, tmp_path):
-    text = loop.run(load_config(LLAMA, [*_train_args(shards, False), f"out={tmp_path / 't'}"]))
-    cfg = load_config(LLAMA, [*_train_args(shards, True), f"out={tmp_path / 'k'}"])
+    text = loop.run(load_train_config(LLAMA, [*_train_args(shards, False),
+                                              f"out={tmp_path / 't'}"]))
+    cfg = load_train_config(LLAMA, [*_train_args(shards, True), f"out={tmp_path / 'k'}"])
 
     def crash(step, _):
         if step == 3:

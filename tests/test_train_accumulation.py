@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from train import loop
-from train.config import load_config
+from train.config import load_train_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LLAMA = os.path.join(ROOT, "configs", "tiny_llama.yaml")
@@ -29,9 +29,9 @@ def test_loop_microbatches_equal_one_big_batch(tmp_path):
     def record(m):
         return lambda step, host: losses.setdefault(m, []).append(host["loss"])
 
-    one = loop.run(load_config(LLAMA, [*ARGS, "microbatches=1", f"out={tmp_path / 'm1'}"]),
+    one = loop.run(load_train_config(LLAMA, [*ARGS, "microbatches=1", f"out={tmp_path / 'm1'}"]),
                    on_step=record(1))
-    two = loop.run(load_config(LLAMA, [*ARGS, "microbatches=2", f"out={tmp_path / 'm2'}"]),
+    two = loop.run(load_train_config(LLAMA, [*ARGS, "microbatches=2", f"out={tmp_path / 'm2'}"]),
                    on_step=record(2))
     assert one["batches"] == two["batches"]  # the same data
     # the summed losses over 2 x 4 sequences, divided once by the total token count: float32

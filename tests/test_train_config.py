@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 from jaxarith.errors import ConfigError
 from jaxarith.models.config import config_from_hf
 from jaxarith.sharding import make_mesh
-from train.config import load_config, to_dict
+from train.config import load_train_config, to_dict
 from train.loop import model_config
 from train.step import build_step, make_optimizer, next_token_loss_fn
 
@@ -40,7 +40,7 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_every_config_loads_and_round_trips(path):
-    cfg = load_config(path)
+    cfg = load_train_config(path)
     assert cfg.schedule.total_steps == cfg.steps or cfg.schedule.total_steps > 0
     from train.config import from_dict
 
@@ -48,7 +48,7 @@ def test_every_config_loads_and_round_trips(path):
 
 
 def test_overrides_and_top_level_keys(tmp_path):
-    cfg = load_config(TINY, ["steps=60", f"out={tmp_path}", "schedule.peak_lr=1e-3",
+    cfg = load_train_config(TINY, ["steps=60", f"out={tmp_path}", "schedule.peak_lr=1e-3",
                              "data.sources.replay.weight=0.01", "average.kind=swa"])
     assert cfg.steps == 60 and cfg.out == str(tmp_path)
     assert cfg.schedule.peak_lr == 1e-3 and cfg.schedule.total_steps == 60
@@ -70,7 +70,7 @@ def test_overrides_and_top_level_keys(tmp_path):
 def test_bad_keys_and_values_are_named(override, match):
     extra = ["microbatches=4"] if override.startswith("batch") else []
     with pytest.raises(ConfigError, match=match):
-        load_config(TINY, [*extra, override])
+        load_train_config(TINY, [*extra, override])
 
 
 def _abstract_check(model_cfg, cfg, mesh):
@@ -91,7 +91,7 @@ def _abstract_check(model_cfg, cfg, mesh):
 
 
 def test_llama_3_2_1b_pod_config_eval_shape():
-    cfg = load_config(os.path.join(ROOT, "configs", "llama3_2_1b_cpt_pod.yaml"))
+    cfg = load_train_config(os.path.join(ROOT, "configs", "llama3_2_1b_cpt_pod.yaml"))
     assert cfg.model.ref == "meta-llama/Llama-3.2-1B"
     model_cfg = config_from_hf(LLAMA_3_2_1B)
     mesh = make_mesh(cfg.mesh)  # fsdp=-1 over the 8 fake devices
@@ -111,7 +111,7 @@ def test_llama_3_2_1b_pod_config_eval_shape():
 
 
 def test_gpt2_124m_scratch_config_eval_shape():
-    cfg = load_config(os.path.join(ROOT, "configs", "gpt2_124m_scratch.yaml"))
+    cfg = load_train_config(os.path.join(ROOT, "configs", "gpt2_124m_scratch.yaml"))
     model_cfg, _ = model_config(cfg)
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
     fns = _abstract_check(model_cfg, cfg, mesh)
@@ -124,7 +124,7 @@ def test_gpt2_124m_scratch_config_eval_shape():
 
 
 def test_pod_config_refused_when_batch_does_not_fit():
-    cfg = load_config(os.path.join(ROOT, "configs", "llama3_2_1b_cpt_pod.yaml"),
+    cfg = load_train_config(os.path.join(ROOT, "configs", "llama3_2_1b_cpt_pod.yaml"),
                       ["batch=12", "microbatches=1"])
     with pytest.raises(ConfigError, match="data-parallel size 8"):
         _abstract_check(config_from_hf(LLAMA_3_2_1B), cfg, make_mesh(cfg.mesh))
@@ -160,6 +160,6 @@ def test_config_header_commands_load(path):
     cmds = _header_commands(path)
     for args in cmds:
         overrides = [a for a in args if "=" in a and not a.startswith("-")]
-        cfg = load_config(path, overrides)
+        cfg = load_train_config(path, overrides)
         cfg.schedule.build()
         assert cfg.steps == int(dict(a.split("=", 1) for a in overrides).get("steps", cfg.steps))

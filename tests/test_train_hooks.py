@@ -12,7 +12,7 @@ import pytest
 
 from jaxarith.errors import ConfigError
 from train import loop
-from train.config import load_config
+from train.config import load_train_config
 from train.extensions import Extension, Hook
 from train.step import next_token_loss_fn
 
@@ -63,7 +63,7 @@ def _records(out):
 def test_extension_loss_frozen_init_and_hooks(tmp_path):
     calls, seen = [], {}
     out = tmp_path / "run"
-    cfg = load_config(LLAMA, [*FAST, f"out={out}"])
+    cfg = load_train_config(LLAMA, [*FAST, f"out={out}"])
 
     def crash(step, host):
         seen[step] = host
@@ -101,7 +101,7 @@ def test_extension_loss_frozen_init_and_hooks(tmp_path):
 
 
 def test_two_extensions_cannot_both_set_the_loss(tmp_path):
-    cfg = load_config(LLAMA, [*FAST, f"out={tmp_path}"])
+    cfg = load_train_config(LLAMA, [*FAST, f"out={tmp_path}"])
     a, b = _extension([]), _extension([])
     b = Extension(name="other", loss=b.loss)
     with pytest.raises(ConfigError, match="both probe and other set the run's loss"):

@@ -12,7 +12,7 @@ import pytest
 
 from jaxarith.testing import fixtures as testing
 from train import loop
-from train.config import load_config
+from train.config import load_train_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LLAMA = os.path.join(ROOT, "configs", "tiny_llama.yaml")
@@ -58,9 +58,9 @@ def _params(state):
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     base = [*FAST, "steps=4", "checkpoint.every=2", "eval.at_end=false", "log.plot=false",
             "log.tensorboard=false"]
-    full = loop.run(load_config(LLAMA, [*base, f"out={tmp_path / 'full'}"]))
+    full = loop.run(load_train_config(LLAMA, [*base, f"out={tmp_path / 'full'}"]))
 
-    cfg = load_config(LLAMA, [*base, f"out={tmp_path / 'cut'}"])
+    cfg = load_train_config(LLAMA, [*base, f"out={tmp_path / 'cut'}"])
 
     def crash(step, _):
         if step == 3:
@@ -83,7 +83,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert lines == sorted(set(lines))  # the resumed metrics file reads as one run
 
     # SIGTERM (a pod preemption) saves a checkpoint at the current step and exits cleanly
-    pre = load_config(LLAMA, [*base, f"out={tmp_path / 'pre'}", "checkpoint.every=0"])
+    pre = load_train_config(LLAMA, [*base, f"out={tmp_path / 'pre'}", "checkpoint.every=0"])
 
     def preempt(step, _):
         if step == 3:
@@ -115,7 +115,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_pa
 
     monkeypatch.setattr(loop, "compiled_step", poisoned)
     with pytest.raises(loop.NonFiniteLossError, match=r"at step 3.*Last good checkpoint: 2"):
-        loop.run(load_config(LLAMA, base))
+        loop.run(load_train_config(LLAMA, base))
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 
 
@@ -124,13 +124,13 @@ def test_tiny_gpt2_trains_and_exports_with_delta(tmp_path):
     from jaxarith.io.convert.hf import load_hf_params
     from train.step import scratch_params
 
-    scratch = load_config(GPT2, [f"out={tmp_path}"])
+    scratch = load_train_config(GPT2, [f"out={tmp_path}"])
     model_cfg, _ = loop.model_config(scratch)
     tuned, base = scratch_params(model_cfg, 1), scratch_params(model_cfg, 2)
     save_hf(model_cfg, tuned, tmp_path / "tuned", progress=False)
     save_hf(model_cfg, base, tmp_path / "base", progress=False)
     # continued pre-training: start from the HF checkpoint `base` (a fresh random init here)
-    cfg = load_config(GPT2, [*FAST, "steps=80", "schedule.total_steps=80", "log.every=10",
+    cfg = load_train_config(GPT2, [*FAST, "steps=80", "schedule.total_steps=80", "log.every=10",
                              f"model.ref={tmp_path / 'base'}", "model.arch=", "model.config={}",
                              f"out={tmp_path / 'run'}", f"export.hf_dir={tmp_path / 'hf'}",
                              f"export.delta_tuned={tmp_path / 'tuned'}",
@@ -158,7 +158,7 @@ def test_tiny_configs_full_run_loss_falls_well_below_start(tmp_path, config):
     from jaxarith.io.convert.hf import load_hf_params
     from jaxarith.models import transformer
 
-    res = loop.run(load_config(config, [f"out={tmp_path / 'run'}", "log.progress=false",
+    res = loop.run(load_train_config(config, [f"out={tmp_path / 'run'}", "log.progress=false",
                                         f"export.hf_dir={tmp_path / 'hf'}"]))
     start = np.log(1024)
     assert res["loss"] < start - 2.0, res["loss"]

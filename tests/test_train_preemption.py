@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from train import EXIT_PREEMPTED, loop
-from train.config import load_config
+from train.config import load_train_config
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 LLAMA = os.path.join(ROOT, "configs", "tiny_llama.yaml")
@@ -79,7 +79,7 @@ def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(tmp_path):
     assert third.returncode == 0, third.stderr[-2000:]
     assert f"resumed from the checkpoint at step {left[-1]}" in third.stderr
 
-    full = loop.run(load_config(LLAMA, [*ARGS, f"out={tmp_path / 'full'}"]))
+    full = loop.run(load_train_config(LLAMA, [*ARGS, f"out={tmp_path / 'full'}"]))
     assert full["status"] == "done"
     a, b = _saved(out / "checkpoints", 6), _saved(tmp_path / "full" / "checkpoints", 6)
     assert jax.tree.structure(a) == jax.tree.structure(b)

@@ -10,7 +10,7 @@ import pytest
 
 from jaxarith.errors import CheckpointError
 from train import loop
-from train.config import load_config
+from train.config import load_train_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LLAMA = os.path.join(ROOT, "configs", "tiny_llama.yaml")
@@ -51,17 +51,17 @@ def test_finished_run_is_reported_and_untouched_then_shape_change_is_named(tmp_p
 
     # more steps with another hidden size: refused before orbax, naming the keys and tensors
     with pytest.raises(CheckpointError) as e:
-        loop.run(load_config(LLAMA, [*FAST, "steps=4", f"out={out}",
+        loop.run(load_train_config(LLAMA, [*FAST, "steps=4", f"out={out}",
                                      "model.config.hidden_size=32"]))
     msg = str(e.value)
     assert "hidden_size: 64 -> 32" in msg and "embed (1024, 64) -> (1024, 32)" in msg
     assert len(msg) < 600 and "\n" not in msg
     # a changed state layout (EMA -> SWA) is named too
     with pytest.raises(CheckpointError, match=r"average.kind: 'ema' -> 'swa'"):
-        loop.run(load_config(LLAMA, [*FAST, "steps=4", f"out={out}", "average.kind=swa"]))
+        loop.run(load_train_config(LLAMA, [*FAST, "steps=4", f"out={out}", "average.kind=swa"]))
     # fewer steps than the checkpoints hold: a clear error, not a silent no-op
     with pytest.raises(Exception, match="already has a checkpoint at step 2"):
-        loop.run(load_config(LLAMA, [*FAST, "steps=1", f"out={out}"]))
+        loop.run(load_train_config(LLAMA, [*FAST, "steps=1", f"out={out}"]))
 
 
 def test_pod_config_on_one_machine_is_one_line(capsys):
@@ -91,7 +91,7 @@ def test_mesh_strict_refuses_an_undivided_dimension_before_work(tmp_path):
     from jaxarith.errors import ShardingError
 
     # 4 attention heads over tensor=8: replicated by default, an error naming it when strict
-    cfg = load_config(LLAMA, [*FAST, "steps=2", f"out={tmp_path}", "mesh=tensor=8",
+    cfg = load_train_config(LLAMA, [*FAST, "steps=2", f"out={tmp_path}", "mesh=tensor=8",
                               "mesh_strict=true"])
     with pytest.raises(ShardingError, match="layers/attn"):
         loop.run(cfg, extensions=[])

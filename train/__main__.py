@@ -17,7 +17,7 @@ from jaxarith import distributed
 from jaxarith.commands import _common
 from jaxarith.distributed import add_arguments as add_distributed
 from train import EXIT_INTERRUPTED, EXIT_PREEMPTED
-from train.config import load_config
+from train.config import load_train_config
 from train.loop import run
 
 
@@ -40,7 +40,7 @@ def handle(args) -> int:
         overrides.append(f"export.hf_dir={args.export_hf}")
     if args.json:
         overrides.append("log.progress=false")
-    cfg = load_config(args.config, overrides)
+    cfg = load_train_config(args.config, overrides)
     if cfg.distributed:  # the config's `distributed: true`: auto-detect, before any JAX call
 
         if distributed.initialize(distributed.config_from_args(args, auto=True)):

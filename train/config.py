@@ -1,7 +1,7 @@
 """The training run's configuration: a tree of frozen dataclasses loaded from YAML.
 
-``load_config("configs/tiny_llama.yaml", ["steps=60", "out=/tmp/run"])`` reads the YAML, applies
-dotted ``key=value`` overrides (values parsed as YAML: ``schedule.peak_lr=1e-3``,
+``load_train_config("configs/tiny_llama.yaml", ["steps=60", "out=/tmp/run"])`` reads the YAML,
+applies dotted ``key=value`` overrides (values parsed as YAML: ``schedule.peak_lr=1e-3``,
 ``data.sources.replay.weight=0.05``), and builds :class:`TrainConfig`. Unknown or mistyped keys
 are :class:`~jaxarith.errors.ConfigError` naming the dotted key; values are type-checked against
 the dataclass annotations. ``to_dict`` writes a config back (it is saved with each checkpoint).
@@ -376,7 +376,7 @@ def from_dict(raw: dict, overrides: list[str] | None = None) -> TrainConfig:
     return build(TrainConfig, apply_overrides(raw, list(overrides or [])))
 
 
-def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
+def load_train_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config and apply ``key=value`` overrides."""
     try:
         with open(path) as f:

@@ -19,7 +19,7 @@ from jaxarith.average.soups import load_tokenizer
 from jaxarith.commands import _common
 from jaxarith.errors import ConfigError, JaxarithError
 from jaxarith.io.atomic import check_destination
-from train.config import load_config
+from train.config import load_train_config
 
 
 def register(sub) -> None:
@@ -60,7 +60,7 @@ def held_out_ids(args, cand) -> tuple[list[int], int | None]:
     if args.eval_config:
         import numpy as np
 
-        tcfg = load_config(args.eval_config, ["out=unused"])
+        tcfg = load_train_config(args.eval_config, ["out=unused"])
         sources = data_lib.load_sources(tcfg.data, load_tokenizer(cand))
         held = [s.eval.reshape(-1) for s in sources if len(s.eval)]
         if not held:

@@ -13,7 +13,7 @@ from jaxarith.data.pipeline import load_sources
 from jaxarith.distill import cache as distill_cache
 from jaxarith.errors import ConfigError
 from train import loop
-from train.config import load_config
+from train.config import load_train_config
 
 
 def register(sub) -> None:
@@ -42,7 +42,7 @@ def register(sub) -> None:
 def handle_cache(args) -> int:
     if args.batch < 1 or args.shard_windows < 1:
         raise ConfigError("--batch and --shard-windows must be positive")
-    cfg = load_config(args.config, [*args.overrides, "out=" + args.out + ".run"]
+    cfg = load_train_config(args.config, [*args.overrides, "out=" + args.out + ".run"]
                       if not _has_out(args.overrides) else args.overrides)
     model_dir = loop.model_config(cfg)[1] if cfg.model.ref else None
     tokenizer = loop.tokenizer_for(cfg, model_dir)

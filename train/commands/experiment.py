@@ -69,7 +69,7 @@ def handle_delta_transplant(args) -> int:
 def handle_weak_to_strong(args) -> int:
     import os
 
-    cfg = weak_to_strong.load_config(args.config)
+    cfg = weak_to_strong.load_experiment_config(args.config)
     out = os.path.abspath(args.out or cfg["out"])
     res = weak_to_strong.run(cfg, out, progress=not args.json)
     _common.emit(args, {"out": out, **res},
@@ -80,7 +80,7 @@ def handle_weak_to_strong(args) -> int:
 def handle_distill_vs_inherit(args) -> int:
     import os
 
-    cfg = dvi.load_config(args.config)
+    cfg = dvi.load_experiment_config(args.config)
     out = os.path.abspath(args.out or cfg["out"])
     res = dvi.run(cfg, out, progress=not args.json)
     _common.emit(args, {"out": out, **{k: v for k, v in res.items() if k != "curves"}},

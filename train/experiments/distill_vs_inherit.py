@@ -76,7 +76,7 @@ DEFAULT: dict[str, Any] = {
 TOP_KEYS = ("out", "train", "teacher", "student", "distill")
 
 
-def load_config(path: str | None = None, overrides: dict | None = None) -> dict:
+def load_experiment_config(path: str | None = None, overrides: dict | None = None) -> dict:
     """The embedded default deep-merged with the YAML at ``path`` and ``overrides``."""
     raw = read_yaml(path)
     cfg = deep_merge(deep_merge(DEFAULT, raw), overrides or {})

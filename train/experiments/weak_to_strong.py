@@ -67,7 +67,7 @@ DEFAULT: dict[str, Any] = {
 TOP_KEYS = ("out", "train", "small", "large", "stages", "eval")
 
 
-def load_config(path: str | None = None, overrides: dict | None = None) -> dict:
+def load_experiment_config(path: str | None = None, overrides: dict | None = None) -> dict:
     """The embedded default deep-merged with the YAML at ``path`` and ``overrides``."""
     cfg = deep_merge(deep_merge(DEFAULT, read_yaml(path)), overrides or {})
     for k in cfg:
