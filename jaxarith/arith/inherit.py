@@ -30,7 +30,7 @@ import numpy as np
 
 from jaxarith.errors import ConfigError
 from jaxarith.models import transformer
-from jaxarith.models.config import Arch, ModelConfig
+from jaxarith.models.config import ModelConfig
 
 PARTS = ("attn", "mlp", "norms")
 SPEC_FORMS = ("first", "last", "spread", "list")
@@ -160,15 +160,8 @@ class Plan:
 
 
 def with_depth(cfg: ModelConfig, n: int) -> ModelConfig:
-    """``cfg`` with ``n`` layers (``num_hidden_layers`` / ``n_layer``; HF extras follow)."""
-    extra = dict(cfg.hf_extra)
-    if cfg.arch is Arch.GPT2:
-        extra["n_layer"] = n
-        return dataclasses.replace(cfg, n_layer=n, hf_extra=extra)
-    extra["num_hidden_layers"] = n
-    for key in ("layer_types", "mlp_only_layers"):  # per-layer lists would now be wrong
-        extra.pop(key, None)
-    return dataclasses.replace(cfg, num_hidden_layers=n, hf_extra=extra)
+    """``cfg`` with ``n`` layers (the family's ``with_depth``; HF extras follow)."""
+    return transformer.family(cfg).with_depth(cfg, n)
 
 
 def _flat_specs(cfg: ModelConfig) -> dict[tuple[str, ...], object]:
@@ -204,7 +197,7 @@ def plan(cfg: ModelConfig, layers: str | Sequence[int], *, parts=None,
     if tied and hd is not None and hd is not emb:
         raise ConfigError(f"head={hd} but embeddings={emb}: this model ties lm_head to the "
                           f"token embeddings, so both must be inherited or both fresh")
-    if cfg.arch is not Arch.GPT2 and pos is Source.FRESH:
+    if pos is Source.FRESH and ("pos_embed",) not in _flat_specs(cfg):
         raise ConfigError(f"pos_embed=fresh: a {cfg.arch} model has no position embeddings")
     top = {"embed": emb, "lm_head": hd or Source.INHERIT, "final_norm": fin,
            "pos_embed": pos or Source.INHERIT}
@@ -217,12 +210,11 @@ def plan(cfg: ModelConfig, layers: str | Sequence[int], *, parts=None,
             decide[path] = top[path[0]] is Source.INHERIT
         else:
             raise ConfigError(f"{'/'.join(path)}: no inheritance option for this tensor")
-    if (cfg.arch is Arch.GPT2 and cfg.scale_attn_by_inverse_layer_idx
-            and "attn" in parts and idx != tuple(range(len(idx)))):
+    reason = transformer.family(cfg).depth_sensitive(cfg)
+    if reason and "attn" in parts and idx != tuple(range(len(idx))):
         moved = [(i, j) for j, i in enumerate(idx) if i != j]
         warnings.warn(
-            f"scale_attn_by_inverse_layer_idx: GPT-2 scales layer l's attention scores by "
-            f"1/(l+1), so a block moved to another depth computes differently there (source "
+            f"{reason}, so a block moved to another depth computes differently there (source "
             f"layer {moved[0][0]} -> new layer {moved[0][1]}, ...); only first:N is exact",
             InverseLayerIdxWarning, stacklevel=3)
     return Plan(config=new_cfg, layers=idx, inherit=decide)

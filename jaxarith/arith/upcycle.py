@@ -11,7 +11,6 @@ attention or MLP biases is refused (a clear error, before any weight is read).
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 
 import jax
@@ -20,8 +19,8 @@ import jax.numpy as jnp
 from jaxarith.errors import ConfigError, UnsupportedArchitectureError
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig
-from jaxarith.models.family import Arch
 from jaxarith.models.mixtral import MixtralConfig
+from jaxarith.models.registry import family_for_model_type
 
 ROUTER_STD = 0.02
 
@@ -31,33 +30,21 @@ class RouterInit(enum.StrEnum):
     ZEROS = "zeros"
 
 
-def upcycle_config(dense: ModelConfig, experts: int, top_k: int) -> MixtralConfig:
-    """The Mixtral config of ``dense`` with ``experts`` experts, ``top_k`` per token.
+def upcycle_config(dense: ModelConfig, experts: int, top_k: int) -> ModelConfig:
+    """The mixture-of-experts config of ``dense`` with ``experts`` experts, ``top_k`` per token
+    (built by the target family: ``Family.upcycles_to``, e.g. Llama -> Mixtral).
 
     Raises:
-      UnsupportedArchitectureError: not a Llama-family model (GPT-2, Mixtral, ...).
+      UnsupportedArchitectureError: the family has no sparse counterpart (GPT-2, Mixtral, ...).
       ConfigError: attention or MLP biases, ``top_k`` not in ``[1, experts]``.
     """
-    if getattr(dense, "arch", None) != Arch.LLAMA:
+    target = transformer.family(dense).upcycles_to
+    if target is None:
         raise UnsupportedArchitectureError(
             f"upcycle: the dense model is a {dense.model_type} model; only bias-free Llama / "
             "Mistral models can be upcycled to Mixtral (its attention and experts have no "
             "biases, GPT-2 has learned positions and biases)")
-    if dense.attention_bias or dense.mlp_bias:
-        raise ConfigError(
-            f"upcycle: the dense {dense.model_type} model has "
-            f"{'attention' if dense.attention_bias else 'MLP'} biases; Mixtral has none, so it "
-            "cannot compute the same function")
-    if experts < 1 or not 1 <= top_k <= experts:
-        raise ConfigError(f"upcycle: --top-k {top_k} must be between 1 and --experts {experts}")
-    fields = {f.name: getattr(dense, f.name) for f in dataclasses.fields(dense)
-              if f.name not in ("model_type", "hf_extra")}
-    extra = {k: v for k, v in dense.hf_extra.items()
-             if k not in ("architectures", "model_type", "attention_bias", "mlp_bias",
-                          "pretraining_tp", "sliding_window", "use_sliding_window",
-                          "max_window_layers", "layer_types")}
-    return MixtralConfig(**fields, num_local_experts=experts, num_experts_per_tok=top_k,
-                         model_type="mixtral", hf_extra=extra)
+    return family_for_model_type(target).config_class.from_dense(dense, experts, top_k)
 
 
 def upcycle_params(params: dict, cfg: MixtralConfig, key: jax.Array, *, noise: float = 0.0,

@@ -169,6 +169,15 @@ def _same_key(key: str) -> str:
     return key
 
 
+def with_num_hidden_layers(cfg, n: int):
+    """``cfg`` with ``n`` layers (``num_hidden_layers``; HF extras follow)."""
+    extra = dict(cfg.hf_extra)
+    extra["num_hidden_layers"] = n
+    for key in ("layer_types", "mlp_only_layers"):  # per-layer lists would now be wrong
+        extra.pop(key, None)
+    return dataclasses.replace(cfg, num_hidden_layers=n, hf_extra=extra)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Family:
     """One architecture, as the shared code sees it (see the module docstring)."""
@@ -194,6 +203,15 @@ class Family:
     # Optional: ``(cfg, directory) -> cfg`` adjusted to the tensor layout a checkpoint directory
     # stores when a family has two (Mixtral: per-expert or fused experts); called by load_config.
     checkpoint_layout: Callable[[Any, str], Any] | None = None
+    # ``(cfg, n) -> cfg`` with n layers (layer inheritance); the default sets
+    # ``num_hidden_layers`` and drops per-layer HF lists that would no longer fit.
+    with_depth: Callable[[Any, int], Any] = with_num_hidden_layers
+    # ``cfg -> reason | None``: why a block computes differently at another depth (GPT-2's
+    # ``scale_attn_by_inverse_layer_idx``), so that inheritance warns when layers move.
+    depth_sensitive: Callable[[Any], str | None] = lambda cfg: None
+    # The ``model_type`` of the mixture-of-experts family this one upcycles to (sparse
+    # upcycling: that family's ``config_class.from_dense`` builds the config). None: cannot.
+    upcycles_to: str | None = None
 
 
 # ----------------------------------------------------------------------------- HF config keys

@@ -294,6 +294,18 @@ def normalize_hf_key(key: str) -> str:
     return key
 
 
+def with_depth(cfg: GPT2Config, n: int) -> GPT2Config:
+    """``cfg`` with ``n`` layers (``n_layer``)."""
+    return dataclasses.replace(cfg, n_layer=n, hf_extra={**cfg.hf_extra, "n_layer": n})
+
+
+def depth_sensitive(cfg: GPT2Config) -> str | None:
+    if cfg.scale_attn_by_inverse_layer_idx:
+        return ("scale_attn_by_inverse_layer_idx: GPT-2 scales layer l's attention scores by "
+                "1/(l+1)")
+    return None
+
+
 FAMILY = Family(
     arch=Arch.GPT2,
     config_class=GPT2Config,
@@ -307,4 +319,6 @@ FAMILY = Family(
     # the causal-mask buffers older transformers versions saved
     hf_buffers=(".attn.bias", ".attn.masked_bias"),
     normalize_hf_key=normalize_hf_key,
+    with_depth=with_depth,
+    depth_sensitive=depth_sensitive,
 )

@@ -329,4 +329,5 @@ FAMILY = Family(
     head=head,
     hf_rules=hf_rules,
     hf_buffers=("rotary_emb.inv_freq",),
+    upcycles_to="mixtral",
 )

@@ -70,6 +70,28 @@ class MixtralConfig(llama.LlamaConfig):
         "output_router_logits", "router_jitter_noise",
     })
 
+    @classmethod
+    def from_dense(cls, dense: llama.LlamaConfig, experts: int, top_k: int) -> MixtralConfig:
+        """The config of ``dense`` upcycled to ``experts`` experts, ``top_k`` per token (sparse
+        upcycling, :mod:`jaxarith.arith.upcycle`); a model with biases is refused: Mixtral's
+        attention and experts have none, so it could not compute the same function."""
+        if dense.attention_bias or dense.mlp_bias:
+            raise ConfigError(
+                f"upcycle: the dense {dense.model_type} model has "
+                f"{'attention' if dense.attention_bias else 'MLP'} biases; Mixtral has none, so "
+                "it cannot compute the same function")
+        if experts < 1 or not 1 <= top_k <= experts:
+            raise ConfigError(f"upcycle: --top-k {top_k} must be between 1 and --experts "
+                              f"{experts}")
+        fields = {f.name: getattr(dense, f.name) for f in dataclasses.fields(dense)
+                  if f.name not in ("model_type", "hf_extra")}
+        extra = {k: v for k, v in dense.hf_extra.items()
+                 if k not in ("architectures", "model_type", "attention_bias", "mlp_bias",
+                              "pretraining_tp", "sliding_window", "use_sliding_window",
+                              "max_window_layers", "layer_types")}
+        return cls(**fields, num_local_experts=experts, num_experts_per_tok=top_k,
+                   model_type="mixtral", hf_extra=extra)
+
     def __post_init__(self):
         super().__post_init__()
         check_positive(self, ("num_local_experts", "num_experts_per_tok"))
