@@ -16,7 +16,9 @@ import sys
 from jaxarith import distributed
 from jaxarith.commands import _common
 from jaxarith.distributed import add_arguments as add_distributed
+from jaxarith.errors import ConfigError
 from train import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from train.commands import plan as plan_cmd
 from train.config import load_train_config
 from train.loop import run
 
@@ -29,7 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at the end, write the final weights as an HF model (export.hf_dir)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON summary object on stdout (no progress bar)")
-
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile the step for --topology and report per-chip HBM, do not train "
+                        "(= jaxarith plan)")
+    plan_cmd.add_plan_arguments(p, required=False)
     add_distributed(p)
 
 
@@ -40,6 +45,11 @@ def handle(args) -> int:
         overrides.append(f"export.hf_dir={args.export_hf}")
     if args.json:
         overrides.append("log.progress=false")
+    if args.compile_only or args.topology:
+        if not (args.compile_only and args.topology):
+            raise ConfigError("--compile-only and --topology go together (compile for a TPU "
+                              "slice without training)")
+        return plan_cmd.handle(args)
     cfg = load_train_config(args.config, overrides)
     if cfg.distributed:  # the config's `distributed: true`: auto-detect, before any JAX call
 

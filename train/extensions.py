@@ -123,6 +123,8 @@ class Extension:
     batch_fields: Mapping[str, tuple[tuple[int, ...], str]] = dataclasses.field(
         default_factory=dict)
     frozen: Callable[[TrainConfig, ModelConfig, Any], Any] | None = None
+    # the same tree as ShapeDtypeStructs with shardings, read from configs only (jaxarith plan)
+    abstract_frozen: Callable[[TrainConfig, ModelConfig, Any], Any] | None = None
     model: Callable[[TrainConfig], tuple[ModelConfig, str | None]] | None = None
     init_params: Callable[[TrainConfig, ModelConfig, Any], Any] | None = None
     dataset: Callable[[TrainConfig, Any, Any], Any] | None = None

@@ -196,6 +196,20 @@ def compiled_step(model_cfg, mesh, optimizer, schedule, batch, seq_len, microbat
     return fns, compiled, info
 
 
+def run_step(cfg: TrainConfig, model_cfg: ModelConfig, mesh, loss_ext: Extension | None,
+             fields: dict, abstract_frozen):
+    """:func:`compiled_step` for a run's config: the one place that turns a config into the
+    compiled step, for the loop and for ``jaxarith plan`` (which passes a TPU topology's mesh
+    and abstract frozen trees)."""
+    return compiled_step(
+        model_cfg, mesh, cfg.optimizer, cfg.schedule, cfg.batch, cfg.data.seq_len,
+        cfg.microbatches, cfg.average, cfg.on_nonfinite is OnNonFinite.SKIP,
+        cfg.model.compute_dtype, cfg.model.remat,
+        None if loss_ext is None else Keyed((loss_ext.name, loss_ext.loss_key), loss_ext.loss),
+        None if fields == TOKENS_ONLY else tuple(sorted(fields.items())),
+        Keyed(_tree_key(abstract_frozen), abstract_frozen) if abstract_frozen else None)
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -485,13 +499,7 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     frozen = load_frozen(cfg, model_cfg, mesh, extensions)
     abstract_frozen = _abstract(frozen)
 
-    fns, compiled, info = compiled_step(
-        model_cfg, mesh, cfg.optimizer, cfg.schedule, cfg.batch, seq_len, cfg.microbatches,
-        cfg.average, cfg.on_nonfinite is OnNonFinite.SKIP, cfg.model.compute_dtype,
-        cfg.model.remat,
-        None if loss_ext is None else Keyed((loss_ext.name, loss_ext.loss_key), loss_ext.loss),
-        None if fields == TOKENS_ONLY else tuple(sorted(fields.items())),
-        Keyed(_tree_key(abstract_frozen), abstract_frozen) if frozen else None)
+    fns, compiled, info = run_step(cfg, model_cfg, mesh, loss_ext, fields, abstract_frozen)
     compile_s = info["compile_s"]
     evaluate = make_eval(model_cfg, mesh, eval_batch, seq_len, cfg.model.compute_dtype)
 

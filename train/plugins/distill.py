@@ -6,6 +6,7 @@ import jax.numpy as jnp
 
 from jaxarith.distill import cache as distill_cache
 from jaxarith.errors import ConfigError
+from jaxarith.models import transformer
 from train import distill as TD
 from train import loop
 from train.extensions import Extension
@@ -61,4 +62,9 @@ def extension(cfg) -> Extension | None:
         return TD.make_loss_fn(model_cfg, opts, teacher_cfg=t_cfg, vocab_size=vocab, dtype=dtype,
                                teacher_dtype=t_dtype, remat=remat)
 
-    return Extension(name=TD.NAME, loss=loss, loss_key=(sec, t_cfg, vocab), frozen=frozen)
+    def abstract_frozen(cfg_, model_cfg, mesh):
+        TD.check_vocab(model_cfg, t_cfg, sec.teacher, vocab, sec.top_k)
+        return transformer.abstract_params(t_cfg, dtype=t_dtype, mesh=mesh)
+
+    return Extension(name=TD.NAME, loss=loss, loss_key=(sec, t_cfg, vocab), frozen=frozen,
+                     abstract_frozen=abstract_frozen)
