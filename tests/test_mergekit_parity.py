@@ -31,12 +31,13 @@ LEVELS = (0.3, 0.5, 0.7, 0.85)  # k boundaries: level 5 above 0.3, 4 up to 0.5, 
 Q = 2.0 ** -6
 
 
-def _quantised_delta(rng, n):
-    """Magnitudes 5,4,3,2,1 (x 2^-6) by rank, so int(d * n) for d in LEVELS is a boundary."""
-    ks = [int(d * n) for d in LEVELS]
+def _quantised_delta(rng, n, levels=LEVELS):
+    """Magnitudes len(levels)+1, ..., 2, 1 (x 2^-6) by rank, so ``int(d * n)`` (Python floats,
+    as mergekit counts) for d in ``levels`` is a boundary."""
+    ks = [int(d * n) for d in levels]
     level = np.ones(n)
     rank = rng.permutation(n)
-    for lv, k in zip((5, 4, 3, 2), ks, strict=True):
+    for lv, k in zip(range(len(levels) + 1, 1, -1), ks, strict=True):
         level[(rank < k) & (level == 1)] = lv
     return (level * Q * rng.choice([-1.0, 1.0], n)).astype(np.float32)
 
@@ -272,3 +273,134 @@ dtype: float32
         differ += int((kept_mk != kept_jx).sum())
     # mergekit's unstable argsort picks other tied entries: a documented difference
     assert differ > 0
+
+
+# ------------------------------------------------- keep counts where float32 densities round down
+
+DECIMAL_LEVELS = (0.3, 0.7, 0.9)
+
+
+def decimal_llama_config():
+    """A tiny Llama whose tensor sizes are multiples of 10 (hidden 80, MLP 120, 3 layers), where
+    ``int(float32(d) * n)`` is one below ``int(d * n)`` for d = 0.7 and 0.9 (never for 0.3)."""
+    return testing.tiny_llama_config(hidden_size=80, intermediate_size=120, num_attention_heads=5,
+                                     num_key_value_heads=1, head_dim=16, num_hidden_layers=3)
+
+
+@pytest.fixture(scope="module")
+def decimal_family(tmp_path_factory):
+    """{"B", "M1", "M2", "M3"}: a base and three models whose task vectors have magnitude
+    levels bounded at ``int(d * n)`` for d in 0.3, 0.7, 0.9 (the top-k sets are unique)."""
+    d = tmp_path_factory.mktemp("mk_decimal")
+    testing.make_hf_model(d / "template", decimal_llama_config(), seed=0)
+    names = HFCheckpoint(str(d / "template"))
+    rng = np.random.default_rng(1)
+    shapes = {k: names.shape(k) for k in names.keys()}
+    base = {k: (rng.integers(-32, 33, s) * Q).astype(np.float32) for k, s in shapes.items()}
+    out = {"B": str(d / "B")}
+    _write_like(d / "template", out["B"], base)
+    for m in ("M1", "M2", "M3"):
+        tensors = {k: base[k] + _quantised_delta(rng, int(np.prod(s)), DECIMAL_LEVELS).reshape(s)
+                   for k, s in shapes.items()}
+        out[m] = str(d / m)
+        _write_like(d / "template", out[m], tensors)
+    return out
+
+
+DECIMAL_CONFIGS = {
+    # one model each: the result is base + the trimmed task vector, so one entry kept fewer
+    # shows as a whole magnitude level (>= 2^-6) in that entry
+    "d07": "merge_method: ties\nbase_model: {B}\nmodels:\n  - model: {M1}\n"
+           "    parameters: {{weight: 1.0, density: 0.7}}\ndtype: float32\n",
+    "d09": "merge_method: ties\nbase_model: {B}\nmodels:\n  - model: {M1}\n"
+           "    parameters: {{weight: 1.0, density: 0.9}}\ndtype: float32\n",
+    "d03": "merge_method: ties\nbase_model: {B}\nmodels:\n  - model: {M1}\n"
+           "    parameters: {{weight: 1.0, density: 0.3}}\ndtype: float32\n",
+    # three models, per-layer densities and filters
+    "three": """
+merge_method: ties
+base_model: {B}
+models:
+  - model: {M1}
+    parameters: {{weight: 1.0, density: 0.7}}
+  - model: {M2}
+    parameters:
+      weight: 0.5
+      density: [{{filter: layers, value: [0.9, 0.7, 0.9]}}, {{value: 0.9}}]
+  - model: {M3}
+    parameters:
+      weight: 0.8
+      density: [{{filter: mlp, value: 0.3}}, {{value: 0.7}}]
+parameters: {{lambda: 0.9}}
+dtype: float32
+""",
+    # a schedule interpolated over 3 layers: 0.3, 0.5 * 0.5 + 0.5 * 0.9 (== 0.7), 0.9
+    "interpolated": """
+merge_method: ties
+base_model: {B}
+models:
+  - model: {M1}
+    parameters:
+      weight: 1.0
+      density: [{{filter: layers, value: [0.3, 0.5, 0.9, 0.9]}}, {{value: 0.7}}]
+dtype: float32
+""",
+}
+
+
+def test_keep_count_hand_table():
+    """The count mergekit keeps, from the YAML's number (Python float), by a hand table."""
+    from jaxarith.arith import ops
+    from jaxarith.arith.methods import method
+    from jaxarith.arith.select import MergeSpec
+
+    table = [(0.7, 30720, 21504), (0.9, 30720, 27648), (0.3, 30720, 9216), (0.7, 9600, 6720),
+             (0.9, 9600, 8640), (0.7, 10, 7), (0.9, 80, 72), (0.3, 80, 24), (0.5, 4096, 2048),
+             (0.7, 64, 44), (0.001, 100, 1), (0.0, 100, 0), (1.0, 100, 100), (1.5, 100, 100)]
+    for d, n, k in table:
+        assert ops.keep_count(d, n) == k, (d, n)
+    # through the parameter resolution both executors use: constants and a depth schedule
+    spec = MergeSpec(method=method("ties"), per_model=(
+        {"density": 0.7}, {"density": 0.9}, {"density": 0.3}, {"density": [0.5, 0.9]}))
+    for layer, k_last in ((0, 15360), (1, 21504), (2, 27648)):
+        p, _ = spec.tensor_params(("layers/mlp/up", "model.layers.0.mlp.up_proj.weight"), layer,
+                                  3, 30720, 5)
+        assert p["k"].tolist() == [21504, 27648, 9216, k_last], layer
+
+
+@pytest.fixture(scope="module")
+def decimal_merged(decimal_family, tmp_path_factory):
+    """{name: (mergekit's dir, jaxarith streamed dir, jaxarith in-memory dir)}."""
+    d = tmp_path_factory.mktemp("mk_decimal_out")
+    out = {}
+    for name, text in DECIMAL_CONFIGS.items():
+        text = text.format(**decimal_family)
+        (d / f"{name}.yaml").write_text(text)
+        _run_mergekit(text, d / f"{name}_mk")
+        assert main(["merge", str(d / f"{name}.yaml"), str(d / f"{name}_jx"), "--json"]) == 0
+        assert main(["merge", str(d / f"{name}.yaml"), str(d / f"{name}_mem"), "--in-memory",
+                     "--json"]) == 0
+        out[name] = tuple(str(d / f"{name}_{s}") for s in ("mk", "jx", "mem"))
+    return out
+
+
+@pytest.mark.parametrize("name", list(DECIMAL_CONFIGS))
+def test_ties_keep_count_matches_mergekit(decimal_family, decimal_merged, name, capsys):
+    """Densities 0.7 and 0.9 on tensors of 80 x 120, 80 x 80, ...: float32 densities would keep
+    one entry fewer per tensor than mergekit (a whole magnitude level off)."""
+    mk, jx, mem = (_tensors(p) for p in decimal_merged[name])
+    capsys.readouterr()
+    assert set(mk) == set(jx) == set(mem)
+    worst = 0.0
+    for k in mk:
+        for got in (jx[k], mem[k]):
+            diff = float(np.abs(got.astype(np.float64) - mk[k]).max())
+            worst = max(worst, diff)
+            assert diff <= 1e-5, f"{name}: {k}: max |diff| = {diff:.3g}"
+    if name in ("d07", "d09", "d03"):  # exactly int(d * n) task-vector entries kept
+        dens = float(name[1:]) / 10
+        b = _tensors(decimal_family["B"])
+        for k in b:
+            assert int((jx[k] != b[k]).sum()) == max(1, int(dens * b[k].size)), k
+    with capsys.disabled():
+        print(f"\n{name}: max |jaxarith - mergekit| = {worst:.3g}")

@@ -71,8 +71,10 @@ def _unrolled_sum(terms: list[Array]) -> Array:
 def keep_count(density: float, numel: int) -> int:
     """How many entries a magnitude trim at ``density`` keeps: ``max(1, int(density * numel))``.
 
-    ``density >= 1`` keeps all, ``density <= 0`` none (mergekit's rule). Computed on the host in
-    float64 so both executors agree on the count exactly.
+    ``density >= 1`` keeps all, ``density <= 0`` none (mergekit's rule). Computed on the host
+    from the config's Python float (never a float32 copy: ``float32(0.7) < 0.7``, so
+    ``int(float32(0.7) * 30720) = 21503`` where mergekit keeps 21504), so both executors and
+    mergekit agree on the count exactly.
     """
     if density >= 1:
         return numel

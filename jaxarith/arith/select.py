@@ -167,11 +167,13 @@ class MergeSpec:
             m = self.method.num_weighted(n_inputs)
             sets = self.per_model or ({},) * m
             for k, d in per.items():
-                p[k] = np.array([resolve(s.get(k, d), names, t, f"model {i}: {k}")
-                                 for i, s in enumerate(sets)], np.float32)
-            if "density" in per:
-                p["k"] = np.array([ops.keep_count(float(d), numel) for d in p["density"]],
-                                  np.int32)
+                values = [resolve(s.get(k, d), names, t, f"model {i}: {k}")
+                          for i, s in enumerate(sets)]
+                p[k] = np.array(values, np.float32)
+                if k == "density":
+                    # The count from the YAML's Python float, as mergekit takes it: float32(0.7)
+                    # is below 0.7, so int(float32(0.7) * 30720) = 21503, not 21504.
+                    p["k"] = np.array([ops.keep_count(v, numel) for v in values], np.int32)
         return p, self.selection(names)
 
 
