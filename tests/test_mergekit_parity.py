@@ -404,3 +404,94 @@ def test_ties_keep_count_matches_mergekit(decimal_family, decimal_merged, name, 
             assert int((jx[k] != b[k]).sum()) == max(1, int(dens * b[k].size)), k
     with capsys.disabled():
         print(f"\n{name}: max |jaxarith - mergekit| = {worst:.3g}")
+
+
+# ------------------------------------------------------------------------------- chat_template
+
+LITERAL_TEMPLATE = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+                    "{% if add_generation_prompt %}<<assistant>> {% endif %}")
+
+
+def _with_template(src, dst, template):
+    """A copy of the model ``src`` whose tokenizer carries ``template`` (None: none)."""
+    import shutil
+
+    import transformers
+
+    shutil.copytree(src, dst)
+    if template is not None:
+        tok = transformers.AutoTokenizer.from_pretrained(dst)
+        tok.chat_template = template
+        tok.save_pretrained(dst)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def templated(family, tmp_path_factory):
+    """B carries llama3's template, M1 and M2 chatml's (so ``auto`` must pick chatml), M3 none."""
+    from jaxarith.arith.chat_templates import TEMPLATES
+
+    d = tmp_path_factory.mktemp("mk_templated")
+    return {"B": _with_template(family["B"], d / "B", TEMPLATES["llama3"]),
+            "M1": _with_template(family["M1"], d / "M1", TEMPLATES["chatml"]),
+            "M2": _with_template(family["M2"], d / "M2", "\n" + TEMPLATES["chatml"] + "  \n"),
+            "M3": _with_template(family["R1"], d / "M3", None)}
+
+
+def _run_mergekit_with_tokenizer(text, out):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    cfg = MergeConfiguration.model_validate(yaml.safe_load(text))
+    run_merge(cfg, str(out), options=MergeOptions(quiet=True, write_model_card=False))
+
+
+CHAT_CONFIGS = {
+    "chatml": ("chat_template: chatml", "B", "M3"),
+    "llama3_over_chatml": ("chat_template: llama3", "M1", "M3"),
+    "literal": ("chat_template: " + json.dumps(LITERAL_TEMPLATE), "M3", "B"),
+    "auto": ("chat_template: auto", "B", "M1", "M2", "M3"),
+}
+
+
+@pytest.mark.parametrize("name", list(CHAT_CONFIGS))
+@pytest.mark.parametrize("executor", ["streamed", "in_memory"])
+def test_chat_template_matches_mergekit(templated, tmp_path, name, executor, capsys):
+    """The output's tokenizer carries the template mergekit writes, in the same files."""
+    import transformers
+
+    from jaxarith.arith.chat_templates import TEMPLATES
+
+    line, *models = CHAT_CONFIGS[name]
+    text = "merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {templated[m]}\n    parameters: {{weight: 1.0}}\n" for m in models
+    ) + f"dtype: float32\n{line}\n"
+    (tmp_path / "c.yaml").write_text(text)
+    _run_mergekit_with_tokenizer(text, tmp_path / "mk")
+    extra = ["--in-memory"] if executor == "in_memory" else []
+    assert main(["merge", str(tmp_path / "c.yaml"), str(tmp_path / "jx"), "--json", *extra]) == 0
+    capsys.readouterr()
+    want = {"chatml": TEMPLATES["chatml"], "llama3_over_chatml": TEMPLATES["llama3"],
+            "literal": LITERAL_TEMPLATE, "auto": TEMPLATES["chatml"].strip()}[name]
+    mk = transformers.AutoTokenizer.from_pretrained(tmp_path / "mk")
+    jx = transformers.AutoTokenizer.from_pretrained(tmp_path / "jx")
+    assert mk.chat_template == want  # the reference itself does what this test says
+    assert jx.chat_template == want
+    for f in ("chat_template.jinja", "tokenizer_config.json", "tokenizer.json"):
+        assert (tmp_path / "jx" / f).read_bytes() == (tmp_path / "mk" / f).read_bytes(), f
+    msgs = [{"role": "user", "content": "hi"}]
+    assert jx.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
+        mk.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def test_builtin_templates_are_mergekits():
+    import importlib.resources
+
+    from mergekit._data import chat_templates as mk_templates
+
+    from jaxarith.arith.chat_templates import TEMPLATES
+
+    files = {p.name[:-len(".jinja")]: p.read_text()
+             for p in importlib.resources.files(mk_templates).iterdir()
+             if p.name.endswith(".jinja")}
+    assert files == TEMPLATES

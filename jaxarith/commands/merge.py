@@ -50,6 +50,7 @@ def handle(args) -> int:
         info = execute(mc.spec, list(mc.models), args.out, to=args.to, dtype=mc.out_dtype,
                        mesh=_common.mesh_from(args), in_memory=args.in_memory,
                        max_shard_size=args.max_shard_size, tokenizer_from=mc.tokenizer_source,
+                       chat_template=mc.chat_template,
                        overwrite=args.overwrite, progress=_common.progress_enabled(args))
     info["method"] = str(mc.spec.method.kind)
     _common.emit(args, info, f"{info['method']}: wrote {info['out']} ({info['executor']}, "
