@@ -495,3 +495,161 @@ def test_builtin_templates_are_mergekits():
              for p in importlib.resources.files(mk_templates).iterdir()
              if p.name.endswith(".jinja")}
     assert files == TEMPLATES
+
+
+def test_method_specs_match_mergekits_registry():
+    """Every method jaxarith lists takes mergekit 0.1.5's parameters with its defaults and
+    input counts (jaxarith's extensions: ``consensus``; ``weight`` defaults to 1 where mergekit
+    requires it; ``int8_mask`` is accepted and ignored)."""
+    from mergekit.merge_methods import registry
+
+    from jaxarith.arith.methods import MERGE_METHODS, describe
+
+    for kind in MERGE_METHODS:
+        ours = describe(kind)
+        spec = registry.get(str(kind)).spec
+        theirs = {p.name: (p.scope.value, p.default) for p in spec.parameters
+                  if p.name != "int8_mask"}
+        mine = {**{k: ("shared", v) for k, v in ours["parameters"].items()},
+                **{k: ("shared", v) for k, v in ours["options"].items() if k != "consensus"},
+                **{k: ("non_base" if ours["base_model"] != "none" else "input", v)
+                   for k, v in ours["model_parameters"].items()}}
+        if str(kind) in ("ties", "task_arithmetic"):
+            theirs.pop("rescale")  # only with an L1 rescale of the magnitude trim: refused here
+        assert set(mine) == set(theirs), kind
+        for k, (scope, default) in theirs.items():
+            required = not isinstance(default, bool | int | float | type(None))
+            want = None if required else default
+            if k == "weight" and required and mine[k][1] == 1.0:
+                continue  # jaxarith's default weight 1
+            assert mine[k] == (scope, want), (kind, k)
+        base = {"required": "required", "optional": "optional", "ignored": "none"}
+        assert ours["base_model"] == base[spec.contract.base.value], kind
+
+
+# ------------------------------------------------------------- mergekit 0.1.5's other methods
+
+
+@pytest.fixture(scope="module")
+def tuned_family(family, tmp_path_factory):
+    """{"B": a random float32 Llama, "F1", "F2", "F3": B plus random float32 task vectors of
+    different sizes}: continuous values, so sorts and top-k sets have no ties."""
+    d = tmp_path_factory.mktemp("mk_tuned")
+    b = _tensors(family["R0"])
+    rng = np.random.default_rng(7)
+    out = {"B": family["R0"]}
+    for i, scale in enumerate((0.004, 0.006, 0.01), start=1):
+        tensors = {k: (v + scale * rng.standard_normal(v.shape)).astype(np.float32)
+                   for k, v in b.items()}
+        out[f"F{i}"] = str(d / f"F{i}")
+        _write_like(family["R0"], out[f"F{i}"], tensors)
+    out["AF"] = str(d / "AF")
+    _write_like(family["R0"], out["AF"], {k: v + _fusion_delta(rng, v.shape)
+                                           for k, v in b.items()})
+    return out
+
+
+def _fusion_delta(rng, shape):
+    """A task vector whose Arcee Fusion mask is far from its threshold (the method compares
+    ``|delta| * KL`` per HF row with quantiles, and the KL of nearby softmaxes is mostly float32
+    rounding: on plain random task vectors a few entries per tensor sit within rounding of the
+    threshold, and mergekit's and any other float32 evaluation then keep different ones).
+
+    Per HF row: 55% of rows unchanged (importance exactly 0: the 25% and 50% quantiles), 30%
+    changed by +-0.004 everywhere (the 75% quantile: their KL is small), 15% by +-0.004 and, in
+    a quarter of their entries, +-0.04 (a KL ~30x larger: all their entries pass 1.5 x that
+    quantile). Computing the KL along the wrong axis would keep other entries. 1-D tensors:
+    unchanged.
+    """
+    if len(shape) < 2:
+        return np.zeros(shape, np.float32)
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    kind = rng.permutation(np.repeat([0, 1, 2], [rows - int(0.3 * rows) - int(0.15 * rows),
+                                                 int(0.3 * rows), int(0.15 * rows)]))
+    d = 0.004 * rng.choice([-1.0, 1.0], (rows, cols)) * (kind[:, None] > 0)
+    big = (kind[:, None] == 2) & (rng.random((rows, cols)) < 0.25)
+    d = np.where(big, 10 * d, d)
+    return d.reshape(shape).astype(np.float32)
+
+
+def _models(*entries):
+    """YAML ``models:`` lines: each entry a name or (name, parameters as YAML flow text)."""
+    lines = ["models:"]
+    for e in entries:
+        name, params = (e, None) if isinstance(e, str) else e
+        lines.append(f"  - model: {{{name}}}")
+        if params:
+            lines.append(f"    parameters: {{{{{params}}}}}")
+    return "\n".join(lines) + "\n"
+
+
+METHOD_CONFIGS = {
+    "nearswap": "merge_method: nearswap\nbase_model: {B}\n" + _models("B", "F1")
+                + "parameters: {{t: [0.002, 0.006]}}\n",
+    "model_stock": "merge_method: model_stock\nbase_model: {B}\n" + _models("F1", "F2", "F3"),
+    "model_stock_filter_wise": "merge_method: model_stock\nbase_model: {B}\n"
+                               + _models("F1", "F2", "F3") + "parameters: {{filter_wise: true}}\n",
+    "breadcrumbs": "merge_method: breadcrumbs\nbase_model: {B}\n"
+                   + _models(("F1", "weight: 0.6, density: 0.7, gamma: 0.05"),
+                             ("F2", "weight: 0.5, density: [0.5, 0.9]"))
+                   + "parameters: {{lambda: 0.8}}\n",
+    "breadcrumbs_ties_rescaled": "merge_method: breadcrumbs_ties\nbase_model: {B}\n"
+                                 + _models(("F1", "weight: 1.0, density: 0.6, gamma: 0.02"),
+                                           ("F2", "weight: 0.7, density: 0.8"),
+                                           ("F3", "weight: 0.4, density: 0.3, gamma: 0.1"))
+                                 + "parameters: {{rescale: true, normalize: true}}\n",
+    "sce": "merge_method: sce\nbase_model: {B}\n" + _models("F1", "F2", "F3"),
+    "sce_topk": "merge_method: sce\nbase_model: {B}\n" + _models("F1", "F2", "F3")
+                + "parameters: {{select_topk: [0.3, 0.7]}}\n",
+    "nuslerp_base": "merge_method: nuslerp\nbase_model: {B}\n"
+                    + _models(("F1", "weight: 0.3"), ("F2", "weight: 0.7")),
+    "nuslerp_rows": "merge_method: nuslerp\n"
+                    + _models(("F1", "weight: [0.2, 0.6]"), ("F3", "weight: 0.5"))
+                    + "parameters: {{nuslerp_flatten: false}}\n",
+    "nuslerp_columns": "merge_method: nuslerp\nbase_model: {B}\n"
+                       + _models(("F2", "weight: 1.0"), ("F3", "weight: 2.0"))
+                       + "parameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}\n",
+    "multislerp": "merge_method: multislerp\n"
+                  + _models(("F1", "weight: 0.2"), ("F2", "weight: 0.5"), ("F3", "weight: 0.3")),
+    "multislerp_base": "merge_method: multislerp\nbase_model: {B}\n"
+                       + _models(("F1", "weight: 1.0"), ("F2", "weight: [1.0, 3.0]"))
+                       + "parameters: {{normalize_weights: true}}\n",
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {B}\n" + _models("B", "AF"),
+}
+
+
+@pytest.fixture(scope="module")
+def method_merged(tuned_family, tmp_path_factory):
+    """{name: (mergekit's dir, jaxarith streamed dir, jaxarith in-memory dir)}."""
+    d = tmp_path_factory.mktemp("mk_methods")
+    out = {}
+    for name, text in METHOD_CONFIGS.items():
+        text = text.format(**tuned_family) + "dtype: float32\n"
+        (d / f"{name}.yaml").write_text(text)
+        _run_mergekit(text, d / f"{name}_mk")
+        assert main(["merge", str(d / f"{name}.yaml"), str(d / f"{name}_jx"), "--json"]) == 0
+        assert main(["merge", str(d / f"{name}.yaml"), str(d / f"{name}_mem"), "--in-memory",
+                     "--json"]) == 0
+        out[name] = tuple(str(d / f"{name}_{s}") for s in ("mk", "jx", "mem"))
+    return out
+
+
+@pytest.mark.parametrize("name", list(METHOD_CONFIGS))
+def test_method_matches_mergekit(tuned_family, method_merged, name, capsys):
+    """Both executors against mergekit 0.1.5's output, every tensor within 1e-5 (float32)."""
+    mk, jx, mem = (_tensors(p) for p in method_merged[name])
+    base = _tensors(tuned_family["B"])
+    capsys.readouterr()
+    assert set(mk) == set(jx) == set(mem)
+    worst, changed = 0.0, 0
+    for k in mk:
+        assert jx[k].dtype == mem[k].dtype == mk[k].dtype == np.float32, k
+        assert np.all(np.isfinite(mk[k])), k
+        for got in (jx[k], mem[k]):
+            diff = float(np.abs(got.astype(np.float64) - mk[k]).max())
+            worst = max(worst, diff)
+            assert diff <= 1e-5, f"{name}: {k}: max |diff| = {diff:.3g}"
+        changed += int(not np.allclose(mk[k], base[k], rtol=0, atol=1e-6))
+    assert changed >= len(mk) // 2, changed  # the merge did something to most tensors
+    with capsys.disabled():
+        print(f"\n{name}: max |jaxarith - mergekit| = {worst:.3g}")

@@ -38,16 +38,15 @@ from typing import Any
 import yaml
 
 from jaxarith.arith import chat_templates
-from jaxarith.arith.methods import Kind, method
+from jaxarith.arith.methods import _BASE_OPTIONAL, MERGE_METHODS, Kind, method, option_names
 from jaxarith.arith.select import MergeSpec, Selection
 from jaxarith.errors import ConfigError
 
 _IGNORED_PARAMS = {"int8_mask"}
-_STATIC_PARAMS = {"normalize", "rescale", "consensus"}
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
              "out_dtype", "tokenizer_source", "include", "exclude", "seed", "name",
              "chat_template", "tokenizer"}
-_METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"}
+_METHODS = {str(k) for k in MERGE_METHODS}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -121,17 +120,20 @@ def parse_merge_config(data: dict) -> MergeConfig:
     if name not in _METHODS:
         raise ConfigError(f"merge_method {name!r}: supported are {sorted(_METHODS)}")
     params = dict(data.get("parameters") or {})
-    options = {k: params.pop(k) for k in list(params) if k in _STATIC_PARAMS}
+    static = option_names(name)
+    options = {k: params.pop(k) for k in list(params) if k in static}
     for k in _IGNORED_PARAMS:
         params.pop(k, None)
     if "consensus" in data:
         options["consensus"] = data["consensus"]
     dtype = data.get("dtype")
+    base = data.get("base_model")
+    base = str(base) if base is not None else None
+    if Kind(name) in _BASE_OPTIONAL:
+        options["base"] = base is not None
     m = method(name, merge_dtype=dtype, **options)
     inputs = _inputs(data)
     ranges = tuple((r, p.pop("__layer_range")) for r, p in inputs if "__layer_range" in p)
-    base = data.get("base_model")
-    base = str(base) if base is not None else None
     if m.has_base or m.kind is Kind.SLERP:
         if base is None:
             raise ConfigError(f"{name}: 'base_model' is required")
