@@ -205,7 +205,7 @@ def sparsify(x: Array, *, method: str | None, k: Array, density: Array, key: Arr
         return l1_rescale(x, kept) if rescale else kept
     if method == "della_magprune":
         probs = della_probs(x, density, epsilon, layout)
-        keep = jax.random.uniform(key, x.shape) < probs
+        keep = jax.random.uniform(key, x.shape, jnp.float32) < probs  # float32 under x64 too
         kept = jnp.where(keep, x, 0.0)
         kept = l1_rescale(x, kept) if rescale else kept
         return jnp.where(density >= 1, x, jnp.where(density <= 0, 0.0, kept))
@@ -537,6 +537,13 @@ def multislerp(xs: Array, weights: Array, *, has_base: bool, normalize_weights: 
     return res + base if has_base else res
 
 
+def _softmax_rows(x: Array) -> Array:
+    """Softmax along the last axis with the denominator summed in the accumulation dtype (the
+    same float32 result on any sharding)."""
+    e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+    return (e / jnp.sum(_acc(e), axis=-1, keepdims=True)).astype(jnp.float32)
+
+
 def arcee_fusion(base: Array, model: Array, layout: Layout = None) -> Array:
     """Arcee Fusion: take the model's change only where it matters most.
 
@@ -547,8 +554,8 @@ def arcee_fusion(base: Array, model: Array, layout: Layout = None) -> Array:
     estimates the quantiles from 10^6 random samples for larger tensors; here they are exact.
     """
     mb, bb = _to_hf(model, layout), _to_hf(base, layout)
-    p = jax.nn.softmax(mb, axis=-1) + 1e-8
-    q = jax.nn.softmax(bb, axis=-1) + 1e-8
+    p = _softmax_rows(mb) + 1e-8
+    q = _softmax_rows(bb) + 1e-8
     kl = jnp.sum(_acc(p * jnp.log(p / q)), axis=-1, keepdims=True).astype(jnp.float32)
     imp = _from_hf(jnp.abs(mb - bb) * kl, base, layout)
     n = imp.size
