@@ -37,13 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from jaxarith import testing
 from jaxarith.commands.generate import _Streamer
 from jaxarith.data.assets import bundled_tokenizer
 from jaxarith.decode.combine import eft, proxy_tuning
 from jaxarith.decode.loop import DecodeSpec, Member, generate
 from jaxarith.decode.speculative import SpeculativeSpec, generate_speculative
 from jaxarith.io.convert import load_hf_params
-from jaxarith.testing import fixtures as testing
 
 SIZES = {  # name: hidden, intermediate, layers, heads, kv heads, vocab
     "16M": (256, 768, 4, 8, 4, 32000),

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from jaxarith.models import transformer
     from jaxarith.models.config import config_from_hf
     from jaxarith.sharding import make_mesh
-    from jaxarith.testing.fixtures import tiny_llama_config
+    from jaxarith.testing import tiny_llama_config
     from train import distill as TD
     from train.metrics import flops_per_token, matmul_params
     from train.step import init_state, next_token_loss_fn, scratch_params

@@ -64,7 +64,7 @@ QUICK = {"tiny-a": (64, 128, 2, 4, 2, 1024), "tiny-b": (128, 256, 2, 4, 2, 2048)
 
 def hf_llama_config(dims, seq_len: int):
     """A ``transformers.LlamaConfig`` (untied, GQA, no biases) for ``dims``."""
-    from jaxarith.testing.fixtures import tiny_llama_config
+    from jaxarith.testing import tiny_llama_config
 
     d, f, n_layers, heads, kv_heads, vocab = dims
     return tiny_llama_config(vocab_size=vocab, hidden_size=d, intermediate_size=f,
@@ -103,7 +103,7 @@ def bench_one(name: str, dims, args, workdir: str) -> dict:
 
     from jaxarith.io.convert.hf import load_hf_params
     from jaxarith.models.transformer import num_params
-    from jaxarith.testing.fixtures import make_hf_model
+    from jaxarith.testing import make_hf_model
 
     hf_cfg = hf_llama_config(dims, args.seq)
     directory = os.path.join(workdir, name)

@@ -45,7 +45,7 @@ SIZES = {  # name: (hidden, intermediate, layers, heads, kv_heads, vocab, expert
 
 
 def hf_config(dims, seq_len: int):
-    from jaxarith.testing.fixtures import tiny_mixtral_config
+    from jaxarith.testing import tiny_mixtral_config
 
     d, f, n_layers, heads, kv, vocab, experts, k = dims
     return tiny_mixtral_config(vocab_size=vocab, hidden_size=d, intermediate_size=f,
@@ -92,7 +92,7 @@ def bench_one(name, dims, args, workdir) -> dict:
 
     from jaxarith.io.convert.hf import load_hf_params
     from jaxarith.models.transformer import next_token_loss, num_params
-    from jaxarith.testing.fixtures import make_hf_model
+    from jaxarith.testing import make_hf_model
     from train import losses
 
     directory = os.path.join(workdir, name)

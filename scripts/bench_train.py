@@ -37,7 +37,7 @@ SIZES = {
 
 
 def hf_config(over: dict, seq_len: int):
-    from jaxarith.testing.fixtures import tiny_llama_config
+    from jaxarith.testing import tiny_llama_config
 
     return tiny_llama_config(max_position_embeddings=max(seq_len, 128), **over)
 

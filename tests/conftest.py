@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from jaxarith import testing  # noqa: E402
-from jaxarith.testing.fixtures import LLAMA3_ROPE  # noqa: E402
+from jaxarith.testing import LLAMA3_ROPE  # noqa: E402
 
 
 def _make(tmp_path_factory, name, hf_config, **kw):

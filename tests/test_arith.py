@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import yaml
 
-from jaxarith import arith
+from jaxarith import arith, testing
 from jaxarith.arith import ops
 from jaxarith.arith.select import MergeSpec
 from jaxarith.cli import main
 from jaxarith.errors import ArchitectureMismatchError
 from jaxarith.io.convert.hf import HFCheckpoint, load_hf_params
 from jaxarith.sharding import make_mesh
-from jaxarith.testing import fixtures as testing
 
 # ----------------------------------------------------------------------------- numpy references
 
@@ -411,9 +410,9 @@ def test_dare_matches_numpy_with_the_same_masks(combine, rescale, consensus):
     rng = np.random.default_rng(4)
     base, m1, m2 = (rand_tree(rng, layers=2) for _ in range(3))
     w, d, lam = [1.0, 0.5], [0.3, 0.6], 0.9
-    out = arith.dare(base, [m1, m2], weights=w, densities=d, lam=lam, combine=combine, seed=11,
-                     rescale=rescale, consensus=consensus)
     normalize = combine == "ties"
+    out = arith.dare(base, [m1, m2], weights=w, densities=d, lam=lam, combine=combine, seed=11,
+                     rescale=rescale, consensus=consensus, normalize=normalize)
     cons = consensus if combine == "ties" else None
     masks = _dare_masks(11, "embed", None, d, base["embed"].shape)
     want = np_dare(base["embed"], [m1["embed"], m2["embed"]], masks, w, d, lam, cons, normalize,

@@ -9,12 +9,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jaxarith import testing
 from jaxarith.average import soups
 from jaxarith.cli import main
 from jaxarith.errors import ArchitectureMismatchError, CheckpointError, ConfigError
 from jaxarith.io.convert.hf import HFCheckpoint, load_hf_params
 from jaxarith.io.convert.orbax import hf_to_orbax
-from jaxarith.testing import fixtures as testing
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 LLAMA = os.path.join(ROOT, "configs", "tiny_llama.yaml")

@@ -14,7 +14,7 @@ from jaxarith.models import transformer
 from jaxarith.models.config import config_from_hf
 from jaxarith.schedules import ScheduleConfig
 from jaxarith.sharding import make_mesh
-from jaxarith.testing.fixtures import tiny_llama_config
+from jaxarith.testing import tiny_llama_config
 from train.checkpoint import Checkpoints
 from train.config import OptimizerConfig, from_dict, to_dict
 from train.step import (

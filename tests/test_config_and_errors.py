@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from jaxarith import testing
 from jaxarith.errors import (
     CheckpointError,
     ConfigError,
@@ -20,7 +21,6 @@ from jaxarith.errors import (
 from jaxarith.io.convert import load_hf_params
 from jaxarith.io.convert.safetensors_io import SafetensorsFile, write_safetensors
 from jaxarith.models import GPT2Config, LlamaConfig, config_from_hf, load_config
-from jaxarith.testing import fixtures as testing
 
 
 @pytest.mark.parametrize("fixture", ["llama_dir", "llama_tied_dir", "gpt2_dir"])

@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import transformers
 
-from jaxarith import sharding
+from jaxarith import sharding, testing
 from jaxarith.errors import CheckpointError, JaxarithError, UnsupportedArchitectureError
 from jaxarith.io.atomic import OutputExistsError
 from jaxarith.io.convert import HFCheckpoint, load_hf_params
 from jaxarith.io.convert.orbax import hf_to_orbax, load_orbax
 from jaxarith.io.convert.route import convert
 from jaxarith.models import abstract_params, load_config
-from jaxarith.testing import fixtures as testing
 
 FIXTURES = ["llama_dir", "llama_tied_dir", "gpt2_dir"]
 

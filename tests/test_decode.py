@@ -15,7 +15,7 @@ from jaxarith.errors import ConfigError
 from jaxarith.io.convert import load_hf_params
 from jaxarith.io.refs import load_tokenizer
 from jaxarith.models import forward
-from jaxarith.testing.fixtures import count_compiles
+from jaxarith.testing import count_compiles
 
 # four rows (divisible by data * fsdp = 4), left-padded to 8 slots (the default prompt bucket)
 PROMPTS = [[5, 6, 7, 8, 9], [11, 12], [20, 21, 22], [40]]

@@ -13,7 +13,7 @@ from jaxarith.models import transformer
 from jaxarith.models.config import config_from_hf
 from jaxarith.schedules import ScheduleConfig
 from jaxarith.sharding import make_mesh
-from jaxarith.testing.fixtures import tiny_gpt2_config, tiny_llama_config
+from jaxarith.testing import tiny_gpt2_config, tiny_llama_config
 from train import distill as TD
 from train.config import OptimizerConfig
 from train.step import build_step, compile_step, init_state, make_optimizer, scratch_params

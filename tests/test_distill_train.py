@@ -44,7 +44,7 @@ def teacher(tmp_path_factory):
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory):
     """An untrained one-layer GPT-2 with the bundled tokenizer's vocabulary (HF directory)."""
-    from jaxarith.testing.fixtures import make_hf_model, tiny_gpt2_config
+    from jaxarith.testing import make_hf_model, tiny_gpt2_config
 
     d = tmp_path_factory.mktemp("random_teacher")
     make_hf_model(d, tiny_gpt2_config(n_layer=1), seed=3, noise=0.5)

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from jaxarith.testing import fixtures as testing
+from jaxarith import testing
 from jaxarith.testing.docs import FIXTURE_NAMES, DocRunner, document_blocks, extract_markdown
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

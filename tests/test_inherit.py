@@ -9,12 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxarith import sharding
+from jaxarith import sharding, testing
 from jaxarith.arith import inherit as inh
 from jaxarith.errors import ConfigError, JaxarithError
 from jaxarith.io.refs import load_model
 from jaxarith.models import config_from_hf, transformer
-from jaxarith.testing import fixtures as testing
 
 # Left-padded batch: positions and masks both matter.
 TOKENS = np.array([[5, 17, 300, 42, 7, 99, 3, 11], [0, 0, 0, 8, 250, 13, 77, 600]], np.int32)

@@ -17,7 +17,7 @@ from jaxarith.errors import ConfigError, JaxarithError  # noqa: E402
 from jaxarith.eval.lmeval import JaxarithLM  # noqa: E402  (registers model="jaxarith")
 from jaxarith.eval.lmeval.run import task_manager  # noqa: E402
 from jaxarith.eval.tasks import TASK_NAMES, TASKS_DIR  # noqa: E402
-from jaxarith.testing.fixtures import count_compiles  # noqa: E402
+from jaxarith.testing import count_compiles  # noqa: E402
 
 # documents per task: enough to exercise every path (ppl docs 1 and 2 are longer than the tiny
 # models' 128-token context: several rolling windows each)

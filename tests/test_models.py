@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from jaxarith import testing
 from jaxarith.errors import ConfigError
 from jaxarith.eval.loss import eval_loss
 from jaxarith.io.convert import load_hf_params
@@ -24,7 +25,6 @@ from jaxarith.models import (
     num_params,
     token_logprobs,
 )
-from jaxarith.testing import fixtures as testing
 
 TOL = 1e-4
 FIXTURES = ["llama_dir", "llama_tied_dir", "gpt2_dir"]

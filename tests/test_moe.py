@@ -13,13 +13,12 @@ import torch
 import transformers
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from jaxarith import sharding
+from jaxarith import sharding, testing
 from jaxarith.decode.loop import DecodeSpec, Member, generate, left_pad
 from jaxarith.errors import ConfigError
 from jaxarith.io.convert import HFCheckpoint, load_hf_params
 from jaxarith.io.convert.route import convert
 from jaxarith.models import config_from_hf, forward, load_config, moe, next_token_loss, param_specs
-from jaxarith.testing import fixtures as testing
 
 E, K = 4, 2
 

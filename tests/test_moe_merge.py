@@ -14,10 +14,9 @@ import torch
 import transformers
 import yaml
 
-from jaxarith import cli
+from jaxarith import cli, testing
 from jaxarith.io.convert import load_hf_params
 from jaxarith.models import forward
-from jaxarith.testing import fixtures as testing
 
 PROMPTS = [
     {"positive_prompts": ["def f(x): return x", "import os"], "negative_prompts": ["the cat"]},

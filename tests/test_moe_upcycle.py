@@ -11,11 +11,10 @@ import numpy as np
 import pytest
 import transformers
 
-from jaxarith import cli
+from jaxarith import cli, testing
 from jaxarith.io.convert import load_hf_params
 from jaxarith.io.refs import load_model
 from jaxarith.models import forward
-from jaxarith.testing import fixtures as testing
 
 
 def _tokens():

@@ -261,7 +261,7 @@ def test_launch_tpu_dry_run_prints_one_command_per_worker():
 @pytest.fixture(scope="module")
 def llama_other(llama_dir, tmp_path_factory):
     """A second model of llama_dir's architecture (other weights), to merge or average with."""
-    from jaxarith.testing import fixtures as testing
+    from jaxarith import testing
 
     d = str(tmp_path_factory.mktemp("llama_other"))
     testing.make_hf_model(d, testing.tiny_llama_config(rope_scaling=testing.LLAMA3_ROPE),

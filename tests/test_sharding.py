@@ -165,7 +165,7 @@ TABLES = {
 
 @pytest.fixture(scope="module")
 def eight_heads_dir(tmp_path_factory):
-    from jaxarith.testing import fixtures as testing
+    from jaxarith import testing
 
     d = tmp_path_factory.mktemp("eight_heads")
     testing.make_hf_model(d, testing.tiny_llama_config(**EIGHT_HEADS), seed=5,

@@ -121,7 +121,7 @@ def test_batch_fields_come_from_the_example():
 def test_eval_honours_loss_weights():
     from jaxarith.models.config import config_from_hf
     from jaxarith.sharding import make_mesh
-    from jaxarith.testing.fixtures import tiny_llama_config
+    from jaxarith.testing import tiny_llama_config
 
     cfg = config_from_hf(tiny_llama_config().to_dict())
     mesh = make_mesh("fsdp=1", jax.devices()[:1])

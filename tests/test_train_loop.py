@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxarith.testing import fixtures as testing
+from jaxarith import testing
 from train import loop
 from train.config import load_train_config
 

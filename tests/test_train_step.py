@@ -11,7 +11,7 @@ from jaxarith.models import transformer
 from jaxarith.models.config import config_from_hf
 from jaxarith.schedules import ScheduleConfig
 from jaxarith.sharding import make_mesh
-from jaxarith.testing.fixtures import tiny_gpt2_config, tiny_llama_config
+from jaxarith.testing import tiny_gpt2_config, tiny_llama_config
 from train.config import OptimizerConfig
 from train.step import (
     build_step,
@@ -151,7 +151,7 @@ def test_loss_weights_and_metrics_interface_against_transformers(llama_dir):
     averaged with those weights (float64 numpy from the HF logits, 1e-5), and extra metrics from
     ``loss_fn`` come back summed over microbatches and divided by the total count."""
     from jaxarith.io.refs import load_model
-    from jaxarith.testing.fixtures import hf_logits
+    from jaxarith.testing import hf_logits
 
     directory, hf = llama_dir
     model = load_model(directory)

@@ -7,9 +7,11 @@ inputs are loaded (onto ``mesh`` if given), run in memory under jit, and saved.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 
+from jaxarith.arith import chat_templates
 from jaxarith.arith.check import check_trees
 from jaxarith.arith.memory import run
 from jaxarith.arith.select import MergeSpec
@@ -32,6 +34,7 @@ def execute(
     in_memory: bool = False,
     max_shard_size: str | int = "5GB",
     tokenizer_from: int = 0,
+    chat_template: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -40,22 +43,41 @@ def execute(
     Args:
       to: ``"hf"`` or ``"orbax"``.
       in_memory: load everything and run under jit even when streaming is possible.
+      tokenizer_from: the input whose tokenizer files the output gets.
+      chat_template: a Jinja template, or ``"auto"`` (see ``chat_templates``), set on that
+        tokenizer as mergekit does (re-serialised by transformers); None: files copied as is.
     """
     if to not in ("hf", "orbax"):
         raise ConfigError(f"--to {to!r}: expected 'hf' or 'orbax'")
     spec.check_inputs(len(refs))
     check_destination(out, overwrite, inputs=refs)  # never replace an input
+    if chat_template is None:
+        return _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size,
+                        tokenizer_from, None, overwrite, progress)
+    template = chat_templates.auto(refs) if chat_template == chat_templates.AUTO else \
+        chat_template
+    with tempfile.TemporaryDirectory(prefix="jaxarith_tokenizer_") as tok_dir:
+        # before any tensor work: a source without a tokenizer fails here
+        chat_templates.stage_tokenizer(chat_templates.ref_dir(refs[tokenizer_from]), template,
+                                       tok_dir)
+        info = _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size,
+                        tokenizer_from, tok_dir, overwrite, progress)
+    return {**info, "chat_template": template}
+
+
+def _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size, tokenizer_from,
+             tokenizer_dir, overwrite, progress) -> dict:
     kinds = [ref_kind(r) for r in refs]
     t0 = time.perf_counter()
     if to == "hf" and not in_memory and RefKind.ORBAX not in kinds:
         info = run_streamed(spec, refs, out, dtype=dtype, max_shard_size=max_shard_size,
-                            tokenizer_from=tokenizer_from, overwrite=overwrite,
-                            progress=progress)
+                            tokenizer_from=tokenizer_from, tokenizer_dir=tokenizer_dir,
+                            overwrite=overwrite, progress=progress)
         return {"executor": "streamed", "out": os.fspath(out), "to": to, **info}
     models = [load_model(r, mesh=mesh, progress=progress) for r in refs]
     check_trees([m.params for m in models], [os.fspath(r) for r in refs])
     cfg = models[0].config
-    tok_dir = models[tokenizer_from].directory
+    tok_dir = tokenizer_dir or models[tokenizer_from].directory
     trees = [m.params for m in models]
     del models
     result = run(spec, cfg, trees, dtype=dtype)

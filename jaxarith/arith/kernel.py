@@ -16,7 +16,7 @@ from jaxarith.arith.ops import Layout
 
 NO_LAYER = np.uint32(0xFFFFFFFF)  # folded into the key of tensors outside the layers
 # Parameters that are not float32: keep counts, and TIES thresholds found on the host.
-_PARAM_DTYPES = {"k": jnp.int32, "thr": jnp.uint32, "cut": jnp.int32}
+_PARAM_DTYPES = {"k": jnp.int32, "k_lo": jnp.int32, "thr": jnp.uint32, "cut": jnp.int32}
 
 
 def tensor_key(path_seed: jax.Array, layer: jax.Array) -> jax.Array:

@@ -18,6 +18,11 @@ SLERP is usually written with ``slices`` (one slice whose sources cover all laye
 ``parameters: {t: ...}``; ``t = 0`` is ``base_model``. jaxarith extensions: ``include`` /
 ``exclude`` (lists of tensor patterns), ``seed`` (DARE), ``consensus`` (``sum`` / ``count``).
 
+``chat_template`` (``auto``, a built-in name or a Jinja template) is set on the output's tokenizer
+as mergekit does (``chat_templates.py``); ``tokenizer_source`` names the model whose tokenizer
+the output gets. mergekit's ``tokenizer:`` section and ``tokenizer_source: union`` build new
+vocabularies, which jaxarith does not: they are refused with a ConfigError.
+
 Dtypes, as in mergekit: every input is rounded to ``dtype`` before the arithmetic and the result
 is written in ``out_dtype``, falling back to ``dtype`` (neither given: each tensor keeps the first
 input's dtype). The arithmetic itself is always float32 (mergekit's TIES/DARE run in ``dtype``).
@@ -32,16 +37,16 @@ from typing import Any
 
 import yaml
 
-from jaxarith.arith.methods import Kind, method
+from jaxarith.arith import chat_templates
+from jaxarith.arith.methods import _BASE_OPTIONAL, MERGE_METHODS, Kind, method, option_names
 from jaxarith.arith.select import MergeSpec, Selection
 from jaxarith.errors import ConfigError
 
 _IGNORED_PARAMS = {"int8_mask"}
-_STATIC_PARAMS = {"normalize", "rescale", "consensus"}
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
              "out_dtype", "tokenizer_source", "include", "exclude", "seed", "name",
              "chat_template", "tokenizer"}
-_METHODS = {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"}
+_METHODS = {str(k) for k in MERGE_METHODS}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,6 +57,7 @@ class MergeConfig:
     models: tuple[str, ...]
     out_dtype: str | None = None
     tokenizer_source: int = 0  # index into models
+    chat_template: str | None = None  # the template text, or "auto" (chat_templates.parse)
     layer_ranges: tuple[tuple[str, tuple[int, int]], ...] = ()  # (model, range) from `slices`
 
     def check_layer_ranges(self, num_layers: int) -> None:
@@ -114,17 +120,20 @@ def parse_merge_config(data: dict) -> MergeConfig:
     if name not in _METHODS:
         raise ConfigError(f"merge_method {name!r}: supported are {sorted(_METHODS)}")
     params = dict(data.get("parameters") or {})
-    options = {k: params.pop(k) for k in list(params) if k in _STATIC_PARAMS}
+    static = option_names(name)
+    options = {k: params.pop(k) for k in list(params) if k in static}
     for k in _IGNORED_PARAMS:
         params.pop(k, None)
     if "consensus" in data:
         options["consensus"] = data["consensus"]
     dtype = data.get("dtype")
+    base = data.get("base_model")
+    base = str(base) if base is not None else None
+    if Kind(name) in _BASE_OPTIONAL:
+        options["base"] = base is not None
     m = method(name, merge_dtype=dtype, **options)
     inputs = _inputs(data)
     ranges = tuple((r, p.pop("__layer_range")) for r, p in inputs if "__layer_range" in p)
-    base = data.get("base_model")
-    base = str(base) if base is not None else None
     if m.has_base or m.kind is Kind.SLERP:
         if base is None:
             raise ConfigError(f"{name}: 'base_model' is required")
@@ -154,6 +163,14 @@ def parse_merge_config(data: dict) -> MergeConfig:
                                          exclude=tuple(data.get("exclude") or ())),
                      seed=int(data.get("seed", 0)))
     spec.check_inputs(len(refs))
+    if data.get("tokenizer") is not None:
+        raise ConfigError("tokenizer: mergekit's tokenizer section (source: union/base/model, "
+                          "tokens: overrides) is not supported: jaxarith merges models that "
+                          "share one vocabulary; remove it (the tokenizer is the base model's, or "
+                          "tokenizer_source's)")
+    chat_template = data.get("chat_template")
+    if chat_template is not None:
+        chat_template = chat_templates.parse(chat_template)
     tok = data.get("tokenizer_source")
     tok_index = 0
     if isinstance(tok, str) and tok not in ("base", "union"):
@@ -163,9 +180,13 @@ def parse_merge_config(data: dict) -> MergeConfig:
     elif tok == "union":
         raise ConfigError("tokenizer_source: union is not supported (models must share a "
                           "vocabulary)")
+    elif tok is not None and not isinstance(tok, str):
+        raise ConfigError(f"tokenizer_source: expected 'base' or one of the merged models, got "
+                          f"{tok!r}")
     out_dtype = data.get("out_dtype") or dtype
     return MergeConfig(spec=spec, models=tuple(refs), out_dtype=out_dtype,
-                       tokenizer_source=tok_index, layer_ranges=ranges)
+                       tokenizer_source=tok_index, chat_template=chat_template,
+                       layer_ranges=ranges)
 
 
 def load_merge_config(path: str | os.PathLike) -> MergeConfig:

@@ -71,8 +71,10 @@ def _unrolled_sum(terms: list[Array]) -> Array:
 def keep_count(density: float, numel: int) -> int:
     """How many entries a magnitude trim at ``density`` keeps: ``max(1, int(density * numel))``.
 
-    ``density >= 1`` keeps all, ``density <= 0`` none (mergekit's rule). Computed on the host in
-    float64 so both executors agree on the count exactly.
+    ``density >= 1`` keeps all, ``density <= 0`` none (mergekit's rule). Computed on the host
+    from the config's Python float (never a float32 copy: ``float32(0.7) < 0.7``, so
+    ``int(float32(0.7) * 30720) = 21503`` where mergekit keeps 21504), so both executors and
+    mergekit agree on the count exactly.
     """
     if density >= 1:
         return numel
@@ -176,10 +178,18 @@ def random_mask(key: Array, density: Array, shape: tuple[int, ...]) -> Array:
 
 def sparsify(x: Array, *, method: str | None, k: Array, density: Array, key: Array,
              rescale: bool, layout: Layout = None, thr: Array | None = None,
-             cut: Array | None = None) -> Array:
+             cut: Array | None = None, k_lo: Array | None = None,
+             epsilon: Array | None = None) -> Array:
     """Trim one task vector: ``"magnitude"`` (TIES: keep the top ``k``) or ``"random"`` (DARE:
     keep each entry with probability ``density``, rescaled by ``1 / density`` = ``1 / (1 - p)``
-    when ``rescale``); ``None`` returns ``x``. ``thr``, ``cut``: see :func:`magnitude_mask`."""
+    when ``rescale``); ``None`` returns ``x``. ``thr``, ``cut``: see :func:`magnitude_mask`.
+
+    mergekit 0.1.5's others, rescaled to the task vector's L1 norm when ``rescale``
+    (:func:`l1_rescale`): ``"magnitude_outliers"`` (Model Breadcrumbs: the top ``k`` but not
+    the top ``k_lo``, see :func:`outlier_counts`) and ``"della_magprune"`` (DELLA: keep with the
+    rank-dependent probability of :func:`della_probs`, ``epsilon`` around ``density``; density
+    ``>= 1`` keeps all, ``<= 0`` none).
+    """
     if method is None:
         return x
     if method == "magnitude":
@@ -189,6 +199,16 @@ def sparsify(x: Array, *, method: str | None, k: Array, density: Array, key: Arr
         if rescale:
             kept = kept / jnp.where(density > 0, density, 1.0)
         return kept
+    if method == "magnitude_outliers":
+        keep = magnitude_mask(x, k, layout) & ~magnitude_mask(x, k_lo, layout)
+        kept = jnp.where(keep, x, 0.0)
+        return l1_rescale(x, kept) if rescale else kept
+    if method == "della_magprune":
+        probs = della_probs(x, density, epsilon, layout)
+        keep = jax.random.uniform(key, x.shape, jnp.float32) < probs  # float32 under x64 too
+        kept = jnp.where(keep, x, 0.0)
+        kept = l1_rescale(x, kept) if rescale else kept
+        return jnp.where(density >= 1, x, jnp.where(density <= 0, 0.0, kept))
     raise ValueError(f"unknown sparsification {method!r}")
 
 
@@ -224,6 +244,8 @@ def task_merge(
     layout: Layout = None,
     thrs: Array | None = None,
     cuts: Array | None = None,
+    k_los: Array | None = None,
+    epsilons: Array | None = None,
 ) -> Array:
     """Generalised task arithmetic: ``base + lam * merge_i(w_i * trim(models_i - base))``.
 
@@ -237,6 +259,8 @@ def task_merge(
         (entries kept by a magnitude trim, see :func:`keep_count`); keys: ``[M, 2]`` PRNG keys.
       thrs, cuts: ``[M]`` uint32 magnitude thresholds of the trims and int32 tie cuts when
         already known (:func:`host_threshold`); None: :func:`magnitude_mask` finds them.
+      k_los, epsilons: ``[M]`` Model Breadcrumbs' outlier counts, DELLA's epsilons (see
+        :func:`sparsify`).
     Returns:
       The merged tensor ``[*S]``. With consensus, an entry where no model agrees with the elected
       sign gets divisor 1 (so a zero update); without, ``|sum w| < 1e-8`` divides by 1.
@@ -246,11 +270,13 @@ def task_merge(
     thrs = jnp.zeros(ks.shape, jnp.uint32) if thrs is None else thrs
     cut = cuts is not None and known
     cuts = jnp.zeros(ks.shape, jnp.int32) if cuts is None else cuts
+    k_los = jnp.zeros(ks.shape, jnp.int32) if k_los is None else k_los
+    epsilons = jnp.zeros(ks.shape, jnp.float32) if epsilons is None else epsilons
     tvs = jax.vmap(
-        lambda m, k, d, key, t, c: sparsify(m - base, method=sparsification, k=k, density=d,
-                                            key=key, rescale=rescale, layout=layout,
-                                            thr=t if known else None, cut=c if cut else None)
-    )(models, ks, densities, keys, thrs, cuts) * w  # [M, *S]
+        lambda m, k, d, key, t, c, kl, e: sparsify(
+            m - base, method=sparsification, k=k, density=d, key=key, rescale=rescale,
+            layout=layout, thr=t if known else None, cut=c if cut else None, k_lo=kl, epsilon=e)
+    )(models, ks, densities, keys, thrs, cuts, k_los, epsilons) * w  # [M, *S]
     m = tvs.shape[0]
     if consensus is not None:
         agree = sign_consensus(tvs, consensus)
@@ -292,3 +318,249 @@ def slerp(a: Array, b: Array, t: Array, dot_threshold: float = 0.9995,
     ca = jnp.where(parallel, 1 - t, jnp.sin((1 - t) * theta) / sin_theta)
     cb = jnp.where(parallel, t, jnp.sin(t * theta) / sin_theta)
     return ca * a + cb * b
+
+
+# --------------------------------------------------------------- mergekit 0.1.5's other methods
+# Each follows mergekit 0.1.5's formula for one HF tensor (``mergekit/merge_methods/*.py``,
+# ``mergekit/sparsify.py``). Where mergekit reduces along a row it is an HF row (``dim=-1`` of
+# ``[out, in]``; a 1-D tensor is one row): ``layout`` says where HF's rows run in the canonical
+# tensor. Sums over a whole tensor or row are accumulated in float64 when the executor enables
+# x64 (``Method.wants_x64``): float32 products are exact there and the order of the sum then
+# (almost) never changes the float32 result, so both executors agree on any sharding.
+
+
+def _acc(x: Array) -> Array:
+    return x.astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+
+
+def _to_hf(x: Array, layout: Layout) -> Array:
+    """``x`` as HF's ``[rows, cols]`` matrix (a 1-D tensor: one row)."""
+    if x.ndim <= 1:
+        return x.reshape(1, -1)
+    m, transposed = _as_matrix(x, layout)
+    return m.T if transposed else m
+
+
+def _from_hf(m: Array, like: Array, layout: Layout) -> Array:
+    """Inverse of :func:`_to_hf`."""
+    if like.ndim <= 1:
+        return m.reshape(like.shape)
+    _, transposed = _as_matrix(like, layout)
+    return (m.T if transposed else m).reshape(like.shape)
+
+
+def nearswap(a: Array, b: Array, t: Array) -> Array:
+    """NearSwap: move ``a`` towards ``b`` where they are already close.
+
+    ``w = clip(t / max(|a - b|, 1e-6), 0, 1)``, result ``w b + (1 - w) a``: entries closer than
+    ``t`` become ``b``, farther ones keep ``a`` in proportion to the distance.
+    """
+    w = jnp.clip(t / jnp.maximum(jnp.abs(a - b), 1e-6), 0.0, 1.0)
+    return w * b + (1 - w) * a
+
+
+def model_stock(base: Array, models: Array, filter_wise: bool = False,
+                layout: Layout = None) -> Array:
+    """Model Stock: interpolate between ``base`` and the models' mean by their offsets' angle.
+
+    With ``cos`` the mean pairwise cosine of the offsets ``models_i - base`` (per tensor, or per
+    HF row with ``filter_wise``) and ``N`` models, ``t = N cos / (1 + (N - 1) cos)`` and the
+    result is ``t mean(models) + (1 - t) base``; where ``|1 + (N - 1) cos| < 1e-6``, ``t = 0``
+    (the base). Norm products are clamped below at 1e-6, cosines to ``[-1, 1]``.
+
+    Args:
+      base: ``[*S]``; models: ``[N, *S]``, N >= 2.
+    """
+    n = models.shape[0]
+    if filter_wise:
+        w0, ws = _to_hf(base, layout), [_to_hf(m, layout) for m in models]  # [R, C]
+        red = lambda x: jnp.sum(x, axis=-1)  # noqa: E731
+    else:
+        w0, ws = base.reshape(-1), [m.reshape(-1) for m in models]
+        red = jnp.sum
+    offs = [_acc(w - w0) for w in ws]
+    cos = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            norms = jnp.sqrt(red(offs[i] * offs[i])) * jnp.sqrt(red(offs[j] * offs[j]))
+            cos.append(jnp.clip(red(offs[i] * offs[j]) / jnp.maximum(norms, 1e-6), -1.0, 1.0))
+    c = _unrolled_sum(cos) / len(cos)
+    den = 1 + (n - 1) * c
+    singular = jnp.abs(den) < 1e-6
+    t = jnp.where(singular, 0.0, n * c / jnp.where(singular, 1.0, den)).astype(jnp.float32)
+    if filter_wise:
+        t = t[:, None]
+    avg = _unrolled_sum(ws) / n
+    out = t * avg + (1 - t) * w0
+    return _from_hf(out, base, layout) if filter_wise else out.reshape(base.shape)
+
+
+def outlier_counts(density: float, gamma: float, numel: int) -> tuple[int, int]:
+    """Model Breadcrumbs' trim as two magnitude counts ``(k_hi, k_lo)``: keep the ``k_hi``
+    largest ``|x|`` but not the ``k_lo`` largest.
+
+    mergekit 0.1.5 (``magnitude_outliers``): ``target = int(density n)`` entries kept, the
+    ``int(gamma n)`` largest dropped first, fewer of them when both would not fit;
+    ``density >= 1`` keeps everything. From the config's Python floats, like :func:`keep_count`.
+    """
+    if density >= 1:
+        return numel, 0
+    target = int(density * numel)
+    n_bot = max(0, numel - target - int(gamma * numel))
+    return max(0, numel - n_bot), max(0, numel - n_bot - target)
+
+
+def l1_rescale(x: Array, kept: Array, eps: float = 1e-7) -> Array:
+    """``kept`` (a masked ``x``) scaled to ``x``'s L1 norm, unless either norm is below ``eps``
+    (mergekit's ``rescaled_masked_tensor`` with ``norm=l1``)."""
+    before, after = jnp.sum(jnp.abs(_acc(x))), jnp.sum(jnp.abs(_acc(kept)))
+    ok = (before >= eps) & (after >= eps)
+    scale = jnp.where(ok, before / jnp.where(ok, after, 1.0), 1.0).astype(jnp.float32)
+    return kept * scale
+
+
+def della_probs(x: Array, density: Array, epsilon: Array, layout: Layout = None) -> Array:
+    """DELLA's keep probabilities: per HF row, ``density - epsilon`` for the smallest ``|x|``
+    rising linearly with the magnitude's rank to ``density + epsilon`` for the largest."""
+    m = jnp.abs(_to_hf(x, layout))  # [R, C]
+    rank = jnp.argsort(jnp.argsort(m, axis=-1), axis=-1).astype(jnp.float32)  # 0..C-1
+    cols = m.shape[-1]
+    rank_norm = jnp.clip(rank / (cols - 1), 0.0, 1.0) if cols > 1 else jnp.full_like(m, jnp.nan)
+    return _from_hf((density - epsilon) + rank_norm * 2 * epsilon, x, layout)
+
+
+def sce(base: Array, models: Array, select_topk: Array, layout: Layout = None) -> Array:
+    """SCE: select the entries where the models vary most, weight the models by their task
+    vectors' mean square, merge the entries agreeing with the elected sign.
+
+    ``tvs = models - base``; if ``select_topk < 1`` only the ``int(nnz(var) * select_topk)``
+    entries of largest variance across models stay (the count in float32, as mergekit's torch
+    scalar arithmetic); model weights ``mean(tv_i^2) / sum_j mean(tv_j^2)`` (uniform if that sum
+    is below 1e-6); result ``base + sum_i w_i agree_i tv_i / max(sum_i w_i agree_i, 1e-6)``.
+    """
+    tvs = models - base  # [M, *S]
+    m = tvs.shape[0]
+    mean = _unrolled_sum(list(tvs)) / m
+    var = _unrolled_sum([(tv - mean) ** 2 for tv in tvs]) / m
+    nnz = jnp.sum(var != 0, dtype=jnp.int32)
+    k = jnp.floor(nnz.astype(jnp.float32) * select_topk).astype(jnp.int32)
+    keep = jnp.where(select_topk >= 1, True,
+                     magnitude_mask(var, jnp.where(select_topk <= 0, 0, k), layout))
+    tvs = jnp.where(keep, tvs, 0.0)
+    agree = sign_consensus(tvs, "sum")
+    sq = jnp.stack([jnp.sum(_acc(tv) * _acc(tv)) / tv.size for tv in tvs])
+    total = jnp.sum(sq)
+    w = jnp.where(jnp.abs(total) < 1e-6, 1.0 / m, sq / jnp.where(total == 0, 1.0, total))
+    w = w.astype(jnp.float32)
+    ew = [jnp.where(agree[i], w[i], 0.0) for i in range(m)]
+    merged = _unrolled_sum([tvs[i] * ew[i] for i in range(m)])
+    return base + merged / jnp.maximum(_unrolled_sum(ew), 1e-6)
+
+
+def _normalize_rows(x: Array, eps: float = 1e-7) -> Array:
+    n = jnp.sqrt(jnp.sum(_acc(x) * _acc(x), axis=-1, keepdims=True))
+    return (_acc(x) / jnp.maximum(n, eps))
+
+
+def nuslerp_pair(t: Array, v0: Array, v1: Array, *, flatten: bool, row_wise: bool,
+                 layout: Layout = None, eps: float = 1e-8) -> Array:
+    """mergekit's ``nuslerp``: SLERP of ``v0`` and ``v1`` as whole vectors (``flatten``), per HF
+    column (``row_wise``: along HF's first axis) or per HF row; lerp where colinear
+    (``1 - cos^2 <= eps^2``). ``t = 0`` gives ``v0``."""
+    row_wise = row_wise and v0.ndim > 1  # mergekit's transpose(0, -1) of a vector: itself
+    if flatten:
+        a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    else:
+        a, b = _to_hf(v0, layout), _to_hf(v1, layout)
+        if row_wise:
+            a, b = a.T, b.T
+    cos = jnp.clip(jnp.sum(_normalize_rows(a) * _normalize_rows(b), axis=-1, keepdims=True),
+                   -1.0, 1.0).astype(jnp.float32)
+    colinear = (1 - cos * cos) <= eps ** 2
+    theta = jnp.arccos(jnp.where(colinear, 0.0, cos))
+    sin_theta = jnp.where(colinear, 1.0, jnp.sin(theta))
+    out = (jnp.sin((1 - t) * theta) * a + jnp.sin(t * theta) * b) / sin_theta
+    out = jnp.where(colinear, (1 - t) * a + t * b, out)
+    if flatten:
+        return out.reshape(v0.shape)
+    return _from_hf(out.T if row_wise else out, v0, layout)
+
+
+def nuslerp(xs: Array, weights: Array, *, has_base: bool, flatten: bool, row_wise: bool,
+            layout: Layout = None) -> Array:
+    """NuSLERP of two models (``xs [2, *S]``, or ``[3, *S]`` with a base first: their task
+    vectors are slerped and added to it) at ``t = w_1 / (w_0 + w_1)`` (0.5 when that sum is below
+    1e-6 in magnitude)."""
+    total = weights[0] + weights[1]
+    t = jnp.where(jnp.abs(total) < 1e-6, 0.5, weights[1] / jnp.where(total == 0, 1.0, total))
+    kw = dict(flatten=flatten, row_wise=row_wise, layout=layout)
+    if has_base:
+        return xs[0] + nuslerp_pair(t, xs[1] - xs[0], xs[2] - xs[0], **kw)
+    return nuslerp_pair(t, xs[0], xs[1], **kw)
+
+
+def multislerp(xs: Array, weights: Array, *, has_base: bool, normalize_weights: bool = True,
+               eps: float = 1e-8) -> Array:
+    """Multi-SLERP: barycentric interpolation on the hypersphere (mergekit's ``multislerp``).
+
+    The models (their task vectors when ``has_base``: ``xs[0]`` is the base) are projected to the
+    unit sphere, averaged with ``weights`` (normalised to sum 1 when asked), the mean is
+    normalised, the points are projected to its tangent space, averaged there, mapped back with
+    the exponential map and scaled by the weighted mean of the norms. One model: itself. A mean
+    of norm below ``eps``: two models are lerped (an error for more, as in mergekit, is here a
+    NaN result).
+    """
+    base = xs[0] if has_base else None
+    ms = xs[1:] if has_base else xs
+    if ms.shape[0] == 1:
+        return ms[0]
+    vs = [(m - base) if has_base else m for m in ms]
+    w = weights / jnp.sum(weights) if normalize_weights else weights
+    flat = [_acc(v.reshape(-1)) for v in vs]
+    norms = [jnp.sqrt(jnp.sum(f * f)) for f in flat]
+    units = [f / (n + eps) for f, n in zip(flat, norms, strict=True)]
+    mean = _unrolled_sum([u * w[i] for i, u in enumerate(units)])
+    mean_norm = jnp.sqrt(jnp.sum(mean * mean))
+    degenerate = mean_norm < eps
+    mean = mean / jnp.where(degenerate, 1.0, mean_norm)
+    tangents = [u - jnp.sum(u * mean) * mean for u in units]
+    tangent = _unrolled_sum([tg * w[i] for i, tg in enumerate(tangents)])
+    tn = jnp.sqrt(jnp.sum(tangent * tangent)) + eps
+    res = mean * jnp.cos(tn) + tangent * (jnp.sin(tn) / tn)
+    avg_norm = _unrolled_sum([n * w[i] for i, n in enumerate(norms)])
+    res = (res * avg_norm).astype(jnp.float32).reshape(ms.shape[1:])
+    if len(vs) == 2:
+        fallback = vs[0] * w[0] + vs[1] * w[1]
+    else:
+        fallback = jnp.full(res.shape, jnp.nan, jnp.float32)
+    res = jnp.where(degenerate, fallback, res)
+    return res + base if has_base else res
+
+
+def _softmax_rows(x: Array) -> Array:
+    """Softmax along the last axis with the denominator summed in the accumulation dtype (the
+    same float32 result on any sharding)."""
+    e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+    return (e / jnp.sum(_acc(e), axis=-1, keepdims=True)).astype(jnp.float32)
+
+
+def arcee_fusion(base: Array, model: Array, layout: Layout = None) -> Array:
+    """Arcee Fusion: take the model's change only where it matters most.
+
+    Importance ``|model - base| * KL(softmax(model) || softmax(base))`` (the KL per HF row, both
+    softmaxes plus 1e-8); entries with importance at least ``median + 1.5 (q3 - q1)`` of the
+    tensor's importances (quantiles as ``sorted[int(q (n - 1))]``, ``q`` and the product in
+    float32 as mergekit's torch does) take the model's value, the others the base's. mergekit
+    estimates the quantiles from 10^6 random samples for larger tensors; here they are exact.
+    """
+    mb, bb = _to_hf(model, layout), _to_hf(base, layout)
+    p = _softmax_rows(mb) + 1e-8
+    q = _softmax_rows(bb) + 1e-8
+    kl = jnp.sum(_acc(p * jnp.log(p / q)), axis=-1, keepdims=True).astype(jnp.float32)
+    imp = _from_hf(jnp.abs(mb - bb) * kl, base, layout)
+    n = imp.size
+    srt = jnp.sort(imp.reshape(-1))
+    idx = [int(np.float32(qq) * np.float32(n - 1)) for qq in (0.25, 0.5, 0.75)]
+    q1, med, q3 = srt[idx[0]], srt[idx[1]], srt[idx[2]]
+    thr = med + 1.5 * (q3 - q1)
+    return base + (model - base) * (imp >= thr).astype(jnp.float32)

@@ -149,6 +149,12 @@ class MergeSpec:
         if self.per_model and len(self.per_model) != m:
             raise ConfigError(f"{self.method.kind}: {len(self.per_model)} per-model parameter "
                               f"sets for {m} weighted models")
+        for name, default in self.method.per_model_params.items():
+            sets = self.per_model or ({},) * m
+            missing = [i for i, s in enumerate(sets) if default is None and name not in s]
+            if missing:
+                raise ConfigError(f"{self.method.kind}: parameter {name!r} is required for "
+                                  f"every model (missing for model(s) {missing})")
 
     def tensor_params(self, names: Sequence[str], layer: int | None, num_layers: int,
                       numel: int, n_inputs: int) -> tuple[dict[str, np.ndarray], bool]:
@@ -166,12 +172,29 @@ class MergeSpec:
         if per:
             m = self.method.num_weighted(n_inputs)
             sets = self.per_model or ({},) * m
+            values = {}
             for k, d in per.items():
-                p[k] = np.array([resolve(s.get(k, d), names, t, f"model {i}: {k}")
-                                 for i, s in enumerate(sets)], np.float32)
-            if "density" in per:
-                p["k"] = np.array([ops.keep_count(float(d), numel) for d in p["density"]],
-                                  np.int32)
+                if d is None and any(k not in s for s in sets):
+                    raise ConfigError(f"{self.method.kind}: parameter {k!r} is required for "
+                                      "every model")
+                values[k] = [resolve(s.get(k, d), names, t, f"model {i}: {k}")
+                             for i, s in enumerate(sets)]
+                p[k] = np.array(values[k], np.float32)
+            if "density" in values:
+                # Counts from the YAML's Python floats, as mergekit takes them: float32(0.7) is
+                # below 0.7, so int(float32(0.7) * 30720) = 21503, not 21504.
+                dens = values["density"]
+                if "gamma" in values:
+                    hi_lo = [ops.outlier_counts(d, g, numel)
+                             for d, g in zip(dens, values["gamma"], strict=True)]
+                    p["k"] = np.array([h for h, _ in hi_lo], np.int32)
+                    p["k_lo"] = np.array([lo for _, lo in hi_lo], np.int32)
+                else:
+                    p["k"] = np.array([ops.keep_count(v, numel) for v in dens], np.int32)
+                for i, (d, e) in enumerate(zip(dens, values.get("epsilon", ()), strict=False)):
+                    if 0 < d < 1 and (d + e >= 1 or d - e <= 0):
+                        raise ConfigError(f"{self.method.kind}: model {i}: tensor {names[-1]}: "
+                                          f"density {d} +- epsilon {e} must lie in (0, 1)")
         return p, self.selection(names)
 
 

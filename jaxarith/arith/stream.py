@@ -86,6 +86,7 @@ def run_streamed(
     dtype=None,
     max_shard_size: str | int = "5GB",
     tokenizer_from: int | None = 0,
+    tokenizer_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
@@ -97,6 +98,8 @@ def run_streamed(
       dtype: output dtype (default: the first input's per tensor; float32 for ``delta``).
       max_shard_size: split output safetensors files at this size.
       tokenizer_from: copy tokenizer files from this input (None: none).
+      tokenizer_dir: copy tokenizer files from this directory instead (e.g. a tokenizer given
+        a chat template).
     Returns:
       {"tensors", "files", "bytes_read", "bytes_written", "seconds"}.
     Raises:
@@ -119,7 +122,8 @@ def run_streamed(
     bar = tqdm(total=len(items), desc=str(spec.method.kind), unit="tensor",
                disable=not progress, leave=False)
     results = _results(spec, items, specs, ckpts, names, L, stats, bar)
-    tok_dir = ckpts[tokenizer_from].directory if tokenizer_from is not None else None
+    tok_dir = tokenizer_dir or (ckpts[tokenizer_from].directory if tokenizer_from is not None
+                                else None)
     info = write_hf(cfg, dst, specs, results, max_shard_size=max_shard_size,
                     tokenizer_dir=tok_dir, overwrite=overwrite, progress=False,
                     host_only=True)  # files in, files out: other processes read nothing
