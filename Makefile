@@ -11,7 +11,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,tpu]'
 	touch $(STAMP)
 
 demo: $(STAMP)  ## the main job: the delta-transplant experiment on the embedded default (CPU)

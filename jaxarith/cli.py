@@ -58,9 +58,21 @@ def _add_distributed(p: argparse.ArgumentParser) -> None:
         distributed.add_arguments(p)
 
 
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """``parse_args``, except that ``KEY=VALUE`` overrides may also follow the options (``plan
+    CONFIG --topology v5p-8 batch=64``), for the subcommands that take ``overrides``."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_with_overrides(build_parser(), argv)
     except KeyboardInterrupt:  # Ctrl-C while the commands (and jax) are imported
         print("jaxarith: interrupted (Ctrl-C)", file=sys.stderr)
         return 130

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from jaxarith import distributed
+from jaxarith import cli, distributed
 from jaxarith.commands import _common
 from jaxarith.distributed import add_arguments as add_distributed
 from jaxarith.errors import ConfigError
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    args = p.parse_args(argv)
+    args = cli.parse_with_overrides(p, argv)
     args.command = "train"
     args.handler = handle
 

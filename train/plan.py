@@ -163,9 +163,8 @@ def state_bytes(fns) -> dict[str, int]:
     """Per-chip bytes of each part of the train state and of the batch."""
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          fns.abstract_state, fns.state_shardings)
-    batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                        sharding=fns.batch_sharding),
-                         fns.abstract_batch)
+    batch = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         fns.abstract_batch, fns.batch_sharding)
     return {"params": chip_bytes(state.params), "optimizer": chip_bytes(state.opt_state),
             "average": chip_bytes(state.average), "frozen": chip_bytes(state.frozen),
             "batch": chip_bytes(batch)}

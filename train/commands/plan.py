@@ -35,7 +35,7 @@ def register(sub) -> None:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def report(args, result: dict) -> int:
