@@ -119,3 +119,21 @@ def test_compile_only_needs_a_topology(capsys):
 
     assert main([TINY, "--compile-only", "--json"]) == 2
     assert "--topology" in json.loads(capsys.readouterr().out)["error"]
+
+
+@needs_libtpu
+def test_a_70b_llama_on_v5e_16_is_refused_in_one_line(capsys):
+    """Llama-3.1-70B's shapes (80 layers, 8192 wide, GQA 64/8, 128256 vocabulary): about 70.6B
+    parameters, 12 bytes each over 16 chips of 16 GiB cannot fit, whatever the activations."""
+    shape = ["model.config.hidden_size=8192", "model.config.intermediate_size=28672",
+             "model.config.num_hidden_layers=80", "model.config.num_attention_heads=64",
+             "model.config.num_key_value_heads=8", "model.config.head_dim=128",
+             "model.config.vocab_size=128256", "model.config.max_position_embeddings=8192",
+             "data.seq_len=2048", "batch=16", "mesh=fsdp=16", "model.compute_dtype=bfloat16",
+             "model.remat=true"]
+    code, res = _plan(capsys, TINY, "--topology", "v5e-16", *shape)
+    assert code == 3 and res["fits"] is False and res["chips"] == 16
+    line = res["error"]
+    assert "\n" not in line and "GiB per chip" in line and "v5e chip" in line, line
+    need = float(line.split("needs ")[1].split(" GiB")[0])
+    assert 70e9 * 12 / 16 / 2**30 < need < 72e9 * 16 / 16 / 2**30  # + the average's copy
