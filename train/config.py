@@ -24,6 +24,7 @@ from jaxarith.average.averagers import AverageConfig, NoAverage
 from jaxarith.data.sources import DataConfig, SourceConfig
 from jaxarith.errors import ConfigError
 from jaxarith.models import check_config_keys
+from jaxarith.models.kernels import IMPLEMENTATIONS
 from jaxarith.models.registry import FAMILIES
 from jaxarith.schedules import ScheduleConfig
 from train.distill import DistillSection
@@ -51,6 +52,8 @@ class ModelSection:
       tokenizer: ``bundled`` (the bundled 1024-token BPE) or a directory; default: ``ref``'s.
       compute_dtype: float32 | bfloat16 (master weights stay float32).
       remat: recompute block activations in the backward pass.
+      attention: auto | xla | splash | cudnn (:mod:`jaxarith.models.kernels`): ``auto`` is
+        splash on a TPU (when seq_len is a multiple of 128), cuDNN on a GPU, XLA elsewhere.
     """
 
     ref: str = ""
@@ -59,6 +62,7 @@ class ModelSection:
     tokenizer: str = ""
     compute_dtype: str = "float32"
     remat: bool = False
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.ref and self.arch:  # neither: checked with `init` in TrainConfig
@@ -71,6 +75,9 @@ class ModelSection:
         if self.arch:  # typos in model.config are errors naming the key, before any work
 
             check_config_keys(self.arch, self.config, "model.config")
+        if self.attention not in IMPLEMENTATIONS:
+            raise ConfigError(f"model.attention={self.attention!r}: expected one of "
+                              f"{', '.join(IMPLEMENTATIONS)}")
         if self.compute_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.compute_dtype={self.compute_dtype!r}: expected float32 "
                               "or bfloat16")

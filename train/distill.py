@@ -142,7 +142,7 @@ def cache_batch_fields(k: int) -> dict:
 def make_loss_fn(student_cfg: ModelConfig, opts: D.DistillLoss, *,
                  teacher_cfg: ModelConfig | None = None, cached: bool = False,
                  vocab_size: int | None = None, dtype=jnp.float32,
-                 teacher_dtype=jnp.float32, remat: bool = False):
+                 teacher_dtype=jnp.float32, remat: bool = False, attention: str = "xla"):
     """``loss_fn(params, frozen, batch) -> (loss_sum, count, metrics)`` for the train step.
 
     The student's logits at positions ``0..T-2`` predict tokens ``1..T-1``; the teacher's
@@ -161,7 +161,8 @@ def make_loss_fn(student_cfg: ModelConfig, opts: D.DistillLoss, *,
 
     def loss_fn(params, frozen, batch):
         tokens = batch["tokens"]
-        logits, _, _ = transformer.forward(params, student_cfg, tokens, dtype=dtype, remat=remat)
+        logits, _, _ = transformer.forward(params, student_cfg, tokens, dtype=dtype, remat=remat,
+                                           attention=attention)
         weight = jnp.ones(tokens[:, 1:].shape, jnp.float32)
         if batch.get("weights") is not None:
             weight = weight * batch["weights"][:, 1:].astype(jnp.float32)
@@ -171,7 +172,7 @@ def make_loss_fn(student_cfg: ModelConfig, opts: D.DistillLoss, *,
         else:
             t_params = jax.lax.stop_gradient(frozen[NAME])
             t_logits, _, _ = transformer.forward(t_params, teacher_cfg, tokens,
-                                              dtype=teacher_dtype)
+                                                 dtype=teacher_dtype, attention=attention)
             teacher = jax.lax.stop_gradient(t_logits[:, :-1])
         return D.total_sums(logits[:, :-1], teacher, tokens[:, 1:], weight, opts, vocab_size)
 

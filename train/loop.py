@@ -38,7 +38,7 @@ from jaxarith.errors import CheckpointError, ConfigError, JaxarithError
 from jaxarith.io import refs
 from jaxarith.io.atomic import check_destination, claim_dir
 from jaxarith.io.refs import load_model, load_tokenizer
-from jaxarith.models import transformer
+from jaxarith.models import kernels, transformer
 from jaxarith.models.config import ModelConfig, config_from_hf, load_config
 from jaxarith.sharding import make_mesh, set_strict_sharding
 from train import metrics as metrics_lib
@@ -166,15 +166,18 @@ def _tree_key(abstract) -> tuple:
 
 @functools.lru_cache(maxsize=4)
 def compiled_step(model_cfg, mesh, optimizer, schedule, batch, seq_len, microbatches, average,
-                  skip_nonfinite, compute_dtype, remat, loss=None, fields=None, frozen=None):
+                  skip_nonfinite, compute_dtype, remat, loss=None, fields=None, frozen=None,
+                  attention="xla"):
     """Build and AOT-compile the train step (cached in-process by every input that shapes it,
     so a resumed or repeated run in the same process does not compile again).
 
     Args:
       loss: None (next-token NLL) or a :class:`Keyed` whose value is the extension's loss
-        factory ``(model_cfg, dtype=, remat=) -> loss_fn`` and whose key says what shapes it.
+        factory ``(model_cfg, dtype=, remat=, attention=) -> loss_fn`` and whose key says what
+        shapes it.
       fields: the batch fields as a tuple of ``(name, (trailing, dtype))`` (None: tokens only).
       frozen: None or a :class:`Keyed` of the abstract frozen tree (key: its shapes/shardings).
+      attention: the resolved attention kernel (:func:`jaxarith.models.kernels.resolve`).
     Returns:
       (StepFns, compiled step, info) with ``info`` holding XLA's flops, memory analysis and
       ``compile_s``.
@@ -186,7 +189,7 @@ def compiled_step(model_cfg, mesh, optimizer, schedule, batch, seq_len, microbat
     frozen_shd = None if frozen is None else jax.tree.map(lambda x: x.sharding, abstract_frozen)
     fns = build_step(model_cfg, mesh, tx=make_optimizer(optimizer, sched), schedule=sched,
                      batch=batch, seq_len=seq_len, microbatches=microbatches,
-                     loss_fn=make_loss(model_cfg, dtype=dtype, remat=remat),
+                     loss_fn=make_loss(model_cfg, dtype=dtype, remat=remat, attention=attention),
                      average=average.in_step(), skip_nonfinite=skip_nonfinite,
                      frozen=abstract_frozen, frozen_shardings=frozen_shd,
                      batch_fields=None if fields is None else dict(fields))
@@ -207,7 +210,8 @@ def run_step(cfg: TrainConfig, model_cfg: ModelConfig, mesh, loss_ext: Extension
         cfg.model.compute_dtype, cfg.model.remat,
         None if loss_ext is None else Keyed((loss_ext.name, loss_ext.loss_key), loss_ext.loss),
         None if fields == TOKENS_ONLY else tuple(sorted(fields.items())),
-        Keyed(_tree_key(abstract_frozen), abstract_frozen) if abstract_frozen else None)
+        Keyed(_tree_key(abstract_frozen), abstract_frozen) if abstract_frozen else None,
+        kernels.resolve(cfg.model.attention, mesh, cfg.data.seq_len))
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -33,7 +33,7 @@ class MoESection:
 
 
 def moe_loss_fn(cfg, *, dtype=jnp.float32, remat: bool = False,
-                aux_coef: float | None = None, z_coef: float = 0.0):
+                aux_coef: float | None = None, z_coef: float = 0.0, attention: str = "xla"):
     """The training loss of a mixture-of-experts model in train/step.py's interface.
 
     ``loss_sum = nll + count * (aux_coef * aux + z_coef * z)`` where ``aux`` is
@@ -53,7 +53,8 @@ def moe_loss_fn(cfg, *, dtype=jnp.float32, remat: bool = False,
         tokens = batch["tokens"]
         mask = jnp.ones(tokens.shape, bool)
         logits, _, router = transformer.forward(params, cfg, tokens, attention_mask=mask,
-                                                dtype=dtype, remat=remat)
+                                                dtype=dtype, remat=remat,
+                                                attention=attention)
         nll, count = transformer.nll_from_logits(logits, tokens, mask, batch.get("weights"))
         aux = moe.load_balancing_loss(router, k, mask)
         z = moe.router_z_loss(router, mask)

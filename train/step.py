@@ -95,23 +95,24 @@ def make_optimizer(opt, schedule: optax.Schedule) -> optax.GradientTransformatio
 
 
 def next_token_loss_fn(cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = False,
-                       fused: bool = True) -> LossFn:
+                       fused: bool = True, attention: str = "xla") -> LossFn:
     """The default loss: summed next-token NLL, its token count and no extra metrics.
 
     Honours an optional ``batch["weights"]`` (``[b, T]`` loss weights of target tokens). A
     routed family (Mixtral) gets NLL plus its router losses (:func:`train.losses.moe_loss_fn`).
     ``fused`` (default): the output head and the cross-entropy run fused and chunked
     (:mod:`jaxarith.models.fused_ce`; the ``[b, T, V]`` logits are never held); False: through
-    the full logits, as evaluation does.
+    the full logits, as evaluation does. ``attention``: see
+    :func:`jaxarith.models.transformer.forward`.
     """
     if transformer.family(cfg).routed:
-        return losses.moe_loss_fn(cfg, dtype=dtype, remat=remat)
+        return losses.moe_loss_fn(cfg, dtype=dtype, remat=remat, attention=attention)
 
     def loss(params, frozen, batch):
         del frozen
         nll, count = transformer.next_token_loss(params, cfg, batch["tokens"],
                                                  weights=batch.get("weights"), dtype=dtype,
-                                                 remat=remat, fused=fused)
+                                                 remat=remat, fused=fused, attention=attention)
         return nll, count, {}
 
     return loss

@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxarith import sharding
 from jaxarith.errors import ConfigError
+from jaxarith.models import kernels
 from jaxarith.models.family import BlockContext, Family, Inputs, ModelConfig, ParamSpec
 from jaxarith.models.fused_ce import linear_cross_entropy
 from jaxarith.models.layers import (
@@ -200,6 +201,8 @@ def forward(
     dtype=jnp.float32,
     remat: bool = False,
     hidden_only: bool = False,
+    attention: str = "xla",
+    segment_ids: jax.Array | None = None,
 ) -> ForwardOutput:
     """Logits [B, T, V] (float32) of ``tokens`` [B, T], the updated cache if one is given, and
     what the family's blocks return besides the activations (a block may return ``(x, aux)``,
@@ -221,6 +224,13 @@ def forward(
       remat: recompute each block's activations in the backward pass.
       hidden_only: return the last block's output [B, T, D] (before the final norm and the
         output head) in place of the logits.
+      attention: the cache-free causal attention: ``xla`` (blocked, the reference), or a
+        kernel of :mod:`jaxarith.models.kernels` (``splash``, ``splash-interpret``, ``cudnn``;
+        resolved from ``auto`` by :func:`jaxarith.models.kernels.resolve`). With a cache or a
+        [B, T, T] mask the XLA path is always used.
+      segment_ids: [B, T] int32 for a kernel: a token attends only to earlier tokens of its
+        segment (packed documents). Default: from a [B, T] ``attention_mask`` with padding
+        (padding a segment of its own), else none.
     """
     fam = family(cfg)
     check_token_ids(tokens, cfg.vocab_size)
@@ -244,7 +254,11 @@ def forward(
         q_slots = cache.index + jnp.arange(t)
         key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
     attn_mask = attention_mask.astype(bool) if full else make_attention_mask(q_slots, key_valid)
-    if cache is None:  # keys are the queries' own positions: skip blocks above the diagonal
+    if cache is None and not full and attention != "xla":
+        if segment_ids is None and attention_mask is not None:
+            segment_ids = mask.astype(jnp.int32)
+        attn_fn = kernels.attention_fn(attention, segment_ids)
+    elif cache is None:  # keys are the queries' own positions: skip blocks above the diagonal
         attn_fn = functools.partial(attend_causal, mask=attn_mask)
     else:
         attn_fn = functools.partial(attend, mask=attn_mask)
@@ -351,6 +365,7 @@ def next_token_loss(
     dtype=jnp.float32,
     remat: bool = False,
     fused: bool = False,
+    attention: str = "xla",
 ) -> tuple[jax.Array, jax.Array]:
     """Summed negative log-likelihood of next tokens and the number of predicted tokens.
 
@@ -371,7 +386,7 @@ def next_token_loss(
     fam = family(cfg)
     if fused and fam.head is not None:
         x, _, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat,
-                       hidden_only=True)
+                          hidden_only=True, attention=attention)
         h, w, vocab_major = fam.head(cfg, params, x)
         weight = target_weights(mask, weights)
         # position t predicts token t + 1; the last position predicts nothing (weight 0)
@@ -379,7 +394,8 @@ def next_token_loss(
         weight = jnp.concatenate([weight, jnp.zeros_like(weight[:, :1])], axis=1)
         return linear_cross_entropy(h, w, targets, weight, vocab_major=vocab_major), \
             jnp.sum(weight)
-    logits, _, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat)
+    logits, _, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat,
+                           attention=attention)
     return nll_from_logits(logits, tokens, mask, weights)
 
 

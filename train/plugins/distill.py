@@ -32,13 +32,13 @@ def extension(cfg) -> Extension | None:
                               f"the teacher's top {cache.k}; set top_k to {cache.k} or 0")
         opts = sec.opts(top_k=cache.k)
 
-        def loss(model_cfg, *, dtype=jnp.float32, remat=False):
+        def loss(model_cfg, *, dtype=jnp.float32, remat=False, attention="xla"):
             if cache.manifest["vocab_size"] > model_cfg.vocab_size:
                 raise ConfigError(f"distill.cache {cache.path}: built for a vocabulary of "
                                   f"{cache.manifest['vocab_size']}, the student has "
                                   f"{model_cfg.vocab_size}")
             return TD.make_loss_fn(model_cfg, opts, cached=True, vocab_size=vocab, dtype=dtype,
-                                   remat=remat)
+                                   remat=remat, attention=attention)
 
         def dataset(cfg_, sources, ds):
             return distill_cache.join(ds, cache, sources, tokenizer, cfg_.data.seq_len)
@@ -57,10 +57,10 @@ def extension(cfg) -> Extension | None:
         return TD.load_teacher(sec.teacher, t_cfg, mesh, sec.teacher_dtype,
                                progress=cfg_.log.progress)
 
-    def loss(model_cfg, *, dtype=jnp.float32, remat=False):
+    def loss(model_cfg, *, dtype=jnp.float32, remat=False, attention="xla"):
         TD.check_vocab(model_cfg, t_cfg, sec.teacher, vocab, sec.top_k)
         return TD.make_loss_fn(model_cfg, opts, teacher_cfg=t_cfg, vocab_size=vocab, dtype=dtype,
-                               teacher_dtype=t_dtype, remat=remat)
+                               teacher_dtype=t_dtype, remat=remat, attention=attention)
 
     def abstract_frozen(cfg_, model_cfg, mesh):
         TD.check_vocab(model_cfg, t_cfg, sec.teacher, vocab, sec.top_k)

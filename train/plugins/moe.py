@@ -29,11 +29,11 @@ def extension(cfg) -> Extension | None:
     if not sec.enabled:
         return None
 
-    def loss(model_cfg, *, dtype=jnp.float32, remat=False):
+    def loss(model_cfg, *, dtype=jnp.float32, remat=False, attention="xla"):
         if not hasattr(model_cfg, "num_local_experts"):
             raise ConfigError(f"moe: the section needs a mixture-of-experts model, the model is "
                               f"a dense {model_cfg.model_type}")
-        return losses.moe_loss_fn(model_cfg, dtype=dtype, remat=remat,
+        return losses.moe_loss_fn(model_cfg, dtype=dtype, remat=remat, attention=attention,
                               aux_coef=sec.aux_loss_coef, z_coef=sec.z_loss)
 
     return Extension(name="moe", loss=loss, loss_key=sec)
