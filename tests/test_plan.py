@@ -137,3 +137,14 @@ def test_a_70b_llama_on_v5e_16_is_refused_in_one_line(capsys):
     assert "\n" not in line and "GiB per chip" in line and "v5e chip" in line, line
     need = float(line.split("needs ")[1].split(" GiB")[0])
     assert 70e9 * 12 / 16 / 2**30 < need < 72e9 * 16 / 16 / 2**30  # + the average's copy
+
+
+@needs_libtpu
+def test_splash_attention_compiles_for_a_tpu_slice(capsys):
+    """The Mosaic kernel compiled by the TPU compiler inside shard_map (auto picks it on TPU)."""
+    code, res = _plan(capsys, TINY, "--topology", "v5e-4", "batch=8", "mesh=fsdp=2,tensor=2")
+    assert code == 0 and res["attention"] == "splash" and res["fits"]
+    code, xla = _plan(capsys, TINY, "--topology", "v5e-4", "batch=8", "mesh=fsdp=2,tensor=2",
+                      "model.attention=xla")
+    assert code == 0 and xla["attention"] == "xla"
+    assert res["per_chip_bytes"]["params"] == xla["per_chip_bytes"]["params"]

@@ -38,6 +38,7 @@ import numpy as np
 from jaxarith.data.sources import SourceKind
 from jaxarith.errors import ConfigError, JaxarithError
 from jaxarith.io import refs
+from jaxarith.models import kernels
 from jaxarith.models.config import ModelConfig, config_from_hf
 from jaxarith.models.transformer import abstract_params, param_shardings
 from jaxarith.sharding import make_mesh, set_strict_sharding
@@ -271,6 +272,7 @@ def plan_train(cfg: TrainConfig, sl: Slice, *, extensions: list[Extension] | Non
         "mesh": {a: int(mesh.shape[a]) for a in mesh.axis_names},
         "batch": cfg.batch, "seq_len": cfg.data.seq_len, "microbatches": cfg.microbatches,
         "remat": cfg.model.remat, "compute_dtype": cfg.model.compute_dtype,
+        "attention": kernels.resolve(cfg.model.attention, mesh, cfg.data.seq_len),
         "model_type": model_cfg.model_type, "jax": jax.__version__, "libtpu": libtpu_version(),
         "largest": max(("params", "optimizer", "average", "frozen", "batch", "temp"),
                        key=lambda k: per_chip[k]),

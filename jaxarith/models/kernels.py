@@ -68,7 +68,6 @@ def _block(t: int) -> int:
     raise ConfigError(f"splash attention needs a sequence length divisible by 128, got {t}")
 
 
-@functools.lru_cache(maxsize=16)
 def _splash_kernel(t: int, groups: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -77,9 +76,8 @@ def _splash_kernel(t: int, groups: int, interpret: bool):
     sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                           block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
     mask = sm.MultiHeadMask([sm.CausalMask((t, t))] * groups)
-    # concrete mask metadata even when first built inside a trace: the kernel is cached
-    with jax.ensure_compile_time_eval():
-        return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    # built per trace, not cached: its mask metadata are arrays of the trace that builds it
+    return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
 def _splash_local(q, k, v, segment_ids, scale, *, interpret: bool):
