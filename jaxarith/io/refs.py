@@ -79,7 +79,10 @@ def resolve(ref: str | os.PathLike) -> Ref:
 
 
 def load_config(ref: str | os.PathLike) -> ModelConfig:
-    """The model config of any model reference (no weights are read)."""
+    """The model config of any model reference (no weights are read; from the hub, only
+    ``config.json`` is downloaded)."""
+    if ref_kind(ref) is RefKind.HF_HUB:
+        return config_lib.load_config(resolve_hf_dir(ref, patterns=["config.json"]))
     return config_lib.load_config(resolve(ref).dir)
 
 

@@ -37,8 +37,9 @@ SINGLE_FILE = "model.safetensors"
 HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
 
-def resolve_hf_dir(ref: str | os.PathLike) -> str:
-    """A local directory for an HF model reference: the directory itself, or a hub snapshot."""
+def resolve_hf_dir(ref: str | os.PathLike, patterns: list[str] | None = None) -> str:
+    """A local directory for an HF model reference: the directory itself, or a hub snapshot
+    (of the files matching ``patterns``; default: config, tokenizer and weights)."""
     ref = os.fspath(ref)
     if os.path.isdir(ref):
         return ref
@@ -47,7 +48,7 @@ def resolve_hf_dir(ref: str | os.PathLike) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(ref, allow_patterns=HF_ALLOW_PATTERNS)
+        return snapshot_download(ref, allow_patterns=patterns or HF_ALLOW_PATTERNS)
     except Exception as e:  # network, auth, unknown repo: say which reference failed
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise JaxarithError(
