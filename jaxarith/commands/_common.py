@@ -22,6 +22,14 @@ def add_model_output(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
 
 
+def add_allow_nonfinite(p: argparse.ArgumentParser) -> None:
+    """``--allow-nonfinite`` (every command): read checkpoints holding NaN/Inf weights, and
+    write outputs that do, instead of refusing them (:mod:`jaxarith.finite`)."""
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="accept NaN/Inf weights in inputs and outputs (default: refused, "
+                        "naming the tensor)")
+
+
 def add_combination(p: argparse.ArgumentParser) -> None:
     """The logit-arithmetic flags shared by ``generate`` and ``lm-eval``: proxy tuning
     (``--expert/--anti-expert/--alpha``) or emulated fine-tuning (``--eft TUNED REF --beta``)."""
@@ -132,7 +140,9 @@ def run(args) -> int:
     """
     from jaxarith import distributed
     from jaxarith.atomic import terminate_as_exception
+    from jaxarith.finite import set_allow_nonfinite
 
+    set_allow_nonfinite(getattr(args, "allow_nonfinite", False))
     try:
         with terminate_as_exception():
             # join a multi-process run (--coordinator / --distributed) before any other JAX call

@@ -1,0 +1,108 @@
+"""Bad input that used to pass (issue 32): each case fails cleanly with one line, exit 2."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from jaxarith.cli import main
+from jaxarith.convert.safetensors_io import SafetensorsFile, write_safetensors
+from jaxarith.finite import allow_nonfinite
+
+DOWN = "model.layers.1.mlp.down_proj.weight"
+
+
+def _one_line(capsys, code, match) -> str:
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert "Traceback" not in err
+    res = json.loads(out)  # --json: exactly one object
+    assert set(res) == {"error", "type"}, res
+    assert all(m in res["error"] for m in ([match] if isinstance(match, str) else match)), res
+    return res["error"]
+
+
+def _copy_with(src: str, dst, edit) -> str:
+    """Copy an HF dir whose single safetensors file is rewritten by ``edit(dict)``."""
+    shutil.copytree(src, dst)
+    st = SafetensorsFile(os.path.join(src, "model.safetensors"))
+    tensors = edit({k: st.get(k) for k in st.keys()})
+    os.remove(os.path.join(dst, "model.safetensors"))
+    write_safetensors(os.path.join(dst, "model.safetensors"),
+                      [(k, v.shape, v.dtype) for k, v in tensors.items()], tensors.values())
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def nan_model(llama_tied_dir, tmp_path_factory):
+    """The tiny tied Llama with one NaN and one Inf in layer 1's mlp.down_proj."""
+    def edit(t):
+        x = t[DOWN].copy()
+        x[3, 5] = np.nan
+        x[10, 0] = np.inf
+        return {**t, DOWN: x}
+
+    with allow_nonfinite():
+        return _copy_with(llama_tied_dir[0], tmp_path_factory.mktemp("nan") / "m", edit)
+
+
+NONFINITE = [DOWN, "2 non-finite value(s)", "first at index [3, 5]", "--allow-nonfinite"]
+
+
+def _merge_yaml(tmp_path, base, other, **extra) -> str:
+    text = (f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+            f"  - model: {other}\n    parameters: {{weight: {extra.get('weight', 1.0)}}}\n")
+    text += "".join(f"{k}: {v}\n" for k, v in extra.items() if k != "weight")
+    path = tmp_path / "m.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval-loss", "{nan}", "--text", "{text}"],
+    ["generate", "{nan}", "--prompt", "def", "--max-new-tokens", "2", "--greedy"],
+    ["convert", "{nan}", "{out}"],
+    ["convert", "{nan}", "{out}", "--to", "hf"],
+    ["delta", "extract", "{nan}", "{clean}", "{out}"],
+    ["delta", "norms", "{clean}", "{nan}"],
+    ["average", "{clean}", "{nan}", "{out}"],
+    ["inherit", "{nan}", "{out}", "--layers", "first:2"],
+    ["merge", "{yaml}", "{out}"],
+], ids=lambda a: " ".join(a[:2]))
+def test_nonfinite_weights_are_refused_naming_the_tensor(argv, nan_model, llama_tied_dir,
+                                                         tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 4)
+    fmt = dict(nan=nan_model, clean=llama_tied_dir[0], out=str(tmp_path / "out"), text=str(text),
+               yaml=_merge_yaml(tmp_path, llama_tied_dir[0], nan_model))
+    code = main([a.format(**fmt) for a in argv] + ["--json"])
+    _one_line(capsys, code, NONFINITE)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_allow_nonfinite_reads_them_and_orbax_restores_are_checked(nan_model, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 4)
+    assert main(["eval-loss", nan_model, "--text", str(text), "--json",
+                 "--allow-nonfinite"]) == 0
+    assert np.isnan(json.loads(capsys.readouterr()[0])["loss"])
+    orbax = str(tmp_path / "o")
+    assert main(["convert", nan_model, orbax, "--json", "--allow-nonfinite"]) == 0
+    capsys.readouterr()
+    code = main(["eval-loss", orbax, "--text", str(text), "--json"])
+    err = _one_line(capsys, code, ["layers/mlp/down", "2 non-finite value(s)"])
+    assert orbax in err
+
+
+def test_a_merge_that_overflows_says_where(llama_tied_dir, tmp_path, capsys):
+    """Finite inputs, a float16 output that cannot hold the result: refused, nothing written."""
+    clean = llama_tied_dir[0]
+    other = _copy_with(clean, tmp_path / "other",
+                       lambda t: {k: v + np.float32(1e-3) for k, v in t.items()})
+    yaml_path = _merge_yaml(tmp_path, clean, other, weight=1e9, out_dtype="float16")
+    code = main(["merge", yaml_path, str(tmp_path / "out"), "--json"])
+    _one_line(capsys, code, ["the result for tensor", "non-finite value(s)", "overflowed"])
+    assert not os.path.exists(tmp_path / "out")
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
