@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -106,3 +107,61 @@ def test_a_merge_that_overflows_says_where(llama_tied_dir, tmp_path, capsys):
     _one_line(capsys, code, ["the result for tensor", "non-finite value(s)", "overflowed"])
     assert not os.path.exists(tmp_path / "out")
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+# ----------------------------------------------------------------- 2. nonsense merge parameters
+
+
+def _ties(**params) -> dict:
+    p = {"weight": 1.0, "density": 0.5, **params}
+    return {"merge_method": "ties", "base_model": "./base",
+            "models": [{"model": "./a", "parameters": p}, {"model": "./b"}]}
+
+
+@pytest.mark.parametrize("data,match", [
+    (_ties(density=-0.1), "./a: density -0.1 is outside (0, 1]"),
+    (_ties(density=1.5), "./a: density 1.5 is outside (0, 1]"),
+    (_ties(density=0), "density 0.0 is outside (0, 1]"),
+    (_ties(density=[0.5, 1.2]), "density 1.2 is outside"),
+    (_ties(density=[{"filter": "mlp", "value": -1}, {"value": 0.5}]), "density -1.0 is outside"),
+    (_ties(weight="abc"), "./a: weight: expected a number"),
+    (_ties(weight=True), "./a: weight: expected a number"),
+    (_ties(weight=float("nan")), "weight: nan is not a finite number"),
+    (_ties(weight=[{"filter": "mlp", "value": 1, "valeu": 2}]), "weight: expected a number"),
+    ({**_ties(), "parameters": {"normalize": "yes"}}, "normalize: expected true or false"),
+    ({**_ties(), "parameters": {"lambda": "x"}}, "lambda: expected a number"),
+    ({**_ties(), "seed": "x"}, "seed: expected an integer"),
+    ({**_ties(), "parameters": [1, 2]}, "parameters: expected a mapping"),
+])
+def test_nonsense_merge_parameters_are_refused(data, match):
+    from jaxarith.arith.mergeconfig import parse_merge_config
+    from jaxarith.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        parse_merge_config(data)
+
+
+@pytest.mark.parametrize("method,weights,extra,match", [
+    ("linear", [0, 0], "", "every weight is 0"),
+    ("linear", [1, -1], "", "sum to 0 for tensor"),
+    ("linear", [[1, 0], [-1, 0]], "parameters: {normalize: false}\n", "every weight is 0 for "
+     "tensor model.layers.1"),
+    ("ties", [1, -1], "base_model: BASE\n", "sum to 0 for tensor"),
+])
+def test_merge_weights_that_cannot_be_used_are_refused(method, weights, extra, match,
+                                                       llama_tied_dir, tmp_path, capsys):
+    clean = llama_tied_dir[0]
+    other = str(tmp_path / "other")
+    shutil.copytree(clean, other)
+    models = "".join(f"  - model: {m}\n    parameters: {{weight: {w}}}\n"
+                     for m, w in zip([clean, other], weights, strict=True))
+    if method == "ties":  # base, then two task models
+        models = "".join(f"  - model: {m}\n    parameters: {{weight: {w}, density: 0.5}}\n"
+                         for m, w in zip([other, other + "2"], weights, strict=True))
+        shutil.copytree(clean, other + "2")
+    path = tmp_path / "m.yaml"
+    extra = extra.replace("BASE", clean)
+    path.write_text(f"merge_method: {method}\n{extra}models:\n{models}")
+    code = main(["merge", str(path), str(tmp_path / "out"), "--json"])
+    _one_line(capsys, code, match)
+    assert not os.path.exists(tmp_path / "out")

@@ -14,8 +14,24 @@ from jaxarith.arith.check import check_trees
 from jaxarith.arith.memory import run
 from jaxarith.arith.select import MergeSpec
 from jaxarith.arith.stream import run_streamed
+from jaxarith.arith.validate import check_settings, check_weights
 from jaxarith.atomic import check_destination
 from jaxarith.errors import ConfigError
+
+
+def _check_params(spec: MergeSpec, refs: Sequence[str], kinds) -> None:
+    """Settings type- and range-checked, weights resolved for every tensor of the first
+    model's architecture, before any tensor is read (:mod:`jaxarith.arith.validate`)."""
+    from jaxarith.convert.hf import resolve_hf_dir
+    from jaxarith.models.config import load_config
+    from jaxarith.refs import RefKind
+
+    check_settings(spec)
+    if "weight" not in spec.method.per_model_params:
+        return
+    first = refs[0] if kinds[0] is RefKind.ORBAX else resolve_hf_dir(refs[0])
+    weighted = [os.fspath(r) for r in refs[len(refs) - spec.method.num_weighted(len(refs)):]]
+    check_weights(spec, load_config(first), len(refs), labels=weighted)
 
 
 def execute(
@@ -45,6 +61,7 @@ def execute(
     spec.check_inputs(len(refs))
     check_destination(out, overwrite, inputs=refs)  # never replace an input
     kinds = [ref_kind(r) for r in refs]
+    _check_params(spec, refs, kinds)
     t0 = time.perf_counter()
     if to == "hf" and not in_memory and RefKind.ORBAX not in kinds:
         info = run_streamed(spec, refs, out, dtype=dtype, max_shard_size=max_shard_size,

@@ -34,6 +34,7 @@ import yaml
 
 from jaxarith.arith.methods import Kind, method
 from jaxarith.arith.select import MergeSpec, Selection
+from jaxarith.arith.validate import check_settings, short
 from jaxarith.errors import ConfigError
 
 _IGNORED_PARAMS = {"int8_mask"}
@@ -71,8 +72,12 @@ def _model_ref(entry: Any, where: str) -> tuple[str, dict]:
     if isinstance(entry, str):
         return entry, {}
     if not isinstance(entry, dict) or "model" not in entry:
-        raise ConfigError(f"{where}: expected {{model: ..., parameters: ...}}, got {entry!r}")
-    return str(entry["model"]), dict(entry.get("parameters") or {})
+        raise ConfigError(f"{where}: expected {{model: ..., parameters: ...}}, got "
+                          f"{short(entry)}")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: parameters: expected a mapping, got {short(params)}")
+    return str(entry["model"]), dict(params)
 
 
 def _inputs(cfg: dict) -> list[tuple[str, dict]]:
@@ -109,16 +114,34 @@ def parse_merge_config(data: dict) -> MergeConfig:
         raise ConfigError("merge config: expected a mapping at the top level")
     unknown = set(data) - _TOP_KEYS
     if unknown:
-        raise ConfigError(f"merge config: unknown field(s) {sorted(unknown)}")
+        raise ConfigError(f"merge config: unknown field(s) {short(sorted(map(str, unknown)))}")
     name = data.get("merge_method")
-    if name not in _METHODS:
-        raise ConfigError(f"merge_method {name!r}: supported are {sorted(_METHODS)}")
-    params = dict(data.get("parameters") or {})
+    if not isinstance(name, str) or name not in _METHODS:
+        raise ConfigError(f"merge_method {short(name)}: supported are {sorted(_METHODS)}")
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"parameters: expected a mapping, got {short(params)}")
+    params = dict(params)
     options = {k: params.pop(k) for k in list(params) if k in _STATIC_PARAMS}
     for k in _IGNORED_PARAMS:
-        params.pop(k, None)
+        if not isinstance(params.pop(k, False), bool):
+            raise ConfigError(f"parameters: {k}: expected true or false")
     if "consensus" in data:
         options["consensus"] = data["consensus"]
+    for k in ("normalize", "rescale"):  # mergekit's types: booleans, not strings or numbers
+        if k in options and not isinstance(options[k], bool):
+            raise ConfigError(f"parameters: {k}: expected true or false, got {short(options[k])}")
+    if "consensus" in options and not isinstance(options["consensus"], str):
+        raise ConfigError("consensus: expected 'sum' or 'count', got "
+                          f"{short(options['consensus'])}")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"seed: expected an integer, got {short(seed)}")
+    for k in ("include", "exclude"):
+        v = data.get(k) or ()
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list | tuple) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(f"{k}: expected a list of tensor name patterns, got {short(v)}")
     dtype = data.get("dtype")
     m = method(name, merge_dtype=dtype, **options)
     inputs = _inputs(data)
@@ -152,8 +175,9 @@ def parse_merge_config(data: dict) -> MergeConfig:
     spec = MergeSpec(method=m, shared=shared, per_model=per_model,
                      selection=Selection(include=tuple(data.get("include") or ()),
                                          exclude=tuple(data.get("exclude") or ())),
-                     seed=int(data.get("seed", 0)))
+                     seed=seed)
     spec.check_inputs(len(refs))
+    check_settings(spec, labels=list(refs[len(refs) - len(model_params):]))
     tok = data.get("tokenizer_source")
     tok_index = 0
     if isinstance(tok, str) and tok not in ("base", "union"):
