@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -165,3 +166,62 @@ def test_merge_weights_that_cannot_be_used_are_refused(method, weights, extra, m
     code = main(["merge", str(path), str(tmp_path / "out"), "--json"])
     _one_line(capsys, code, match)
     assert not os.path.exists(tmp_path / "out")
+
+
+# ----------------------------------------------------------------- 3. YAML bombs
+
+
+def _bomb(levels: int = 7) -> str:
+    """Nested aliases: ``levels`` lines of ten aliases each stand for 10**levels floats."""
+    lines = ["  - &l0 [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]"]
+    for i in range(1, levels):
+        lines.append(f"  - &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_in_a_merge_config_is_one_short_line(llama_tied_dir, tmp_path,
+                                                                capsys):
+    path = tmp_path / "bomb.yaml"
+    # the last alias of the bomb as linear's weight of the first model
+    path.write_text(f"merge_method: linear\nmodels:\n  - model: {llama_tied_dir[0]}\n"
+                    "    parameters:\n      weight:\n" + _bomb().replace("  - &l", "      - &l")
+                    + f"  - model: {llama_tied_dir[0]}\n")
+    assert len(path.read_bytes()) < 1000
+    t0 = time.perf_counter()
+    code = main(["merge", str(path), str(tmp_path / "out"), "--json"])
+    seconds = time.perf_counter() - t0
+    err = _one_line(capsys, code, ["bomb.yaml", "expands to more than"])
+    assert seconds < 1 and len(err) < 400, (seconds, len(err))
+
+
+@pytest.mark.parametrize("loader", ["train", "experiment", "override"])
+def test_a_yaml_alias_bomb_in_train_and_experiment_configs(loader, tmp_path):
+    from jaxarith.errors import ConfigError
+    from jaxarith.experiments.config import read_yaml
+    from train.config import load_config
+
+    flow = "[" + _bomb().replace("\n  - ", ", ").strip().lstrip("- ").rstrip(",") + "]"
+    text = f"out: /tmp/x\nbatch: 2\nsteps: {flow}\n"
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as e:
+        if loader == "train":
+            load_config(str(path))
+        elif loader == "experiment":
+            read_yaml(str(path))
+        else:  # the same bomb in flow style, on the command line
+            (tmp_path / "ok.yaml").write_text("out: /tmp/x\nbatch: 2\n")
+            load_config(str(tmp_path / "ok.yaml"), [f"steps={flow}"])
+    assert time.perf_counter() - t0 < 1
+    assert len(str(e.value)) < 400 and "\n" not in str(e.value), str(e.value)[:1000]
+
+
+def test_recursive_alias_and_long_values_are_short(tmp_path):
+    from jaxarith.configfile import parse_yaml, short
+    from jaxarith.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="recursive YAML alias"):
+        parse_yaml("a: &a [1, *a]\n", "x.yaml")
+    assert len(short(list(range(10**6)))) < 100
+    assert len(short("x" * 10**6)) < 300

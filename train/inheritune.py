@@ -32,7 +32,6 @@ import os
 import sys
 
 import numpy as np
-import yaml
 
 from jaxarith.errors import ConfigError
 from train import EXIT_INTERRUPTED, EXIT_PREEMPTED  # a round stopped: resume later
@@ -59,13 +58,10 @@ class InherituneConfig:
 
 def load(path: str, overrides: list[str] | None = None) -> tuple[dict, InherituneConfig]:
     """The raw train config (overrides applied, without ``inheritune``) and the grow section."""
+    from jaxarith.configfile import load_yaml
     from train.config import apply_overrides, build
 
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"no such config file: {path}") from None
+    raw = load_yaml(path) or {}
     raw = apply_overrides(raw, list(overrides or []))
     section = raw.pop("inheritune", None)
     if section is None:

@@ -30,11 +30,10 @@ import dataclasses
 import os
 from typing import Any
 
-import yaml
-
 from jaxarith.arith.methods import Kind, method
 from jaxarith.arith.select import MergeSpec, Selection
-from jaxarith.arith.validate import check_settings, short
+from jaxarith.arith.validate import check_settings
+from jaxarith.configfile import load_yaml, short
 from jaxarith.errors import ConfigError
 
 _IGNORED_PARAMS = {"int8_mask"}
@@ -194,11 +193,7 @@ def parse_merge_config(data: dict) -> MergeConfig:
 
 def load_merge_config(path: str | os.PathLike) -> MergeConfig:
     """Read and parse a YAML merge config file."""
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    data = load_yaml(path, "merge config")
     try:
         return parse_merge_config(data)
     except ConfigError as e:

@@ -25,16 +25,11 @@ import numpy as np
 
 from jaxarith.arith.methods import _TASK, Kind
 from jaxarith.arith.select import MergeSpec
+from jaxarith.configfile import short
 from jaxarith.errors import ConfigError
 
 # Ranges of parameters: name -> (low, low open, high, what mergekit does outside).
 _RANGES = {"density": (0.0, True, 1.0, "mergekit keeps nothing at <= 0 and everything at >= 1")}
-
-
-def short(value: Any, limit: int = 200) -> str:
-    """``repr(value)`` cut to ``limit`` characters (a config value may be huge)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f" ... ({len(text)} characters)"
 
 
 def setting_numbers(setting: Any, where: str) -> list[float]:
