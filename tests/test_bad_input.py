@@ -225,3 +225,110 @@ def test_recursive_alias_and_long_values_are_short(tmp_path):
         parse_yaml("a: &a [1, *a]\n", "x.yaml")
     assert len(short(list(range(10**6)))) < 100
     assert len(short("x" * 10**6)) < 300
+
+
+# ----------------------------------------------------------------- 7. smaller cases
+
+TRAIN = os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_llama.yaml")
+FAST = ["batch=8", "data.seq_len=64", "data.sources.code.max_docs=600",
+        "data.sources.replay.max_docs=300", "eval.batches=1", "log.every=5",
+        "log.progress=false", "checkpoint.every=0", "schedule.total_steps=40",
+        "schedule.warmup_steps=5", "schedule.cooldown_steps=10", "log.tensorboard=false",
+        "log.plot=false"]
+
+
+def _hidden(parent) -> list[str]:
+    return sorted(p for p in os.listdir(parent) if ".tmp-" in p or ".old-" in p)
+
+
+def test_overwrite_through_a_symlink_leaves_nothing_behind(gpt2_dir, tmp_path, capsys):
+    from jaxarith import atomic
+    from jaxarith.convert.route import convert
+
+    real = tmp_path / "real"
+    convert(gpt2_dir[0], real, to="hf", progress=False)
+    link = tmp_path / "link"
+    os.symlink(real, link)
+    for _ in range(2):
+        convert(gpt2_dir[0], link, to="hf", overwrite=True, progress=False)
+        assert _hidden(tmp_path) == []
+        assert "removed" not in capsys.readouterr().err
+    assert os.path.islink(link) and atomic.is_output(link) and atomic.is_output(real)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/tmp/outside.safetensors",
+                                   "sub/../../outside.safetensors"])
+def test_index_shards_outside_the_model_directory_are_refused(shard, llama_dir, tmp_path):
+    from jaxarith.convert.hf import load_hf_params
+    from jaxarith.errors import CheckpointError
+
+    d = tmp_path / "m"
+    shutil.copytree(llama_dir[0], d)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    target = os.path.normpath(os.path.join(d, shard))
+    if not os.path.exists(target):
+        shutil.copy(d / first, target)
+    try:
+        index["weight_map"] = {k: shard if v == first else v
+                               for k, v in index["weight_map"].items()}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(CheckpointError, match="outside the model directory"):
+            load_hf_params(str(d), progress=False)
+    finally:
+        if shard.startswith("/"):
+            os.remove(target)
+
+
+def test_convert_without_tokenizer_files_warns_what_to_add(tmp_path, capsys):
+    from jaxarith import testing
+
+    src = tmp_path / "bare"
+    testing.make_hf_model(src, testing.tiny_gpt2_config(), with_tokenizer=False)
+    assert main(["convert", str(src), str(tmp_path / "o"), "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "no tokenizer files" in err and "tokenizer.json" in err
+
+
+def test_output_inside_an_input_model_directory_is_refused(gpt2_dir, tmp_path, capsys):
+    d = tmp_path / "m"
+    shutil.copytree(gpt2_dir[0], d)
+    before = sorted(os.listdir(d))
+    code = main(["convert", str(d), str(d / "orbax"), "--json"])
+    _one_line(capsys, code, "inside the input model directory")
+    assert sorted(os.listdir(d)) == before
+
+
+def test_checkpoint_dir_of_someone_elses_numbered_directories_is_refused(tmp_path):
+    from jaxarith.errors import ConfigError
+    from train import loop
+    from train.config import load_config
+
+    mine = tmp_path / "photos"
+    for n in ("1", "2", "10"):
+        (mine / n).mkdir(parents=True)
+        (mine / n / "img.jpg").write_text("keep")
+    with pytest.raises(ConfigError, match="checkpoint.dir=.*not checkpoints"):
+        loop.run(load_config(TRAIN, [*FAST, "steps=2", f"out={tmp_path / 'run'}",
+                                     f"checkpoint.dir={mine}"]))
+    assert sorted(os.listdir(mine)) == ["1", "10", "2"]
+    assert all((mine / n / "img.jpg").exists() for n in ("1", "2", "10"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_config_rejected_for_its_data_leaves_no_out_behind(tmp_path):
+    from jaxarith.errors import JaxarithError
+    from train import loop
+    from train.config import load_config
+
+    out = tmp_path / "run"
+    with pytest.raises(JaxarithError, match="nope.txt"):
+        loop.run(load_config(TRAIN, [*FAST, "steps=2", f"out={out}",
+                                     f"data.sources.code.path={tmp_path / 'nope.txt'}"]))
+    assert not os.path.exists(out)
+    empty = tmp_path / "empty"  # an empty directory the user made stays, unmarked
+    empty.mkdir()
+    with pytest.raises(JaxarithError, match="nope.txt"):
+        loop.run(load_config(TRAIN, [*FAST, "steps=2", f"out={empty}",
+                                     f"data.sources.code.path={tmp_path / 'nope.txt'}"]))
+    assert os.listdir(empty) == []

@@ -447,8 +447,65 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     data_lib.check_batch(cfg.batch, jax.process_count())
     from jaxarith.atomic import claim_dir
 
+    fresh = _absent_or_empty(cfg.out)
     # a new, empty or earlier jaxarith run directory (marked); never someone else's files
     out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"))
+    try:
+        return _run_in(cfg, on_step, extensions, mesh, out)
+    except BaseException:
+        if fresh is not None:  # refused before it wrote anything: leave no run directory behind
+            _unclaim(out, remove_dir=fresh)
+        raise
+
+
+def _absent_or_empty(path: str) -> bool | None:
+    """True: ``path`` does not exist; False: an empty directory; None: anything else."""
+    if not os.path.lexists(path):
+        return True
+    return False if os.path.isdir(path) and not os.listdir(path) else None
+
+
+def _unclaim(out: str, *, remove_dir: bool) -> None:
+    """Undo :func:`claim_dir` of a run that stopped before writing anything but the marker."""
+    from jaxarith.atomic import MARKER
+
+    if jax.process_index() != 0:
+        return
+    with contextlib.suppress(OSError):
+        if os.listdir(out) == [MARKER]:
+            os.remove(os.path.join(out, MARKER))
+            if remove_dir:
+                os.rmdir(out)
+
+
+def check_checkpoint_dir(ckpt_dir: str) -> None:
+    """Refuse a ``checkpoint.dir`` that holds anything but Orbax checkpoints: Orbax takes every
+    numeric subdirectory for a checkpoint step (and deletes those beyond ``keep``)."""
+    if not os.path.lexists(ckpt_dir):
+        return
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(f"checkpoint.dir={ckpt_dir}: not a directory")
+    from jaxarith.atomic import MARKER
+
+    foreign = []
+    for name in sorted(os.listdir(ckpt_dir)):
+        path = os.path.join(ckpt_dir, name)
+        if name == MARKER or ".orbax-checkpoint-tmp" in name:
+            continue
+        if not (name.isdigit() and os.path.isdir(path)
+                and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))):
+            foreign.append(name)
+    if foreign:
+        raise ConfigError(f"checkpoint.dir={ckpt_dir} holds entries that are not checkpoints of "
+                          f"a run ({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''});"
+                          " the checkpointer would take numeric directories for its own and "
+                          "delete them: give a new or empty directory")
+
+
+def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str) -> dict:
+    """:func:`_run` once the run directory ``out`` is claimed."""
+    if cfg.checkpoint.dir:  # before any work: someone's directory is not a checkpoint store
+        check_checkpoint_dir(cfg.checkpoint.dir)
     model_cfg, model_dir = model_config(cfg, extensions)
     # strict: a dimension its mesh axis does not divide is an error naming it (else replicated)
     transformer.param_shardings(model_cfg, mesh, strict=cfg.mesh_strict)

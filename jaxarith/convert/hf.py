@@ -66,9 +66,17 @@ class HFCheckpoint:
             with open(index) as f:
                 try:
                     weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
                     raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or \
+                    not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard "
+                                      "file names")
             files = sorted(set(weight_map.values()))
+            for f in files:  # names only: HF cache snapshots hold symlinks to elsewhere
+                if not f or os.path.isabs(f) or ".." in f.replace("\\", "/").split("/"):
+                    raise CheckpointError(f"{index}: shard {f[:200]!r} is outside the model "
+                                          "directory; shard names must be files in it")
             missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
             if missing:
                 raise CheckpointError(f"{index} lists shard files that do not exist: {missing}")
