@@ -332,3 +332,38 @@ def test_a_config_rejected_for_its_data_leaves_no_out_behind(tmp_path):
         loop.run(load_config(TRAIN, [*FAST, "steps=2", f"out={empty}",
                                      f"data.sources.code.path={tmp_path / 'nope.txt'}"]))
     assert os.listdir(empty) == []
+
+
+# ----------------------------------------------------------------- 6. resume with another config
+
+
+def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, capsys):
+    from jaxarith.errors import JaxarithError
+    from train import loop
+    from train.__main__ import main as train_main
+    from train.config import load_config
+
+    out = tmp_path / "run"
+    base = [*FAST, f"out={out}"]
+    assert loop.run(load_config(TRAIN, [*base, "steps=2"]))["status"] == "done"
+    saved = (out / "config.json").read_bytes()
+    # a finished run asked again with another model is refused, not "already done"
+    with pytest.raises(JaxarithError, match="hidden_size"):
+        loop.run(load_config(TRAIN, [*base, "steps=2", "model.config.hidden_size=32"]))
+    with pytest.raises(JaxarithError, match=r"optimizer.weight_decay: 0.1 -> 0.2"):
+        loop.run(load_config(TRAIN, [*base, "steps=2", "optimizer.weight_decay=0.2"]))
+    # a resume with changed data, seed and weight decay: every key named, nothing overwritten
+    with pytest.raises(JaxarithError) as e:
+        loop.run(load_config(TRAIN, [*base, "steps=3", "seed=1", "optimizer.weight_decay=0.2",
+                                     "data.sources.code.path=bundled:docs"]))
+    msg = str(e.value)
+    for key in ("data.sources.code.path: 'bundled:code' -> 'bundled:docs'", "seed: 0 -> 1",
+                "optimizer.weight_decay", "--allow-config-change data.sources.code.path,"
+                "optimizer.weight_decay,seed"):
+        assert key in msg, msg
+    assert (out / "config.json").read_bytes() == saved
+    # ... unless the changes are allowed by name (the CLI flag)
+    code = train_main([TRAIN, *base, "steps=3", "seed=1", "--allow-config-change", "seed",
+                       "--json"])
+    assert code == 0, capsys.readouterr()
+    assert json.loads(capsys.readouterr().out)["step"] == 3

@@ -22,9 +22,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="at the end, write the final weights as an HF model (export.hf_dir)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON summary object on stdout (no progress bar)")
+    p.add_argument("--allow-config-change", metavar="KEY[,KEY]", default="",
+                   help="resume although these config keys (or sections, e.g. data.sources.code) "
+                        "differ from the run's saved config (default: such a resume is refused)")
+    from jaxarith.commands._common import add_allow_nonfinite
     from jaxarith.distributed import add_arguments as add_distributed
 
     add_distributed(p)
+    add_allow_nonfinite(p)
 
 
 def handle(args) -> int:
@@ -45,7 +50,8 @@ def handle(args) -> int:
         if distributed.initialize(distributed.config_from_args(args, auto=True)):
             distributed.quiet_secondary()
     try:
-        summary = run(cfg)
+        allow = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
+        summary = run(cfg, allow_config_change=allow)
     except KeyboardInterrupt:  # Ctrl-C before or after the training steps
         return _interrupted(args, None)
     summary.pop("batches", None)

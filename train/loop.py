@@ -389,13 +389,16 @@ def _train_steps(ctx: RunContext, hooks: Sequence[Hook], it, fns, compiled,
 
 
 def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
-        extensions: Sequence[Extension] | None = None) -> dict:
+        extensions: Sequence[Extension] | None = None,
+        allow_config_change: Sequence[str] = ()) -> dict:
     """Train as ``cfg`` says; resume from the latest checkpoint in the output directory.
 
     Args:
       cfg: the run configuration.
       on_step: called after each step (before the hooks) with ``(step, host_metrics)``.
       extensions: the features plugged in (default: :func:`train.extensions.discover`).
+      allow_config_change: config keys (or sections) that may differ from the saved config of
+        the run being resumed (:data:`RESUME_KEYS`; any other difference there is refused).
     Returns:
       A summary: final step, status (``done``; ``preempted`` after SIGTERM, ``interrupted``
       after Ctrl-C, both with a checkpoint saved: run again to resume), last losses, eval
@@ -405,7 +408,7 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
     """
     try:
         with _preemptible():  # SIGTERM outside the steps (loading, compiling, end of run)
-            return _run(cfg, on_step, extensions)
+            return _run(cfg, on_step, extensions, tuple(allow_config_change))
     except _Preempted:
         out = os.path.abspath(cfg.out)
         steps = checkpoint_steps(cfg.checkpoint.dir or os.path.join(out, "checkpoints"))
@@ -435,7 +438,7 @@ def _preemptible():
         signal.signal(signal.SIGTERM, old)
 
 
-def _run(cfg: TrainConfig, on_step, extensions) -> dict:
+def _run(cfg: TrainConfig, on_step, extensions, allow_change: tuple[str, ...] = ()) -> dict:
     if cfg.distributed:
         initialize_distributed()
     from jaxarith.sharding import make_mesh, set_strict_sharding
@@ -451,7 +454,7 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     # a new, empty or earlier jaxarith run directory (marked); never someone else's files
     out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"))
     try:
-        return _run_in(cfg, on_step, extensions, mesh, out)
+        return _run_in(cfg, on_step, extensions, mesh, out, allow_change)
     except BaseException:
         if fresh is not None:  # refused before it wrote anything: leave no run directory behind
             _unclaim(out, remove_dir=fresh)
@@ -502,7 +505,8 @@ def check_checkpoint_dir(ckpt_dir: str) -> None:
                           "delete them: give a new or empty directory")
 
 
-def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str) -> dict:
+def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
+            allow_change: tuple[str, ...]) -> dict:
     """:func:`_run` once the run directory ``out`` is claimed."""
     if cfg.checkpoint.dir:  # before any work: someone's directory is not a checkpoint store
         check_checkpoint_dir(cfg.checkpoint.dir)
@@ -520,6 +524,14 @@ def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str) -> dict:
     progress = cfg.log.progress and jax.process_index() == 0
     ckpt_dir = cfg.checkpoint.dir or os.path.join(out, "checkpoints")
     done = finished_summary(cfg, out, ckpt_dir)
+    config_dict = to_dict(cfg)
+    if checkpoint_steps(ckpt_dir):  # refuse a changed run before loading data and compiling
+        with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep) as ckpts:
+            latest = ckpts.latest_step()
+            if latest is not None:
+                meta = ckpts.read_meta(latest)
+                check_resume(meta, config_dict, model_cfg, f"{ckpt_dir}/{latest}")
+                check_config_unchanged(meta.get("config", {}), config_dict, allow_change, out)
     if done is not None:
         return _report_finished(cfg, done, model_cfg, model_dir, mesh, ckpt_dir)
     if cfg.export.hf_dir and os.path.exists(cfg.export.hf_dir) \
@@ -530,13 +542,6 @@ def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str) -> dict:
         check_destination(cfg.export.hf_dir, cfg.export.overwrite,
                           inputs=[out, model_dir, cfg.export.delta_tuned, cfg.export.delta_base])
     loss_ext = only_one(extensions, "loss")
-    config_dict = to_dict(cfg)
-    if checkpoint_steps(ckpt_dir):  # refuse a changed model before loading data and compiling
-        with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep) as ckpts:
-            latest = ckpts.latest_step()
-            if latest is not None:
-                check_resume(ckpts.read_meta(latest), config_dict, model_cfg,
-                             f"{ckpt_dir}/{latest}")
 
     t0 = time.perf_counter()
     sources = data_lib.load_sources(cfg.data, tokenizer)
@@ -683,6 +688,32 @@ def check_resume(meta: dict, config_dict: dict, model_cfg: ModelConfig, where: s
     if layout:
         raise CheckpointError(f"cannot resume from {where}: the train state's layout changed "
                               f"({layout}). Resume with the old setting, or use a new out")
+
+
+# The settings that make a run what it is: a resume may not change them silently.
+RESUME_KEYS = ("model", "optimizer", "data", "seed", "init")
+
+
+def check_config_unchanged(saved: dict, config_dict: dict, allow: Sequence[str],
+                           out: str) -> None:
+    """Refuse to resume (or to report as done) a run whose :data:`RESUME_KEYS` settings differ
+    from its saved config, naming the keys, unless each is listed in ``allow`` (a key or a
+    section: ``data.sources.code``)."""
+    if not saved:
+        return
+    from jaxarith.configfile import short
+
+    a, b = _flatten(saved), _flatten(config_dict)
+    allowed = lambda k: any(k == x or k.startswith(x + ".") for x in allow)
+    keys = [k for k in sorted(set(a) | set(b))
+            if k.split(".")[0] in RESUME_KEYS and a.get(k) != b.get(k) and not allowed(k)]
+    if keys:
+        diffs = [f"{k}: {short(a.get(k, '(unset)'), 60)} -> {short(b.get(k, '(unset)'), 60)}"
+                 for k in keys[:6]]
+        more = f" (and {len(keys) - 6} more)" if len(keys) > 6 else ""
+        raise ConfigError(f"cannot resume the run in {out}: its config differs from the saved "
+                          f"one in {', '.join(diffs)}{more}. Resume with the saved settings, "
+                          f"pass --allow-config-change {','.join(keys)}, or train into a new out")
 
 
 def checkpoint_steps(ckpt_dir: str) -> list[int]:
