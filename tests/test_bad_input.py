@@ -367,3 +367,34 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, capsy
                        "--json"])
     assert code == 0, capsys.readouterr()
     assert json.loads(capsys.readouterr().out)["step"] == 3
+
+
+# ----------------------------------------------------------------- 5. corrupt latest checkpoint
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(damage, tmp_path, capfd):
+    from train import loop
+    from train.config import load_config
+
+    out = tmp_path / "run"
+    args = [*FAST, f"out={out}", "checkpoint.every=2", "eval.at_end=false"]
+    full = loop.run(load_config(TRAIN, [*args, "steps=4"]))
+    assert sorted(os.listdir(out / "checkpoints")) == ["2", "4"]
+    arrays = out / "checkpoints" / "4" / "state"
+    biggest = max((os.path.join(r, f) for r, _, fs in os.walk(arrays) for f in fs),
+                  key=os.path.getsize)
+    if damage == "truncate":
+        with open(biggest, "r+b") as f:
+            f.truncate(os.path.getsize(biggest) // 2)
+    else:
+        os.remove(os.path.join(arrays, "_METADATA"))
+    capfd.readouterr()
+    res = loop.run(load_config(TRAIN, [*args, "steps=6"]))
+    err = capfd.readouterr().err
+    assert res["status"] == "done" and sorted(res["batches"]) == [3, 4, 5, 6]
+    assert res["batches"][3] == full["batches"][3] and res["batches"][4] == full["batches"][4]
+    said = [line for line in err.splitlines() if "checkpoints/4: cannot restore" in line]
+    assert len(said) == 1 and "resumed from step 2, the newest complete checkpoint" in said[0]
+    assert "Traceback" not in err and "incompatible handler" not in err, err
+    assert "unreadable-4" in os.listdir(out / "checkpoints")

@@ -493,7 +493,7 @@ def check_checkpoint_dir(ckpt_dir: str) -> None:
     foreign = []
     for name in sorted(os.listdir(ckpt_dir)):
         path = os.path.join(ckpt_dir, name)
-        if name == MARKER or ".orbax-checkpoint-tmp" in name:
+        if name == MARKER or ".orbax-checkpoint-tmp" in name or name.startswith("unreadable-"):
             continue
         if not (name.isdigit() and os.path.isdir(path)
                 and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))):
@@ -527,9 +527,9 @@ def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
     config_dict = to_dict(cfg)
     if checkpoint_steps(ckpt_dir):  # refuse a changed run before loading data and compiling
         with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep) as ckpts:
-            latest = ckpts.latest_step()
-            if latest is not None:
-                meta = ckpts.read_meta(latest)
+            newest = ckpts.newest_meta()  # an unreadable latest one: see restore_newest
+            if newest is not None:
+                latest, meta, _ = newest
                 check_resume(meta, config_dict, model_cfg, f"{ckpt_dir}/{latest}")
                 check_config_unchanged(meta.get("config", {}), config_dict, allow_change, out)
     if done is not None:
@@ -575,10 +575,13 @@ def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
                      async_save=cfg.checkpoint.async_save) as ckpts:
         start = ckpts.latest_step()
         if start is not None:
-            try:
-                state, data_state, _ = ckpts.restore(fns.abstract_state, frozen=frozen)
+            try:  # the newest complete one: an unreadable newer one is set aside and reported
+                start, state, data_state, _ = ckpts.restore_newest(fns.abstract_state,
+                                                                   frozen=frozen)
             except CheckpointError as e:
-                changed = _config_changes(ckpts.read_meta(start).get("config", {}), config_dict)
+                newest = ckpts.newest_meta()
+                changed = _config_changes(newest[1].get("config", {}), config_dict) \
+                    if newest else ""
                 raise CheckpointError(f"{e}; config changes since that checkpoint: "
                                       f"{changed or 'none'}") from None
         else:
