@@ -398,3 +398,45 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(damage, tmp_p
     assert len(said) == 1 and "resumed from step 2, the newest complete checkpoint" in said[0]
     assert "Traceback" not in err and "incompatible handler" not in err, err
     assert "unreadable-4" in os.listdir(out / "checkpoints")
+
+
+# ----------------------------------------------------------------- 4. many merge inputs
+
+
+@pytest.mark.slow  # ~30 s: 2000 inputs opened and checked before the first tensor
+def test_sigterm_during_a_merge_of_2000_models_is_honoured_within_5_s(llama_tied_dir, tmp_path):
+    """2000 (symlinked) inputs of a streamed linear merge: SIGTERM while a tensor computes ends
+    the command within 5 s (exit 143), its temporary output removed, memory bounded."""
+    import signal
+    import subprocess
+    import sys
+
+    n = 2000
+    lines = ["merge_method: linear", "models:"]
+    for i in range(n):
+        os.symlink(llama_tied_dir[0], tmp_path / f"m{i}")
+        lines.append(f"  - model: {tmp_path / f'm{i}'}")
+    (tmp_path / "many.yaml").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    p = subprocess.Popen([sys.executable, "-m", "jaxarith", "merge", str(tmp_path / "many.yaml"),
+                          str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not [x for x in os.listdir(tmp_path) if x.startswith(".out.tmp-")]:
+            assert p.poll() is None and time.time() - t0 < 120, p.stderr.read() if p.poll() else ""
+            time.sleep(0.1)
+        time.sleep(3)  # tensors are being read and computed
+        assert p.poll() is None
+        with open(f"/proc/{p.pid}/status") as f:
+            peak_kb = next(int(x.split()[1]) for x in f if x.startswith("VmHWM"))
+        t1 = time.time()
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=60)[1]
+        seconds = time.time() - t1
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 143 and seconds < 5, (p.returncode, seconds, err[-500:])
+    assert "terminated by SIGTERM" in err and "Traceback" not in err
+    assert not out.exists() and not [x for x in os.listdir(tmp_path) if x.startswith(".out.")]
+    assert peak_kb < 2.5 * 2**20, peak_kb  # 2000 models of 0.9 MB, read tensor by tensor
