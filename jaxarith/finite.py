@@ -14,6 +14,7 @@ non-finite output is then not told apart from one copied from an input).
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,6 +23,7 @@ from jaxarith.errors import CheckpointError
 
 # A process-wide switch, not a contextvar: tensors are read on worker threads.
 _ALLOW = [False]
+_WARNED: set[tuple[str, str]] = set()
 
 
 class NonFiniteError(CheckpointError):
@@ -89,7 +91,8 @@ def describe(found: tuple[int, tuple[int, ...]]) -> str:
 
 
 def check_input(x, name: str, where: str) -> None:
-    """Refuse a tensor read from a checkpoint that holds NaN or Inf (unless allowed).
+    """Refuse a tensor read from a checkpoint that holds NaN or Inf (allowed: report it on
+    stderr, once per tensor).
 
     Args:
       x: the tensor as read.
@@ -98,12 +101,16 @@ def check_input(x, name: str, where: str) -> None:
     Raises:
       NonFiniteError: naming the tensor, the count and the first index.
     """
-    if _ALLOW[0]:
-        return
     found = nonfinite(x)
-    if found is not None:
+    if found is None:
+        return
+    if not _ALLOW[0]:
         raise NonFiniteError(f"{where}: tensor {name} holds {describe(found)}; fix the "
                              "checkpoint or pass --allow-nonfinite to use it anyway")
+    if (where, name) not in _WARNED:  # each tensor reported once, however often it is read
+        _WARNED.add((where, name))
+        print(f"jaxarith: warning: {where}: tensor {name} holds {describe(found)} (used: "
+              "--allow-nonfinite)", file=sys.stderr)
 
 
 def check_output(x, name: str, where: str) -> None:
@@ -136,8 +143,6 @@ def check_output_tree(params, where: str) -> None:
 
 def check_input_tree(params, where: str) -> None:
     """:func:`check_input` of every leaf of a restored tree (named by its path)."""
-    if _ALLOW[0]:
-        return
     import jax
 
     for path, leaf in jax.tree_util.tree_leaves_with_path(
