@@ -442,3 +442,18 @@ def test_sigterm_during_a_merge_of_2000_models_is_honoured_within_5_s(llama_tied
     assert "terminated by SIGTERM" in err and "Traceback" not in err
     assert not out.exists() and not [x for x in os.listdir(tmp_path) if x.startswith(".out.")]
     assert peak_kb < 2.5 * 2**20, peak_kb  # 2000 models of 0.9 MB, read tensor by tensor
+
+
+def test_a_truncated_orbax_model_names_what_is_wrong(llama_tied_dir, tmp_path, capsys):
+    orbax = tmp_path / "o"
+    assert main(["convert", llama_tied_dir[0], str(orbax), "--json"]) == 0
+    capsys.readouterr()
+    biggest = max((os.path.join(r, f) for r, _, fs in os.walk(orbax / "params") for f in fs),
+                  key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 4)
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return x\n")
+    code = main(["eval-loss", str(orbax), "--text", str(text), "--json"])
+    err = _one_line(capsys, code, [str(orbax), "cannot restore", "is not valid for value of size"])
+    assert len(err) < 1000

@@ -27,7 +27,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from jaxarith.errors import CheckpointError
+from jaxarith.errors import CheckpointError, innermost_cause
 
 log = logging.getLogger(__name__)
 
@@ -194,13 +194,9 @@ def _without_frozen(state: Any) -> Any:
 
 
 def _cause(e: BaseException, limit: int = 300) -> str:
-    """``Type: first line`` of the innermost cause of ``e`` (orbax wraps a truncated file's
-    tensorstore error in ones that name a registry, not the file)."""
-    seen = set()
-    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return f"{type(e).__name__}: {_first_line(e, limit)}"
+    """The innermost cause of ``e`` (orbax wraps a truncated file's tensorstore error in ones
+    that name a handler registry, not the file)."""
+    return innermost_cause(e, limit)
 
 
 def _first_line(e: BaseException, limit: int = 300) -> str:

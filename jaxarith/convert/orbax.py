@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from jaxarith import __version__, distributed
 from jaxarith.atomic import atomic_dir
 from jaxarith.convert.hf import get_path, iter_hf_leaves, resolve_hf_dir, set_path
-from jaxarith.errors import CheckpointError
+from jaxarith.errors import CheckpointError, innermost_cause
 from jaxarith.finite import check_input_tree, check_output, check_output_tree
 from jaxarith.models.config import ModelConfig, load_config, save_config
 from jaxarith.models.transformer import abstract_params
@@ -253,7 +253,7 @@ def _restore(ref: str, target: dict, *, partial: bool, primary_only: bool = Fals
     except Exception as e:  # tensorstore / orbax errors: name the checkpoint, keep the cause
         names = ["/".join(str(k.key) for k in p) for p, _ in
                  jax.tree_util.tree_leaves_with_path(target, is_leaf=lambda x: hasattr(x, "shape"))]
-        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        cause = innermost_cause(e)
         raise CheckpointError(f"{ref}: cannot restore {', '.join(names[:4])}"
                               f"{' ...' if len(names) > 4 else ''} from the Orbax checkpoint "
                               f"({cause})") from e
