@@ -98,6 +98,29 @@ def parse_yaml(text: str, where: str) -> Any:
     return data
 
 
+def load_json(path: str | os.PathLike, what: str = "JSON") -> Any:
+    """Read a JSON file (a model's ``config.json``, a safetensors index) of at most
+    :data:`MAX_BYTES` bytes (JSON has no aliases: the file size bounds it).
+
+    Raises:
+      FileNotFoundError: as ``open`` (callers name what is missing).
+      ConfigError: too large, or not valid JSON (quoted short).
+    """
+    import json
+
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    if size > MAX_BYTES:
+        raise ConfigError(f"{path}: {size} bytes; a {what} file may be at most {MAX_BYTES} bytes")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {str(e)[:300]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply") from None
+
+
 def load_yaml(path: str | os.PathLike, what: str = "config") -> Any:
     """Read and parse the YAML (or JSON) file ``path``, bounded as the module doc says.
 

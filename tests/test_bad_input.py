@@ -457,3 +457,16 @@ def test_a_truncated_orbax_model_names_what_is_wrong(llama_tied_dir, tmp_path, c
     code = main(["eval-loss", str(orbax), "--text", str(text), "--json"])
     err = _one_line(capsys, code, [str(orbax), "cannot restore", "is not valid for value of size"])
     assert len(err) < 1000
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000, '{"a": 1}' + " " * (17 * 2**20)])
+def test_a_hostile_config_json_is_one_line(content, gpt2_dir, tmp_path, capsys):
+    d = tmp_path / "m"
+    shutil.copytree(gpt2_dir[0], d)
+    (d / "config.json").write_text(content)
+    text = tmp_path / "t.txt"
+    text.write_text("x = 1\n")
+    t0 = time.perf_counter()
+    code = main(["eval-loss", str(d), "--text", str(text), "--json"])
+    err = _one_line(capsys, code, "config.json")
+    assert len(err) < 500 and time.perf_counter() - t0 < 5

@@ -9,7 +9,6 @@ the slices its devices hold.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 
@@ -24,6 +23,7 @@ from jaxarith.convert.keymap import Rule, expand, ignorable, normalize_key, rule
 from jaxarith.convert.safetensors_io import SafetensorsFile
 from jaxarith.errors import (
     CheckpointError,
+    ConfigError,
     JaxarithError,
     MissingTensorError,
     ShapeMismatchError,
@@ -63,11 +63,12 @@ class HFCheckpoint:
         self.directory = directory
         index = os.path.join(directory, INDEX_FILE)
         if os.path.exists(index):
-            with open(index) as f:
-                try:
-                    weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            from jaxarith.configfile import load_json
+
+            try:
+                weight_map = load_json(index, "safetensors index")["weight_map"]
+            except (KeyError, TypeError, ConfigError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
             if not isinstance(weight_map, dict) or \
                     not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index}: weight_map must map tensor names to shard "

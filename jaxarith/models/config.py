@@ -52,13 +52,14 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
+    from jaxarith.configfile import load_json
+
     try:
-        with open(path) as f:
-            d = json.load(f)
+        d = load_json(path, "config.json")
     except FileNotFoundError:
         raise ConfigError(f"no config.json at {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
     try:
         cfg = config_from_hf(d)
     except ConfigError as e:
