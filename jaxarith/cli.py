@@ -44,18 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
     for module in command_modules():
         module.register(sub)
     for command in sub.choices.values():  # every subcommand can run on many processes
-        _add_distributed(command)
+        _add_shared(command)
     return parser
 
 
-def _add_distributed(p: argparse.ArgumentParser) -> None:
-    """The multi-process flags on every leaf parser (``delta extract``, not ``delta``)."""
+def _add_shared(p: argparse.ArgumentParser) -> None:
+    """The flags of every leaf parser (``delta extract``, not ``delta``): multi-process runs,
+    ``--allow-nonfinite``."""
     nested = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
     for action in nested:
         for child in action.choices.values():
-            _add_distributed(child)
+            _add_shared(child)
     if not nested and "--coordinator" not in p._option_string_actions:
         distributed.add_arguments(p)
+    if not nested and "--allow-nonfinite" not in p._option_string_actions:
+        _common.add_allow_nonfinite(p)
 
 
 def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None):

@@ -44,6 +44,22 @@ class ArchitectureMismatchError(CheckpointError, ValueError):
     """Models combined by delta arithmetic or merging differ in tensor names or shapes."""
 
 
+def innermost_cause(e: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of the innermost cause of ``e``, at most ``limit`` characters.
+
+    Storage libraries (orbax, tensorstore) wrap the error that names the damaged file in ones
+    that name a handler registry or dump a tree; the innermost one says what is wrong.
+    """
+    seen = set()
+    while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else ""
+    line = line if len(line) <= limit else line[:limit] + " ..."
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
 class Terminated(BaseException):
     """SIGTERM arrived (raised like KeyboardInterrupt, so clean-up code runs).
 

@@ -35,7 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="compile the step for --topology and report per-chip HBM, do not train "
                         "(= jaxarith plan)")
     plan_cmd.add_plan_arguments(p, required=False)
+    p.add_argument("--allow-config-change", metavar="KEY[,KEY]", default="",
+                   help="resume although these config keys (or sections, e.g. data.sources.code) "
+                        "differ from the run's saved config (default: such a resume is refused)")
     add_distributed(p)
+    _common.add_allow_nonfinite(p)
 
 
 def handle(args) -> int:
@@ -56,7 +60,8 @@ def handle(args) -> int:
         if distributed.initialize(distributed.config_from_args(args, auto=True)):
             distributed.quiet_secondary()
     try:
-        summary = run(cfg)
+        allow = [k.strip() for k in args.allow_config_change.split(",") if k.strip()]
+        summary = run(cfg, allow_config_change=allow)
     except KeyboardInterrupt:  # Ctrl-C before or after the training steps
         return _interrupted(args, None)
     summary.pop("batches", None)

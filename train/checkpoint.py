@@ -22,11 +22,12 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from typing import Any
 
 import orbax.checkpoint as ocp
 
-from jaxarith.errors import CheckpointError
+from jaxarith.errors import CheckpointError, innermost_cause
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,9 @@ class Checkpoints:
         self.directory = os.path.abspath(directory)
         self.async_save = async_save
         policies = ocp.v1.training.preservation_policies
-        self._ckpt = ocp.v1.training.Checkpointer(
-            self.directory, preservation_policy=policies.LatestN(keep))
+        self._policy = policies.LatestN(keep)
+        self._ckpt = ocp.v1.training.Checkpointer(self.directory,
+                                                  preservation_policy=self._policy)
 
     def __enter__(self) -> Checkpoints:
         return self
@@ -107,7 +109,7 @@ class Checkpoints:
                 step, {"state": _without_frozen(abstract_state), "data": None, "meta": None})
         except Exception as e:  # orbax raises many types; name the checkpoint at fault
             raise CheckpointError(f"{self.directory}/{step}: cannot restore the train state "
-                                  f"({type(e).__name__}: {_first_line(e)})") from e
+                                  f"({_cause(e)})") from e
         meta = json.loads(out["meta"]["json"])
         state = out["state"]
         if dataclasses.is_dataclass(state) and hasattr(state, "frozen"):
@@ -123,8 +125,59 @@ class Checkpoints:
             out = self._ckpt.load_checkpointables(step, {"meta": None})
         except Exception as e:
             raise CheckpointError(f"{self.directory}/{step}: cannot read its metadata "
-                                  f"({type(e).__name__}: {_first_line(e)})") from e
+                                  f"({_cause(e)})") from e
         return json.loads(out["meta"]["json"])
+
+    def newest_meta(self) -> tuple[int, dict, list[str]] | None:
+        """(step, meta, why each newer checkpoint is unreadable) of the newest checkpoint whose
+        metadata reads; None without any."""
+        skipped = []
+        for step in reversed(self.steps()):
+            try:
+                return step, self.read_meta(step), skipped
+            except CheckpointError as e:
+                skipped.append(str(e))
+        return None
+
+    def restore_newest(self, abstract_state: Any, *, frozen: Any = None):
+        """:meth:`restore` of the newest checkpoint that restores, setting aside (renaming to
+        ``unreadable-STEP``) the newer ones that do not, each reported on stderr.
+
+        Returns:
+          (step, state, data_state, meta).
+        Raises:
+          CheckpointError: no checkpoint restores (naming why the newest does not).
+        """
+        errors = []
+        for step in reversed(self.steps()):
+            try:
+                state, data_state, meta = self.restore(abstract_state, step, frozen=frozen)
+            except CheckpointError as e:
+                errors.append((step, e))
+                continue
+            for bad, e in errors:
+                aside = self.set_aside(bad)
+                print(f"jaxarith train: {e}; moved it to {aside} and resumed from step {step}, "
+                      "the newest complete checkpoint", file=sys.stderr, flush=True)
+            return step, state, data_state, meta
+        if not errors:
+            raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+        raise CheckpointError(f"{errors[0][1]}" + ("; no older checkpoint restores either"
+                                                   if len(errors) > 1 else
+                                                   "; there is no older checkpoint"))
+
+    def set_aside(self, step: int) -> str:
+        """Rename the checkpoint of ``step`` to ``unreadable-STEP[-N]`` (kept for inspection,
+        no longer a checkpoint: a new save of that step must not be skipped)."""
+        src = os.path.join(self.directory, str(step))
+        dst, n = os.path.join(self.directory, f"unreadable-{step}"), 1
+        while os.path.lexists(dst):
+            dst, n = os.path.join(self.directory, f"unreadable-{step}-{n}"), n + 1
+        self._ckpt.close()
+        os.rename(src, dst)
+        self._ckpt = ocp.v1.training.Checkpointer(self.directory,
+                                                  preservation_policy=self._policy)
+        return dst
 
     def wait(self) -> None:
         self._ckpt.wait()
@@ -140,7 +193,13 @@ def _without_frozen(state: Any) -> Any:
     return state
 
 
-def _first_line(e: Exception, limit: int = 300) -> str:
+def _cause(e: BaseException, limit: int = 300) -> str:
+    """The innermost cause of ``e`` (orbax wraps a truncated file's tensorstore error in ones
+    that name a handler registry, not the file)."""
+    return innermost_cause(e, limit)
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
     """The head of an exception message (orbax's can be kilobytes of tree dumps)."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return text if len(text) <= limit else text[:limit] + " ..."

@@ -18,10 +18,9 @@ import types
 import typing
 from typing import Any
 
-import yaml
-
-from jaxarith.average.averagers import AverageConfig, NoAverage
-from jaxarith.data.sources import DataConfig, SourceConfig
+from jaxarith.average import AverageConfig, NoAverage
+from jaxarith.configfile import load_yaml, parse_yaml, short
+from jaxarith.data import DataConfig, SourceConfig
 from jaxarith.errors import ConfigError
 from jaxarith.models import check_config_keys
 from jaxarith.models.kernels import IMPLEMENTATIONS
@@ -232,9 +231,11 @@ def _parse_value(text: str) -> Any:
     if not text.strip():
         return ""  # `key=` clears a string
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return parse_yaml(text, "override")
+    except ConfigError as e:
+        if "invalid YAML" in str(e):
+            return text
+        raise
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -304,7 +305,7 @@ def _convert(tp, value, key: str):
                 return _convert(a, value, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {short(value)}")
     if origin is tuple and typing.get_args(tp)[:1] == (SourceConfig,):
         return _sources(value, key)
     if tp is bool:
@@ -333,12 +334,12 @@ def _convert(tp, value, key: str):
         try:
             return tp(value)
         except ValueError:
-            raise ConfigError(f"{key}={value!r}: expected one of "
+            raise ConfigError(f"{key}={short(value)}: expected one of "
                               f"{', '.join(str(m.value) for m in tp)}") from None
     else:
         return value
     name = getattr(tp, "__name__", str(tp))
-    raise ConfigError(f"{key}={value!r}: expected {name}, got {type(value).__name__}")
+    raise ConfigError(f"{key}={short(value)}: expected {name}, got {type(value).__name__}")
 
 
 def _tagged(args) -> dict:
@@ -356,7 +357,7 @@ def _by_kind(tagged: dict, value: dict, key: str):
     """
     kind = value.get("kind", next(iter(tagged)))
     if kind not in tagged:
-        raise ConfigError(f"{key}.kind={kind!r}: expected one of {', '.join(tagged)}")
+        raise ConfigError(f"{key}.kind={short(kind)}: expected one of {', '.join(tagged)}")
     cls = tagged[kind]
     own = {f.name for f in dataclasses.fields(cls)}
     others = {f.name for c in tagged.values() for f in dataclasses.fields(c)} - own
@@ -385,13 +386,7 @@ def from_dict(raw: dict, overrides: list[str] | None = None) -> TrainConfig:
 
 def load_train_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
     """Read a YAML config and apply ``key=value`` overrides."""
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"no such config file: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    raw = load_yaml(path) or {}
     return from_dict(raw, overrides)
 
 

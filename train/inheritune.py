@@ -32,10 +32,10 @@ import os
 import sys
 
 import numpy as np
-import yaml
 
 from jaxarith import data as data_lib
 from jaxarith.commands import _common
+from jaxarith.configfile import load_yaml
 from jaxarith.errors import ConfigError
 from jaxarith.io.refs import load_model
 from jaxarith.models.config import load_config as load_model_config
@@ -68,11 +68,7 @@ class InherituneConfig:
 
 def load(path: str, overrides: list[str] | None = None) -> tuple[dict, InherituneConfig]:
     """The raw train config (overrides applied, without ``inheritune``) and the grow section."""
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"no such config file: {path}") from None
+    raw = load_yaml(path) or {}
     raw = apply_overrides(raw, list(overrides or []))
     section = raw.pop("inheritune", None)
     if section is None:

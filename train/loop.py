@@ -33,10 +33,11 @@ import numpy as np
 
 from jaxarith import data as data_lib
 from jaxarith import distributed, sharding
+from jaxarith.configfile import short
 from jaxarith.data.assets import bundled_tokenizer
 from jaxarith.errors import CheckpointError, ConfigError, JaxarithError
 from jaxarith.io import refs
-from jaxarith.io.atomic import check_destination, claim_dir
+from jaxarith.io.atomic import MARKER, check_destination, claim_dir
 from jaxarith.io.refs import load_model, load_tokenizer
 from jaxarith.models import kernels, transformer
 from jaxarith.models.config import ModelConfig, config_from_hf, load_config
@@ -401,13 +402,16 @@ def _train_steps(ctx: RunContext, hooks: Sequence[Hook], it, fns, compiled,
 
 
 def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
-        extensions: Sequence[Extension] | None = None) -> dict:
+        extensions: Sequence[Extension] | None = None,
+        allow_config_change: Sequence[str] = ()) -> dict:
     """Train as ``cfg`` says; resume from the latest checkpoint in the output directory.
 
     Args:
       cfg: the run configuration.
       on_step: called after each step (before the hooks) with ``(step, host_metrics)``.
       extensions: the features plugged in (default: :func:`train.extensions.discover`).
+      allow_config_change: config keys (or sections) that may differ from the saved config of
+        the run being resumed (:data:`RESUME_KEYS`; any other difference there is refused).
     Returns:
       A summary: final step, status (``done``; ``preempted`` after SIGTERM, ``interrupted``
       after Ctrl-C, both with a checkpoint saved: run again to resume), last losses, eval
@@ -417,7 +421,7 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
     """
     try:
         with _preemptible():  # SIGTERM outside the steps (loading, compiling, end of run)
-            return _run(cfg, on_step, extensions)
+            return _run(cfg, on_step, extensions, tuple(allow_config_change))
     except _Preempted:
         out = os.path.abspath(cfg.out)
         steps = checkpoint_steps(cfg.checkpoint.dir or os.path.join(out, "checkpoints"))
@@ -447,7 +451,7 @@ def _preemptible():
         signal.signal(signal.SIGTERM, old)
 
 
-def _run(cfg: TrainConfig, on_step, extensions) -> dict:
+def _run(cfg: TrainConfig, on_step, extensions, allow_change: tuple[str, ...] = ()) -> dict:
     if cfg.distributed:
         initialize_distributed()
 
@@ -457,8 +461,63 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     check_batch_fits(cfg.batch, cfg.microbatches, mesh, jax.process_count())
     data_lib.check_batch(cfg.batch, jax.process_count())
 
+    fresh = _absent_or_empty(cfg.out)
     # a new, empty or earlier jaxarith run directory (marked); never someone else's files
     out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"))
+    try:
+        return _run_in(cfg, on_step, extensions, mesh, out, allow_change)
+    except BaseException:
+        if fresh is not None:  # refused before it wrote anything: leave no run directory behind
+            _unclaim(out, remove_dir=fresh)
+        raise
+
+
+def _absent_or_empty(path: str) -> bool | None:
+    """True: ``path`` does not exist; False: an empty directory; None: anything else."""
+    if not os.path.lexists(path):
+        return True
+    return False if os.path.isdir(path) and not os.listdir(path) else None
+
+
+def _unclaim(out: str, *, remove_dir: bool) -> None:
+    """Undo :func:`claim_dir` of a run that stopped before writing anything but the marker."""
+    if jax.process_index() != 0:
+        return
+    with contextlib.suppress(OSError):
+        if os.listdir(out) == [MARKER]:
+            os.remove(os.path.join(out, MARKER))
+            if remove_dir:
+                os.rmdir(out)
+
+
+def check_checkpoint_dir(ckpt_dir: str) -> None:
+    """Refuse a ``checkpoint.dir`` that holds anything but Orbax checkpoints: Orbax takes every
+    numeric subdirectory for a checkpoint step (and deletes those beyond ``keep``)."""
+    if not os.path.lexists(ckpt_dir):
+        return
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(f"checkpoint.dir={ckpt_dir}: not a directory")
+
+    foreign = []
+    for name in sorted(os.listdir(ckpt_dir)):
+        path = os.path.join(ckpt_dir, name)
+        if name == MARKER or ".orbax-checkpoint-tmp" in name or name.startswith("unreadable-"):
+            continue
+        if not (name.isdigit() and os.path.isdir(path)
+                and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))):
+            foreign.append(name)
+    if foreign:
+        raise ConfigError(f"checkpoint.dir={ckpt_dir} holds entries that are not checkpoints of "
+                          f"a run ({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''});"
+                          " the checkpointer would take numeric directories for its own and "
+                          "delete them: give a new or empty directory")
+
+
+def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
+            allow_change: tuple[str, ...]) -> dict:
+    """:func:`_run` once the run directory ``out`` is claimed."""
+    if cfg.checkpoint.dir:  # before any work: someone's directory is not a checkpoint store
+        check_checkpoint_dir(cfg.checkpoint.dir)
     model_cfg, model_dir = model_config(cfg, extensions)
     # strict: a dimension its mesh axis does not divide is an error naming it (else replicated)
     transformer.param_shardings(model_cfg, mesh, strict=cfg.mesh_strict)
@@ -473,6 +532,14 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     progress = cfg.log.progress and jax.process_index() == 0
     ckpt_dir = cfg.checkpoint.dir or os.path.join(out, "checkpoints")
     done = finished_summary(cfg, out, ckpt_dir)
+    config_dict = to_dict(cfg)
+    if checkpoint_steps(ckpt_dir):  # refuse a changed run before loading data and compiling
+        with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep) as ckpts:
+            newest = ckpts.newest_meta()  # an unreadable latest one: see restore_newest
+            if newest is not None:
+                latest, meta, _ = newest
+                check_resume(meta, config_dict, model_cfg, f"{ckpt_dir}/{latest}")
+                check_config_unchanged(meta.get("config", {}), config_dict, allow_change, out)
     if done is not None:
         return _report_finished(cfg, done, model_cfg, model_dir, mesh, ckpt_dir)
     if cfg.export.hf_dir and os.path.exists(cfg.export.hf_dir) \
@@ -481,13 +548,6 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
         check_destination(cfg.export.hf_dir, cfg.export.overwrite,
                           inputs=[out, model_dir, cfg.export.delta_tuned, cfg.export.delta_base])
     loss_ext = only_one(extensions, "loss")
-    config_dict = to_dict(cfg)
-    if checkpoint_steps(ckpt_dir):  # refuse a changed model before loading data and compiling
-        with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep) as ckpts:
-            latest = ckpts.latest_step()
-            if latest is not None:
-                check_resume(ckpts.read_meta(latest), config_dict, model_cfg,
-                             f"{ckpt_dir}/{latest}")
 
     t0 = time.perf_counter()
     sources = data_lib.load_sources(cfg.data, tokenizer)
@@ -515,10 +575,13 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
                      async_save=cfg.checkpoint.async_save) as ckpts:
         start = ckpts.latest_step()
         if start is not None:
-            try:
-                state, data_state, _ = ckpts.restore(fns.abstract_state, frozen=frozen)
+            try:  # the newest complete one: an unreadable newer one is set aside and reported
+                start, state, data_state, _ = ckpts.restore_newest(fns.abstract_state,
+                                                                   frozen=frozen)
             except CheckpointError as e:
-                changed = _config_changes(ckpts.read_meta(start).get("config", {}), config_dict)
+                newest = ckpts.newest_meta()
+                changed = _config_changes(newest[1].get("config", {}), config_dict) \
+                    if newest else ""
                 raise CheckpointError(f"{e}; config changes since that checkpoint: "
                                       f"{changed or 'none'}") from None
         else:
@@ -626,6 +689,31 @@ def check_resume(meta: dict, config_dict: dict, model_cfg: ModelConfig, where: s
     if layout:
         raise CheckpointError(f"cannot resume from {where}: the train state's layout changed "
                               f"({layout}). Resume with the old setting, or use a new out")
+
+
+# The settings that make a run what it is: a resume may not change them silently.
+RESUME_KEYS = ("model", "optimizer", "data", "seed", "init")
+
+
+def check_config_unchanged(saved: dict, config_dict: dict, allow: Sequence[str],
+                           out: str) -> None:
+    """Refuse to resume (or to report as done) a run whose :data:`RESUME_KEYS` settings differ
+    from its saved config, naming the keys, unless each is listed in ``allow`` (a key or a
+    section: ``data.sources.code``)."""
+    if not saved:
+        return
+
+    a, b = _flatten(saved), _flatten(config_dict)
+    allowed = lambda k: any(k == x or k.startswith(x + ".") for x in allow)
+    keys = [k for k in sorted(set(a) | set(b))
+            if k.split(".")[0] in RESUME_KEYS and a.get(k) != b.get(k) and not allowed(k)]
+    if keys:
+        diffs = [f"{k}: {short(a.get(k, '(unset)'), 60)} -> {short(b.get(k, '(unset)'), 60)}"
+                 for k in keys[:6]]
+        more = f" (and {len(keys) - 6} more)" if len(keys) > 6 else ""
+        raise ConfigError(f"cannot resume the run in {out}: its config differs from the saved "
+                          f"one in {', '.join(diffs)}{more}. Resume with the saved settings, "
+                          f"pass --allow-config-change {','.join(keys)}, or train into a new out")
 
 
 def checkpoint_steps(ckpt_dir: str) -> list[int]:

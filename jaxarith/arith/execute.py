@@ -16,11 +16,25 @@ from jaxarith.arith.check import check_trees
 from jaxarith.arith.memory import run
 from jaxarith.arith.select import MergeSpec
 from jaxarith.arith.stream import run_streamed
+from jaxarith.arith.validate import check_settings, check_weights
 from jaxarith.errors import ConfigError
 from jaxarith.io.atomic import check_destination
 from jaxarith.io.convert.export import save_hf
+from jaxarith.io.convert.hf import resolve_hf_dir
 from jaxarith.io.convert.orbax import save_orbax
 from jaxarith.io.refs import RefKind, load_model, ref_kind
+from jaxarith.models.config import load_config
+
+
+def _check_params(spec: MergeSpec, refs: Sequence[str], kinds) -> None:
+    """Settings type- and range-checked, weights resolved for every tensor of the first
+    model's architecture, before any tensor is read (:mod:`jaxarith.arith.validate`)."""
+    check_settings(spec)
+    if "weight" not in spec.method.per_model_params:
+        return
+    first = refs[0] if kinds[0] is RefKind.ORBAX else resolve_hf_dir(refs[0])
+    weighted = [os.fspath(r) for r in refs[len(refs) - spec.method.num_weighted(len(refs)):]]
+    check_weights(spec, load_config(first), len(refs), labels=weighted)
 
 
 def execute(
@@ -68,6 +82,7 @@ def execute(
 def _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size, tokenizer_from,
              tokenizer_dir, overwrite, progress) -> dict:
     kinds = [ref_kind(r) for r in refs]
+    _check_params(spec, refs, kinds)
     t0 = time.perf_counter()
     if to == "hf" and not in_memory and RefKind.ORBAX not in kinds:
         info = run_streamed(spec, refs, out, dtype=dtype, max_shard_size=max_shard_size,

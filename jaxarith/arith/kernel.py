@@ -30,16 +30,23 @@ def tensor_step(method: Method, xs: tuple[jax.Array, ...], p: dict, path_seed: j
     """Result of ``method`` on one tensor, computed in float32 and cast to ``out_dtype``.
 
     Args:
-      xs: the inputs (any float dtype), all of one shape.
+      xs: the inputs (any float dtype), all of one shape: a tuple, or one array stacking them on
+        a leading axis (many inputs: one argument and one cast instead of one per input).
       p: parameters from :meth:`MergeSpec.tensor_params`.
       path_seed: ``[2] uint32`` from :func:`select.path_seed`; layer: uint32 index or NO_LAYER.
       selected: a Python bool (static) or a traced bool (a per-layer selection).
       layout: where the tensor sits in its HF tensor (TIES' tie order).
     """
-    xs = tuple(jnp.asarray(x) for x in xs)
-    if method.merge_dtype is not None:  # a merge config's `dtype`: the inputs as mergekit sees them
-        xs = tuple(x.astype(method.merge_dtype) for x in xs)
-    xs32 = tuple(x.astype(jnp.float32) for x in xs)
+    if isinstance(xs, tuple | list):
+        xs = tuple(jnp.asarray(x) for x in xs)
+        if method.merge_dtype is not None:  # a merge config's `dtype`: inputs as mergekit sees them
+            xs = tuple(x.astype(method.merge_dtype) for x in xs)
+        xs32 = tuple(x.astype(jnp.float32) for x in xs)
+    else:  # one stacked [n, ...] array: the program's size does not grow with n (see stream.py)
+        xs = jnp.asarray(xs)
+        if method.merge_dtype is not None:
+            xs = xs.astype(method.merge_dtype)
+        xs32 = xs.astype(jnp.float32)
     p = {k: jnp.asarray(v).astype(_PARAM_DTYPES.get(k, jnp.float32)) for k, v in p.items()}
     if selected is False:
         return method.passthrough(xs32).astype(out_dtype)

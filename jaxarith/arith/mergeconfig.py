@@ -35,11 +35,11 @@ import dataclasses
 import os
 from typing import Any
 
-import yaml
-
 from jaxarith.arith import chat_templates
 from jaxarith.arith.methods import _BASE_OPTIONAL, MERGE_METHODS, Kind, method, option_names
 from jaxarith.arith.select import MergeSpec, Selection
+from jaxarith.arith.validate import check_settings
+from jaxarith.configfile import load_yaml, short
 from jaxarith.errors import ConfigError
 
 _IGNORED_PARAMS = {"int8_mask"}
@@ -77,8 +77,12 @@ def _model_ref(entry: Any, where: str) -> tuple[str, dict]:
     if isinstance(entry, str):
         return entry, {}
     if not isinstance(entry, dict) or "model" not in entry:
-        raise ConfigError(f"{where}: expected {{model: ..., parameters: ...}}, got {entry!r}")
-    return str(entry["model"]), dict(entry.get("parameters") or {})
+        raise ConfigError(f"{where}: expected {{model: ..., parameters: ...}}, got "
+                          f"{short(entry)}")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: parameters: expected a mapping, got {short(params)}")
+    return str(entry["model"]), dict(params)
 
 
 def _inputs(cfg: dict) -> list[tuple[str, dict]]:
@@ -115,17 +119,35 @@ def parse_merge_config(data: dict) -> MergeConfig:
         raise ConfigError("merge config: expected a mapping at the top level")
     unknown = set(data) - _TOP_KEYS
     if unknown:
-        raise ConfigError(f"merge config: unknown field(s) {sorted(unknown)}")
+        raise ConfigError(f"merge config: unknown field(s) {short(sorted(map(str, unknown)))}")
     name = data.get("merge_method")
-    if name not in _METHODS:
-        raise ConfigError(f"merge_method {name!r}: supported are {sorted(_METHODS)}")
-    params = dict(data.get("parameters") or {})
+    if not isinstance(name, str) or name not in _METHODS:
+        raise ConfigError(f"merge_method {short(name)}: supported are {sorted(_METHODS)}")
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"parameters: expected a mapping, got {short(params)}")
+    params = dict(params)
     static = option_names(name)
     options = {k: params.pop(k) for k in list(params) if k in static}
     for k in _IGNORED_PARAMS:
-        params.pop(k, None)
+        if not isinstance(params.pop(k, False), bool):
+            raise ConfigError(f"parameters: {k}: expected true or false")
     if "consensus" in data:
         options["consensus"] = data["consensus"]
+    for k in ("normalize", "rescale"):  # mergekit's types: booleans, not strings or numbers
+        if k in options and not isinstance(options[k], bool):
+            raise ConfigError(f"parameters: {k}: expected true or false, got {short(options[k])}")
+    if "consensus" in options and not isinstance(options["consensus"], str):
+        raise ConfigError("consensus: expected 'sum' or 'count', got "
+                          f"{short(options['consensus'])}")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"seed: expected an integer, got {short(seed)}")
+    for k in ("include", "exclude"):
+        v = data.get(k) or ()
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list | tuple) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(f"{k}: expected a list of tensor name patterns, got {short(v)}")
     dtype = data.get("dtype")
     base = data.get("base_model")
     base = str(base) if base is not None else None
@@ -161,7 +183,7 @@ def parse_merge_config(data: dict) -> MergeConfig:
     spec = MergeSpec(method=m, shared=shared, per_model=per_model,
                      selection=Selection(include=tuple(data.get("include") or ()),
                                          exclude=tuple(data.get("exclude") or ())),
-                     seed=int(data.get("seed", 0)))
+                     seed=seed)
     spec.check_inputs(len(refs))
     if data.get("tokenizer") is not None:
         raise ConfigError("tokenizer: mergekit's tokenizer section (source: union/base/model, "
@@ -171,6 +193,7 @@ def parse_merge_config(data: dict) -> MergeConfig:
     chat_template = data.get("chat_template")
     if chat_template is not None:
         chat_template = chat_templates.parse(chat_template)
+    check_settings(spec, labels=list(refs[len(refs) - len(model_params):]))
     tok = data.get("tokenizer_source")
     tok_index = 0
     if isinstance(tok, str) and tok not in ("base", "union"):
@@ -191,11 +214,7 @@ def parse_merge_config(data: dict) -> MergeConfig:
 
 def load_merge_config(path: str | os.PathLike) -> MergeConfig:
     """Read and parse a YAML merge config file."""
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    data = load_yaml(path, "merge config")
     try:
         return parse_merge_config(data)
     except ConfigError as e:

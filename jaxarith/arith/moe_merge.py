@@ -39,8 +39,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 
+from jaxarith import configfile
 from jaxarith.arith.upcycle import upcycle_config
 from jaxarith.errors import ConfigError, ShapeMismatchError
 from jaxarith.io import refs
@@ -172,11 +172,7 @@ def parse_config(raw: Any, where: str = "config", *, allow_all_same: bool = Fals
 def load_yaml(path: str | os.PathLike, *, allow_all_same: bool = False) -> MoEConfig:
     """Read and validate a mergekit-moe YAML file."""
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+    raw = configfile.load_yaml(path, "MoE config")
     return parse_config(raw, path, allow_all_same=allow_all_same)
 
 

@@ -23,6 +23,7 @@ import collections
 import concurrent.futures
 import functools
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 
@@ -35,16 +36,19 @@ from jaxarith.arith import ops
 from jaxarith.arith.check import check_shapes
 from jaxarith.arith.kernel import NO_LAYER, tensor_step
 from jaxarith.arith.layout import rule_layout
+from jaxarith.arith.methods import Kind
 from jaxarith.arith.select import MergeSpec, expert_seed, path_seed
 from jaxarith.errors import ArchitectureMismatchError, ConfigError
 from jaxarith.io.convert.export import write_hf
-from jaxarith.io.convert.fastcopy import contiguous
+from jaxarith.io.convert.fastcopy import aligned_empty, contiguous
 from jaxarith.io.convert.hf import HFCheckpoint, check_checkpoint, resolve_hf_dir
 from jaxarith.io.convert.keymap import expand, rules_for
 from jaxarith.io.refs import RefKind, ref_kind
 from jaxarith.models.config import load_config
 
 _step = jax.jit(tensor_step, static_argnums=(0, 5, 6, 7))
+# methods whose formula stacks all inputs (``Method.__call__``): they may get them stacked
+_STACKING = (Kind.LINEAR, Kind.TASK_ARITHMETIC, Kind.TIES, Kind.DARE_LINEAR, Kind.DARE_TIES)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
@@ -198,6 +202,8 @@ def _compute(spec, rule, key, layer, ckpts, names, L, dtype, layouts) -> tuple[n
     for j, target in enumerate(rule.targets):
         # canonical views are transposes: copy them through cache-sized tiles
         xs = tuple(parts[m][j] if direct else contiguous(parts[m][j]) for m in range(n))
+        if n > STACK_ABOVE and _stackable(spec.method, xs):
+            xs = _stack(xs)
         canon = "/".join(target)
         p, sel = spec.tensor_params((canon, key), layer, L, xs[0].size, n)
         if sel and direct and spec.method.magnitude_trim and xs[0].size < 2**31:
@@ -214,23 +220,65 @@ def _compute(spec, rule, key, layer, ckpts, names, L, dtype, layouts) -> tuple[n
     return out, nread
 
 
+# Above this many inputs a method that stacks its inputs anyway (linear, the task merges) gets
+# them as one host-stacked array: one jit argument and one cast instead of one per input, so
+# compile time and memory stay flat in the number of inputs (with 400 inputs, each separately,
+# compiling took ~2 s per tensor shape and grew faster than the inputs).
+STACK_ABOVE = 16
+
+
+def _stackable(method, xs) -> bool:
+    return method.kind in _STACKING and len({x.dtype for x in xs}) == 1
+
+
+def _stack(xs) -> np.ndarray:
+    """``np.stack(xs)`` into an aligned buffer (a CPU device aliases it instead of copying)."""
+    out = aligned_empty((len(xs), *xs[0].shape), xs[0].dtype)
+    for i, x in enumerate(xs):
+        out[i] = x
+    return out
+
+
 def _results(spec, items, specs, ckpts, names, L, stats, bar) -> Iterator[np.ndarray]:
     """The output tensors in ``items`` order, computed ``AHEAD`` tensors ahead on worker
-    threads while the caller writes."""
+    threads while the caller writes.
+
+    The workers are daemon threads that nobody waits for once the caller stops (an error,
+    Ctrl-C, SIGTERM): one tensor of a merge of thousands of models computes for many seconds,
+    and the command must exit (its temporary output removed) without waiting for it.
+    """
     layouts = {t: rule_layout(rule, j) for rule, _, _ in items for j, t in enumerate(rule.targets)}
     pending: collections.deque = collections.deque()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=AHEAD) as pool:
-        try:
-            for i in range(len(items)):
-                while len(pending) <= AHEAD and i + len(pending) < len(items):
-                    rule, key, layer = items[i + len(pending)]
-                    pending.append(pool.submit(_compute, spec, rule, key, layer, ckpts, names,
-                                               L, specs[i + len(pending)][2], layouts))
-                out, nread = pending.popleft().result()
-                stats["bytes_read"] += nread
-                bar.update()
-                yield out
-                del out
-        finally:
-            for f in pending:
-                f.cancel()
+    slots = threading.BoundedSemaphore(AHEAD)  # at most AHEAD tensors computing at once
+    try:
+        for i in range(len(items)):
+            while len(pending) <= AHEAD and i + len(pending) < len(items):
+                rule, key, layer = items[i + len(pending)]
+                pending.append(_submit(slots, _compute, spec, rule, key, layer, ckpts, names,
+                                       L, specs[i + len(pending)][2], layouts))
+            out, nread = pending.popleft().result()
+            stats["bytes_read"] += nread
+            bar.update()
+            yield out
+            del out
+    finally:
+        for f in pending:
+            f.cancel()
+
+
+def _submit(slots: threading.BoundedSemaphore, fn, *args) -> concurrent.futures.Future:
+    """Run ``fn(*args)`` on a new daemon thread once one of ``slots`` is free (a cancelled
+    future never runs)."""
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run():
+        with slots:
+            if not fut.set_running_or_notify_cancel():
+                return
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as e:  # raised in the caller, at .result()
+                fut.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name="jaxarith-stream").start()
+    return fut

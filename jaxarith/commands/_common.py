@@ -12,6 +12,7 @@ from jaxarith import distributed
 from jaxarith.distributed import is_primary
 from jaxarith.errors import ConfigError, JaxarithError, Terminated
 from jaxarith.io.atomic import terminate_as_exception
+from jaxarith.io.finite import set_allow_nonfinite
 from jaxarith.sharding import make_mesh, set_strict_sharding
 
 
@@ -24,6 +25,14 @@ def add_model_output(p: argparse.ArgumentParser) -> None:
     """``--to hf|orbax`` and ``--overwrite`` of a command that writes one model to OUT."""
     p.add_argument("--to", choices=("hf", "orbax"), default="hf", help="output format")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+
+
+def add_allow_nonfinite(p: argparse.ArgumentParser) -> None:
+    """``--allow-nonfinite`` (every command): read checkpoints holding NaN/Inf weights, and
+    write outputs that do, instead of refusing them (:mod:`jaxarith.io.finite`)."""
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="accept NaN/Inf weights in inputs and outputs (default: refused, "
+                        "naming the tensor)")
 
 
 def add_combination(p: argparse.ArgumentParser) -> None:
@@ -129,6 +138,7 @@ def run(args) -> int:
     cluster) exits 2; Ctrl-C 130; SIGTERM 143; a closed stdout (``jaxarith inspect X | head``)
     141. Under ``--json`` the line is ``{"error": ..., "type": ...}`` on stdout.
     """
+    set_allow_nonfinite(getattr(args, "allow_nonfinite", False))
     try:
         with terminate_as_exception():
             # join a multi-process run (--coordinator / --distributed) before any other JAX call

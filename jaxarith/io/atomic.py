@@ -109,6 +109,32 @@ def write_marker(directory: PathLike, kind: str = "output", **info) -> str:
     return path
 
 
+def _is_model_dir(path: str) -> bool:
+    """Whether ``path`` holds a model (an HF checkpoint or a jaxarith Orbax checkpoint)."""
+    has = lambda n: os.path.exists(os.path.join(path, n))
+    return has("jaxarith.json") or (has("config.json") and (
+        has("model.safetensors") or has("model.safetensors.index.json")))
+
+
+def _why_inside_input(dst: str, inputs: list[str]) -> str | None:
+    """Why ``dst`` (a real path, existing or not) may not be written inside an input model."""
+    for i in inputs:
+        if dst != i and _is_within(dst, i) and os.path.isdir(i) and _is_model_dir(i):
+            return f"it is inside the input model directory {i}"
+    return None
+
+
+def _remove(path: str) -> bool:
+    """Remove a directory tree, or just the link when ``path`` is a symbolic link (``rmtree``
+    refuses links). Returns whether ``path`` is gone."""
+    if os.path.islink(path) or os.path.isfile(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+    return not os.path.lexists(path)
+
+
 def _why_unsafe(dst: str, inputs: list[str]) -> str | None:
     """Why ``dst`` (a real path) must never be replaced, or None."""
     if dst == os.sep:
@@ -136,13 +162,18 @@ def check_destination(dst: PathLike, overwrite: bool = False, *,
       overwrite: allow replacing an existing ``dst`` that jaxarith wrote, or an empty directory.
       inputs: the command's inputs (paths; hub ids are ignored), never to be replaced.
     Returns:
-      ``dst`` as an absolute path (its parent is created).
+      ``dst`` as an absolute path (its parent is created); for an existing symbolic link, the
+      directory it points to (the output is written through the link).
     Raises:
       OutputExistsError: ``dst`` exists and ``overwrite`` is False.
       UnsafeDestinationError: ``dst`` exists and may not be replaced even with ``overwrite``.
       JaxarithError: the parent directory is not writable.
     """
     dst = os.path.abspath(os.path.expanduser(os.fspath(dst)))
+    inside = _why_inside_input(_real(dst), _local_inputs(inputs))
+    if inside is not None:
+        raise UnsafeDestinationError(f"{dst} cannot be written: {inside}; choose an output "
+                                     "directory outside it")
     if os.path.lexists(dst):
         real = _real(dst)
         why = _why_unsafe(real, _local_inputs(inputs))
@@ -156,6 +187,8 @@ def check_destination(dst: PathLike, overwrite: bool = False, *,
                 f"directory" + (" (even --overwrite never replaces it)" if overwrite else ""))
         if not overwrite:
             raise OutputExistsError(f"{dst} already exists (pass --overwrite to replace it)")
+        if os.path.islink(dst):  # replace what the link points to; the link stays
+            dst = real
     parent = os.path.dirname(dst)
     os.makedirs(parent, exist_ok=True)
     if not os.access(parent, os.W_OK):
@@ -200,7 +233,10 @@ def clean_stale(dst: PathLike) -> list[str]:
             print(f"jaxarith: {path} holds the previous {dst} (its replacement was "
                   "interrupted); rename it back to keep it", file=sys.stderr)
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        if not _remove(path):
+            print(f"jaxarith: could not remove {path} (left by process {m['pid']}, which is "
+                  "gone); remove it by hand", file=sys.stderr)
+            continue
         removed.append(path)
         print(f"jaxarith: removed {path} (left by process {m['pid']}, which is gone)",
               file=sys.stderr)
@@ -287,7 +323,7 @@ def _commit(tmp: str, dst: str, overwrite: bool, inputs, kind: str, info: dict |
         old = _sibling(dst, "old")
         os.rename(dst, old)
         os.rename(tmp, dst)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     else:
         os.rename(tmp, dst)
     return dst
@@ -313,6 +349,8 @@ def _shared_atomic_dir(dst: PathLike, *, overwrite: bool, inputs, kind: str,
 
     tmp = distributed.on_primary(prepare, f"prepare {os.fspath(dst)}")
     real_dst = os.path.abspath(os.path.expanduser(os.fspath(dst)))  # as check_destination
+    if os.path.islink(real_dst):
+        real_dst = _real(real_dst)
     try:
         with terminate_as_exception():
             yield tmp
@@ -356,6 +394,10 @@ def claim_dir(directory: PathLike, *, kind: str, inputs: Iterable[PathLike | Non
 def _claim(directory: PathLike, *, kind: str, inputs: Iterable[PathLike | None],
            accept: Iterable[str], info: dict | None) -> str:
     path = os.path.abspath(os.path.expanduser(os.fspath(directory)))
+    inside = _why_inside_input(_real(path), _local_inputs(inputs))
+    if inside is not None:
+        raise UnsafeDestinationError(f"{path} cannot hold a {kind}: {inside}; choose another "
+                                     "directory")
     if os.path.lexists(path) and not is_output(path):
         why = _why_unsafe(_real(path), _local_inputs(inputs))
         if why is None and not os.path.isdir(path):
@@ -385,5 +427,5 @@ def replace_dir(directory: PathLike, *, kind: str, inputs: Iterable[PathLike | N
     if os.path.lexists(path):
         old = _sibling(path, "old")
         os.rename(path, old)
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return claim_dir(path, kind=kind, inputs=inputs)

@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from jaxarith.configfile import load_json
 from jaxarith.errors import ConfigError
 from jaxarith.models.family import Arch, DType, ModelConfig
 from jaxarith.models.layers import RopeScaling, RopeType
@@ -52,13 +53,13 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     path = os.fspath(path)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
+
     try:
-        with open(path) as f:
-            d = json.load(f)
+        d = load_json(path, "config.json")
     except FileNotFoundError:
         raise ConfigError(f"no config.json at {path}") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
     try:
         cfg = config_from_hf(d)
     except ConfigError as e:

@@ -27,8 +27,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import yaml
-
+from jaxarith.configfile import load_yaml
 from jaxarith.errors import ConfigError
 
 TINY_LLAMA = {
@@ -106,13 +105,8 @@ def read_yaml(path: str | None) -> dict:
     file, invalid YAML or a top level that is not a mapping."""
     if not path:
         return {}
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"no such experiment config: {path}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+
+    raw = load_yaml(path, "experiment config") or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return raw

@@ -9,7 +9,6 @@ the slices its devices hold.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 
@@ -18,8 +17,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxarith import sharding
+from jaxarith.configfile import load_json
 from jaxarith.errors import (
     CheckpointError,
+    ConfigError,
     JaxarithError,
     MissingTensorError,
     ShapeMismatchError,
@@ -64,12 +65,19 @@ class HFCheckpoint:
         self.directory = directory
         index = os.path.join(directory, INDEX_FILE)
         if os.path.exists(index):
-            with open(index) as f:
-                try:
-                    weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            try:
+                weight_map = load_json(index, "safetensors index")["weight_map"]
+            except (KeyError, TypeError, ConfigError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+            if not isinstance(weight_map, dict) or \
+                    not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: weight_map must map tensor names to shard "
+                                      "file names")
             files = sorted(set(weight_map.values()))
+            for f in files:  # names only: HF cache snapshots hold symlinks to elsewhere
+                if not f or os.path.isabs(f) or ".." in f.replace("\\", "/").split("/"):
+                    raise CheckpointError(f"{index}: shard {f[:200]!r} is outside the model "
+                                          "directory; shard names must be files in it")
             missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
             if missing:
                 raise CheckpointError(f"{index} lists shard files that do not exist: {missing}")

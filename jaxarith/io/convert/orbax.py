@@ -27,9 +27,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxarith import __version__, distributed
-from jaxarith.errors import CheckpointError
+from jaxarith.errors import CheckpointError, innermost_cause
 from jaxarith.io.atomic import atomic_dir
 from jaxarith.io.convert.hf import get_path, iter_hf_leaves, resolve_hf_dir, set_path
+from jaxarith.io.finite import check_input_tree, check_output, check_output_tree
 from jaxarith.models.config import ModelConfig, load_config, save_config
 from jaxarith.models.transformer import abstract_params
 
@@ -99,6 +100,7 @@ def save_orbax(cfg: ModelConfig, params: dict, dst: str | os.PathLike, *,
       ``dst``.
     """
     _check_tree(cfg, params)
+    check_output_tree(params, os.fspath(dst))
     with atomic_dir(dst, overwrite=overwrite) as tmp, save_context(compress):
         ocp.v1.save_pytree(os.path.join(tmp, PARAMS_DIR), params)  # collective
         if distributed.is_primary():
@@ -151,6 +153,7 @@ def hf_to_orbax(src: str, dst: str | os.PathLike, *, dtype=None, mesh=None,
         # the next leaf is read and transposed while this one is saved
         for path, value in iter_hf_leaves(directory, cfg, mesh=mesh, dtype=dtype,
                                           progress=progress, ahead=1):
+            check_output(value, "/".join(path), os.fspath(dst))  # a cast may overflow
             tree: dict = {}
             set_path(tree, path, value)
             ocp.v1.partial.save(target, tree)
@@ -249,14 +252,16 @@ def _restore(ref: str, target: dict, *, partial: bool, primary_only: bool = Fals
     try:
         with ctx, warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return ocp.v1.load_pytree(os.path.join(ref, PARAMS_DIR), target)
+            tree = ocp.v1.load_pytree(os.path.join(ref, PARAMS_DIR), target)
     except Exception as e:  # tensorstore / orbax errors: name the checkpoint, keep the cause
         names = ["/".join(str(k.key) for k in p) for p, _ in
                  jax.tree_util.tree_leaves_with_path(target, is_leaf=lambda x: hasattr(x, "shape"))]
-        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        cause = innermost_cause(e)
         raise CheckpointError(f"{ref}: cannot restore {', '.join(names[:4])}"
                               f"{' ...' if len(names) > 4 else ''} from the Orbax checkpoint "
                               f"({cause})") from e
+    check_input_tree(tree, ref)
+    return tree
 
 
 @dataclasses.dataclass(frozen=True)

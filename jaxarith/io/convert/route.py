@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from jaxarith.errors import ConfigError
 from jaxarith.io.atomic import check_destination, protect_inputs
@@ -48,6 +49,22 @@ def convert(
                         overwrite=overwrite, progress=progress, compress=compress)
 
 
+# Any of these makes a directory's tokenizer loadable (AutoTokenizer).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _warn_without_tokenizer(src_dir: str, dst) -> bool:
+    """Warn (stderr) when ``src_dir`` has no tokenizer files: the output will have none either,
+    and ``generate`` / ``eval-loss`` / training from it need one. Returns whether it warned."""
+    if any(os.path.exists(os.path.join(src_dir, n)) for n in _TOKENIZER_FILES):
+        return False
+    print(f"jaxarith convert: warning: {src_dir} has no tokenizer files, so {os.fspath(dst)} "
+          "will have none and generate, eval-loss and training cannot use it as it is; copy "
+          "the tokenizer files of the model it came from (tokenizer.json and "
+          "tokenizer_config.json, or tokenizer.model) into it", file=sys.stderr)
+    return True
+
+
 def _convert(src, dst, *, to, dtype, mesh, max_shard_size, overwrite, progress,
              compress) -> dict:
     check_destination(dst, overwrite)  # before reading anything
@@ -56,6 +73,7 @@ def _convert(src, dst, *, to, dtype, mesh, max_shard_size, overwrite, progress,
     if to not in ("hf", "orbax"):
         raise ConfigError(f"--to {to!r}: expected 'hf' or 'orbax'")
     route = f"{'orbax' if kind is RefKind.ORBAX else 'hf'}->{to}"
+    _warn_without_tokenizer(src if kind is RefKind.ORBAX else resolve_hf_dir(src), dst)
     if route == "hf->orbax":
         hf_to_orbax(src, dst, dtype=dtype, mesh=mesh, overwrite=overwrite, progress=progress,
                     compress=compress)

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxarith.errors import CheckpointError
 from jaxarith.io.convert.fastcopy import contiguous
+from jaxarith.io.finite import check_input, check_output
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -103,6 +104,7 @@ class SafetensorsFile:
             f.seek(self._data_start + lo)
             if f.readinto(out.reshape(-1).view(np.uint8)) != hi - lo:
                 raise CheckpointError(f"{self.path}: short read of tensor {name!r}")
+        check_input(out, name, self.path)
         return out
 
 
@@ -129,7 +131,9 @@ class SafetensorsFile:
         if hasattr(mm, "madvise"):
             mm.madvise(mmap.MADV_WILLNEED)
         out = np.frombuffer(mm, dtype, count=(hi - lo) // dtype.itemsize, offset=start - base)
-        return out.reshape(shape)
+        out = out.reshape(shape)
+        check_input(out, name, self.path)
+        return out
 
 
 def write_safetensors(
@@ -160,5 +164,6 @@ def write_safetensors(
             if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
                 raise CheckpointError(f"{name}: got {arr.dtype}{list(arr.shape)}, header says "
                                       f"{np.dtype(dtype)}{list(shape)}")
+            check_output(arr, name, os.path.basename(os.fspath(path)))
             f.write(memoryview(arr.reshape(-1).view(np.uint8)))  # no bytes copy
     return 8 + len(blob) + offset
