@@ -470,3 +470,19 @@ def test_a_hostile_config_json_is_one_line(content, gpt2_dir, tmp_path, capsys):
     code = main(["eval-loss", str(d), "--text", str(text), "--json"])
     err = _one_line(capsys, code, "config.json")
     assert len(err) < 500 and time.perf_counter() - t0 < 5
+
+
+def test_a_run_directory_inside_the_model_it_trains_is_refused(gpt2_dir, tmp_path):
+    from jaxarith.atomic import UnsafeDestinationError
+    from train import loop
+    from train.config import load_config
+
+    d = tmp_path / "m"
+    shutil.copytree(gpt2_dir[0], d)
+    before = sorted(os.listdir(d))
+    cfg = load_config(os.path.join(os.path.dirname(TRAIN), "tiny_gpt2.yaml"),
+                      [*FAST, "steps=2", f"out={d / 'run'}", f"model.ref={d}", "model.arch=",
+                       "model.config={}", "model.tokenizer="])
+    with pytest.raises(UnsafeDestinationError, match="inside the input model directory"):
+        loop.run(cfg)
+    assert sorted(os.listdir(d)) == before

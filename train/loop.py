@@ -463,7 +463,8 @@ def _run(cfg: TrainConfig, on_step, extensions, allow_change: tuple[str, ...] = 
 
     fresh = _absent_or_empty(cfg.out)
     # a new, empty or earlier jaxarith run directory (marked); never someone else's files
-    out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"))
+    out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"),
+                    inputs=[cfg.model.ref, cfg.init.ref])  # never inside an input model
     try:
         return _run_in(cfg, on_step, extensions, mesh, out, allow_change)
     except BaseException:
