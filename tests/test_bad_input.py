@@ -199,7 +199,7 @@ def test_a_yaml_alias_bomb_in_a_merge_config_is_one_short_line(llama_tied_dir, t
 @pytest.mark.parametrize("loader", ["train", "experiment", "override"])
 def test_a_yaml_alias_bomb_in_train_and_experiment_configs(loader, tmp_path):
     from jaxarith.errors import ConfigError
-    from train.config import load_config
+    from train.config import load_train_config
     from train.experiments.config import read_yaml
 
     flow = "[" + _bomb().replace("\n  - ", ", ").strip().lstrip("- ").rstrip(",") + "]"
@@ -209,12 +209,12 @@ def test_a_yaml_alias_bomb_in_train_and_experiment_configs(loader, tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(ConfigError) as e:
         if loader == "train":
-            load_config(str(path))
+            load_train_config(str(path))
         elif loader == "experiment":
             read_yaml(str(path))
         else:  # the same bomb in flow style, on the command line
             (tmp_path / "ok.yaml").write_text("out: /tmp/x\nbatch: 2\n")
-            load_config(str(tmp_path / "ok.yaml"), [f"steps={flow}"])
+            load_train_config(str(tmp_path / "ok.yaml"), [f"steps={flow}"])
     assert time.perf_counter() - t0 < 1
     assert len(str(e.value)) < 400 and "\n" not in str(e.value), str(e.value)[:1000]
 
@@ -304,14 +304,14 @@ def test_output_inside_an_input_model_directory_is_refused(gpt2_dir, tmp_path, c
 def test_checkpoint_dir_of_someone_elses_numbered_directories_is_refused(tmp_path):
     from jaxarith.errors import ConfigError
     from train import loop
-    from train.config import load_config
+    from train.config import load_train_config
 
     mine = tmp_path / "photos"
     for n in ("1", "2", "10"):
         (mine / n).mkdir(parents=True)
         (mine / n / "img.jpg").write_text("keep")
     with pytest.raises(ConfigError, match="checkpoint.dir=.*not checkpoints"):
-        loop.run(load_config(TRAIN, [*FAST, "steps=2", f"out={tmp_path / 'run'}",
+        loop.run(load_train_config(TRAIN, [*FAST, "steps=2", f"out={tmp_path / 'run'}",
                                      f"checkpoint.dir={mine}"]))
     assert sorted(os.listdir(mine)) == ["1", "10", "2"]
     assert all((mine / n / "img.jpg").exists() for n in ("1", "2", "10"))
@@ -321,17 +321,17 @@ def test_checkpoint_dir_of_someone_elses_numbered_directories_is_refused(tmp_pat
 def test_a_config_rejected_for_its_data_leaves_no_out_behind(tmp_path):
     from jaxarith.errors import JaxarithError
     from train import loop
-    from train.config import load_config
+    from train.config import load_train_config
 
     out = tmp_path / "run"
     with pytest.raises(JaxarithError, match="nope.txt"):
-        loop.run(load_config(TRAIN, [*FAST, "steps=2", f"out={out}",
+        loop.run(load_train_config(TRAIN, [*FAST, "steps=2", f"out={out}",
                                      f"data.sources.code.path={tmp_path / 'nope.txt'}"]))
     assert not os.path.exists(out)
     empty = tmp_path / "empty"  # an empty directory the user made stays, unmarked
     empty.mkdir()
     with pytest.raises(JaxarithError, match="nope.txt"):
-        loop.run(load_config(TRAIN, [*FAST, "steps=2", f"out={empty}",
+        loop.run(load_train_config(TRAIN, [*FAST, "steps=2", f"out={empty}",
                                      f"data.sources.code.path={tmp_path / 'nope.txt'}"]))
     assert os.listdir(empty) == []
 
@@ -343,20 +343,20 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, capsy
     from jaxarith.errors import JaxarithError
     from train import loop
     from train.__main__ import main as train_main
-    from train.config import load_config
+    from train.config import load_train_config
 
     out = tmp_path / "run"
     base = [*FAST, f"out={out}"]
-    assert loop.run(load_config(TRAIN, [*base, "steps=2"]))["status"] == "done"
+    assert loop.run(load_train_config(TRAIN, [*base, "steps=2"]))["status"] == "done"
     saved = (out / "config.json").read_bytes()
     # a finished run asked again with another model is refused, not "already done"
     with pytest.raises(JaxarithError, match="hidden_size"):
-        loop.run(load_config(TRAIN, [*base, "steps=2", "model.config.hidden_size=32"]))
+        loop.run(load_train_config(TRAIN, [*base, "steps=2", "model.config.hidden_size=32"]))
     with pytest.raises(JaxarithError, match=r"optimizer.weight_decay: 0.1 -> 0.2"):
-        loop.run(load_config(TRAIN, [*base, "steps=2", "optimizer.weight_decay=0.2"]))
+        loop.run(load_train_config(TRAIN, [*base, "steps=2", "optimizer.weight_decay=0.2"]))
     # a resume with changed data, seed and weight decay: every key named, nothing overwritten
     with pytest.raises(JaxarithError) as e:
-        loop.run(load_config(TRAIN, [*base, "steps=3", "seed=1", "optimizer.weight_decay=0.2",
+        loop.run(load_train_config(TRAIN, [*base, "steps=3", "seed=1", "optimizer.weight_decay=0.2",
                                      "data.sources.code.path=bundled:docs"]))
     msg = str(e.value)
     for key in ("data.sources.code.path: 'bundled:code' -> 'bundled:docs'", "seed: 0 -> 1",
@@ -377,11 +377,11 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, capsy
 @pytest.mark.parametrize("damage", ["truncate", "delete"])
 def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(damage, tmp_path, capfd):
     from train import loop
-    from train.config import load_config
+    from train.config import load_train_config
 
     out = tmp_path / "run"
     args = [*FAST, f"out={out}", "checkpoint.every=2", "eval.at_end=false"]
-    full = loop.run(load_config(TRAIN, [*args, "steps=4"]))
+    full = loop.run(load_train_config(TRAIN, [*args, "steps=4"]))
     assert sorted(os.listdir(out / "checkpoints")) == ["2", "4"]
     arrays = out / "checkpoints" / "4" / "state"
     biggest = max((os.path.join(r, f) for r, _, fs in os.walk(arrays) for f in fs),
@@ -392,7 +392,7 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(damage, tmp_p
     else:
         os.remove(os.path.join(arrays, "_METADATA"))
     capfd.readouterr()
-    res = loop.run(load_config(TRAIN, [*args, "steps=6"]))
+    res = loop.run(load_train_config(TRAIN, [*args, "steps=6"]))
     err = capfd.readouterr().err
     assert res["status"] == "done" and sorted(res["batches"]) == [3, 4, 5, 6]
     assert res["batches"][3] == full["batches"][3] and res["batches"][4] == full["batches"][4]
@@ -474,13 +474,14 @@ def test_a_hostile_config_json_is_one_line(content, gpt2_dir, tmp_path, capsys):
 
 def test_a_run_directory_inside_the_model_it_trains_is_refused(gpt2_dir, tmp_path):
     from jaxarith.atomic import UnsafeDestinationError
+
     from train import loop
-    from train.config import load_config
+    from train.config import load_train_config
 
     d = tmp_path / "m"
     shutil.copytree(gpt2_dir[0], d)
     before = sorted(os.listdir(d))
-    cfg = load_config(os.path.join(os.path.dirname(TRAIN), "tiny_gpt2.yaml"),
+    cfg = load_train_config(os.path.join(os.path.dirname(TRAIN), "tiny_gpt2.yaml"),
                       [*FAST, "steps=2", f"out={d / 'run'}", f"model.ref={d}", "model.arch=",
                        "model.config={}", "model.tokenizer="])
     with pytest.raises(UnsafeDestinationError, match="inside the input model directory"):
