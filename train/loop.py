@@ -482,7 +482,14 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
                              f"{ckpt_dir}/{latest}")
 
     t0 = time.perf_counter()
-    sources = data_lib.load_sources(cfg.data, tokenizer)
+    sources = data_lib.load_sources(cfg.data, tokenizer, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    # a streamed source holds this process's share of documents: every process then mixes its
+    # own windows (the other sources' windows split p::P) instead of striding a global stream
+    local = any(s.process_local for s in sources) and jax.process_count() > 1
+    if local:
+        sources = data_lib.local_shares(sources, jax.process_index(), jax.process_count())
+    streams = data_lib.stream_positions(sources)
     eval_batch = cfg.batch // cfg.microbatches
     n_eval = cfg.eval.batches * eval_batch
     eval_sets = {s.name: eval_examples(s, n_eval) for s in sources if len(s.eval)}
@@ -514,16 +521,18 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
         start = ckpts.latest_step()
         if start is not None:
             try:
-                state, data_state, _ = ckpts.restore(fns.abstract_state, frozen=frozen)
+                state, data_state, meta = ckpts.restore(fns.abstract_state, frozen=frozen)
             except CheckpointError as e:
                 changed = _config_changes(ckpts.read_meta(start).get("config", {}), config_dict)
                 raise CheckpointError(f"{e}; config changes since that checkpoint: "
                                       f"{changed or 'none'}") from None
+            check_streams(meta.get("data_streams", {}), streams, f"{ckpt_dir}/{start}")
         else:
             params = initial_params(cfg, model_cfg, mesh, progress, extensions)
             state, data_state, start = init_state(fns, params, mesh, frozen), None, 0
         it = data_lib.batch_iterator(ds, cfg.batch, process_index=jax.process_index(),
-                                     process_count=jax.process_count(), state=data_state)
+                                     process_count=jax.process_count(), state=data_state,
+                                     local=local)
         writer = metrics_lib.MetricsWriter(out, total_steps=cfg.steps, start_step=start,
                                            tensorboard=cfg.log.tensorboard, progress=progress)
         writer.log(_startup_message(cfg, model_cfg, mesh, info, fpt, start, data_s, compile_s,
@@ -535,7 +544,7 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
         def save() -> None:
             ckpts.save(ctx.step, ctx.state, it.get_state(),
                        {"config": config_dict, "model_config": model_cfg.to_hf(),
-                        "step": ctx.step, "metrics": ctx.last})
+                        "step": ctx.step, "metrics": ctx.last, "data_streams": streams})
 
         ctx = RunContext(cfg=cfg, model_cfg=model_cfg, mesh=mesh, out=out, step=start,
                          state=state, evaluate=evaluate, eval_sets=eval_sets, writer=writer,
@@ -626,6 +635,24 @@ def check_resume(meta: dict, config_dict: dict, model_cfg: ModelConfig, where: s
     if layout:
         raise CheckpointError(f"cannot resume from {where}: the train state's layout changed "
                               f"({layout}). Resume with the old setting, or use a new out")
+
+
+def check_streams(saved: dict, current: dict, where: str) -> None:
+    """Refuse to resume when a streamed source reads other documents than when the checkpoint
+    was written (the iterator position would then point into other windows): another
+    ``max_docs``, ``eval_fraction``, number of processes, or a stream that changed length.
+    The checkpoint holds process 0's position; every process reads by the same rule."""
+    for name, pos in saved.items():
+        now = current.get(name)
+        if now is None:
+            raise CheckpointError(f"cannot resume from {where}: data source {name!r} was read "
+                                  "as a stream and is not one now")
+        keys = ("documents", "eval_documents", "process_count")
+        diff = [f"{k} {pos.get(k)} -> {now.get(k)}" for k in keys if pos.get(k) != now.get(k)]
+        if diff:
+            raise CheckpointError(f"cannot resume from {where}: the stream of data source "
+                                  f"{name!r} gives other documents ({', '.join(diff)}); resume "
+                                  "with the same max_docs, eval_fraction and processes")
 
 
 def checkpoint_steps(ckpt_dir: str) -> list[int]:
