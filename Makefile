@@ -12,7 +12,7 @@ VENV_NEWEST   ?= .venv-newest
 # its fast subset: models, conversion, generation (torch-free), arithmetic, training runs and data,
 # and that installing jaxarith keeps the newer stack (no downgrade)
 NEWEST_TESTS  := tests/test_install.py tests/test_stack_smoke.py tests/test_arith.py \
-	tests/test_train_loop.py tests/test_train_data.py tests/test_train_config.py
+	tests/test_train_loop.py tests/test_train_data.py tests/test_train_config.py tests/test_data_stream.py
 # 8 fake CPU devices, so every sharded path runs on a laptop.
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
