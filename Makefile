@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 # the ranges users get. Refresh: install with the new versions, then `pip freeze`.
 LOCK   := requirements/lock.txt
 # the newest-versions step: jax >= 0.11 needs Python >= 3.12
-PYTHON_NEWEST ?= $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12
+PYTHON_NEWEST ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 \
+	$(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
 VENV_NEWEST   ?= .venv-newest
 # its fast subset: models, conversion, generation (torch-free), arithmetic, training runs and data,
 # and that installing jaxarith keeps the newer stack (no downgrade)
