@@ -100,15 +100,28 @@ class CheckpointConfig:
 
     Attributes:
       every: save every N steps (0: only at the end and on preemption).
+      every_minutes: also save when this many minutes have passed since the last such save
+        (or the start), checked after every step; process 0's clock decides for all (0: off).
+        Bounds the work lost to a crash that gives no SIGTERM when steps take long or vary.
       keep: keep the last k checkpoints.
       async_save: write in the background while training continues.
       dir: default ``OUT/checkpoints``.
     """
 
     every: int = 0
+    every_minutes: float = 0.0
     keep: int = 2
     async_save: bool = True
     dir: str = ""
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ConfigError(f"checkpoint.every={self.every} must be >= 0 (0: end only)")
+        if self.every_minutes < 0:
+            raise ConfigError(f"checkpoint.every_minutes={self.every_minutes} must be >= 0 "
+                              "(0: off)")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep={self.keep} must be at least 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

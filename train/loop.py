@@ -298,6 +298,30 @@ def checkpoint_hook(ctx: RunContext) -> None:
     ctx.save()
 
 
+# the clock of time-based checkpoints (seconds; tests replace it with a fake one)
+checkpoint_clock = time.monotonic
+
+
+def timed_checkpoint_hook(minutes: float) -> Callable[[RunContext], None]:
+    """Save when ``minutes`` have passed since the last time-based save (or since this hook was
+    made, at the start of the run). Saving is collective, so with several processes process
+    0's clock decides and its decision is broadcast (one tiny collective per step)."""
+    last = [checkpoint_clock()]
+
+    def fn(ctx: RunContext) -> None:
+        now = checkpoint_clock()
+        due = now - last[0] >= minutes * 60
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        if due:
+            ctx.save()
+            last[0] = now
+
+    return fn
+
+
 def plot_hook(ctx: RunContext) -> None:
     if jax.process_index() == 0:
         ctx.summary["plot"] = metrics_lib.plot_losses(os.path.join(ctx.out, "metrics.jsonl"),
@@ -306,11 +330,14 @@ def plot_hook(ctx: RunContext) -> None:
 
 def default_hooks(cfg: TrainConfig, thr: metrics_lib.Throughput) -> list[Hook]:
     """Metrics every ``log.every`` steps, eval every ``eval.every`` (and at the end),
-    checkpoints every ``checkpoint.every`` (the loop also saves at the end and on
-    preemption)."""
+    checkpoints every ``checkpoint.every`` steps and every ``checkpoint.every_minutes`` (the
+    loop also saves at the end and on preemption)."""
     return [Hook(name="log", every=cfg.log.every, fn=log_metrics_hook(thr), at_end=True),
             Hook(name="eval", every=cfg.eval.every, fn=eval_hook, at_end=True),
-            Hook(name="checkpoint", every=cfg.checkpoint.every, fn=checkpoint_hook)]
+            Hook(name="checkpoint", every=cfg.checkpoint.every, fn=checkpoint_hook),
+            *([Hook(name="checkpoint_time", every=1,
+                    fn=timed_checkpoint_hook(cfg.checkpoint.every_minutes))]
+              if cfg.checkpoint.every_minutes > 0 else [])]
 
 
 def end_hooks(cfg: TrainConfig) -> list[Hook]:
