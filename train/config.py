@@ -134,11 +134,42 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+    """Weights & Biases logging (the ``wandb`` extra): process 0 logs the run config and every
+    record of metrics.jsonl to this run. A resumed run continues the same W&B run (its id is
+    kept in ``OUT/wandb_run_id``). ``WANDB_MODE=offline`` writes it under ``OUT/wandb/`` only.
+
+    Attributes:
+      project: the W&B project (required).
+      entity: team or user (default: W&B's default entity).
+      name: the run's display name (default: W&B's).
+      tags: the run's tags.
+    """
+
+    project: str
+    entity: str = ""
+    name: str = ""
+    tags: tuple = ()
+
+    def __post_init__(self):
+        if not self.project.strip():
+            raise ConfigError("log.wandb.project is empty: give the W&B project")
+        tags = [self.tags] if isinstance(self.tags, str) else self.tags
+        if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
+            raise ConfigError(f"log.wandb.tags={self.tags!r}: expected a list of strings")
+        object.__setattr__(self, "tags", tuple(tags))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LogConfig:
+    """Metrics every ``every`` steps to metrics.jsonl, and optionally TensorBoard, a progress
+    bar, a loss plot at the end and Weights & Biases (``wandb``, see :class:`WandbConfig`)."""
+
     every: int = 10
     tensorboard: bool = True
     progress: bool = True
     plot: bool = True
+    wandb: WandbConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -476,6 +476,12 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
 
     # a new, empty or earlier jaxarith run directory (marked); never someone else's files
     out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"))
+    if cfg.log.wandb is not None and jax.process_index() == 0:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("log.wandb is set but the wandb package is not installed: "
+                              "pip install 'jaxarith[wandb]'")
     model_cfg, model_dir = model_config(cfg, extensions)
     # strict: a dimension its mesh axis does not divide is an error naming it (else replicated)
     transformer.param_shardings(model_cfg, mesh, strict=cfg.mesh_strict)
@@ -561,7 +567,8 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
                                      process_count=jax.process_count(), state=data_state,
                                      local=local)
         writer = metrics_lib.MetricsWriter(out, total_steps=cfg.steps, start_step=start,
-                                           tensorboard=cfg.log.tensorboard, progress=progress)
+                                           tensorboard=cfg.log.tensorboard, progress=progress,
+                                           wandb=cfg.log.wandb, run_config=config_dict)
         writer.log(_startup_message(cfg, model_cfg, mesh, info, fpt, start, data_s, compile_s,
                                     sources))
         if jax.process_index() == 0:
