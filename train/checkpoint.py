@@ -60,7 +60,9 @@ class Checkpoints:
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
         if keep < 1:
             raise CheckpointError(f"checkpoint.keep={keep} must be at least 1")
-        self.directory = os.path.abspath(directory)
+        # a URL (gs://...) goes to orbax as it is
+        self.directory = directory if "://" in os.fspath(directory) else \
+            os.path.abspath(directory)
         self.async_save = async_save
         policies = ocp.v1.training.preservation_policies
         self._ckpt = ocp.v1.training.Checkpointer(

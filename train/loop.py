@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxarith import data as data_lib
-from jaxarith import sharding
+from jaxarith import paths, sharding
 from jaxarith.errors import CheckpointError, ConfigError, JaxarithError
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig, config_from_hf, load_config
@@ -324,8 +324,9 @@ def timed_checkpoint_hook(minutes: float) -> Callable[[RunContext], None]:
 
 def plot_hook(ctx: RunContext) -> None:
     if jax.process_index() == 0:
-        ctx.summary["plot"] = metrics_lib.plot_losses(os.path.join(ctx.out, "metrics.jsonl"),
-                                                      os.path.join(ctx.out, "loss.png"))
+        local = os.path.dirname(ctx.writer.path)  # the run directory, or its local staging
+        ctx.summary["plot"] = metrics_lib.plot_losses(os.path.join(local, "metrics.jsonl"),
+                                                      os.path.join(local, "loss.png"))
 
 
 def default_hooks(cfg: TrainConfig, thr: metrics_lib.Throughput) -> list[Hook]:
@@ -434,8 +435,8 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
         with _preemptible():  # SIGTERM outside the steps (loading, compiling, end of run)
             return _run(cfg, on_step, extensions)
     except _Preempted:
-        out = os.path.abspath(cfg.out)
-        steps = checkpoint_steps(cfg.checkpoint.dir or os.path.join(out, "checkpoints"))
+        out = cfg.out if paths.is_url(cfg.out) else os.path.abspath(cfg.out)
+        steps = checkpoint_steps(cfg.checkpoint.dir or paths.join(out, "checkpoints"))
         step = steps[-1] if steps else 0
         print(f"SIGTERM: stopped; the last checkpoint is at step {step}", file=sys.stderr,
               flush=True)
@@ -475,7 +476,8 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     from jaxarith.atomic import claim_dir
 
     # a new, empty or earlier jaxarith run directory (marked); never someone else's files
-    out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"))
+    claim = paths.claim_dir if paths.is_url(cfg.out) else claim_dir
+    out = claim(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"))
     if cfg.log.wandb is not None and jax.process_index() == 0:
         import importlib.util
 
@@ -494,12 +496,12 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocab_size is {model_cfg.vocab_size}")
     progress = cfg.log.progress and jax.process_index() == 0
-    ckpt_dir = cfg.checkpoint.dir or os.path.join(out, "checkpoints")
+    ckpt_dir = cfg.checkpoint.dir or paths.join(out, "checkpoints")
     done = finished_summary(cfg, out, ckpt_dir)
     if done is not None:
         return _report_finished(cfg, done, model_cfg, model_dir, mesh, ckpt_dir)
     if cfg.export.hf_dir and os.path.exists(cfg.export.hf_dir) \
-            and not os.path.exists(os.path.join(out, "summary.json")):
+            and not paths.exists(paths.join(out, "summary.json")):
         from jaxarith.atomic import check_destination
 
         # refuse now, not after the whole run
@@ -566,14 +568,20 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
         it = data_lib.batch_iterator(ds, cfg.batch, process_index=jax.process_index(),
                                      process_count=jax.process_count(), state=data_state,
                                      local=local)
-        writer = metrics_lib.MetricsWriter(out, total_steps=cfg.steps, start_step=start,
-                                           tensorboard=cfg.log.tensorboard, progress=progress,
-                                           wandb=cfg.log.wandb, run_config=config_dict)
+        # metrics, TensorBoard and the plot are written locally; for a URL `out` they are
+        # staged and uploaded whole (object stores cannot append)
+        mirror = paths.Mirror(out, pull=("metrics.jsonl", "tensorboard",
+                                         metrics_lib.WANDB_ID_FILE)) \
+            if jax.process_index() == 0 else None
+        writer = metrics_lib.MetricsWriter(mirror.local if mirror else out, total_steps=cfg.steps,
+                                           start_step=start, tensorboard=cfg.log.tensorboard,
+                                           progress=progress, wandb=cfg.log.wandb,
+                                           run_config=config_dict,
+                                           sync=mirror.push if mirror else None)
         writer.log(_startup_message(cfg, model_cfg, mesh, info, fpt, start, data_s, compile_s,
                                     sources))
         if jax.process_index() == 0:
-            with open(os.path.join(out, "config.json"), "w") as f:
-                json.dump(config_dict, f, indent=2)
+            paths.write_text(paths.join(out, "config.json"), json.dumps(config_dict, indent=2))
 
         def save() -> None:
             ckpts.save(ctx.step, ctx.state, it.get_state(),
@@ -599,6 +607,8 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
             ckpts.wait()
         finally:
             writer.close()
+            if mirror is not None:
+                mirror.close()
 
     state = ctx.state
     summary.update(step=ctx.step, status=status, loss=ctx.last.get("loss"))
@@ -609,7 +619,7 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
             from train.export import export_hf
 
             summary["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)
-    _write_summary(os.path.join(out, "summary.json"), summary)
+    _write_summary(paths.join(out, "summary.json"), summary)
     summary["state"] = state  # the final TrainState (not serialised)
     return summary
 
@@ -690,7 +700,10 @@ def check_streams(saved: dict, current: dict, where: str) -> None:
 
 
 def checkpoint_steps(ckpt_dir: str) -> list[int]:
-    """The steps of the complete checkpoints in ``ckpt_dir`` (orbax commits ``DIR/<step>``)."""
+    """The steps of the complete checkpoints in ``ckpt_dir`` (orbax commits ``DIR/<step>``;
+    its temporaries have other names)."""
+    if paths.is_url(ckpt_dir):
+        return sorted(int(n) for n in paths.listdir(ckpt_dir) if n.isdigit())
     if not os.path.isdir(ckpt_dir):
         return []
     return sorted(int(n) for n in os.listdir(ckpt_dir)
@@ -709,12 +722,11 @@ def finished_summary(cfg: TrainConfig, out: str, ckpt_dir: str) -> dict | None:
     if steps[-1] > cfg.steps:
         raise ConfigError(f"steps={cfg.steps} but {ckpt_dir} already has a checkpoint at step "
                           f"{steps[-1]}: raise steps to extend the run, or use a new out")
-    path = os.path.join(out, "summary.json")
-    if steps[-1] < cfg.steps or not os.path.exists(path):
+    path = paths.join(out, "summary.json")
+    if steps[-1] < cfg.steps or not paths.exists(path):
         return None
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = json.loads(paths.read_text(path))
     except (OSError, json.JSONDecodeError):
         return None
     if saved.get("status") != "done" or saved.get("step") != cfg.steps:
@@ -748,7 +760,7 @@ def _report_finished(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, mode
         with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep) as ckpts:
             state, _, _ = ckpts.restore(fns.abstract_state)
         res["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)
-        _write_summary(os.path.join(where, "summary.json"),
+        _write_summary(paths.join(where, "summary.json"),
                        {**saved, "export_hf": res["export_hf"]})
     return res
 
@@ -756,11 +768,8 @@ def _report_finished(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, mode
 def _write_summary(path: str, summary: dict) -> None:
     if jax.process_index() != 0:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({k: v for k, v in summary.items() if k not in ("batches", "state")}, f,
-                  indent=2)
-    os.replace(tmp, path)
+    paths.write_text(path, json.dumps({k: v for k, v in summary.items()
+                                       if k not in ("batches", "state")}, indent=2))
 
 
 def _sci(x) -> str:

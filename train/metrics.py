@@ -175,12 +175,15 @@ class MetricsWriter:
       out: the run directory.
       total_steps, start_step: for the progress bar and ETA.
       tensorboard, progress: enable those outputs.
+      wandb, run_config: the ``log.wandb`` section and the config to log with the W&B run.
+      sync: called after each record (a :class:`jaxarith.paths.Mirror`'s ``push``).
     """
 
     def __init__(self, out: str, *, total_steps: int, start_step: int = 0,
                  tensorboard: bool = True, progress: bool = True, wandb=None,
-                 run_config: dict | None = None):
+                 run_config: dict | None = None, sync=None):
         self.enabled = jax.process_index() == 0
+        self._sync = sync  # called after each record (e.g. to upload a staged directory)
         self.path = os.path.join(out, "metrics.jsonl")
         self._tb = None
         self._bar = None
@@ -220,6 +223,8 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in clean.items() if k != "step"},
                             step=int(clean["step"]))
+        if self._sync is not None:
+            self._sync()
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self._bar is not None:
