@@ -28,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterable
 
-from jaxarith.atomic import MARKER, UnsafeDestinationError, marker_text
+from jaxarith.atomic import MARKER, OutputExistsError, UnsafeDestinationError, marker_text
 
 
 def is_url(path: str | os.PathLike) -> bool:
@@ -41,6 +41,11 @@ def _fs(url: str):
     import fsspec
 
     return fsspec.core.url_to_fs(url)
+
+
+def absolute(path: str) -> str:
+    """A URL as it is; a local path made absolute."""
+    return os.fspath(path) if is_url(path) else os.path.abspath(os.path.expanduser(path))
 
 
 def join(base: str, *parts: str) -> str:
@@ -117,15 +122,25 @@ def claim_dir(url: str, *, kind: str, accept: Iterable[str] = ()) -> str:
     return claim()
 
 
-def upload_dir(local: str, url: str, *, kind: str = "output") -> str:
-    """Put a complete local output directory at ``url`` by the object-store rules: upload under
-    a temporary sibling prefix, copy into place, remove the temporary, write the marker last.
-    A destination holding objects but no marker is refused (nothing is deleted); one holding
-    the marker is replaced only after the new files are uploaded."""
+def check_upload(url: str, overwrite: bool = False) -> list[str]:
+    """Refuse a destination :func:`upload_dir` may not write (before any work): one holding
+    objects but no marker, or an earlier output without ``overwrite``. Returns its names."""
     names = listdir(url)
     if names and MARKER not in names:
         raise UnsafeDestinationError(f"{url} is not empty and was not written by jaxarith (no "
                                      f"{MARKER}); nothing was written")
+    if names and not overwrite:
+        raise OutputExistsError(f"{url} already exists (a jaxarith output); pass overwrite to "
+                                "replace it")
+    return names
+
+
+def upload_dir(local: str, url: str, *, kind: str = "output", overwrite: bool = False) -> str:
+    """Put a complete local output directory at ``url`` by the object-store rules: upload under
+    a temporary sibling prefix, copy into place, remove the temporary, write the marker last.
+    A destination holding objects but no marker is refused (nothing is deleted); one holding
+    the marker is replaced (with ``overwrite``) only after the new files are uploaded."""
+    names = check_upload(url, overwrite)
     fs, dst = _fs(url)
     parent, name = posixpath.split(dst.rstrip("/"))
     tmp = posixpath.join(parent, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-"

@@ -10,7 +10,7 @@ import fsspec
 import pytest
 
 from jaxarith import paths
-from jaxarith.atomic import MARKER, UnsafeDestinationError
+from jaxarith.atomic import MARKER, OutputExistsError, UnsafeDestinationError
 from train import loop
 from train.config import load_config
 
@@ -33,7 +33,8 @@ def memfs():
 def test_training_run_out_on_memory_fs(memfs, tmp_path):
     out = "memory://bucket/runs/tiny"
     # orbax writes gs:// itself but has no memory:// filesystem: checkpoints stay local here
-    over = [*FAST, f"out={out}", f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every=2"]
+    over = [*FAST, f"out={out}", f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.every=2",
+            "export.hf_dir=memory://bucket/exports/tiny"]
     cfg = load_config(LLAMA, [*over, "steps=4"])
 
     def crash(step, _):
@@ -56,8 +57,28 @@ def test_training_run_out_on_memory_fs(memfs, tmp_path):
     assert paths.listdir(out + "/tensorboard")
     assert memfs.cat_file("/bucket/runs/tiny/loss.png")[:4] == b"\x89PNG"
 
+    # the export: uploaded through a temporary prefix (gone), marker last; it loads back
+    assert res["export_hf"] == "memory://bucket/exports/tiny"
+    assert memfs.ls("/bucket/exports", detail=False) == ["/bucket/exports/tiny"]
+    exported = set(paths.listdir("memory://bucket/exports/tiny"))
+    assert {MARKER, "config.json", "model.safetensors", "tokenizer.json"} <= exported
+    memfs.get("/bucket/exports/tiny", str(tmp_path / "hf"), recursive=True)
+    from jaxarith.convert.hf import load_hf_params
+
+    _, params = load_hf_params(str(tmp_path / "hf"))
+    import jax
+    import numpy as np
+
+    for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(jax.device_get(res["state"].params)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(x), y)
+
     again = loop.run(cfg)  # finished: reported from the bucket's summary, nothing written
     assert again["already_done"] and again["step"] == 4
+    with pytest.raises(OutputExistsError, match="already exists"):  # a new run may not
+        loop.run(load_config(LLAMA, [*over, "out=memory://bucket/runs/second", "steps=1",
+                                     f"checkpoint.dir={tmp_path / 'ckpt2'}"]))
+    assert not paths.exists("memory://bucket/runs/second/config.json")  # refused before work
 
 
 def test_a_foreign_location_is_refused(memfs):
@@ -90,7 +111,12 @@ def test_upload_dir_uses_a_temporary_prefix_and_writes_the_marker_last(memfs, tm
         "/bucket/export/model/" + MARKER, "/bucket/export/model/a.json",
         "/bucket/export/model/sub/b.bin"]  # no temporary left
     assert memfs.cat_file("/bucket/export/model/sub/b.bin") == b"123"
-    paths.upload_dir(str(local), "memory://bucket/export/model")  # ours: replaced
+    with pytest.raises(OutputExistsError, match="pass overwrite"):
+        paths.upload_dir(str(local), "memory://bucket/export/model")
+    (local / "a.json").write_text('{"new": 1}')
+    paths.upload_dir(str(local), "memory://bucket/export/model", overwrite=True)  # ours
+    assert memfs.cat_file("/bucket/export/model/a.json") == b'{"new": 1}'
+    assert memfs.exists("/bucket/export/model/" + MARKER)
     memfs.pipe_file("/bucket/export/other/x", b"1")
     with pytest.raises(UnsafeDestinationError, match="not written by jaxarith"):
         paths.upload_dir(str(local), "memory://bucket/export/other")

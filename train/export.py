@@ -14,6 +14,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from jaxarith import paths
 from jaxarith.atomic import protect_inputs
 from jaxarith.errors import ConfigError
 from jaxarith.models.config import ModelConfig
@@ -44,7 +45,8 @@ def add_delta(params: dict, model_cfg: ModelConfig, tuned_ref: str, base_ref: st
 
 
 def export_hf(cfg, model_cfg: ModelConfig, model_dir: str | None, state) -> str:
-    """Write ``cfg.export.hf_dir`` (HF safetensors + config + tokenizer). Returns the path."""
+    """Write ``cfg.export.hf_dir`` (HF safetensors + config + tokenizer; a URL is written
+    locally, then uploaded by :func:`jaxarith.paths.upload_dir`). Returns the path."""
     from jaxarith.convert.export import save_hf
 
     ex = cfg.export
@@ -62,6 +64,14 @@ def export_hf(cfg, model_cfg: ModelConfig, model_dir: str | None, state) -> str:
             tok_dir = tmp
         elif cfg.model.tokenizer:
             tok_dir = cfg.model.tokenizer
+        if paths.is_url(ex.hf_dir):  # written locally, then uploaded (marker last)
+            paths.check_upload(ex.hf_dir, ex.overwrite)
+            local = os.path.join(tmp, "hf")
+            save_hf(model_cfg, params, local, dtype=ex.dtype or "float32",
+                    tokenizer_dir=tok_dir, progress=False)
+            if jax.process_index() == 0:
+                paths.upload_dir(local, ex.hf_dir, kind="hf export", overwrite=ex.overwrite)
+            return ex.hf_dir
         # the shared safe-output rules: never replace the run, the base model or the deltas
         with protect_inputs([cfg.out, model_dir, ex.delta_tuned, ex.delta_base]):
             save_hf(model_cfg, params, ex.hf_dir, dtype=ex.dtype or "float32",

@@ -500,7 +500,10 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     done = finished_summary(cfg, out, ckpt_dir)
     if done is not None:
         return _report_finished(cfg, done, model_cfg, model_dir, mesh, ckpt_dir)
-    if cfg.export.hf_dir and os.path.exists(cfg.export.hf_dir) \
+    if cfg.export.hf_dir and paths.is_url(cfg.export.hf_dir) and jax.process_index() == 0 \
+            and not paths.exists(paths.join(out, "summary.json")):
+        paths.check_upload(cfg.export.hf_dir, cfg.export.overwrite)  # refuse now
+    elif cfg.export.hf_dir and os.path.exists(cfg.export.hf_dir) \
             and not paths.exists(paths.join(out, "summary.json")):
         from jaxarith.atomic import check_destination
 
@@ -613,7 +616,7 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     state = ctx.state
     summary.update(step=ctx.step, status=status, loss=ctx.last.get("loss"))
     if status == "done" and cfg.export.hf_dir:
-        keep = start >= cfg.steps and os.path.exists(cfg.export.hf_dir) \
+        keep = start >= cfg.steps and paths.exists(cfg.export.hf_dir) \
             and not cfg.export.overwrite
         if not keep:
             from train.export import export_hf
@@ -746,7 +749,10 @@ def _report_finished(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, mode
               "extend it); nothing to train", file=sys.stderr, flush=True)
     res = {**saved, "already_done": True, "batches": {}}
     hf = cfg.export.hf_dir
-    if hf and (os.path.abspath(hf) != saved.get("export_hf") or cfg.export.overwrite):
+    if hf and paths.is_url(hf) and (hf != saved.get("export_hf") or cfg.export.overwrite):
+        raise ConfigError(f"the run in {where} already finished; exporting it to a URL "
+                          f"({hf}) afterwards is not supported: export to a local directory")
+    if hf and (paths.absolute(hf) != saved.get("export_hf") or cfg.export.overwrite):
         from jaxarith.atomic import check_destination
         from train.export import export_hf
 
