@@ -39,7 +39,8 @@ test-newest:  ## the newest versions the ranges allow, in a fresh Python 3.12 ve
 	$(VENV_NEWEST)/bin/python -m pip install -q -e '.[test-newest]'
 	$(VENV_NEWEST)/bin/python -m pip check
 	$(VENV_NEWEST)/bin/python -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|grain|transformers|datasets|numpy) '
-	JAXARITH_LOCK=$(LOCK) $(VENV_NEWEST)/bin/python -m pytest -q -p no:cacheprovider $(NEWEST_TESTS)
+	JAXARITH_LOCK=$(LOCK) $(VENV_NEWEST)/bin/python -m pytest -q -p no:cacheprovider --durations=10 \
+		$(NEWEST_TESTS)
 
 test-multiprocess: $(STAMP)  ## the slow 2-process x 4-device runs (CI runs them after `make test`)
 	$(PY) -m pytest -q -m slow tests/test_multiprocess.py tests/test_lmeval_multiprocess.py
