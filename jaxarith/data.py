@@ -17,6 +17,13 @@ drops a source. Element ``k`` of the mixture is a pure function of ``k``, so:
 * the iterator's state is one integer (``get_state()`` -> ``{"next_index": k}``), saved with the
   checkpoint, so a resumed run sees exactly the batches an uninterrupted run would have.
 
+A streamed ``datasets`` source (``streaming: true``, the default for a hub id with ``max_docs``)
+reads only the stream's first ``max_docs`` documents, and of them each process tokenises only its
+own share (:func:`stream_documents`). Its windows then differ between processes, so with several
+processes every process mixes its own sources (:func:`local_shares`: the other sources' windows
+split ``p::P``) and takes every element (``batch_iterator(..., local=True)``); the state is still
+one integer.
+
 The token windows of each source are held in host memory (int32), except for a ``kind: tokenized``
 source (``jaxarith data tokenize``, :mod:`jaxarith.tokenized`), whose windows stay on disk and are
 read by index: the same windows as the text source, so the same batches.
