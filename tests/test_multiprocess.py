@@ -421,7 +421,8 @@ def test_streamed_source_on_2_processes_resumes_bit_exact(tmp_path):
     """A streamed ``datasets`` source (local parquet through ``load_dataset(..., streaming=True)``)
     on 2 processes: each process trains on its own share of the documents; a copy of the run
     stopped after step 3 resumes on 2 processes to exactly the uninterrupted losses and weights,
-    and the checkpoint records the stream's position (documents read, processes)."""
+    and the checkpoint records the stream's position (documents read, processes). Time-based
+    checkpoints on 2 processes save on both (process 0 decides)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -436,13 +437,17 @@ def test_streamed_source_on_2_processes_resumes_bit_exact(tmp_path):
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
 
     def train(out):
+        # time-based checkpoints too (process 0's clock decides, broadcast): due every step here
         res = _ok(mt.run([*TRAIN, *stream, f"out={out}", "mesh=data=2,fsdp=4",
+                          "checkpoint.every_minutes=0.000001",
                           "--export-hf", out + "_hf", "--json"],
                          processes=2, devices=4, timeout=TIMEOUT, cwd=ROOT))
         return _one_json(res[0])
 
     assert train(full)["step"] == 6
-    _back_to_step_3(full, cut)
+    # every=3 alone would keep 3 and 6; the timed saves at every step leave the last keep=3
+    assert sorted(os.listdir(os.path.join(full, "checkpoints"))) == ["4", "5", "6"]
+    _back_to_step_3(full, cut)  # (here: back to step 5)
     assert train(cut)["step"] == 6
     assert _losses(cut) == _losses(full)
     a, b = _tensors(full + "_hf"), _tensors(cut + "_hf")
