@@ -1,4 +1,5 @@
-"""Training checkpoints with orbax-checkpoint's v1 training ``Checkpointer`` (0.12.8, pinned).
+"""Training checkpoints with orbax-checkpoint's v1 training ``Checkpointer`` (tested with
+0.12.8, the lock's version; the range allows < 0.13).
 
 One checkpoint per saved step under ``DIR/<step>/`` holds three checkpointables:
 
