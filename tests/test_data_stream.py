@@ -14,7 +14,7 @@ import pytest
 
 from jaxarith import data
 from jaxarith.assets import CORPUS_CODE, bundled_tokenizer
-from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.errors import CheckpointError, ConfigError, JaxarithError
 from train import loop
 from train.config import load_config
 
@@ -129,5 +129,7 @@ def test_kill_and_resume_with_a_streamed_source_equals_uninterrupted(tmp_path):
     # the stream position is in the checkpoint: another max_docs reads other documents
     more = load_config(cfg_path, [*base, f"out={tmp_path / 'cut'}", "steps=6",
                                   "data.sources.code.max_docs=500"])
-    with pytest.raises(Exception, match="data source 'code' gives other documents"):
+    with pytest.raises(CheckpointError, match="data source 'code' gives other documents"):
+        loop.run(more, on_step=lambda *_: pytest.fail("refused only after training"))
+    with pytest.raises(CheckpointError, match="max_docs"):
         loop.run(more)

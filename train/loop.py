@@ -512,12 +512,13 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
                           inputs=[out, model_dir, cfg.export.delta_tuned, cfg.export.delta_base])
     loss_ext = only_one(extensions, "loss")
     config_dict = to_dict(cfg)
+    resume_meta, resume_from = None, ""
     if checkpoint_steps(ckpt_dir):  # refuse a changed model before loading data and compiling
         with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep) as ckpts:
             latest = ckpts.latest_step()
             if latest is not None:
-                check_resume(ckpts.read_meta(latest), config_dict, model_cfg,
-                             f"{ckpt_dir}/{latest}")
+                resume_meta, resume_from = ckpts.read_meta(latest), f"{ckpt_dir}/{latest}"
+                check_resume(resume_meta, config_dict, model_cfg, resume_from)
 
     t0 = time.perf_counter()
     sources = data_lib.load_sources(cfg.data, tokenizer, process_index=jax.process_index(),
@@ -528,6 +529,8 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
     if local:
         sources = data_lib.local_shares(sources, jax.process_index(), jax.process_count())
     streams = data_lib.stream_positions(sources)
+    if resume_meta is not None:  # before compiling: a resume must read the same documents
+        check_streams(resume_meta.get("data_streams", {}), streams, resume_from)
     eval_batch = cfg.batch // cfg.microbatches
     n_eval = cfg.eval.batches * eval_batch
     eval_sets = {s.name: eval_examples(s, n_eval) for s in sources if len(s.eval)}
@@ -559,12 +562,11 @@ def _run(cfg: TrainConfig, on_step, extensions) -> dict:
         start = ckpts.latest_step()
         if start is not None:
             try:
-                state, data_state, meta = ckpts.restore(fns.abstract_state, frozen=frozen)
+                state, data_state, _ = ckpts.restore(fns.abstract_state, frozen=frozen)
             except CheckpointError as e:
                 changed = _config_changes(ckpts.read_meta(start).get("config", {}), config_dict)
                 raise CheckpointError(f"{e}; config changes since that checkpoint: "
                                       f"{changed or 'none'}") from None
-            check_streams(meta.get("data_streams", {}), streams, f"{ckpt_dir}/{start}")
         else:
             params = initial_params(cfg, model_cfg, mesh, progress, extensions)
             state, data_state, start = init_state(fns, params, mesh, frozen), None, 0
