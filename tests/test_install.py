@@ -78,3 +78,26 @@ def test_pip_install_keeps_the_installed_stack(tmp_path):
     changes.pop("jaxarith", None)
     assert not changes, f"pip would change installed packages: {changes} (newer than the " \
                         f"lock here: {newer})"
+
+
+def test_tpu_extra_resolves_jax_with_its_libtpu(tmp_path):
+    """``jaxarith[tpu]`` brings the libtpu that jax's own ``tpu`` extra pairs with, and a jax
+    within the range (the registry may lack the newest jax's libtpu: pip then picks an older
+    jax that has one)."""
+    if not os.environ.get("JAXARITH_LOCK"):
+        pytest.skip("run by `make test-newest` (pip resolves against the package index)")
+    report = tmp_path / "report.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report",
+         str(report), "-e", f"{ROOT}[tpu]"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = {i["metadata"]["name"]: i["metadata"] for i in json.loads(report.read_text())["install"]}
+    assert "libtpu" in got, sorted(got)
+    jax_version = Version(got["jax"]["version"]) if "jax" in got else \
+        Version(metadata.version("jax"))
+    jax_req = next(Requirement(d) for d in _project()["dependencies"] if d.startswith("jax>"))
+    assert jax_version in jax_req.specifier
+    if "jax" in got:  # the libtpu is the one that jax release's tpu extra names
+        wants = [Requirement(r) for r in got["jax"]["requires_dist"]
+                 if r.startswith("libtpu") and 'extra == "tpu"' in r]
+        assert wants and all(Version(got["libtpu"]["version"]) in w.specifier for w in wants)
