@@ -17,7 +17,7 @@ NEWEST_TESTS  := tests/test_install.py tests/test_stack_smoke.py tests/test_arit
 # 8 fake CPU devices, so every sharded path runs on a laptop.
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: demo test test-newest test-multiprocess test-slow test-all lint bench clean
+.PHONY: demo test test-newest test-gpu-image test-multiprocess test-slow test-all lint bench clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -32,15 +32,23 @@ test: $(STAMP)  ## lint + the test suite (CI runs exactly this)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
-test-newest:  ## the newest versions the ranges allow, in a fresh Python 3.12 venv, on a fast subset
-	rm -rf $(VENV_NEWEST)
-	$(PYTHON_NEWEST) -m venv $(VENV_NEWEST)
-	$(VENV_NEWEST)/bin/python -m pip install -q --upgrade pip
-	$(VENV_NEWEST)/bin/python -m pip install -q -e '.[test-newest]'
-	$(VENV_NEWEST)/bin/python -m pip check
-	$(VENV_NEWEST)/bin/python -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|grain|transformers|datasets|numpy) '
-	JAXARITH_LOCK=$(LOCK) $(VENV_NEWEST)/bin/python -m pytest -q -p no:cacheprovider --durations=10 \
+# a fresh Python 3.12 venv $(1) with jaxarith and `pip install` options $(2); then the subset
+define venv_subset
+	rm -rf $(1)
+	$(PYTHON_NEWEST) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -m pip install -q $(2) -e '.[test-newest]'
+	$(1)/bin/python -m pip check
+	$(1)/bin/python -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|grain|transformers|huggingface.hub|datasets|numpy) '
+	JAXARITH_LOCK=$(LOCK) $(1)/bin/python -m pytest -q -p no:cacheprovider --durations=10 \
 		$(NEWEST_TESTS)
+endef
+
+test-newest:  ## the newest versions the ranges allow, in a fresh Python 3.12 venv, on a fast subset
+	$(call venv_subset,$(VENV_NEWEST),)
+
+test-gpu-image:  ## the same subset with the lent GPU image's versions (requirements/gpu-image.txt)
+	$(call venv_subset,.venv-gpu-image,-c requirements/gpu-image.txt)
 
 test-multiprocess: $(STAMP)  ## the slow 2-process x 4-device runs (CI runs them after `make test`)
 	$(PY) -m pytest -q -m slow tests/test_multiprocess.py tests/test_lmeval_multiprocess.py
@@ -56,4 +64,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(VENV_NEWEST) .pytest_cache bench_results
+	rm -rf $(VENV) $(VENV_NEWEST) .venv-gpu-image .pytest_cache bench_results
