@@ -474,7 +474,6 @@ def test_a_hostile_config_json_is_one_line(content, gpt2_dir, tmp_path, capsys):
 
 def test_a_run_directory_inside_the_model_it_trains_is_refused(gpt2_dir, tmp_path):
     from jaxarith.io.atomic import UnsafeDestinationError
-
     from train import loop
     from train.config import load_train_config
 

@@ -170,3 +170,29 @@ def test_tiny_configs_full_run_loss_falls_well_below_start(tmp_path, config):
     ours = transformer.jit_forward(params, model_cfg, tokens, np.ones_like(tokens))
     np.testing.assert_allclose(testing.hf_logits(model, tokens), np.asarray(ours), atol=1e-4,
                                rtol=1e-4)
+
+
+def test_time_based_checkpoints_with_a_fake_clock(tmp_path, monkeypatch):
+    """checkpoint.every_minutes saves when that much time passed since the last such save,
+    beside (not instead of) the step-based saves; here one fake minute passes per step."""
+    ticks = iter(range(0, 10_000, 60))
+    monkeypatch.setattr(loop, "checkpoint_clock", lambda: next(ticks))
+    cfg = load_train_config(LLAMA, [*FAST, "steps=7", f"out={tmp_path / 'run'}",
+                                    "checkpoint.keep=10", "checkpoint.every_minutes=2.5",
+                                    "checkpoint.every=5", "eval.at_end=false", "log.plot=false",
+                                    "log.tensorboard=false"])
+    assert loop.run(cfg)["status"] == "done"
+    # minutes 3 and 6 (>= 2.5 since the start, then since the save at 3), step 5, the end
+    assert sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints")) == [3, 5, 6, 7]
+
+
+@pytest.mark.parametrize("override, match", [
+    ("checkpoint.every_minutes=-1", "checkpoint.every_minutes=-1.0 must be >= 0"),
+    ("checkpoint.every_minutes=soon", "checkpoint.every_minutes='soon': expected float"),
+    ("checkpoint.keep=0", "checkpoint.keep=0 must be at least 1"),
+])
+def test_bad_checkpoint_keys_are_named(override, match):
+    from jaxarith.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        load_train_config(LLAMA, [override])

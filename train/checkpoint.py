@@ -1,4 +1,5 @@
-"""Training checkpoints with orbax-checkpoint's v1 training ``Checkpointer`` (0.12.8, pinned).
+"""Training checkpoints with orbax-checkpoint's v1 training ``Checkpointer`` (tested with
+0.12.8, the lock's version; the range allows < 0.13).
 
 One checkpoint per saved step under ``DIR/<step>/`` holds three checkpointables:
 
@@ -61,7 +62,9 @@ class Checkpoints:
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
         if keep < 1:
             raise CheckpointError(f"checkpoint.keep={keep} must be at least 1")
-        self.directory = os.path.abspath(directory)
+        # a URL (gs://...) goes to orbax as it is
+        self.directory = directory if "://" in os.fspath(directory) else \
+            os.path.abspath(directory)
         self.async_save = async_save
         policies = ocp.v1.training.preservation_policies
         self._policy = policies.LatestN(keep)

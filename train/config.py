@@ -105,15 +105,28 @@ class CheckpointConfig:
 
     Attributes:
       every: save every N steps (0: only at the end and on preemption).
+      every_minutes: also save when this many minutes have passed since the last such save
+        (or the start), checked after every step; process 0's clock decides for all (0: off).
+        Bounds the work lost to a crash that gives no SIGTERM when steps take long or vary.
       keep: keep the last k checkpoints.
       async_save: write in the background while training continues.
       dir: default ``OUT/checkpoints``.
     """
 
     every: int = 0
+    every_minutes: float = 0.0
     keep: int = 2
     async_save: bool = True
     dir: str = ""
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise ConfigError(f"checkpoint.every={self.every} must be >= 0 (0: end only)")
+        if self.every_minutes < 0:
+            raise ConfigError(f"checkpoint.every_minutes={self.every_minutes} must be >= 0 "
+                              "(0: off)")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep={self.keep} must be at least 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -126,11 +139,42 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+    """Weights & Biases logging (the ``wandb`` extra): process 0 logs the run config and every
+    record of metrics.jsonl to this run. A resumed run continues the same W&B run (its id is
+    kept in ``OUT/wandb_run_id``). ``WANDB_MODE=offline`` writes it under ``OUT/wandb/`` only.
+
+    Attributes:
+      project: the W&B project (required).
+      entity: team or user (default: W&B's default entity).
+      name: the run's display name (default: W&B's).
+      tags: the run's tags.
+    """
+
+    project: str
+    entity: str = ""
+    name: str = ""
+    tags: tuple = ()
+
+    def __post_init__(self):
+        if not self.project.strip():
+            raise ConfigError("log.wandb.project is empty: give the W&B project")
+        tags = [self.tags] if isinstance(self.tags, str) else self.tags
+        if not isinstance(tags, (list, tuple)) or not all(isinstance(t, str) for t in tags):
+            raise ConfigError(f"log.wandb.tags={self.tags!r}: expected a list of strings")
+        object.__setattr__(self, "tags", tuple(tags))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LogConfig:
+    """Metrics every ``every`` steps to metrics.jsonl, and optionally TensorBoard, a progress
+    bar, a loss plot at the end and Weights & Biases (``wandb``, see :class:`WandbConfig`)."""
+
     every: int = 10
     tensorboard: bool = True
     progress: bool = True
     plot: bool = True
+    wandb: WandbConfig | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -14,7 +14,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from jaxarith import arith
+from jaxarith import arith, paths
 from jaxarith.data.assets import bundled_tokenizer
 from jaxarith.errors import ConfigError
 from jaxarith.io.atomic import protect_inputs
@@ -45,7 +45,8 @@ def add_delta(params: dict, model_cfg: ModelConfig, tuned_ref: str, base_ref: st
 
 
 def export_hf(cfg, model_cfg: ModelConfig, model_dir: str | None, state) -> str:
-    """Write ``cfg.export.hf_dir`` (HF safetensors + config + tokenizer). Returns the path."""
+    """Write ``cfg.export.hf_dir`` (HF safetensors + config + tokenizer; a URL is written
+    locally, then uploaded by :func:`jaxarith.io.paths.upload_dir`). Returns the path."""
     ex = cfg.export
     params = export_params(cfg, state)
     mesh = jax.tree.leaves(params)[0].sharding.mesh if hasattr(
@@ -59,6 +60,14 @@ def export_hf(cfg, model_cfg: ModelConfig, model_dir: str | None, state) -> str:
             tok_dir = tmp
         elif cfg.model.tokenizer:
             tok_dir = cfg.model.tokenizer
+        if paths.is_url(ex.hf_dir):  # written locally, then uploaded (marker last)
+            paths.check_upload(ex.hf_dir, ex.overwrite)
+            local = os.path.join(tmp, "hf")
+            save_hf(model_cfg, params, local, dtype=ex.dtype or "float32",
+                    tokenizer_dir=tok_dir, progress=False)
+            if jax.process_index() == 0:
+                paths.upload_dir(local, ex.hf_dir, kind="hf export", overwrite=ex.overwrite)
+            return ex.hf_dir
         # the shared safe-output rules: never replace the run, the base model or the deltas
         with protect_inputs([cfg.out, model_dir, ex.delta_tuned, ex.delta_base]):
             save_hf(model_cfg, params, ex.hf_dir, dtype=ex.dtype or "float32",

@@ -36,7 +36,7 @@ from jaxarith import distributed, sharding
 from jaxarith.configfile import short
 from jaxarith.data.assets import bundled_tokenizer
 from jaxarith.errors import CheckpointError, ConfigError, JaxarithError
-from jaxarith.io import refs
+from jaxarith.io import paths, refs
 from jaxarith.io.atomic import MARKER, check_destination, claim_dir
 from jaxarith.io.refs import load_model, load_tokenizer
 from jaxarith.models import kernels, transformer
@@ -311,19 +311,47 @@ def checkpoint_hook(ctx: RunContext) -> None:
     ctx.save()
 
 
+# the clock of time-based checkpoints (seconds; tests replace it with a fake one)
+checkpoint_clock = time.monotonic
+
+
+def timed_checkpoint_hook(minutes: float) -> Callable[[RunContext], None]:
+    """Save when ``minutes`` have passed since the last time-based save (or since this hook was
+    made, at the start of the run). Saving is collective, so with several processes process
+    0's clock decides and its decision is broadcast (one tiny collective per step)."""
+    last = [checkpoint_clock()]
+
+    def fn(ctx: RunContext) -> None:
+        now = checkpoint_clock()
+        due = now - last[0] >= minutes * 60
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+        if due:
+            ctx.save()
+            last[0] = now
+
+    return fn
+
+
 def plot_hook(ctx: RunContext) -> None:
     if jax.process_index() == 0:
-        ctx.summary["plot"] = metrics_lib.plot_losses(os.path.join(ctx.out, "metrics.jsonl"),
-                                                      os.path.join(ctx.out, "loss.png"))
+        local = os.path.dirname(ctx.writer.path)  # the run directory, or its local staging
+        ctx.summary["plot"] = metrics_lib.plot_losses(os.path.join(local, "metrics.jsonl"),
+                                                      os.path.join(local, "loss.png"))
 
 
 def default_hooks(cfg: TrainConfig, thr: metrics_lib.Throughput) -> list[Hook]:
     """Metrics every ``log.every`` steps, eval every ``eval.every`` (and at the end),
-    checkpoints every ``checkpoint.every`` (the loop also saves at the end and on
-    preemption)."""
+    checkpoints every ``checkpoint.every`` steps and every ``checkpoint.every_minutes`` (the
+    loop also saves at the end and on preemption)."""
     return [Hook(name="log", every=cfg.log.every, fn=log_metrics_hook(thr), at_end=True),
             Hook(name="eval", every=cfg.eval.every, fn=eval_hook, at_end=True),
-            Hook(name="checkpoint", every=cfg.checkpoint.every, fn=checkpoint_hook)]
+            Hook(name="checkpoint", every=cfg.checkpoint.every, fn=checkpoint_hook),
+            *([Hook(name="checkpoint_time", every=1,
+                    fn=timed_checkpoint_hook(cfg.checkpoint.every_minutes))]
+              if cfg.checkpoint.every_minutes > 0 else [])]
 
 
 def end_hooks(cfg: TrainConfig) -> list[Hook]:
@@ -423,8 +451,8 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
         with _preemptible():  # SIGTERM outside the steps (loading, compiling, end of run)
             return _run(cfg, on_step, extensions, tuple(allow_config_change))
     except _Preempted:
-        out = os.path.abspath(cfg.out)
-        steps = checkpoint_steps(cfg.checkpoint.dir or os.path.join(out, "checkpoints"))
+        out = cfg.out if paths.is_url(cfg.out) else os.path.abspath(cfg.out)
+        steps = checkpoint_steps(cfg.checkpoint.dir or paths.join(out, "checkpoints"))
         step = steps[-1] if steps else 0
         print(f"SIGTERM: stopped; the last checkpoint is at step {step}", file=sys.stderr,
               flush=True)
@@ -463,8 +491,13 @@ def _run(cfg: TrainConfig, on_step, extensions, allow_change: tuple[str, ...] = 
 
     fresh = _absent_or_empty(cfg.out)
     # a new, empty or earlier jaxarith run directory (marked); never someone else's files
-    out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"),
-                    inputs=[cfg.model.ref, cfg.init.ref])  # never inside an input model
+    if paths.is_url(cfg.out):  # an object store: the marker-last rules of jaxarith.io.paths
+        fresh = None
+        out = paths.claim_dir(cfg.out, kind="training run",
+                              accept=("metrics.jsonl", "checkpoints"))
+    else:
+        out = claim_dir(cfg.out, kind="training run", accept=("metrics.jsonl", "checkpoints"),
+                        inputs=[cfg.model.ref, cfg.init.ref])  # never inside an input model
     try:
         return _run_in(cfg, on_step, extensions, mesh, out, allow_change)
     except BaseException:
@@ -517,6 +550,12 @@ def check_checkpoint_dir(ckpt_dir: str) -> None:
 def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
             allow_change: tuple[str, ...]) -> dict:
     """:func:`_run` once the run directory ``out`` is claimed."""
+    if cfg.log.wandb is not None and jax.process_index() == 0:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("log.wandb is set but the wandb package is not installed: "
+                              "pip install 'jaxarith[wandb]'")
     if cfg.checkpoint.dir:  # before any work: someone's directory is not a checkpoint store
         check_checkpoint_dir(cfg.checkpoint.dir)
     model_cfg, model_dir = model_config(cfg, extensions)
@@ -531,27 +570,41 @@ def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's "
                           f"vocab_size is {model_cfg.vocab_size}")
     progress = cfg.log.progress and jax.process_index() == 0
-    ckpt_dir = cfg.checkpoint.dir or os.path.join(out, "checkpoints")
+    ckpt_dir = cfg.checkpoint.dir or paths.join(out, "checkpoints")
     done = finished_summary(cfg, out, ckpt_dir)
     config_dict = to_dict(cfg)
+    resume_meta, resume_from = None, ""
     if checkpoint_steps(ckpt_dir):  # refuse a changed run before loading data and compiling
         with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep) as ckpts:
             newest = ckpts.newest_meta()  # an unreadable latest one: see restore_newest
             if newest is not None:
                 latest, meta, _ = newest
-                check_resume(meta, config_dict, model_cfg, f"{ckpt_dir}/{latest}")
+                resume_meta, resume_from = meta, f"{ckpt_dir}/{latest}"
+                check_resume(meta, config_dict, model_cfg, resume_from)
                 check_config_unchanged(meta.get("config", {}), config_dict, allow_change, out)
     if done is not None:
         return _report_finished(cfg, done, model_cfg, model_dir, mesh, ckpt_dir)
-    if cfg.export.hf_dir and os.path.exists(cfg.export.hf_dir) \
-            and not os.path.exists(os.path.join(out, "summary.json")):
+    if cfg.export.hf_dir and paths.is_url(cfg.export.hf_dir) and jax.process_index() == 0 \
+            and not paths.exists(paths.join(out, "summary.json")):
+        paths.check_upload(cfg.export.hf_dir, cfg.export.overwrite)  # refuse now
+    elif cfg.export.hf_dir and os.path.exists(cfg.export.hf_dir) \
+            and not paths.exists(paths.join(out, "summary.json")):
         # refuse now, not after the whole run
         check_destination(cfg.export.hf_dir, cfg.export.overwrite,
                           inputs=[out, model_dir, cfg.export.delta_tuned, cfg.export.delta_base])
     loss_ext = only_one(extensions, "loss")
 
     t0 = time.perf_counter()
-    sources = data_lib.load_sources(cfg.data, tokenizer)
+    sources = data_lib.load_sources(cfg.data, tokenizer, process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    # a streamed source holds this process's share of documents: every process then mixes its
+    # own windows (the other sources' windows split p::P) instead of striding a global stream
+    local = any(s.process_local for s in sources) and jax.process_count() > 1
+    if local:
+        sources = data_lib.local_shares(sources, jax.process_index(), jax.process_count())
+    streams = data_lib.stream_positions(sources)
+    if resume_meta is not None:  # before compiling: a resume must read the same documents
+        check_streams(resume_meta.get("data_streams", {}), streams, resume_from)
     eval_batch = cfg.batch // cfg.microbatches
     n_eval = cfg.eval.batches * eval_batch
     eval_sets = {s.name: eval_examples(s, n_eval) for s in sources if len(s.eval)}
@@ -589,19 +642,27 @@ def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
             params = initial_params(cfg, model_cfg, mesh, progress, extensions)
             state, data_state, start = init_state(fns, params, mesh, frozen), None, 0
         it = data_lib.batch_iterator(ds, cfg.batch, process_index=jax.process_index(),
-                                     process_count=jax.process_count(), state=data_state)
-        writer = metrics_lib.MetricsWriter(out, total_steps=cfg.steps, start_step=start,
-                                           tensorboard=cfg.log.tensorboard, progress=progress)
+                                     process_count=jax.process_count(), state=data_state,
+                                     local=local)
+        # metrics, TensorBoard and the plot are written locally; for a URL `out` they are
+        # staged and uploaded whole (object stores cannot append)
+        mirror = paths.Mirror(out, pull=("metrics.jsonl", "tensorboard",
+                                         metrics_lib.WANDB_ID_FILE)) \
+            if jax.process_index() == 0 else None
+        writer = metrics_lib.MetricsWriter(mirror.local if mirror else out, total_steps=cfg.steps,
+                                           start_step=start, tensorboard=cfg.log.tensorboard,
+                                           progress=progress, wandb=cfg.log.wandb,
+                                           run_config=config_dict,
+                                           sync=mirror.push if mirror else None)
         writer.log(_startup_message(cfg, model_cfg, mesh, info, fpt, start, data_s, compile_s,
                                     sources))
         if jax.process_index() == 0:
-            with open(os.path.join(out, "config.json"), "w") as f:
-                json.dump(config_dict, f, indent=2)
+            paths.write_text(paths.join(out, "config.json"), json.dumps(config_dict, indent=2))
 
         def save() -> None:
             ckpts.save(ctx.step, ctx.state, it.get_state(),
                        {"config": config_dict, "model_config": model_cfg.to_hf(),
-                        "step": ctx.step, "metrics": ctx.last})
+                        "step": ctx.step, "metrics": ctx.last, "data_streams": streams})
 
         ctx = RunContext(cfg=cfg, model_cfg=model_cfg, mesh=mesh, out=out, step=start,
                          state=state, evaluate=evaluate, eval_sets=eval_sets, writer=writer,
@@ -622,15 +683,17 @@ def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
             ckpts.wait()
         finally:
             writer.close()
+            if mirror is not None:
+                mirror.close()
 
     state = ctx.state
     summary.update(step=ctx.step, status=status, loss=ctx.last.get("loss"))
     if status == "done" and cfg.export.hf_dir:
-        keep = start >= cfg.steps and os.path.exists(cfg.export.hf_dir) \
+        keep = start >= cfg.steps and paths.exists(cfg.export.hf_dir) \
             and not cfg.export.overwrite
         if not keep:
             summary["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)
-    _write_summary(os.path.join(out, "summary.json"), summary)
+    _write_summary(paths.join(out, "summary.json"), summary)
     summary["state"] = state  # the final TrainState (not serialised)
     return summary
 
@@ -717,8 +780,29 @@ def check_config_unchanged(saved: dict, config_dict: dict, allow: Sequence[str],
                           f"pass --allow-config-change {','.join(keys)}, or train into a new out")
 
 
+def check_streams(saved: dict, current: dict, where: str) -> None:
+    """Refuse to resume when a streamed source reads other documents than when the checkpoint
+    was written (the iterator position would then point into other windows): another
+    ``max_docs``, ``eval_fraction``, number of processes, or a stream that changed length.
+    The checkpoint holds process 0's position; every process reads by the same rule."""
+    for name, pos in saved.items():
+        now = current.get(name)
+        if now is None:
+            raise CheckpointError(f"cannot resume from {where}: data source {name!r} was read "
+                                  "as a stream and is not one now")
+        keys = ("documents", "eval_documents", "process_count")
+        diff = [f"{k} {pos.get(k)} -> {now.get(k)}" for k in keys if pos.get(k) != now.get(k)]
+        if diff:
+            raise CheckpointError(f"cannot resume from {where}: the stream of data source "
+                                  f"{name!r} gives other documents ({', '.join(diff)}); resume "
+                                  "with the same max_docs, eval_fraction and processes")
+
+
 def checkpoint_steps(ckpt_dir: str) -> list[int]:
-    """The steps of the complete checkpoints in ``ckpt_dir`` (orbax commits ``DIR/<step>``)."""
+    """The steps of the complete checkpoints in ``ckpt_dir`` (orbax commits ``DIR/<step>``;
+    its temporaries have other names)."""
+    if paths.is_url(ckpt_dir):
+        return sorted(int(n) for n in paths.listdir(ckpt_dir) if n.isdigit())
     if not os.path.isdir(ckpt_dir):
         return []
     return sorted(int(n) for n in os.listdir(ckpt_dir)
@@ -737,12 +821,11 @@ def finished_summary(cfg: TrainConfig, out: str, ckpt_dir: str) -> dict | None:
     if steps[-1] > cfg.steps:
         raise ConfigError(f"steps={cfg.steps} but {ckpt_dir} already has a checkpoint at step "
                           f"{steps[-1]}: raise steps to extend the run, or use a new out")
-    path = os.path.join(out, "summary.json")
-    if steps[-1] < cfg.steps or not os.path.exists(path):
+    path = paths.join(out, "summary.json")
+    if steps[-1] < cfg.steps or not paths.exists(path):
         return None
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = json.loads(paths.read_text(path))
     except (OSError, json.JSONDecodeError):
         return None
     if saved.get("status") != "done" or saved.get("step") != cfg.steps:
@@ -762,7 +845,10 @@ def _report_finished(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, mode
               "extend it); nothing to train", file=sys.stderr, flush=True)
     res = {**saved, "already_done": True, "batches": {}}
     hf = cfg.export.hf_dir
-    if hf and (os.path.abspath(hf) != saved.get("export_hf") or cfg.export.overwrite):
+    if hf and paths.is_url(hf) and (hf != saved.get("export_hf") or cfg.export.overwrite):
+        raise ConfigError(f"the run in {where} already finished; exporting it to a URL "
+                          f"({hf}) afterwards is not supported: export to a local directory")
+    if hf and (paths.absolute(hf) != saved.get("export_hf") or cfg.export.overwrite):
         check_destination(hf, cfg.export.overwrite,
                           inputs=[where, model_dir, cfg.export.delta_tuned, cfg.export.delta_base])
         sched = cfg.schedule.build()
@@ -773,7 +859,7 @@ def _report_finished(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, mode
         with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep) as ckpts:
             state, _, _ = ckpts.restore(fns.abstract_state)
         res["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)
-        _write_summary(os.path.join(where, "summary.json"),
+        _write_summary(paths.join(where, "summary.json"),
                        {**saved, "export_hf": res["export_hf"]})
     return res
 
@@ -781,11 +867,8 @@ def _report_finished(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, mode
 def _write_summary(path: str, summary: dict) -> None:
     if jax.process_index() != 0:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({k: v for k, v in summary.items() if k not in ("batches", "state")}, f,
-                  indent=2)
-    os.replace(tmp, path)
+    paths.write_text(path, json.dumps({k: v for k, v in summary.items()
+                                       if k not in ("batches", "state")}, indent=2))
 
 
 def _sci(x) -> str:

@@ -29,6 +29,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 
 import jax
 import numpy as np
@@ -174,19 +175,26 @@ class MetricsWriter:
       out: the run directory.
       total_steps, start_step: for the progress bar and ETA.
       tensorboard, progress: enable those outputs.
+      wandb, run_config: the ``log.wandb`` section and the config to log with the W&B run.
+      sync: called after each record (a :class:`jaxarith.io.paths.Mirror`'s ``push``).
     """
 
     def __init__(self, out: str, *, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True):
+                 tensorboard: bool = True, progress: bool = True, wandb=None,
+                 run_config: dict | None = None, sync=None):
         self.enabled = jax.process_index() == 0
+        self._sync = sync  # called after each record (e.g. to upload a staged directory)
         self.path = os.path.join(out, "metrics.jsonl")
         self._tb = None
         self._bar = None
+        self._wandb = None
         if not self.enabled:
             return
         os.makedirs(out, exist_ok=True)
         _truncate_after(self.path, start_step)
         self._f = open(self.path, "a")
+        if wandb is not None:
+            self._wandb = start_wandb(wandb, out, run_config or {})
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -212,6 +220,11 @@ class MetricsWriter:
             for k, v in clean.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, clean["step"])
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in clean.items() if k != "step"},
+                            step=int(clean["step"]))
+        if self._sync is not None:
+            self._sync()
 
     def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
         if self._bar is not None:
@@ -235,7 +248,31 @@ class MetricsWriter:
             self._bar.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         self._f.close()
+
+
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def start_wandb(cfg, out: str, run_config: dict):
+    """Start (or, for a resumed run, continue) the W&B run of ``out``: ``cfg`` is the
+    ``log.wandb`` section; the run id is kept in ``OUT/wandb_run_id``; W&B's files go to
+    ``OUT/wandb/``."""
+    import wandb
+
+    id_path = os.path.join(out, WANDB_ID_FILE)
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]  # W&B run ids: lowercase letters and digits
+        with open(id_path, "w") as f:
+            f.write(run_id + "\n")
+    return wandb.init(project=cfg.project, entity=cfg.entity or None, name=cfg.name or None,
+                      tags=list(cfg.tags) or None, config=run_config, dir=out, id=run_id,
+                      resume="allow")
 
 
 class Throughput:

@@ -24,9 +24,11 @@ from jaxarith.data.pipeline import (
     eval_windows,
     load_source,
     load_sources,
+    local_shares,
     mixed_dataset,
     pack,
     split_documents,
+    stream_positions,
     tokenize,
 )
 from jaxarith.data.sources import (
@@ -38,9 +40,12 @@ from jaxarith.data.sources import (
     open_dataset,
     read_chats,
     read_documents,
+    stream_documents,
+    stream_eval_count,
 )
 
 __all__ = ["BUNDLED", "DataConfig", "SourceConfig", "SourceData", "SourceKind",
            "batch_iterator", "check_batch", "eval_windows", "load_source", "load_sources",
-           "mixed_dataset", "open_dataset", "pack", "read_chats", "read_documents",
-           "split_documents", "tokenize"]
+           "local_shares", "mixed_dataset", "open_dataset", "pack", "read_chats",
+           "read_documents", "split_documents", "stream_documents", "stream_eval_count",
+           "stream_positions", "tokenize"]

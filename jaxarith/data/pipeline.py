@@ -17,9 +17,16 @@ drops a source. Element ``k`` of the mixture is a pure function of ``k``, so:
 * the iterator's state is one integer (``get_state()`` -> ``{"next_index": k}``), saved with the
   checkpoint, so a resumed run sees exactly the batches an uninterrupted run would have.
 
+A streamed ``datasets`` source (``streaming: true``, the default for a hub id with ``max_docs``)
+reads only the stream's first ``max_docs`` documents, and of them each process tokenises only its
+own share (:func:`stream_documents`). Its windows then differ between processes, so with several
+processes every process mixes its own sources (:func:`local_shares`: the other sources' windows
+split ``p::P``) and takes every element (``batch_iterator(..., local=True)``); the state is still
+one integer.
+
 The token windows of each source are held in host memory (int32), except for a ``kind: tokenized``
-source (``jaxarith data tokenize``, :mod:`jaxarith.data.tokenized`), whose windows stay on disk and
-are read by index: the same windows as the text source, so the same batches.
+source (``jaxarith data tokenize``, :mod:`jaxarith.data.tokenized`), whose windows stay on disk
+and are read by index: the same windows as the text source, so the same batches.
 
 Loss weights. Every example is ``{"tokens": [T] int32, "weights": [T] float32, "source": id}``;
 ``weights`` is the loss weight of each token as a prediction target. Text sources have all ones,
@@ -34,6 +41,7 @@ the same window, as in usual pre-training).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import grain
@@ -47,6 +55,7 @@ from jaxarith.data.sources import (
     SourceKind,
     read_chats,
     read_documents,
+    stream_documents,
 )
 from jaxarith.errors import ConfigError, JaxarithError
 
@@ -97,32 +106,81 @@ def load_chat_source(src: SourceConfig, tokenizer, cfg: DataConfig) -> SourceDat
     return SourceData(src.name, src.weight, train, evals, train_w, eval_w)
 
 
-def load_source(src: SourceConfig, tokenizer, cfg: DataConfig) -> SourceData:
-    """Read, split, tokenise and pack one source."""
+def load_source(src: SourceConfig, tokenizer, cfg: DataConfig, *, process_index: int = 0,
+                process_count: int = 1) -> SourceData:
+    """Read, split, tokenise and pack one source (a streamed source: this process's share of
+    its documents, :func:`stream_documents`)."""
     if src.kind is SourceKind.CHAT:
         return load_chat_source(src, tokenizer, cfg)
     if src.kind is SourceKind.TOKENIZED:
         return tokenized.load_source(src, tokenizer, cfg)
-    docs = read_documents(src)
-    train_docs, eval_docs = split_documents(docs, cfg.eval_fraction)
+    position = None
+    if src.stream:
+        train_docs, eval_docs, position = stream_documents(
+            src, cfg.eval_fraction, process_index, process_count)
+    else:
+        train_docs, eval_docs = split_documents(read_documents(src), cfg.eval_fraction)
     train = pack(tokenize(train_docs, tokenizer, add_bos=cfg.add_bos), cfg.seq_len)
     evals = pack(tokenize(eval_docs, tokenizer, add_bos=cfg.add_bos), cfg.seq_len) \
         if eval_docs else np.zeros((0, cfg.seq_len), np.int32)
     if len(train) == 0:
         raise JaxarithError(f"data source {src.name!r}: fewer than seq_len={cfg.seq_len} "
                             "tokens of training text")
-    return SourceData(src.name, src.weight, train, evals)
+    return SourceData(src.name, src.weight, train, evals, process_local=position is not None,
+                      position=position)
 
 
-def load_sources(cfg: DataConfig, tokenizer) -> list[SourceData]:
-    return [load_source(s, tokenizer, cfg) for s in cfg.sources]
+def load_sources(cfg: DataConfig, tokenizer, *, process_index: int = 0,
+                 process_count: int = 1) -> list[SourceData]:
+    """Every source of ``cfg``; streamed sources read this process's share."""
+    return [load_source(s, tokenizer, cfg, process_index=process_index,
+                        process_count=process_count) for s in cfg.sources]
+
+
+def stream_positions(sources: Sequence[SourceData]) -> dict:
+    """``{source name: position}`` of the streamed sources (empty without any)."""
+    return {s.name: s.position for s in sources if s.position is not None}
+
+
+class _Strided:
+    """Rows ``p, p + P, ...`` of a random-access sequence of windows."""
+
+    def __init__(self, rows, start: int, step: int):
+        self.rows, self.start, self.step = rows, start, step
+
+    def __len__(self) -> int:
+        return max(0, (len(self.rows) - self.start + self.step - 1) // self.step)
+
+    def __getitem__(self, i):
+        return self.rows[self.start + int(i) * self.step]
+
+
+def local_shares(sources: Sequence[SourceData], process_index: int, process_count: int
+                 ) -> list[SourceData]:
+    """Sources for a per-process pipeline (some source is process-local, i.e. streamed, and
+    there are several processes): every other source keeps its windows ``p::P``, so no window
+    is trained on by two processes; each process then mixes its own sources and takes every
+    element (``batch_iterator(..., local=True)``)."""
+    out = []
+    for s in sources:
+        if s.process_local or process_count == 1:
+            out.append(s)
+            continue
+        w = None if s.train_weights is None else \
+            _Strided(s.train_weights, process_index, process_count)
+        train = _Strided(s.train, process_index, process_count)
+        if len(train) == 0:
+            raise JaxarithError(f"data source {s.name!r}: {len(s.train)} training windows "
+                                f"cannot be shared by {process_count} processes")
+        out.append(dataclasses.replace(s, train=train, train_weights=w, process_local=True))
+    return out
 
 
 # ----------------------------------------------------------------------------- grain pipeline
 
 
 def _example(source: SourceData, source_id: int):
-    ones = np.ones(source.train.shape[1], np.float32)
+    ones = np.ones(len(source.train[0]), np.float32)
 
     def fn(i) -> dict:
         w = ones if source.train_weights is None else source.train_weights[i]
@@ -174,19 +232,21 @@ def process_shard(ds: grain.MapDataset, process_index: int, process_count: int
 
 
 def batch_iterator(ds: grain.MapDataset, global_batch: int, *, process_index: int = 0,
-                   process_count: int = 1, state: dict | None = None):
+                   process_count: int = 1, state: dict | None = None, local: bool = False):
     """An iterator of this process's share of each global batch (a dict of [b, T] arrays).
 
     Args:
       ds: the (infinite) example dataset from :func:`mixed_dataset`.
       global_batch: sequences per step over all processes.
       state: an iterator state from ``get_state()`` to resume from.
+      local: ``ds`` is this process's own mixture (:func:`local_shares`): take every element
+        (default: ``ds`` is the global stream and this process takes its strided rows).
     Returns:
       A grain ``DatasetIterator``; ``get_state()`` / ``set_state()`` checkpoint it.
     """
-    local = check_batch(global_batch, process_count)
-    it = iter(process_shard(ds, process_index, process_count)
-              .batch(local, drop_remainder=True).to_iter_dataset())
+    rows = check_batch(global_batch, process_count)
+    mine = ds if local else process_shard(ds, process_index, process_count)
+    it = iter(mine.batch(rows, drop_remainder=True).to_iter_dataset())
     if state is not None:
         it.set_state(state)
     return it

@@ -1,5 +1,5 @@
 """Data sources: their configs and how their documents are read (text, jsonl, parquet,
-``datasets``, chat jsonl), before any tokenising.
+``datasets``, streamed ``datasets``, chat jsonl), before any tokenising.
 
 ``bundled:code``, ``bundled:docs``, ``bundled:instruct`` and ``bundled:instruct_eval`` name the
 corpora shipped in :mod:`jaxarith.data.assets`. The tokenised pipeline is
@@ -41,13 +41,23 @@ class SourceConfig:
       kind: text | jsonl | parquet | datasets | chat (a jsonl of ``{"messages": [...]}``;
         ``bundled:instruct`` is the bundled instruction set) | tokenized (a directory written by
         ``jaxarith data tokenize``, read on demand: :mod:`jaxarith.data.tokenized`).
-      path: a file, a glob, ``bundled:code`` / ``bundled:docs``; for ``datasets`` a hub name,
-        a local data directory, or a directory written by ``Dataset.save_to_disk``.
+      path: a file, a glob, ``bundled:code`` / ``bundled:docs``; for ``datasets``
+        ``load_dataset``'s ``path``: a hub id, a local data directory, a packaged builder
+        (``parquet``, ``json``, ``csv``, ``text`` with ``data_files``), or a directory written
+        by ``Dataset.save_to_disk``.
       weight: mixing weight (normalised over sources; 0 drops the source from training).
       text_field: column / key holding the text (jsonl, parquet, datasets).
       split: ``datasets`` split.
       doc_separator: text files are split into documents at this string.
       max_docs: read at most this many documents (0: all).
+      subset: ``datasets``: ``load_dataset``'s ``name`` (the dataset's configuration, e.g.
+        ``sample-10BT``; ``name`` is the source's label here).
+      data_files: ``datasets``: ``load_dataset``'s ``data_files`` (a path or glob, a list, or a
+        mapping split -> files; ``hf://`` and local paths).
+      streaming: ``datasets``: read the first ``max_docs`` documents as they come
+        (``load_dataset(..., streaming=True)``), never the whole dataset; with several
+        processes each reads its own share (:func:`stream_documents`). Default: on for a hub id
+        with ``max_docs`` set.
     """
 
     name: str
@@ -58,15 +68,46 @@ class SourceConfig:
     split: str = "train"
     doc_separator: str = "\n\n"
     max_docs: int = 0
+    subset: str = ""
+    data_files: str | list | dict | None = None
+    streaming: bool | None = None
 
     def __post_init__(self):
+        key = f"data.sources.{self.name}"
         try:
             object.__setattr__(self, "kind", SourceKind(self.kind))
         except ValueError:
-            raise ConfigError(f"data.sources.{self.name}.kind={self.kind!r}: expected one of "
+            raise ConfigError(f"{key}.kind={self.kind!r}: expected one of "
                               f"{', '.join(k.value for k in SourceKind)}") from None
         if self.weight < 0:
-            raise ConfigError(f"data.sources.{self.name}.weight={self.weight} must be >= 0")
+            raise ConfigError(f"{key}.weight={self.weight} must be >= 0")
+        if self.max_docs < 0:
+            raise ConfigError(f"{key}.max_docs={self.max_docs} must be >= 0 (0: all)")
+        if self.kind is not SourceKind.DATASETS:
+            for field in ("subset", "data_files", "streaming"):
+                if getattr(self, field) not in ("", None):
+                    raise ConfigError(f"{key}.{field} applies to kind: datasets only (this "
+                                      f"source is kind: {self.kind.value})")
+        files = self.data_files
+        ok = lambda v: isinstance(v, str) or (isinstance(v, (list, tuple)) and v and
+                                              all(isinstance(x, str) for x in v))
+        if files is not None and not (ok(files) or (isinstance(files, dict) and files and all(
+                isinstance(k, str) and ok(v) for k, v in files.items()))):
+            raise ConfigError(f"{key}.data_files={files!r}: expected a path, a list of paths "
+                              "or a mapping split -> path(s)")
+        if self.streaming and not self.max_docs:
+            raise ConfigError(f"{key}.streaming is on but max_docs is 0: give max_docs (the "
+                              "first documents of the stream to read)")
+
+    @property
+    def stream(self) -> bool:
+        """Whether this source is read as a stream (``streaming``, or its default: a hub id
+        with ``max_docs`` set)."""
+        if self.kind is not SourceKind.DATASETS:
+            return False
+        if self.streaming is not None:
+            return self.streaming
+        return bool(self.max_docs) and _is_hub_id(self.path)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,6 +159,8 @@ class SourceData:
     eval: np.ndarray
     train_weights: np.ndarray | None = None
     eval_weights: np.ndarray | None = None
+    process_local: bool = False  # train windows are this process's share (a streamed source)
+    position: dict | None = None  # where a streamed source stopped (saved with checkpoints)
 
 
 def _files(src: SourceConfig) -> list[str]:
@@ -171,11 +214,21 @@ def read_jsonl(src: SourceConfig, path: str) -> list[str]:
     return out
 
 
-def open_dataset(path: str, split: str, text_field: str, what: str):
+def _is_hub_id(path: str) -> bool:
+    """Not a local path and not one of ``datasets``' packaged builders (``parquet``, ...)."""
+    if os.path.exists(os.path.expanduser(path)):
+        return False
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    return path not in _PACKAGED_DATASETS_MODULES
+
+
+def open_dataset(path: str, split: str, text_field: str, what: str, *, subset: str = "",
+                 data_files=None):
     """A ``datasets`` dataset: saved with ``save_to_disk`` (a ``Dataset``, or a ``DatasetDict``
-    and its ``split``), else ``datasets.load_dataset(path, split=split)`` (a local builder or data
-    directory, or a hub id); ``text_field`` must be a column. ``what`` names the caller in
-    errors."""
+    and its ``split``), else ``datasets.load_dataset(path, subset or None, data_files=...,
+    split=split)`` (a local builder or data directory, a packaged builder with ``data_files``,
+    or a hub id); ``text_field`` must be a column. ``what`` names the caller in errors."""
     import datasets
 
     path = os.path.expanduser(path)
@@ -184,18 +237,91 @@ def open_dataset(path: str, split: str, text_field: str, what: str):
         ds = datasets.load_from_disk(path)
         ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
     else:
-        ds = datasets.load_dataset(path, split=split)
+        ds = datasets.load_dataset(path, subset or None, data_files=_files_arg(data_files),
+                                   split=split)
     if text_field not in ds.column_names:
         raise JaxarithError(f"{what}: dataset {path} has no column {text_field!r} "
                             f"(columns: {ds.column_names})")
     return ds
 
 
+def _files_arg(data_files):
+    """``data_files`` as ``load_dataset`` takes it (YAML lists and ``~`` expanded)."""
+    expand = lambda v: os.path.expanduser(v) if isinstance(v, str) else \
+        [os.path.expanduser(x) for x in v]
+    if data_files is None:
+        return None
+    if isinstance(data_files, dict):
+        return {k: expand(v) for k, v in data_files.items()}
+    return expand(data_files)
+
+
 def _read_datasets(src: SourceConfig) -> list[str]:
-    ds = open_dataset(src.path, src.split, src.text_field, f"data source {src.name!r}")
+    if src.stream:
+        train, evals, _ = stream_documents(src)
+        return evals + train
+    ds = open_dataset(src.path, src.split, src.text_field, f"data source {src.name!r}",
+                      subset=src.subset, data_files=src.data_files)
     if src.max_docs:
         ds = ds.select(range(min(src.max_docs, len(ds))))
     return [str(t) for t in ds[src.text_field]]
+
+
+def stream_eval_count(max_docs: int, eval_fraction: float) -> int:
+    """Held-out documents of a streamed source: the first ``round(max_docs * eval_fraction)``
+    of the stream (at least one when the fraction is positive, at most ``max_docs - 1``)."""
+    n = int(round(max_docs * eval_fraction))
+    return min(max(n, 1), max_docs - 1) if eval_fraction > 0 else 0
+
+
+def stream_documents(src: SourceConfig, eval_fraction: float = 0.0, process_index: int = 0,
+                     process_count: int = 1) -> tuple[list[str], list[str], dict]:
+    """Read a ``datasets`` source as a stream: the first ``max_docs`` non-empty documents, as
+    they come (``load_dataset(..., streaming=True)``), never the rest of the dataset.
+
+    The first :func:`stream_eval_count` documents are held out (every process keeps them, so
+    the eval set is the same everywhere); training document ``j`` (counted after them) belongs
+    to process ``j % process_count``, so the processes' shares are disjoint and together are
+    the stream's first ``max_docs`` documents. Each process tokenises only its share.
+
+    Returns:
+      (this process's training documents, the held-out documents, the position: documents
+      read from the stream, kept, held out, and the process split) -- saved with checkpoints
+      so a resume can tell that it reads the same documents.
+    """
+    import datasets
+
+    what = f"data source {src.name!r}"
+    try:
+        ds = datasets.load_dataset(os.path.expanduser(src.path), src.subset or None,
+                                   data_files=_files_arg(src.data_files), split=src.split,
+                                   streaming=True)
+    except (FileNotFoundError, ValueError) as e:
+        raise JaxarithError(f"{what}: cannot stream {src.path} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e})"
+                            ) from e
+    n_eval = stream_eval_count(src.max_docs, eval_fraction)
+    train, evals, seen = [], [], 0
+    for record in ds:
+        if src.text_field not in record:
+            raise JaxarithError(f"{what}: dataset {src.path} has no column {src.text_field!r} "
+                                f"(columns: {sorted(record)})")
+        text = str(record[src.text_field])
+        if not text.strip():
+            continue
+        if seen < n_eval:
+            evals.append(text)
+        elif (seen - n_eval) % process_count == process_index:
+            train.append(text)
+        seen += 1
+        if seen >= src.max_docs:
+            break
+    if not train:
+        raise JaxarithError(f"{what}: no training documents in the stream {src.path} "
+                            f"({seen} read, {n_eval} held out)")
+    position = {"documents": seen, "eval_documents": len(evals), "train_documents": len(train),
+                "process_index": process_index, "process_count": process_count}
+    return train, evals, position
 
 
 def read_chats(src: SourceConfig) -> list[list[dict]]:

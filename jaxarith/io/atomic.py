@@ -97,15 +97,19 @@ def is_output(path: PathLike) -> bool:
     return os.path.isfile(os.path.join(os.fspath(path), MARKER))
 
 
-def write_marker(directory: PathLike, kind: str = "output", **info) -> str:
-    """Write :data:`MARKER` into ``directory`` (what wrote it, when, how). Returns its path."""
+def marker_text(kind: str = "output", **info) -> str:
+    """The content of :data:`MARKER`: what wrote the output, when, how."""
     record = {"written_by": f"jaxarith {__version__}", "kind": kind,
               "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "command": sys.argv, "host": socket.gethostname(), "pid": os.getpid(), **info}
+    return json.dumps(record, indent=1, default=str) + "\n"
+
+
+def write_marker(directory: PathLike, kind: str = "output", **info) -> str:
+    """Write :data:`MARKER` into ``directory`` (what wrote it, when, how). Returns its path."""
     path = os.path.join(os.fspath(directory), MARKER)
     with open(path, "w") as f:
-        json.dump(record, f, indent=1, default=str)
-        f.write("\n")
+        f.write(marker_text(kind, **info))
     return path
 
 

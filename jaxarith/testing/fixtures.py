@@ -1,7 +1,9 @@
 """Tiny random-weight models made locally with ``transformers`` (for tests and benchmarks).
 
 Nothing is downloaded: models are built from a config with random weights, saved with
-``save_pretrained`` next to the bundled tokenizer. Needs torch (the ``test`` extra).
+``save_pretrained`` next to the bundled tokenizer. Needs torch (the ``test`` extra); without it
+(the newest-versions CI step) :func:`make_hf_model` writes the same files with jaxarith's own init
+and exporter and returns no model.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import os
 from typing import Any
 
 from jaxarith.data.assets import BOS_ID, EOS_ID, PAD_ID, bundled_tokenizer
+from jaxarith.io.convert.export import save_hf
+from jaxarith.models import transformer
+from jaxarith.models.config import config_from_hf
 
 TINY_VOCAB = 1024  # the bundled tokenizer's size
 
@@ -72,7 +77,11 @@ def make_hf_model(
     initialises to constants) so that a wrong mapping of any tensor shows in the outputs.
     ``max_shard_size`` (e.g. ``"50KB"``) writes several shards with an index file.
     """
-    import torch
+    try:
+        import torch
+    except ImportError:  # the newest-versions CI step has no torch: write the files without it
+        return _make_hf_files(directory, hf_config, seed=seed, noise=noise, dtype=dtype,
+                              max_shard_size=max_shard_size, with_tokenizer=with_tokenizer)
     import transformers
 
     torch.manual_seed(seed)
@@ -86,6 +95,30 @@ def make_hf_model(
     if with_tokenizer:
         bundled_tokenizer().save_pretrained(os.fspath(directory))
     return model
+
+
+def _make_hf_files(directory, hf_config, *, seed, noise, dtype, max_shard_size,
+                   with_tokenizer) -> None:
+    """:func:`make_hf_model` without torch: random weights by jaxarith's own init (plus
+    ``noise``) written as an HF checkpoint by its exporter. Returns None (there is no
+    transformers model to compare with)."""
+    import jax
+    import numpy as np
+
+    cfg = config_from_hf(hf_config.to_dict())
+    rng = np.random.default_rng(seed)
+    params = transformer.init_params(cfg, seed)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float32)
+                          + noise * rng.standard_normal(x.shape, np.float32), params)
+    tmp = os.path.join(os.fspath(directory), "model")
+    save_hf(cfg, params, tmp, dtype=dtype, max_shard_size=max_shard_size or "5GB",
+            progress=False)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(os.fspath(directory), name))
+    os.rmdir(tmp)
+    if with_tokenizer:
+        bundled_tokenizer().save_pretrained(os.fspath(directory))
+    return None
 
 
 def hf_logits(model, tokens, attention_mask=None):
