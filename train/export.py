@@ -14,9 +14,10 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from jaxarith import arith, paths
+from jaxarith import arith
 from jaxarith.data.assets import bundled_tokenizer
 from jaxarith.errors import ConfigError
+from jaxarith.io import paths
 from jaxarith.io.atomic import protect_inputs
 from jaxarith.io.convert.export import save_hf
 from jaxarith.io.refs import load_model
