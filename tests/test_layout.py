@@ -173,3 +173,14 @@ def test_subpackages_have_a_documented_public_init(package):
     path = os.path.join(ROOT, "jaxarith", package, "__init__.py")
     tree = ast.parse(open(path).read())
     assert ast.get_docstring(tree), f"jaxarith/{package}/__init__.py has no docstring"
+
+
+def test_every_module_imports():
+    """Moves leave no stale import path behind (a module the suite never imports would hide
+    one)."""
+    import importlib
+
+    for name in sorted(MODULES):
+        if name.endswith("__main__") or name == "train.demo":
+            continue
+        importlib.import_module(name)
