@@ -163,3 +163,20 @@ def test_compiled_step_cache_key_includes_the_loss_key_and_frozen_shapes():
     a = loop._tree_key(loop._abstract({"t": np.zeros((2, 3), np.float32)}))
     b = loop._tree_key(loop._abstract({"t": np.zeros((2, 4), np.float32)}))
     assert a != b and a == loop._tree_key(loop._abstract({"t": np.ones((2, 3), np.float32)}))
+
+
+def test_the_compiled_step_is_keyed_by_one_frozen_key():
+    """Equal configs give one StepKey (one compiled program); anything that shapes the step
+    gives another."""
+    from jaxarith.sharding import make_mesh
+    from train.step import TOKENS_ONLY
+
+    def key(*extra):
+        cfg = load_train_config(LLAMA, [*FAST, "out=unused", *extra])
+        mesh = make_mesh(cfg.mesh)
+        return loop.step_key(cfg, loop.model_config(cfg)[0], mesh, None, dict(TOKENS_ONLY), {})
+
+    a, b = key(), key()
+    assert a == b and hash(a) == hash(b)
+    assert key("batch=16") != a and key("model.remat=true") != a
+    assert key("model.attention=xla") == a  # auto resolves to xla on the CPU

@@ -26,6 +26,7 @@ import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -165,54 +166,87 @@ def _tree_key(abstract) -> tuple:
 # ----------------------------------------------------------------------------- compiled pieces
 
 
-@functools.lru_cache(maxsize=4)
-def compiled_step(model_cfg, mesh, optimizer, schedule, batch, seq_len, microbatches, average,
-                  skip_nonfinite, compute_dtype, remat, loss=None, fields=None, frozen=None,
-                  attention="xla"):
-    """Build and AOT-compile the train step (cached in-process by every input that shapes it,
-    so a resumed or repeated run in the same process does not compile again).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepKey:
+    """Everything that shapes the compiled train step, as one frozen, hashable key: two runs
+    with equal keys share one compiled program (:func:`compiled_step` caches by it).
 
-    Args:
+    Attributes:
       loss: None (next-token NLL) or a :class:`Keyed` whose value is the extension's loss
         factory ``(model_cfg, dtype=, remat=, attention=) -> loss_fn`` and whose key says what
         shapes it.
       fields: the batch fields as a tuple of ``(name, (trailing, dtype))`` (None: tokens only).
       frozen: None or a :class:`Keyed` of the abstract frozen tree (key: its shapes/shardings).
       attention: the resolved attention kernel (:func:`jaxarith.models.kernels.resolve`).
+    """
+
+    model_cfg: ModelConfig
+    mesh: Any
+    optimizer: Any
+    schedule: Any
+    batch: int
+    seq_len: int
+    microbatches: int
+    average: Any
+    skip_nonfinite: bool
+    compute_dtype: str
+    remat: bool
+    loss: Keyed | None = None
+    fields: tuple | None = None
+    frozen: Keyed | None = None
+    attention: str = "xla"
+
+
+@functools.lru_cache(maxsize=4)
+def compiled_step(key: StepKey):
+    """Build and AOT-compile the train step of ``key`` (cached in-process by the key, so a
+    resumed or repeated run in the same process does not compile again).
+
     Returns:
       (StepFns, compiled step, info) with ``info`` holding XLA's flops, memory analysis and
       ``compile_s``.
     """
-    sched = schedule.build()
-    dtype = jnp.dtype(compute_dtype)
-    make_loss = next_token_loss_fn if loss is None else loss.value
-    abstract_frozen = None if frozen is None else frozen.value
-    frozen_shd = None if frozen is None else jax.tree.map(lambda x: x.sharding, abstract_frozen)
-    fns = build_step(model_cfg, mesh, tx=make_optimizer(optimizer, sched), schedule=sched,
-                     batch=batch, seq_len=seq_len, microbatches=microbatches,
-                     loss_fn=make_loss(model_cfg, dtype=dtype, remat=remat, attention=attention),
-                     average=average.in_step(), skip_nonfinite=skip_nonfinite,
+    sched = key.schedule.build()
+    dtype = jnp.dtype(key.compute_dtype)
+    make_loss = next_token_loss_fn if key.loss is None else key.loss.value
+    abstract_frozen = None if key.frozen is None else key.frozen.value
+    frozen_shd = None if key.frozen is None else \
+        jax.tree.map(lambda x: x.sharding, abstract_frozen)
+    fns = build_step(key.model_cfg, key.mesh, tx=make_optimizer(key.optimizer, sched),
+                     schedule=sched, batch=key.batch, seq_len=key.seq_len,
+                     microbatches=key.microbatches,
+                     loss_fn=make_loss(key.model_cfg, dtype=dtype, remat=key.remat,
+                                       attention=key.attention),
+                     average=key.average.in_step(), skip_nonfinite=key.skip_nonfinite,
                      frozen=abstract_frozen, frozen_shardings=frozen_shd,
-                     batch_fields=None if fields is None else dict(fields))
+                     batch_fields=None if key.fields is None else dict(key.fields))
     t0 = time.perf_counter()
-    compiled, info = compile_step(fns, mesh)
+    compiled, info = compile_step(fns, key.mesh)
     info["compile_s"] = time.perf_counter() - t0
     return fns, compiled, info
 
 
-def run_step(cfg: TrainConfig, model_cfg: ModelConfig, mesh, loss_ext: Extension | None,
-             fields: dict, abstract_frozen):
-    """:func:`compiled_step` for a run's config: the one place that turns a config into the
+def step_key(cfg: TrainConfig, model_cfg: ModelConfig, mesh, loss_ext: Extension | None,
+             fields: dict, abstract_frozen) -> StepKey:
+    """The :class:`StepKey` of a run's config: the one place that turns a config into the
     compiled step, for the loop and for ``jaxarith plan`` (which passes a TPU topology's mesh
     and abstract frozen trees)."""
-    return compiled_step(
-        model_cfg, mesh, cfg.optimizer, cfg.schedule, cfg.batch, cfg.data.seq_len,
-        cfg.microbatches, cfg.average, cfg.on_nonfinite is OnNonFinite.SKIP,
-        cfg.model.compute_dtype, cfg.model.remat,
-        None if loss_ext is None else Keyed((loss_ext.name, loss_ext.loss_key), loss_ext.loss),
-        None if fields == TOKENS_ONLY else tuple(sorted(fields.items())),
-        Keyed(_tree_key(abstract_frozen), abstract_frozen) if abstract_frozen else None,
-        kernels.resolve(cfg.model.attention, mesh, cfg.data.seq_len))
+    return StepKey(
+        model_cfg=model_cfg, mesh=mesh, optimizer=cfg.optimizer, schedule=cfg.schedule,
+        batch=cfg.batch, seq_len=cfg.data.seq_len, microbatches=cfg.microbatches,
+        average=cfg.average, skip_nonfinite=cfg.on_nonfinite is OnNonFinite.SKIP,
+        compute_dtype=cfg.model.compute_dtype, remat=cfg.model.remat,
+        loss=None if loss_ext is None else Keyed((loss_ext.name, loss_ext.loss_key),
+                                                 loss_ext.loss),
+        fields=None if fields == TOKENS_ONLY else tuple(sorted(fields.items())),
+        frozen=Keyed(_tree_key(abstract_frozen), abstract_frozen) if abstract_frozen else None,
+        attention=kernels.resolve(cfg.model.attention, mesh, cfg.data.seq_len))
+
+
+def run_step(cfg: TrainConfig, model_cfg: ModelConfig, mesh, loss_ext: Extension | None,
+             fields: dict, abstract_frozen):
+    """:func:`compiled_step` of :func:`step_key` (see there)."""
+    return compiled_step(step_key(cfg, model_cfg, mesh, loss_ext, fields, abstract_frozen))
 
 
 # ----------------------------------------------------------------------------- evaluation
