@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxarith import testing
-from train import loop
+from train import hooks, loop
 from train.config import load_train_config
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
@@ -176,7 +176,7 @@ def test_time_based_checkpoints_with_a_fake_clock(tmp_path, monkeypatch):
     """checkpoint.every_minutes saves when that much time passed since the last such save,
     beside (not instead of) the step-based saves; here one fake minute passes per step."""
     ticks = iter(range(0, 10_000, 60))
-    monkeypatch.setattr(loop, "checkpoint_clock", lambda: next(ticks))
+    monkeypatch.setattr(hooks, "checkpoint_clock", lambda: next(ticks))
     cfg = load_train_config(LLAMA, [*FAST, "steps=7", f"out={tmp_path / 'run'}",
                                     "checkpoint.keep=10", "checkpoint.every_minutes=2.5",
                                     "checkpoint.every=5", "eval.at_end=false", "log.plot=false",

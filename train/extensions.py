@@ -6,8 +6,10 @@ logging, checkpointing and the loss plot are hooks themselves (:func:`train.loop
 A feature (distillation, LaWA, instruction tuning, layer inheritance, ...) contributes an
 :class:`Extension`; every field is optional:
 
-* ``loss(model_cfg, dtype=, remat=) -> loss_fn`` with ``loss_fn(params, frozen, batch) ->
-  (loss_sum, count, metrics)`` (see :mod:`train.step`) replaces the default next-token loss;
+* ``loss(model_cfg, dtype=, remat=[, attention=]) -> loss_fn`` (``attention`` is passed only
+  when ``model.attention`` picks a kernel, see :mod:`jaxarith.models.kernels`) with
+  ``loss_fn(params, frozen, batch) -> (loss_sum, count, metrics)`` (see :mod:`train.step`)
+  replaces the default next-token loss;
   ``loss_key`` (hashable, e.g. the feature's frozen config) names what shapes it, and is part of
   the compiled-step cache key. At most one extension may give a loss.
 * ``batch_fields``: extra per-token fields the loss reads (``name -> (trailing shape, dtype)``).

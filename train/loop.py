@@ -11,6 +11,11 @@ Extension points (details in :mod:`train.extensions`): after every step the loop
 batch fields, frozen trees (not checkpointed), the model config and the initial params through an
 :class:`~train.extensions.Extension`, discovered from :mod:`train.plugins` or passed as
 ``run(cfg, extensions=[...])``.
+
+The loop's parts live beside it: :mod:`train.hooks` (the built-in hooks),
+:mod:`train.evaluation` (held-out loss), :mod:`train.resume` (what a resume must agree with, a
+finished run reported), :mod:`train.checkpoint` (the checkpoint store); the compiled step is
+keyed by one :class:`StepKey`.
 """
 
 from __future__ import annotations
@@ -34,11 +39,10 @@ import numpy as np
 
 from jaxarith import data as data_lib
 from jaxarith import distributed, sharding
-from jaxarith.configfile import short
 from jaxarith.data.assets import bundled_tokenizer
 from jaxarith.errors import CheckpointError, ConfigError, JaxarithError
 from jaxarith.io import paths, refs
-from jaxarith.io.atomic import MARKER, check_destination, claim_dir
+from jaxarith.io.atomic import check_destination, claim_dir
 from jaxarith.io.refs import load_model, load_tokenizer
 from jaxarith.models import kernels, transformer
 from jaxarith.models.config import ModelConfig, config_from_hf, load_config
@@ -46,8 +50,23 @@ from jaxarith.sharding import make_mesh, set_strict_sharding
 from train import metrics as metrics_lib
 from train.checkpoint import Checkpoints
 from train.config import OnNonFinite, TrainConfig, to_dict
+from train.evaluation import eval_examples, make_eval
 from train.export import export_hf
 from train.extensions import Extension, Hook, Keyed, RunContext, discover, only_one
+from train.hooks import default_hooks, end_hooks, run_hook, sci
+from train.resume import (
+    absent_or_empty,
+    check_checkpoint_dir,
+    check_config_unchanged,
+    check_resume,
+    check_streams,
+    checkpoint_steps,
+    config_changes,
+    finished_summary,
+    report_finished,
+    unclaim,
+    write_summary,
+)
 from train.step import (
     TOKENS_ONLY,
     build_step,
@@ -119,9 +138,6 @@ def tokenizer_for(cfg: TrainConfig, model_dir: str | None):
 
     return load_tokenizer(name)
 
-
-def _local_rows(x: np.ndarray) -> np.ndarray:
-    return x[jax.process_index()::jax.process_count()]
 
 
 def batch_fields(example: dict, seq_len: int, extensions: Sequence[Extension] = ()) -> dict:
@@ -208,6 +224,9 @@ def compiled_step(key: StepKey):
     """
     sched = key.schedule.build()
     dtype = jnp.dtype(key.compute_dtype)
+    # a loss factory gets `attention` only for a kernel: factories written before it existed
+    # (``(model_cfg, *, dtype, remat)``) keep working with XLA attention
+    kernel = {} if key.attention == "xla" else {"attention": key.attention}
     make_loss = next_token_loss_fn if key.loss is None else key.loss.value
     abstract_frozen = None if key.frozen is None else key.frozen.value
     frozen_shd = None if key.frozen is None else \
@@ -216,7 +235,7 @@ def compiled_step(key: StepKey):
                      schedule=sched, batch=key.batch, seq_len=key.seq_len,
                      microbatches=key.microbatches,
                      loss_fn=make_loss(key.model_cfg, dtype=dtype, remat=key.remat,
-                                       attention=key.attention),
+                                       **kernel),
                      average=key.average.in_step(), skip_nonfinite=key.skip_nonfinite,
                      frozen=abstract_frozen, frozen_shardings=frozen_shd,
                      batch_fields=None if key.fields is None else dict(key.fields))
@@ -252,151 +271,7 @@ def run_step(cfg: TrainConfig, model_cfg: ModelConfig, mesh, loss_ext: Extension
 # ----------------------------------------------------------------------------- evaluation
 
 
-def eval_examples(source, n: int) -> dict:
-    """The first ``n`` held-out examples of a source as fields: ``tokens`` ``[n, T]`` and, when
-    the source gives them (``data.eval_windows`` returning a dict), e.g. ``weights`` ``[n, T]``."""
-    ex = data_lib.eval_windows(source, n)
-    return dict(ex) if isinstance(ex, dict) else {"tokens": ex}
-
-
-@functools.lru_cache(maxsize=4)
-def make_eval(model_cfg: ModelConfig, mesh, batch: int, seq_len: int, compute_dtype: str):
-    """``evaluate(params, examples) -> mean NLL`` over ``[batch, seq_len]`` batches (jitted).
-
-    ``examples``: a ``[n, T]`` token array, or a dict with ``tokens`` and optionally
-    ``weights`` (loss weights of target tokens, as in training: a chat source scores only its
-    weighted tokens)."""
-    dtype = jnp.dtype(compute_dtype)
-    shd = sharding.named_sharding(mesh, ("batch", "seq"), (batch, seq_len))
-    pshd = transformer.param_shardings(model_cfg, mesh)
-
-    def fn(params, tokens, mask):
-        return transformer.next_token_loss(params, model_cfg, tokens, mask, dtype=dtype)
-
-    def fn_weighted(params, tokens, mask, weights):
-        return transformer.next_token_loss(params, model_cfg, tokens, mask, weights=weights,
-                                           dtype=dtype)
-
-    plain = jax.jit(fn, in_shardings=(pshd, shd, shd))
-    weighted = jax.jit(fn_weighted, in_shardings=(pshd, shd, shd, shd))
-
-    def put(x):
-        return jax.make_array_from_process_local_data(shd, _local_rows(x))
-
-    def evaluate(params, examples) -> float:
-        ex = examples if isinstance(examples, dict) else {"tokens": examples}
-        windows, w = ex["tokens"], ex.get("weights")
-        total, count = 0.0, 0.0
-        with jax.set_mesh(mesh):
-            for s in range(0, len(windows), batch):
-                chunk = windows[s: s + batch]
-                tokens = np.zeros((batch, seq_len), np.int32)
-                mask = np.zeros((batch, seq_len), np.int32)
-                tokens[: len(chunk)], mask[: len(chunk)] = chunk, 1
-                if w is None:
-                    nll, n = plain(params, put(tokens), put(mask))
-                else:
-                    wts = np.zeros((batch, seq_len), np.float32)
-                    wts[: len(chunk)] = w[s: s + batch]
-                    nll, n = weighted(params, put(tokens), put(mask), put(wts))
-                total, count = total + float(nll), count + float(n)
-        return total / max(count, 1.0)
-
-    return evaluate
-
-
 # ----------------------------------------------------------------------------- built-in hooks
-
-
-def log_metrics_hook(thr: metrics_lib.Throughput) -> Callable[[RunContext], dict]:
-    """The train-metrics record: loss, lr, grad_norm, the loss function's own metrics and
-    throughput; updates the progress bar."""
-    skip = {"step", "loss", "lr", "grad_norm", "tokens", "finite"}
-
-    def fn(ctx: RunContext) -> dict | None:
-        h = ctx.last
-        if not h:  # no step ran in this invocation
-            return None
-        rec = {"loss": h["loss"], "lr": h["lr"], "grad_norm": h["grad_norm"],
-               **{k: v for k, v in h.items() if k not in skip}, **thr.read(ctx.step)}
-        ctx.writer.progress(ctx.step, h["loss"], rec["tokens_per_s"])
-        ctx.summary["tokens_per_s"], ctx.summary["mfu"] = rec["tokens_per_s"], rec["mfu"]
-        return rec
-
-    return fn
-
-
-def eval_hook(ctx: RunContext) -> dict | None:
-    """Held-out loss of every source, for the params and (if any) the averaged params."""
-    if ctx.final and not ctx.cfg.eval.at_end or not ctx.eval_sets:
-        return None
-    ev = {}
-    for name, examples in ctx.eval_sets.items():
-        ev[f"eval/{name}/loss"] = ctx.evaluate(ctx.state.params, examples)
-        if ctx.state.average is not None:
-            ev[f"eval_avg/{name}/loss"] = ctx.evaluate(ctx.state.average.value(), examples)
-    ctx.writer.log(_fmt_eval(ctx.step, ev))
-    if ctx.final:
-        ctx.summary["eval"] = ev
-    return ev
-
-
-def checkpoint_hook(ctx: RunContext) -> None:
-    ctx.save()
-
-
-# the clock of time-based checkpoints (seconds; tests replace it with a fake one)
-checkpoint_clock = time.monotonic
-
-
-def timed_checkpoint_hook(minutes: float) -> Callable[[RunContext], None]:
-    """Save when ``minutes`` have passed since the last time-based save (or since this hook was
-    made, at the start of the run). Saving is collective, so with several processes process
-    0's clock decides and its decision is broadcast (one tiny collective per step)."""
-    last = [checkpoint_clock()]
-
-    def fn(ctx: RunContext) -> None:
-        now = checkpoint_clock()
-        due = now - last[0] >= minutes * 60
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
-        if due:
-            ctx.save()
-            last[0] = now
-
-    return fn
-
-
-def plot_hook(ctx: RunContext) -> None:
-    if jax.process_index() == 0:
-        local = os.path.dirname(ctx.writer.path)  # the run directory, or its local staging
-        ctx.summary["plot"] = metrics_lib.plot_losses(os.path.join(local, "metrics.jsonl"),
-                                                      os.path.join(local, "loss.png"))
-
-
-def default_hooks(cfg: TrainConfig, thr: metrics_lib.Throughput) -> list[Hook]:
-    """Metrics every ``log.every`` steps, eval every ``eval.every`` (and at the end),
-    checkpoints every ``checkpoint.every`` steps and every ``checkpoint.every_minutes`` (the
-    loop also saves at the end and on preemption)."""
-    return [Hook(name="log", every=cfg.log.every, fn=log_metrics_hook(thr), at_end=True),
-            Hook(name="eval", every=cfg.eval.every, fn=eval_hook, at_end=True),
-            Hook(name="checkpoint", every=cfg.checkpoint.every, fn=checkpoint_hook),
-            *([Hook(name="checkpoint_time", every=1,
-                    fn=timed_checkpoint_hook(cfg.checkpoint.every_minutes))]
-              if cfg.checkpoint.every_minutes > 0 else [])]
-
-
-def end_hooks(cfg: TrainConfig) -> list[Hook]:
-    """Hooks after the extensions' ones: the loss plot at the end."""
-    return [Hook(name="plot", every=0, fn=plot_hook, at_end=True)] if cfg.log.plot else []
-
-
-def _run_hook(hook: Hook, ctx: RunContext) -> None:
-    rec = hook.fn(ctx)
-    if rec:
-        ctx.writer.write({"step": ctx.step, **rec})
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -456,7 +331,7 @@ def _train_steps(ctx: RunContext, hooks: Sequence[Hook], it, fns, compiled,
                 on_step(ctx.step, host)
             for hook in hooks:
                 if hook.due(ctx.step, cfg.steps):
-                    _run_hook(hook, ctx)
+                    run_hook(hook, ctx)
     if stop.requested:
         ctx.writer.log(f"{stop.requested}: saving a checkpoint at step {ctx.step}")
         return "interrupted" if stop.requested == "SIGINT" else "preempted"
@@ -523,7 +398,7 @@ def _run(cfg: TrainConfig, on_step, extensions, allow_change: tuple[str, ...] = 
     check_batch_fits(cfg.batch, cfg.microbatches, mesh, jax.process_count())
     data_lib.check_batch(cfg.batch, jax.process_count())
 
-    fresh = _absent_or_empty(cfg.out)
+    fresh = absent_or_empty(cfg.out)
     # a new, empty or earlier jaxarith run directory (marked); never someone else's files
     if paths.is_url(cfg.out):  # an object store: the marker-last rules of jaxarith.io.paths
         fresh = None
@@ -536,49 +411,8 @@ def _run(cfg: TrainConfig, on_step, extensions, allow_change: tuple[str, ...] = 
         return _run_in(cfg, on_step, extensions, mesh, out, allow_change)
     except BaseException:
         if fresh is not None:  # refused before it wrote anything: leave no run directory behind
-            _unclaim(out, remove_dir=fresh)
+            unclaim(out, remove_dir=fresh)
         raise
-
-
-def _absent_or_empty(path: str) -> bool | None:
-    """True: ``path`` does not exist; False: an empty directory; None: anything else."""
-    if not os.path.lexists(path):
-        return True
-    return False if os.path.isdir(path) and not os.listdir(path) else None
-
-
-def _unclaim(out: str, *, remove_dir: bool) -> None:
-    """Undo :func:`claim_dir` of a run that stopped before writing anything but the marker."""
-    if jax.process_index() != 0:
-        return
-    with contextlib.suppress(OSError):
-        if os.listdir(out) == [MARKER]:
-            os.remove(os.path.join(out, MARKER))
-            if remove_dir:
-                os.rmdir(out)
-
-
-def check_checkpoint_dir(ckpt_dir: str) -> None:
-    """Refuse a ``checkpoint.dir`` that holds anything but Orbax checkpoints: Orbax takes every
-    numeric subdirectory for a checkpoint step (and deletes those beyond ``keep``)."""
-    if not os.path.lexists(ckpt_dir):
-        return
-    if not os.path.isdir(ckpt_dir):
-        raise ConfigError(f"checkpoint.dir={ckpt_dir}: not a directory")
-
-    foreign = []
-    for name in sorted(os.listdir(ckpt_dir)):
-        path = os.path.join(ckpt_dir, name)
-        if name == MARKER or ".orbax-checkpoint-tmp" in name or name.startswith("unreadable-"):
-            continue
-        if not (name.isdigit() and os.path.isdir(path)
-                and os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA"))):
-            foreign.append(name)
-    if foreign:
-        raise ConfigError(f"checkpoint.dir={ckpt_dir} holds entries that are not checkpoints of "
-                          f"a run ({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''});"
-                          " the checkpointer would take numeric directories for its own and "
-                          "delete them: give a new or empty directory")
 
 
 def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
@@ -617,7 +451,7 @@ def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
                 check_resume(meta, config_dict, model_cfg, resume_from)
                 check_config_unchanged(meta.get("config", {}), config_dict, allow_change, out)
     if done is not None:
-        return _report_finished(cfg, done, model_cfg, model_dir, mesh, ckpt_dir)
+        return report_finished(cfg, done, model_cfg, model_dir, mesh, ckpt_dir)
     if cfg.export.hf_dir and paths.is_url(cfg.export.hf_dir) and jax.process_index() == 0 \
             and not paths.exists(paths.join(out, "summary.json")):
         paths.check_upload(cfg.export.hf_dir, cfg.export.overwrite)  # refuse now
@@ -668,7 +502,7 @@ def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
                                                                    frozen=frozen)
             except CheckpointError as e:
                 newest = ckpts.newest_meta()
-                changed = _config_changes(newest[1].get("config", {}), config_dict) \
+                changed = config_changes(newest[1].get("config", {}), config_dict) \
                     if newest else ""
                 raise CheckpointError(f"{e}; config changes since that checkpoint: "
                                       f"{changed or 'none'}") from None
@@ -713,7 +547,7 @@ def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
                 ctx.final = True
                 for hook in hooks:
                     if hook.at_end:
-                        _run_hook(hook, ctx)
+                        run_hook(hook, ctx)
             ckpts.wait()
         finally:
             writer.close()
@@ -727,190 +561,9 @@ def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
             and not cfg.export.overwrite
         if not keep:
             summary["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)
-    _write_summary(paths.join(out, "summary.json"), summary)
+    write_summary(paths.join(out, "summary.json"), summary)
     summary["state"] = state  # the final TrainState (not serialised)
     return summary
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _config_changes(old: dict, new: dict, keys: Sequence[str] | None = None,
-                    limit: int = 8) -> str:
-    """``key: old -> new`` for the dotted keys that differ (``out``/``steps`` aside)."""
-    a, b = _flatten(old), _flatten(new)
-    names = sorted(set(a) | set(b)) if keys is None else keys
-    diffs = [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}" for k in names
-             if a.get(k) != b.get(k) and k not in ("out", "steps", "schedule.total_steps")]
-    more = f" (and {len(diffs) - limit} more)" if len(diffs) > limit else ""
-    return ", ".join(diffs[:limit]) + more
-
-
-def _saved_model_config(meta: dict) -> ModelConfig | None:
-    if "model_config" in meta:
-        return config_from_hf(meta["model_config"])
-    m = meta.get("config", {}).get("model", {})
-    if m.get("arch") and not m.get("ref"):  # an older checkpoint of a scratch run
-        return config_from_hf({"model_type": m["arch"], **m.get("config", {})})
-    return None
-
-
-def check_resume(meta: dict, config_dict: dict, model_cfg: ModelConfig, where: str) -> None:
-    """Refuse to resume from a checkpoint of a different model or state layout, naming what
-    changed (before orbax tries, and fails with a tree dump)."""
-    old_cfg = _saved_model_config(meta)
-    if old_cfg is not None:
-        shapes = lambda c: {sharding.path_str(p): tuple(x.shape) for p, x in
-                            jax.tree_util.tree_leaves_with_path(transformer.abstract_params(c))}
-        old, new = shapes(old_cfg), shapes(model_cfg)
-        if old != new:
-            changed = _config_changes(old_cfg.to_hf(), model_cfg.to_hf())
-            tensors = [f"{k} {old.get(k, 'absent')} -> {new.get(k, 'absent')}"
-                       for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
-            raise CheckpointError(
-                f"cannot resume from {where}: it holds a different model ({changed or 'arch'}; "
-                f"tensors {', '.join(tensors[:3])}{' ...' if len(tensors) > 3 else ''}). Resume "
-                "with the model config it was written with, or train into a new out")
-    saved = meta.get("config", {})
-    layout = _config_changes(saved, config_dict, ["average.kind", "average.k",
-                                                  "average.offload"]) if saved else ""
-    clip = lambda c: bool(c.get("optimizer", {}).get("clip_norm", 1.0))
-    if saved and clip(saved) != clip(config_dict):
-        layout = ", ".join(filter(None, [layout, "optimizer.clip_norm: switched on/off"]))
-    if layout:
-        raise CheckpointError(f"cannot resume from {where}: the train state's layout changed "
-                              f"({layout}). Resume with the old setting, or use a new out")
-
-
-# The settings that make a run what it is: a resume may not change them silently.
-RESUME_KEYS = ("model", "optimizer", "data", "seed", "init")
-
-
-def check_config_unchanged(saved: dict, config_dict: dict, allow: Sequence[str],
-                           out: str) -> None:
-    """Refuse to resume (or to report as done) a run whose :data:`RESUME_KEYS` settings differ
-    from its saved config, naming the keys, unless each is listed in ``allow`` (a key or a
-    section: ``data.sources.code``)."""
-    if not saved:
-        return
-
-    a, b = _flatten(saved), _flatten(config_dict)
-    allowed = lambda k: any(k == x or k.startswith(x + ".") for x in allow)
-    keys = [k for k in sorted(set(a) | set(b))
-            if k.split(".")[0] in RESUME_KEYS and a.get(k) != b.get(k) and not allowed(k)]
-    if keys:
-        diffs = [f"{k}: {short(a.get(k, '(unset)'), 60)} -> {short(b.get(k, '(unset)'), 60)}"
-                 for k in keys[:6]]
-        more = f" (and {len(keys) - 6} more)" if len(keys) > 6 else ""
-        raise ConfigError(f"cannot resume the run in {out}: its config differs from the saved "
-                          f"one in {', '.join(diffs)}{more}. Resume with the saved settings, "
-                          f"pass --allow-config-change {','.join(keys)}, or train into a new out")
-
-
-def check_streams(saved: dict, current: dict, where: str) -> None:
-    """Refuse to resume when a streamed source reads other documents than when the checkpoint
-    was written (the iterator position would then point into other windows): another
-    ``max_docs``, ``eval_fraction``, number of processes, or a stream that changed length.
-    The checkpoint holds process 0's position; every process reads by the same rule."""
-    for name, pos in saved.items():
-        now = current.get(name)
-        if now is None:
-            raise CheckpointError(f"cannot resume from {where}: data source {name!r} was read "
-                                  "as a stream and is not one now")
-        keys = ("documents", "eval_documents", "process_count")
-        diff = [f"{k} {pos.get(k)} -> {now.get(k)}" for k in keys if pos.get(k) != now.get(k)]
-        if diff:
-            raise CheckpointError(f"cannot resume from {where}: the stream of data source "
-                                  f"{name!r} gives other documents ({', '.join(diff)}); resume "
-                                  "with the same max_docs, eval_fraction and processes")
-
-
-def checkpoint_steps(ckpt_dir: str) -> list[int]:
-    """The steps of the complete checkpoints in ``ckpt_dir`` (orbax commits ``DIR/<step>``;
-    its temporaries have other names)."""
-    if paths.is_url(ckpt_dir):
-        return sorted(int(n) for n in paths.listdir(ckpt_dir) if n.isdigit())
-    if not os.path.isdir(ckpt_dir):
-        return []
-    return sorted(int(n) for n in os.listdir(ckpt_dir)
-                  if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n)))
-
-
-def finished_summary(cfg: TrainConfig, out: str, ckpt_dir: str) -> dict | None:
-    """The saved summary if the run in ``out`` already completed ``cfg.steps`` (else None).
-
-    Raises:
-      ConfigError: the checkpoints are past ``cfg.steps`` (steps was lowered).
-    """
-    steps = checkpoint_steps(ckpt_dir)
-    if not steps:
-        return None
-    if steps[-1] > cfg.steps:
-        raise ConfigError(f"steps={cfg.steps} but {ckpt_dir} already has a checkpoint at step "
-                          f"{steps[-1]}: raise steps to extend the run, or use a new out")
-    path = paths.join(out, "summary.json")
-    if steps[-1] < cfg.steps or not paths.exists(path):
-        return None
-    try:
-        saved = json.loads(paths.read_text(path))
-    except (OSError, json.JSONDecodeError):
-        return None
-    if saved.get("status") != "done" or saved.get("step") != cfg.steps:
-        return None
-    return saved
-
-
-def _report_finished(cfg: TrainConfig, saved: dict, model_cfg: ModelConfig, model_dir,
-                     mesh, ckpt_dir: str) -> dict:
-    """A finished run is left untouched: report it (no eval, no compile, no new metrics).
-
-    Only an export the run has not written yet (``--export-hf`` to a new directory) is done,
-    from the last checkpoint, and recorded in ``summary.json``."""
-    where = saved.get("out", cfg.out)
-    if jax.process_index() == 0:
-        print(f"the run in {where} already finished at step {saved['step']} (raise steps to "
-              "extend it); nothing to train", file=sys.stderr, flush=True)
-    res = {**saved, "already_done": True, "batches": {}}
-    hf = cfg.export.hf_dir
-    if hf and paths.is_url(hf) and (hf != saved.get("export_hf") or cfg.export.overwrite):
-        raise ConfigError(f"the run in {where} already finished; exporting it to a URL "
-                          f"({hf}) afterwards is not supported: export to a local directory")
-    if hf and (paths.absolute(hf) != saved.get("export_hf") or cfg.export.overwrite):
-        check_destination(hf, cfg.export.overwrite,
-                          inputs=[where, model_dir, cfg.export.delta_tuned, cfg.export.delta_base])
-        sched = cfg.schedule.build()
-        fns = build_step(model_cfg, mesh, tx=make_optimizer(cfg.optimizer, sched),
-                         schedule=sched, batch=cfg.batch, seq_len=cfg.data.seq_len,
-                         microbatches=cfg.microbatches, loss_fn=next_token_loss_fn(model_cfg),
-                         average=cfg.average.in_step())
-        with Checkpoints(ckpt_dir, keep=cfg.checkpoint.keep) as ckpts:
-            state, _, _ = ckpts.restore(fns.abstract_state)
-        res["export_hf"] = export_hf(cfg, model_cfg, model_dir, state)
-        _write_summary(paths.join(where, "summary.json"),
-                       {**saved, "export_hf": res["export_hf"]})
-    return res
-
-
-def _write_summary(path: str, summary: dict) -> None:
-    if jax.process_index() != 0:
-        return
-    paths.write_text(path, json.dumps({k: v for k, v in summary.items()
-                                       if k not in ("batches", "state")}, indent=2))
-
-
-def _sci(x) -> str:
-    return "n/a" if x is None else f"{x:.3e}"
-
-
-def _fmt_eval(step: int, ev: dict) -> str:
-    return f"eval @ {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items())
 
 
 def _startup_message(cfg, model_cfg, mesh, info, fpt, start, data_s, compile_s, sources) -> str:
@@ -922,7 +575,7 @@ def _startup_message(cfg, model_cfg, mesh, info, fpt, start, data_s, compile_s, 
         f"batch {cfg.batch} x {cfg.data.seq_len} tokens, {cfg.microbatches} microbatch(es)",
         "data: " + ", ".join(f"{s.name} w={s.weight:g} ({len(s.train)} train / {len(s.eval)} "
                              f"eval windows)" for s in sources) + f" [{data_s:.1f} s]",
-        f"compiled step in {compile_s:.1f} s: XLA flops/step {_sci(info['flops'])}, "
+        f"compiled step in {compile_s:.1f} s: XLA flops/step {sci(info['flops'])}, "
         f"formula flops/step {fpt * cfg.batch * cfg.data.seq_len:.3e} "
         f"(6N + 6 L T d_attn per token)",
         "memory per device: " + (", ".join(f"{k.replace('_size_in_bytes', '')} {gib(v)}"
