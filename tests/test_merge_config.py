@@ -64,7 +64,7 @@ def test_list_methods(capsys):
             "nearswap", "sce", "nuslerp", "multislerp", "arcee_fusion"} <= set(methods)
     assert methods["ties"]["parameters"] == {"lambda": 1.0}
     assert methods["ties"]["model_parameters"] == {"weight": 1.0, "density": 1.0}
-    assert methods["ties"]["options"] == {"normalize": True, "consensus": "sum"}
+    assert methods["ties"]["options"] == {"normalize": True, "rescale": False, "consensus": "sum"}
     assert methods["dare_ties"]["options"]["normalize"] is False  # mergekit 0.1.5's default
     assert methods["breadcrumbs"]["model_parameters"]["gamma"] == 0.01
     assert methods["nearswap"]["parameters"] == {"t": None}  # required

@@ -2,7 +2,7 @@
 
 Example (mergekit's own format)::
 
-    merge_method: ties            # linear, task_arithmetic, ties, dare_linear, dare_ties, slerp
+    merge_method: ties            # any of methods.MERGE_METHODS (`jaxarith merge --list-methods`)
     base_model: ./base
     models:
       - model: ./math
@@ -146,6 +146,9 @@ def parse_merge_config(data: dict) -> MergeConfig:
     else:
         refs = [r for r, _ in inputs]
         model_params = [p for _, p in inputs]
+        if m.kind is Kind.KARCHER and base is not None and base not in refs:
+            refs.append(base)  # mergekit adds a base_model missing from the inputs, last
+            model_params.append({})
     per_names = m.per_model_params
     shared = {k: v for k, v in params.items() if k not in per_names}
     defaults = {k: v for k, v in params.items() if k in per_names}
