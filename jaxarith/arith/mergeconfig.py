@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from jaxarith.arith import chat_templates
-from jaxarith.arith.methods import _BASE_OPTIONAL, MERGE_METHODS, Kind, method, option_names
+from jaxarith.arith.methods import MERGE_METHODS, Kind, method, option_names, optional_base
 from jaxarith.arith.select import MergeSpec, Selection
 from jaxarith.errors import ConfigError
 
@@ -129,7 +129,7 @@ def parse_merge_config(data: dict) -> MergeConfig:
     dtype = data.get("dtype")
     base = data.get("base_model")
     base = str(base) if base is not None else None
-    if Kind(name) in _BASE_OPTIONAL:
+    if optional_base(name):
         options["base"] = base is not None
     m = method(name, merge_dtype=dtype, **options)
     inputs = _inputs(data)

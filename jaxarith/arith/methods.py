@@ -326,6 +326,12 @@ def describe(kind: Kind | str) -> dict:
             "model_parameters": m.per_model_params, "options": options}
 
 
+def optional_base(kind: Kind | str) -> bool:
+    """Whether ``kind`` merges task vectors over a base when the config names one, and the
+    models themselves otherwise (nuslerp, multislerp: ``Method.base``)."""
+    return Kind(kind) in _BASE_OPTIONAL
+
+
 def option_names(kind: Kind | str) -> tuple[str, ...]:
     """The static options a merge YAML may give ``kind`` in ``parameters``."""
     return _OPTIONS.get(Kind(kind), ())
