@@ -64,7 +64,7 @@ def test_list_methods(capsys):
             "nearswap", "sce", "nuslerp", "multislerp", "arcee_fusion"} <= set(methods)
     assert methods["ties"]["parameters"] == {"lambda": 1.0}
     assert methods["ties"]["model_parameters"] == {"weight": 1.0, "density": 1.0}
-    assert methods["ties"]["options"] == {"normalize": True, "consensus": "sum"}
+    assert methods["ties"]["options"] == {"normalize": True, "rescale": False, "consensus": "sum"}
     assert methods["dare_ties"]["options"]["normalize"] is False  # mergekit 0.1.5's default
     assert methods["breadcrumbs"]["model_parameters"]["gamma"] == 0.01
     assert methods["nearswap"]["parameters"] == {"t": None}  # required
@@ -109,3 +109,20 @@ def test_method_parameters_and_counts_are_checked():
     with pytest.raises(ConfigError, match=r"model_stock: filter_wise 'yes': expected true"):
         parse_merge_config({"merge_method": "model_stock", "base_model": "b", "models": [
             {"model": "m"}, {"model": "n"}], "parameters": {"filter_wise": "yes"}})
+
+
+def test_chat_template_reaches_orbax_outputs(tmp_path, capsys):
+    """``--to orbax`` (in memory) writes the templated tokenizer beside the params too."""
+    import transformers
+
+    testing.make_hf_model(tmp_path / "m", testing.tiny_llama_config())
+    (tmp_path / "c.yaml").write_text(f"merge_method: linear\nmodels:\n  - model: {tmp_path}/m\n"
+                                     "chat_template: llama3\n")
+    assert main(["merge", str(tmp_path / "c.yaml"), str(tmp_path / "out"), "--to", "orbax",
+                 "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["chat_template"] == TEMPLATES["llama3"]
+    assert (tmp_path / "out" / "chat_template.jinja").read_text() == TEMPLATES["llama3"]
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.chat_template == TEMPLATES["llama3"]
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "m").chat_template is None

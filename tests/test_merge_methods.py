@@ -156,6 +156,7 @@ CASES = [
      {"base": True, "nuslerp_flatten": False}),
     ("multislerp", [1, 2, 3], {}, ({"weight": 0.3}, {"weight": 0.6}, {"weight": 1.0}), {}),
     ("arcee_fusion", [0, 1], {}, (), {}),
+    ("karcher", [0, 1, 2], {}, (), {"max_iter": 4}),
 ]
 
 

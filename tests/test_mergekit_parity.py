@@ -514,8 +514,8 @@ def test_method_specs_match_mergekits_registry():
                 **{k: ("shared", v) for k, v in ours["options"].items() if k != "consensus"},
                 **{k: ("non_base" if ours["base_model"] != "none" else "input", v)
                    for k, v in ours["model_parameters"].items()}}
-        if str(kind) in ("ties", "task_arithmetic"):
-            theirs.pop("rescale")  # only with an L1 rescale of the magnitude trim: refused here
+        if str(kind) == "task_arithmetic":
+            theirs.pop("rescale")  # does nothing without a trim: refused here
         assert set(mine) == set(theirs), kind
         for k, (scope, default) in theirs.items():
             required = not isinstance(default, bool | int | float | type(None))
@@ -615,6 +615,13 @@ METHOD_CONFIGS = {
                        + _models(("F1", "weight: 1.0"), ("F2", "weight: [1.0, 3.0]"))
                        + "parameters: {{normalize_weights: true}}\n",
     "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {B}\n" + _models("B", "AF"),
+    "ties_rescaled": "merge_method: ties\nbase_model: {B}\n"
+                     + _models(("F1", "weight: 1.0, density: 0.5"),
+                               ("F2", "weight: 0.5, density: [0.3, 0.8]"))
+                     + "parameters: {{rescale: true}}\n",
+    "karcher": "merge_method: karcher\n" + _models("F1", "F2", "F3"),
+    "karcher_base_added": "merge_method: karcher\nbase_model: {B}\n" + _models("F3", "F1")
+                          + "parameters: {{max_iter: 3, tol: 1.0e-6}}\n",
 }
 
 

@@ -2,7 +2,7 @@
 
 Example (mergekit's own format)::
 
-    merge_method: ties            # linear, task_arithmetic, ties, dare_linear, dare_ties, slerp
+    merge_method: ties            # any of methods.MERGE_METHODS (`jaxarith merge --list-methods`)
     base_model: ./base
     models:
       - model: ./math
@@ -36,7 +36,7 @@ import os
 from typing import Any
 
 from jaxarith.arith import chat_templates
-from jaxarith.arith.methods import _BASE_OPTIONAL, MERGE_METHODS, Kind, method, option_names
+from jaxarith.arith.methods import MERGE_METHODS, Kind, method, option_names, optional_base
 from jaxarith.arith.select import MergeSpec, Selection
 from jaxarith.arith.validate import check_settings
 from jaxarith.configfile import load_yaml, short
@@ -151,7 +151,7 @@ def parse_merge_config(data: dict) -> MergeConfig:
     dtype = data.get("dtype")
     base = data.get("base_model")
     base = str(base) if base is not None else None
-    if Kind(name) in _BASE_OPTIONAL:
+    if optional_base(name):
         options["base"] = base is not None
     m = method(name, merge_dtype=dtype, **options)
     inputs = _inputs(data)
@@ -168,6 +168,9 @@ def parse_merge_config(data: dict) -> MergeConfig:
     else:
         refs = [r for r, _ in inputs]
         model_params = [p for _, p in inputs]
+        if m.kind is Kind.KARCHER and base is not None and base not in refs:
+            refs.append(base)  # mergekit adds a base_model missing from the inputs, last
+            model_params.append({})
     per_names = m.per_model_params
     shared = {k: v for k, v in params.items() if k not in per_names}
     defaults = {k: v for k, v in params.items() if k in per_names}

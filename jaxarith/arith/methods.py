@@ -41,6 +41,7 @@ class Kind(enum.StrEnum):
     NUSLERP = "nuslerp"
     MULTISLERP = "multislerp"
     ARCEE_FUSION = "arcee_fusion"
+    KARCHER = "karcher"
 
 
 # Generalised task arithmetic: (sparsification, consensus, default normalize, default rescale),
@@ -75,7 +76,8 @@ _PER_MODEL = {Kind.LINEAR: {"weight": 1.0},
               Kind.NUSLERP: {"weight": None}, Kind.MULTISLERP: {"weight": None}}
 # Static options (one value per merge: fields of Method), by the names a merge YAML uses.
 _OPTIONS = {Kind.LINEAR: ("normalize",), Kind.TASK_ARITHMETIC: ("normalize",),
-            Kind.TIES: ("normalize", "consensus"), Kind.DARE_LINEAR: ("normalize", "rescale"),
+            Kind.TIES: ("normalize", "rescale", "consensus"),
+            Kind.DARE_LINEAR: ("normalize", "rescale"),
             Kind.DARE_TIES: ("normalize", "rescale", "consensus"),
             Kind.BREADCRUMBS: ("normalize", "rescale"),
             Kind.BREADCRUMBS_TIES: ("normalize", "rescale", "consensus"),
@@ -83,7 +85,7 @@ _OPTIONS = {Kind.LINEAR: ("normalize",), Kind.TASK_ARITHMETIC: ("normalize",),
             Kind.DELLA_LINEAR: ("normalize", "rescale"),
             Kind.MODEL_STOCK: ("filter_wise",),
             Kind.NUSLERP: ("nuslerp_row_wise", "nuslerp_flatten"),
-            Kind.MULTISLERP: ("normalize_weights", "eps")}
+            Kind.MULTISLERP: ("normalize_weights", "eps"), Kind.KARCHER: ("max_iter", "tol")}
 # How many non-base models a merge takes: (min, max); None = no limit.
 _COUNTS = {Kind.MODEL_STOCK: (2, None), Kind.NUSLERP: (2, 2), Kind.ARCEE_FUSION: (1, 1),
            Kind.NEARSWAP: (1, 1)}
@@ -111,12 +113,13 @@ SUMMARY = {
     Kind.NUSLERP: "spherical interpolation of two models (or task vectors) at w_1 / (w_0 + w_1)",
     Kind.MULTISLERP: "barycentric interpolation of the models (or task vectors) on the sphere",
     Kind.ARCEE_FUSION: "the model's changes kept where their KL-weighted importance is an outlier",
+    Kind.KARCHER: "Riemannian (Karcher) mean of the models on the sphere, times their mean norm",
 }
 # Methods a merge YAML (`jaxarith merge`) can name; the others are arithmetic on two trees.
 MERGE_METHODS = (Kind.LINEAR, Kind.TASK_ARITHMETIC, Kind.TIES, Kind.DARE_LINEAR, Kind.DARE_TIES,
                  Kind.BREADCRUMBS, Kind.BREADCRUMBS_TIES, Kind.DELLA, Kind.DELLA_LINEAR,
                  Kind.SLERP, Kind.NEARSWAP, Kind.MODEL_STOCK, Kind.SCE, Kind.NUSLERP,
-                 Kind.MULTISLERP, Kind.ARCEE_FUSION)
+                 Kind.MULTISLERP, Kind.ARCEE_FUSION, Kind.KARCHER)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -128,7 +131,7 @@ class Method:
       normalize: divide by the (agreeing) weights' sum; None = the method's default, mergekit
         0.1.5's (True for linear, ties, della; False for the others, dare_ties included).
       rescale: rescale kept task-vector entries; None = the method's default (True for DARE and
-        DELLA). DARE divides by ``density``; Model Breadcrumbs and DELLA restore the task
+        DELLA). DARE divides by ``density``; TIES, Model Breadcrumbs and DELLA restore the task
         vector's L1 norm (mergekit's rule for them).
       consensus: TIES sign election, ``"sum"`` (the paper) or ``"count"``.
       dot_threshold: SLERP falls back to lerp above this ``|cos|``.
@@ -140,6 +143,8 @@ class Method:
       nuslerp_row_wise, nuslerp_flatten: nuslerp: one angle per HF column, or per tensor
         (the default), else per HF row.
       normalize_weights, eps: multislerp: weights divided by their sum; the norm guard.
+      max_iter, tol: karcher: iterations at most; the step (and norm, angle) below which it
+        stops (ignores).
     """
 
     kind: Kind
@@ -154,6 +159,8 @@ class Method:
     nuslerp_flatten: bool = True
     normalize_weights: bool = True
     eps: float = 1e-8
+    max_iter: int = 10
+    tol: float = 1e-5
 
     def __post_init__(self):
         object.__setattr__(self, "kind", Kind(self.kind))
@@ -173,8 +180,14 @@ class Method:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{self.kind}: {name} {getattr(self, name)!r}: expected true "
                                   "or false")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, int | float) or self.eps < 0:
-            raise ConfigError(f"{self.kind}: eps {self.eps!r}: expected a number >= 0")
+        for name in ("eps", "tol"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                raise ConfigError(f"{self.kind}: {name} {v!r}: expected a number >= 0")
+        if isinstance(self.max_iter, bool) or not isinstance(self.max_iter, int) or \
+                not 0 <= self.max_iter <= 1000:
+            raise ConfigError(f"{self.kind}: max_iter {self.max_iter!r}: expected an integer in "
+                              "[0, 1000]")
 
     @property
     def has_base(self) -> bool:
@@ -200,9 +213,10 @@ class Method:
         """Methods with sums over a tensor or row (SLERP's angle, norms, L1 rescales, weights)
         accumulate them in float64 (see ``ops.slerp`` and the mergekit section of ``ops``)."""
         return self.kind in (Kind.SLERP, Kind.MODEL_STOCK, Kind.SCE, Kind.NUSLERP,
-                             Kind.MULTISLERP, Kind.ARCEE_FUSION) or (
+                             Kind.MULTISLERP, Kind.ARCEE_FUSION, Kind.KARCHER) or (
             self.kind in _TASK and _TASK[self.kind][0] in ("magnitude_outliers",
-                                                            "della_magprune"))
+                                                            "della_magprune")) or (
+            self.magnitude_trim and bool(self.rescale))
 
     def precision(self):
         """Context the executors trace and run this method in (x64 on for ``wants_x64``)."""
@@ -272,6 +286,8 @@ class Method:
                                   normalize_weights=self.normalize_weights, eps=self.eps)
         if k is Kind.ARCEE_FUSION:
             return ops.arcee_fusion(*xs, layout)
+        if k is Kind.KARCHER:
+            return ops.karcher(jnp.stack(xs), self.max_iter, self.tol)
         normalize = self.normalize
         if k is Kind.LINEAR:
             return ops.linear(jnp.stack(xs), p["weight"], True if normalize is None else normalize)
@@ -308,6 +324,12 @@ def describe(kind: Kind | str) -> dict:
     return {"name": str(kind), "summary": SUMMARY[kind], "base_model": base,
             "models": {"min": lo, "max": hi}, "parameters": m.shared_params,
             "model_parameters": m.per_model_params, "options": options}
+
+
+def optional_base(kind: Kind | str) -> bool:
+    """Whether ``kind`` merges task vectors over a base when the config names one, and the
+    models themselves otherwise (nuslerp, multislerp: ``Method.base``)."""
+    return Kind(kind) in _BASE_OPTIONAL
 
 
 def option_names(kind: Kind | str) -> tuple[str, ...]:

@@ -180,7 +180,8 @@ def sparsify(x: Array, *, method: str | None, k: Array, density: Array, key: Arr
              rescale: bool, layout: Layout = None, thr: Array | None = None,
              cut: Array | None = None, k_lo: Array | None = None,
              epsilon: Array | None = None) -> Array:
-    """Trim one task vector: ``"magnitude"`` (TIES: keep the top ``k``) or ``"random"`` (DARE:
+    """Trim one task vector: ``"magnitude"`` (TIES: keep the top ``k``; L1-rescaled when
+    ``rescale``, as mergekit's ``rescale: true``) or ``"random"`` (DARE:
     keep each entry with probability ``density``, rescaled by ``1 / density`` = ``1 / (1 - p)``
     when ``rescale``); ``None`` returns ``x``. ``thr``, ``cut``: see :func:`magnitude_mask`.
 
@@ -193,7 +194,8 @@ def sparsify(x: Array, *, method: str | None, k: Array, density: Array, key: Arr
     if method is None:
         return x
     if method == "magnitude":
-        return jnp.where(magnitude_mask(x, k, layout, thr, cut), x, 0.0)
+        kept = jnp.where(magnitude_mask(x, k, layout, thr, cut), x, 0.0)
+        return l1_rescale(x, kept) if rescale else kept
     if method == "random":
         kept = jnp.where(random_mask(key, density, x.shape), x, 0.0)
         if rescale:
@@ -564,3 +566,49 @@ def arcee_fusion(base: Array, model: Array, layout: Layout = None) -> Array:
     q1, med, q3 = srt[idx[0]], srt[idx[1]], srt[idx[2]]
     thr = med + 1.5 * (q3 - q1)
     return base + (model - base) * (imp >= thr).astype(jnp.float32)
+
+
+def karcher(xs: Array, max_iter: int = 10, tol: float = 1e-5) -> Array:
+    """Karcher (Riemannian) mean of the models on the unit sphere, scaled by their mean norm
+    (mergekit's ``karcher``, equal weights).
+
+    Models of norm at most ``tol`` are left out of the direction (not of the norm); the mean
+    starts at the normalised average of the unit vectors (the first valid one if that is below
+    ``tol``) and takes up to ``max_iter`` gradient steps on the sphere, stopping when the step
+    is below ``tol``; models within ``tol`` radians of the mean pull nothing. No valid model:
+    zeros. ``xs [N, *S]``; one model is itself.
+    """
+    n = xs.shape[0]
+    if n == 1:
+        return xs[0]
+    flat = [_acc(x.reshape(-1)) for x in xs]
+    norms = [jnp.sqrt(jnp.sum(f * f)) for f in flat]
+    units = [jnp.where(nm == 0, 0.0, f / jnp.where(nm == 0, 1.0, nm))
+             for f, nm in zip(flat, norms, strict=True)]
+    valid = jnp.stack([nm > tol for nm in norms])  # [N]
+    alphas = valid / jnp.maximum(jnp.sum(valid), 1)
+    mean = _unrolled_sum([alphas[i] * units[i] for i in range(n)])
+    mean_norm = jnp.sqrt(jnp.sum(mean * mean))
+    first = jnp.argmax(valid)
+    first_unit = jnp.stack(units)[first]
+    mean = jnp.where(mean_norm < tol, first_unit, mean / jnp.where(mean_norm < tol, 1.0,
+                                                                   mean_norm))
+    done = jnp.asarray(False)
+    for _ in range(max_iter):
+        terms = []
+        for i in range(n):
+            dot = jnp.clip(jnp.sum(mean * units[i]), -1.0, 1.0)
+            theta = jnp.arccos(dot)
+            pull = valid[i] & (theta >= tol)
+            coef = jnp.where(pull, alphas[i] * theta / jnp.where(pull, jnp.sin(theta), 1.0), 0.0)
+            terms.append(coef * (units[i] - dot * mean))
+        tangent = _unrolled_sum(terms)
+        tn = jnp.sqrt(jnp.sum(tangent * tangent))
+        done = done | (tn < tol)
+        step = jnp.cos(tn) * mean + jnp.sin(tn) * (tangent / jnp.where(tn > 0, tn, 1.0))
+        un = jnp.sqrt(jnp.sum(step * step))
+        step = jnp.where(un > tol, step / jnp.where(un > tol, un, 1.0), step)
+        mean = jnp.where(done, mean, step)
+    scale = _unrolled_sum([nm / n for nm in norms])
+    out = jnp.where(jnp.any(valid), scale * mean, 0.0)
+    return out.astype(jnp.float32).reshape(xs.shape[1:])

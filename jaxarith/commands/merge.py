@@ -2,10 +2,11 @@
 
 Methods: mergekit 0.1.5's linear (soups), task_arithmetic, ties, dare_linear, dare_ties,
 breadcrumbs, breadcrumbs_ties, della, della_linear, slerp, nearswap, model_stock, sce, nuslerp,
-multislerp, arcee_fusion (``--list-methods`` prints each with its parameters); per-model weights
-and densities, schedules over depth, filters, include/exclude patterns. Inputs are rounded to the
-config's ``dtype``; OUT is written in ``out_dtype`` (else ``dtype``, else as the first input).
-Streamed tensor by tensor when every model is an HF checkpoint and OUT is HF.
+multislerp, arcee_fusion, karcher (``--list-methods`` prints each with its parameters);
+per-model weights and densities, schedules over depth, filters, include/exclude patterns.
+Inputs are rounded to the config's ``dtype``; OUT is written in ``out_dtype`` (else ``dtype``,
+else as the first input). Streamed tensor by tensor when every model is an HF checkpoint and OUT
+is HF.
 """
 
 from __future__ import annotations
