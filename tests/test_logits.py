@@ -165,7 +165,7 @@ def test_speculative_eft_greedy_equals_plain_eft(two):
     plain = generate(dec, [pa, pb, pc], PROMPTS)
     STREAMED.clear()
     spec = generate_speculative(SpeculativeSpec(decoder=dec, drafter=1, k=3), [pa, pb, pc],
-                                PROMPTS, on_step=_record)
+                                PROMPTS, on_tokens=_record)
     np.testing.assert_array_equal(spec.tokens, plain.tokens)
     assert _streamed_rows() == [row[:n].tolist()
                                 for row, n in zip(spec.tokens, spec.lengths, strict=True)]
@@ -178,7 +178,7 @@ def test_speculative_eft_greedy_equals_plain_eft(two):
     with count_compiles() as n:
         full = generate_speculative(SpeculativeSpec(decoder=same, drafter=1, k=3),
                                     [pa, pb, pc], PROMPTS, max_new_tokens=[NEW, 2, 5, NEW],
-                                    on_step=_record)
+                                    on_tokens=_record)
     assert n[0] == 0 and full.acceptance_rate == 1.0
     assert (full.lengths <= [NEW, 2, 5, NEW]).all()
     assert _streamed_rows() == [row[:n].tolist()
@@ -188,7 +188,7 @@ def test_speculative_eft_greedy_equals_plain_eft(two):
     for fn, d in ((generate_speculative, SpeculativeSpec(decoder=same, drafter=1, k=3)),
                   (generate, same)):
         STREAMED.clear()
-        g = fn(d, [pa, pb, pc], PROMPTS, max_new_tokens=[0, 1, 5, NEW], on_step=_record)
+        g = fn(d, [pa, pb, pc], PROMPTS, max_new_tokens=[0, 1, 5, NEW], on_tokens=_record)
         assert g.lengths[0] == 0 and g.lengths[1] == 1
         assert _streamed_rows() == [row[:n].tolist()
                                     for row, n in zip(g.tokens, g.lengths, strict=True)]

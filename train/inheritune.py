@@ -37,11 +37,11 @@ from jaxarith import data as data_lib
 from jaxarith.commands import _common
 from jaxarith.configfile import load_yaml
 from jaxarith.errors import ConfigError
+from jaxarith.io import refs
 from jaxarith.io.refs import load_model
 from jaxarith.models.config import load_config as load_model_config
 from jaxarith.sharding import make_mesh
 from train import EXIT_INTERRUPTED, EXIT_PREEMPTED, loop  # a round stopped: resume later
-from train import init as init_lib
 from train.config import apply_overrides, build, from_dict
 from train.loop import make_eval, tokenizer_for
 from train.metrics import read_metrics
@@ -152,7 +152,7 @@ def run(path: str, overrides: list[str] | None = None, *, on_round=None) -> dict
     """
     raw, grow = load(path, overrides)
     out = os.path.abspath(raw["out"])
-    ref_dir = init_lib._ref_dir(grow.reference)
+    ref_dir = refs.resolve(grow.reference).dir
     K = load_model_config(ref_dir).num_hidden_layers
     start = grow.start or K // 2
     if not 1 <= start <= K:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from typing import Any
@@ -136,6 +137,9 @@ def topology_devices(sl: Slice) -> list:
         raise JaxarithError("jaxarith plan compiles with the TPU compiler, which comes with "
                             "libtpu: pip install 'jaxarith[tpu]' (jax[tpu] at the installed "
                             f"jax {jax.__version__})")
+    # a compile-only client: never take the TPU lock another process (a run, a second plan)
+    # may hold
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     try:
