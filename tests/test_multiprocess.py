@@ -426,7 +426,8 @@ def test_streamed_source_on_2_processes_resumes_bit_exact(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    with open(os.path.join(ROOT, "jaxarith", "assets", "corpus_code.txt"), encoding="utf-8") as f:
+    corpus = os.path.join(ROOT, "jaxarith", "data", "assets", "corpus_code.txt")
+    with open(corpus, encoding="utf-8") as f:
         docs = [d.strip("\n") for d in f.read().split("\n\n") if d.strip()][:400]
     files = str(tmp_path / "code.parquet")
     pq.write_table(pa.table({"body": docs}), files, row_group_size=64)
