@@ -28,6 +28,7 @@ ARGS = ["batch=8", "data.seq_len=64", "data.sources.code.max_docs=600",
 SCRIPT = """
 import os, signal, sys
 import train.extensions as ext
+import train.loop as loop
 from train.__main__ import main
 
 sig, at = getattr(signal, sys.argv[1]), int(sys.argv[2])
@@ -37,7 +38,7 @@ def kill(ctx):
         os.kill(os.getpid(), sig)
 
 real = ext.discover
-ext.discover = lambda cfg: [*real(cfg), ext.Extension(
+loop.discover = lambda cfg: [*real(cfg), ext.Extension(
     name="killer", hooks=(ext.Hook(name="killer", every=1, fn=kill),))]
 sys.exit(main(sys.argv[3:]))
 """
