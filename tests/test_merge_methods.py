@@ -177,7 +177,13 @@ def _equal(a, b):
         lambda x, y: np.array_equal(np.asarray(x), np.asarray(y)), a, b)))
 
 
-@pytest.mark.parametrize("name,idx,shared,per_model,options", CASES, ids=[c[0] for c in CASES])
+# the four slowest executor-equality cases (15-30 s each) run with the slow tests (CI runs them)
+_SLOW = {"della", "sce", "breadcrumbs_ties", "karcher"}
+
+
+@pytest.mark.parametrize("name,idx,shared,per_model,options", [
+    pytest.param(*c, marks=pytest.mark.slow) if c[0] in _SLOW else c for c in CASES],
+    ids=[c[0] for c in CASES])
 def test_streamed_equals_memory_and_mesh(four_llamas, tmp_path, name, idx, shared, per_model,
                                          options):
     spec = MergeSpec(method=arith.method(name, **options), shared=shared, per_model=per_model,
