@@ -268,6 +268,8 @@ def plan_train(cfg: TrainConfig, sl: Slice, *, extensions: list[Extension] | Non
                 "argument": mem.get("argument_size_in_bytes", 0),
                 "output": mem.get("output_size_in_bytes", 0),
                 "alias": mem.get("alias_size_in_bytes", 0), "total": total}
+    largest = max(("params", "optimizer", "average", "frozen", "batch", "temp"),
+                  key=lambda k: per_chip[k])
     return {
         "topology": sl.name, "topology_name": sl.topology, "slices": sl.num_slices,
         "chips": sl.total_chips, "hbm_bytes": sl.hbm_bytes, "fits": total <= sl.hbm_bytes,
@@ -278,11 +280,8 @@ def plan_train(cfg: TrainConfig, sl: Slice, *, extensions: list[Extension] | Non
         "remat": cfg.model.remat, "compute_dtype": cfg.model.compute_dtype,
         "attention": kernels.resolve(cfg.model.attention, mesh, cfg.data.seq_len),
         "model_type": model_cfg.model_type, "jax": jax.__version__, "libtpu": libtpu_version(),
-        "largest": max(("params", "optimizer", "average", "frozen", "batch", "temp"),
-                       key=lambda k: per_chip[k]),
-        "advice": None if total <= sl.hbm_bytes else _advice(
-            max(("params", "optimizer", "average", "frozen", "batch", "temp"),
-                key=lambda k: per_chip[k]), cfg, mesh),
+        "largest": largest,
+        "advice": None if total <= sl.hbm_bytes else _advice(largest, cfg, mesh),
     }
 
 
