@@ -405,6 +405,107 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one(damage, tmp_p
 # ----------------------------------------------------------------- 4. many merge inputs
 
 
+@pytest.fixture(scope="module")
+def three_tied(llama_tied_dir, tmp_path_factory):
+    """The tiny tied Llama and two more with its config and other weights."""
+    from jaxarith import testing
+
+    d = tmp_path_factory.mktemp("three")
+    cfg = testing.tiny_llama_config(
+        tie_word_embeddings=True, num_key_value_heads=1, head_dim=24,
+        rope_scaling={"rope_type": "linear", "factor": 2.0}, attention_bias=True,
+        mlp_bias=True)
+    others = [str(d / f"m{s}") for s in (1, 2)]
+    for s, p in zip((21, 22), others, strict=True):
+        testing.make_hf_model(p, cfg, seed=s)
+    return [llama_tied_dir[0], *others]
+
+
+def _many_yaml(tmp_path, dirs, n, method, weights=None) -> str:
+    """A merge of ``n`` inputs cycling through ``dirs`` (symlinks, so every input is its own
+    path); ``weights[i]`` per input; TIES and task arithmetic get ``dirs[0]`` as base."""
+    lines = [f"merge_method: {method}"]
+    if method != "linear":
+        lines += [f"base_model: {dirs[0]}", "parameters: {density: 0.5}"]
+    lines.append("models:")
+    for i in range(n):
+        link = tmp_path / f"in{i}"
+        os.symlink(dirs[i % len(dirs)], link)
+        w = 1.0 if weights is None else weights[i]
+        lines += [f"  - model: {link}", f"    parameters: {{weight: {w}}}"]
+    (tmp_path / "many.yaml").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "many.yaml")
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "task_arithmetic"])
+def test_many_inputs_sum_in_a_loop_equal_in_both_executors(three_tied, tmp_path, method):
+    """40 inputs: above the unrolled sum's limit (ops.UNROLL_MAX) and the streamed executor's
+    host stacking (stream.STACK_ABOVE). Both executors still agree bit for bit, and the linear
+    merge equals a float64 numpy weighted mean."""
+    import jax
+
+    from jaxarith import arith
+    from jaxarith.arith import ops, stream
+    from jaxarith.arith.mergeconfig import load_merge_config
+    from jaxarith.io.convert import load_hf_params
+    from jaxarith.io.convert.hf import HFCheckpoint
+
+    n = 40
+    assert n > ops.UNROLL_MAX and n > stream.STACK_ABOVE
+    weights = [round(0.1 + 0.05 * (i % 7), 2) for i in range(n)]
+    path = _many_yaml(tmp_path, three_tied, n, method, weights)
+    mc = load_merge_config(path)
+    spec, refs = mc.spec, list(mc.models)
+    cfg, _ = load_hf_params(refs[0], progress=False)
+    trees = [load_hf_params(r, progress=False)[1] for r in refs]
+    mem = arith.run(spec, cfg, trees)
+    arith.run_streamed(spec, refs, tmp_path / "out", progress=False)
+    _, streamed = load_hf_params(tmp_path / "out", progress=False)
+    for a, b in zip(jax.tree.leaves(mem), jax.tree.leaves(streamed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if method == "linear":
+        cks = [HFCheckpoint(d) for d in three_tied]
+        out = HFCheckpoint(str(tmp_path / "out"))
+        w = np.asarray(weights, np.float64)
+        for key in out.keys():
+            xs = [cks[i % 3].get(key).astype(np.float64) for i in range(n)]
+            ref = sum(wi * x for wi, x in zip(w, xs, strict=True)) / w.sum()
+            np.testing.assert_allclose(out.get(key), ref, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def _peak_kb(argv) -> tuple[int, int]:
+    """(exit code, peak resident KB) of a jaxarith subprocess."""
+    import resource
+    import subprocess
+    import sys
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    code = subprocess.run([sys.executable, "-m", "jaxarith", *argv],
+                          capture_output=True).returncode
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert peak >= before  # ru_maxrss of children is the largest child so far
+    return code, peak
+
+
+@pytest.mark.slow  # ~40 s: two merges of 250 and 2000 inputs
+def test_2000_streamed_merge_inputs_finish_in_memory_linear_in_the_inputs(three_tied, tmp_path):
+    """A linear merge of 2000 inputs (0.8 MB each) completes (it compiled for minutes before
+    the sums over models became loops), and its peak memory grows no faster than the bytes
+    of the inputs it adds over a 250-input merge."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    size = sum(os.path.getsize(os.path.join(three_tied[0], f))
+               for f in os.listdir(three_tied[0]) if f.endswith(".safetensors"))
+    code, small = _peak_kb(["merge", _many_yaml(a, three_tied, 250, "linear"), str(a / "out")])
+    assert code == 0 and (a / "out" / "config.json").exists()
+    code, big = _peak_kb(["merge", _many_yaml(b, three_tied, 2000, "linear"), str(b / "out")])
+    assert code == 0 and (b / "out" / "config.json").exists()
+    added = 1750 * size / 1024
+    assert big - small < 1.5 * added, (small, big, added)
+
+
+
 @pytest.mark.slow  # ~30 s: 2000 inputs opened and checked before the first tensor
 def test_sigterm_during_a_merge_of_2000_models_is_honoured_within_5_s(llama_tied_dir, tmp_path):
     """2000 (symlinked) inputs of a streamed linear merge: SIGTERM while a tensor computes ends

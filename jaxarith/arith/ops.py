@@ -52,9 +52,9 @@ def linear(xs: Array, weights: Array, normalize: bool = True) -> Array:
 
     A weight sum below 1e-8 in magnitude divides by 1 instead. Uniform weights give the soup.
     """
-    total = _unrolled_sum([xs[i] * weights[i] for i in range(xs.shape[0])])
+    total = _model_sum(lambda i: xs[i] * weights[i], xs.shape[0])
     if normalize:
-        div = _unrolled_sum(list(weights))
+        div = _model_sum(lambda i: weights[i], weights.shape[0])
         total = total / jnp.where(jnp.abs(div) < DIVISOR_EPS, 1.0, div)
     return total
 
@@ -66,6 +66,25 @@ def _unrolled_sum(terms: list[Array]) -> Array:
     for x in terms[1:]:
         total = total + x
     return total
+
+
+# Above this many models a sum over models is a loop (see _model_sum).
+UNROLL_MAX = 32
+
+
+def _model_sum(term, m: int) -> Array:
+    """``term(0) + term(1) + ... + term(m - 1)``, added left to right.
+
+    Up to :data:`UNROLL_MAX` models this is :func:`_unrolled_sum` (one fused expression). Above,
+    it is a ``fori_loop`` adding one model per step in the same order: an unrolled expression of
+    thousands of terms compiles in time that grows faster than the number of models (2000
+    inputs of a streamed merge spent minutes compiling), a loop compiles once. Both executors
+    call this with the same ``m``, so they stay bit-equal at any count.
+    """
+    if m <= UNROLL_MAX:
+        return _unrolled_sum([term(i) for i in range(m)])
+    first = term(0)
+    return jax.lax.fori_loop(1, m, lambda i, t: t + term(i).astype(t.dtype), first)
 
 
 def keep_count(density: float, numel: int) -> int:
@@ -221,9 +240,9 @@ def sign_consensus(tvs: Array, method: str = "sum") -> Array:
     more models; a tie elects ``+``. Zero entries never agree (their sign is 0).
     """
     if method == "sum":
-        votes = _unrolled_sum(list(tvs))
+        votes = _model_sum(lambda i: tvs[i], tvs.shape[0])
     elif method == "count":
-        votes = _unrolled_sum(list(jnp.sign(tvs)))
+        votes = _model_sum(lambda i: jnp.sign(tvs[i]), tvs.shape[0])
     else:
         raise ValueError(f"unknown consensus {method!r}")
     elected = jnp.where(votes >= 0, 1.0, -1.0)
@@ -282,12 +301,12 @@ def task_merge(
     m = tvs.shape[0]
     if consensus is not None:
         agree = sign_consensus(tvs, consensus)
-        mixed = _unrolled_sum([jnp.where(agree[i], tvs[i], 0.0) for i in range(m)])
-        divisor = _unrolled_sum([jnp.where(agree[i], weights[i], 0.0) for i in range(m)])
+        mixed = _model_sum(lambda i: jnp.where(agree[i], tvs[i], 0.0), m)
+        divisor = _model_sum(lambda i: jnp.where(agree[i], weights[i], 0.0), m)
         divisor = jnp.where(divisor == 0, 1.0, divisor)
     else:
-        mixed = _unrolled_sum([tvs[i] for i in range(m)])
-        divisor = _unrolled_sum([weights[i] for i in range(m)])
+        mixed = _model_sum(lambda i: tvs[i], m)
+        divisor = _model_sum(lambda i: weights[i], m)
         divisor = jnp.where(jnp.abs(divisor) < DIVISOR_EPS, 1.0, divisor)
     if normalize:
         mixed = mixed / divisor
@@ -442,21 +461,21 @@ def sce(base: Array, models: Array, select_topk: Array, layout: Layout = None) -
     """
     tvs = models - base  # [M, *S]
     m = tvs.shape[0]
-    mean = _unrolled_sum(list(tvs)) / m
-    var = _unrolled_sum([(tv - mean) ** 2 for tv in tvs]) / m
+    mean = _model_sum(lambda i: tvs[i], m) / m
+    var = _model_sum(lambda i: (tvs[i] - mean) ** 2, m) / m
     nnz = jnp.sum(var != 0, dtype=jnp.int32)
     k = jnp.floor(nnz.astype(jnp.float32) * select_topk).astype(jnp.int32)
     keep = jnp.where(select_topk >= 1, True,
                      magnitude_mask(var, jnp.where(select_topk <= 0, 0, k), layout))
     tvs = jnp.where(keep, tvs, 0.0)
     agree = sign_consensus(tvs, "sum")
-    sq = jnp.stack([jnp.sum(_acc(tv) * _acc(tv)) / tv.size for tv in tvs])
+    sq = jax.vmap(lambda tv: jnp.sum(_acc(tv) * _acc(tv)) / tv.size)(tvs)
     total = jnp.sum(sq)
     w = jnp.where(jnp.abs(total) < 1e-6, 1.0 / m, sq / jnp.where(total == 0, 1.0, total))
     w = w.astype(jnp.float32)
-    ew = [jnp.where(agree[i], w[i], 0.0) for i in range(m)]
-    merged = _unrolled_sum([tvs[i] * ew[i] for i in range(m)])
-    return base + merged / jnp.maximum(_unrolled_sum(ew), 1e-6)
+    ew = jnp.where(agree, w.reshape((-1,) + (1,) * base.ndim), 0.0)  # [M, *S]
+    merged = _model_sum(lambda i: tvs[i] * ew[i], m)
+    return base + merged / jnp.maximum(_model_sum(lambda i: ew[i], m), 1e-6)
 
 
 def _normalize_rows(x: Array, eps: float = 1e-7) -> Array:
