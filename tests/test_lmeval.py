@@ -301,8 +301,14 @@ def test_bad_inputs_are_clear_errors(llama_dir, gpt2_dir, tmp_path, capsys):
         JaxarithLM(pretrained=llama_dir[0], mesh="data=3")
     big = tmp_path / "big_vocab"
     testing.make_hf_model(big, testing.tiny_gpt2_config(vocab_size=2048, n_layer=1))
-    with pytest.raises(ConfigError, match=r"vocab_size differs.*1024.*2048"):
-        JaxarithLM(pretrained=llama_dir[0], expert=str(big), anti_expert=gpt2_dir[0])
+    # one tokenizer, tables padded differently: combined over the tokenizer's rows
+    lm = JaxarithLM(pretrained=llama_dir[0], expert=str(big), anti_expert=gpt2_dir[0])
+    assert lm.spec.vocab_limit == len(lm.tokenizer) == 1024
+    small = tmp_path / "small_vocab"
+    testing.make_hf_model(small, testing.tiny_gpt2_config(vocab_size=1000, n_layer=1))
+    with pytest.raises(ConfigError, match=r"tokenizer has 1024 tokens but the embedding table "
+                                          r"of .*small_vocab has 1000 rows"):
+        JaxarithLM(pretrained=llama_dir[0], expert=str(small), anti_expert=gpt2_dir[0])
     with pytest.raises(ConfigError, match=r"unknown task\(s\): jaxarith_mcc \(did you mean "
                                           r"jaxarith_mc"):
         task_manager(["jaxarith_mc", "jaxarith_mcc"], builtin=False)

@@ -98,11 +98,16 @@ def test_preset_weights_follow_the_papers_formulas():
         np.testing.assert_allclose(np.asarray(got), _np_logp(ref), atol=1e-5)
 
 
-def test_vocab_mismatch_is_a_clear_error(two):
+def test_vocab_mismatch_needs_the_tokenizers_rows(two):
+    """Tables padded differently combine over ``vocab_limit`` rows, which must then be given."""
     cfg, *_ = two
     other = __import__("dataclasses").replace(cfg, vocab_size=cfg.vocab_size + 8)
-    with pytest.raises(ConfigError, match="vocab sizes differ: base=1024, expert=1032"):
+    with pytest.raises(ConfigError, match=r"vocab sizes differ \(base=1024, expert=1032, "
+                                          r"anti_expert=1024\).*vocab_limit=len\(tokenizer\)"):
         DecodeSpec(members=proxy_tuning(cfg, other, cfg, 1.0), max_new_tokens=4)
+    dec = DecodeSpec(members=proxy_tuning(cfg, other, cfg, 1.0), max_new_tokens=4,
+                     vocab_limit=1000)
+    assert dec.vocab_size == 1024
 
 
 def test_tokenizer_mismatch_is_a_clear_cli_error(gpt2_dir, tmp_path, capsys):
@@ -120,6 +125,7 @@ def test_tokenizer_mismatch_is_a_clear_cli_error(gpt2_dir, tmp_path, capsys):
                      "--anti-expert", gpt2_dir[0], "--json"]) == 2
     err = json.loads(capsys.readouterr().out)["error"]
     assert "tokenizer of" in err and "differs" in err
+    assert f"at id 100: {a!r} vs {b!r}" in err, err  # the first token that differs
 
 
 def test_padded_vocab_rows_are_masked():

@@ -100,13 +100,24 @@ teacher_config = distill_cache.teacher_config  # the teacher's config, no weight
 
 def check_vocab(student_cfg: ModelConfig, teacher_cfg: ModelConfig, teacher_ref: str = "",
                 vocab_size: int | None = None, top_k: int = 0) -> None:
-    """Refuse (before any compile) a teacher whose vocabulary differs from the student's, or a
-    ``top_k`` beyond the real vocabulary."""
+    """Refuse (before any compile) a teacher whose embedding table cannot hold the tokenizer's
+    tokens, or a ``top_k`` beyond the real vocabulary.
+
+    Tables padded to different sizes (one tokenizer, e.g. Qwen2.5-0.5B and 7B) are distilled
+    over the tokenizer's ``vocab_size`` rows; without ``vocab_size`` they must be equal.
+    """
     if teacher_cfg.vocab_size != student_cfg.vocab_size:
-        raise ConfigError(
-            f"distill.teacher {teacher_ref or ''}: the teacher's vocabulary has "
-            f"{teacher_cfg.vocab_size} entries but the student's has {student_cfg.vocab_size}; "
-            "distillation needs one shared vocabulary")
+        if vocab_size is None:
+            raise ConfigError(
+                f"distill.teacher {teacher_ref or ''}: the teacher's vocabulary has "
+                f"{teacher_cfg.vocab_size} entries but the student's has "
+                f"{student_cfg.vocab_size}; give the tokenizer's size to distill over its rows")
+        small = min(teacher_cfg.vocab_size, student_cfg.vocab_size)
+        if vocab_size > small:
+            who = "teacher's" if teacher_cfg.vocab_size == small else "student's"
+            raise ConfigError(
+                f"distill.teacher {teacher_ref or ''}: the tokenizer has {vocab_size} tokens but "
+                f"the {who} embedding table has {small} rows")
     real = student_cfg.vocab_size if vocab_size is None else vocab_size
     if top_k > real:
         raise ConfigError(f"distill.top_k={top_k} exceeds the vocabulary size {real}")
@@ -158,6 +169,10 @@ def make_loss_fn(student_cfg: ModelConfig, opts: D.DistillLoss, *,
         raise ConfigError("a live distillation loss needs the teacher's config")
     if cached and not opts.top_k:
         raise ConfigError("a cached teacher needs top_k > 0")
+    # tables padded to different sizes: both cut to the narrower (its extra rows are beyond
+    # ``vocab_size``, which check_vocab requires of different sizes)
+    width = student_cfg.vocab_size if cached else min(student_cfg.vocab_size,
+                                                       teacher_cfg.vocab_size)
 
     def loss_fn(params, frozen, batch):
         tokens = batch["tokens"]
@@ -173,7 +188,8 @@ def make_loss_fn(student_cfg: ModelConfig, opts: D.DistillLoss, *,
             t_params = jax.lax.stop_gradient(frozen[NAME])
             t_logits, _, _ = transformer.forward(t_params, teacher_cfg, tokens,
                                                  dtype=teacher_dtype, attention=attention)
-            teacher = jax.lax.stop_gradient(t_logits[:, :-1])
-        return D.total_sums(logits[:, :-1], teacher, tokens[:, 1:], weight, opts, vocab_size)
+            teacher = jax.lax.stop_gradient(t_logits[:, :-1, :width])
+        return D.total_sums(logits[:, :-1, :width], teacher, tokens[:, 1:], weight, opts,
+                            vocab_size)
 
     return loss_fn

@@ -26,6 +26,7 @@ from jaxarith.decode.speculative import SpeculativeSpec, generate_speculative
 from jaxarith.distributed import is_primary
 from jaxarith.errors import ConfigError
 from jaxarith.io.refs import load_model
+from jaxarith.io.vocab import shared_tokenizer, tokenizer_rows
 from jaxarith.models.transformer import num_params
 
 ROLES = {"proxy": ("model", "expert", "anti-expert"), "eft": ("model", "tuned", "ref"),
@@ -92,18 +93,6 @@ def _templates(args, mode: str) -> dict[str, str]:
     return out
 
 
-def _shared_tokenizer(refs, models):
-    """MODEL's tokenizer, after checking every other model's is the same vocabulary."""
-    toks = [m.tokenizer() for m in models]
-    vocab = toks[0].get_vocab()
-    for ref, tok in zip(refs[1:], toks[1:], strict=True):
-        if tok.get_vocab() != vocab:
-            raise ConfigError(f"tokenizer of {ref} ({len(tok)} tokens) differs from that of "
-                              f"{refs[0]} ({len(toks[0])} tokens): logit arithmetic needs one "
-                              f"shared vocabulary")
-    return toks[0]
-
-
 class _Streamer:
     """Prints row 0's text to stdout as tokens arrive (the ``on_tokens`` callback of generate:
     called once per chunk of tokens)."""
@@ -144,13 +133,14 @@ def handle(args) -> int:
     cfgs = [m.config for m in models]
     members = (proxy_tuning(*cfgs, alpha=args.alpha) if mode == "proxy" else
                eft(*cfgs, beta=args.beta) if mode == "eft" else (Member(cfgs[0]),))
-    tok = _shared_tokenizer(refs, models)
+    tok = shared_tokenizer(refs, [m.tokenizer() for m in models])
+    rows = tokenizer_rows(tok, {r: c.vocab_size for r, c in zip(refs, cfgs, strict=True)})
     eos = cfgs[0].eos_token_id
     stops = () if not args.stop_at_eos or eos is None else \
         (tuple(eos) if isinstance(eos, tuple | list) else (eos,))
     pad = cfgs[0].pad_token_id if cfgs[0].pad_token_id is not None else 0
     dec = DecodeSpec(members=members, max_new_tokens=args.max_new_tokens, sampler=_sampler(args),
-                  stop_tokens=stops, pad_token=pad, vocab_limit=len(tok), dtype=args.dtype)
+                  stop_tokens=stops, pad_token=pad, vocab_limit=rows, dtype=args.dtype)
     ids = [[tok(templates.get(role, "{prompt}").replace("{prompt}", p))["input_ids"]
             for p in prompts] for role in ROLES[mode]]
     if any(len(row) == 0 for batch in ids for row in batch):

@@ -82,7 +82,9 @@ class DecodeSpec:
     """What to generate and how (static: it keys the compilation cache).
 
     Attributes:
-      members: the models combined at every step (their configs must share ``vocab_size``).
+      members: the models combined at every step. Their embedding tables may be padded to
+        different sizes (one tokenizer): then ``vocab_limit`` (``len(tokenizer)``) is required
+        and the combination runs over the rows below it (jaxarith.io.vocab).
       max_new_tokens: the loop's length; a row may stop earlier (stop token or its own limit).
       sampler: applied to the combined log-probabilities.
       stop_tokens: a row stops after emitting one of these; later positions hold ``pad_token``.
@@ -110,10 +112,11 @@ class DecodeSpec:
         if not self.members:
             raise ConfigError("a decoder needs at least one model")
         vocabs = {m.config.vocab_size for m in self.members}
-        if len(vocabs) != 1:
+        if len(vocabs) != 1 and self.vocab_limit is None:
             roles = ", ".join(f"{m.role}={m.config.vocab_size}" for m in self.members)
-            raise ConfigError(f"models combined at decode time must share a vocabulary; "
-                              f"vocab sizes differ: {roles}")
+            raise ConfigError(f"vocab sizes differ ({roles}): models whose embedding tables are "
+                              f"padded differently are combined over the tokenizer's rows; give "
+                              f"vocab_limit=len(tokenizer)")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.prompt_bucket < 1:
@@ -125,7 +128,9 @@ class DecodeSpec:
 
     @property
     def vocab_size(self) -> int:
-        return self.members[0].config.vocab_size
+        """The width of the combined distribution: the smallest member's table (members padded
+        to larger tables are cut to it; their extra rows are beyond ``vocab_limit``)."""
+        return min(m.config.vocab_size for m in self.members)
 
 
 
@@ -231,6 +236,7 @@ def combine(dec: DecodeSpec, logits: Sequence[jax.Array],
     """Combined, renormalised log-probabilities [..., V] from each member's logits [..., V].
 
     ``log_softmax(sum_i w_i * log_softmax(z_i))`` in float32; ids >= ``dec.vocab_limit`` are -inf.
+    Members with larger (padded) tables are cut to ``dec.vocab_size`` columns first.
 
     Args:
       weights: [M] weights; default the members' (code under jit must pass them explicitly,
@@ -239,7 +245,7 @@ def combine(dec: DecodeSpec, logits: Sequence[jax.Array],
     weights = member_weights(dec) if weights is None else weights
     total = 0.0
     for i, z in enumerate(logits):
-        z = z.astype(jnp.float32)
+        z = z[..., :dec.vocab_size].astype(jnp.float32)
         if dec.vocab_limit is not None and dec.vocab_limit < z.shape[-1]:
             z = jnp.where(jnp.arange(z.shape[-1]) < dec.vocab_limit, z, -jnp.inf)
         lp = jax.nn.log_softmax(z, axis=-1)

@@ -145,7 +145,7 @@ def _speculative_until(sd: SpeculativeSpec, params, weights, limits, state, unti
         def draft(carry, j):
             cache, tok = carry
             cache, z = feed(members[di], dec.dtype, params[di], cache, tok[:, None])
-            q = sampler.transform(combine(drafter_only, [z[:, -1]], one))
+            q = sampler.transform(combine(drafter_only, [z[:, -1, :dec.vocab_size]], one))
             nxt = _pick(greedy, q, jax.random.fold_in(kd, j))
             return (cache, nxt), (z[:, -1], q, nxt)
 

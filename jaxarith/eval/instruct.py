@@ -26,6 +26,7 @@ import numpy as np
 from jaxarith.data import chat
 from jaxarith.decode.loop import DecodeSpec, Member, combine, generate
 from jaxarith.errors import JaxarithError
+from jaxarith.io.vocab import combination_limit
 from jaxarith.models.transformer import forward
 
 
@@ -65,7 +66,9 @@ def answer_nll(members: Sequence[Member], params: Sequence[dict],
     Conversations are rendered whole (every assistant turn is scored), right-padded into
     ``[batch_size, T]`` batches with ``T`` the longest rounded up to 16 (one compiled program).
     """
-    dec = DecodeSpec(members=tuple(members), max_new_tokens=1)
+    sizes = {f"{i}:{m.role}": m.config.vocab_size for i, m in enumerate(members)}
+    dec = DecodeSpec(members=tuple(members), max_new_tokens=1,
+                     vocab_limit=combination_limit(tokenizer, sizes))
     rendered = [chat.render(c, tokenizer) for c in conversations]
     if not rendered:
         raise JaxarithError("no conversations to evaluate")
@@ -102,7 +105,7 @@ def greedy_answers(members: Sequence[Member], params: Sequence[dict],
     bucket = _round_up(max(len(p) for p in prompts), 8)  # every batch: one prompt length
     dec = DecodeSpec(members=tuple(members), max_new_tokens=max_new_tokens, stop_tokens=stops,
                   pad_token=pad, prompt_bucket=bucket,
-                  vocab_limit=min(len(tokenizer), members[0].config.vocab_size))
+                  vocab_limit=min(len(tokenizer), *(m.config.vocab_size for m in members)))
     out = []
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s: s + batch_size]

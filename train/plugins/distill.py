@@ -6,6 +6,8 @@ import jax.numpy as jnp
 
 from jaxarith.distill import cache as distill_cache
 from jaxarith.errors import ConfigError
+from jaxarith.io.refs import load_tokenizer
+from jaxarith.io.vocab import shared_tokenizer
 from jaxarith.models import transformer
 from train import distill as TD
 from train import loop
@@ -54,6 +56,8 @@ def extension(cfg) -> Extension | None:
     def frozen(cfg_, model_cfg, mesh):
         # checked before the teacher is loaded and before anything is compiled
         TD.check_vocab(model_cfg, t_cfg, sec.teacher, vocab, sec.top_k)
+        shared_tokenizer(["the student's tokenizer", f"distill.teacher {sec.teacher}"],
+                         [tokenizer, load_tokenizer(sec.teacher)])
         return TD.load_teacher(sec.teacher, t_cfg, mesh, sec.teacher_dtype,
                                progress=cfg_.log.progress)
 

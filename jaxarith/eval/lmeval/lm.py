@@ -61,6 +61,7 @@ from jaxarith.decode.sampling import Greedy, Sampling
 from jaxarith.errors import ConfigError, JaxarithError
 from jaxarith.eval.lmeval import multihost, scoring
 from jaxarith.io.refs import load_model
+from jaxarith.io.vocab import combination_limit, shared_tokenizer, tokenizer_rows
 from jaxarith.sharding import make_mesh
 
 log = logging.getLogger(__name__)
@@ -166,9 +167,9 @@ class JaxarithLM(TemplateLM):
         cfgs = [m.config for m in models]
         members = (proxy_tuning(*cfgs, alpha=alpha) if mode == "proxy" else
                    eft(*cfgs, beta=beta) if mode == "eft" else (Member(cfgs[0]),))
-        self.tokenizer = self._shared_tokenizer(models)
+        self.tokenizer, limit = self._shared_tokenizer(models)
         # the spec for scoring; generation derives its own (sampler, lengths) from it
-        self.spec = DecodeSpec(members=members, max_new_tokens=1, dtype=dtype)
+        self.spec = DecodeSpec(members=members, max_new_tokens=1, dtype=dtype, vocab_limit=limit)
         self.params = tuple(m.params for m in models)
         self.config = cfgs[0]
         context = min(c.context_length for c in cfgs)
@@ -186,23 +187,12 @@ class JaxarithLM(TemplateLM):
     # ------------------------------------------------------------------ construction helpers
 
     def _shared_tokenizer(self, models):
-        """The first model's tokenizer after checking every member has the same vocabulary."""
-        toks = [m.tokenizer() for m in models]
-        vocab = toks[0].get_vocab()
-        for ref, tok in zip(self.refs[1:], toks[1:], strict=True):
-            if tok.get_vocab() != vocab:
-                raise ConfigError(f"tokenizer of {ref} ({len(tok)} tokens) differs from that of "
-                                  f"{self.refs[0]} ({len(toks[0])} tokens): models combined by "
-                                  f"logit arithmetic need one shared vocabulary")
+        """The first model's tokenizer after checking every member has the same one, and the
+        rows a combination runs over (None: every row; see jaxarith.io.vocab)."""
+        tok = shared_tokenizer(self.refs, [m.tokenizer() for m in models])
         sizes = {r: m.config.vocab_size for r, m in zip(self.refs, models, strict=True)}
-        if len(set(sizes.values())) > 1:
-            raise ConfigError("models combined by logit arithmetic need one vocabulary; "
-                              "vocab_size differs: "
-                              + ", ".join(f"{r}={v}" for r, v in sizes.items()))
-        if len(toks[0]) > models[0].config.vocab_size:
-            raise ConfigError(f"{self.refs[0]}: the tokenizer has {len(toks[0])} tokens but the "
-                              f"model's vocab_size is {models[0].config.vocab_size}")
-        return toks[0]
+        tokenizer_rows(tok, sizes)  # every table holds every token
+        return tok, combination_limit(tok, sizes)
 
     # ------------------------------------------------------------------ lm-eval properties
 
@@ -399,7 +389,8 @@ class JaxarithLM(TemplateLM):
         """One batch of the jitted decoder (collective)."""
         spec = DecodeSpec(members=self.spec.members, max_new_tokens=max_gen, sampler=sampler,
                           stop_tokens=stop_tokens, pad_token=self._pad_id(),
-                          dtype=self.spec.dtype, prompt_bucket=bucket)
+                          dtype=self.spec.dtype, prompt_bucket=bucket,
+                          vocab_limit=self.spec.vocab_limit)
         return generate(spec, self.params, prompts, seed=seed, mesh=self.mesh)
 
     _OPS = {"score": "_score", "generate": "_generate"}
