@@ -160,9 +160,24 @@ def test_bad_distill_input_is_refused_before_compiling(random_teacher, tmp_path,
         raise AssertionError("compiled before refusing bad input")
 
     monkeypatch.setattr(loop, "compiled_step", no_compile)
+    # one tokenizer, tables padded differently: accepted (distilled over the tokenizer's rows),
+    # so the run goes on to compile
     bigger = ["model.config.vocab_size=1088"]
-    with pytest.raises(ConfigError, match="1024 entries but the student's has 1088"):
+    with pytest.raises(AssertionError, match="compiled before refusing"):
         loop.run(student_cfg(tmp_path / "a", *bigger, f"distill.teacher={teacher}"))
+    # another tokenizer (two tokens swapped): refused, naming the first token that differs
+    import json
+    import shutil
+
+    other = tmp_path / "other_tok"
+    shutil.copytree(teacher, other)
+    spec = json.load(open(other / "tokenizer.json"))
+    vocab = spec["model"]["vocab"]
+    x, y = sorted(vocab, key=vocab.get)[300:302]
+    vocab[x], vocab[y] = vocab[y], vocab[x]
+    json.dump(spec, open(other / "tokenizer.json", "w"))
+    with pytest.raises(ConfigError, match="differs .* at id 300"):
+        loop.run(student_cfg(tmp_path / "a2", f"distill.teacher={other}"))
     with pytest.raises(ConfigError, match="unknown loss"):
         student_cfg(tmp_path / "b", f"distill.teacher={teacher}", "distill.loss=kl")
     with pytest.raises(ConfigError, match="top_k=2000 exceeds the vocabulary size 1024"):

@@ -154,3 +154,99 @@ def test_different_tokenizers_stay_an_error_naming_the_token(padded):
     b = Tok({"a": 0, "c": 1, "b": 2})
     with pytest.raises(ConfigError, match="at id 1: 'b' vs 'c'"):
         shared_tokenizer(["x", "y"], [a, b])
+
+
+# ------------------------------------------------------------- arithmetic: --align-vocab
+
+
+def _tensors(d):
+    from jaxarith.io.convert.hf import HFCheckpoint
+
+    ck = HFCheckpoint(d)
+    return {k: ck.get(k).astype(np.float64) for k in ck.keys()}
+
+
+VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def test_delta_between_padded_tables_is_refused_unless_aligned(padded, tmp_path, capsys):
+    import json
+
+    from jaxarith.cli import main
+
+    base, expert = padded["base"][0], padded["expert"][0]
+    assert main(["delta", "extract", expert, base, str(tmp_path / "no"), "--json"]) == 2
+    err = json.loads(capsys.readouterr().out)["error"]
+    assert "vocabulary sizes" in err and "--align-vocab" in err
+    assert not (tmp_path / "no").exists()
+    t, b = _tensors(expert), _tensors(base)
+    for flags in ([], ["--in-memory"]):
+        out = tmp_path / f"d{len(flags)}"
+        assert main(["delta", "extract", expert, base, str(out), "--align-vocab", "--json",
+                     *flags]) == 0
+        capsys.readouterr()
+        got = _tensors(str(out))
+        assert json.load(open(out / "config.json"))["vocab_size"] == ROWS
+        for k, v in got.items():
+            want = t[k][:ROWS] - b[k] if k in VOCAB_KEYS else t[k] - b[k]
+            np.testing.assert_allclose(v, want, atol=1e-6, err_msg=k)
+
+
+def test_aligned_rows_a_model_lacks_are_the_bases(padded, tmp_path, capsys):
+    """TUNED with 1024 rows, BASE with 1056: the delta's 32 extra rows are 0 (the base's)."""
+    from jaxarith.cli import main
+
+    tuned, base = padded["base"][0], padded["anti"][0]
+    assert main(["delta", "extract", tuned, base, str(tmp_path / "d"), "--align-vocab",
+                 "--json"]) == 0
+    got, t, b = _tensors(str(tmp_path / "d")), _tensors(tuned), _tensors(base)
+    for k in VOCAB_KEYS:
+        assert got[k].shape[0] == SIZES["anti"]
+        np.testing.assert_allclose(got[k][:ROWS], t[k] - b[k][:ROWS], atol=1e-6)
+        assert (got[k][ROWS:] == 0).all()
+
+
+def test_aligned_task_arithmetic_merge_against_numpy(padded, tmp_path, capsys):
+    from jaxarith.cli import main
+
+    base, e, a = (padded[r][0] for r in SIZES)
+    (tmp_path / "m.yaml").write_text(
+        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+        f"  - model: {e}\n    parameters: {{weight: 0.6}}\n"
+        f"  - model: {a}\n    parameters: {{weight: 0.3}}\ndtype: float32\n")
+    assert main(["merge", str(tmp_path / "m.yaml"), str(tmp_path / "o"), "--align-vocab",
+                 "--json"]) == 0
+    got, tb, te, ta = (_tensors(d) for d in (str(tmp_path / "o"), base, e, a))
+    for k, v in got.items():
+        cut = (lambda x: x[:ROWS]) if k in VOCAB_KEYS else (lambda x: x)
+        want = tb[k] + 0.6 * (cut(te[k]) - tb[k]) + 0.3 * (cut(ta[k]) - tb[k])
+        np.testing.assert_allclose(v, want, atol=1e-6, err_msg=k)
+
+
+def test_align_vocab_still_refuses_other_differences(padded, tmp_path):
+    import shutil
+
+    from jaxarith import arith
+    from jaxarith.arith.select import MergeSpec
+    from jaxarith.errors import ArchitectureMismatchError
+
+    wide = tmp_path / "wide"
+    testing.make_hf_model(wide, testing.tiny_llama_config(vocab_size=ROWS + 16,
+                                                          intermediate_size=96))
+    spec = MergeSpec(method=arith.method("delta"))
+    with pytest.raises(ArchitectureMismatchError, match="more than its vocabulary size"):
+        arith.run_streamed(spec, [str(wide), padded["base"][0]], tmp_path / "o",
+                           progress=False, align_to=1)
+    other = tmp_path / "other_tok"  # the expert's weights with two tokens swapped
+    shutil.copytree(padded["expert"][0], other)
+    import json
+
+    spec_json = json.load(open(other / "tokenizer.json"))
+    vocab = spec_json["model"]["vocab"]
+    x, y = sorted(vocab, key=vocab.get)[200:202]
+    vocab[x], vocab[y] = vocab[y], vocab[x]
+    json.dump(spec_json, open(other / "tokenizer.json", "w"))
+    with pytest.raises(ConfigError, match="at id 200"):
+        arith.run_streamed(spec, [str(other), padded["base"][0]], tmp_path / "o2",
+                           progress=False, align_to=1)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()

@@ -53,7 +53,9 @@ def check_shapes(shapes: Sequence[Mapping[str, tuple[int, ...]]], labels: Sequen
             for s, lab in zip(shapes, labels, strict=True):
                 e = next((s[n] for n in embed_names if n in s), None)
                 vocab.append(f"{lab}: {e[0] if e else '?'}")
-            msg += "\n  vocabulary sizes: " + ", ".join(vocab)
+            msg += ("\n  vocabulary sizes: " + ", ".join(vocab) + "\n  (tables that differ only "
+                    "in padded rows, one tokenizer: --align-vocab reads them with the base's "
+                    "rows)")
         raise ArchitectureMismatchError(msg)
 
 

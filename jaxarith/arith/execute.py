@@ -11,7 +11,10 @@ import tempfile
 import time
 from collections.abc import Sequence
 
+import jax
+
 from jaxarith.arith import chat_templates
+from jaxarith.arith.align import align_rows, aligned_configs
 from jaxarith.arith.check import check_trees
 from jaxarith.arith.memory import run
 from jaxarith.arith.select import MergeSpec
@@ -51,6 +54,7 @@ def execute(
     chat_template: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    align_to: int | None = None,
 ) -> dict:
     """Apply ``spec`` to the models ``refs`` and write ``out``; returns a summary dict.
 
@@ -60,6 +64,8 @@ def execute(
       tokenizer_from: the input whose tokenizer files the output gets.
       chat_template: a Jinja template, or ``"auto"`` (see ``chat_templates``), set on that
         tokenizer as mergekit does (re-serialised by transformers); None: files copied as is.
+      align_to: read every input with this input's embedding rows (tables that differ only in
+        padded rows, one tokenizer: :mod:`jaxarith.arith.align`); None: shapes must be equal.
     """
     if to not in ("hf", "orbax"):
         raise ConfigError(f"--to {to!r}: expected 'hf' or 'orbax'")
@@ -67,7 +73,7 @@ def execute(
     check_destination(out, overwrite, inputs=refs)  # never replace an input
     if chat_template is None:
         return _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size,
-                        tokenizer_from, None, overwrite, progress)
+                        tokenizer_from, None, overwrite, progress, align_to)
     template = chat_templates.auto(refs) if chat_template == chat_templates.AUTO else \
         chat_template
     with tempfile.TemporaryDirectory(prefix="jaxarith_tokenizer_") as tok_dir:
@@ -75,25 +81,29 @@ def execute(
         chat_templates.stage_tokenizer(chat_templates.ref_dir(refs[tokenizer_from]), template,
                                        tok_dir)
         info = _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size,
-                        tokenizer_from, tok_dir, overwrite, progress)
+                        tokenizer_from, tok_dir, overwrite, progress, align_to)
     return {**info, "chat_template": template}
 
 
 def _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size, tokenizer_from,
-             tokenizer_dir, overwrite, progress) -> dict:
+             tokenizer_dir, overwrite, progress, align_to=None) -> dict:
     kinds = [ref_kind(r) for r in refs]
     _check_params(spec, refs, kinds)
     t0 = time.perf_counter()
     if to == "hf" and not in_memory and RefKind.ORBAX not in kinds:
         info = run_streamed(spec, refs, out, dtype=dtype, max_shard_size=max_shard_size,
                             tokenizer_from=tokenizer_from, tokenizer_dir=tokenizer_dir,
-                            overwrite=overwrite, progress=progress)
+                            overwrite=overwrite, progress=progress, align_to=align_to)
         return {"executor": "streamed", "out": os.fspath(out), "to": to, **info}
     models = [load_model(r, mesh=mesh, progress=progress) for r in refs]
-    check_trees([m.params for m in models], [os.fspath(r) for r in refs])
-    cfg = models[0].config
-    tok_dir = tokenizer_dir or models[tokenizer_from].directory
     trees = [m.params for m in models]
+    cfg = models[0].config
+    if align_to is not None:
+        cfg = aligned_configs([m.config for m in models], [m.directory for m in models],
+                              align_to)[0]
+        trees = [jax.tree.map(align_rows, t, trees[align_to]) for t in trees]
+    check_trees(trees, [os.fspath(r) for r in refs])
+    tok_dir = tokenizer_dir or models[tokenizer_from].directory
     del models
     result = run(spec, cfg, trees, dtype=dtype)
     del trees

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxarith.arith import ops
+from jaxarith.arith.align import align_rows, aligned_configs
 from jaxarith.arith.check import check_shapes
 from jaxarith.arith.kernel import NO_LAYER, tensor_step
 from jaxarith.arith.layout import rule_layout
@@ -61,8 +62,12 @@ def _layer_step(method, xs, p, seed, layer, selected, out_dtype, layout):
     return out[0]
 
 
-def open_checkpoints(refs: Sequence[str]):
-    """(configs, checkpoints, {expected HF key: stored key} per model), architecture-checked."""
+def open_checkpoints(refs: Sequence[str], align_to: int | None = None):
+    """(configs, checkpoints, {expected HF key: stored key} per model), architecture-checked.
+
+    ``align_to``: tables that differ only in padded rows are read with ``refs[align_to]``'s
+    rows (:mod:`jaxarith.arith.align`); the configs returned then have its ``vocab_size``.
+    """
     for r in refs:
         if ref_kind(r) is RefKind.ORBAX:
             raise ConfigError(f"{r}: the streamed executor reads HF safetensors checkpoints; "
@@ -74,12 +79,13 @@ def open_checkpoints(refs: Sequence[str]):
         raise ArchitectureMismatchError(
             "models differ in architecture: " + ", ".join(f"{r}: {c.arch}"
                                                           for r, c in zip(refs, cfgs, strict=True)))
+    read_as = cfgs if align_to is None else aligned_configs(cfgs, dirs, align_to)
     shapes = [{key: rule.hf_shape for rule in rules_for(c)
-               for key, _ in expand(rule, c.num_hidden_layers)} for c in cfgs]
+               for key, _ in expand(rule, c.num_hidden_layers)} for c in read_as]
     check_shapes(shapes, [os.fspath(r) for r in refs])
     ckpts = [HFCheckpoint(d) for d in dirs]
     names = [check_checkpoint(c, k) for c, k in zip(cfgs, ckpts, strict=True)]
-    return cfgs, ckpts, names
+    return read_as, ckpts, names
 
 
 def run_streamed(
@@ -93,6 +99,7 @@ def run_streamed(
     tokenizer_dir: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    align_to: int | None = None,
 ) -> dict:
     """Apply ``spec`` to HF checkpoints tensor by tensor and write an HF checkpoint at ``dst``.
 
@@ -104,6 +111,8 @@ def run_streamed(
       tokenizer_from: copy tokenizer files from this input (None: none).
       tokenizer_dir: copy tokenizer files from this directory instead (e.g. a tokenizer given
         a chat template).
+      align_to: read every input with this input's embedding rows (tables that differ only in
+        padded rows, one tokenizer; :mod:`jaxarith.arith.align`). None: shapes must be equal.
     Returns:
       {"tensors", "files", "bytes_read", "bytes_written", "seconds"}.
     Raises:
@@ -111,7 +120,7 @@ def run_streamed(
     """
     t0 = time.perf_counter()
     spec.check_inputs(len(refs))
-    cfgs, ckpts, names = open_checkpoints(refs)
+    cfgs, ckpts, names = open_checkpoints(refs, align_to)
     cfg = cfgs[0]
     L = cfg.num_hidden_layers
     items = [(rule, key, layer) for rule in rules_for(cfg)
@@ -121,11 +130,12 @@ def run_streamed(
     for _, key, _ in items:
         dt = out_dtype or (np.dtype(np.float32) if spec.method.keeps_float32
                            else ckpts[0].dtype(names[0][key]))
-        specs.append((key, ckpts[0].shape(names[0][key]), dt))
+        rows = 0 if align_to is None else align_to  # whose table shapes the output
+        specs.append((key, ckpts[rows].shape(names[rows][key]), dt))
     stats = {"bytes_read": 0}
     bar = tqdm(total=len(items), desc=str(spec.method.kind), unit="tensor",
                disable=not progress, leave=False)
-    results = _results(spec, items, specs, ckpts, names, L, stats, bar)
+    results = _results(spec, items, specs, ckpts, names, L, stats, bar, align_to)
     tok_dir = tokenizer_dir or (ckpts[tokenizer_from].directory if tokenizer_from is not None
                                 else None)
     info = write_hf(cfg, dst, specs, results, max_shard_size=max_shard_size,
@@ -136,9 +146,13 @@ def run_streamed(
             "bytes_written": info["bytes_written"], "seconds": time.perf_counter() - t0}
 
 
-def _read(ckpts, names, key) -> list[np.ndarray]:
-    """The tensor ``key`` of every input as read-only memory-mapped views (no copy)."""
-    return [ckpt.view(nm[key]) for ckpt, nm in zip(ckpts, names, strict=True)]
+def _read(ckpts, names, key, align_to: int | None = None) -> list[np.ndarray]:
+    """The tensor ``key`` of every input as read-only memory-mapped views (no copy); with
+    ``align_to``, a table of other rows is cut or extended to that input's (a copy)."""
+    arrays = [ckpt.view(nm[key]) for ckpt, nm in zip(ckpts, names, strict=True)]
+    if align_to is not None:
+        arrays = [align_rows(a, arrays[align_to]) for a in arrays]
+    return arrays
 
 
 # Tensors computed ahead of the one being written (each on a worker thread: file reads, XLA and
@@ -187,10 +201,11 @@ def _thresholds(method, xs, ks) -> tuple[np.ndarray, np.ndarray]:
     return thr, cut
 
 
-def _compute(spec, rule, key, layer, ckpts, names, L, dtype, layouts) -> tuple[np.ndarray, int]:
+def _compute(spec, rule, key, layer, ckpts, names, L, dtype, layouts,
+             align_to=None) -> tuple[np.ndarray, int]:
     """(the output HF tensor, contiguous, in ``dtype``; bytes read) of one HF tensor."""
     n = len(ckpts)
-    arrays = _read(ckpts, names, key)
+    arrays = _read(ckpts, names, key, align_to)
     nread = sum(a.nbytes for a in arrays)
     direct = _direct(spec.method, rule, arrays[0])
     # per model: one array per target (the HF array itself when computed in HF layout)
@@ -239,7 +254,8 @@ def _stack(xs) -> np.ndarray:
     return out
 
 
-def _results(spec, items, specs, ckpts, names, L, stats, bar) -> Iterator[np.ndarray]:
+def _results(spec, items, specs, ckpts, names, L, stats, bar,
+             align_to=None) -> Iterator[np.ndarray]:
     """The output tensors in ``items`` order, computed ``AHEAD`` tensors ahead on worker
     threads while the caller writes.
 
@@ -255,7 +271,7 @@ def _results(spec, items, specs, ckpts, names, L, stats, bar) -> Iterator[np.nda
             while len(pending) <= AHEAD and i + len(pending) < len(items):
                 rule, key, layer = items[i + len(pending)]
                 pending.append(_submit(slots, _compute, spec, rule, key, layer, ckpts, names,
-                                       L, specs[i + len(pending)][2], layouts))
+                                       L, specs[i + len(pending)][2], layouts, align_to))
             out, nread = pending.popleft().result()
             stats["bytes_read"] += nread
             bar.update()

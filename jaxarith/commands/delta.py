@@ -29,6 +29,9 @@ def _out_flags(p) -> None:
                    help="load and run under jit instead of streaming")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--align-vocab", action="store_true",
+                   help="embedding tables that differ only in padded rows (one tokenizer) are "
+                        "read with the base's rows (extract: BASE; apply: MODEL)")
     _common.add_dtype(p, default=None, choices=("float32", "bfloat16", "float16"))
     _common.add_mesh(p)
     _common.add_json(p)
@@ -82,7 +85,7 @@ def handle_norms(args) -> int:
     return 0
 
 
-def _run(args, name: str, refs, shared) -> int:
+def _run(args, name: str, refs, shared, base: int) -> int:
     pipeline.recycle_memory()  # process-wide: streamed tensors reuse freed buffers
 
     spec = MergeSpec(method=method(name), shared=shared,
@@ -92,15 +95,16 @@ def _run(args, name: str, refs, shared) -> int:
         info = execute(spec, refs, args.out, to=args.to, dtype=args.dtype,
                        mesh=_common.mesh_from(args), in_memory=args.in_memory,
                        max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                       progress=_common.progress_enabled(args))
+                       progress=_common.progress_enabled(args),
+                       align_to=base if args.align_vocab else None)
     _common.emit(args, info, f"wrote {info['out']} ({info['executor']}, "
                              f"{info.get('seconds', 0):.2f} s)")
     return 0
 
 
 def handle_extract(args) -> int:
-    return _run(args, "delta", [args.tuned, args.base], {})
+    return _run(args, "delta", [args.tuned, args.base], {}, base=1)
 
 
 def handle_apply(args) -> int:
-    return _run(args, "apply_delta", [args.model, args.delta], {"scale": args.scale})
+    return _run(args, "apply_delta", [args.model, args.delta], {"scale": args.scale}, base=0)

@@ -35,6 +35,10 @@ def register(sub) -> None:
                    help="load and run under jit instead of streaming")
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--align-vocab", action="store_true",
+                   help="embedding tables that differ only in padded rows (one tokenizer) are "
+                        "read with the rows of the first model (the base_model where the "
+                        "method has one)")
     _common.add_mesh(p)
     _common.add_json(p)
     p.set_defaults(handler=handle)
@@ -77,7 +81,7 @@ def handle(args) -> int:
         info = execute(mc.spec, list(mc.models), args.out, to=args.to, dtype=mc.out_dtype,
                        mesh=_common.mesh_from(args), in_memory=args.in_memory,
                        max_shard_size=args.max_shard_size, tokenizer_from=mc.tokenizer_source,
-                       chat_template=mc.chat_template,
+                       chat_template=mc.chat_template, align_to=0 if args.align_vocab else None,
                        overwrite=args.overwrite, progress=_common.progress_enabled(args))
     info["method"] = str(mc.spec.method.kind)
     _common.emit(args, info, f"{info['method']}: wrote {info['out']} ({info['executor']}, "
