@@ -120,3 +120,107 @@ def test_upload_dir_uses_a_temporary_prefix_and_writes_the_marker_last(memfs, tm
     memfs.pipe_file("/bucket/export/other/x", b"1")
     with pytest.raises(UnsafeDestinationError, match="not written by jaxarith"):
         paths.upload_dir(str(local), "memory://bucket/export/other")
+
+
+# ------------------------------------------- command outputs: convert, merge, delta, average
+
+
+def _download(memfs, url: str, local) -> str:
+    """The objects under ``url`` copied to a local directory (to read them back)."""
+    root = url.split("://", 1)[1]
+    for obj in memfs.find("/" + root):
+        rel = obj[len("/" + root) + 1:]
+        os.makedirs(os.path.dirname(os.path.join(local, rel)) or local, exist_ok=True)
+        with open(os.path.join(local, rel), "wb") as f:
+            f.write(memfs.cat_file(obj))
+    return str(local)
+
+
+def _equal_dirs(a, b) -> None:
+    import numpy as np
+
+    from jaxarith.io.convert.hf import HFCheckpoint
+
+    ca, cb = HFCheckpoint(a), HFCheckpoint(b)
+    assert sorted(ca.keys()) == sorted(cb.keys())
+    for k in ca.keys():
+        np.testing.assert_array_equal(ca.get(k), cb.get(k), err_msg=k)
+
+
+@pytest.mark.parametrize("command", ["convert", "merge", "delta", "average"])
+def test_command_outputs_on_memory_fs_equal_local_ones(memfs, tmp_path, llama_dir,
+                                                      llama_tied_dir, command, capsys):
+    """Each command's output at a memory:// URL is, read back, the same files as its local
+    output; its marker is there; the JSON names the URL; a second run without --overwrite is
+    refused before any work."""
+    from jaxarith.cli import main
+
+    other = tmp_path / "other"
+    from jaxarith import testing
+
+    testing.make_hf_model(other, testing.tiny_llama_config(rope_scaling=testing.LLAMA3_ROPE),
+                          seed=5)
+    yaml = tmp_path / "m.yaml"
+    yaml.write_text(f"merge_method: task_arithmetic\nbase_model: {llama_dir[0]}\nmodels:\n"
+                    f"  - model: {other}\n    parameters: {{weight: 0.5}}\n")
+    argv = {"convert": ["convert", llama_tied_dir[0], "{out}", "--to", "hf",
+                        "--dtype", "bfloat16"],
+            "merge": ["merge", str(yaml), "{out}"],
+            "delta": ["delta", "extract", str(other), llama_dir[0], "{out}"],
+            "average": ["average", llama_dir[0], str(other), "{out}"]}[command]
+    url = f"memory://bucket/{command}/out"
+    for out in (str(tmp_path / "local"), url):
+        assert main([a.format(out=out) for a in argv] + ["--json"]) == 0, capsys.readouterr()
+        res = json.loads(capsys.readouterr().out)
+        assert res.get("out", res.get("dst")) == out
+    assert memfs.exists(f"/bucket/{command}/out/{MARKER}")
+    assert not [p for p in memfs.find("/bucket") if ".tmp-" in p]
+    back = _download(memfs, url, tmp_path / "back")
+    _equal_dirs(str(tmp_path / "local"), back)
+    assert main([a.format(out=url) for a in argv] + ["--json"]) == 2
+    assert "already exists" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_a_failed_merge_to_a_url_uploads_nothing(memfs, tmp_path, llama_dir, capsys,
+                                                 monkeypatch):
+    from jaxarith.arith import stream
+    from jaxarith.cli import main
+
+    yaml = tmp_path / "m.yaml"
+    yaml.write_text(f"merge_method: linear\nmodels:\n  - model: {llama_dir[0]}\n"
+                    f"  - model: {llama_dir[0]}\n")
+    calls = []
+
+    def boom(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("disk full")
+        return real(*a, **k)
+
+    real = stream._compute
+    monkeypatch.setattr(stream, "_compute", boom)
+    with pytest.raises(RuntimeError, match="disk full"):  # an unexpected error: raised
+        main(["merge", str(yaml), "memory://bucket/failed", "--json"])
+    assert len(calls) > 3
+    assert not memfs.exists("/bucket/failed") and not memfs.find("/bucket")
+
+
+def test_tokenized_data_on_memory_fs(memfs, tmp_path, capsys):
+    from jaxarith.cli import main
+
+    argv = ["data", "tokenize", "bundled:docs", "{out}", "--tokenizer", "bundled",
+            "--seq-len", "32", "--max-docs", "40"]
+    for out in (str(tmp_path / "local"), "memory://bucket/tok"):
+        assert main([a.format(out=out) for a in argv] + ["--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["out"] == out
+    back = _download(memfs, "memory://bucket/tok", tmp_path / "back")
+    local_files = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "local")
+                         for d, _, fs in os.walk(tmp_path / "local") for f in fs)
+    assert local_files == sorted(os.path.relpath(os.path.join(d, f), back)
+                                 for d, _, fs in os.walk(back) for f in fs)
+    for rel in local_files:
+        if rel == MARKER:
+            continue
+        a, b = open(tmp_path / "local" / rel, "rb").read(), open(os.path.join(back, rel),
+                                                                   "rb").read()
+        assert a == b or rel == "manifest.json", rel

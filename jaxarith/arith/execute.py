@@ -21,6 +21,7 @@ from jaxarith.arith.select import MergeSpec
 from jaxarith.arith.stream import run_streamed
 from jaxarith.arith.validate import check_settings, check_weights
 from jaxarith.errors import ConfigError
+from jaxarith.io import paths
 from jaxarith.io.atomic import check_destination
 from jaxarith.io.convert.export import save_hf
 from jaxarith.io.convert.hf import resolve_hf_dir
@@ -59,6 +60,8 @@ def execute(
     """Apply ``spec`` to the models ``refs`` and write ``out``; returns a summary dict.
 
     Args:
+      out: the output directory; a URL (``gs://``, any fsspec filesystem) is written locally,
+        then uploaded marker last (:func:`jaxarith.io.paths.staged_output`).
       to: ``"hf"`` or ``"orbax"``.
       in_memory: load everything and run under jit even when streaming is possible.
       tokenizer_from: the input whose tokenizer files the output gets.
@@ -70,6 +73,13 @@ def execute(
     if to not in ("hf", "orbax"):
         raise ConfigError(f"--to {to!r}: expected 'hf' or 'orbax'")
     spec.check_inputs(len(refs))
+    if paths.is_url(out):  # written locally, then uploaded marker last
+        with paths.staged_output(out, kind=f"{spec.method.kind}", overwrite=overwrite) as local:
+            info = execute(spec, refs, local, to=to, dtype=dtype, mesh=mesh,
+                           in_memory=in_memory, max_shard_size=max_shard_size,
+                           tokenizer_from=tokenizer_from, chat_template=chat_template,
+                           progress=progress, align_to=align_to)
+        return {**info, "out": os.fspath(out)}
     check_destination(out, overwrite, inputs=refs)  # never replace an input
     if chat_template is None:
         return _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size,

@@ -47,6 +47,7 @@ from jaxarith.data import sources
 from jaxarith.data.assets import bundled_tokenizer
 from jaxarith.data.sources import SourceData
 from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.io import paths as url_paths
 from jaxarith.io.atomic import atomic_dir, check_destination
 from jaxarith.io.refs import load_tokenizer as load
 
@@ -327,7 +328,8 @@ def tokenize_to_dir(inputs: Sequence[str], out: str, *, tokenizer_ref: str, seq_
     Args:
       inputs: files, globs, ``datasets`` directories, ``bundled:code`` / ``bundled:docs``;
         documents are read in this order (a glob sorted), as one source.
-      out: the output directory (written atomically).
+      out: the output directory (written atomically); a URL (``gs://``, any fsspec filesystem)
+        is written locally, then uploaded marker last (jaxarith.io.paths.staged_output).
       tokenizer_ref: ``bundled`` or a directory with tokenizer files.
       seq_len: tokens per window (the run's ``data.seq_len``).
       opts: how documents are read.
@@ -343,6 +345,12 @@ def tokenize_to_dir(inputs: Sequence[str], out: str, *, tokenizer_ref: str, seq_
     """
     from tqdm.auto import tqdm
 
+    if url_paths.is_url(out):  # written locally, then uploaded marker last
+        with url_paths.staged_output(out, kind="tokenized data", overwrite=overwrite) as local:
+            return tokenize_to_dir(inputs, local, tokenizer_ref=tokenizer_ref, seq_len=seq_len,
+                                   opts=opts, eval_fraction=eval_fraction, add_bos=add_bos,
+                                   workers=workers, batch_docs=batch_docs,
+                                   shard_windows=shard_windows, progress=progress)
     if seq_len < 2:
         raise ConfigError(f"--seq-len {seq_len}: must be at least 2")
     if not 0.0 <= eval_fraction < 1.0:

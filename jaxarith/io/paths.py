@@ -19,6 +19,7 @@ Orbax checkpoints take the URL as it is (orbax writes ``gs://`` itself).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import secrets
@@ -26,7 +27,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from jaxarith import distributed
 from jaxarith.io.atomic import MARKER, OutputExistsError, UnsafeDestinationError, marker_text
@@ -160,6 +161,30 @@ def upload_dir(local: str, url: str, *, kind: str = "output", overwrite: bool = 
             fs.rm(tmp, recursive=True)
     write_text(join(url, MARKER), marker_text(kind))
     return url
+
+
+@contextlib.contextmanager
+def staged_output(dst: str | os.PathLike, *, kind: str = "output",
+                  overwrite: bool = False) -> Iterator[str]:
+    """Where a command writes its output directory ``dst``.
+
+    A local path is yielded as it is (the writers' own atomic rules apply). For a URL the
+    destination is checked first (:func:`check_upload`: refused before any work), a fresh local
+    directory is yielded, and when the block ends without an error it is uploaded by
+    :func:`upload_dir` (temporary prefix, marker last) from the primary process; on an error
+    nothing is uploaded and the staging directory is removed. The output is staged whole on
+    local disk (``TMPDIR``), so that disk needs room for it.
+    """
+    if not is_url(dst):
+        yield os.fspath(dst)
+        return
+    dst = os.fspath(dst)
+    check_upload(dst, overwrite)
+    with tempfile.TemporaryDirectory(prefix="jaxarith_stage_") as tmp:
+        local = os.path.join(tmp, "out")
+        yield local
+        if distributed.is_primary():
+            upload_dir(local, dst, kind=kind, overwrite=overwrite)
 
 
 class Mirror:

@@ -18,6 +18,7 @@ from jaxarith.average import soups
 from jaxarith.average.soups import load_tokenizer
 from jaxarith.commands import _common
 from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.io import paths
 from jaxarith.io.atomic import check_destination
 from train.config import load_train_config
 
@@ -77,28 +78,37 @@ def handle(args) -> int:
     if args.method == "greedy" and not (args.eval_text or args.eval_config):
         raise ConfigError("--method greedy needs held-out data: --eval-text FILE or "
                           "--eval-config CONFIG")
-    check_destination(args.out, args.overwrite)
+    if paths.is_url(args.out):  # written locally, then uploaded marker last
+        with paths.staged_output(args.out, kind=f"average ({args.method})",
+                                 overwrite=args.overwrite) as local:
+            info, text = _average(args, local)
+    else:
+        check_destination(args.out, args.overwrite)
+        info, text = _average(args, args.out)
+    _common.emit(args, info, text)  # after the output is complete (uploaded)
+    return 0
+
+
+def _average(args, out: str) -> tuple[dict, str]:
+    """Write the average at ``out``; returns (the JSON report, the human text)."""
     progress = _common.progress_enabled(args)
     cands = soups.open_candidates(args.refs, last=args.last)
     if args.method in ("uniform", "lawa"):
         mesh = _common.mesh_from(args) if args.to == "orbax" else None
-        info = soups.uniform(cands, args.out, to=args.to, dtype=args.dtype,
+        info = soups.uniform(cands, out, to=args.to, dtype=args.dtype,
                              overwrite=args.overwrite, progress=progress, mesh=mesh)
-        info["method"] = args.method
-        _common.emit(args, info, f"{args.method}: mean of {len(cands)} checkpoints -> "
-                                 f"{info['out']}")
-        return 0
+        info.update(method=args.method, out=args.out)
+        return info, f"{args.method}: mean of {len(cands)} checkpoints -> {args.out}"
     mesh = _common.mesh_from(args)
     ids, seq_len = held_out_ids(args, cands[0])
     report, soup, _ = soups.greedy(cands, ids, mesh=mesh, seq_len=seq_len,
                                    batch_size=args.batch_size, progress=progress)
     with soups.tokenizer_dir(cands[0]) as tok:
-        soups.write(cands[0].config, args.out, params=soup, to=args.to,
+        soups.write(cands[0].config, out, params=soup, to=args.to,
                     dtype=args.dtype or "float32", tokenizer=tok, overwrite=args.overwrite,
                     progress=progress)
     report.update(out=args.out, to=args.to)
     lines = [f"{'kept' if c['kept'] else '    '}  {c['loss']:.6f}  {c['ref']}"
              for c in report["candidates"]]
-    _common.emit(args, report, "\n".join([*lines, f"soup loss {report['soup_loss']:.6f} "
-                                          f"({len(report['kept'])} kept) -> {args.out}"]))
-    return 0
+    return report, "\n".join([*lines, f"soup loss {report['soup_loss']:.6f} "
+                                      f"({len(report['kept'])} kept) -> {args.out}"])

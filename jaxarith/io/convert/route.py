@@ -6,6 +6,7 @@ import os
 import sys
 
 from jaxarith.errors import ConfigError
+from jaxarith.io import paths
 from jaxarith.io.atomic import check_destination, protect_inputs
 from jaxarith.io.convert.export import hf_slices, save_hf
 from jaxarith.io.convert.hf import resolve_hf_dir
@@ -33,7 +34,8 @@ def convert(
 
     Args:
       src: HF hub id, local HF directory or jaxarith Orbax checkpoint directory.
-      dst: output directory, written atomically.
+      dst: output directory, written atomically; a URL (``gs://``, any fsspec filesystem) is
+        written locally, then uploaded marker last (:func:`jaxarith.io.paths.staged_output`).
       to: "orbax" or "hf" (default: the other format than ``src``).
       dtype: output dtype (default: as stored).
       mesh: mesh the Orbax arrays are placed on and saved with (default: one device).
@@ -44,9 +46,13 @@ def convert(
     Returns:
       {"src", "dst", "route", ...}: for HF output also "files", "tensors", "bytes".
     """
-    with protect_inputs([src]):  # every writer below refuses to replace src
-        return _convert(src, dst, to=to, dtype=dtype, mesh=mesh, max_shard_size=max_shard_size,
-                        overwrite=overwrite, progress=progress, compress=compress)
+    with protect_inputs([src]), \
+            paths.staged_output(dst, kind="convert", overwrite=overwrite) as local:
+        # every writer below refuses to replace src
+        info = _convert(src, local, to=to, dtype=dtype, mesh=mesh,
+                        max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                        compress=compress)
+    return {**info, "dst": os.fspath(dst)}
 
 
 # Any of these makes a directory's tokenizer loadable (AutoTokenizer).
