@@ -31,14 +31,17 @@ def check_no_sliding_window(d: dict[str, Any], model_type: str) -> None:
     ``sliding_window`` and ``max_window_layers`` say, so those are accepted.
 
     Raises:
-      ConfigError: ``use_sliding_window`` is true, or ``layer_types`` names a layer type other
-        than ``full_attention``.
+      ConfigError: ``use_sliding_window`` is true, ``layer_types`` names a layer type other
+        than ``full_attention``, or ``use_mrope`` (Qwen2-VL's RoPE) is true.
     """
     if d.get("use_sliding_window"):
         raise ConfigError(
             f"{model_type}: use_sliding_window={d['use_sliding_window']!r} is not supported "
             f"(sliding-window attention, sliding_window={d.get('sliding_window')!r}); released "
             f"checkpoints set it to false")
+    if d.get("use_mrope"):
+        raise ConfigError(f"{model_type}: use_mrope={d['use_mrope']!r} is not supported "
+                          f"(multimodal RoPE of the vision-language models)")
     types = d.get("layer_types") or []
     other = sorted({t for t in types if t != "full_attention"})
     if other:
@@ -59,7 +62,8 @@ class Qwen2Config(llama.LlamaConfig):
 
     arch: ClassVar[Arch] = Arch.QWEN2
     HF_KEYS_READ: ClassVar[frozenset[str]] = (
-        llama.LlamaConfig.HF_KEYS_READ - {"attention_bias", "mlp_bias"}) | SLIDING_WINDOW_KEYS
+        llama.LlamaConfig.HF_KEYS_READ - {"attention_bias", "mlp_bias"}) | SLIDING_WINDOW_KEYS \
+        | {"use_mrope"}
     HF_KEYS_IGNORED: ClassVar[frozenset[str]] = frozenset({"attention_dropout"})
 
     def __post_init__(self):
