@@ -358,6 +358,8 @@ def test_sliding_window_off_is_accepted_and_on_is_refused_naming_the_key():
         config_from_hf({**d, "attention_bias": True})  # Qwen2's biases are fixed: q, k, v
     with pytest.raises(ConfigError, match=r"unknown qwen3 config key 'mlp_bias'"):
         config_from_hf({**testing.tiny_qwen3_config().to_dict(), "mlp_bias": True})
+    with pytest.raises(ConfigError, match=r"hidden_act='gelu' is not supported for qwen3"):
+        config_from_hf({**testing.tiny_qwen3_config().to_dict(), "hidden_act": "gelu"})
 
 
 def test_moe_config_keys():

@@ -112,7 +112,8 @@ class LlamaConfig:
         theta, scaling = RopeScaling.from_hf(d)
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"hidden_act={act!r} is not supported for llama (expected 'silu')")
+            raise ConfigError(f"hidden_act={act!r} is not supported for {cls.arch} "
+                              f"(expected 'silu')")
         eos = d.get("eos_token_id")
         return cls(
             vocab_size=require(d, "vocab_size"),
