@@ -1,4 +1,5 @@
-"""Mixture-of-experts routing and router losses (Mixtral's sparse MLP), as pure functions.
+"""Mixture-of-experts routing and router losses (Mixtral's and Qwen3-MoE's sparse MLP), as pure
+functions, and the experts' parameter table and HF conversion rules.
 
 Routing (``G(x) = Softmax(TopK(x W_g))`` as transformers' ``MixtralTopKRouter``): router logits in
 float32, softmax over all E experts, the top k probabilities kept and renormalised to sum to 1
