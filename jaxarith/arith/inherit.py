@@ -10,11 +10,12 @@ Blocks are stacked on the canonical tree's leading ``layers`` axis, so taking la
     list:0,3,5    exactly these, in the order given; a repeated index needs ``allow_repeat``
                   (depth up-scaling / "stacking", e.g. ``list:0,1,2,1,2,3``)
 
-Parts of a block (``attn``, ``mlp``, ``norms``) and the non-block tensors (token ``embeddings``,
-``head`` = ``lm_head``, ``final_norm``, GPT-2 ``pos_embed``) are each either inherited or freshly
-initialised. Fresh tensors come from :func:`jaxarith.models.transformer.init_params` of the new
-config with ``key`` (the same initialiser as training from scratch): a fresh leaf equals that
-leaf of ``init_params(new_cfg, key)``.
+Parts of a block (``attn``, ``mlp``, ``norms``; a mixture of experts' router and experts are its
+``mlp``) and the non-block tensors (token ``embeddings``, ``head`` = ``lm_head``, ``final_norm``,
+GPT-2 ``pos_embed``) are each either inherited or freshly initialised. Fresh tensors come from
+:func:`jaxarith.models.transformer.init_params` of the new config with ``key`` (the same
+initialiser as training from scratch): a fresh leaf equals that leaf of
+``init_params(new_cfg, key)``.
 """
 
 from __future__ import annotations
@@ -175,6 +176,8 @@ def _block_part(name: str) -> str:
         return "norms"
     if name in ("attn", "mlp"):
         return name
+    if name == "moe":  # a mixture-of-experts MLP (router and experts) is the block's MLP part
+        return "mlp"
     raise ConfigError(f"layers/{name}: no inheritance part for this block tensor "
                       f"(known parts: {', '.join(PARTS)})")
 

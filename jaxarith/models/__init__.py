@@ -1,6 +1,8 @@
-"""Model families (Llama, GPT-2, Mixtral) over one canonical parameter layout.
+"""Model families (Llama, GPT-2, Mixtral, Qwen2, Qwen3, Qwen3-MoE) over one canonical parameter
+layout.
 
-Each family is one module (``llama.py``, ``gpt2.py``, ``mixtral.py``) registered in
+Each family is one module (``llama.py``, ``gpt2.py``, ``mixtral.py``, ``qwen2.py``, ``qwen3.py``,
+``qwen3_moe.py``) registered in
 ``registry.py`` through the interface of ``family.py``; ``transformer.py`` is the driver they
 share (see docs/models.md).
 
@@ -46,6 +48,9 @@ from jaxarith.models.gpt2 import GPT2Config
 from jaxarith.models.layers import KVCache
 from jaxarith.models.llama import LlamaConfig
 from jaxarith.models.mixtral import MixtralConfig
+from jaxarith.models.qwen2 import Qwen2Config
+from jaxarith.models.qwen3 import Qwen3Config
+from jaxarith.models.qwen3_moe import Qwen3MoeConfig
 from jaxarith.models.registry import FAMILIES, family, family_for_model_type, register
 from jaxarith.models.transformer import (
     CausalLM,
@@ -64,8 +69,8 @@ from jaxarith.models.transformer import (
 )
 
 __all__ = [
-    "Arch", "DType", "GPT2Config", "LlamaConfig", "MixtralConfig", "ModelConfig", "RopeScaling",
-    "RopeType",
+    "Arch", "DType", "GPT2Config", "LlamaConfig", "MixtralConfig", "ModelConfig", "Qwen2Config",
+    "Qwen3Config", "Qwen3MoeConfig", "RopeScaling", "RopeType",
     "check_config_keys", "config_from_hf", "load_config", "save_config", "BlockContext",
     "Family", "Inputs", "ParamSpec", "Rule", "FAMILIES", "family", "family_for_model_type",
     "register",

@@ -40,6 +40,9 @@ class Arch(enum.StrEnum):
     LLAMA = "llama"
     GPT2 = "gpt2"
     MIXTRAL = "mixtral"
+    QWEN2 = "qwen2"
+    QWEN3 = "qwen3"
+    QWEN3_MOE = "qwen3_moe"
 
 
 class DType(enum.StrEnum):

@@ -7,6 +7,7 @@ Blocks are stacked on a leading ``layers`` axis (L). Canonical tree::
     layers/attn/q      [L, D, N, H]  (layers, embed, heads, head_dim)   + q_bias [L, N, H]
     layers/attn/k, v   [L, D, K, H]  (layers, embed, kv_heads, head_dim) + k_bias, v_bias
     layers/attn/o      [L, N, H, D]  (layers, heads, head_dim, embed)   + o_bias [L, D]
+    (the biases of ``cfg.biased_projections``: all four with ``attention_bias``)
     layers/mlp_norm/scale  [L, D]
     layers/mlp/gate, up [L, D, F]    (layers, embed, mlp)  + gate_bias, up_bias [L, F]
     layers/mlp/down    [L, F, D]     (layers, mlp, embed)  + down_bias [L, D]
@@ -111,7 +112,8 @@ class LlamaConfig:
         theta, scaling = RopeScaling.from_hf(d)
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise ConfigError(f"hidden_act={act!r} is not supported for llama (expected 'silu')")
+            raise ConfigError(f"hidden_act={act!r} is not supported for {cls.arch} "
+                              f"(expected 'silu')")
         eos = d.get("eos_token_id")
         return cls(
             vocab_size=require(d, "vocab_size"),
@@ -170,6 +172,12 @@ class LlamaConfig:
     def context_length(self) -> int:
         return self.max_position_embeddings
 
+    @property
+    def biased_projections(self) -> tuple[str, ...]:
+        """The attention projections that carry a bias: q, k, v and o with ``attention_bias``,
+        else none (a family may choose its own set, e.g. Qwen2's q, k and v)."""
+        return ("q", "k", "v", "o") if self.attention_bias else ()
+
 
 # ----------------------------------------------------------------------------- parameters
 
@@ -184,13 +192,13 @@ def param_specs(cfg: LlamaConfig) -> dict:
         "v": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim")),
         "o": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed")),
     }
-    if cfg.attention_bias:
-        attn |= {
-            "q_bias": ParamSpec((L, N, H), ("layers", "heads", "head_dim"), "zeros"),
-            "k_bias": ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros"),
-            "v_bias": ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros"),
-            "o_bias": ParamSpec((L, D), ("layers", "norm"), "zeros"),
-        }
+    bias_specs = {
+        "q": ParamSpec((L, N, H), ("layers", "heads", "head_dim"), "zeros"),
+        "k": ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros"),
+        "v": ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros"),
+        "o": ParamSpec((L, D), ("layers", "norm"), "zeros"),
+    }
+    attn |= {f"{name}_bias": bias_specs[name] for name in cfg.biased_projections}
     mlp = {
         "gate": ParamSpec((L, D, F), ("layers", "embed", "mlp")),
         "up": ParamSpec((L, D, F), ("layers", "embed", "mlp")),
@@ -248,13 +256,17 @@ def _inv_freq(cfg: LlamaConfig):
 
 
 def self_attention(cfg: LlamaConfig, p: dict, x: jax.Array, ctx: BlockContext) -> jax.Array:
-    """The attention branch [B, T, D]: RMSNorm, q/k/v projections, RoPE, attention, output."""
+    """The attention branch [B, T, D]: RMSNorm, q/k/v projections (biases and per-head q/k
+    norms when the layer has them), RoPE, attention, output."""
     a = p["attn"]
     inv_freq = jnp.asarray(_inv_freq(cfg))
     h = rms_norm(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
     q = _bias(a, "q_bias", dense(h, a["q"]))
     k = _bias(a, "k_bias", dense(h, a["k"]))
     v = _bias(a, "v_bias", dense(h, a["v"]))
+    if "q_norm" in a:  # per-head RMSNorm of queries and keys before RoPE (Qwen3's QK-norm)
+        q = rms_norm(q, a["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, a["k_norm"], cfg.rms_norm_eps)
     q, k = rope(q, ctx.positions, inv_freq), rope(k, ctx.positions, inv_freq)
     out = ctx.attention(q, k, v, scale=cfg.head_dim**-0.5)
     return _bias(a, "o_bias", dense(out, a["o"], 2))
@@ -299,13 +311,13 @@ def hf_rules(cfg: LlamaConfig) -> list[Rule]:
         fwd, back = proj_in(n)
         rules.append(Rule(p + f"self_attn.{name}_proj.weight", (L + ("attn", name),), (n * H, D),
                           fwd, back))
-        if cfg.attention_bias:
+        if name in cfg.biased_projections:
             rules.append(Rule(p + f"self_attn.{name}_proj.bias", (L + ("attn", f"{name}_bias"),),
                               (n * H,), lambda b, n=n: (b.reshape(n, H),),
                               lambda c, n=n: c.reshape(n * H)))
     rules.append(Rule(p + "self_attn.o_proj.weight", (L + ("attn", "o"),), (D, N * H),
                       lambda w: (w.T.reshape(N, H, D),), lambda c: c.reshape(N * H, D).T))
-    if cfg.attention_bias:
+    if "o" in cfg.biased_projections:
         rules.append(copy_rule(p + "self_attn.o_proj.bias", L + ("attn", "o_bias"), (D,)))
     for name, shape in (("gate", (F, D)), ("up", (F, D)), ("down", (D, F))):
         rules.append(transpose_rule(p + f"mlp.{name}_proj.weight", L + ("mlp", name), shape))

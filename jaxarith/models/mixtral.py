@@ -22,7 +22,6 @@ import struct
 from typing import Any, ClassVar
 
 import jax
-import numpy as np
 
 from jaxarith.errors import ConfigError
 from jaxarith.models import llama, moe
@@ -30,11 +29,9 @@ from jaxarith.models.family import (
     Arch,
     BlockContext,
     Family,
-    ParamSpec,
     Rule,
     check_positive,
     require,
-    transpose_rule,
 )
 from jaxarith.models.layers import rms_norm
 
@@ -134,16 +131,10 @@ class MixtralConfig(llama.LlamaConfig):
 
 
 def param_specs(cfg: MixtralConfig) -> dict:
-    L, D, E, F = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_local_experts,
-                  cfg.intermediate_size)
     specs = llama.param_specs(cfg)
     del specs["layers"]["mlp"]
-    specs["layers"]["moe"] = {
-        "router": ParamSpec((L, D, E), ("layers", "embed", None)),
-        "gate": ParamSpec((L, E, D, F), ("layers", "experts", "embed", "mlp")),
-        "up": ParamSpec((L, E, D, F), ("layers", "experts", "embed", "mlp")),
-        "down": ParamSpec((L, E, F, D), ("layers", "experts", "mlp", "embed")),
-    }
+    specs["layers"]["moe"] = moe.expert_specs(cfg.num_hidden_layers, cfg.hidden_size,
+                                              cfg.num_local_experts, cfg.intermediate_size)
     return specs
 
 
@@ -165,25 +156,9 @@ def hf_rules(cfg: MixtralConfig) -> list[Rule]:
     D, E, F = cfg.hidden_size, cfg.num_local_experts, cfg.intermediate_size
     rules = [r for r in llama.hf_rules(cfg) if ".mlp." not in r.hf_key]
     if cfg.hf_fused_experts:
-        p = "model.layers.{i}.mlp."
-        L = ("layers", "moe")
-        swap = (0, 2, 1)
-        rules.append(transpose_rule(p + "gate.weight", L + ("router",), (E, D)))
-        rules.append(Rule(p + "experts.gate_up_proj", (L + ("gate",), L + ("up",)), (E, 2 * F, D),
-                          lambda w: (w[:, :F].transpose(swap), w[:, F:].transpose(swap)),
-                          lambda g, u: np.concatenate([g.transpose(swap), u.transpose(swap)],
-                                                      axis=1)))
-        rules.append(Rule(p + "experts.down_proj", (L + ("down",),), (E, D, F),
-                          lambda w: (w.transpose(swap),), lambda c: c.transpose(swap)))
-        return rules
-    p = "model.layers.{i}.block_sparse_moe."
-    L = ("layers", "moe")
-    rules.append(transpose_rule(p + "gate.weight", L + ("router",), (E, D)))
-    for hf, name, shape in (("w1", "gate", (F, D)), ("w3", "up", (F, D)),
-                            ("w2", "down", (D, F))):
-        rules.append(dataclasses.replace(
-            transpose_rule(p + "experts.{j}." + hf + ".weight", L + (name,), shape), experts=E))
-    return rules
+        return rules + moe.expert_rules("model.layers.{i}.mlp.", D, E, F, None)
+    return rules + moe.expert_rules("model.layers.{i}.block_sparse_moe.", D, E, F,
+                                    ("w1", "w3", "w2"))
 
 
 def _stored_keys(directory: str) -> list[str]:

@@ -1,7 +1,9 @@
-"""Mixture-of-experts routing and router losses (Mixtral's sparse MLP), as pure functions.
+"""Mixture-of-experts routing and router losses (Mixtral's and Qwen3-MoE's sparse MLP), as pure
+functions, and the experts' parameter table and HF conversion rules.
 
 Routing (``G(x) = Softmax(TopK(x W_g))`` as transformers' ``MixtralTopKRouter``): router logits in
-float32, softmax over all E experts, the top k probabilities kept and renormalised to sum to 1.
+float32, softmax over all E experts, the top k probabilities kept and renormalised to sum to 1
+(or, with ``normalize=False``, kept as they are: Qwen3-MoE's ``norm_topk_prob: false``).
 
 Dispatch is by *sorting*, not a dense loop over experts: the ``n * k`` (token, choice) pairs
 are sorted by expert, gathered into one ``[n*k, D]`` array whose rows are grouped by expert, run
@@ -23,11 +25,14 @@ number of tokens of one call (``B * T``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxarith.models.family import ParamSpec, Rule, transpose_rule
 
 
 def router_logits(h: jax.Array, router: jax.Array) -> jax.Array:
@@ -35,17 +40,22 @@ def router_logits(h: jax.Array, router: jax.Array) -> jax.Array:
     return jnp.einsum("...D,DE->...E", h.astype(jnp.float32), router.astype(jnp.float32))
 
 
-def route(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+def route(logits: jax.Array, top_k: int, normalize: bool = True) -> tuple[jax.Array, jax.Array]:
     """Top-k routing as transformers' Mixtral: softmax (float32), top k, renormalised.
 
     Args:
       logits: ``[..., E]`` router logits.
+      normalize: renormalise the k kept probabilities to sum to 1 (Mixtral; Qwen3-MoE's
+        ``norm_topk_prob``); False keeps them as the softmax over all E gave them.
     Returns:
-      (weights ``[..., k]`` float32 summing to 1, experts ``[..., k]`` int32, best first).
+      (weights ``[..., k]`` float32 (summing to 1 when ``normalize``), experts ``[..., k]``
+      int32, best first).
     """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     top, idx = jax.lax.top_k(probs, top_k)
-    return top / jnp.sum(top, axis=-1, keepdims=True), idx.astype(jnp.int32)
+    if normalize:
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+    return top, idx.astype(jnp.int32)
 
 
 def capacity(n: int, top_k: int, experts: int, factor: float) -> int:
@@ -87,17 +97,61 @@ def experts_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.
     return jnp.einsum("TCD,TC->TD", y, weights.astype(dt))
 
 
-def sparse_mlp(h: jax.Array, p: dict, top_k: int, *,
+def sparse_mlp(h: jax.Array, p: dict, top_k: int, *, normalize: bool = True,
                capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """Mixtral's sparse MLP on ``h`` [B, T, D] with ``p`` = ``{router, gate, up, down}`` of one
-    layer. Returns (output [B, T, D], router logits [B, T, E] float32)."""
+    layer (``normalize``: see :func:`route`). Returns (output [B, T, D], router logits
+    [B, T, E] float32)."""
     b, t, d = h.shape
     logits = router_logits(h, p["router"])
-    weights, experts = route(logits, top_k)
+    weights, experts = route(logits, top_k, normalize)
     y = experts_mlp(h.reshape(b * t, d), weights.reshape(b * t, -1),
                     experts.reshape(b * t, -1), p["gate"], p["up"], p["down"],
                     capacity_factor=capacity_factor)
     return y.reshape(b, t, d), logits
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def expert_specs(L: int, D: int, E: int, F: int) -> dict:
+    """The ``layers/moe`` parameter table: the router and E SwiGLU experts of width F, stacked on
+    the ``experts`` logical axis (sharded over the ``expert`` mesh axis)."""
+    return {
+        "router": ParamSpec((L, D, E), ("layers", "embed", None)),
+        "gate": ParamSpec((L, E, D, F), ("layers", "experts", "embed", "mlp")),
+        "up": ParamSpec((L, E, D, F), ("layers", "experts", "embed", "mlp")),
+        "down": ParamSpec((L, E, F, D), ("layers", "experts", "mlp", "embed")),
+    }
+
+
+def expert_rules(prefix: str, D: int, E: int, F: int,
+                 names: tuple[str, str, str] | None) -> list[Rule]:
+    """HF rules of one sparse MLP (``{i}`` in ``prefix`` is the layer), router ``gate.weight``.
+
+    ``names`` = (gate, up, down) module names: one ``nn.Linear`` per expert, as
+    ``save_pretrained`` writes them (``experts.{j}.<name>.weight``). None: transformers 5's
+    fused experts, ``experts.gate_up_proj`` ``[E, 2F, D]`` and ``experts.down_proj``
+    ``[E, D, F]``.
+    """
+    target = ("layers", "moe")
+    rules = [transpose_rule(prefix + "gate.weight", target + ("router",), (E, D))]
+    if names is None:
+        swap = (0, 2, 1)
+        rules.append(Rule(prefix + "experts.gate_up_proj", (target + ("gate",), target + ("up",)),
+                          (E, 2 * F, D),
+                          lambda w: (w[:, :F].transpose(swap), w[:, F:].transpose(swap)),
+                          lambda g, u: np.concatenate([g.transpose(swap), u.transpose(swap)],
+                                                      axis=1)))
+        rules.append(Rule(prefix + "experts.down_proj", (target + ("down",),), (E, D, F),
+                          lambda w: (w.transpose(swap),), lambda c: c.transpose(swap)))
+        return rules
+    for hf, name, shape in zip(names, ("gate", "up", "down"), ((F, D), (F, D), (D, F)),
+                               strict=True):
+        rules.append(dataclasses.replace(
+            transpose_rule(prefix + "experts.{j}." + hf + ".weight", target + (name,), shape),
+            experts=E))
+    return rules
 
 
 # ----------------------------------------------------------------------------- router losses

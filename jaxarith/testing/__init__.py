@@ -11,8 +11,12 @@ from jaxarith.testing.fixtures import (
     tiny_gpt2_config,
     tiny_llama_config,
     tiny_mixtral_config,
+    tiny_qwen2_config,
+    tiny_qwen3_config,
+    tiny_qwen3_moe_config,
 )
 
 __all__ = ["BOS_ID", "EOS_ID", "LLAMA3_ROPE", "PAD_ID", "TINY_VOCAB", "bundled_tokenizer",
            "count_compiles", "hf_logits", "make_hf_model", "tiny_gpt2_config", "tiny_llama_config",
-           "tiny_mixtral_config"]
+           "tiny_mixtral_config", "tiny_qwen2_config", "tiny_qwen3_config",
+           "tiny_qwen3_moe_config"]

@@ -50,6 +50,56 @@ def tiny_mixtral_config(**overrides: Any):
     return transformers.MixtralConfig(**kw)
 
 
+# The Qwen configs' vocabulary, padded past the bundled tokenizer as Qwen's own (151936 rows for
+# 151665 tokens): in a qwen2/qwen3 directory transformers loads the bundled tokenizer as a
+# Qwen2Tokenizer, which adds "<|endoftext|>" as token 1024.
+QWEN_TINY_VOCAB = TINY_VOCAB + 64
+
+
+def tiny_qwen2_config(**overrides: Any):
+    """Tiny GQA Qwen2 (q/k/v biases, no o bias), untied; ``use_sliding_window`` false as in the
+    released checkpoints."""
+    import transformers
+
+    kw: dict[str, Any] = dict(
+        vocab_size=QWEN_TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rope_theta=1000000.0, tie_word_embeddings=False, bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+    kw.update(overrides)
+    return transformers.Qwen2Config(**kw)
+
+
+def tiny_qwen3_config(**overrides: Any):
+    """Tiny GQA Qwen3 (per-head q/k RMSNorm) with an explicit head_dim != hidden / heads."""
+    import transformers
+
+    kw: dict[str, Any] = dict(
+        vocab_size=QWEN_TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=128,
+        rope_theta=1000000.0, tie_word_embeddings=False, bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+    kw.update(overrides)
+    return transformers.Qwen3Config(**kw)
+
+
+def tiny_qwen3_moe_config(**overrides: Any):
+    """Tiny GQA Qwen3-MoE: 2 layers, 4 experts of width 48, top-2, every layer sparse."""
+    import transformers
+
+    kw: dict[str, Any] = dict(
+        vocab_size=QWEN_TINY_VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=48,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        max_position_embeddings=128, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, rope_theta=1000000.0, tie_word_embeddings=False,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+    kw.update(overrides)
+    return transformers.Qwen3MoeConfig(**kw)
+
+
 def tiny_gpt2_config(**overrides: Any):
     import transformers
 
