@@ -243,16 +243,23 @@ def test_errors_name_the_fault_and_write_nothing(models, run_dir, tmp_path, caps
         soups.open_candidates([str(empty), hf[0]])
 
 
-def test_offloaded_lawa_equals_in_step_lawa_across_a_kill(run_dir, tmp_path):
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_offloaded_lawa_equals_in_step_lawa_across_a_kill(run_dir, tmp_path, where):
     """``offload: true`` (host snapshots, files beside the checkpoints) reports the same
-    ``eval_avg`` as the in-step ring buffer, also when killed and resumed in between."""
+    ``eval_avg`` as the in-step ring buffer, also when killed and resumed in between; with
+    ``out`` on a non-local filesystem (memory://, standing in for gs://) too."""
+    import fsspec
+
+    from jaxarith.io import paths
     from train import loop
     from train.config import load_train_config
 
     run, _ = run_dir
-    out = tmp_path / "offload"
+    out = str(tmp_path / "offload") if where == "local" else "memory://bucket/offload"
+    memfs = fsspec.filesystem("memory")
     cfg = load_train_config(LLAMA, [*FAST, "steps=4", f"out={out}", "checkpoint.every=1",
                               "checkpoint.keep=3", "checkpoint.async_save=false",
+                              f"checkpoint.dir={tmp_path / 'ckpt'}",  # orbax: no memory://
                               "eval.every=2", "average.kind=lawa", "average.k=2",
                               "average.every=1", "average.offload=true", "log.plot=false"])
 
@@ -260,20 +267,28 @@ def test_offloaded_lawa_equals_in_step_lawa_across_a_kill(run_dir, tmp_path):
         if step == 3:
             raise RuntimeError("killed")
 
-    with pytest.raises(RuntimeError, match="killed"):
-        loop.run(cfg, on_step=crash)
-    assert sorted(os.listdir(out / "lawa")) == ["1.p0.npz", "2.p0.npz"]
-    summary = loop.run(cfg)
-    assert summary["state"].average is None  # nothing averaged on the device
-    assert sorted(os.listdir(out / "lawa")) == ["3.p0.npz", "4.p0.npz"]
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            loop.run(cfg, on_step=crash)
+        assert paths.listdir(paths.join(out, "lawa")) == ["1.p0.npz", "2.p0.npz"]
+        summary = loop.run(cfg)
+        assert summary["state"].average is None  # nothing averaged on the device
+        assert paths.listdir(paths.join(out, "lawa")) == ["3.p0.npz", "4.p0.npz"]
+        recs = [json.loads(line) for line in
+                paths.read_text(paths.join(out, "metrics.jsonl")).splitlines()]
+    finally:
+        memfs.store.clear()
+        memfs.pseudo_dirs.clear()
+        memfs.pseudo_dirs.append("")
+    assert not os.path.exists("memory:")  # nothing written under a local directory "memory:"
 
-    def eval_avg(d):
-        with open(os.path.join(d, "metrics.jsonl")) as f:
-            recs = [json.loads(line) for line in f]
+    def eval_avg(recs):
         return {(r["step"], k): v for r in recs for k, v in r.items()
                 if k.startswith("eval_avg/")}
 
-    want, got = eval_avg(run), eval_avg(out)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        want = eval_avg([json.loads(line) for line in f])
+    got = eval_avg(recs)
     assert set(got) == set(want) and {s for s, _ in got} == {2, 4}
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=1e-5), k

@@ -89,6 +89,44 @@ def read_text(path: str) -> str:
         return f.read()
 
 
+def read_bytes(path: str) -> bytes:
+    if not is_url(path):
+        with open(path, "rb") as f:
+            return f.read()
+    fs, p = _fs(path)
+    return fs.cat_file(p)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a whole file (see :func:`write_text`): a local file appears whole (temporary file
+    renamed into place), an object store's object too."""
+    if not is_url(path):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return
+    fs, p = _fs(path)
+    fs.pipe_file(p, data)
+
+
+def remove(path: str) -> None:
+    """Remove one file or object if it exists."""
+    if not is_url(path):
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    fs, p = _fs(path)
+    if fs.exists(p):
+        fs.rm(p)
+
+
+def makedirs(path: str) -> None:
+    """A local directory (and its parents); nothing on an object store (no directories)."""
+    if not is_url(path):
+        os.makedirs(path, exist_ok=True)
+
+
 def write_text(path: str, text: str) -> None:
     """Write a whole file: locally through a temporary file renamed into place; to an object
     store as one object (objects appear whole)."""

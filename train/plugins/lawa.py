@@ -6,8 +6,9 @@ jitted step's state (the step then carries no averager) but copied to host memor
 snapshot steps (:func:`jaxarith.average.averagers.snapshot_due`, the rule of the in-step
 :class:`~jaxarith.average.averagers.LaWA`), each process keeping only the shards its devices hold.
 Each snapshot is also written once, atomically, to ``OUT/lawa/<step>.p<process>.npz`` (only the
-latest ``k`` are kept), so a resumed run finds the snapshots taken up to its checkpoint; files of
-later steps (written after the checkpoint it resumes from) are discarded and taken again.
+latest ``k`` are kept; ``OUT`` may be a URL, one object per snapshot), so a resumed run finds the
+snapshots taken up to its checkpoint; files of later steps (written after the checkpoint it resumes
+from) are discarded and taken again.
 
 The average (mean of the snapshots, float32; the current weights before the first one) is put
 back on the mesh for evaluation only, and reported as ``eval_avg/<source>/loss`` at the same
@@ -16,13 +17,14 @@ steps as ``eval/<source>/loss``. ``export.use_average`` needs the in-step LaWA.
 
 from __future__ import annotations
 
-import os
+import io
 import re
 
 import jax
 import numpy as np
 
 from jaxarith.average.averagers import LaWAConfig, snapshot_due
+from jaxarith.io import paths
 from train.extensions import Extension, Hook, RunContext
 
 SNAPSHOT_DIR = "lawa"
@@ -52,22 +54,22 @@ class HostSnapshots:
         self.directory: str | None = None
 
     def _path(self, step: int) -> str:
-        return os.path.join(self.directory, f"{step}.p{jax.process_index()}.npz")
+        return paths.join(self.directory, f"{step}.p{jax.process_index()}.npz")
 
     def _open(self, ctx: RunContext) -> None:
         """First call of the run: reload the snapshots taken up to the step it resumed from."""
-        self.directory = os.path.join(ctx.out, SNAPSHOT_DIR)
-        os.makedirs(self.directory, exist_ok=True)
+        self.directory = paths.join(ctx.out, SNAPSHOT_DIR)
+        paths.makedirs(self.directory)
         resumed = ctx.step - 1
-        for name in sorted(os.listdir(self.directory)):
+        for name in paths.listdir(self.directory):
             m = _FILE.match(name)
             if not m or int(m.group(2)) != jax.process_index():
                 continue
             step = int(m.group(1))
             if step > resumed:  # written after the checkpoint we resumed from
-                os.remove(os.path.join(self.directory, name))
+                paths.remove(paths.join(self.directory, name))
                 continue
-            with np.load(os.path.join(self.directory, name)) as f:
+            with np.load(io.BytesIO(paths.read_bytes(paths.join(self.directory, name)))) as f:
                 n = int(f["leaves"])
                 leaves = []
                 for i in range(n):
@@ -80,9 +82,7 @@ class HostSnapshots:
     def _trim(self) -> None:
         for step in sorted(self.snaps)[:-self.avg.k]:
             del self.snaps[step]
-            path = self._path(step)
-            if os.path.exists(path):
-                os.remove(path)
+            paths.remove(self._path(step))
 
     def _write(self, step: int, leaves: list[dict]) -> None:
         arrays: dict = {"leaves": np.asarray(len(leaves))}
@@ -91,9 +91,9 @@ class HostSnapshots:
             arrays[f"i{i}"] = np.asarray(keys, np.int64).reshape(len(keys), -1, 2)
             for j, k in enumerate(keys):
                 arrays[f"x{i}_{j}"] = shards[k]
-        tmp = self._path(step) + ".tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self._path(step))
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        paths.write_bytes(self._path(step), buf.getvalue())  # appears whole
 
     def snapshot(self, ctx: RunContext) -> None:
         if self.directory is None:
