@@ -59,7 +59,7 @@ def test_list_methods(capsys):
     assert main(["merge", "--list-methods", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)  # one JSON object
     methods = {m["name"]: m for m in out["methods"]}
-    assert list(methods) == [str(k) for k in MERGE_METHODS]
+    assert list(methods) == [str(k) for k in MERGE_METHODS] + ["passthrough"]  # + stacking
     assert {"linear", "ties", "dare_ties", "slerp", "breadcrumbs", "della", "model_stock",
             "nearswap", "sce", "nuslerp", "multislerp", "arcee_fusion"} <= set(methods)
     assert methods["ties"]["parameters"] == {"lambda": 1.0}
@@ -73,6 +73,8 @@ def test_list_methods(capsys):
     assert methods["model_stock"]["models"] == {"min": 2, "max": None}
     # every listed method is accepted by a merge config, with its options
     for name, m in methods.items():
+        if name == "passthrough":  # slices, not models: tests/test_passthrough.py
+            continue
         data = {"merge_method": name, "base_model": "b", "parameters": dict(m["options"]),
                 "models": [{"model": "b"}] + [
                     {"model": f"m{i}", "parameters": {"weight": 1.0}}

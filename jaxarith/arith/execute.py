@@ -18,6 +18,7 @@ from jaxarith.arith.align import align_rows, aligned_configs
 from jaxarith.arith.check import check_trees
 from jaxarith.arith.memory import run
 from jaxarith.arith.select import MergeSpec
+from jaxarith.arith.stack import run_stack
 from jaxarith.arith.stream import run_streamed
 from jaxarith.arith.validate import check_settings, check_weights
 from jaxarith.errors import ConfigError
@@ -125,3 +126,31 @@ def _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size, tokeni
         info = {}
     return {"executor": "memory", "out": os.fspath(out), "to": to,
             "seconds": time.perf_counter() - t0, **info}
+
+
+def execute_stack(sc, out: str | os.PathLike, *, to: str = "hf",
+                  max_shard_size: str | int = "5GB", overwrite: bool = False,
+                  progress: bool = True) -> dict:
+    """Stack the layer ranges of a passthrough :class:`~jaxarith.arith.mergeconfig.StackConfig`
+    into an HF checkpoint at ``out`` (a URL: staged, uploaded marker last); returns a summary."""
+    if to != "hf":
+        raise ConfigError("passthrough slices write HF safetensors (--to hf); convert the "
+                          "output with `jaxarith convert` for Orbax")
+    if paths.is_url(out):
+        with paths.staged_output(out, kind="passthrough", overwrite=overwrite) as local:
+            info = execute_stack(sc, local, max_shard_size=max_shard_size, progress=progress)
+        return {**info, "out": os.fspath(out)}
+    check_destination(out, overwrite, inputs=sc.models)
+    tok_ref = sc.tokenizer_source or sc.base_model or sc.slices[0].model
+    with tempfile.TemporaryDirectory(prefix="jaxarith_tokenizer_") as tok_dir:
+        template = None
+        if sc.chat_template is not None:
+            template = chat_templates.auto([sc.slices[0].model]) \
+                if sc.chat_template == chat_templates.AUTO else sc.chat_template
+            chat_templates.stage_tokenizer(chat_templates.ref_dir(tok_ref), template, tok_dir)
+        info = run_stack(sc.slices, out, base_model=sc.base_model, dtype=sc.out_dtype,
+                         max_shard_size=max_shard_size,
+                         tokenizer_dir=tok_dir if template else resolve_hf_dir(tok_ref),
+                         overwrite=overwrite, progress=progress)
+    return {"executor": "streamed", "out": os.fspath(out), "to": "hf", **info,
+            **({"chat_template": template} if template else {})}

@@ -27,6 +27,9 @@ Dtypes, as in mergekit: every input is rounded to ``dtype`` before the arithmeti
 is written in ``out_dtype``, falling back to ``dtype`` (neither given: each tensor keeps the first
 input's dtype). The arithmetic itself is always float32 (mergekit's TIES/DARE run in ``dtype``).
 ``int8_mask`` is accepted and ignored (it only saves memory in mergekit).
+
+``merge_method: passthrough`` with several ``slices`` stacks layer ranges (frankenmerges,
+:mod:`jaxarith.arith.stack`); it parses to a :class:`StackConfig`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 from jaxarith.arith import chat_templates
 from jaxarith.arith.methods import MERGE_METHODS, Kind, method, option_names, optional_base
 from jaxarith.arith.select import MergeSpec, Selection
+from jaxarith.arith.stack import StackSlice, parse_slices
 from jaxarith.arith.validate import check_settings
 from jaxarith.configfile import load_yaml, short
 from jaxarith.errors import ConfigError
@@ -70,7 +74,54 @@ class MergeConfig:
             if (lo, hi) != (0, num_layers):
                 raise ConfigError(f"slices: layer_range [{lo}, {hi}] of {ref} does not cover all "
                                   f"{num_layers} layers (expected [0, {num_layers}]); partial "
-                                  "slices (layer stacking) are not supported")
+                                  "slices stack layers: merge_method: passthrough")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StackConfig:
+    """A parsed ``passthrough`` config: layer ranges stacked into one model
+    (:func:`jaxarith.arith.stack.run_stack`)."""
+
+    slices: tuple[StackSlice, ...]
+    base_model: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None  # a model of the slices (default: base or first)
+    chat_template: str | None = None
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Every model the config reads (slice order, then the base)."""
+        refs = [s.model for s in self.slices] + ([self.base_model] if self.base_model else [])
+        return tuple(dict.fromkeys(refs))
+
+
+_STACK_KEYS = {"merge_method", "base_model", "slices", "dtype", "out_dtype", "tokenizer_source",
+               "name", "chat_template"}
+
+
+def _parse_passthrough(data: dict) -> StackConfig:
+    unknown = set(data) - _STACK_KEYS
+    if "models" in unknown:
+        raise ConfigError("passthrough: give 'slices' (layer ranges to stack); a passthrough of "
+                          "whole 'models' is a copy (jaxarith convert)")
+    if unknown:
+        raise ConfigError(f"passthrough: unsupported field(s) {short(sorted(map(str, unknown)))}"
+                          f" (it takes {sorted(_STACK_KEYS)})")
+    slices = parse_slices(data.get("slices"))
+    base = data.get("base_model")
+    base = str(base) if base is not None else None
+    tok = data.get("tokenizer_source")
+    refs = [s.model for s in slices] + ([base] if base else [])
+    if tok is not None and tok != "base" and tok not in refs:
+        raise ConfigError(f"tokenizer_source {short(tok)} is not one of the stacked models "
+                          "(or 'base')")
+    chat_template = data.get("chat_template")
+    if chat_template is not None:
+        chat_template = chat_templates.parse(chat_template)
+    return StackConfig(slices=slices, base_model=base,
+                       out_dtype=data.get("out_dtype") or data.get("dtype"),
+                       tokenizer_source=None if tok in (None, "base") else str(tok),
+                       chat_template=chat_template)
 
 
 def _model_ref(entry: Any, where: str) -> tuple[str, dict]:
@@ -94,8 +145,9 @@ def _inputs(cfg: dict) -> list[tuple[str, dict]]:
     if not slices:
         raise ConfigError("merge config: no 'models' (nor 'slices') to merge")
     if len(slices) != 1:
-        raise ConfigError("merge config: only one slice covering all layers is supported "
-                          f"(got {len(slices)}); layer stacking is not a merge")
+        raise ConfigError(f"merge config: {len(slices)} slices: stacking layer ranges is "
+                          "merge_method: passthrough (one source per slice); other methods take "
+                          "one slice covering all layers")
     out = []
     for i, src in enumerate(slices[0].get("sources") or []):
         ref, params = _model_ref(src, f"slices[0].sources[{i}]")
@@ -107,16 +159,20 @@ def _inputs(cfg: dict) -> list[tuple[str, dict]]:
                                   "[first, end] integers")
             if lr[0] != 0:
                 raise ConfigError(f"slices[0].sources[{i}]: layer_range {list(lr)} must start at "
-                                  "0 (all layers; partial slices are not supported)")
+                                  "0 (all layers; stacking partial ranges is merge_method: "
+                                  "passthrough)")
             params = {**params, "__layer_range": (int(lr[0]), int(lr[1]))}
         out.append((ref, params))
     return out
 
 
-def parse_merge_config(data: dict) -> MergeConfig:
-    """A :class:`MergeConfig` from the mapping of a YAML merge config (see module doc)."""
+def parse_merge_config(data: dict) -> MergeConfig | StackConfig:
+    """A :class:`MergeConfig` from the mapping of a YAML merge config (see module doc); a
+    :class:`StackConfig` for ``merge_method: passthrough``."""
     if not isinstance(data, dict):
         raise ConfigError("merge config: expected a mapping at the top level")
+    if data.get("merge_method") == "passthrough":
+        return _parse_passthrough(data)
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise ConfigError(f"merge config: unknown field(s) {short(sorted(map(str, unknown)))}")
@@ -215,7 +271,7 @@ def parse_merge_config(data: dict) -> MergeConfig:
                        layer_ranges=ranges)
 
 
-def load_merge_config(path: str | os.PathLike) -> MergeConfig:
+def load_merge_config(path: str | os.PathLike) -> MergeConfig | StackConfig:
     """Read and parse a YAML merge config file."""
     data = load_yaml(path, "merge config")
     try:

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 
-from jaxarith.arith.execute import execute
-from jaxarith.arith.mergeconfig import load_merge_config
+from jaxarith.arith import stack
+from jaxarith.arith.execute import execute, execute_stack
+from jaxarith.arith.mergeconfig import StackConfig, load_merge_config
 from jaxarith.arith.methods import MERGE_METHODS, describe
 from jaxarith.commands import _common
 from jaxarith.errors import ConfigError
@@ -49,7 +50,7 @@ def _num_layers(ref: str) -> int:
 
 
 def _list_methods(args) -> int:
-    methods = [describe(k) for k in MERGE_METHODS]
+    methods = [describe(k) for k in MERGE_METHODS] + [stack.DESCRIPTION]
     lines = []
     for d in methods:
         n = d["models"]
@@ -75,6 +76,15 @@ def handle(args) -> int:
     pipeline.recycle_memory()  # process-wide: streamed tensors reuse freed buffers
 
     mc = load_merge_config(args.config)
+    if isinstance(mc, StackConfig):  # passthrough slices: layers stacked, not merged
+        with protect_inputs([args.config, *mc.models]):
+            info = execute_stack(mc, args.out, to=args.to, max_shard_size=args.max_shard_size,
+                                 overwrite=args.overwrite,
+                                 progress=_common.progress_enabled(args))
+        info["method"] = "passthrough"
+        _common.emit(args, info, f"passthrough: {info['layers']} layers stacked from "
+                                 f"{len(mc.slices)} slices into {info['out']}")
+        return 0
     if mc.layer_ranges:  # before any work: a partial range is an error, not a full merge
         mc.check_layer_ranges(_num_layers(mc.models[0]))
     with protect_inputs([args.config, *mc.models]):
