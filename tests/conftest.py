@@ -9,6 +9,8 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# MODEL+ADAPTER references are merged into a cache directory: never the user's ~/.cache
+os.environ.setdefault("JAXARITH_CACHE", __import__("tempfile").mkdtemp(prefix="jaxarith-cache-"))
 
 import pytest  # noqa: E402
 

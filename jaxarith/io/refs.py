@@ -19,6 +19,7 @@ import os
 import jax
 
 from jaxarith.errors import JaxarithError
+from jaxarith.io.convert import lora
 from jaxarith.io.convert import orbax as orbax_io
 from jaxarith.io.convert.hf import load_hf_params, resolve_hf_dir
 from jaxarith.io.convert.orbax import ORBAX_METADATA
@@ -56,6 +57,8 @@ def ref_kind(ref: str | os.PathLike) -> RefKind:
         )
     if os.path.exists(ref):
         raise JaxarithError(f"{ref}: a model reference must be a directory or a hub id")
+    if lora.split_ref(ref) is not None:  # MODEL+ADAPTER: merged into an HF directory
+        return RefKind.HF_DIR
     if ref.startswith((".", "/", "~")) or ref.count("/") > 1:
         raise JaxarithError(f"{ref}: no such directory")
     return RefKind.HF_HUB

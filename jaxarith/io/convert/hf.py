@@ -40,10 +40,16 @@ HF_ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"
 
 def resolve_hf_dir(ref: str | os.PathLike, patterns: list[str] | None = None) -> str:
     """A local directory for an HF model reference: the directory itself, or a hub snapshot
-    (of the files matching ``patterns``; default: config, tokenizer and weights)."""
+    (of the files matching ``patterns``; default: config, tokenizer and weights). A
+    ``MODEL+ADAPTER`` reference is the model with the LoRA adapter merged (cached, see
+    :mod:`jaxarith.io.convert.lora`)."""
     ref = os.fspath(ref)
     if os.path.isdir(ref):
         return ref
+    from jaxarith.io.convert import lora  # lora imports this module
+
+    if lora.split_ref(ref) is not None:
+        return lora.materialize(ref)
     if os.path.exists(ref) or ref.startswith((".", "/")) or ref.count("/") > 1:
         raise JaxarithError(f"model reference {ref!r} is not a directory nor a hub id")
     try:
