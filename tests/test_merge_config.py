@@ -15,10 +15,14 @@ BASE = {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]}
 
 
 @pytest.mark.parametrize("extra,match", [
-    ({"tokenizer": {"source": "union"}}, r"^tokenizer: mergekit's tokenizer section"),
-    ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "a"}}}}, r"^tokenizer: "),
-    ({"tokenizer_source": "union"}, r"^tokenizer_source: union is not supported"),
-    ({"tokenizer_source": "c"}, r"^tokenizer_source 'c' is not one of the merged models"),
+    ({"tokenizer": {"source": "union", "extra": 1}}, r"^tokenizer: expected \{source, tokens"),
+    ({"tokenizer": {"tokens": {"<x>": {"source": {"kind": "nope"}}}}},
+     r"^tokenizer.tokens\['<x>'\].source: expected a model"),
+    ({"tokenizer": {"tokens": {"<x>": {"source": "c"}}}},
+     r"^tokenizer.tokens\['<x>'\].source: 'c' is not one of the merged models"),
+    ({"tokenizer": {"pad_to_multiple_of": 0}}, r"^tokenizer.pad_to_multiple_of: expected"),
+    ({"tokenizer": {}, "tokenizer_source": "base"}, r"^give either 'tokenizer' or"),
+    ({"tokenizer_source": "c"}, r"^tokenizer source: 'c' is not one of the merged models"),
     ({"tokenizer_source": 3}, r"^tokenizer_source: expected"),
     ({"chat_template": "vicuna"}, r"^chat_template 'vicuna': not 'auto', a built-in template "
                                   r"\(alpaca, chatml, exaone, llama3, mistral\)"),
@@ -40,7 +44,7 @@ def test_chat_template_forms():
         assert parse(name) == TEMPLATES[name]
     literal = "{% for m in messages %}{{ m.content }}{% endfor %}"
     assert parse(literal) == literal
-    assert parse_merge_config({**BASE, "tokenizer_source": "b"}).tokenizer_source == 1
+    assert parse_merge_config({**BASE, "tokenizer_source": "b"}).vocab.source == "b"
 
 
 def test_chat_template_without_a_tokenizer_fails_before_writing(tmp_path, capsys):

@@ -22,8 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxarith.errors import ArchitectureMismatchError, ConfigError
+from jaxarith.io.convert.keymap import expand, rules_for
 from jaxarith.io.refs import load_tokenizer
 from jaxarith.io.vocab import shared_tokenizer, tokenizer_rows
+from jaxarith.models import transformer
 
 
 def aligned_configs(cfgs: Sequence, dirs: Sequence[str], to: int) -> list:
@@ -71,3 +73,29 @@ def align_rows(x, ref):
         return xp.take(x, xp.arange(want), axis=ax)
     tail = xp.take(ref, xp.arange(n, want), axis=ax).astype(x.dtype)
     return xp.concatenate([x, tail], axis=ax)
+
+
+def same_but_vocab(cfgs: Sequence, labels: Sequence[str], size: int) -> list:
+    """The configs with ``vocab_size = size``, after checking they differ in nothing else
+    (models merged onto one new vocabulary)."""
+    out = [dataclasses.replace(c, vocab_size=size) for c in cfgs]
+    for label, c in zip(labels, out, strict=True):
+        if c != out[0]:
+            raise ArchitectureMismatchError(f"{label} differs from {labels[0]} in more than its "
+                                            "vocabulary size")
+    return out
+
+
+def vocab_keys(cfg) -> frozenset[str]:
+    """The HF names of the tensors indexed by token (embeddings, output head): those whose
+    canonical leaf has the ``vocab`` logical axis; token-major (axis 0) in the HF layout."""
+    specs = transformer.param_specs(cfg)
+
+    def axes(path):
+        node = specs
+        for p in path:
+            node = node[p]
+        return node.axes
+
+    return frozenset(k for rule in rules_for(cfg) if "vocab" in axes(rule.targets[0])
+                     for k, _ in expand(rule, cfg.num_hidden_layers))

@@ -14,6 +14,11 @@ the template and saved with ``save_pretrained`` (transformers 5 writes it to
 ``chat_template.jinja``), as mergekit re-serialises it. :data:`TEMPLATES` holds mergekit's
 built-in templates (``mergekit/_data/chat_templates/<name>.jinja``) byte for byte (a test
 compares them with the installed mergekit's files); long lines are split into adjacent literals.
+
+License: those template texts are mergekit's (Copyright Arcee AI, LGPL-3.0-only, from
+``mergekit/_data/chat_templates/``), reproduced unmodified so that merges name the same
+templates; they remain under the LGPL-3.0 (https://www.gnu.org/licenses/lgpl-3.0.html).
+The code around them is jaxarith's own.
 """
 
 from __future__ import annotations

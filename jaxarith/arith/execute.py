@@ -12,15 +12,17 @@ import time
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 
 from jaxarith.arith import chat_templates
-from jaxarith.arith.align import align_rows, aligned_configs
+from jaxarith.arith.align import align_rows, aligned_configs, same_but_vocab
 from jaxarith.arith.check import check_trees
 from jaxarith.arith.memory import run
 from jaxarith.arith.select import MergeSpec
 from jaxarith.arith.stack import run_stack
 from jaxarith.arith.stream import run_streamed
 from jaxarith.arith.validate import check_settings, check_weights
+from jaxarith.arith.vocab_merge import build_plan, permute
 from jaxarith.errors import ConfigError
 from jaxarith.io import paths
 from jaxarith.io.atomic import check_destination
@@ -28,6 +30,7 @@ from jaxarith.io.convert.export import save_hf
 from jaxarith.io.convert.hf import resolve_hf_dir
 from jaxarith.io.convert.orbax import save_orbax
 from jaxarith.io.refs import RefKind, load_model, ref_kind
+from jaxarith.models import transformer
 from jaxarith.models.config import load_config
 
 
@@ -57,6 +60,7 @@ def execute(
     overwrite: bool = False,
     progress: bool = True,
     align_to: int | None = None,
+    vocab=None,
 ) -> dict:
     """Apply ``spec`` to the models ``refs`` and write ``out``; returns a summary dict.
 
@@ -70,6 +74,9 @@ def execute(
         tokenizer as mergekit does (re-serialised by transformers); None: files copied as is.
       align_to: read every input with this input's embedding rows (tables that differ only in
         padded rows, one tokenizer: :mod:`jaxarith.arith.align`); None: shapes must be equal.
+      vocab: the output's vocabulary as mergekit builds it (a
+        :class:`~jaxarith.arith.vocab_merge.VocabSpec`: ``tokenizer_source`` / ``tokenizer:``);
+        the output gets its tokenizer (with ``chat_template`` if given).
     """
     if to not in ("hf", "orbax"):
         raise ConfigError(f"--to {to!r}: expected 'hf' or 'orbax'")
@@ -79,32 +86,43 @@ def execute(
             info = execute(spec, refs, local, to=to, dtype=dtype, mesh=mesh,
                            in_memory=in_memory, max_shard_size=max_shard_size,
                            tokenizer_from=tokenizer_from, chat_template=chat_template,
-                           progress=progress, align_to=align_to)
+                           progress=progress, align_to=align_to, vocab=vocab)
         return {**info, "out": os.fspath(out)}
     check_destination(out, overwrite, inputs=refs)  # never replace an input
-    if chat_template is None:
-        return _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size,
-                        tokenizer_from, None, overwrite, progress, align_to)
-    template = chat_templates.auto(refs) if chat_template == chat_templates.AUTO else \
-        chat_template
-    with tempfile.TemporaryDirectory(prefix="jaxarith_tokenizer_") as tok_dir:
-        # before any tensor work: a source without a tokenizer fails here
-        chat_templates.stage_tokenizer(chat_templates.ref_dir(refs[tokenizer_from]), template,
-                                       tok_dir)
+    plan = None
+    if vocab is not None:  # tokenizers only: before any tensor is read
+        dirs = [r if k is RefKind.ORBAX else resolve_hf_dir(r)
+                for r, k in zip(refs, (ref_kind(r) for r in refs), strict=True)]
+        plan = build_plan(vocab, [os.fspath(r) for r in refs], dirs,
+                          [load_config(d).vocab_size for d in dirs],
+                          0 if spec.method.has_base else None)
+    with tempfile.TemporaryDirectory(prefix="jaxarith_tokenizer_") as tmp:
+        src = plan.save_tokenizer(os.path.join(tmp, "vocab")) if plan is not None else \
+            chat_templates.ref_dir(refs[tokenizer_from]) if chat_template is not None else None
+        template = None
+        if chat_template is not None:
+            template = chat_templates.auto(refs) if chat_template == chat_templates.AUTO else \
+                chat_template
+            # before any tensor work: a source without a tokenizer fails here
+            chat_templates.stage_tokenizer(src, template, os.path.join(tmp, "templated"))
+            src = os.path.join(tmp, "templated")
         info = _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size,
-                        tokenizer_from, tok_dir, overwrite, progress, align_to)
-    return {**info, "chat_template": template}
+                        tokenizer_from, src, overwrite, progress, align_to, plan)
+    if plan is not None:
+        info["vocab_size"] = plan.size
+    return {**info, "chat_template": template} if template is not None else info
 
 
 def _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size, tokenizer_from,
-             tokenizer_dir, overwrite, progress, align_to=None) -> dict:
+             tokenizer_dir, overwrite, progress, align_to=None, plan=None) -> dict:
     kinds = [ref_kind(r) for r in refs]
     _check_params(spec, refs, kinds)
     t0 = time.perf_counter()
     if to == "hf" and not in_memory and RefKind.ORBAX not in kinds:
         info = run_streamed(spec, refs, out, dtype=dtype, max_shard_size=max_shard_size,
                             tokenizer_from=tokenizer_from, tokenizer_dir=tokenizer_dir,
-                            overwrite=overwrite, progress=progress, align_to=align_to)
+                            overwrite=overwrite, progress=progress, align_to=align_to,
+                            vocab=plan)
         return {"executor": "streamed", "out": os.fspath(out), "to": to, **info}
     models = [load_model(r, mesh=mesh, progress=progress) for r in refs]
     trees = [m.params for m in models]
@@ -113,6 +131,10 @@ def _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size, tokeni
         cfg = aligned_configs([m.config for m in models], [m.directory for m in models],
                               align_to)[0]
         trees = [jax.tree.map(align_rows, t, trees[align_to]) for t in trees]
+    if plan is not None:  # every vocabulary leaf permuted onto the merged vocabulary
+        cfg = same_but_vocab([m.config for m in models], [os.fspath(r) for r in refs],
+                             plan.size)[0]
+        trees = _permuted_trees(plan, cfg, trees)
     check_trees(trees, [os.fspath(r) for r in refs])
     tok_dir = tokenizer_dir or models[tokenizer_from].directory
     del models
@@ -154,3 +176,24 @@ def execute_stack(sc, out: str | os.PathLike, *, to: str = "hf",
                          overwrite=overwrite, progress=progress)
     return {"executor": "streamed", "out": os.fspath(out), "to": "hf", **info,
             **({"chat_template": template} if template else {})}
+
+
+def _permuted_trees(plan, cfg, trees):
+    """The canonical trees with every leaf on the ``vocab`` logical axis permuted onto the
+    merged vocabulary (on the host; placed like the first model's leaf)."""
+    axes = transformer.param_axes(cfg)
+    flat = [jax.tree_util.tree_flatten_with_path(t)[0] for t in trees]
+    treedef = jax.tree.structure(trees[0])
+    ax_leaves = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+    out = [[] for _ in trees]
+    for j, ax in enumerate(ax_leaves):
+        leaves = [f[j][1] for f in flat]
+        if "vocab" in ax:
+            new = permute(plan, [np.asarray(x) for x in leaves], axis=ax.index("vocab"))
+            sharding = getattr(leaves[0], "sharding", None)
+            new = [jax.device_put(x, sharding) if sharding is not None else x for x in new]
+        else:
+            new = leaves
+        for i, x in enumerate(new):
+            out[i].append(x)
+    return [jax.tree.unflatten(treedef, o) for o in out]

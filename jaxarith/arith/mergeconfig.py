@@ -19,9 +19,10 @@ SLERP is usually written with ``slices`` (one slice whose sources cover all laye
 ``exclude`` (lists of tensor patterns), ``seed`` (DARE), ``consensus`` (``sum`` / ``count``).
 
 ``chat_template`` (``auto``, a built-in name or a Jinja template) is set on the output's tokenizer
-as mergekit does (``chat_templates.py``); ``tokenizer_source`` names the model whose tokenizer
-the output gets. mergekit's ``tokenizer:`` section and ``tokenizer_source: union`` build new
-vocabularies, which jaxarith does not: they are refused with a ConfigError.
+as mergekit does (``chat_templates.py``). ``tokenizer_source: base | union | <model>`` and the
+``tokenizer:`` section (``source``, ``tokens``, ``pad_to_multiple_of``) build the output's
+vocabulary as mergekit does (``vocab_merge.py``): every model's embedding and output rows are
+permuted onto it before the merge.
 
 Dtypes, as in mergekit: every input is rounded to ``dtype`` before the arithmetic and the result
 is written in ``out_dtype``, falling back to ``dtype`` (neither given: each tensor keeps the first
@@ -43,6 +44,7 @@ from jaxarith.arith.methods import MERGE_METHODS, Kind, method, option_names, op
 from jaxarith.arith.select import MergeSpec, Selection
 from jaxarith.arith.stack import StackSlice, parse_slices
 from jaxarith.arith.validate import check_settings
+from jaxarith.arith.vocab_merge import VocabSpec, parse_vocab
 from jaxarith.configfile import load_yaml, short
 from jaxarith.errors import ConfigError
 
@@ -63,6 +65,7 @@ class MergeConfig:
     tokenizer_source: int = 0  # index into models
     chat_template: str | None = None  # the template text, or "auto" (chat_templates.parse)
     layer_ranges: tuple[tuple[str, tuple[int, int]], ...] = ()  # (model, range) from `slices`
+    vocab: VocabSpec | None = None  # tokenizer_source / tokenizer: (vocab_merge.py)
 
     def check_layer_ranges(self, num_layers: int) -> None:
         """Raise unless every ``layer_range`` covers all ``num_layers`` layers of the models.
@@ -244,31 +247,22 @@ def parse_merge_config(data: dict) -> MergeConfig | StackConfig:
                                          exclude=tuple(data.get("exclude") or ())),
                      seed=seed)
     spec.check_inputs(len(refs))
-    if data.get("tokenizer") is not None:
-        raise ConfigError("tokenizer: mergekit's tokenizer section (source: union/base/model, "
-                          "tokens: overrides) is not supported: jaxarith merges models that "
-                          "share one vocabulary; remove it (the tokenizer is the base model's, or "
-                          "tokenizer_source's)")
     chat_template = data.get("chat_template")
     if chat_template is not None:
         chat_template = chat_templates.parse(chat_template)
     check_settings(spec, labels=list(refs[len(refs) - len(model_params):]))
-    tok = data.get("tokenizer_source")
-    tok_index = 0
-    if isinstance(tok, str) and tok not in ("base", "union"):
-        if tok not in refs:
-            raise ConfigError(f"tokenizer_source {tok!r} is not one of the merged models")
-        tok_index = refs.index(tok)
-    elif tok == "union":
-        raise ConfigError("tokenizer_source: union is not supported (models must share a "
-                          "vocabulary)")
-    elif tok is not None and not isinstance(tok, str):
-        raise ConfigError(f"tokenizer_source: expected 'base' or one of the merged models, got "
-                          f"{tok!r}")
+    vocab = parse_vocab(data)
+    for where, ref in ([("tokenizer source", vocab.source)] if vocab else []) + [
+            (f"tokenizer.tokens[{t!r}].source", c["source"] if isinstance(c.get("source"), str)
+             else c["source"].get("model")) for t, c in (vocab.tokens if vocab else ())
+            if isinstance(c.get("source"), str | dict)]:
+        if ref is not None and ref not in ("base", "union") and ref not in refs:
+            raise ConfigError(f"{where}: {ref!r} is not one of the merged models")
+    if vocab is not None and vocab.source == "base" and base is None and not m.has_base:
+        pass  # mergekit: the first model stands in for the base
     out_dtype = data.get("out_dtype") or dtype
     return MergeConfig(spec=spec, models=tuple(refs), out_dtype=out_dtype,
-                       tokenizer_source=tok_index, chat_template=chat_template,
-                       layer_ranges=ranges)
+                       chat_template=chat_template, layer_ranges=ranges, vocab=vocab)
 
 
 def load_merge_config(path: str | os.PathLike) -> MergeConfig | StackConfig:

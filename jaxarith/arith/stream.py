@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import os
+import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,12 +36,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxarith.arith import ops
-from jaxarith.arith.align import align_rows, aligned_configs
+from jaxarith.arith.align import align_rows, aligned_configs, same_but_vocab, vocab_keys
 from jaxarith.arith.check import check_shapes
 from jaxarith.arith.kernel import NO_LAYER, tensor_step
 from jaxarith.arith.layout import rule_layout
 from jaxarith.arith.methods import Kind
 from jaxarith.arith.select import MergeSpec, expert_seed, path_seed
+from jaxarith.arith.vocab_merge import VocabPlan, build_plan, permute
 from jaxarith.errors import ArchitectureMismatchError, ConfigError
 from jaxarith.io.convert.export import write_hf
 from jaxarith.io.convert.fastcopy import aligned_empty, contiguous
@@ -62,11 +66,34 @@ def _layer_step(method, xs, p, seed, layer, selected, out_dtype, layout):
     return out[0]
 
 
-def open_checkpoints(refs: Sequence[str], align_to: int | None = None):
-    """(configs, checkpoints, {expected HF key: stored key} per model), architecture-checked.
+@dataclasses.dataclass
+class Inputs:
+    """The opened inputs of a streamed run.
+
+    Attributes:
+      cfgs: each input's config as it is read (after --align-vocab or a merged vocabulary, all
+        with the output's ``vocab_size``).
+      ckpts, names: the checkpoints and {expected HF key: stored key} per input.
+      rows: ``rows(key, arrays) -> arrays``: the inputs' tensors of ``key`` put on the output's
+        vocabulary rows (None: read as stored).
+      plan: the merged vocabulary (:mod:`jaxarith.arith.vocab_merge`), if any.
+    """
+
+    cfgs: list
+    ckpts: list
+    names: list
+    rows: Callable | None = None
+    plan: Any = None
+
+
+def open_inputs(refs: Sequence[str], align_to: int | None = None, vocab=None,
+                base: int | None = None) -> Inputs:
+    """The inputs of a streamed run, architecture-checked before anything is read.
 
     ``align_to``: tables that differ only in padded rows are read with ``refs[align_to]``'s
-    rows (:mod:`jaxarith.arith.align`); the configs returned then have its ``vocab_size``.
+    rows (:mod:`jaxarith.arith.align`). ``vocab``: a :class:`~jaxarith.arith.vocab_merge.
+    VocabSpec`: every input's vocabulary tensors are permuted to the merged vocabulary
+    (``base`` indexes the base model).
     """
     for r in refs:
         if ref_kind(r) is RefKind.ORBAX:
@@ -79,13 +106,31 @@ def open_checkpoints(refs: Sequence[str], align_to: int | None = None):
         raise ArchitectureMismatchError(
             "models differ in architecture: " + ", ".join(f"{r}: {c.arch}"
                                                           for r, c in zip(refs, cfgs, strict=True)))
-    read_as = cfgs if align_to is None else aligned_configs(cfgs, dirs, align_to)
+    rows, plan = None, None
+    if vocab is not None:
+        plan = vocab if isinstance(vocab, VocabPlan) else build_plan(
+            vocab, [os.fspath(r) for r in refs], dirs, [c.vocab_size for c in cfgs], base)
+        read_as = same_but_vocab(cfgs, [os.fspath(r) for r in refs], plan.size)
+        keys = vocab_keys(read_as[0])
+        rows = lambda key, arrays: permute(plan, arrays) if key in keys else arrays  # noqa: E731
+    elif align_to is not None:
+        read_as = aligned_configs(cfgs, dirs, align_to)
+        rows = lambda key, arrays: [align_rows(a, arrays[align_to])  # noqa: E731
+                                    for a in arrays]
+    else:
+        read_as = cfgs
     shapes = [{key: rule.hf_shape for rule in rules_for(c)
                for key, _ in expand(rule, c.num_hidden_layers)} for c in read_as]
     check_shapes(shapes, [os.fspath(r) for r in refs])
     ckpts = [HFCheckpoint(d) for d in dirs]
     names = [check_checkpoint(c, k) for c, k in zip(cfgs, ckpts, strict=True)]
-    return read_as, ckpts, names
+    return Inputs(read_as, ckpts, names, rows, plan)
+
+
+def open_checkpoints(refs: Sequence[str], align_to: int | None = None):
+    """(configs, checkpoints, {expected HF key: stored key} per model) of :func:`open_inputs`."""
+    inp = open_inputs(refs, align_to)
+    return inp.cfgs, inp.ckpts, inp.names
 
 
 def run_streamed(
@@ -100,6 +145,7 @@ def run_streamed(
     overwrite: bool = False,
     progress: bool = True,
     align_to: int | None = None,
+    vocab=None,
 ) -> dict:
     """Apply ``spec`` to HF checkpoints tensor by tensor and write an HF checkpoint at ``dst``.
 
@@ -113,6 +159,9 @@ def run_streamed(
         a chat template).
       align_to: read every input with this input's embedding rows (tables that differ only in
         padded rows, one tokenizer; :mod:`jaxarith.arith.align`). None: shapes must be equal.
+      vocab: a merged vocabulary (:class:`~jaxarith.arith.vocab_merge.VocabSpec`, mergekit's
+        ``tokenizer_source`` / ``tokenizer:``): inputs permuted to it, its tokenizer written
+        (unless ``tokenizer_dir`` is given).
     Returns:
       {"tensors", "files", "bytes_read", "bytes_written", "seconds"}.
     Raises:
@@ -120,39 +169,40 @@ def run_streamed(
     """
     t0 = time.perf_counter()
     spec.check_inputs(len(refs))
-    cfgs, ckpts, names = open_checkpoints(refs, align_to)
+    inp = open_inputs(refs, align_to, vocab, 0 if spec.method.has_base else None)
+    cfgs, ckpts, names = inp.cfgs, inp.ckpts, inp.names
     cfg = cfgs[0]
     L = cfg.num_hidden_layers
     items = [(rule, key, layer) for rule in rules_for(cfg)
              for key, layer in expand(rule, L)]
     out_dtype = np.dtype(dtype) if dtype is not None else None
+    shapes = {key: rule.hf_shape for rule, key, _ in items}  # the output's (vocab rows too)
     specs = []
     for _, key, _ in items:
         dt = out_dtype or (np.dtype(np.float32) if spec.method.keeps_float32
                            else ckpts[0].dtype(names[0][key]))
-        rows = 0 if align_to is None else align_to  # whose table shapes the output
-        specs.append((key, ckpts[rows].shape(names[rows][key]), dt))
+        specs.append((key, shapes[key], dt))
     stats = {"bytes_read": 0}
     bar = tqdm(total=len(items), desc=str(spec.method.kind), unit="tensor",
                disable=not progress, leave=False)
-    results = _results(spec, items, specs, ckpts, names, L, stats, bar, align_to)
-    tok_dir = tokenizer_dir or (ckpts[tokenizer_from].directory if tokenizer_from is not None
-                                else None)
-    info = write_hf(cfg, dst, specs, results, max_shard_size=max_shard_size,
-                    tokenizer_dir=tok_dir, overwrite=overwrite, progress=False,
-                    host_only=True)  # files in, files out: other processes read nothing
+    results = _results(spec, items, specs, ckpts, names, L, stats, bar, inp.rows)
+    with tempfile.TemporaryDirectory(prefix="jaxarith_vocab_") as tmp:
+        tok_dir = tokenizer_dir or (inp.plan.save_tokenizer(tmp) if inp.plan is not None else
+                                    ckpts[tokenizer_from].directory if tokenizer_from is not None
+                                    else None)
+        info = write_hf(cfg, dst, specs, results, max_shard_size=max_shard_size,
+                        tokenizer_dir=tok_dir, overwrite=overwrite, progress=False,
+                        host_only=True)  # files in, files out: other processes read nothing
     bar.close()
     return {"tensors": len(items), "files": info["files"], "bytes_read": stats["bytes_read"],
             "bytes_written": info["bytes_written"], "seconds": time.perf_counter() - t0}
 
 
-def _read(ckpts, names, key, align_to: int | None = None) -> list[np.ndarray]:
-    """The tensor ``key`` of every input as read-only memory-mapped views (no copy); with
-    ``align_to``, a table of other rows is cut or extended to that input's (a copy)."""
+def _read(ckpts, names, key, rows=None) -> list[np.ndarray]:
+    """The tensor ``key`` of every input as read-only memory-mapped views (no copy); ``rows``
+    (:class:`Inputs`) puts vocabulary tensors on the output's rows (a copy)."""
     arrays = [ckpt.view(nm[key]) for ckpt, nm in zip(ckpts, names, strict=True)]
-    if align_to is not None:
-        arrays = [align_rows(a, arrays[align_to]) for a in arrays]
-    return arrays
+    return arrays if rows is None else rows(key, arrays)
 
 
 # Tensors computed ahead of the one being written (each on a worker thread: file reads, XLA and
@@ -202,10 +252,10 @@ def _thresholds(method, xs, ks) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _compute(spec, rule, key, layer, ckpts, names, L, dtype, layouts,
-             align_to=None) -> tuple[np.ndarray, int]:
+             rows=None) -> tuple[np.ndarray, int]:
     """(the output HF tensor, contiguous, in ``dtype``; bytes read) of one HF tensor."""
     n = len(ckpts)
-    arrays = _read(ckpts, names, key, align_to)
+    arrays = _read(ckpts, names, key, rows)
     nread = sum(a.nbytes for a in arrays)
     direct = _direct(spec.method, rule, arrays[0])
     # per model: one array per target (the HF array itself when computed in HF layout)
@@ -255,7 +305,7 @@ def _stack(xs) -> np.ndarray:
 
 
 def _results(spec, items, specs, ckpts, names, L, stats, bar,
-             align_to=None) -> Iterator[np.ndarray]:
+             rows=None) -> Iterator[np.ndarray]:
     """The output tensors in ``items`` order, computed ``AHEAD`` tensors ahead on worker
     threads while the caller writes.
 
@@ -271,7 +321,7 @@ def _results(spec, items, specs, ckpts, names, L, stats, bar,
             while len(pending) <= AHEAD and i + len(pending) < len(items):
                 rule, key, layer = items[i + len(pending)]
                 pending.append(_submit(slots, _compute, spec, rule, key, layer, ckpts, names,
-                                       L, specs[i + len(pending)][2], layouts, align_to))
+                                       L, specs[i + len(pending)][2], layouts, rows))
             out, nread = pending.popleft().result()
             stats["bytes_read"] += nread
             bar.update()

@@ -91,6 +91,7 @@ def handle(args) -> int:
         info = execute(mc.spec, list(mc.models), args.out, to=args.to, dtype=mc.out_dtype,
                        mesh=_common.mesh_from(args), in_memory=args.in_memory,
                        max_shard_size=args.max_shard_size, tokenizer_from=mc.tokenizer_source,
+                       vocab=mc.vocab,
                        chat_template=mc.chat_template, align_to=0 if args.align_vocab else None,
                        overwrite=args.overwrite, progress=_common.progress_enabled(args))
     info["method"] = str(mc.spec.method.kind)
