@@ -40,6 +40,8 @@ class Arch(enum.StrEnum):
     LLAMA = "llama"
     GPT2 = "gpt2"
     MIXTRAL = "mixtral"
+    GEMMA2 = "gemma2"
+    GEMMA3 = "gemma3_text"
 
 
 class DType(enum.StrEnum):
@@ -97,10 +99,13 @@ class ParamSpec:
 
 
 class Inputs(NamedTuple):
-    """What ``Family.embed`` reads: token ids [B, T] and their positions [B, T]."""
+    """What ``Family.embed`` reads: token ids [B, T], their positions [B, T], and the compute
+    dtype (the driver casts ``embed``'s output to it; Gemma scales its embeddings in it, as
+    transformers does)."""
 
     tokens: jax.Array
     positions: jax.Array
+    dtype: Any = None
 
 
 class BlockContext(NamedTuple):
@@ -109,8 +114,10 @@ class BlockContext(NamedTuple):
     Attributes:
       positions: [B, T] int32 positions of the tokens (RoPE).
       layer: int32 scalar, the index of this block in the stack.
-      attention: ``attention(q [B,T,N,H], k [B,T,K,H], v [B,T,K,H], scale) -> [B,T,N,H]``:
-        causal, key-padding masked, with the KV cache when there is one.
+      attention: ``attention(q [B,T,N,H], k [B,T,K,H], v [B,T,K,H], *, scale,
+        softcap=None) -> [B,T,N,H]``: causal, key-padding masked, with the KV cache when there
+        is one, within this layer's sliding window (``Family.attention_windows``) if it has one;
+        ``softcap``: scaled scores soft-capped, ``softcap * tanh(s / softcap)`` (Gemma 2).
     """
 
     positions: jax.Array
@@ -203,6 +210,14 @@ class Family:
     # Optional: ``(cfg, directory) -> cfg`` adjusted to the tensor layout a checkpoint directory
     # stores when a family has two (Mixtral: per-expert or fused experts); called by load_config.
     checkpoint_layout: Callable[[Any, str], Any] | None = None
+    # ``cfg -> (window or None per layer) or None``: each layer's sliding window, a query
+    # attending only the keys ``q - k < window`` slots back (itself and window - 1 before, as
+    # transformers' sliding_window_overlay); None: global. The driver applies it in every path
+    # (XLA, kernels, the KV cache); the table is static, so kernels get static masks.
+    attention_windows: Callable[[Any], tuple[int | None, ...] | None] = lambda cfg: None
+    # ``cfg -> cap or None``: the logits ``unembed`` returns are ``cap * tanh(z / cap)`` of the
+    # head's ``z`` (Gemma 2's final_logit_softcapping); the fused loss applies the same cap.
+    logit_softcap: Callable[[Any], float | None] = lambda cfg: None
     # ``(cfg, n) -> cfg`` with n layers (layer inheritance); the default sets
     # ``num_hidden_layers`` and drops per-layer HF lists that would no longer fit.
     with_depth: Callable[[Any, int], Any] = with_num_hidden_layers
