@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from jaxarith.errors import ConfigError, UnsupportedArchitectureError
-from jaxarith.models import gpt2, llama, mixtral
+from jaxarith.models import gemma2, gemma3, gpt2, llama, mixtral
 from jaxarith.models.family import Arch, Family
 
-_MODULES = (llama, gpt2, mixtral)
+_MODULES = (llama, gpt2, mixtral, gemma2, gemma3)
 
 FAMILIES: dict[str, Family] = {}
 _BY_MODEL_TYPE: dict[str, Family] = {}
