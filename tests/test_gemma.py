@@ -105,6 +105,27 @@ def test_8_device_mesh_equals_transformers(name, models):
     assert diff < TOL, f"{name} on 8 devices: max |dlogp| = {diff:.2e}"
 
 
+def test_packed_branches_keep_their_own_window(models):
+    """A [B, T, T] mask packs a shared prefix and two branches (lm-eval scoring): the window
+    counts positions, so the second branch (slots 7-8, positions 4-5) still sees the end of the
+    prefix, as transformers does on that branch's own sequence."""
+    _, hf, cfg, params = models["gemma2"]
+    rng = np.random.RandomState(3)
+    prefix, a, b = (rng.randint(3, testing.TINY_VOCAB, n).tolist() for n in (4, 3, 2))
+    tokens = prefix + a + b
+    branch = np.asarray([0] * 4 + [1] * 3 + [2] * 2)
+    slot = np.arange(9)
+    mask = (slot[:, None] >= slot[None]) & ((branch[None] == 0) | (branch[None] == branch[:, None]))
+    positions = [0, 1, 2, 3, 4, 5, 6, 4, 5]
+    got = forward(params, cfg, jnp.asarray([tokens]), attention_mask=jnp.asarray(mask[None]),
+                  positions=jnp.asarray([positions])).logits[0]
+    # (sequence alone, its slots in the packed row, its positions there)
+    for seq, slots, pos in ((prefix + a, slice(0, 7), slice(0, 7)),
+                            (prefix + b, slice(7, 9), slice(4, 6))):
+        ref = testing.hf_logits(hf, np.asarray([seq]))[0]
+        np.testing.assert_allclose(np.asarray(got[slots]), ref[pos], atol=1e-4)
+
+
 def test_loss_fused_and_not_equals_transformers_with_the_final_softcap(models):
     """Gemma 2's training loss goes through the fused head + cross-entropy, which applies the
     final soft-cap itself: equal to transformers' loss and to the logits path, gradients too."""
@@ -268,3 +289,25 @@ def test_presets_shapes_and_shardings(name):
     out = jax.eval_shape(lambda p, t: forward(p, cfg, t).logits, shapes,
                          jax.ShapeDtypeStruct((1, 8), jnp.int32))
     assert out.shape == (1, 8, cfg.vocab_size)
+
+
+@pytest.mark.slow
+def test_plan_compiles_a_gemma2_train_step_for_a_tpu_slice(capsys):
+    """``jaxarith plan`` (the real TPU compiler, no TPU): attention resolves to splash, so the
+    layer scan holds ``lax.switch`` over two Mosaic kernels (the local LocalMask and the global
+    CausalMask, both soft-capped) inside ``shard_map``; it compiles for v5e-4."""
+    import json
+    import os
+
+    from jaxarith import cli
+    from train import plan
+
+    if plan.libtpu_version() is None:
+        pytest.skip("needs libtpu (pip install 'jaxarith[tpu]')")
+    tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "tiny_llama.yaml")
+    code = cli.main(["plan", tiny, "--topology", "v5e-4", "model.arch=gemma2",
+                     "model.config.sliding_window=32", "batch=8", "mesh=fsdp=4", "--json"])
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and res["fits"] and res["attention"] == "splash"
+    assert res["model_type"] == "gemma2"

@@ -191,7 +191,7 @@ class Gemma2Config:
             max_position_embeddings=d.get("max_position_embeddings", 8192),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
-            sliding_window=d.get("sliding_window"),
+            sliding_window=d.get("sliding_window", 4096),  # transformers' default
             layer_types=tuple(types) if types else default_layer_types(layers, pattern),
             sliding_window_pattern=pattern,
             gelu_tanh=ACTIVATIONS[act],
@@ -215,7 +215,9 @@ class Gemma2Config:
         d = dict(self.hf_extra)
         for key in ("rope_parameters", "rope_scaling", "rope_theta", "hidden_act"):
             d.pop(key, None)
-        act = "gelu_pytorch_tanh" if self.gelu_tanh else "gelu"
+        act = d.get("hidden_activation")  # kept when it names the same function
+        if ACTIVATIONS.get(act) != self.gelu_tanh:
+            act = "gelu_pytorch_tanh" if self.gelu_tanh else "gelu"
         d.update(
             model_type=self.model_type,
             vocab_size=self.vocab_size,
@@ -227,8 +229,7 @@ class Gemma2Config:
             head_dim=self.head_dim,
             max_position_embeddings=self.max_position_embeddings,
             rms_norm_eps=self.rms_norm_eps,
-            hidden_activation=d.get("hidden_activation") if ACTIVATIONS.get(
-                d.get("hidden_activation")) == self.gelu_tanh else act,
+            hidden_activation=act,
             query_pre_attn_scalar=self.query_pre_attn_scalar,
             sliding_window=self.sliding_window,
             layer_types=list(self.layer_types),

@@ -19,7 +19,7 @@ from jaxarith.models.family import ParamSpec, parse_enum
 from jaxarith.sharding import constrain
 
 __all__ = ["ParamSpec", "RopeType", "RopeScaling", "rope_inv_freq", "rope", "rms_norm",
-           "layer_norm", "KVCache", "attention_mask", "slot_distance", "windowed", "soft_cap",
+           "layer_norm", "KVCache", "attention_mask", "key_distance", "windowed", "soft_cap",
            "attend", "attend_causal", "update_cache_layer", "gathered", "dense"]
 
 
@@ -185,23 +185,23 @@ def attention_mask(q_slots: jax.Array, key_valid: jax.Array) -> jax.Array:
     return causal[None, :, :] & key_valid[:, None, :]
 
 
-def slot_distance(q_slots: jax.Array, s: int) -> jax.Array:
-    """[T, S] int32 ``q_slot - k_slot`` of queries at ``q_slots`` [T] and key slots ``0..S-1``.
+def key_distance(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    """[B, T, S] int32 ``q_position - k_position`` of queries [B, T] and keys [B, S].
 
-    A sliding window of W keeps the keys with ``distance < W`` (the query and the W - 1 slots
-    before it), as transformers' ``sliding_window_overlay`` (``kv_idx > q_idx - W``). Slots and
-    positions advance together between real tokens (padding is only at the ends of a row, and a
-    packed row's segments are contiguous), so this is also the distance in positions.
+    A sliding window of W keeps the keys with ``distance < W`` (the query and the W - 1 tokens
+    before it), as transformers' ``sliding_window_overlay`` (``kv_idx > q_idx - W``, in cache
+    positions: between the real tokens of a row, which padding never separates, the same
+    distance).
     """
-    return (q_slots[:, None] - jnp.arange(s)[None, :]).astype(jnp.int32)
+    return (q_positions[:, :, None] - k_positions[:, None, :]).astype(jnp.int32)
 
 
 def windowed(mask: jax.Array, distance: jax.Array | None, window: int | None) -> jax.Array:
     """``mask`` [B, T, S] restricted to a sliding window of ``window`` keys (None: unchanged);
-    ``distance`` [T, S] from :func:`slot_distance`."""
+    ``distance`` [B, T, S] from :func:`key_distance`."""
     if window is None:
         return mask
-    return mask & (distance < window)[None]
+    return mask & (distance < window)
 
 
 def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:

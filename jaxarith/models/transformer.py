@@ -25,7 +25,7 @@ from jaxarith.models.layers import (
     KVCache,
     attend,
     attend_causal,
-    slot_distance,
+    key_distance,
     update_cache_layer,
     windowed,
 )
@@ -234,9 +234,11 @@ def forward(
         segment (packed documents). Default: from a [B, T] ``attention_mask`` with padding
         (padding a segment of its own), else none.
 
-    Sliding windows (``Family.attention_windows``) count cache slots, as transformers counts
-    cache positions: with padding only at the ends of a row (or packed segments that are
-    contiguous), that is the distance in positions between two real tokens.
+    Sliding windows (``Family.attention_windows``) are distances in positions (a packed row's
+    branches each count from their prefix); with a cache, a slot's position is the number of
+    valid slots before it, as the default ``positions`` count. transformers counts cache slots:
+    between the real tokens of a row the same distance. Splash counts slots too (packed
+    documents are contiguous, each its own segment).
     """
     fam = family(cfg)
     check_token_ids(tokens, cfg.vocab_size)
@@ -261,7 +263,11 @@ def forward(
         key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
     attn_mask = attention_mask.astype(bool) if full else make_attention_mask(q_slots, key_valid)
     windows = fam.attention_windows(cfg)
-    distance = None if windows is None else slot_distance(q_slots, attn_mask.shape[-1])
+    distance = None
+    if windows is not None:  # keys' positions: the queries', or counted over the valid slots
+        k_positions = positions if cache is None else \
+            jnp.cumsum(key_valid.astype(jnp.int32), axis=-1) - 1
+        distance = key_distance(positions, k_positions)
     if cache is None and not full and attention != "xla":
         if segment_ids is None and attention_mask is not None:
             segment_ids = mask.astype(jnp.int32)
