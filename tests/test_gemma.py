@@ -160,6 +160,53 @@ def test_greedy_generation_past_the_window_equals_transformers(name, models):
     np.testing.assert_array_equal(ours.tokens, ref[:, tokens.shape[1]:].numpy())
 
 
+def test_sharded_generation_equals_one_device(models):
+    directory, _, cfg, params = models["gemma2"]
+    dec = DecodeSpec(members=(Member(cfg),), max_new_tokens=8)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [20, 21, 22], [40]]
+    ref = generate(dec, [params], prompts)
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    _, sharded = load_hf_params(directory, mesh=mesh, progress=False)
+    got = generate(dec, [sharded], prompts, mesh=mesh)
+    np.testing.assert_array_equal(got.tokens, ref.tokens)
+    np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_inherited_first_layers_equal_transformers_truncated(models):
+    """Layer inheritance keeps each kept layer's type: ``first:2`` of Gemma 2 (local, global)
+    equals transformers' model cut to its first two layers."""
+    import copy
+
+    from jaxarith.arith.inherit import inherit
+
+    _, hf, cfg, params = models["gemma2"]
+    new_cfg, new_params = inherit(params, cfg, "first:2")
+    assert new_cfg.layer_types == ("sliding_attention", "full_attention")
+    cut = copy.deepcopy(hf)
+    cut.model.layers = cut.model.layers[:2]
+    cut.config.num_hidden_layers, cut.config.layer_types = 2, cut.config.layer_types[:2]
+    tokens, mask = _batch()
+    logits = forward(new_params, new_cfg, jnp.asarray(tokens),
+                     attention_mask=jnp.asarray(mask)).logits
+    diff = _max_dlogp(logits, testing.hf_logits(cut, tokens, mask), mask)
+    assert diff < TOL, f"max |dlogp| = {diff:.2e}"
+
+
+def test_embeddings_are_scaled_in_the_compute_dtype(models):
+    """transformers rounds sqrt(hidden_size) to the weights' dtype before the product (in
+    bfloat16 sqrt(3072) = 55.4256 becomes 55.5); the compute dtype plays that role here."""
+    from jaxarith.models import Inputs
+
+    _, _, cfg, params = models["gemma2"]
+    cfg = dataclasses.replace(cfg, hidden_size=3072)  # only the scale is read
+    tokens = jnp.asarray([[3, 4]])
+    x = family(cfg).embed(cfg, params, Inputs(tokens, tokens, jnp.dtype(jnp.bfloat16)))
+    assert x.dtype == jnp.bfloat16
+    want = params["embed"][tokens].astype(jnp.bfloat16) * jnp.bfloat16(55.5)
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(want, np.float32))
+    assert float(jnp.asarray(3072 ** 0.5, jnp.bfloat16)) == 55.5
+
+
 def test_splash_with_alternating_windows_and_softcap_equals_transformers(tmp_path):
     """T = 128 (splash's smallest block), window 16 on the local layers: one kernel per window
     (LocalMask and CausalMask), chosen per layer inside the layer scan, with soft-capping."""
