@@ -118,6 +118,20 @@ def test_greedy_generation_past_the_window_equals_transformers(mistral):
     np.testing.assert_array_equal(ours.tokens, ref[:, tokens.shape[1]:].numpy())
 
 
+def test_blocked_attention_skips_blocks_before_the_window(tmp_path):
+    """T = 300: three query blocks of the XLA attention (128, 128, 44), each skipping the key
+    blocks before its window of 16; a left-padded row; log-probs equal transformers'."""
+    hf = testing.make_hf_model(tmp_path, testing.tiny_mistral_config(
+        sliding_window=16, max_position_embeddings=512), seed=8, with_tokenizer=False)
+    cfg, params = load_hf_params(str(tmp_path), progress=False)
+    tokens = np.random.RandomState(7).randint(3, testing.TINY_VOCAB, (2, 300))
+    mask = np.ones((2, 300), np.int64)
+    mask[1, :37] = 0
+    logits = forward(params, cfg, jnp.asarray(tokens), attention_mask=jnp.asarray(mask)).logits
+    diff = _max_dlogp(logits, testing.hf_logits(hf, tokens, mask), mask)
+    assert diff < TOL, f"max |dlogp| = {diff:.2e}"
+
+
 @pytest.mark.slow
 def test_splash_local_mask_equals_transformers(tmp_path):
     """T = 128 (splash's smallest block) with a window of 16: the kernel's LocalMask."""

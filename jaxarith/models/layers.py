@@ -245,8 +245,9 @@ def attend_causal(
 
     Queries are taken ``block`` at a time; block i only looks at keys [0, (i+1) * block), so
     scores and softmax cost about half of the dense form (2.7x faster at T=512 on CPU). With a
-    sliding ``window`` (``mask`` already windowed) the keys before ``start - window + 1`` are
-    skipped too. Same arguments as :func:`attend` with S == T and ``mask`` already causal.
+    sliding ``window`` (``mask`` already windowed, and slots as far apart as positions) the keys
+    before slot ``start - window + 1`` are skipped too. Same arguments as :func:`attend` with
+    S == T and ``mask`` already causal.
     """
     t = q.shape[1]
     if t <= block:

@@ -274,8 +274,10 @@ def forward(
         attn_fn = kernels.attention_fn(attention, segment_ids)
     elif cache is None:  # keys are the queries' own positions: skip blocks above the diagonal
         def attn_fn(q, k, v, *, scale, softcap=None, window=None):
+            # and the key blocks before the window, unless a packed row's branches make the
+            # distance in positions shorter than in slots
             return attend_causal(q, k, v, windowed(attn_mask, distance, window), scale,
-                                 softcap, window)
+                                 softcap, None if full else window)
     else:
         def attn_fn(q, k, v, *, scale, softcap=None, window=None):
             return attend(q, k, v, windowed(attn_mask, distance, window), scale, softcap)
