@@ -27,6 +27,7 @@ from jaxarith.models import (
     next_token_loss,
     num_params,
     param_shardings,
+    token_logprobs,
 )
 from jaxarith.models.presets import PRESETS, preset
 
@@ -190,6 +191,17 @@ def test_inherited_first_layers_equal_transformers_truncated(models):
                      attention_mask=jnp.asarray(mask)).logits
     diff = _max_dlogp(logits, testing.hf_logits(cut, tokens, mask), mask)
     assert diff < TOL, f"max |dlogp| = {diff:.2e}"
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_bfloat16_compute_close_to_float32(name, models):
+    _, _, cfg, params = models[name]
+    tokens = jnp.asarray(_batch()[0])
+    lp32 = token_logprobs(forward(params, cfg, tokens).logits, tokens)
+    logits16 = forward(params, cfg, tokens, dtype=jnp.bfloat16).logits
+    assert logits16.dtype == jnp.float32
+    # bf16 has 8 bits of mantissa: a real but bounded difference (measured 0.01-0.03)
+    assert 0 < float(jnp.max(jnp.abs(token_logprobs(logits16, tokens) - lp32))) < 0.1
 
 
 def test_embeddings_are_scaled_in_the_compute_dtype(models):

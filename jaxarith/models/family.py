@@ -211,9 +211,9 @@ class Family:
     # stores when a family has two (Mixtral: per-expert or fused experts); called by load_config.
     checkpoint_layout: Callable[[Any, str], Any] | None = None
     # ``cfg -> (window or None per layer) or None``: each layer's sliding window, a query
-    # attending only the keys ``q - k < window`` slots back (itself and window - 1 before, as
-    # transformers' sliding_window_overlay); None: global. The driver applies it in every path
-    # (XLA, kernels, the KV cache); the table is static, so kernels get static masks.
+    # attending only the keys less than ``window`` positions back (itself and window - 1
+    # before, as transformers' sliding_window_overlay); None: global. The driver applies it in
+    # every path (XLA, kernels, the KV cache); the table is static: kernels get static masks.
     attention_windows: Callable[[Any], tuple[int | None, ...] | None] = lambda cfg: None
     # ``cfg -> cap or None``: the logits ``unembed`` returns are ``cap * tanh(z / cap)`` of the
     # head's ``z`` (Gemma 2's final_logit_softcapping); the fused loss applies the same cap.
