@@ -300,6 +300,18 @@ def test_configs_round_trip_and_read_both_rope_forms(models):
     assert windows[:6] == (512,) * 5 + (None,)
 
 
+@pytest.mark.parametrize("hf_class", [transformers.Gemma2Config, transformers.Gemma3TextConfig])
+def test_absent_keys_take_transformers_defaults(hf_class):
+    """A config.json with only the shapes reads as transformers fills it in (windows, caps,
+    RoPE bases, layer pattern, context length)."""
+    shapes = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 7, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 8}
+    filled = hf_class(**shapes).to_dict()
+    ours = config_from_hf({"model_type": hf_class.model_type, **shapes})
+    assert ours == config_from_hf(filled)
+
+
 @pytest.mark.parametrize("name,change,match", [
     ("google/gemma-2-2b", {"attention_bias": True}, "attention_bias"),
     ("google/gemma-2-2b", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),

@@ -18,6 +18,9 @@ What a family provides:
   attention to call (causal, padded, with or without a KV cache: the driver's choice).
 - ``hf_rules(cfg)``: the conversion table, one :class:`Rule` per HF tensor (a name map plus value
   hooks), with ``hf_buffers`` (HF tensors that hold no parameter) and ``normalize_hf_key``.
+- optional: ``attention_windows`` (each layer's sliding window, applied by the driver),
+  ``logit_softcap`` (Gemma 2's final soft-cap, for the fused loss), ``with_depth`` /
+  ``depth_sensitive`` (layer inheritance), ``routed``, ``checkpoint_layout``, ``upcycles_to``.
 """
 
 from __future__ import annotations

@@ -179,7 +179,7 @@ class Gemma2Config:
         hidden = require(d, "hidden_size")
         layers = require(d, "num_hidden_layers")
         types = d.get("layer_types")
-        eos = d.get("eos_token_id")
+        eos = d.get("eos_token_id", 1)  # transformers' Gemma token defaults: bos 2, eos 1, pad 0
         return dict(
             vocab_size=require(d, "vocab_size"),
             hidden_size=hidden,
@@ -188,7 +188,9 @@ class Gemma2Config:
             num_attention_heads=heads,
             num_key_value_heads=d.get("num_key_value_heads") or heads,
             head_dim=d.get("head_dim") or hidden // heads,
-            max_position_embeddings=d.get("max_position_embeddings", 8192),
+            max_position_embeddings=d.get(  # transformers' default differs by family
+                "max_position_embeddings", cls.__dataclass_fields__[
+                    "max_position_embeddings"].default),
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
             query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
             sliding_window=d.get("sliding_window", 4096),  # transformers' default
@@ -196,9 +198,9 @@ class Gemma2Config:
             sliding_window_pattern=pattern,
             gelu_tanh=ACTIVATIONS[act],
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-            bos_token_id=d.get("bos_token_id"),
+            bos_token_id=d.get("bos_token_id", 2),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-            pad_token_id=d.get("pad_token_id"),
+            pad_token_id=d.get("pad_token_id", 0),
             model_type=d.get("model_type", cls.arch.value),
             hf_extra=d,
         )
