@@ -221,15 +221,24 @@ def test_embeddings_are_scaled_in_the_compute_dtype(models):
 
 def test_splash_with_alternating_windows_and_softcap_equals_transformers(tmp_path):
     """T = 128 (splash's smallest block), window 16 on the local layers: one kernel per window
-    (LocalMask and CausalMask), chosen per layer inside the layer scan, with soft-capping."""
+    (LocalMask and CausalMask), chosen per layer inside the layer scan, with soft-capping; on
+    one device and inside shard_map on an 8-device mesh."""
     hf = testing.make_hf_model(tmp_path, testing.tiny_gemma2_config(
         sliding_window=16, num_hidden_layers=2, max_position_embeddings=256), seed=7,
         with_tokenizer=False)
     cfg, params = load_hf_params(str(tmp_path), progress=False)
-    tokens = np.random.default_rng(0).integers(3, testing.TINY_VOCAB, (2, 128))
+    tokens = np.random.default_rng(0).integers(3, testing.TINY_VOCAB, (4, 128))
     logits = forward(params, cfg, jnp.asarray(tokens), attention="splash-interpret").logits
     diff = _max_dlogp(logits, testing.hf_logits(hf, tokens), np.ones_like(tokens))
     assert diff < TOL, f"max |dlogp| = {diff:.2e}"
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    _, sharded = load_hf_params(str(tmp_path), mesh=mesh, progress=False)
+    rows = jax.device_put(tokens, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None)))
+    with jax.set_mesh(mesh):
+        many = jax.jit(lambda p, t: forward(p, cfg, t, attention="splash-interpret").logits)(
+            sharded, rows)
+    np.testing.assert_allclose(np.asarray(many), np.asarray(logits), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
