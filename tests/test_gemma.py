@@ -241,6 +241,27 @@ def test_splash_with_alternating_windows_and_softcap_equals_transformers(tmp_pat
     np.testing.assert_allclose(np.asarray(many), np.asarray(logits), atol=1e-5)
 
 
+@pytest.mark.slow
+def test_splash_gradient_with_windows_and_softcap_equals_the_xla_path(tmp_path):
+    """Training through the kernels: the loss gradient of splash (LocalMask / CausalMask under
+    lax.switch, soft-capped) equals the XLA path's (about 7 s; in the slow run to keep this
+    file's default run near a minute)."""
+    testing.make_hf_model(tmp_path, testing.tiny_gemma2_config(
+        sliding_window=16, num_hidden_layers=2, max_position_embeddings=256), seed=7,
+        with_tokenizer=False)
+    cfg, params = load_hf_params(str(tmp_path), progress=False)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, testing.TINY_VOCAB, (2, 128)))
+
+    def loss(p, attention):
+        nll, count = next_token_loss(p, cfg, tokens, attention=attention)
+        return nll / count
+
+    grad = jax.jit(jax.grad(loss), static_argnums=1)
+    g_xla, g_splash = grad(params, "xla"), grad(params, "splash-interpret")
+    for a, b in zip(jax.tree.leaves(g_xla), jax.tree.leaves(g_splash), strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=2e-5, rtol=1e-3)
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_round_trip_hf_orbax_hf_is_bit_exact(name, models, tmp_path):
     src, hf, _, _ = models[name]
