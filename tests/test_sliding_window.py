@@ -15,7 +15,14 @@ from jaxarith import sharding, testing
 from jaxarith.decode.loop import DecodeSpec, Member, generate, left_pad
 from jaxarith.errors import ConfigError
 from jaxarith.io.convert import load_hf_params
-from jaxarith.models import config_from_hf, family, forward, init_cache, init_params
+from jaxarith.models import (
+    config_from_hf,
+    family,
+    forward,
+    init_cache,
+    init_params,
+    num_params,
+)
 from jaxarith.models.llama import LlamaConfig
 
 TOL = 1e-4
@@ -159,3 +166,21 @@ def test_mistral_config_reads_and_writes_the_window():
     assert llama.sliding_window is None and family(llama).attention_windows(llama) is None
     with pytest.raises(ConfigError, match="sliding_window=-3"):
         config_from_hf({**base, "sliding_window": -3})
+
+
+# Mistral-7B-v0.1's config.json as published: a window of 4096 on every layer
+MISTRAL_7B_V01 = {
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2,
+    "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": 32000}
+
+
+def test_mistral_7b_v01_loads_with_its_window():
+    cfg = config_from_hf(MISTRAL_7B_V01)
+    assert family(cfg).attention_windows(cfg) == (4096,) * 32
+    assert num_params(cfg) == 7_241_732_096
+    assert config_from_hf(cfg.to_hf()) == cfg
