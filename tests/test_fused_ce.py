@@ -13,11 +13,13 @@ from jaxarith.models import transformer
 from jaxarith.models.fused_ce import chunk_length, linear_cross_entropy
 
 
-def _numpy_reference(h, w, targets, weights, vocab_major):
-    """sum(weights * nll) and its gradients in float64, written out by hand."""
+def _numpy_reference(h, w, targets, weights, vocab_major, softcap=None):
+    """sum(weights * nll) and its gradients in float64, written out by hand (logits
+    ``c * tanh(z / c)`` with a ``softcap`` c)."""
     h, w = h.astype(np.float64), w.astype(np.float64)
     wm = w.T if vocab_major else w  # [D, V]
-    logits = np.einsum("btd,dv->btv", h, wm)
+    z = np.einsum("btd,dv->btv", h, wm)
+    logits = z if softcap is None else softcap * np.tanh(z / softcap)
     m = logits.max(-1, keepdims=True)
     lse = (m + np.log(np.exp(logits - m).sum(-1, keepdims=True)))[..., 0]
     picked = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
@@ -25,13 +27,15 @@ def _numpy_reference(h, w, targets, weights, vocab_major):
     g = np.exp(logits - lse[..., None])
     g[np.arange(g.shape[0])[:, None], np.arange(g.shape[1])[None, :], targets] -= 1.0
     g *= weights[..., None]
+    if softcap is not None:
+        g *= 1.0 - np.tanh(z / softcap) ** 2
     dh = np.einsum("btv,dv->btd", g, wm)
     dwm = np.einsum("btd,btv->dv", h, g)
     return loss, dh, (dwm.T if vocab_major else dwm)
 
 
-@pytest.mark.parametrize("vocab_major", [False, True])
-def test_value_and_gradients_equal_float64_formula(vocab_major):
+@pytest.mark.parametrize("vocab_major,softcap", [(False, None), (True, None), (True, 1.5)])
+def test_value_and_gradients_equal_float64_formula(vocab_major, softcap):
     rng = np.random.default_rng(0)
     b, t, d, v = 3, 8, 16, 50
     h = rng.standard_normal((b, t, d)).astype(np.float32)
@@ -39,11 +43,11 @@ def test_value_and_gradients_equal_float64_formula(vocab_major):
     targets = rng.integers(0, v, (b, t))
     weights = rng.uniform(0, 2, (b, t)).astype(np.float32)
     weights[1, :3] = 0.0  # padding
-    ref_loss, ref_dh, ref_dw = _numpy_reference(h, w, targets, weights, vocab_major)
+    ref_loss, ref_dh, ref_dw = _numpy_reference(h, w, targets, weights, vocab_major, softcap)
 
     def f(h, w):  # chunk 2: four chunks along T
         return linear_cross_entropy(h, w, jnp.asarray(targets), jnp.asarray(weights),
-                                    vocab_major=vocab_major, chunk=2)
+                                    vocab_major=vocab_major, chunk=2, softcap=softcap)
 
     loss, (dh, dw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, w)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-6)

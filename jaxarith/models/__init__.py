@@ -1,10 +1,9 @@
-"""Model families (Llama, GPT-2, Mixtral, Qwen2, Qwen3, Qwen3-MoE) over one canonical parameter
-layout.
+"""Model families (Llama/Mistral, GPT-2, Mixtral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2, Gemma 3) over
+one canonical parameter layout.
 
 Each family is one module (``llama.py``, ``gpt2.py``, ``mixtral.py``, ``qwen2.py``, ``qwen3.py``,
-``qwen3_moe.py``) registered in
-``registry.py`` through the interface of ``family.py``; ``transformer.py`` is the driver they
-share (see docs/models.md).
+``qwen3_moe.py``, ``gemma2.py``, ``gemma3.py``) registered in ``registry.py`` through the
+interface of ``family.py``; ``transformer.py`` is the driver they share (see docs/models.md).
 
 Shape letters, used the same way in every comment, docstring and einsum of jaxarith:
 
@@ -44,6 +43,8 @@ from jaxarith.models.config import (
     save_config,
 )
 from jaxarith.models.family import BlockContext, Family, Inputs, ParamSpec, Rule
+from jaxarith.models.gemma2 import Gemma2Config
+from jaxarith.models.gemma3 import Gemma3TextConfig
 from jaxarith.models.gpt2 import GPT2Config
 from jaxarith.models.layers import KVCache
 from jaxarith.models.llama import LlamaConfig
@@ -69,8 +70,9 @@ from jaxarith.models.transformer import (
 )
 
 __all__ = [
-    "Arch", "DType", "GPT2Config", "LlamaConfig", "MixtralConfig", "ModelConfig", "Qwen2Config",
-    "Qwen3Config", "Qwen3MoeConfig", "RopeScaling", "RopeType",
+    "Arch", "DType", "Gemma2Config", "Gemma3TextConfig", "GPT2Config", "LlamaConfig",
+    "MixtralConfig", "ModelConfig", "Qwen2Config", "Qwen3Config", "Qwen3MoeConfig", "RopeScaling",
+    "RopeType",
     "check_config_keys", "config_from_hf", "load_config", "save_config", "BlockContext",
     "Family", "Inputs", "ParamSpec", "Rule", "FAMILIES", "family", "family_for_model_type",
     "register",

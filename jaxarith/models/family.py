@@ -18,6 +18,9 @@ What a family provides:
   attention to call (causal, padded, with or without a KV cache: the driver's choice).
 - ``hf_rules(cfg)``: the conversion table, one :class:`Rule` per HF tensor (a name map plus value
   hooks), with ``hf_buffers`` (HF tensors that hold no parameter) and ``normalize_hf_key``.
+- optional: ``attention_windows`` (each layer's sliding window, applied by the driver),
+  ``logit_softcap`` (Gemma 2's final soft-cap, for the fused loss), ``with_depth`` /
+  ``depth_sensitive`` (layer inheritance), ``routed``, ``checkpoint_layout``, ``upcycles_to``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class Arch(enum.StrEnum):
     QWEN2 = "qwen2"
     QWEN3 = "qwen3"
     QWEN3_MOE = "qwen3_moe"
+    GEMMA2 = "gemma2"
+    GEMMA3 = "gemma3_text"
 
 
 class DType(enum.StrEnum):
@@ -100,10 +105,13 @@ class ParamSpec:
 
 
 class Inputs(NamedTuple):
-    """What ``Family.embed`` reads: token ids [B, T] and their positions [B, T]."""
+    """What ``Family.embed`` reads: token ids [B, T], their positions [B, T], and the compute
+    dtype (the driver casts ``embed``'s output to it; Gemma scales its embeddings in it, as
+    transformers does)."""
 
     tokens: jax.Array
     positions: jax.Array
+    dtype: Any = None
 
 
 class BlockContext(NamedTuple):
@@ -112,8 +120,10 @@ class BlockContext(NamedTuple):
     Attributes:
       positions: [B, T] int32 positions of the tokens (RoPE).
       layer: int32 scalar, the index of this block in the stack.
-      attention: ``attention(q [B,T,N,H], k [B,T,K,H], v [B,T,K,H], scale) -> [B,T,N,H]``:
-        causal, key-padding masked, with the KV cache when there is one.
+      attention: ``attention(q [B,T,N,H], k [B,T,K,H], v [B,T,K,H], *, scale,
+        softcap=None) -> [B,T,N,H]``: causal, key-padding masked, with the KV cache when there
+        is one, within this layer's sliding window (``Family.attention_windows``) if it has one;
+        ``softcap``: scaled scores soft-capped, ``softcap * tanh(s / softcap)`` (Gemma 2).
     """
 
     positions: jax.Array
@@ -206,6 +216,14 @@ class Family:
     # Optional: ``(cfg, directory) -> cfg`` adjusted to the tensor layout a checkpoint directory
     # stores when a family has two (Mixtral: per-expert or fused experts); called by load_config.
     checkpoint_layout: Callable[[Any, str], Any] | None = None
+    # ``cfg -> (window or None per layer) or None``: each layer's sliding window, a query
+    # attending only the keys less than ``window`` positions back (itself and window - 1
+    # before, as transformers' sliding_window_overlay); None: global. The driver applies it in
+    # every path (XLA, kernels, the KV cache); the table is static: kernels get static masks.
+    attention_windows: Callable[[Any], tuple[int | None, ...] | None] = lambda cfg: None
+    # ``cfg -> cap or None``: the logits ``unembed`` returns are ``cap * tanh(z / cap)`` of the
+    # head's ``z`` (Gemma 2's final_logit_softcapping); the fused loss applies the same cap.
+    logit_softcap: Callable[[Any], float | None] = lambda cfg: None
     # ``(cfg, n) -> cfg`` with n layers (layer inheritance); the default sets
     # ``num_hidden_layers`` and drops per-layer HF lists that would no longer fit.
     with_depth: Callable[[Any, int], Any] = with_num_hidden_layers

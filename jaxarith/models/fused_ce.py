@@ -12,6 +12,9 @@ transposed copy for the weight gradient and the recomputation a plain chunked lo
 on the CPU the vocabulary projection's backward was a third of a 100M model's training step (see
 docs/benchmarks.md).
 
+With ``softcap`` (Gemma 2's ``final_logit_softcapping``) the logits are ``c * tanh(h @ w / c)``;
+the chain rule adds the factor ``1 - tanh^2 = 1 - (capped / c)^2`` to the logits gradient.
+
 Called without differentiation (evaluation), only the chunked logits and their log-sum-exp are
 computed. Numerics follow the unfused path: logits in the compute dtype cast to float32, softmax
 in float32, the logits gradient cast back to the compute dtype before the two matmuls, as autodiff
@@ -25,7 +28,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxarith.models.layers import dense
+from jaxarith.models.layers import dense, soft_cap
 
 __all__ = ["linear_cross_entropy", "chunk_length"]
 
@@ -40,9 +43,10 @@ def chunk_length(batch: int, seq: int, vocab: int, elements: int = CHUNK_ELEMENT
     return max(c for c in range(1, min(seq, limit) + 1) if seq % c == 0)
 
 
-def _project(h: jax.Array, w: jax.Array, vocab_major: bool) -> jax.Array:
-    """Logits [B, C, V] in float32 of the hidden chunk ``h`` [B, C, D] (as ``layers.dense``)."""
-    return dense(h, w, w_transposed=vocab_major).astype(jnp.float32)
+def _project(h: jax.Array, w: jax.Array, vocab_major: bool, softcap: float | None) -> jax.Array:
+    """Logits [B, C, V] in float32 of the hidden chunk ``h`` [B, C, D] (as ``layers.dense``),
+    soft-capped when ``softcap`` is set."""
+    return soft_cap(dense(h, w, w_transposed=vocab_major).astype(jnp.float32), softcap)
 
 
 def _chunks(x: jax.Array, c: int) -> jax.Array:
@@ -56,18 +60,18 @@ def _unchunk(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 0, 1).reshape(b, n * c, *x.shape[3:])
 
 
-def _nll_chunk(h, w, tgt, wt, vocab_major):
-    logits = _project(h, w, vocab_major)
+def _nll_chunk(h, w, tgt, wt, vocab_major, softcap):
+    logits = _project(h, w, vocab_major, softcap)
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
     return jnp.sum((lse - picked) * wt), logits, lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _fused(h, w, targets, weights, vocab_major, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused(h, w, targets, weights, vocab_major, chunk, softcap):
     def body(total, xs):
         hc, tc, wc = xs
-        nll, _, _ = _nll_chunk(hc, w, tc, wc, vocab_major)
+        nll, _, _ = _nll_chunk(hc, w, tc, wc, vocab_major, softcap)
         return total + nll, None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
@@ -75,15 +79,17 @@ def _fused(h, w, targets, weights, vocab_major, chunk):
     return total
 
 
-def _fused_fwd(h, w, targets, weights, vocab_major, chunk):
+def _fused_fwd(h, w, targets, weights, vocab_major, chunk, softcap):
     wc_ = w.astype(h.dtype)
 
     def grads(hc, tc, wc):
         """One chunk's NLL, its hidden-state gradient and its share of the weight gradient."""
-        nll, logits, lse = _nll_chunk(hc, w, tc, wc, vocab_major)
+        nll, logits, lse = _nll_chunk(hc, w, tc, wc, vocab_major, softcap)
         # d nll / d logits = weight * (softmax - onehot), float32, then the compute dtype
         g = jnp.exp(logits - lse[..., None])
         g = g - jax.nn.one_hot(tc, logits.shape[-1], dtype=g.dtype)
+        if softcap is not None:  # logits = c tanh(z / c): dz = dlogits * (1 - tanh^2)
+            g = g * (1.0 - jnp.square(logits / softcap))
         g = (g * wc[..., None]).astype(h.dtype)
         b, c, d = hc.shape
         g2, h2 = g.reshape(b * c, -1), hc.reshape(b * c, d)
@@ -109,9 +115,9 @@ def _fused_fwd(h, w, targets, weights, vocab_major, chunk):
     return total, (_unchunk(dh), dw.astype(w.dtype), targets, weights)
 
 
-def _fused_bwd(vocab_major, chunk, res, ct):
+def _fused_bwd(vocab_major, chunk, softcap, res, ct):
     dh, dw, targets, weights = res
-    del vocab_major, chunk
+    del vocab_major, chunk, softcap
     # targets are integers: their cotangent is float0; the weights get none (treated as data)
     zeros_t = jnp.zeros(targets.shape, jax.dtypes.float0)
     return (ct.astype(dh.dtype) * dh, ct.astype(dw.dtype) * dw, zeros_t,
@@ -129,6 +135,7 @@ def linear_cross_entropy(
     *,
     vocab_major: bool,
     chunk: int | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """``sum(weights * -log softmax(h @ w)[targets])`` in float32, fused and chunked.
 
@@ -139,6 +146,7 @@ def linear_cross_entropy(
       targets: ``[B, T]`` int token ids to score at each position.
       weights: ``[B, T]`` float weights of each position (0 for no target). Not differentiated.
       chunk: positions per chunk along T (must divide T); default :func:`chunk_length`.
+      softcap: the logits are ``softcap * tanh(h @ w / softcap)`` (None: not capped).
     """
     b, t, _ = h.shape
     v = w.shape[0] if vocab_major else w.shape[1]
@@ -146,4 +154,4 @@ def linear_cross_entropy(
     if t % chunk:
         raise ValueError(f"chunk={chunk} does not divide the sequence length {t}")
     return _fused(h, w, targets.astype(jnp.int32), weights.astype(jnp.float32), vocab_major,
-                  chunk)
+                  chunk, None if softcap is None else float(softcap))

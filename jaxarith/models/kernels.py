@@ -3,16 +3,20 @@
 - ``xla``: :func:`jaxarith.models.layers.attend_causal`, blocked causal attention in plain XLA
   (the reference; the default on CPU).
 - ``splash``: Pallas' TPU splash attention (``jax.experimental.pallas.ops.tpu``), causal, with
-  GQA/MQA (one MQA kernel per key/value head, vmapped) and segment ids. A Mosaic kernel cannot be
-  partitioned automatically, so it runs inside ``shard_map``: batch over the data-parallel axes
-  (``data``, ``fsdp``), heads over ``tensor``. It never materialises the ``[T, T]`` scores.
-  ``interpret=True`` runs it on any backend (tests, on the CPU).
+  GQA/MQA (one MQA kernel per key/value head, vmapped), segment ids, a sliding window (its
+  ``LocalMask``, which skips the blocks outside the window) and logit soft-capping. A Mosaic
+  kernel cannot be partitioned automatically, so it runs inside ``shard_map``: batch over the
+  data-parallel axes (``data``, ``fsdp``), heads over ``tensor``. It never materialises the
+  ``[T, T]`` scores. ``interpret=True`` runs it on any backend (tests, on the CPU).
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (flash attention on an
-  NVIDIA GPU; bf16/fp16 inputs).
+  NVIDIA GPU; bf16/fp16 inputs; a sliding window as its ``local_window_size``; no soft-capping).
 - ``auto``: splash on TPU, cudnn on a GPU, xla elsewhere (:func:`resolve`, from the mesh's
   devices).
 
-Decoding with a KV cache keeps XLA attention.
+Every kernel takes ``window`` (a static int, or None) and ``softcap``: a layer's sliding window is
+chosen by the driver, which selects among one kernel per distinct window with ``lax.switch``
+when the layers differ (Gemma's alternating local and global layers), since a kernel's mask is
+static. Decoding with a KV cache keeps XLA attention.
 """
 
 from __future__ import annotations
@@ -48,8 +52,8 @@ def resolve(impl: str, mesh=None, seq_len: int | None = None) -> str:
 
 
 def attention_fn(impl: str, segment_ids=None):
-    """``fn(q, k, v, *, scale)`` of a cache-free causal forward for a resolved ``impl``
-    (``xla`` is handled by the caller, which knows the full mask)."""
+    """``fn(q, k, v, *, scale, softcap=None, window=None)`` of a cache-free causal forward for a
+    resolved ``impl`` (``xla`` is handled by the caller, which knows the full mask)."""
     if impl in ("splash", "splash-interpret"):
         return functools.partial(splash_attention, segment_ids=segment_ids,
                                  interpret=impl == "splash-interpret")
@@ -68,26 +72,32 @@ def _block(t: int) -> int:
     raise ConfigError(f"splash attention needs a sequence length divisible by 128, got {t}")
 
 
-def _splash_kernel(t: int, groups: int, interpret: bool):
+def _splash_kernel(t: int, groups: int, interpret: bool, window: int | None = None,
+                   softcap: float | None = None):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     b = _block(t)
     sizes = sk.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b,
                           block_kv_dkv=b, block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    mask = sm.MultiHeadMask([sm.CausalMask((t, t))] * groups)
+    # a window of W keys: q - (W - 1) <= k <= q, transformers' ``q - k < W``
+    one = sm.CausalMask((t, t)) if window is None else \
+        sm.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
+    mask = sm.MultiHeadMask([one] * groups)
     # built per trace, not cached: its mask metadata are arrays of the trace that builds it
-    return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+    return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret,
+                                            attn_logits_soft_cap=softcap)
 
 
-def _splash_local(q, k, v, segment_ids, scale, *, interpret: bool):
+def _splash_local(q, k, v, segment_ids, scale, *, interpret: bool, window: int | None = None,
+                  softcap: float | None = None):
     """Splash on one shard: q [b, T, N, H], k/v [b, T, K, H], segment_ids [b, T] or None."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     b, t, n, h = q.shape
     kv = k.shape[2]
     g = n // kv
-    kernel = _splash_kernel(t, g, interpret)
+    kernel = _splash_kernel(t, g, interpret, window, softcap)
     # [b, K, G, T, H] queries (scaled: splash does not scale), [b, K, T, H] keys and values
     qq = (q.astype(jnp.float32) * scale).astype(q.dtype).reshape(b, t, kv, g, h)
     qq = qq.transpose(0, 2, 3, 1, 4)
@@ -104,14 +114,17 @@ def _splash_local(q, k, v, segment_ids, scale, *, interpret: bool):
 
 
 def splash_attention(q, k, v, *, scale: float, segment_ids=None, mesh=None,
-                     interpret: bool = False):
+                     interpret: bool = False, softcap: float | None = None,
+                     window: int | None = None):
     """Causal attention with splash: q [B, T, N, H], k/v [B, T, K, H] -> [B, T, N, H].
 
     ``segment_ids`` [B, T] int32: a query attends only keys of its own segment (packed
     documents; padding as a segment of its own). ``mesh``: the mesh the arrays are sharded over
-    (default: the one set by ``jax.set_mesh``); None and no mesh set: one device.
+    (default: the one set by ``jax.set_mesh``); None and no mesh set: one device. ``window``: a
+    query attends only the ``window`` slots up to itself (static). ``softcap``: scaled scores
+    are soft-capped, ``softcap * tanh(s / softcap)``.
     """
-    fn = functools.partial(_splash_local, interpret=interpret)
+    fn = functools.partial(_splash_local, interpret=interpret, window=window, softcap=softcap)
     scale = jnp.asarray(scale, jnp.float32)  # may be traced (GPT-2 scales by layer)
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
@@ -128,7 +141,13 @@ def splash_attention(q, k, v, *, scale: float, segment_ids=None, mesh=None,
         q, k, v, segment_ids, scale)
 
 
-def cudnn_attention(q, k, v, *, scale: float):
-    """Causal attention through cuDNN's fused kernel (GPU)."""
+def cudnn_attention(q, k, v, *, scale: float, softcap: float | None = None,
+                    window: int | None = None):
+    """Causal attention through cuDNN's fused kernel (GPU); ``window``: keys within ``window``
+    slots of the query (static)."""
+    if softcap is not None:
+        raise ConfigError("attention=cudnn: attention-logit soft-capping (Gemma 2's "
+                          "attn_logit_softcapping) is not supported; use xla or splash")
+    local = None if window is None else (window - 1, 0)
     return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
-                                        implementation="cudnn")
+                                        local_window_size=local, implementation="cudnn")

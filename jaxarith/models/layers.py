@@ -19,8 +19,8 @@ from jaxarith.models.family import ParamSpec, parse_enum
 from jaxarith.sharding import constrain
 
 __all__ = ["ParamSpec", "RopeType", "RopeScaling", "rope_inv_freq", "rope", "rms_norm",
-           "layer_norm", "KVCache", "attention_mask", "attend", "attend_causal",
-           "update_cache_layer", "gathered", "dense"]
+           "layer_norm", "KVCache", "attention_mask", "key_distance", "windowed", "soft_cap",
+           "attend", "attend_causal", "update_cache_layer", "gathered", "dense"]
 
 
 def gathered(table: jax.Array) -> jax.Array:
@@ -185,13 +185,43 @@ def attention_mask(q_slots: jax.Array, key_valid: jax.Array) -> jax.Array:
     return causal[None, :, :] & key_valid[:, None, :]
 
 
+def key_distance(q_positions: jax.Array, k_positions: jax.Array) -> jax.Array:
+    """[B, T, S] int32 ``q_position - k_position`` of queries [B, T] and keys [B, S].
+
+    A sliding window of W keeps the keys with ``distance < W`` (the query and the W - 1 tokens
+    before it), as transformers' ``sliding_window_overlay`` (``kv_idx > q_idx - W``, in cache
+    positions: between the real tokens of a row, which padding never separates, the same
+    distance).
+    """
+    return (q_positions[:, :, None] - k_positions[:, None, :]).astype(jnp.int32)
+
+
+def windowed(mask: jax.Array, distance: jax.Array | None, window: int | None) -> jax.Array:
+    """``mask`` [B, T, S] restricted to a sliding window of ``window`` keys (None: unchanged);
+    ``distance`` [B, T, S] from :func:`key_distance`."""
+    if window is None:
+        return mask
+    return mask & (distance < window)
+
+
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)`` (Gemma 2's logit soft-capping); ``x`` unchanged when ``cap`` is
+    None."""
+    if cap is None:
+        return x
+    return jnp.tanh(x / cap) * cap
+
+
 def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | jax.Array
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | jax.Array,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Grouped-query attention; scores and softmax in float32.
 
     Args:
       q: [B, T, N, H]; k, v: [B, S, K, H]; mask: [B, T, S] bool.
+      softcap: scores (after ``scale``) soft-capped to ``(-softcap, softcap)`` before the mask
+        and the softmax, as transformers' Gemma 2 ``attn_logit_softcapping``; None: not capped.
     Returns:
       [B, T, N, H] in q's dtype.
     """
@@ -200,7 +230,7 @@ def attend(
     q = q.reshape(b, t, kv, n // kv, h)
     # [B, K, G, T, S]
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
-    scores = scores * scale
+    scores = soft_cap(scores * scale, softcap)
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
@@ -209,22 +239,25 @@ def attend(
 
 def attend_causal(
     q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float | jax.Array,
-    block: int = 128,
+    softcap: float | None = None, window: int | None = None, block: int = 128,
 ) -> jax.Array:
     """Causal self-attention without a cache, skipping the blocks above the diagonal.
 
     Queries are taken ``block`` at a time; block i only looks at keys [0, (i+1) * block), so
-    scores and softmax cost about half of the dense form (2.7x faster at T=512 on CPU). Same
-    arguments as :func:`attend` with S == T and ``mask`` already causal.
+    scores and softmax cost about half of the dense form (2.7x faster at T=512 on CPU). With a
+    sliding ``window`` (``mask`` already windowed, and slots as far apart as positions) the keys
+    before slot ``start - window + 1`` are skipped too. Same arguments as :func:`attend` with
+    S == T and ``mask`` already causal.
     """
     t = q.shape[1]
     if t <= block:
-        return attend(q, k, v, mask, scale)
+        return attend(q, k, v, mask, scale, softcap)
     outs = []
     for start in range(0, t, block):
         end = min(start + block, t)
-        outs.append(attend(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end],
-                           scale))
+        lo = 0 if window is None else max(0, start - window + 1)
+        outs.append(attend(q[:, start:end], k[:, lo:end], v[:, lo:end],
+                           mask[:, start:end, lo:end], scale, softcap))
     return jnp.concatenate(outs, axis=1)
 
 

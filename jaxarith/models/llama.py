@@ -1,5 +1,8 @@
 """Llama 1/2/3.x (and Mistral-style dense) family: config, parameter table, block, HF rules.
 
+Mistral's ``sliding_window`` (every layer attends the last W slots, transformers'
+``q - k < W``) is applied by the driver through ``Family.attention_windows``.
+
 Blocks are stacked on a leading ``layers`` axis (L). Canonical tree::
 
     embed              [V, D]        (vocab, embed)
@@ -64,6 +67,9 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # Mistral: every layer attends only the ``sliding_window`` slots up to the query (None:
+    # global). transformers' Llama ignores the key, and so does ``from_hf`` for ``llama``.
+    sliding_window: int | None = None
     model_type: str = "llama"
     hf_extra: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
@@ -90,6 +96,10 @@ class LlamaConfig:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
+        if self.sliding_window is not None and (
+                not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+            raise ConfigError(f"sliding_window={self.sliding_window!r} must be a positive "
+                              f"integer or null")
 
     @classmethod
     def check_keys(cls, d: dict[str, Any], where: str = "config") -> None:
@@ -102,13 +112,7 @@ class LlamaConfig:
         d = dict(d)
         heads = require(d, "num_attention_heads")
         hidden = require(d, "hidden_size")
-        if d.get("sliding_window") not in (None, 0) and d.get("model_type") == "mistral":
-            # Sliding-window attention only changes results past the window; refuse rather
-            # than silently differ from transformers.
-            if d["sliding_window"] < d.get("max_position_embeddings", 0):
-                raise ConfigError(
-                    f"sliding_window={d['sliding_window']} is not supported (set it to null)"
-                )
+        window = d.get("sliding_window") if d.get("model_type") == "mistral" else None
         theta, scaling = RopeScaling.from_hf(d)
         act = d.get("hidden_act", "silu")
         if act != "silu":
@@ -133,6 +137,7 @@ class LlamaConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
             pad_token_id=d.get("pad_token_id"),
+            sliding_window=window or None,  # transformers: 0 or null is no window
             model_type=d.get("model_type", "llama"),
             hf_extra=d,
         )
@@ -166,6 +171,8 @@ class LlamaConfig:
             else self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
         return d
 
     @property
@@ -291,6 +298,13 @@ def block(cfg: LlamaConfig, p: dict, x: jax.Array, ctx: BlockContext) -> jax.Arr
 # ----------------------------------------------------------------------------- HF conversion
 
 
+def attention_windows(cfg: LlamaConfig) -> tuple[int | None, ...] | None:
+    """Mistral's window on every layer (None: global attention)."""
+    if cfg.sliding_window is None:
+        return None
+    return (cfg.sliding_window,) * cfg.num_hidden_layers
+
+
 def hf_rules(cfg: LlamaConfig) -> list[Rule]:
     """HF ``LlamaForCausalLM`` tensors (``nn.Linear`` weights stored ``[out, in]``)."""
     D, N, K, H, F, V = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
@@ -332,7 +346,7 @@ def hf_rules(cfg: LlamaConfig) -> list[Rule]:
 FAMILY = Family(
     arch=Arch.LLAMA,
     config_class=LlamaConfig,
-    # Mistral's dense configs are Llama-shaped (sliding windows are refused in from_hf).
+    # Mistral's dense configs are Llama-shaped, with a sliding window.
     model_types=("llama", "mistral"),
     param_specs=param_specs,
     embed=embed,
@@ -341,5 +355,6 @@ FAMILY = Family(
     head=head,
     hf_rules=hf_rules,
     hf_buffers=("rotary_emb.inv_freq",),
+    attention_windows=attention_windows,
     upcycles_to="mixtral",
 )

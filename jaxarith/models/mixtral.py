@@ -77,6 +77,10 @@ class MixtralConfig(llama.LlamaConfig):
                 f"upcycle: the dense {dense.model_type} model has "
                 f"{'attention' if dense.attention_bias else 'MLP'} biases; Mixtral has none, so "
                 "it cannot compute the same function")
+        if dense.sliding_window is not None:
+            raise ConfigError(f"upcycle: the dense {dense.model_type} model has "
+                              f"sliding_window={dense.sliding_window}; Mixtral's attention here "
+                              "is global, so it could not compute the same function")
         if experts < 1 or not 1 <= top_k <= experts:
             raise ConfigError(f"upcycle: --top-k {top_k} must be between 1 and --experts "
                               f"{experts}")

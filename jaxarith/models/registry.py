@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 from jaxarith.errors import ConfigError, UnsupportedArchitectureError
-from jaxarith.models import gpt2, llama, mixtral, qwen2, qwen3, qwen3_moe
+from jaxarith.models import gemma2, gemma3, gpt2, llama, mixtral, qwen2, qwen3, qwen3_moe
 from jaxarith.models.family import Arch, Family
 
-_MODULES = (llama, gpt2, mixtral, qwen2, qwen3, qwen3_moe)
+_MODULES = (llama, gpt2, mixtral, qwen2, qwen3, qwen3_moe, gemma2, gemma3)
 
 FAMILIES: dict[str, Family] = {}
 _BY_MODEL_TYPE: dict[str, Family] = {}

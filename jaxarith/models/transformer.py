@@ -25,7 +25,9 @@ from jaxarith.models.layers import (
     KVCache,
     attend,
     attend_causal,
+    key_distance,
     update_cache_layer,
+    windowed,
 )
 from jaxarith.models.layers import attention_mask as make_attention_mask
 from jaxarith.models.registry import family as _family
@@ -231,6 +233,12 @@ def forward(
       segment_ids: [B, T] int32 for a kernel: a token attends only to earlier tokens of its
         segment (packed documents). Default: from a [B, T] ``attention_mask`` with padding
         (padding a segment of its own), else none.
+
+    Sliding windows (``Family.attention_windows``) are distances in positions (a packed row's
+    branches each count from their prefix); with a cache, a slot's position is the number of
+    valid slots before it, as the default ``positions`` count. transformers counts cache slots:
+    between the real tokens of a row the same distance. Splash counts slots too (packed
+    documents are contiguous, each its own segment).
     """
     fam = family(cfg)
     check_token_ids(tokens, cfg.vocab_size)
@@ -244,7 +252,7 @@ def forward(
         prev = 0 if cache is None else jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)
         positions = positions_from_mask(mask, prev)
 
-    x = fam.embed(cfg, params, Inputs(tokens, positions)).astype(dtype)
+    x = fam.embed(cfg, params, Inputs(tokens, positions, jnp.dtype(dtype))).astype(dtype)
     x = sharding.constrain(x, ("batch", "seq", "act_embed"))
 
     if cache is None:
@@ -254,25 +262,37 @@ def forward(
         q_slots = cache.index + jnp.arange(t)
         key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
     attn_mask = attention_mask.astype(bool) if full else make_attention_mask(q_slots, key_valid)
+    windows = fam.attention_windows(cfg)
+    distance = None
+    if windows is not None:  # keys' positions: the queries', or counted over the valid slots
+        k_positions = positions if cache is None else \
+            jnp.cumsum(key_valid.astype(jnp.int32), axis=-1) - 1
+        distance = key_distance(positions, k_positions)
     if cache is None and not full and attention != "xla":
         if segment_ids is None and attention_mask is not None:
             segment_ids = mask.astype(jnp.int32)
         attn_fn = kernels.attention_fn(attention, segment_ids)
     elif cache is None:  # keys are the queries' own positions: skip blocks above the diagonal
-        attn_fn = functools.partial(attend_causal, mask=attn_mask)
+        def attn_fn(q, k, v, *, scale, softcap=None, window=None):
+            # and the key blocks before the window, unless a packed row's branches make the
+            # distance in positions shorter than in slots
+            return attend_causal(q, k, v, windowed(attn_mask, distance, window), scale,
+                                 softcap, None if full else window)
     else:
-        attn_fn = functools.partial(attend, mask=attn_mask)
+        def attn_fn(q, k, v, *, scale, softcap=None, window=None):
+            return attend(q, k, v, windowed(attn_mask, distance, window), scale, softcap)
 
     def body(x, xs):
         p, layer, kv = xs
         written = []
 
-        def attention(q, k, v, *, scale):
+        def attention(q, k, v, *, scale, softcap=None):
             if kv is not None:  # write this block's keys/values into its cache slots
                 k, v = update_cache_layer(kv[0], kv[1], k, v, cache.index)
                 written.append((k, v))
                 k, v = k.astype(q.dtype), v.astype(q.dtype)
-            return attn_fn(q, k, v, scale=scale)
+            return _layer_attention(attn_fn, windows, layer, q, k, v, scale=scale,
+                                    softcap=softcap)
 
         x = fam.block(cfg, p, x, BlockContext(positions, layer, attention))
         x, aux = x if isinstance(x, tuple) else (x, None)
@@ -296,6 +316,25 @@ def forward(
     new_cache = None if cache is None else \
         KVCache(k=new_kv[0], v=new_kv[1], valid=key_valid, index=cache.index + t)
     return ForwardOutput(logits, new_cache, aux)
+
+
+def _layer_attention(attn_fn, windows: tuple[int | None, ...] | None, layer, q, k, v, *,
+                     scale, softcap):
+    """``attn_fn`` with this layer's sliding window (a static table, so that kernels get static
+    masks): the layer's own when ``layer`` is concrete (the unrolled decode loop) or every layer
+    has the same; else ``lax.switch`` over one call per distinct window, by the layer index
+    traced in the scan."""
+    call = functools.partial(attn_fn, scale=scale, softcap=softcap)
+    if windows is None:
+        return call(q, k, v)
+    distinct = sorted(set(windows), key=lambda w: -1 if w is None else w)
+    if len(distinct) == 1:
+        return call(q, k, v, window=distinct[0])
+    if not isinstance(layer, jax.core.Tracer):
+        return call(q, k, v, window=windows[int(layer)])
+    which = jnp.asarray([distinct.index(w) for w in windows], jnp.int32)[layer]
+    branches = [functools.partial(call, window=w) for w in distinct]
+    return jax.lax.switch(which, branches, q, k, v)
 
 
 def _unrolled(body, x, layers: tuple, cache: KVCache | None):
@@ -392,8 +431,9 @@ def next_token_loss(
         # position t predicts token t + 1; the last position predicts nothing (weight 0)
         targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
         weight = jnp.concatenate([weight, jnp.zeros_like(weight[:, :1])], axis=1)
-        return linear_cross_entropy(h, w, targets, weight, vocab_major=vocab_major), \
-            jnp.sum(weight)
+        nll = linear_cross_entropy(h, w, targets, weight, vocab_major=vocab_major,
+                                   softcap=fam.logit_softcap(cfg))
+        return nll, jnp.sum(weight)
     logits, _, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat,
                            attention=attention)
     return nll_from_logits(logits, tokens, mask, weights)

@@ -8,8 +8,11 @@ from jaxarith.testing.fixtures import (
     count_compiles,
     hf_logits,
     make_hf_model,
+    tiny_gemma2_config,
+    tiny_gemma3_config,
     tiny_gpt2_config,
     tiny_llama_config,
+    tiny_mistral_config,
     tiny_mixtral_config,
     tiny_qwen2_config,
     tiny_qwen3_config,
@@ -17,6 +20,7 @@ from jaxarith.testing.fixtures import (
 )
 
 __all__ = ["BOS_ID", "EOS_ID", "LLAMA3_ROPE", "PAD_ID", "TINY_VOCAB", "bundled_tokenizer",
-           "count_compiles", "hf_logits", "make_hf_model", "tiny_gpt2_config", "tiny_llama_config",
+           "count_compiles", "hf_logits", "make_hf_model", "tiny_gemma2_config",
+           "tiny_gemma3_config", "tiny_gpt2_config", "tiny_llama_config", "tiny_mistral_config",
            "tiny_mixtral_config", "tiny_qwen2_config", "tiny_qwen3_config",
            "tiny_qwen3_moe_config"]

@@ -100,6 +100,61 @@ def tiny_qwen3_moe_config(**overrides: Any):
     return transformers.Qwen3MoeConfig(**kw)
 
 
+def tiny_mistral_config(**overrides: Any):
+    """Tiny GQA Mistral with a sliding window of 4 slots (test sequences are longer)."""
+    import transformers
+
+    kw: dict[str, Any] = dict(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        sliding_window=4, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+    kw.update(overrides)
+    return transformers.MistralConfig(**kw)
+
+
+# Gemma fixtures are initialised with a std of 0.2 (transformers' default 0.02 leaves the
+# soft-caps, the window and the attention scale almost without effect on such tiny models).
+GEMMA_INIT_STD = 0.2
+
+
+def tiny_gemma2_config(**overrides: Any):
+    """Tiny GQA Gemma 2: 4 layers alternating local (window 4) and global, soft-caps small
+    enough to bite (attention 2, final 3), ``query_pre_attn_scalar`` 12 (not ``head_dim``)."""
+    import transformers
+
+    kw: dict[str, Any] = dict(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        sliding_window=4, query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0, initializer_range=GEMMA_INIT_STD, bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+    kw.update(overrides)
+    return transformers.Gemma2Config(**kw)
+
+
+def tiny_gemma3_config(**overrides: Any):
+    """Tiny multi-query Gemma 3 text model: 3 layers (local, local, global by
+    ``sliding_window_pattern`` 3), window 4, local RoPE base 100, global base 10k with linear
+    scaling (as Gemma-3-4B and larger), ``query_pre_attn_scalar`` 12."""
+    import transformers
+
+    kw: dict[str, Any] = dict(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+        sliding_window=4, sliding_window_pattern=3, query_pre_attn_scalar=12,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}},
+        initializer_range=GEMMA_INIT_STD, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    kw.update(overrides)
+    return transformers.Gemma3TextConfig(**kw)
+
+
 def tiny_gpt2_config(**overrides: Any):
     import transformers
 
