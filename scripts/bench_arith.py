@@ -11,6 +11,8 @@ and ratios to mergekit.
 
     .venv/bin/python scripts/bench_arith.py --quick            # tiny sizes, < 1 min
     .venv/bin/python scripts/bench_arith.py                    # 0.5B and 1B, with mergekit
+    .venv/bin/python scripts/bench_arith.py --methods new --methods-only --sizes 0.5B
+                                                    # mergekit's other methods, side by side
 """
 
 from __future__ import annotations
@@ -89,16 +91,48 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return time.perf_counter() - t0, int(r.stdout.strip().splitlines()[-1]) / 2**20
 
 
+# method: (has a base model, models besides the base, shared parameters, per-model parameters)
+METHODS = {
+    "task_arithmetic": (True, 2, "", "weight: 1.0"),
+    "ties": (True, 2, "", "weight: 1.0, density: 0.5"),
+    "breadcrumbs": (True, 2, "", "weight: 1.0, density: 0.9, gamma: 0.01"),
+    "breadcrumbs_ties": (True, 2, "", "weight: 1.0, density: 0.9, gamma: 0.01"),
+    "della": (True, 2, "", "weight: 1.0, density: 0.5, epsilon: 0.1"),
+    "della_linear": (True, 2, "", "weight: 1.0, density: 0.5, epsilon: 0.1"),
+    "sce": (True, 2, "", ""),
+    "model_stock": (True, 2, "", ""),
+    "nearswap": (True, 1, "t: 0.001", ""),
+    "arcee_fusion": (True, 1, "", ""),
+    "nuslerp": (False, 2, "", "weight: 0.5"),
+    "multislerp": (False, 2, "", "weight: 0.5"),
+    "karcher": (False, 2, "", ""),
+}
+# mergekit 0.1.5's methods jaxarith added in wave 3 (issue 26): `--methods new`
+NEW_METHODS = ("breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "sce", "model_stock",
+               "nearswap", "arcee_fusion", "nuslerp", "multislerp", "karcher")
+
+
 def mergekit_yaml(method: str, base: str, models: list[str]) -> str:
-    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
-    for m in models:
-        dens = ", density: 0.5" if method == "ties" else ""
-        lines.append(f"  - model: {m}\n    parameters: {{weight: 1.0{dens}}}")
+    has_base, n, shared, per = METHODS[method]
+    inputs = models[:n] if has_base else [base, *models][:n]
+    lines = [f"merge_method: {method}"] + ([f"base_model: {base}"] if has_base else [])
+    lines.append("models:")
+    for m in inputs:
+        lines.append(f"  - model: {m}" + (f"\n    parameters: {{{per}}}" if per else ""))
+    if shared:
+        lines.append(f"parameters: {{{shared}}}")
     lines.append("dtype: bfloat16")
     return "\n".join(lines) + "\n"
 
 
-def bench(size: str, work: str, mergekit_python: str | None) -> list[dict]:
+def n_inputs(method: str) -> int:
+    has_base, n, _, _ = METHODS[method]
+    return n + int(has_base)
+
+
+def bench(size: str, work: str, mergekit_python: str | None,
+          methods: tuple[str, ...] = ("task_arithmetic", "ties"), basic: bool = True
+          ) -> list[dict]:
     dirs = [os.path.join(work, f"{size}-m{i}") for i in range(3)]
     for i, d in enumerate(dirs):
         make_checkpoint(d, size, seed=i)
@@ -116,6 +150,11 @@ def bench(size: str, work: str, mergekit_python: str | None) -> list[dict]:
             shutil.rmtree(out)
 
     out = os.path.join(work, "out")
+    if not basic:
+        methods_only(rows, row, cli, work, dirs, nbytes, out, mergekit_python, methods)
+        for d in dirs:
+            shutil.rmtree(d)
+        return rows
     copy = ("import shutil, sys, os; os.makedirs(sys.argv[2]); "
             "[shutil.copyfile(os.path.join(sys.argv[1], f), os.path.join(sys.argv[2], f)) "
             "for f in os.listdir(sys.argv[1]) if f.endswith('.safetensors')]")
@@ -128,17 +167,23 @@ def bench(size: str, work: str, mergekit_python: str | None) -> list[dict]:
     row("delta apply", [*cli, "delta", "apply", dirs[0], delta_dir, out, "--json"],
         nbytes + dir_bytes(delta_dir), out)
     shutil.rmtree(delta_dir)
-    for method in ("task_arithmetic", "ties"):
-        cfg = os.path.join(work, f"{method}.yaml")
-        with open(cfg, "w") as fh:
-            fh.write(mergekit_yaml(method, dirs[0], dirs[1:]))
-        row(f"{method} (3 models)", [*cli, "merge", cfg, out, "--json"], 3 * nbytes, out)
-        if mergekit_python:
-            mk = os.path.join(os.path.dirname(mergekit_python), "mergekit-yaml")
-            row(f"mergekit {method}", [mk, cfg, out, "--out-shard-size", "1B"], 3 * nbytes, out)
+    methods_only(rows, row, cli, work, dirs, nbytes, out, mergekit_python, methods)
     for d in dirs:
         shutil.rmtree(d)
     return rows
+
+
+def methods_only(rows, row, cli, work, dirs, nbytes, out, mergekit_python, methods) -> None:
+    """Each method by jaxarith, then by mergekit (same YAML), one fresh process each."""
+    for method in methods:
+        cfg = os.path.join(work, f"{method}.yaml")
+        with open(cfg, "w") as fh:
+            fh.write(mergekit_yaml(method, dirs[0], dirs[1:]))
+        k = n_inputs(method)
+        row(f"{method} ({k} models)", [*cli, "merge", cfg, out, "--json"], k * nbytes, out)
+        if mergekit_python:
+            mk = os.path.join(os.path.dirname(mergekit_python), "mergekit-yaml")
+            row(f"mergekit {method}", [mk, cfg, out, "--out-shard-size", "1B"], k * nbytes, out)
 
 
 def main() -> None:
@@ -148,8 +193,18 @@ def main() -> None:
     ap.add_argument("--mergekit", default=sys.executable, metavar="PYTHON",
                     help="python of a venv with mergekit (default: this one; 'none' skips it)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temp dir)")
+    ap.add_argument("--methods", default="task_arithmetic,ties",
+                    help="comma list of merge methods (" + ",".join(METHODS) + "), or 'new' "
+                    "for the methods added in wave 3; with --methods-only the delta and copy "
+                    "rows are skipped")
+    ap.add_argument("--methods-only", action="store_true",
+                    help="only the merges (no file copy, delta extract / apply rows)")
     ap.add_argument("--out", default="bench_results/arith.json")
     args = ap.parse_args()
+    methods = NEW_METHODS if args.methods == "new" else tuple(args.methods.split(","))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"--methods: unknown {unknown}; known: {', '.join(METHODS)}")
     mergekit_yaml_bin = os.path.join(os.path.dirname(args.mergekit), "mergekit-yaml")
     if args.mergekit == "none" or not os.path.exists(mergekit_yaml_bin):
         if args.mergekit != "none":
@@ -161,7 +216,7 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     rows = []
     for s in sizes:
-        rows += bench(s, work, args.mergekit)
+        rows += bench(s, work, args.mergekit, methods, basic=not args.methods_only)
     mk = {(r["size"], r["op"].split()[1]): r for r in rows if r["op"].startswith("mergekit")}
     for r in rows:
         ref = mk.get((r["size"], r["op"].split()[0]))
