@@ -28,8 +28,15 @@ model_args (``key=value`` pairs; lm-eval splits on commas, so a mesh uses ``+``)
   max_length       the scoring window (default: the model's context length)
   max_gen_toks     generation budget when a task gives none (default 256)
   batch_size       packed rows per jitted scoring call (each of 256 or more tokens, holding
-                   several short requests), rows per generation call (default 8; "auto" means 8)
-  max_batch_size, device         accepted from lm-eval's evaluator; JAX places work by the mesh
+                   several short requests), rows per generation call (default 8); "auto": the
+                   largest that fits the device memory (jaxarith.eval.lmeval.autobatch)
+  max_batch_size   the cap of "auto" (and of a fixed batch_size)
+  device           accepted from lm-eval's evaluator; JAX places work by the mesh
+  chat_template_name   with lm-eval's apply_chat_template: this named template of each
+                   member's tokenizer instead of its default one
+  member_templates per-member chat templates of a combination: ``role=auto|none|NAME`` pairs
+                   joined by "+" (e.g. ``expert=auto+base=none``) or a dict; see
+                   jaxarith.eval.lmeval.templates
   add_bos_token, prefix_token_id as in lm-eval's HF backend
   seed             sampling seed (tasks with do_sample)
 """
@@ -37,6 +44,7 @@ model_args (``key=value`` pairs; lm-eval splits on commas, so a mesh uses ``+``)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -59,7 +67,7 @@ from jaxarith.decode.combine import eft, proxy_tuning
 from jaxarith.decode.loop import DecodeSpec, Member, generate
 from jaxarith.decode.sampling import Greedy, Sampling
 from jaxarith.errors import ConfigError, JaxarithError
-from jaxarith.eval.lmeval import multihost, scoring
+from jaxarith.eval.lmeval import autobatch, multihost, scoring, templates
 from jaxarith.io.refs import load_model
 from jaxarith.io.vocab import combination_limit, shared_tokenizer, tokenizer_rows
 from jaxarith.sharding import make_mesh
@@ -112,7 +120,9 @@ class JaxarithLM(TemplateLM):
                  max_length: int | None = None, max_gen_toks: int | None = None,
                  batch_size: int | str | None = None, max_batch_size: int | None = None,
                  device: str | None = None, add_bos_token: bool | None = None,
-                 prefix_token_id: int | None = None, seed: int = 0, **unknown: Any):
+                 prefix_token_id: int | None = None, seed: int = 0,
+                 chat_template_name: str | None = None,
+                 member_templates: dict[str, Any] | str | None = None, **unknown: Any):
         super().__init__()
         if unknown:
             raise ConfigError(f"unknown model_args for model=jaxarith: {', '.join(sorted(unknown))}"
@@ -132,12 +142,11 @@ class JaxarithLM(TemplateLM):
                               "are exclusive")
         alpha, beta = _float("alpha", alpha), _float("beta", beta)
         max_length = _positive("max_length", max_length, None)
-        if isinstance(batch_size, str) and batch_size.startswith("auto"):
-            log.info("batch_size=%s: model=jaxarith uses a fixed batch of 8 rows", batch_size)
-            batch_size = None
-        self._batch_size = _positive("batch_size", batch_size, 8)
-        if max_batch_size is not None and self._batch_size > int(max_batch_size):
-            self._batch_size = _positive("max_batch_size", max_batch_size, None)
+        auto = isinstance(batch_size, str) and batch_size.startswith("auto")
+        max_batch_size = _positive("max_batch_size", max_batch_size, None)
+        self._batch_size = 1 if auto else _positive("batch_size", batch_size, 8)
+        if max_batch_size is not None and self._batch_size > max_batch_size:
+            self._batch_size = max_batch_size
         self._max_gen_toks = _positive("max_gen_toks", max_gen_toks, 256)
         self.add_bos_token = _bool("add_bos_token", add_bos_token)
         self.seed, self._batches = int(seed), 0
@@ -167,7 +176,8 @@ class JaxarithLM(TemplateLM):
         cfgs = [m.config for m in models]
         members = (proxy_tuning(*cfgs, alpha=alpha) if mode == "proxy" else
                    eft(*cfgs, beta=beta) if mode == "eft" else (Member(cfgs[0]),))
-        self.tokenizer, limit = self._shared_tokenizer(models)
+        tokenizers = [m.tokenizer() for m in models]
+        self.tokenizer, limit = self._shared_tokenizer(models, tokenizers)
         # the spec for scoring; generation derives its own (sampler, lengths) from it
         self.spec = DecodeSpec(members=members, max_new_tokens=1, dtype=dtype, vocab_limit=limit)
         self.params = tuple(m.params for m in models)
@@ -183,13 +193,37 @@ class JaxarithLM(TemplateLM):
         if self.tokenizer.eos_token_id is None:
             raise ConfigError(f"{refs[0]}: the tokenizer has no eos token (lm-eval needs one "
                               f"as end of text)")
+        roles = [m.role for m in members]
+        default = templates.AUTO if chat_template_name is None else templates.parse_choice(
+            chat_template_name, "chat_template_name")
+        self.templates = templates.MemberTemplates(
+            tokenizers, roles, templates.parse_member_templates(member_templates, roles, default))
+        self.auto_batch = None
+        if auto:
+            self._choose_batch(max_batch_size)
+
+    def _choose_batch(self, max_batch_size: int | None) -> None:
+        """``batch_size="auto"``: measured once, from the scorer's largest program (every
+        process takes the smallest choice, so their programs agree)."""
+        a = autobatch.choose(self.spec, self.params,
+                             row_slots=max(self._max_length, scoring.MIN_ROW), mesh=self.mesh,
+                             n_sets=len(self.spec.members) if self.templates.differ else 1,
+                             max_batch_size=max_batch_size)
+        if self._processes > 1:
+            from jax.experimental import multihost_utils
+
+            size = int(np.min(multihost_utils.process_allgather(np.int32(a.size))))
+            a = dataclasses.replace(a, size=size)
+        self.auto_batch, self._batch_size = a, a.size
+        self.batch_sizes = {"auto": a.size}  # lm-eval records these in results["config"]
+        log.info("%s", a.describe())
 
     # ------------------------------------------------------------------ construction helpers
 
-    def _shared_tokenizer(self, models):
+    def _shared_tokenizer(self, models, tokenizers):
         """The first model's tokenizer after checking every member has the same one, and the
         rows a combination runs over (None: every row; see jaxarith.io.vocab)."""
-        tok = shared_tokenizer(self.refs, [m.tokenizer() for m in models])
+        tok = shared_tokenizer(self.refs, tokenizers)
         sizes = {r: m.config.vocab_size for r, m in zip(self.refs, models, strict=True)}
         tokenizer_rows(tok, sizes)  # every table holds every token
         return tok, combination_limit(tok, sizes)
@@ -222,11 +256,24 @@ class JaxarithLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return self.tokenizer.name_or_path.replace("/", "__")
+        """lm-eval's key of cached chat-templated requests (as the ``hf`` backend's; with
+        per-member templates their choices are part of it)."""
+        name = self.tokenizer.name_or_path.replace("/", "__")
+        if self.templates.differ:
+            name += "+" + "+".join(f"{r}={c}" for r, c in self.templates.choices.items())
+        return name
 
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+        """The ``hf`` backend's rendering of lm-eval's conversations (its
+        ``apply_chat_template``); with per-member templates, the first templated member's text,
+        every member's being kept for its own context (jaxarith.eval.lmeval.templates)."""
+        return self.templates.apply(chat_history, add_generation_prompt)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template lm-eval records (the member whose rendering it receives)."""
+        if not chat_template:
+            return super().chat_template(chat_template)
+        return self.templates.texts()[self.templates.primary()]
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                    left_truncate_len: int | None = None, **kwargs) -> list[int]:
@@ -245,15 +292,55 @@ class JaxarithLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """``(logprob, is_greedy)`` for ``((context, continuation), ctx ids, cont ids)`` triples."""
+        pairs, contexts = [(c, x) for _, c, x in requests], None
+        if self.templates.per_member:
+            aligned = [self._member_contexts(key, c, x) for key, c, x in requests]
+            contexts = [a for a, _ in aligned]
+            pairs = [(a[0], x) for a, x in aligned]
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                     desc="Running loglikelihood requests")
-        res = self._collective("score", {"pairs": [(c, x) for _, c, x in requests]},
+        res = self._collective("score", {"pairs": pairs, "contexts": contexts},
                                on_batch=pbar.update)
         pbar.close()
         for (key, _, _), answer in zip(requests, res, strict=True):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
         return res
+
+    def _member_contexts(self, key, ctx: list[int], cont: list[int]
+                         ) -> tuple[tuple[list[int], ...], list[int]]:
+        """Each member's context ids for a request and the continuation ids all of them score
+        (``key``: lm-eval's (context, continuation) strings, None for a rolling window).
+
+        Each member's pair is tokenised as the ``hf`` backend does (``_encode_pair``), which
+        moves whitespace ending a context into the continuation: a chat template's generation
+        prompt (``...assistant\n``) then adds tokens in front of that member's continuation.
+        Such leading tokens stay in that member's context; the ids scored are the tokens the
+        members' continuations end with in common (with one template: the ``hf`` backend's).
+
+        Raises:
+          ConfigError: the members' continuation ids do not end alike (naming the member and
+            both tokenisations): their log-probabilities cannot be combined token by token.
+        """
+        n_members = len(self.spec.members)
+        if key is None:
+            return (ctx,) * n_members, cont
+        context, continuation = key
+        texts = self.templates.contexts(context)
+        enc = [(list(ctx), list(cont)) if t == context else
+               tuple(map(list, self._encode_pair(t, continuation))) for t in texts]
+        n = min(len(x) for _, x in enc)
+        short = min(range(n_members), key=lambda i: len(enc[i][1]))
+        common = enc[short][1]
+        for role, (_, x) in zip(self.templates.roles, enc, strict=True):
+            if not n or x[len(x) - n:] != common:
+                raise ConfigError(
+                    f"member {role}: the continuation {continuation!r} tokenises as {x} after "
+                    f"its own context but as {common} after member "
+                    f"{self.templates.roles[short]}'s: the members' log-probabilities cannot "
+                    f"be combined token by token (give the members templates whose prompts "
+                    f"end alike, or one template)")
+        return tuple(c + x[:len(x) - n] for c, x in enc), common
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Sum of log p over every token of each string, in the HF backend's rolling windows
@@ -327,13 +414,18 @@ class JaxarithLM(TemplateLM):
                 raise ConfigError(f"max_gen_toks={max_gen} leaves no room for a prompt in "
                                   f"max_length={self.max_length}")
             self._stop_tokens(until)  # the vocabulary scan, outside the timing of batches
-            enc = {i: self._encode_context(requests[i].args[0], max_ctx) for i in idx}
-            idx = sorted(idx, key=lambda i: -len(enc[i]))
+            # one prompt per member (per-member templates) or one shared by all
+            per_member = self.templates.per_member
+            enc = {i: [self._encode_context(t, max_ctx) for t in (
+                self.templates.contexts(requests[i].args[0]) if per_member
+                else (requests[i].args[0],))] for i in idx}
+            idx = sorted(idx, key=lambda i: -max(map(len, enc[i])))
             for start in range(0, len(idx), batch):
                 part = idx[start:start + batch]
-                prompts = [enc[i] for i in part]
-                bucket = scoring.bucket_for(len(prompts[0]), self.buckets)
-                prompts += [prompts[0]] * (batch - len(prompts))
+                bucket = scoring.bucket_for(max(map(len, enc[part[0]])), self.buckets)
+                members = [[enc[i][g] for i in part] for g in range(len(enc[part[0]]))]
+                members = [p + [p[0]] * (batch - len(p)) for p in members]
+                prompts = members[0] if len(members) == 1 else members
                 # a new seed per batch: sampled batches must not repeat each other's draws
                 self._batches += 1
                 g = self._collective("generate", {
@@ -378,12 +470,13 @@ class JaxarithLM(TemplateLM):
 
     # ------------------------------------------------------------------ collective operations
 
-    def _score(self, pairs, on_batch=None):
-        """``(log p, is_greedy)`` of ``(context ids, continuation ids)`` pairs (collective)."""
+    def _score(self, pairs, contexts=None, on_batch=None):
+        """``(log p, is_greedy)`` of ``(context ids, continuation ids)`` pairs (collective);
+        ``contexts``: per request, each member's context ids (per-member templates)."""
         return scoring.score_requests(
             self.spec, self.params, pairs, max_length=self.max_length,
             batch_size=self.batch_size, buckets=self.score_buckets, mesh=self.mesh,
-            pad_token=self._pad_id(), on_batch=on_batch)
+            pad_token=self._pad_id(), on_batch=on_batch, contexts=contexts)
 
     def _generate(self, prompts, max_gen: int, sampler, stop_tokens, bucket: int, seed: int):
         """One batch of the jitted decoder (collective)."""
@@ -459,6 +552,9 @@ class JaxarithLM(TemplateLM):
         """Recorded by lm-eval in its results (``model_info``)."""
         return {"model_refs": self.refs, "weights": [m.weight for m in self.spec.members],
                 "roles": [m.role for m in self.spec.members], "dtype": str(self.spec.dtype),
+                "member_templates": self.templates.describe(),
+                "auto_batch": None if self.auto_batch is None else
+                dataclasses.asdict(self.auto_batch),
                 "mesh": None if self.mesh is None else dict(self.mesh.shape),
                 "jax_devices": int(np.prod(list(self.mesh.shape.values())))
                 if self.mesh is not None else 1}
