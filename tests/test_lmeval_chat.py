@@ -196,3 +196,156 @@ def test_proxy_tuning_with_a_templated_expert_equals_numpy(llama_dir, llama_tied
                         alpha=alpha)
     same_ctx = shared.loglikelihood(reqs, disable_tqdm=True)
     assert max(abs(a[0] - b[0]) for a, b in zip(same_ctx, ours, strict=True)) > 1e-2
+
+
+def test_member_templates_are_checked(llama_dir, chat_tied_dir, gpt2_dir):
+    from lm_eval.api.instance import Instance
+
+    args = dict(pretrained=llama_dir[0], expert=chat_tied_dir, anti_expert=gpt2_dir[0])
+    with pytest.raises(ConfigError, match="no member 'expret'; the members are base, expert, "
+                                          "anti_expert"):
+        JaxarithLM(**args, member_templates={"expret": True})
+    with pytest.raises(ConfigError, match="member_templates base=3: expected auto, none"):
+        JaxarithLM(**args, member_templates={"base": 3})
+    # the base's tokenizer has no template: auto (the default for every member) names it
+    lm = JaxarithLM(**args, member_templates={"anti_expert": "none"})
+    with pytest.raises(ConfigError, match="member base: its tokenizer has no chat template"):
+        lm.apply_chat_template([{"role": "user", "content": "hi"}])
+    lm = JaxarithLM(**args, member_templates="expert=auto+base=none+anti_expert=none")
+    with pytest.raises(ConfigError, match="member expert: chat template 'chatml' asked for, "
+                                          "but its tokenizer has a single unnamed template"):
+        JaxarithLM(**args, member_templates="expert=chatml+base=none+anti_expert=none"
+                   ).apply_chat_template([{"role": "user", "content": "hi"}])
+    # a context no template rendered: lm-eval ran without apply_chat_template
+    req = Instance("loglikelihood", {}, ("The answer is", " forty"), 0)
+    with pytest.raises(ConfigError, match="no chat template rendered: run lm-eval with "
+                                          "apply_chat_template=True"):
+        lm.loglikelihood([req], disable_tqdm=True)
+    # the expert's continuation after "...assistant\n" is "\n.y" -> ["\n", ".", "y"], the
+    # base's after "x." is "y" alone ("x" "..": the "." merged into its context): not aligned
+    ctx = lm.apply_chat_template([{"role": "user", "content": "x."}])
+    assert ctx.endswith("x.<|im_end|>\n<|im_start|>assistant\n")
+    req = Instance("loglikelihood", {}, (ctx, ".y"), 0)
+    with pytest.raises(ConfigError, match=r"member expert: the continuation '.y' tokenises as "
+                                          r"\[201, 16, 91\] after its own context but as \[91\] "
+                                          r"after member base's"):
+        lm.loglikelihood([req], disable_tqdm=True)
+    # aligned: the expert's "\n" stays its context, the base reads lm-eval's plain prompt
+    ctx = lm.apply_chat_template([{"role": "user", "content": "The answer is"}])
+    (lp, _), = lm.loglikelihood([Instance("loglikelihood", {}, (ctx, "forty"), 0)],
+                                disable_tqdm=True)
+    assert np.isfinite(lp)
+
+
+def test_generation_reads_each_members_prompt(llama_dir, chat_dir, chat_tied_dir, gpt2_dir, tm):
+    # alpha = 0: only the base counts, and it reads the plain prompt: the greedy answers equal
+    # the base model's own run without a chat template, though lm-eval passed the chat text
+    samples = {"jaxarith_gen": [0, 1, 2, 3]}
+    lm = JaxarithLM(pretrained=llama_dir[0], expert=chat_tied_dir, anti_expert=gpt2_dir[0],
+                    alpha=0.0, member_templates={"expert": True, "base": False,
+                                                 "anti_expert": False})
+    ours = _run(lm, tm, samples, num_fewshot=1)
+    assert all("<|im_start|>assistant\n" in a[0] for a in _arguments(ours, "jaxarith_gen"))
+    plain = _run(JaxarithLM(pretrained=llama_dir[0]), tm, samples, num_fewshot=1,
+                 apply_chat_template=False, fewshot_as_multiturn=False)
+    assert _responses(ours, "jaxarith_gen") == _responses(plain, "jaxarith_gen")
+    # the base's weights reading the chat text instead answer differently
+    chat = _run(JaxarithLM(pretrained=chat_dir), tm, samples, num_fewshot=1)
+    assert _responses(chat, "jaxarith_gen") != _responses(plain, "jaxarith_gen")
+
+
+def test_python_and_cli_routes_agree(llama_dir, chat_tied_dir, gpt2_dir, capsys):
+    args = {"pretrained": llama_dir[0], "expert": chat_tied_dir, "anti_expert": gpt2_dir[0],
+            "alpha": 0.5}
+    py = evaluate(args, ["jaxarith_mc"], limit=2, num_fewshot=1, system_instruction=SYSTEM,
+                  member_templates={"expert": True, "base": False, "anti_expert": False})
+    assert py["config"]["member_templates"] == {"base": "none", "expert": "auto",
+                                                "anti_expert": "none"}
+    assert cli.main(["lm-eval", llama_dir[0], "--expert", chat_tied_dir, "--anti-expert",
+                     gpt2_dir[0], "--alpha", "0.5", "--tasks", "jaxarith_mc", "--limit", "2",
+                     "--num-fewshot", "1", "--system-instruction", SYSTEM,
+                     "--member-chat-template", "expert=auto", "base=none", "anti_expert=none",
+                     "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["results"] == json.loads(json.dumps(py["results"]))
+    assert out["config"]["member_templates"] == py["config"]["member_templates"]
+    # clear errors naming the flag, before any model loads
+    for bad, msg in (
+            (["--fewshot-as-multiturn"], "fewshot_as_multiturn needs a chat template"),
+            (["--member-chat-template", "expert=auto"], "--member-chat-template needs a "
+                                                        "combination"),
+            (["--apply-chat-template", "--fewshot-as-multiturn", "maybe"],
+             "--fewshot-as-multiturn maybe: expected true or false")):
+        assert cli.main(["lm-eval", llama_dir[0], "--tasks", "jaxarith_mc", *bad,
+                         "--json"]) == 2
+        assert msg in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_a_named_template_is_rendered(chat_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    named = tmp_path / "named"
+    shutil.copytree(chat_dir, named)
+    tok = AutoTokenizer.from_pretrained(chat_dir)
+    terse = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    tok.chat_template = {"default": CHATML, "terse": terse}
+    tok.save_pretrained(str(named))
+    conv = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}]
+    assert JaxarithLM(pretrained=str(named)).apply_chat_template(conv) == \
+        tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    lm = JaxarithLM(pretrained=str(named), chat_template_name="terse")
+    assert lm.apply_chat_template(conv) == f"[system] {SYSTEM}\n[user] Hi\n"
+    assert lm.chat_template(True) == terse
+    with pytest.raises(ConfigError, match=r"no chat template 'chatty' \(it has default, "
+                                          r"terse\)"):
+        JaxarithLM(pretrained=str(named), chat_template_name="chatty").apply_chat_template(conv)
+
+
+def test_auto_batch_is_the_largest_that_fits(llama_dir):
+    lm = JaxarithLM(pretrained=llama_dir[0])
+    t = max(lm.max_length, 256)
+
+    def need(rows):
+        return autobatch.program_bytes(lm.spec, lm.params, rows, t)
+
+    assert need(1) < need(2) < need(4)  # rows cost memory (the test can see a change)
+    budget = need(3)
+    a = autobatch.choose(lm.spec, lm.params, row_slots=t, budget_bytes=budget)
+    assert a.size == 3 and a.program_bytes <= budget < need(a.size + 1)
+    # not even one row fits the budget: one row anyway (never fails where batch 1 fits)
+    a = autobatch.choose(lm.spec, lm.params, row_slots=t, budget_bytes=1)
+    assert a.size == 1
+    # on this CPU: the host's memory is ample, the CPU cap decides
+    a = autobatch.choose(lm.spec, lm.params, row_slots=t)
+    assert (a.source, a.size, a.cap) == ("host", autobatch.CPU_MAX_BATCH, autobatch.CPU_MAX_BATCH)
+    assert autobatch.choose(lm.spec, lm.params, row_slots=t, max_batch_size=5).size == 5
+
+
+def test_auto_batch_runs_and_reports_its_choice(llama_dir, tm, monkeypatch, capsys, caplog):
+    samples = {"jaxarith_mc": [0, 1, 2], "jaxarith_gen": [0, 1]}
+    kw = dict(num_fewshot=0, apply_chat_template=False, fewshot_as_multiturn=False)
+    fixed = _run(JaxarithLM(pretrained=llama_dir[0], batch_size=8), tm, samples, **kw)
+    # a device with room for less than one row: batch 1, and the same answers
+    monkeypatch.setattr(autobatch, "budget", lambda mesh: (1, "device"))
+    with caplog.at_level("INFO", logger="jaxarith.eval.lmeval.lm"):
+        lm = JaxarithLM(pretrained=llama_dir[0], batch_size="auto")
+    assert lm.batch_size == 1 and "batch_size=auto: 1 packed rows" in caplog.text
+    tiny = _run(lm, tm, samples, **kw)
+    assert tiny["config"]["batch_sizes"] == [1]
+    assert tiny["config"]["auto_batch"]["size"] == 1
+    np.testing.assert_allclose([x[0] for x in _responses(tiny, "jaxarith_mc")],
+                               [x[0] for x in _responses(fixed, "jaxarith_mc")], atol=1e-5)
+    assert _responses(tiny, "jaxarith_gen") == _responses(fixed, "jaxarith_gen")
+    monkeypatch.undo()
+    # the CLI: --batch-size auto with a cap, reported in the JSON and in the summary
+    base = ["lm-eval", llama_dir[0], "--tasks", "jaxarith_mc", "--limit", "2",
+            "--batch-size", "auto", "--max-batch-size", "4"]
+    assert cli.main([*base, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["batch_sizes"] == [4] and out["config"]["auto_batch"]["cap"] == 4
+    assert out["config"]["auto_batch"]["source"] == "host"
+    assert cli.main(base) == 0
+    assert "batch_size=auto chose 4 packed rows" in capsys.readouterr().out
+    assert cli.main([*base[:-4], "--batch-size", "many", "--json"]) == 2
+    assert "--batch-size many: expected a positive integer or auto" in \
+        json.loads(capsys.readouterr().out)["error"]

@@ -49,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--limit", type=float, default=None,
                    help="documents per task (a fraction below 1 is a share of each task)")
-    p.add_argument("--batch-size", type=_batch_size, default=8,
+    p.add_argument("--batch-size", default="8",
                    help="packed rows per jitted scoring call, rows per generation call "
                         "(default 8), or auto: the most that fit the device memory")
     p.add_argument("--max-batch-size", type=int, default=None,
@@ -95,15 +95,16 @@ def model_args(args) -> dict:
     return out
 
 
-def _batch_size(value: str) -> int | str:
+def _batch_size(value) -> int | str:
     """``--batch-size``: a positive integer or ``auto``."""
-    if value.strip().lower() == "auto":
+    if str(value).strip().lower() == "auto":
         return "auto"
     try:
-        return int(value)
+        n = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected a positive integer or auto") \
-            from None
+        raise ConfigError(f"--batch-size {value}: expected a positive integer or auto") from None
+    _common.check_positive(batch_size=n)
+    return n
 
 
 def _multiturn(value: str | None) -> bool | None:
@@ -134,8 +135,8 @@ def member_templates(args) -> dict[str, str] | None:
 
 
 def _check(args) -> list[str]:
-    _common.check_positive(batch_size=args.batch_size if args.batch_size != "auto" else None,
-                           max_batch_size=args.max_batch_size, max_length=args.max_length)
+    args.batch_size = _batch_size(args.batch_size)
+    _common.check_positive(max_batch_size=args.max_batch_size, max_length=args.max_length)
     if args.expert is not None and args.eft is not None:
         raise ConfigError("--expert/--anti-expert and --eft are exclusive")
     if (args.expert is None) != (args.anti_expert is None):

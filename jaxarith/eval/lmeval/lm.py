@@ -315,8 +315,9 @@ class JaxarithLM(TemplateLM):
         Each member's pair is tokenised as the ``hf`` backend does (``_encode_pair``), which
         moves whitespace ending a context into the continuation: a chat template's generation
         prompt (``...assistant\n``) then adds tokens in front of that member's continuation.
-        Such leading tokens stay in that member's context; the ids scored are the tokens the
-        members' continuations end with in common (with one template: the ``hf`` backend's).
+        Such leading whitespace tokens stay in that member's context; the ids scored are the
+        tokens the members' continuations end with in common (with one template: the ``hf``
+        backend's).
 
         Raises:
           ConfigError: the members' continuation ids do not end alike (naming the member and
@@ -333,7 +334,9 @@ class JaxarithLM(TemplateLM):
         short = min(range(n_members), key=lambda i: len(enc[i][1]))
         common = enc[short][1]
         for role, (_, x) in zip(self.templates.roles, enc, strict=True):
-            if not n or x[len(x) - n:] != common:
+            # a member's extra leading tokens may only be the whitespace its context ended with
+            if not n or x[len(x) - n:] != common or \
+                    self.tokenizer.decode(x[:len(x) - n]).strip():
                 raise ConfigError(
                     f"member {role}: the continuation {continuation!r} tokenises as {x} after "
                     f"its own context but as {common} after member "
