@@ -47,6 +47,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -108,6 +109,18 @@ def _positive(name: str, v, default: int | None) -> int | None:
     return n
 
 
+@dataclasses.dataclass(frozen=True)
+class _InMemory:
+    """A model given by value (:meth:`JaxarithLM.from_params`), shaped like a loaded one."""
+
+    config: Any
+    params: Any
+    tok: Any
+
+    def tokenizer(self):
+        return self.tok
+
+
 class JaxarithLM(TemplateLM):
     """lm-eval's ``LM`` API over jaxarith models (see the module docstring for model_args)."""
 
@@ -122,7 +135,8 @@ class JaxarithLM(TemplateLM):
                  device: str | None = None, add_bos_token: bool | None = None,
                  prefix_token_id: int | None = None, seed: int = 0,
                  chat_template_name: str | None = None,
-                 member_templates: dict[str, Any] | str | None = None, **unknown: Any):
+                 member_templates: dict[str, Any] | str | None = None,
+                 _models: Sequence[Any] | None = None, **unknown: Any):
         super().__init__()
         if unknown:
             raise ConfigError(f"unknown model_args for model=jaxarith: {', '.join(sorted(unknown))}"
@@ -161,7 +175,8 @@ class JaxarithLM(TemplateLM):
         self._stopped = False
         if not mesh and self._processes > 1:
             mesh = "fsdp=-1"  # every process's devices (one device would leave the rest idle)
-        self.mesh = make_mesh(str(mesh)) if mesh else None
+        self.mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else \
+            make_mesh(str(mesh)) if mesh else None
         refs = [str(pretrained)]
         mode = "single"
         if expert is not None:
@@ -171,8 +186,11 @@ class JaxarithLM(TemplateLM):
             refs += [str(eft_tuned), str(eft_ref)]
             mode = "eft"
         self.refs = refs
-        models = [load_model(r, mesh=self.mesh, dtype=jnp.dtype(dtype), progress=False)
-                  for r in refs]
+        if _models is not None and len(_models) != len(refs):
+            raise ConfigError(f"{len(_models)} models given by value for {len(refs)} members "
+                              f"(a combination loads its members by reference)")
+        models = list(_models) if _models is not None else [
+            load_model(r, mesh=self.mesh, dtype=jnp.dtype(dtype), progress=False) for r in refs]
         cfgs = [m.config for m in models]
         members = (proxy_tuning(*cfgs, alpha=alpha) if mode == "proxy" else
                    eft(*cfgs, beta=beta) if mode == "eft" else (Member(cfgs[0]),))
@@ -217,6 +235,16 @@ class JaxarithLM(TemplateLM):
         self.auto_batch, self._batch_size = a, a.size
         self.batch_sizes = {"auto": a.size}  # lm-eval records these in results["config"]
         log.info("%s", a.describe())
+
+    @classmethod
+    def from_params(cls, config, params, tokenizer, *, mesh: jax.sharding.Mesh | None = None,
+                    name: str = "params", **options: Any) -> JaxarithLM:
+        """One model already in memory (e.g. the live parameters of a training run): its
+        config, its parameter tree (placed on ``mesh``) and its tokenizer; ``name`` stands for
+        the reference in lm-eval's records. ``options``: the other model_args (``max_length``,
+        ``batch_size``, ``dtype`` ...; not a combination)."""
+        model = _InMemory(config, params, tokenizer)
+        return cls(pretrained=name, mesh=mesh, _models=[model], **options)
 
     # ------------------------------------------------------------------ construction helpers
 
