@@ -56,6 +56,7 @@ def lm_eval_hook(cfg: TrainConfig) -> Callable[[RunContext], dict | None]:
     run's mesh; its scoring is collective, so with several processes process 0 runs lm-eval and
     the others follow it (an error on process 0 ends every process).
     """
+    # lm-eval is the optional eval extra: imported only when a config asks for its tasks
     from jaxarith.eval.lmeval.run import task_manager
 
     c = cfg.eval.lm_eval
@@ -65,8 +66,10 @@ def lm_eval_hook(cfg: TrainConfig) -> Callable[[RunContext], dict | None]:
     def fn(ctx: RunContext) -> dict | None:
         if ctx.final and not ctx.cfg.eval.at_end:
             return None
+        # the eval extra (see above)
         import lm_eval
 
+        # registers model="jaxarith" with lm-eval, which needs the extra
         from jaxarith.eval.lmeval import JaxarithLM
 
         lm = JaxarithLM.from_params(ctx.model_cfg, ctx.state.params, ctx.tokenizer,

@@ -43,7 +43,6 @@ model_args (``key=value`` pairs; lm-eval splits on commas, so a mesh uses ``+``)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -67,7 +66,7 @@ from tqdm.auto import tqdm
 from jaxarith.decode.combine import eft, proxy_tuning
 from jaxarith.decode.loop import DecodeSpec, Member, generate
 from jaxarith.decode.sampling import Greedy, Sampling
-from jaxarith.errors import ConfigError, JaxarithError
+from jaxarith.errors import ConfigError
 from jaxarith.eval.lmeval import autobatch, multihost, scoring, templates
 from jaxarith.io.refs import load_model
 from jaxarith.io.vocab import combination_limit, shared_tokenizer, tokenizer_rows
@@ -121,7 +120,7 @@ class _InMemory:
         return self.tok
 
 
-class JaxarithLM(TemplateLM):
+class JaxarithLM(multihost.Collective, TemplateLM):
     """lm-eval's ``LM`` API over jaxarith models (see the module docstring for model_args)."""
 
     backend = "causal"
@@ -322,7 +321,8 @@ class JaxarithLM(TemplateLM):
         """``(logprob, is_greedy)`` for ``((context, continuation), ctx ids, cont ids)`` triples."""
         pairs, contexts = [(c, x) for _, c, x in requests], None
         if self.templates.per_member:
-            aligned = [self._member_contexts(key, c, x) for key, c, x in requests]
+            aligned = [self.templates.aligned(key, c, x, self._encode_pair,
+                                              self.tokenizer.decode) for key, c, x in requests]
             contexts = [a for a, _ in aligned]
             pairs = [(a[0], x) for a, x in aligned]
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
@@ -334,44 +334,6 @@ class JaxarithLM(TemplateLM):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
         return res
-
-    def _member_contexts(self, key, ctx: list[int], cont: list[int]
-                         ) -> tuple[tuple[list[int], ...], list[int]]:
-        """Each member's context ids for a request and the continuation ids all of them score
-        (``key``: lm-eval's (context, continuation) strings, None for a rolling window).
-
-        Each member's pair is tokenised as the ``hf`` backend does (``_encode_pair``), which
-        moves whitespace ending a context into the continuation: a chat template's generation
-        prompt (``...assistant\n``) then adds tokens in front of that member's continuation.
-        Such leading whitespace tokens stay in that member's context; the ids scored are the
-        tokens the members' continuations end with in common (with one template: the ``hf``
-        backend's).
-
-        Raises:
-          ConfigError: the members' continuation ids do not end alike (naming the member and
-            both tokenisations): their log-probabilities cannot be combined token by token.
-        """
-        n_members = len(self.spec.members)
-        if key is None:
-            return (ctx,) * n_members, cont
-        context, continuation = key
-        texts = self.templates.contexts(context)
-        enc = [(list(ctx), list(cont)) if t == context else
-               tuple(map(list, self._encode_pair(t, continuation))) for t in texts]
-        n = min(len(x) for _, x in enc)
-        short = min(range(n_members), key=lambda i: len(enc[i][1]))
-        common = enc[short][1]
-        for role, (_, x) in zip(self.templates.roles, enc, strict=True):
-            # a member's extra leading tokens may only be the whitespace its context ended with
-            if not n or x[len(x) - n:] != common or \
-                    self.tokenizer.decode(x[:len(x) - n]).strip():
-                raise ConfigError(
-                    f"member {role}: the continuation {continuation!r} tokenises as {x} after "
-                    f"its own context but as {common} after member "
-                    f"{self.templates.roles[short]}'s: the members' log-probabilities cannot "
-                    f"be combined token by token (give the members templates whose prompts "
-                    f"end alike, or one template)")
-        return tuple(c + x[:len(x) - n] for c, x in enc), common
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Sum of log p over every token of each string, in the HF backend's rolling windows
@@ -518,66 +480,6 @@ class JaxarithLM(TemplateLM):
         return generate(spec, self.params, prompts, seed=seed, mesh=self.mesh)
 
     _OPS = {"score": "_score", "generate": "_generate"}
-
-    def _collective(self, op: str, kwargs: dict, **local):
-        """Run the operation ``op`` (a name in ``_OPS``) with host ``kwargs``. In a
-        multi-process run, process 0 first sends it to the processes in :meth:`follow`, so
-        all of them run the same jitted programs; ``local`` arguments (callbacks) stay here."""
-        if self._processes > 1:
-            if not self._primary:
-                raise ConfigError("model=jaxarith: in a multi-process run only process 0 runs "
-                                  "lm-eval; the other processes call JaxarithLM.follow()")
-            if self._stopped:
-                raise ConfigError("model=jaxarith: the other processes were already stopped "
-                                  "(stop_followers); no more requests can run")
-            multihost.send((op, kwargs))
-        return getattr(self, self._OPS[op])(**kwargs, **local)
-
-    def follow(self) -> None:
-        """Processes other than 0 of a multi-process run: make every collective call process 0
-        makes, until it calls :meth:`stop_followers` (:meth:`leading` does).
-
-        An input error process 0 also meets (a :class:`~jaxarith.errors.JaxarithError`, raised
-        before any collective) does not end the loop: process 0 decides what follows.
-
-        Raises:
-          JaxarithError: process 0 stopped after an error (its message), so the run fails on
-            every process.
-          ConfigError: called in process 0, or in a single-process run.
-        """
-        if self._processes == 1 or self._primary:
-            raise ConfigError("JaxarithLM.follow() is for processes other than 0 of a "
-                              "multi-process run; process 0 runs lm-eval")
-        while True:
-            op, kwargs = multihost.receive()
-            if op == multihost.STOP:
-                if kwargs.get("error"):
-                    raise JaxarithError(f"process 0 failed: {kwargs['error']}")
-                return
-            try:
-                getattr(self, self._OPS[op])(**kwargs)
-            except JaxarithError as e:  # the same input error as process 0's
-                log.debug("follower: %s failed like on process 0: %s", op, e)
-
-    def stop_followers(self, error: str | None = None) -> None:
-        """Process 0: end the other processes' :meth:`follow` (``error``: process 0 failed
-        with this message; they raise it). Does nothing with one process or when done."""
-        if self._processes == 1 or not self._primary or self._stopped:
-            return
-        self._stopped = True
-        multihost.send((multihost.STOP, {"error": error}))
-
-    @contextlib.contextmanager
-    def leading(self):
-        """Process 0: run lm-eval inside ``with lm.leading():``; the followers are stopped on
-        the way out, with the error when one leaves the block (so they never wait forever)."""
-        try:
-            yield self
-        except BaseException as e:
-            self.stop_followers(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
-            raise
-        finally:
-            self.stop_followers()
 
     def get_model_info(self) -> dict:
         """Recorded by lm-eval in its results (``model_info``)."""

@@ -221,5 +221,48 @@ class MemberTemplates:
                   "with apply_chat_template=True (--apply-chat-template)")
         return got  # type: ignore[return-value]
 
+    def aligned(self, key, ctx: list[int], cont: list[int], encode_pair, decode
+                ) -> tuple[tuple[list[int], ...], list[int]]:
+        """Each member's context ids for a request and the continuation ids all of them score.
+
+        Args:
+          key: lm-eval's (context, continuation) strings (None for a rolling window: every
+            member reads ``ctx``).
+          ctx, cont: the ids of lm-eval's context (the primary member's) and continuation.
+          encode_pair: the model's ``_encode_pair(context, continuation)`` (the ``hf``
+            backend's tokenisation); decode: ids -> text.
+
+        Each member's pair is tokenised as the ``hf`` backend does, which moves whitespace
+        ending a context into the continuation: a chat template's generation prompt
+        (``...assistant\\n``) then adds tokens in front of that member's continuation. Such
+        leading whitespace tokens stay in that member's context; the ids scored are the tokens
+        the members' continuations end with in common (with one template: the ``hf``
+        backend's).
+
+        Raises:
+          ConfigError: the members' continuation ids do not end alike, or a member's extra
+            leading tokens are more than whitespace (naming the member and both tokenisations):
+            their log-probabilities cannot be combined token by token.
+        """
+        n_members = len(self.roles)
+        if key is None:
+            return (ctx,) * n_members, cont
+        context, continuation = key
+        texts = self.contexts(context)
+        enc = [(list(ctx), list(cont)) if t == context else
+               tuple(map(list, encode_pair(t, continuation))) for t in texts]
+        n = min(len(x) for _, x in enc)
+        short = min(range(n_members), key=lambda i: len(enc[i][1]))
+        common = enc[short][1]
+        for role, (_, x) in zip(self.roles, enc, strict=True):
+            # a member's extra leading tokens may only be the whitespace its context ended with
+            if not n or x[len(x) - n:] != common or decode(x[:len(x) - n]).strip():
+                raise ConfigError(
+                    f"member {role}: the continuation {continuation!r} tokenises as {x} after "
+                    f"its own context but as {common} after member {self.roles[short]}'s: the "
+                    f"members' log-probabilities cannot be combined token by token (give the "
+                    f"members templates whose prompts end alike, or one template)")
+        return tuple(c + x[:len(x) - n] for c, x in enc), common
+
     def describe(self) -> dict[str, str]:
         return dict(self.choices)
