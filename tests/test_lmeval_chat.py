@@ -349,3 +349,46 @@ def test_auto_batch_runs_and_reports_its_choice(llama_dir, tm, monkeypatch, caps
     assert cli.main([*base[:-4], "--batch-size", "many", "--json"]) == 2
     assert "--batch-size many: expected a positive integer or auto" in \
         json.loads(capsys.readouterr().out)["error"]
+
+
+def test_auto_batch_halves_on_out_of_memory(llama_dir, tm, monkeypatch):
+    # an out-of-memory error the measurement did not foresee (generation, memory taken since)
+    # halves the batch and retries, as the hf backend's auto does; the answers are unchanged
+    import jax
+
+    from jaxarith.eval.lmeval import lm as lm_module
+    from jaxarith.eval.lmeval import scoring
+
+    samples = {"jaxarith_mc": [0, 1, 2], "jaxarith_gen": [0, 1]}
+    kw = dict(num_fewshot=0, apply_chat_template=False, fewshot_as_multiturn=False)
+    fixed = _run(JaxarithLM(pretrained=llama_dir[0], batch_size=1), tm, samples, **kw)
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                     "allocate 1234 bytes.")
+    real_score, real_generate, calls = scoring.score_requests, lm_module.generate, []
+
+    def score(*args, batch_size, **kwargs):
+        calls.append(("score", batch_size))
+        if batch_size > 2:
+            raise oom
+        return real_score(*args, batch_size=batch_size, **kwargs)
+
+    def generate(spec, params, prompts, **kwargs):
+        calls.append(("generate", len(prompts)))
+        if len(prompts) > 1:
+            raise oom
+        return real_generate(spec, params, prompts, **kwargs)
+
+    monkeypatch.setattr(scoring, "score_requests", score)
+    monkeypatch.setattr(lm_module, "generate", generate)
+    lm = JaxarithLM(pretrained=llama_dir[0], batch_size="auto", max_batch_size=8)
+    assert lm.batch_size == 8
+    out = _run(lm, tm, samples, **kw)
+    assert ("score", 8) in calls and ("generate", 2) in calls  # both fell back
+    assert out["config"]["batch_sizes"] == [1] and out["config"]["auto_batch"]["size"] == 1
+    np.testing.assert_allclose([x[0] for x in _responses(out, "jaxarith_mc")],
+                               [x[0] for x in _responses(fixed, "jaxarith_mc")], atol=1e-5)
+    assert _responses(out, "jaxarith_gen") == _responses(fixed, "jaxarith_gen")
+    # a fixed batch_size never shrinks: the error is the caller's
+    lm = JaxarithLM(pretrained=llama_dir[0], batch_size=4)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        _run(lm, tm, {"jaxarith_mc": [0]}, **kw)

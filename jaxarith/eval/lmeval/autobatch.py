@@ -21,6 +21,8 @@ The budget, per device:
   add memory on a CPU, whose matmuls are saturated by a few thousand tokens).
 
 The parameters are counted once: their argument bytes are subtracted, they are resident already.
+Generation uses the same rows without a measurement of its own; an out-of-memory error at run
+time halves the batch (``JaxarithLM._shrink_batch``, one process only).
 """
 
 from __future__ import annotations

@@ -327,8 +327,15 @@ class JaxarithLM(multihost.Collective, TemplateLM):
             pairs = [(a[0], x) for a, x in aligned]
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                     desc="Running loglikelihood requests")
-        res = self._collective("score", {"pairs": pairs, "contexts": contexts},
-                               on_batch=pbar.update)
+        while True:
+            try:
+                res = self._collective("score", {"pairs": pairs, "contexts": contexts},
+                                       on_batch=pbar.update)
+                break
+            except jax.errors.JaxRuntimeError as e:
+                if not self._shrink_batch(e):
+                    raise
+                pbar.reset()
         pbar.close()
         for (key, _, _), answer in zip(requests, res, strict=True):
             if key is not None:
@@ -392,10 +399,7 @@ class JaxarithLM(multihost.Collective, TemplateLM):
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                     desc="Running generate_until requests")
-        batch = self.batch_size
-        if self.mesh is not None:
-            dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-            batch = -(-batch // dp) * dp
+        dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         for idx in groups.values():
             gen_kwargs = requests[idx[0]].args[1]
             kwargs = dict(normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks))
@@ -413,7 +417,9 @@ class JaxarithLM(multihost.Collective, TemplateLM):
                 self.templates.contexts(requests[i].args[0]) if per_member
                 else (requests[i].args[0],))] for i in idx}
             idx = sorted(idx, key=lambda i: -max(map(len, enc[i])))
-            for start in range(0, len(idx), batch):
+            start = 0
+            while start < len(idx):
+                batch = -(-self.batch_size // dp) * dp
                 part = idx[start:start + batch]
                 bucket = scoring.bucket_for(max(map(len, enc[part[0]])), self.buckets)
                 members = [[enc[i][g] for i in part] for g in range(len(enc[part[0]]))]
@@ -421,10 +427,16 @@ class JaxarithLM(multihost.Collective, TemplateLM):
                 prompts = members[0] if len(members) == 1 else members
                 # a new seed per batch: sampled batches must not repeat each other's draws
                 self._batches += 1
-                g = self._collective("generate", {
-                    "prompts": prompts, "max_gen": max_gen, "sampler": sampler,
-                    "stop_tokens": self._stop_tokens(until), "bucket": bucket,
-                    "seed": self.seed + self._batches})
+                try:
+                    g = self._collective("generate", {
+                        "prompts": prompts, "max_gen": max_gen, "sampler": sampler,
+                        "stop_tokens": self._stop_tokens(until), "bucket": bucket,
+                        "seed": self.seed + self._batches})
+                except jax.errors.JaxRuntimeError as e:
+                    if not self._shrink_batch(e):
+                        raise
+                    continue
+                start += len(part)
                 for r, i in enumerate(part):
                     text = self.tok_decode(g.tokens[r, :g.lengths[r]].tolist())
                     res[i] = postprocess_generated_text(text, until, None)
@@ -432,6 +444,22 @@ class JaxarithLM(multihost.Collective, TemplateLM):
                 pbar.update(len(part))
         pbar.close()
         return res  # type: ignore[return-value]
+
+    def _shrink_batch(self, error: Exception) -> bool:
+        """``batch_size="auto"`` met an out-of-memory error (a program its measurement did not
+        cover, e.g. generation, or memory taken since): halve the batch, as the ``hf`` backend
+        does, and say so. False (re-raise) for other errors, a fixed batch, batch 1, or several
+        processes (they must agree on every call)."""
+        if self.auto_batch is None or self._processes > 1 or self._batch_size <= 1 \
+                or "RESOURCE_EXHAUSTED" not in str(error):
+            return False
+        size = self._batch_size // 2
+        log.warning("batch_size=auto: out of memory at %d rows, retrying with %d (%s)",
+                    self._batch_size, size, str(error).splitlines()[0])
+        self._batch_size = size
+        self.auto_batch = dataclasses.replace(self.auto_batch, size=size)
+        self.batch_sizes = {"auto": size}
+        return True
 
     def _stop_tokens(self, until: list[str]) -> tuple[int, ...]:
         """EOS and every token whose own text holds one of the ``until`` strings.
