@@ -108,6 +108,25 @@ def test_chat_loglikelihoods_and_generations_equal_the_hf_backend(chat_runs):
         assert mine == {k: v for k, v in hf["results"][task].items() if "," in k}
 
 
+def test_single_turn_fewshot_equals_the_hf_backend(chat_dir, tm):
+    # fewshot_as_multiturn=False: the examples and the question in one user message
+    from lm_eval.models.huggingface import HFLM
+
+    samples = {"jaxarith_mc": [4, 5], "jaxarith_gen": [3]}
+    hf = _run(HFLM(pretrained=chat_dir, dtype="float32", device="cpu", batch_size=8), tm,
+              samples, fewshot_as_multiturn=False)
+    ours = _run(JaxarithLM(pretrained=chat_dir, batch_size=8), tm, samples,
+                fewshot_as_multiturn=False)
+    ctx = _arguments(ours, "jaxarith_mc")[0][0]
+    assert ctx.count("<|im_start|>user\n") == 1 and ctx.count("<|im_start|>assistant\n") == 1
+    for task in samples:
+        assert _arguments(ours, task) == _arguments(hf, task)
+    a, b = _responses(hf, "jaxarith_mc"), _responses(ours, "jaxarith_mc")
+    np.testing.assert_allclose([x[0] for x in b], [x[0] for x in a], rtol=0, atol=1e-4)
+    assert [x[1] for x in b] == [x[1] for x in a]
+    assert _responses(ours, "jaxarith_gen") == _responses(hf, "jaxarith_gen")
+
+
 def test_plain_rendering_is_lm_evals_prompt_without_a_template(tm):
     # a member without a template reads lm-eval's own apply_chat_template=False prompt
     from lm_eval.tasks import get_task_dict
@@ -207,6 +226,10 @@ def test_member_templates_are_checked(llama_dir, chat_tied_dir, gpt2_dir):
         JaxarithLM(**args, member_templates={"expret": True})
     with pytest.raises(ConfigError, match="member_templates base=3: expected auto, none"):
         JaxarithLM(**args, member_templates={"base": 3})
+    with pytest.raises(ConfigError, match="no member 'expert'; the members are model, tuned, "
+                                          "reference"):
+        JaxarithLM(pretrained=llama_dir[0], eft_tuned=chat_tied_dir, eft_ref=gpt2_dir[0],
+                   member_templates="expert=auto")
     # the base's tokenizer has no template: auto (the default for every member) names it
     lm = JaxarithLM(**args, member_templates={"anti_expert": "none"})
     with pytest.raises(ConfigError, match="member base: its tokenizer has no chat template"):
