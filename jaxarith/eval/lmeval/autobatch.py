@@ -17,8 +17,8 @@ The budget, per device:
   smallest over the mesh's devices;
 - **CPU** (no limit reported): half of the host's available physical memory
   (``SC_AVPHYS_PAGES``) shared by the process's devices, and the cap is
-  :data:`CPU_MAX_BATCH` rows unless ``max_batch_size`` says otherwise (more rows per call only
-  add memory on a CPU, whose matmuls are saturated by a few thousand tokens).
+  :data:`CPU_MAX_BATCH` rows unless ``max_batch_size`` says otherwise (a CPU reports no limit,
+  so the cap bounds the batch: 16 rows of 256+ tokens are 4096+ tokens per call).
 
 The parameters are counted once: their argument bytes are subtracted, they are resident already.
 Generation uses the same rows without a measurement of its own; an out-of-memory error at run
