@@ -67,7 +67,7 @@ from jaxarith.decode.combine import eft, proxy_tuning
 from jaxarith.decode.loop import DecodeSpec, Member, generate
 from jaxarith.decode.sampling import Greedy, Sampling
 from jaxarith.errors import ConfigError
-from jaxarith.eval.lmeval import autobatch, multihost, scoring, templates
+from jaxarith.eval.lmeval import autobatch, model_args, multihost, scoring, templates
 from jaxarith.io.refs import load_model
 from jaxarith.io.vocab import combination_limit, shared_tokenizer, tokenizer_rows
 from jaxarith.sharding import make_mesh
@@ -77,35 +77,6 @@ log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16")
 # generation kwargs the decoder implements (after lm-eval's normalize_gen_kwargs)
 GEN_KWARGS = {"do_sample", "temperature", "top_k", "top_p"}
-
-
-def _bool(name: str, v) -> bool | None:
-    if v is None or isinstance(v, bool):
-        return v
-    if str(v).lower() in ("true", "1", "yes"):
-        return True
-    if str(v).lower() in ("false", "0", "no"):
-        return False
-    raise ConfigError(f"model_args {name}={v!r}: expected true or false")
-
-
-def _float(name: str, v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"model_args {name}={v!r}: expected a number") from None
-
-
-def _positive(name: str, v, default: int | None) -> int | None:
-    if v is None:
-        return default
-    try:
-        n = int(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"model_args {name}={v!r}: expected a positive integer") from None
-    if n < 1:
-        raise ConfigError(f"model_args {name}={v!r}: must be at least 1")
-    return n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,15 +124,15 @@ class JaxarithLM(multihost.Collective, TemplateLM):
         if expert is not None and eft_tuned is not None:
             raise ConfigError("expert/anti_expert (proxy tuning) and eft_tuned/eft_ref (EFT) "
                               "are exclusive")
-        alpha, beta = _float("alpha", alpha), _float("beta", beta)
-        max_length = _positive("max_length", max_length, None)
+        alpha, beta = model_args.number("alpha", alpha), model_args.number("beta", beta)
+        max_length = model_args.positive("max_length", max_length, None)
         auto = isinstance(batch_size, str) and batch_size.startswith("auto")
-        max_batch_size = _positive("max_batch_size", max_batch_size, None)
-        self._batch_size = 1 if auto else _positive("batch_size", batch_size, 8)
+        max_batch_size = model_args.positive("max_batch_size", max_batch_size, None)
+        self._batch_size = 1 if auto else model_args.positive("batch_size", batch_size, 8)
         if max_batch_size is not None and self._batch_size > max_batch_size:
             self._batch_size = max_batch_size
-        self._max_gen_toks = _positive("max_gen_toks", max_gen_toks, 256)
-        self.add_bos_token = _bool("add_bos_token", add_bos_token)
+        self._max_gen_toks = model_args.positive("max_gen_toks", max_gen_toks, 256)
+        self.add_bos_token = model_args.boolean("add_bos_token", add_bos_token)
         self.seed, self._batches = int(seed), 0
         self._stop_cache: dict[tuple[str, ...], tuple[int, ...]] = {}
         if device not in (None, "cpu", "cuda", "tpu", "jax") and not str(device).startswith(
