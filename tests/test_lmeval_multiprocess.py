@@ -123,6 +123,46 @@ def test_an_error_on_process_0_stops_the_follower(llama_dir, tmp_path):
     assert "process 0 failed: unknown task(s): jaxarith_mcc" in res[1].stderr
 
 
+@pytest.mark.slow
+def test_member_templates_and_auto_batch_on_2_processes(llama_dir, llama_tied_dir, gpt2_dir,
+                                                        tmp_path, capsys):
+    """Proxy tuning with a templated expert (per-member contexts travel to the follower) and
+    batch_size auto (both processes take one size) on 2 processes equals 1 process."""
+    from transformers import AutoTokenizer
+
+    expert = tmp_path / "chat_expert"
+    shutil.copytree(llama_tied_dir[0], expert)
+    tok = AutoTokenizer.from_pretrained(str(expert))
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                         "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}"
+                         "<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(str(expert))
+    cmd = ["lm-eval", llama_dir[0], "--expert", str(expert), "--anti-expert", gpt2_dir[0],
+           "--alpha", "0.5", "--tasks", "jaxarith_mc,jaxarith_gen", "--limit", "3",
+           "--num-fewshot", "1", "--member-chat-template", "expert=auto", "base=none",
+           "anti_expert=none", "--batch-size", "auto", "--max-batch-size", "8",
+           "--mesh", "data=2,fsdp=4", "--log-samples", "--json"]
+    two_dir, one_dir = tmp_path / "two", tmp_path / "one"
+    res = mt.run(["-m", "jaxarith", *cmd, "--output-path", str(two_dir)], processes=2,
+                 devices=4, timeout=TIMEOUT, cwd=ROOT)
+    for i, r in enumerate(res):
+        assert not r.timed_out, f"process {i} timed out:\n{r.stderr[-3000:]}"
+        assert r.returncode == 0, f"process {i} exited {r.returncode}:\n{r.stderr[-3000:]}"
+    two = json.loads([ln for ln in res[0].stdout.splitlines() if ln.strip()][0])
+    assert cli.main([*cmd, "--output-path", str(one_dir)]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert two["config"]["batch_sizes"] == one["config"]["batch_sizes"] == [8]
+    got, want = _samples(two_dir), _samples(one_dir)
+    assert sorted(got) == sorted(want)
+    for key, answers in want.items():
+        for a, b in zip(got[key], answers, strict=True):
+            if isinstance(b, str):
+                assert a == b, key
+            else:
+                assert abs(a[0] - b[0]) <= 1e-5 and a[1] == b[1], (key, a, b)
+    assert two["results"] == one["results"]
+
+
 # ----------------------------------------------------------------------------- one process (fast)
 
 

@@ -130,12 +130,53 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LmEvalConfig:
+    """lm-eval tasks on the live parameters (``eval.lm_eval``; see train/hooks.py).
+
+    Attributes:
+      tasks: task or group names (lm-eval's, jaxarith's shipped ones, e.g. ``jaxarith_mc``);
+        empty: off.
+      every: run every N steps (0: only at the end, when ``eval.at_end``).
+      limit: documents per task (below 1: a share); num_fewshot: as lm-eval's.
+      batch_size: packed rows per scoring call (``auto`` too).
+      include_path: more task YAML directories.
+    """
+
+    tasks: tuple = ()
+    every: int = 0
+    limit: float | None = None
+    num_fewshot: int | None = None
+    batch_size: int | str = 8
+    include_path: tuple = ()
+
+    def __post_init__(self):
+        for name in ("tasks", "include_path"):
+            v = getattr(self, name)
+            v = [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+            if not isinstance(v, (list, tuple)) or not all(isinstance(t, str) for t in v):
+                raise ConfigError(f"eval.lm_eval.{name}: expected a list of names, got {v!r}")
+            object.__setattr__(self, name, tuple(v))
+        if self.every < 0:
+            raise ConfigError(f"eval.lm_eval.every={self.every} must be >= 0 (0: at the end)")
+        if self.limit is not None and self.limit <= 0:
+            raise ConfigError(f"eval.lm_eval.limit={self.limit} must be positive")
+        if self.num_fewshot is not None and self.num_fewshot < 0:
+            raise ConfigError(f"eval.lm_eval.num_fewshot={self.num_fewshot} must be >= 0")
+        if self.batch_size != "auto" and (not isinstance(self.batch_size, int)
+                                          or self.batch_size < 1):
+            raise ConfigError(f"eval.lm_eval.batch_size={self.batch_size!r}: expected a "
+                              f"positive integer or auto")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    """Held-out loss per source every N steps (0: only at the end), over ``batches`` batches."""
+    """Held-out loss per source every N steps (0: only at the end), over ``batches`` batches;
+    ``lm_eval``: lm-eval tasks on the live parameters."""
 
     every: int = 0
     batches: int = 2
     at_end: bool = True
+    lm_eval: LmEvalConfig = LmEvalConfig()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -71,6 +71,7 @@ class RunContext:
       checkpoints: the run's :class:`train.checkpoint.Checkpoints`.
       summary: the dict ``run`` returns (hooks may add keys; JSON-able values only).
       save: ``save()`` checkpoints the current state now (no-op if this step is saved).
+      tokenizer: the run's tokenizer (lm-eval tasks on the live parameters need it).
     """
 
     cfg: TrainConfig
@@ -87,6 +88,7 @@ class RunContext:
     save: Callable[[], None]
     last: dict = dataclasses.field(default_factory=dict)
     final: bool = False
+    tokenizer: Any = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -48,6 +48,52 @@ def eval_hook(ctx: RunContext) -> dict | None:
     return ev
 
 
+def lm_eval_hook(cfg: TrainConfig) -> Callable[[RunContext], dict | None]:
+    """lm-eval tasks (``eval.lm_eval``) on the live parameters: ``lm_eval/TASK/METRIC`` records.
+
+    The task names are checked when the hook is made (at the start of the run, on every
+    process alike). The model is :meth:`JaxarithLM.from_params` over the current params on the
+    run's mesh; its scoring is collective, so with several processes process 0 runs lm-eval and
+    the others follow it (an error on process 0 ends every process).
+    """
+    # lm-eval is the optional eval extra: imported only when a config asks for its tasks
+    from jaxarith.eval.lmeval.run import task_manager
+
+    c = cfg.eval.lm_eval
+    tm = task_manager(list(c.tasks), c.include_path)
+    limit = None if c.limit is None else int(c.limit) if c.limit >= 1 else float(c.limit)
+
+    def fn(ctx: RunContext) -> dict | None:
+        if ctx.final and not ctx.cfg.eval.at_end:
+            return None
+        # the eval extra (see above)
+        import lm_eval
+
+        # registers model="jaxarith" with lm-eval, which needs the extra
+        from jaxarith.eval.lmeval import JaxarithLM
+
+        lm = JaxarithLM.from_params(ctx.model_cfg, ctx.state.params, ctx.tokenizer,
+                                    mesh=ctx.mesh, name=f"{ctx.out}@step{ctx.step}",
+                                    batch_size=c.batch_size,
+                                    dtype=str(ctx.cfg.model.compute_dtype))
+        if jax.process_index() != 0:
+            lm.follow()
+            return None
+        with lm.leading():
+            res = lm_eval.simple_evaluate(model=lm, tasks=list(c.tasks), task_manager=tm,
+                                          limit=limit, num_fewshot=c.num_fewshot,
+                                          bootstrap_iters=0, log_samples=False)
+        rec = {f"lm_eval/{task}/{k.split(',')[0]}": float(v)
+               for task, metrics in res["results"].items() for k, v in metrics.items()
+               if "," in k and "_stderr" not in k and isinstance(v, int | float)}
+        ctx.writer.log(fmt_eval(ctx.step, rec))
+        if ctx.final:
+            ctx.summary["lm_eval"] = rec
+        return rec
+
+    return fn
+
+
 def checkpoint_hook(ctx: RunContext) -> None:
     ctx.save()
 
@@ -84,11 +130,14 @@ def plot_hook(ctx: RunContext) -> None:
 
 
 def default_hooks(cfg: TrainConfig, thr: metrics_lib.Throughput) -> list[Hook]:
-    """Metrics every ``log.every`` steps, eval every ``eval.every`` (and at the end),
+    """Metrics every ``log.every`` steps, eval every ``eval.every`` (and at the end), lm-eval
+    tasks every ``eval.lm_eval.every`` (and at the end) when ``eval.lm_eval.tasks`` are given,
     checkpoints every ``checkpoint.every`` steps and every ``checkpoint.every_minutes`` (the
     loop also saves at the end and on preemption)."""
     return [Hook(name="log", every=cfg.log.every, fn=log_metrics_hook(thr), at_end=True),
             Hook(name="eval", every=cfg.eval.every, fn=eval_hook, at_end=True),
+            *([Hook(name="lm_eval", every=cfg.eval.lm_eval.every, fn=lm_eval_hook(cfg),
+                    at_end=True)] if cfg.eval.lm_eval.tasks else []),
             Hook(name="checkpoint", every=cfg.checkpoint.every, fn=checkpoint_hook),
             *([Hook(name="checkpoint_time", every=1,
                     fn=timed_checkpoint_hook(cfg.checkpoint.every_minutes))]

@@ -534,7 +534,7 @@ def _run_in(cfg: TrainConfig, on_step, extensions, mesh, out: str,
 
         ctx = RunContext(cfg=cfg, model_cfg=model_cfg, mesh=mesh, out=out, step=start,
                          state=state, evaluate=evaluate, eval_sets=eval_sets, writer=writer,
-                         checkpoints=ckpts, summary=summary, save=save)
+                         checkpoints=ckpts, summary=summary, save=save, tokenizer=tokenizer)
         thr = metrics_lib.Throughput(tokens_per_step, fpt,
                                      metrics_lib.total_peak_flops(mesh.devices.size),
                                      mesh.devices.size, start_step=start)

@@ -8,6 +8,21 @@ Logit arithmetic (every model must share MODEL's tokenizer):
   --expert E --anti-expert A --alpha a    proxy tuning: MODEL + a * (E - A)
   --eft TUNED REF --beta b               emulated fine-tuning: MODEL + b * (TUNED - REF)
 
+Instruct models (as lm-eval's hf backend builds their prompts):
+  --apply-chat-template [NAME]           prompts rendered by the model's chat template (or the
+                                         tokenizer's template NAME)
+  --system-instruction TEXT              a system message before every prompt
+  --fewshot-as-multiturn [true|false]    few-shot examples as chat turns (default: true with a
+                                         chat template)
+  --member-chat-template ROLE=CHOICE...  a combination's members each with its own template:
+                                         CHOICE auto, none (the plain prompt) or a NAME, e.g.
+                                         --member-chat-template expert=auto base=none
+                                         anti_expert=none (roles: base, expert, anti_expert;
+                                         EFT: model, tuned, reference)
+
+--batch-size auto picks the most packed rows per call that fit the device memory (at most
+--max-batch-size; on a CPU 16) and reports its choice (a log line, results' config).
+
 --output-path DIR writes DIR/results.json (and DIR/samples.jsonl with --log-samples), atomically.
 Needs the eval extra: pip install 'jaxarith[eval]'.
 """
@@ -34,8 +49,20 @@ def register(sub) -> None:
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--limit", type=float, default=None,
                    help="documents per task (a fraction below 1 is a share of each task)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="packed rows per jitted scoring call, rows per generation call (default 8)")
+    p.add_argument("--batch-size", default="8",
+                   help="packed rows per jitted scoring call, rows per generation call "
+                        "(default 8), or auto: the most that fit the device memory")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="the cap of --batch-size auto (default 64; 16 on a CPU)")
+    p.add_argument("--apply-chat-template", nargs="?", const=True, default=False,
+                   metavar="NAME", help="render prompts with the model's chat template (NAME: "
+                   "the tokenizer's template of that name)")
+    p.add_argument("--system-instruction", metavar="TEXT", help="system message of every prompt")
+    p.add_argument("--fewshot-as-multiturn", nargs="?", const="true", default=None,
+                   metavar="true|false", help="few-shot examples as chat turns (default: true "
+                   "with --apply-chat-template)")
+    p.add_argument("--member-chat-template", nargs="+", default=None, metavar="ROLE=CHOICE",
+                   help="per-member templates of a combination: auto, none or a NAME")
     p.add_argument("--max-length", type=int, default=None,
                    help="scoring window in tokens (default: the model's context length)")
     _common.add_combination(p)
@@ -68,8 +95,48 @@ def model_args(args) -> dict:
     return out
 
 
+def _batch_size(value) -> int | str:
+    """``--batch-size``: a positive integer or ``auto``."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"--batch-size {value}: expected a positive integer or auto") from None
+    _common.check_positive(batch_size=n)
+    return n
+
+
+def _multiturn(value: str | None) -> bool | None:
+    if value is None:
+        return None
+    v = value.strip().lower()
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no"):
+        return False
+    raise ConfigError(f"--fewshot-as-multiturn {value}: expected true or false")
+
+
+def member_templates(args) -> dict[str, str] | None:
+    """``{role: choice}`` of ``--member-chat-template ROLE=CHOICE ...`` (None without it)."""
+    if args.member_chat_template is None:
+        return None
+    if args.expert is None and args.eft is None:
+        raise ConfigError("--member-chat-template needs a combination (--expert/--anti-expert "
+                          "or --eft)")
+    out = {}
+    for pair in args.member_chat_template:
+        role, sep, choice = pair.partition("=")
+        if not sep or not role or not choice:
+            raise ConfigError(f"--member-chat-template {pair}: expected ROLE=auto|none|NAME")
+        out[role] = choice
+    return out
+
+
 def _check(args) -> list[str]:
-    _common.check_positive(batch_size=args.batch_size, max_length=args.max_length)
+    args.batch_size = _batch_size(args.batch_size)
+    _common.check_positive(max_batch_size=args.max_batch_size, max_length=args.max_length)
     if args.expert is not None and args.eft is not None:
         raise ConfigError("--expert/--anti-expert and --eft are exclusive")
     if (args.expert is None) != (args.anti_expert is None):
@@ -95,6 +162,10 @@ def _summary(results: dict) -> str:
         shown = ", ".join(f"{k.split(',')[0]}={v:.4g}" for k, v in metrics.items()
                           if "," in k and "_stderr" not in k and isinstance(v, int | float))
         lines.append(f"{task}: {shown}")
+    auto = results.get("config", {}).get("auto_batch")
+    if auto:
+        lines.append(f"batch_size=auto chose {auto['size']} packed rows of {auto['rows_of']} "
+                     f"slots ({auto['source']} budget)")
     return "\n".join(lines)
 
 
@@ -113,8 +184,12 @@ def handle(args) -> int:
     # several processes: process 0 runs lm-eval, the others follow it and get None
     results = evaluate(model_args(args), tasks, include_path=args.include_path,
                        num_fewshot=args.num_fewshot, limit=args.limit,
-                       batch_size=args.batch_size, log_samples=args.log_samples,
-                       seed=args.seed)
+                       batch_size=args.batch_size, max_batch_size=args.max_batch_size,
+                       log_samples=args.log_samples, seed=args.seed,
+                       apply_chat_template=args.apply_chat_template,
+                       system_instruction=args.system_instruction,
+                       fewshot_as_multiturn=_multiturn(args.fewshot_as_multiturn),
+                       member_templates=member_templates(args))
     samples = None if results is None else results.pop("samples", None)
     results = None if results is None else jsonable(results)
     if args.output_path:  # every process takes part; process 0 writes the files

@@ -28,17 +28,25 @@ model_args (``key=value`` pairs; lm-eval splits on commas, so a mesh uses ``+``)
   max_length       the scoring window (default: the model's context length)
   max_gen_toks     generation budget when a task gives none (default 256)
   batch_size       packed rows per jitted scoring call (each of 256 or more tokens, holding
-                   several short requests), rows per generation call (default 8; "auto" means 8)
-  max_batch_size, device         accepted from lm-eval's evaluator; JAX places work by the mesh
+                   several short requests), rows per generation call (default 8); "auto": the
+                   largest that fits the device memory (jaxarith.eval.lmeval.autobatch)
+  max_batch_size   the cap of "auto" (and of a fixed batch_size)
+  device           accepted from lm-eval's evaluator; JAX places work by the mesh
+  chat_template_name   with lm-eval's apply_chat_template: this named template of each
+                   member's tokenizer instead of its default one
+  member_templates per-member chat templates of a combination: ``role=auto|none|NAME`` pairs
+                   joined by "+" (e.g. ``expert=auto+base=none``) or a dict; see
+                   jaxarith.eval.lmeval.templates
   add_bos_token, prefix_token_id as in lm-eval's HF backend
   seed             sampling seed (tasks with do_sample)
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -58,8 +66,8 @@ from tqdm.auto import tqdm
 from jaxarith.decode.combine import eft, proxy_tuning
 from jaxarith.decode.loop import DecodeSpec, Member, generate
 from jaxarith.decode.sampling import Greedy, Sampling
-from jaxarith.errors import ConfigError, JaxarithError
-from jaxarith.eval.lmeval import multihost, scoring
+from jaxarith.errors import ConfigError
+from jaxarith.eval.lmeval import autobatch, model_args, multihost, scoring, templates
 from jaxarith.io.refs import load_model
 from jaxarith.io.vocab import combination_limit, shared_tokenizer, tokenizer_rows
 from jaxarith.sharding import make_mesh
@@ -71,36 +79,19 @@ DTYPES = ("float32", "bfloat16")
 GEN_KWARGS = {"do_sample", "temperature", "top_k", "top_p"}
 
 
-def _bool(name: str, v) -> bool | None:
-    if v is None or isinstance(v, bool):
-        return v
-    if str(v).lower() in ("true", "1", "yes"):
-        return True
-    if str(v).lower() in ("false", "0", "no"):
-        return False
-    raise ConfigError(f"model_args {name}={v!r}: expected true or false")
+@dataclasses.dataclass(frozen=True)
+class _InMemory:
+    """A model given by value (:meth:`JaxarithLM.from_params`), shaped like a loaded one."""
+
+    config: Any
+    params: Any
+    tok: Any
+
+    def tokenizer(self):
+        return self.tok
 
 
-def _float(name: str, v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"model_args {name}={v!r}: expected a number") from None
-
-
-def _positive(name: str, v, default: int | None) -> int | None:
-    if v is None:
-        return default
-    try:
-        n = int(v)
-    except (TypeError, ValueError):
-        raise ConfigError(f"model_args {name}={v!r}: expected a positive integer") from None
-    if n < 1:
-        raise ConfigError(f"model_args {name}={v!r}: must be at least 1")
-    return n
-
-
-class JaxarithLM(TemplateLM):
+class JaxarithLM(multihost.Collective, TemplateLM):
     """lm-eval's ``LM`` API over jaxarith models (see the module docstring for model_args)."""
 
     backend = "causal"
@@ -112,7 +103,10 @@ class JaxarithLM(TemplateLM):
                  max_length: int | None = None, max_gen_toks: int | None = None,
                  batch_size: int | str | None = None, max_batch_size: int | None = None,
                  device: str | None = None, add_bos_token: bool | None = None,
-                 prefix_token_id: int | None = None, seed: int = 0, **unknown: Any):
+                 prefix_token_id: int | None = None, seed: int = 0,
+                 chat_template_name: str | None = None,
+                 member_templates: dict[str, Any] | str | None = None,
+                 _models: Sequence[Any] | None = None, **unknown: Any):
         super().__init__()
         if unknown:
             raise ConfigError(f"unknown model_args for model=jaxarith: {', '.join(sorted(unknown))}"
@@ -130,16 +124,15 @@ class JaxarithLM(TemplateLM):
         if expert is not None and eft_tuned is not None:
             raise ConfigError("expert/anti_expert (proxy tuning) and eft_tuned/eft_ref (EFT) "
                               "are exclusive")
-        alpha, beta = _float("alpha", alpha), _float("beta", beta)
-        max_length = _positive("max_length", max_length, None)
-        if isinstance(batch_size, str) and batch_size.startswith("auto"):
-            log.info("batch_size=%s: model=jaxarith uses a fixed batch of 8 rows", batch_size)
-            batch_size = None
-        self._batch_size = _positive("batch_size", batch_size, 8)
-        if max_batch_size is not None and self._batch_size > int(max_batch_size):
-            self._batch_size = _positive("max_batch_size", max_batch_size, None)
-        self._max_gen_toks = _positive("max_gen_toks", max_gen_toks, 256)
-        self.add_bos_token = _bool("add_bos_token", add_bos_token)
+        alpha, beta = model_args.number("alpha", alpha), model_args.number("beta", beta)
+        max_length = model_args.positive("max_length", max_length, None)
+        auto = isinstance(batch_size, str) and batch_size.startswith("auto")
+        max_batch_size = model_args.positive("max_batch_size", max_batch_size, None)
+        self._batch_size = 1 if auto else model_args.positive("batch_size", batch_size, 8)
+        if max_batch_size is not None and self._batch_size > max_batch_size:
+            self._batch_size = max_batch_size
+        self._max_gen_toks = model_args.positive("max_gen_toks", max_gen_toks, 256)
+        self.add_bos_token = model_args.boolean("add_bos_token", add_bos_token)
         self.seed, self._batches = int(seed), 0
         self._stop_cache: dict[tuple[str, ...], tuple[int, ...]] = {}
         if device not in (None, "cpu", "cuda", "tpu", "jax") and not str(device).startswith(
@@ -152,7 +145,8 @@ class JaxarithLM(TemplateLM):
         self._stopped = False
         if not mesh and self._processes > 1:
             mesh = "fsdp=-1"  # every process's devices (one device would leave the rest idle)
-        self.mesh = make_mesh(str(mesh)) if mesh else None
+        self.mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else \
+            make_mesh(str(mesh)) if mesh else None
         refs = [str(pretrained)]
         mode = "single"
         if expert is not None:
@@ -162,12 +156,16 @@ class JaxarithLM(TemplateLM):
             refs += [str(eft_tuned), str(eft_ref)]
             mode = "eft"
         self.refs = refs
-        models = [load_model(r, mesh=self.mesh, dtype=jnp.dtype(dtype), progress=False)
-                  for r in refs]
+        if _models is not None and len(_models) != len(refs):
+            raise ConfigError(f"{len(_models)} models given by value for {len(refs)} members "
+                              f"(a combination loads its members by reference)")
+        models = list(_models) if _models is not None else [
+            load_model(r, mesh=self.mesh, dtype=jnp.dtype(dtype), progress=False) for r in refs]
         cfgs = [m.config for m in models]
         members = (proxy_tuning(*cfgs, alpha=alpha) if mode == "proxy" else
                    eft(*cfgs, beta=beta) if mode == "eft" else (Member(cfgs[0]),))
-        self.tokenizer, limit = self._shared_tokenizer(models)
+        tokenizers = [m.tokenizer() for m in models]
+        self.tokenizer, limit = self._shared_tokenizer(models, tokenizers)
         # the spec for scoring; generation derives its own (sampler, lengths) from it
         self.spec = DecodeSpec(members=members, max_new_tokens=1, dtype=dtype, vocab_limit=limit)
         self.params = tuple(m.params for m in models)
@@ -183,13 +181,47 @@ class JaxarithLM(TemplateLM):
         if self.tokenizer.eos_token_id is None:
             raise ConfigError(f"{refs[0]}: the tokenizer has no eos token (lm-eval needs one "
                               f"as end of text)")
+        roles = [m.role for m in members]
+        default = templates.AUTO if chat_template_name is None else templates.parse_choice(
+            chat_template_name, "chat_template_name")
+        self.templates = templates.MemberTemplates(
+            tokenizers, roles, templates.parse_member_templates(member_templates, roles, default))
+        self.auto_batch = None
+        if auto:
+            self._choose_batch(max_batch_size)
+
+    def _choose_batch(self, max_batch_size: int | None) -> None:
+        """``batch_size="auto"``: measured once, from the scorer's largest program (every
+        process takes the smallest choice, so their programs agree)."""
+        a = autobatch.choose(self.spec, self.params,
+                             row_slots=max(self._max_length, scoring.MIN_ROW), mesh=self.mesh,
+                             n_sets=len(self.spec.members) if self.templates.differ else 1,
+                             max_batch_size=max_batch_size)
+        if self._processes > 1:
+            from jax.experimental import multihost_utils
+
+            size = int(np.min(multihost_utils.process_allgather(np.int32(a.size))))
+            a = dataclasses.replace(a, size=size)
+        self.auto_batch, self._batch_size = a, a.size
+        self.batch_sizes = {"auto": a.size}  # lm-eval records these in results["config"]
+        log.info("%s", a.describe())
+
+    @classmethod
+    def from_params(cls, config, params, tokenizer, *, mesh: jax.sharding.Mesh | None = None,
+                    name: str = "params", **options: Any) -> JaxarithLM:
+        """One model already in memory (e.g. the live parameters of a training run): its
+        config, its parameter tree (placed on ``mesh``) and its tokenizer; ``name`` stands for
+        the reference in lm-eval's records. ``options``: the other model_args (``max_length``,
+        ``batch_size``, ``dtype`` ...; not a combination)."""
+        model = _InMemory(config, params, tokenizer)
+        return cls(pretrained=name, mesh=mesh, _models=[model], **options)
 
     # ------------------------------------------------------------------ construction helpers
 
-    def _shared_tokenizer(self, models):
+    def _shared_tokenizer(self, models, tokenizers):
         """The first model's tokenizer after checking every member has the same one, and the
         rows a combination runs over (None: every row; see jaxarith.io.vocab)."""
-        tok = shared_tokenizer(self.refs, [m.tokenizer() for m in models])
+        tok = shared_tokenizer(self.refs, tokenizers)
         sizes = {r: m.config.vocab_size for r, m in zip(self.refs, models, strict=True)}
         tokenizer_rows(tok, sizes)  # every table holds every token
         return tok, combination_limit(tok, sizes)
@@ -222,11 +254,24 @@ class JaxarithLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return self.tokenizer.name_or_path.replace("/", "__")
+        """lm-eval's key of cached chat-templated requests (as the ``hf`` backend's; with
+        per-member templates their choices are part of it)."""
+        name = self.tokenizer.name_or_path.replace("/", "__")
+        if self.templates.differ:
+            name += "+" + "+".join(f"{r}={c}" for r, c in self.templates.choices.items())
+        return name
 
     def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt)
+        """The ``hf`` backend's rendering of lm-eval's conversations (its
+        ``apply_chat_template``); with per-member templates, the first templated member's text,
+        every member's being kept for its own context (jaxarith.eval.lmeval.templates)."""
+        return self.templates.apply(chat_history, add_generation_prompt)
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """The template lm-eval records (the member whose rendering it receives)."""
+        if not chat_template:
+            return super().chat_template(chat_template)
+        return self.templates.texts()[self.templates.primary()]
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None,
                    left_truncate_len: int | None = None, **kwargs) -> list[int]:
@@ -245,10 +290,23 @@ class JaxarithLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """``(logprob, is_greedy)`` for ``((context, continuation), ctx ids, cont ids)`` triples."""
+        pairs, contexts = [(c, x) for _, c, x in requests], None
+        if self.templates.per_member:
+            aligned = [self.templates.aligned(key, c, x, self._encode_pair,
+                                              self.tokenizer.decode) for key, c, x in requests]
+            contexts = [a for a, _ in aligned]
+            pairs = [(a[0], x) for a, x in aligned]
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                     desc="Running loglikelihood requests")
-        res = self._collective("score", {"pairs": [(c, x) for _, c, x in requests]},
-                               on_batch=pbar.update)
+        while True:
+            try:
+                res = self._collective("score", {"pairs": pairs, "contexts": contexts},
+                                       on_batch=pbar.update)
+                break
+            except jax.errors.JaxRuntimeError as e:
+                if not self._shrink_batch(e):
+                    raise
+                pbar.reset()
         pbar.close()
         for (key, _, _), answer in zip(requests, res, strict=True):
             if key is not None:
@@ -312,10 +370,7 @@ class JaxarithLM(TemplateLM):
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         pbar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
                     desc="Running generate_until requests")
-        batch = self.batch_size
-        if self.mesh is not None:
-            dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-            batch = -(-batch // dp) * dp
+        dp = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         for idx in groups.values():
             gen_kwargs = requests[idx[0]].args[1]
             kwargs = dict(normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks))
@@ -327,19 +382,32 @@ class JaxarithLM(TemplateLM):
                 raise ConfigError(f"max_gen_toks={max_gen} leaves no room for a prompt in "
                                   f"max_length={self.max_length}")
             self._stop_tokens(until)  # the vocabulary scan, outside the timing of batches
-            enc = {i: self._encode_context(requests[i].args[0], max_ctx) for i in idx}
-            idx = sorted(idx, key=lambda i: -len(enc[i]))
-            for start in range(0, len(idx), batch):
+            # one prompt per member (per-member templates) or one shared by all
+            per_member = self.templates.per_member
+            enc = {i: [self._encode_context(t, max_ctx) for t in (
+                self.templates.contexts(requests[i].args[0]) if per_member
+                else (requests[i].args[0],))] for i in idx}
+            idx = sorted(idx, key=lambda i: -max(map(len, enc[i])))
+            start = 0
+            while start < len(idx):
+                batch = -(-self.batch_size // dp) * dp
                 part = idx[start:start + batch]
-                prompts = [enc[i] for i in part]
-                bucket = scoring.bucket_for(len(prompts[0]), self.buckets)
-                prompts += [prompts[0]] * (batch - len(prompts))
+                bucket = scoring.bucket_for(max(map(len, enc[part[0]])), self.buckets)
+                members = [[enc[i][g] for i in part] for g in range(len(enc[part[0]]))]
+                members = [p + [p[0]] * (batch - len(p)) for p in members]
+                prompts = members[0] if len(members) == 1 else members
                 # a new seed per batch: sampled batches must not repeat each other's draws
                 self._batches += 1
-                g = self._collective("generate", {
-                    "prompts": prompts, "max_gen": max_gen, "sampler": sampler,
-                    "stop_tokens": self._stop_tokens(until), "bucket": bucket,
-                    "seed": self.seed + self._batches})
+                try:
+                    g = self._collective("generate", {
+                        "prompts": prompts, "max_gen": max_gen, "sampler": sampler,
+                        "stop_tokens": self._stop_tokens(until), "bucket": bucket,
+                        "seed": self.seed + self._batches})
+                except jax.errors.JaxRuntimeError as e:
+                    if not self._shrink_batch(e):
+                        raise
+                    continue
+                start += len(part)
                 for r, i in enumerate(part):
                     text = self.tok_decode(g.tokens[r, :g.lengths[r]].tolist())
                     res[i] = postprocess_generated_text(text, until, None)
@@ -347,6 +415,22 @@ class JaxarithLM(TemplateLM):
                 pbar.update(len(part))
         pbar.close()
         return res  # type: ignore[return-value]
+
+    def _shrink_batch(self, error: Exception) -> bool:
+        """``batch_size="auto"`` met an out-of-memory error (a program its measurement did not
+        cover, e.g. generation, or memory taken since): halve the batch, as the ``hf`` backend
+        does, and say so. False (re-raise) for other errors, a fixed batch, batch 1, or several
+        processes (they must agree on every call)."""
+        if self.auto_batch is None or self._processes > 1 or self._batch_size <= 1 \
+                or "RESOURCE_EXHAUSTED" not in str(error):
+            return False
+        size = self._batch_size // 2
+        log.warning("batch_size=auto: out of memory at %d rows, retrying with %d (%s)",
+                    self._batch_size, size, str(error).splitlines()[0])
+        self._batch_size = size
+        self.auto_batch = dataclasses.replace(self.auto_batch, size=size)
+        self.batch_sizes = {"auto": size}
+        return True
 
     def _stop_tokens(self, until: list[str]) -> tuple[int, ...]:
         """EOS and every token whose own text holds one of the ``until`` strings.
@@ -378,12 +462,13 @@ class JaxarithLM(TemplateLM):
 
     # ------------------------------------------------------------------ collective operations
 
-    def _score(self, pairs, on_batch=None):
-        """``(log p, is_greedy)`` of ``(context ids, continuation ids)`` pairs (collective)."""
+    def _score(self, pairs, contexts=None, on_batch=None):
+        """``(log p, is_greedy)`` of ``(context ids, continuation ids)`` pairs (collective);
+        ``contexts``: per request, each member's context ids (per-member templates)."""
         return scoring.score_requests(
             self.spec, self.params, pairs, max_length=self.max_length,
             batch_size=self.batch_size, buckets=self.score_buckets, mesh=self.mesh,
-            pad_token=self._pad_id(), on_batch=on_batch)
+            pad_token=self._pad_id(), on_batch=on_batch, contexts=contexts)
 
     def _generate(self, prompts, max_gen: int, sampler, stop_tokens, bucket: int, seed: int):
         """One batch of the jitted decoder (collective)."""
@@ -395,70 +480,13 @@ class JaxarithLM(TemplateLM):
 
     _OPS = {"score": "_score", "generate": "_generate"}
 
-    def _collective(self, op: str, kwargs: dict, **local):
-        """Run the operation ``op`` (a name in ``_OPS``) with host ``kwargs``. In a
-        multi-process run, process 0 first sends it to the processes in :meth:`follow`, so
-        all of them run the same jitted programs; ``local`` arguments (callbacks) stay here."""
-        if self._processes > 1:
-            if not self._primary:
-                raise ConfigError("model=jaxarith: in a multi-process run only process 0 runs "
-                                  "lm-eval; the other processes call JaxarithLM.follow()")
-            if self._stopped:
-                raise ConfigError("model=jaxarith: the other processes were already stopped "
-                                  "(stop_followers); no more requests can run")
-            multihost.send((op, kwargs))
-        return getattr(self, self._OPS[op])(**kwargs, **local)
-
-    def follow(self) -> None:
-        """Processes other than 0 of a multi-process run: make every collective call process 0
-        makes, until it calls :meth:`stop_followers` (:meth:`leading` does).
-
-        An input error process 0 also meets (a :class:`~jaxarith.errors.JaxarithError`, raised
-        before any collective) does not end the loop: process 0 decides what follows.
-
-        Raises:
-          JaxarithError: process 0 stopped after an error (its message), so the run fails on
-            every process.
-          ConfigError: called in process 0, or in a single-process run.
-        """
-        if self._processes == 1 or self._primary:
-            raise ConfigError("JaxarithLM.follow() is for processes other than 0 of a "
-                              "multi-process run; process 0 runs lm-eval")
-        while True:
-            op, kwargs = multihost.receive()
-            if op == multihost.STOP:
-                if kwargs.get("error"):
-                    raise JaxarithError(f"process 0 failed: {kwargs['error']}")
-                return
-            try:
-                getattr(self, self._OPS[op])(**kwargs)
-            except JaxarithError as e:  # the same input error as process 0's
-                log.debug("follower: %s failed like on process 0: %s", op, e)
-
-    def stop_followers(self, error: str | None = None) -> None:
-        """Process 0: end the other processes' :meth:`follow` (``error``: process 0 failed
-        with this message; they raise it). Does nothing with one process or when done."""
-        if self._processes == 1 or not self._primary or self._stopped:
-            return
-        self._stopped = True
-        multihost.send((multihost.STOP, {"error": error}))
-
-    @contextlib.contextmanager
-    def leading(self):
-        """Process 0: run lm-eval inside ``with lm.leading():``; the followers are stopped on
-        the way out, with the error when one leaves the block (so they never wait forever)."""
-        try:
-            yield self
-        except BaseException as e:
-            self.stop_followers(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
-            raise
-        finally:
-            self.stop_followers()
-
     def get_model_info(self) -> dict:
         """Recorded by lm-eval in its results (``model_info``)."""
         return {"model_refs": self.refs, "weights": [m.weight for m in self.spec.members],
                 "roles": [m.role for m in self.spec.members], "dtype": str(self.spec.dtype),
+                "member_templates": self.templates.describe(),
+                "auto_batch": None if self.auto_batch is None else
+                dataclasses.asdict(self.auto_batch),
                 "mesh": None if self.mesh is None else dict(self.mesh.shape),
                 "jax_devices": int(np.prod(list(self.mesh.shape.values())))
                 if self.mesh is not None else 1}

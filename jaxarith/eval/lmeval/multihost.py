@@ -17,10 +17,16 @@ waits for it (measured: 150 s and 700 s waits on this CPU).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pickle
 from typing import Any
 
 import numpy as np
+
+from jaxarith.errors import ConfigError, JaxarithError
+
+log = logging.getLogger(__name__)
 
 HEADER = 4096  # bytes of the first broadcast: 8 for the length, the rest for a short payload
 STOP = "stop"
@@ -69,3 +75,77 @@ def share(value: Any, *, primary: bool) -> Any:
         send(value)
         return value
     return receive()
+
+
+class Collective:
+    """The leader / follower protocol of :class:`~jaxarith.eval.lmeval.JaxarithLM` (a mixin).
+
+    The class using it sets ``_OPS`` (operation name -> method name), ``_processes`` (the JAX
+    process count), ``_primary`` (this is process 0) and ``_stopped`` (False).
+    """
+
+    _OPS: dict[str, str] = {}
+    _processes: int = 1
+    _primary: bool = True
+    _stopped: bool = False
+
+    def _collective(self, op: str, kwargs: dict, **local):
+        """Run the operation ``op`` (a name in ``_OPS``) with host ``kwargs``. In a
+        multi-process run, process 0 first sends it to the processes in :meth:`follow`, so
+        all of them run the same jitted programs; ``local`` arguments (callbacks) stay here."""
+        if self._processes > 1:
+            if not self._primary:
+                raise ConfigError("model=jaxarith: in a multi-process run only process 0 runs "
+                                  "lm-eval; the other processes call JaxarithLM.follow()")
+            if self._stopped:
+                raise ConfigError("model=jaxarith: the other processes were already stopped "
+                                  "(stop_followers); no more requests can run")
+            send((op, kwargs))
+        return getattr(self, self._OPS[op])(**kwargs, **local)
+
+    def follow(self) -> None:
+        """Processes other than 0 of a multi-process run: make every collective call process 0
+        makes, until it calls :meth:`stop_followers` (:meth:`leading` does).
+
+        An input error process 0 also meets (a :class:`~jaxarith.errors.JaxarithError`, raised
+        before any collective) does not end the loop: process 0 decides what follows.
+
+        Raises:
+          JaxarithError: process 0 stopped after an error (its message), so the run fails on
+            every process.
+          ConfigError: called in process 0, or in a single-process run.
+        """
+        if self._processes == 1 or self._primary:
+            raise ConfigError("JaxarithLM.follow() is for processes other than 0 of a "
+                              "multi-process run; process 0 runs lm-eval")
+        while True:
+            op, kwargs = receive()
+            if op == STOP:
+                if kwargs.get("error"):
+                    raise JaxarithError(f"process 0 failed: {kwargs['error']}")
+                return
+            try:
+                getattr(self, self._OPS[op])(**kwargs)
+            except JaxarithError as e:  # the same input error as process 0's
+                log.debug("follower: %s failed like on process 0: %s", op, e)
+
+    def stop_followers(self, error: str | None = None) -> None:
+        """Process 0: end the other processes' :meth:`follow` (``error``: process 0 failed
+        with this message; they raise it). Does nothing with one process or when done."""
+        if self._processes == 1 or not self._primary or self._stopped:
+            return
+        self._stopped = True
+        send((STOP, {"error": error}))
+
+    @contextlib.contextmanager
+    def leading(self):
+        """Process 0: run lm-eval inside ``with lm.leading():``; the followers are stopped on
+        the way out, with the error when one leaves the block (so they never wait forever)."""
+        try:
+            yield self
+        except BaseException as e:
+            self.stop_followers(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            raise
+        finally:
+            self.stop_followers()
+

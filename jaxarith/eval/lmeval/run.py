@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxarith.errors import ConfigError, JaxarithError
@@ -46,8 +46,11 @@ def task_manager(tasks: Sequence[str], include_path: Sequence[str | os.PathLike]
 
 def evaluate(model_args: dict[str, Any], tasks: Sequence[str], *,
              include_path: Sequence[str | os.PathLike] = (), num_fewshot: int | None = None,
-             limit: float | None = None, batch_size: int = 8, log_samples: bool = False,
-             seed: int | None = None) -> dict | None:
+             limit: float | None = None, batch_size: int | str = 8,
+             max_batch_size: int | None = None, log_samples: bool = False,
+             seed: int | None = None, apply_chat_template: bool | str = False,
+             system_instruction: str | None = None, fewshot_as_multiturn: bool | None = None,
+             member_templates: Mapping[str, bool | str | None] | None = None) -> dict | None:
     """``lm_eval.simple_evaluate(model="jaxarith", ...)``; returns lm-eval's results dict.
 
     In a multi-process JAX run (``jax.process_count() > 1``) every process calls this with the
@@ -62,7 +65,31 @@ def evaluate(model_args: dict[str, Any], tasks: Sequence[str], *,
       limit: documents per task (below 1: a share of each task).
       seed: lm-eval's random / numpy / torch / fewshot seeds (default: lm-eval's defaults; the
         model's sampling ``seed`` is in ``model_args``).
+      batch_size: packed rows per scoring call, or ``"auto"`` (the largest that fits the
+        device memory, at most ``max_batch_size``; see jaxarith.eval.lmeval.autobatch).
+      apply_chat_template: prompts as chat conversations rendered by the model's chat template
+        (True) or by its tokenizer's template of this name, as lm-eval's ``hf`` backend does.
+      system_instruction: a system message (lm-eval's ``system_instruction``).
+      fewshot_as_multiturn: few-shot examples as user/assistant turns (default: True with a
+        chat template, as lm-eval's CLI); needs ``apply_chat_template``.
+      member_templates: per-member templates of a combination, ``{role: choice}`` with choice
+        True / ``"auto"`` (the member's own template), False / None / ``"none"`` (lm-eval's
+        plain prompt) or a template name; unlisted members follow ``apply_chat_template``.
+        Turns ``apply_chat_template`` on (lm-eval must build conversations).
+    Raises:
+      ConfigError: ``fewshot_as_multiturn`` without a chat template; a bad member role.
     """
+    model_args = dict(model_args)
+    if member_templates is not None:
+        model_args["member_templates"] = dict(member_templates)
+        apply_chat_template = apply_chat_template or True
+    if isinstance(apply_chat_template, str):
+        model_args["chat_template_name"] = apply_chat_template
+    if fewshot_as_multiturn is None:
+        fewshot_as_multiturn = bool(apply_chat_template)
+    elif fewshot_as_multiturn and not apply_chat_template:
+        raise ConfigError("fewshot_as_multiturn needs a chat template (apply_chat_template / "
+                          "--apply-chat-template)")
     import jax
     import lm_eval
 
@@ -73,7 +100,9 @@ def evaluate(model_args: dict[str, Any], tasks: Sequence[str], *,
     seeds = {} if seed is None else {k: seed for k in (
         "random_seed", "numpy_random_seed", "torch_random_seed", "fewshot_random_seed")}
     kwargs = dict(tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                  batch_size=batch_size, log_samples=log_samples, **seeds)
+                  batch_size=batch_size, max_batch_size=max_batch_size, log_samples=log_samples,
+                  apply_chat_template=apply_chat_template, system_instruction=system_instruction,
+                  fewshot_as_multiturn=fewshot_as_multiturn, **seeds)
     if jax.process_count() == 1:
         tm = task_manager(tasks, include_path)
         return lm_eval.simple_evaluate(model="jaxarith", model_args=dict(model_args),
@@ -103,7 +132,8 @@ def _evaluate_multiprocess(model_args: dict[str, Any], include_path, kwargs: dic
         raise JaxarithError(f"process 0 failed: {verdict}")
     # every process builds the model as lm-eval's evaluator would (its loading is collective)
     lm = JaxarithLM.create_from_arg_obj(dict(model_args), {
-        "batch_size": kwargs["batch_size"], "max_batch_size": None, "device": None})
+        "batch_size": kwargs["batch_size"], "max_batch_size": kwargs["max_batch_size"],
+        "device": None})
     if not primary:
         lm.follow()
         return None

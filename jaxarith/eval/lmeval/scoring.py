@@ -22,6 +22,12 @@ causal forward pass). For a combination (proxy tuning, EFT) every member runs th
 and the distribution at every scored position is :func:`jaxarith.decode.loop.combine` of the
 members' logits, the same one the decoder samples from.
 
+**Per-member contexts** (``contexts=`` of :func:`score_requests`: e.g. a chat expert reads its
+chat template, the base the plain prompt): every member scores the same continuation ids after
+its own context. A unit is then keyed by the tuple of its members' contexts; each member gets its
+own packed token rows (a unit takes as many slots as its longest member context needs) with the
+same scored slots in the same order, so position ``k`` of every member predicts the same target.
+
 Shapes: B packed rows, T their padded length, K scored positions per row, V vocabulary.
 """
 
@@ -78,25 +84,29 @@ def _score_packed(spec: DecodeSpec, params, weights, tokens, positions, unit, br
     head and log-softmax run only at the K gathered positions ``at`` (the scored ones).
 
     Args:
-      tokens, positions: [B, T] packed rows (right-padded).
-      unit: [B, T] the unit of each token within its row (1, 2, ...; 0 for padding).
-      branch: [B, T] 0 for a unit's context, i >= 1 for the i-th suffix of that unit.
-      at: [B, K] the slots whose next token is scored; targets, scored: [B, K].
+      tokens, positions: G-tuples of [B, T] packed rows (right-padded): G = 1 when every member
+        reads the same rows, else one per member (per-member contexts).
+      unit: G-tuple of [B, T]: the unit of each token within its row (1, 2, ...; 0 for padding).
+      branch: G-tuple of [B, T]: 0 for a unit's context, i >= 1 for the i-th suffix of that unit.
+      at: G-tuple of [B, K]: the slots whose next token is scored; targets, scored: [B, K]
+        (shared: scored slot k predicts the same target for every member).
     Returns:
       (log p(target) [B, K] float32, 0 where not scored; greedy [B, K] bool).
     """
     dtype = jnp.dtype(spec.dtype)
-    t = tokens.shape[1]
+    t = tokens[0].shape[1]
     slot = jnp.arange(t)
-    mask = ((slot[:, None] >= slot[None, :])[None]
-            & (unit[:, :, None] == unit[:, None, :])
-            & ((branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])))
+    masks = [((slot[:, None] >= slot[None, :])[None]
+              & (u[:, :, None] == u[:, None, :])
+              & ((b[:, None, :] == 0) | (b[:, None, :] == b[:, :, None])))
+             for u, b in zip(unit, branch, strict=True)]  # G x [B, T, T]
     logits = []
-    for m, p in zip(spec.members, params, strict=True):
+    for i, (m, p) in enumerate(zip(spec.members, params, strict=True)):
         cfg = m.config
-        h, _, _ = forward(p, cfg, tokens, attention_mask=mask, positions=positions, dtype=dtype,
-                       hidden_only=True)
-        h = jnp.take_along_axis(h, at[..., None], axis=1)  # [B, K, D]
+        g = i if len(tokens) > 1 else 0
+        h, _, _ = forward(p, cfg, tokens[g], attention_mask=masks[g], positions=positions[g],
+                       dtype=dtype, hidden_only=True)
+        h = jnp.take_along_axis(h, at[g][..., None], axis=1)  # [B, K, D]
         logits.append(transformer.family(cfg).unembed(cfg, p, h).astype(jnp.float32))
     if len(logits) == 1 and spec.members[0].weight == 1.0:
         # one model: log p(target) = z[target] - logsumexp(z), without writing log_softmax's
@@ -135,24 +145,28 @@ def score_buckets(max_length: int, smallest: int = 8) -> tuple[int, ...]:
     return (*out, max_length)
 
 
-def _rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int):
-    """(prefix, suffix, targets) per request, cut as lm-eval's HF backend does.
+def _rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_length: int,
+          contexts: Sequence[Sequence[Sequence[int]]] | None = None):
+    """(prefixes, suffix, targets) per request, cut as lm-eval's HF backend does.
 
     The HF backend scores ``whole = (context + continuation)[-(max_length + 1):]``: input
     ``whole[:-1]``, the last ``len(continuation)`` positions scored. Here that input is split
     into the prefix ``whole[:-len(continuation)]`` (the context, left-truncated; its last token
-    predicts the continuation's first) and the suffix ``continuation[:-1]``.
+    predicts the continuation's first) and the suffix ``continuation[:-1]`` (the same for every
+    member). ``prefixes`` is a tuple of one prefix (``contexts`` None: the pair's context for
+    every member) or of one per member (``contexts[i]``: request i's context per member).
     """
     rows = []
     for i, (ctx, cont) in enumerate(pairs):
-        if not len(ctx) or not len(cont):
+        ctxs = (ctx,) if contexts is None else tuple(contexts[i])
+        if not all(len(c) for c in ctxs) or not len(cont):
             raise ConfigError(f"request {i}: empty context or continuation tokens")
         if len(cont) > max_length:
             raise ConfigError(f"request {i}: continuation of {len(cont)} tokens exceeds "
                               f"max_length={max_length}")
-        whole = (list(ctx) + list(cont))[-(max_length + 1):]
         n = len(cont)
-        rows.append((tuple(whole[:-n]), whole[-n:-1], whole[-n:]))
+        prefixes = tuple(tuple((list(c) + list(cont))[-(max_length + 1):][:-n]) for c in ctxs)
+        rows.append((prefixes, list(cont)[:-1], list(cont)))
     return rows
 
 
@@ -160,17 +174,18 @@ MIN_ROW = 256  # packed rows hold at least this many tokens (several short units
 
 
 def _cost(rows, prefix, idx) -> int:
-    """Slots a unit takes in a packed row: its tokens (context and suffixes) or its scored
-    positions, whichever is more (one-token continuations add a scored position but no token)."""
-    tokens = len(prefix) + sum(len(rows[i][1]) for i in idx)
+    """Slots a unit takes in a packed row: its tokens (its longest member context and the
+    suffixes) or its scored positions, whichever is more (one-token continuations add a scored
+    position but no token)."""
+    tokens = max(map(len, prefix)) + sum(len(rows[i][1]) for i in idx)
     return max(tokens, sum(len(rows[i][2]) for i in idx))
 
 
-def _units(rows, cap: int) -> list[tuple[tuple[int, ...], list[int]]]:
-    """Requests grouped by their (cut) context: ``(context, request indices)`` units, each of
+def _units(rows, cap: int) -> list[tuple[tuple[tuple[int, ...], ...], list[int]]]:
+    """Requests grouped by their (cut) contexts: ``(contexts, request indices)`` units, each of
     at most ``cap`` slots (see :func:`_cost`; a context with more continuations than fit
     is repeated in several units). A one-request unit is that request's own row."""
-    groups: dict[tuple[int, ...], list[int]] = {}
+    groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
     for i, (prefix, _, _) in enumerate(rows):
         groups.setdefault(prefix, []).append(i)
     units = []
@@ -242,6 +257,7 @@ def score_requests(
     pad_token: int = 0,
     on_batch=None,
     min_row: int = MIN_ROW,
+    contexts: Sequence[Sequence[Sequence[int]]] | None = None,
 ) -> list[tuple[float, bool]]:
     """``(log p(cont | ctx), is_greedy)`` per ``(ctx, cont)`` token pair, in the given order.
 
@@ -263,8 +279,18 @@ def score_requests(
         arguments (see :mod:`jaxarith.eval.lmeval.multihost`) and gets every result.
       on_batch: called with the number of requests done after each batch (progress).
       min_row: the shortest packed row (more short requests per row: larger matmuls).
+      contexts: per request, one context (ids) per member, replacing the pair's context: each
+        member scores the pair's continuation after its own context (e.g. its own chat
+        template). None: every member reads the pair's context.
     """
-    rows = _rows(pairs, max_length)
+    if contexts is not None:
+        if len(contexts) != len(pairs):
+            raise ConfigError(f"{len(contexts)} per-member contexts for {len(pairs)} requests")
+        bad = [i for i, c in enumerate(contexts) if len(c) != len(spec.members)]
+        if bad:
+            raise ConfigError(f"request {bad[0]}: {len(contexts[bad[0]])} contexts for "
+                              f"{len(spec.members)} members")
+    rows = _rows(pairs, max_length, contexts)
     dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     batch_size = -(-batch_size // dp) * dp
     weights = member_weights(spec)
@@ -273,6 +299,8 @@ def score_requests(
     gather = mesh is not None and jax.process_count() > 1  # a collective call: see mesh
 
     def place(a):
+        if isinstance(a, tuple):
+            return tuple(map(place, a))
         if mesh is None:
             return a
         return jax.device_put(a, sharding.named_sharding(mesh, ("batch", "seq"), a.shape))
@@ -295,32 +323,39 @@ def score_requests(
 
 
 def _packed_arrays(rows, packed, n_rows: int, t: int, k: int, pad_token: int):
-    """tokens, positions, unit, branch, at, targets, scored of :func:`_score_packed` for the
-    ``packed`` rows (plus empty ones up to ``n_rows``), and ``{request: (row, first scored
-    slot, count)}``."""
-    tokens = np.full((n_rows, t), pad_token, np.int32)
-    positions = np.zeros((n_rows, t), np.int32)
-    unit = np.zeros((n_rows, t), np.int32)
-    branch = np.zeros((n_rows, t), np.int32)
-    at = np.zeros((n_rows, k), np.int32)
+    """tokens, positions, unit, branch, at (G-tuples, one per context set: see
+    :func:`_score_packed`), targets, scored of :func:`_score_packed` for the ``packed`` rows
+    (plus empty ones up to ``n_rows``), and ``{request: (row, first scored slot, count)}``.
+
+    Every member's row holds the same units in the same order; a member's slots follow its own
+    context lengths, its scored slots (``at``) are listed in the same order as the shared
+    ``targets``."""
+    n_sets = len(rows[0][0]) if rows else 1
+    tokens = np.full((n_sets, n_rows, t), pad_token, np.int32)
+    positions, unit, branch = (np.zeros((n_sets, n_rows, t), np.int32) for _ in range(3))
+    at = np.zeros((n_sets, n_rows, k), np.int32)
     targets = np.zeros((n_rows, k), np.int32)
     scored = np.zeros((n_rows, k), np.int32)
     where = {}
-    for r, units in enumerate(packed):
-        slot = j = 0  # next free token slot, next scored slot
-        for u, (prefix, idx) in enumerate(units, start=1):
-            p = len(prefix)
-            tokens[r, slot:slot + p], positions[r, slot:slot + p] = prefix, np.arange(p)
-            unit[r, slot:slot + p] = u
-            last, slot = slot + p - 1, slot + p  # the context's last token predicts target 0
-            for b, i in enumerate(idx, start=1):
-                _, suffix, target = rows[i]
-                n = len(suffix)
-                tokens[r, slot:slot + n], positions[r, slot:slot + n] = suffix, p + np.arange(n)
-                unit[r, slot:slot + n], branch[r, slot:slot + n] = u, b
-                at[r, j] = last
-                at[r, j + 1:j + 1 + n] = np.arange(slot, slot + n)
-                targets[r, j:j + n + 1], scored[r, j:j + n + 1] = target, 1
-                where[i] = (r, j, n + 1)
-                slot, j = slot + n, j + n + 1
-    return tokens, positions, unit, branch, at, targets, scored, where
+    for g in range(n_sets):
+        for r, units in enumerate(packed):
+            slot = j = 0  # next free token slot, next scored slot
+            for u, (prefixes, idx) in enumerate(units, start=1):
+                prefix = prefixes[g]
+                p = len(prefix)
+                tokens[g, r, slot:slot + p], positions[g, r, slot:slot + p] = prefix, np.arange(p)
+                unit[g, r, slot:slot + p] = u
+                last, slot = slot + p - 1, slot + p  # the context's last token predicts target 0
+                for b, i in enumerate(idx, start=1):
+                    _, suffix, target = rows[i]
+                    n = len(suffix)
+                    tokens[g, r, slot:slot + n] = suffix
+                    positions[g, r, slot:slot + n] = p + np.arange(n)
+                    unit[g, r, slot:slot + n], branch[g, r, slot:slot + n] = u, b
+                    at[g, r, j] = last
+                    at[g, r, j + 1:j + 1 + n] = np.arange(slot, slot + n)
+                    targets[r, j:j + n + 1], scored[r, j:j + n + 1] = target, 1
+                    where[i] = (r, j, n + 1)
+                    slot, j = slot + n, j + n + 1
+    return (tuple(tokens), tuple(positions), tuple(unit), tuple(branch), tuple(at), targets,
+            scored, where)
