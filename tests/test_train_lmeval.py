@@ -56,3 +56,28 @@ def test_lm_eval_config_is_checked(tmp_path):
                                     f"out={tmp_path / 'r'}"])
     with pytest.raises(ConfigError, match=r"unknown task\(s\): jaxarith_mcc"):
         loop.run(cfg)
+
+
+@pytest.mark.slow  # ~60-90 s: a 1-process and a 2-process training run
+def test_lm_eval_during_training_on_2_processes_equals_1(tmp_path):
+    """``eval.lm_eval`` in a run of 2 processes x 4 devices gives the task metrics (and losses) of
+    the same run on 1 process x 8 devices."""
+    from jaxarith.testing import multiprocess as mt
+
+    def metrics(out: str, processes: int) -> list[dict]:
+        res = mt.run(["-m", "train", LLAMA, *FAST, *LM_EVAL, "eval.lm_eval.limit=6",
+                      "mesh=data=2,fsdp=4", f"out={out}", "--json"], processes=processes,
+                     devices=8 // processes, timeout=300, cwd=ROOT)
+        for i, r in enumerate(res):
+            assert not r.timed_out and r.returncode == 0, f"process {i}:\n{r.stderr[-3000:]}"
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            return [json.loads(line) for line in f]
+
+    one, two = metrics(str(tmp_path / "one"), 1), metrics(str(tmp_path / "two"), 2)
+    pick = lambda recs, p: {(r["step"], k): v for r in recs for k, v in r.items()  # noqa: E731
+                            if k.startswith(p)}
+    ev1, ev2 = pick(one, "lm_eval/"), pick(two, "lm_eval/")
+    assert {s for s, _ in ev1} == {2, 4} and set(ev1) == set(ev2)
+    assert ev1 == ev2
+    l1, l2 = pick(one, "loss"), pick(two, "loss")
+    assert set(l1) == set(l2) and all(abs(l1[k] - l2[k]) < 1e-5 for k in l1)

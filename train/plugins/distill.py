@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxarith.distill import cache as distill_cache
-from jaxarith.errors import ConfigError
+from jaxarith.errors import ConfigError, JaxarithError
 from jaxarith.io.refs import load_tokenizer
 from jaxarith.io.vocab import shared_tokenizer
 from jaxarith.models import transformer
@@ -56,8 +56,13 @@ def extension(cfg) -> Extension | None:
     def frozen(cfg_, model_cfg, mesh):
         # checked before the teacher is loaded and before anything is compiled
         TD.check_vocab(model_cfg, t_cfg, sec.teacher, vocab, sec.top_k)
-        shared_tokenizer(["the student's tokenizer", f"distill.teacher {sec.teacher}"],
-                         [tokenizer, load_tokenizer(sec.teacher)])
+        try:
+            teacher_tok = load_tokenizer(sec.teacher)
+        except JaxarithError:  # no tokenizer files: it reads the student's tokens, unchecked
+            teacher_tok = None
+        if teacher_tok is not None:  # another tokenizer: refused, naming the first token
+            shared_tokenizer(["the student's tokenizer", f"distill.teacher {sec.teacher}"],
+                             [tokenizer, teacher_tok])
         return TD.load_teacher(sec.teacher, t_cfg, mesh, sec.teacher_dtype,
                                progress=cfg_.log.progress)
 
