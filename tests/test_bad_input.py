@@ -439,7 +439,7 @@ def _many_yaml(tmp_path, dirs, n, method, weights=None) -> str:
 
 @pytest.mark.parametrize("method", ["linear", "ties", "task_arithmetic"])
 def test_many_inputs_sum_in_a_loop_equal_in_both_executors(three_tied, tmp_path, method):
-    """40 inputs: above the unrolled sum's limit (ops.UNROLL_MAX) and the streamed executor's
+    """34 inputs: above the unrolled sum's limit (ops.UNROLL_MAX) and the streamed executor's
     host stacking (stream.STACK_ABOVE). Both executors still agree bit for bit, and the linear
     merge equals a float64 numpy weighted mean."""
     import jax
@@ -450,7 +450,7 @@ def test_many_inputs_sum_in_a_loop_equal_in_both_executors(three_tied, tmp_path,
     from jaxarith.io.convert import load_hf_params
     from jaxarith.io.convert.hf import HFCheckpoint
 
-    n = 40
+    n = 34
     assert n > ops.UNROLL_MAX and n > stream.STACK_ABOVE
     weights = [round(0.1 + 0.05 * (i % 7), 2) for i in range(n)]
     path = _many_yaml(tmp_path, three_tied, n, method, weights)

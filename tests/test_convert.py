@@ -77,6 +77,7 @@ def test_orbax_restores_on_other_meshes_and_one_device(llama_dir, tmp_path):
                 assert a.sharding.is_equivalent_to(w.sharding, a.ndim), path
 
 
+@pytest.mark.slow  # moved out of `make test` (its ~10 min budget); CI runs it (make test-slow)
 def test_eval_loss_on_orbax_equals_hf(llama_dir, tmp_path):
     src, _ = llama_dir
     dst = tmp_path / "orbax"

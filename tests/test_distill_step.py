@@ -62,6 +62,7 @@ def plain_reference_loss(params, teacher):
     return jnp.mean(OPTS.alpha * tau ** 2 * kl + (1 - OPTS.alpha) * ce)
 
 
+@pytest.mark.slow  # moved out of `make test` (its ~10 min budget); CI runs it (make test-slow)
 def test_step_gradient_is_grad_of_plain_reference_loss():
     # SGD with lr 1 and no clipping: new params = params - grad, with the step's accumulation
     # over 2 microbatches

@@ -16,6 +16,9 @@ from train.experiments import config as config_lib
 from train.experiments import delta_transplant
 from train.experiments.common import prepare_out
 
+# the whole experiment's smoke run (~50 s): out of `make test`'s budget, run by make test-slow
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("base", "instruct", "trained", "final", "instruct_trained")
 # config.json of meta-llama/Llama-3.2-1B (the hub is not reachable from tests)

@@ -47,6 +47,7 @@ def test_splash_logprobs_equal_transformers(tmp_path, name, hf_config):
     np.testing.assert_allclose(got, ref_lp, atol=1e-4)
 
 
+@pytest.mark.slow  # moved out of `make test` (its ~10 min budget); CI runs it (make test-slow)
 def test_splash_gradient_equals_the_xla_path(tmp_path):
     _, cfg, params = _model(tmp_path, "llama", testing.tiny_llama_config(
         max_position_embeddings=256))

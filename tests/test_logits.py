@@ -160,6 +160,7 @@ def _streamed_rows():
     return rows
 
 
+@pytest.mark.slow  # moved out of `make test` (its ~10 min budget); CI runs it (make test-slow)
 def test_speculative_eft_greedy_equals_plain_eft(two):
     """EFT model + beta (tuned - ref) with the tuned model drafting: the plain program is the
     proxy-tuning one above (same structure, weights are traced). Streamed tokens (the host
@@ -242,6 +243,7 @@ def _chi_square_pvalue(samples: np.ndarray, probs: np.ndarray) -> float:
     return float(chi2.sf(stat, keep.sum() - 1))
 
 
+@pytest.mark.slow  # moved out of `make test` (its ~10 min budget); CI runs it (make test-slow)
 def test_speculative_eft_sampling_distribution_matches_plain_eft():
     """Two-token continuations from 3000 seeded rows of speculative EFT (temperature 1, top-p
     0.9) pass a chi-square goodness-of-fit test (p > 0.001) against the exact plain-EFT

@@ -641,6 +641,7 @@ def method_merged(tuned_family, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # moved out of `make test` (its ~10 min budget); CI runs it (make test-slow)
 @pytest.mark.parametrize("name", list(METHOD_CONFIGS))
 def test_method_matches_mergekit(tuned_family, method_merged, name, capsys):
     """Both executors against mergekit 0.1.5's output, every tensor within 1e-5 (float32)."""

@@ -197,6 +197,7 @@ TINY_MIXTRAL = ["model.arch=mixtral", "model.config.num_local_experts=4",
                 "schedule.total_steps=12", "moe.z_loss=0.001"]
 
 
+@pytest.mark.slow  # moved out of `make test` (its ~10 min budget); CI runs it (make test-slow)
 def test_train_loss_lowers_the_loss_and_reports_router_metrics(mixtral):
     """A few jitted Adam steps on the family's training loss (the one train/step.py uses for a
     Mixtral): the loss falls, the metrics are the router losses and loads."""

@@ -108,6 +108,7 @@ def _train_args(shards, tokenized_sources: bool):
     return args
 
 
+@pytest.mark.slow  # moved out of `make test` (its ~10 min budget); CI runs it (make test-slow)
 def test_training_from_tokenized_equals_text_and_resumes(shards, tmp_path):
     text = loop.run(load_train_config(LLAMA, [*_train_args(shards, False),
                                               f"out={tmp_path / 't'}"]))

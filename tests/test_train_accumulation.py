@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 
 from train import loop
 from train.config import load_train_config
@@ -23,6 +24,7 @@ ARGS = ["batch=8", "data.seq_len=64", "data.sources.code.max_docs=600",
         "mesh=data=2,fsdp=2,tensor=2"]
 
 
+@pytest.mark.slow  # moved out of `make test` (its ~10 min budget); CI runs it (make test-slow)
 def test_loop_microbatches_equal_one_big_batch(tmp_path):
     losses = {}
 

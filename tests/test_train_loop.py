@@ -119,6 +119,7 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_pa
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
 
 
+@pytest.mark.slow  # moved out of `make test` (its ~10 min budget); CI runs it (make test-slow)
 def test_tiny_gpt2_trains_and_exports_with_delta(tmp_path):
     from jaxarith.io.convert.export import save_hf
     from jaxarith.io.convert.hf import load_hf_params
