@@ -230,14 +230,7 @@ def build_plan(spec: VocabSpec, refs: Sequence[str], dirs: Sequence[str],
             src = cfg.get("source")
             where = f"tokenizer.tokens[{t!r}].source"
             if src is None:
-                if len(have) == 1:
-                    defaults[new] = ("model", have[0])
-                elif not have:
-                    defaults[new] = ("zero",)
-                elif base is not None and base in have:
-                    defaults[new] = ("model", base)
-                else:
-                    average.add(new)
+                _auto_default(new, have, base, defaults, average)
             elif isinstance(src, Mapping) and src["kind"] == "zero":
                 defaults[new] = ("zero",)
             elif isinstance(src, Mapping):
@@ -258,18 +251,24 @@ def build_plan(spec: VocabSpec, refs: Sequence[str], dirs: Sequence[str],
                     raise ConfigError(f"{where}: {refs[m]} has no token {t!r}")
                 defaults[new] = ("model", m)
             continue
-        if len(have) == len(refs):
-            continue
-        if len(have) == 1:
-            defaults[new] = ("model", have[0])
-        elif not have:
-            defaults[new] = ("zero",)
-        elif base is not None and base in have:
-            defaults[new] = ("model", base)
-        else:
-            average.add(new)
+        if len(have) < len(refs):
+            _auto_default(new, have, base, defaults, average)
     return VocabPlan(tokenizer=out, size=size, perms=perms, defaults=defaults,
                      average=frozenset(average), forced=frozenset(forced))
+
+
+def _auto_default(new: int, have: list[int], base: int | None, defaults: dict,
+                  average: set) -> None:
+    """mergekit's default row of a token: the one model having it, zeros when none has it, the
+    base's when it has it, else the mean of the models having it."""
+    if len(have) == 1:
+        defaults[new] = ("model", have[0])
+    elif not have:
+        defaults[new] = ("zero",)
+    elif base is not None and base in have:
+        defaults[new] = ("model", base)
+    else:
+        average.add(new)
 
 
 def permute(plan: VocabPlan, arrays: Sequence[np.ndarray], axis: int = 0) -> list[np.ndarray]:
