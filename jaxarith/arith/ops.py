@@ -440,11 +440,22 @@ def l1_rescale(x: Array, kept: Array, eps: float = 1e-7) -> Array:
     return kept * scale
 
 
+def _ranks(m: Array) -> Array:
+    """Each entry's position in its row's stable ascending order (``argsort(argsort(m))``), by
+    one sort and the inverse permutation (a scatter) instead of a second sort."""
+    if m.ndim != 2:
+        return jnp.argsort(jnp.argsort(m, axis=-1), axis=-1)
+    order = jnp.argsort(m, axis=-1)
+    rows = jnp.arange(m.shape[0])[:, None]
+    pos = jnp.broadcast_to(jnp.arange(m.shape[1], dtype=jnp.int32)[None, :], m.shape)
+    return jnp.zeros(m.shape, jnp.int32).at[rows, order].set(pos, unique_indices=True)
+
+
 def della_probs(x: Array, density: Array, epsilon: Array, layout: Layout = None) -> Array:
     """DELLA's keep probabilities: per HF row, ``density - epsilon`` for the smallest ``|x|``
     rising linearly with the magnitude's rank to ``density + epsilon`` for the largest."""
     m = jnp.abs(_to_hf(x, layout))  # [R, C]
-    rank = jnp.argsort(jnp.argsort(m, axis=-1), axis=-1).astype(jnp.float32)  # 0..C-1
+    rank = _ranks(m).astype(jnp.float32)  # 0..C-1
     cols = m.shape[-1]
     rank_norm = jnp.clip(rank / (cols - 1), 0.0, 1.0) if cols > 1 else jnp.full_like(m, jnp.nan)
     return _from_hf((density - epsilon) + rank_norm * 2 * epsilon, x, layout)
