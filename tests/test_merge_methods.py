@@ -5,6 +5,7 @@ formula with the same masks, Model Breadcrumbs' counts by a hand table, and both
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -200,3 +201,24 @@ def test_streamed_equals_memory_and_mesh(four_llamas, tmp_path, name, idx, share
     arith.run_streamed(spec, refs, tmp_path / "out", max_shard_size="100KB", progress=False)
     _, streamed = load_hf_params(tmp_path / "out", progress=False)
     assert _equal(mem, streamed)
+
+
+def test_order_statistic_equals_the_sorted_entry():
+    """ops.order_statistic (Arcee Fusion's quantiles without a sort) against np.sort, with
+    negatives, zeros of both signs, ties and one entry."""
+    from jaxarith.arith.ops import order_statistic
+
+    f = jax.jit(order_statistic, static_argnums=1)
+    rng = np.random.default_rng(0)
+    for trial in range(12):
+        n = int(rng.integers(1, 3000))
+        x = (rng.standard_normal(n) * 10.0 ** rng.integers(-3, 3)).astype(np.float32)
+        if trial % 3 == 0:
+            x[rng.integers(0, n, n // 3)] = 0.0
+        if trial % 4 == 0:
+            x = np.abs(x)
+        if trial % 5 == 0:
+            x[: n // 2] = -0.0
+        s = np.sort(x)
+        for k in sorted({0, n // 4, n // 2, n - 1}):
+            assert float(f(jnp.asarray(x), k)) == float(s[k]), (trial, k)
