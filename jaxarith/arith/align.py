@@ -37,12 +37,12 @@ def aligned_configs(cfgs: Sequence, dirs: Sequence[str], to: int) -> list:
       ConfigError: a model has no tokenizer, the tokenizers differ (the first differing token
         is named) or a table has fewer rows than the tokenizer has tokens.
     """
-    rows = cfgs[to].vocab_size
-    aligned = [dataclasses.replace(c, vocab_size=rows) for c in cfgs]
-    for d, c in zip(dirs, aligned, strict=True):
-        if c != aligned[to]:
-            raise ArchitectureMismatchError(
-                f"--align-vocab: {d} differs from {dirs[to]} in more than its vocabulary size")
+    order = [to] + [i for i in range(len(cfgs)) if i != to]  # compared with the base
+    try:
+        same_but_vocab([cfgs[i] for i in order], [dirs[i] for i in order], cfgs[to].vocab_size)
+    except ArchitectureMismatchError as e:
+        raise ArchitectureMismatchError(f"--align-vocab: {e}") from None
+    aligned = [dataclasses.replace(c, vocab_size=cfgs[to].vocab_size) for c in cfgs]
     if len({c.vocab_size for c in cfgs}) == 1:
         return aligned
     toks = []

@@ -31,13 +31,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxarith.arith.check import check_shapes
+from jaxarith.arith.stream import hf_dirs
 from jaxarith.errors import ConfigError
 from jaxarith.io.atomic import atomic_dir
-from jaxarith.io.convert.hf import HFCheckpoint, check_checkpoint, resolve_hf_dir
+from jaxarith.io.convert.hf import HFCheckpoint, check_checkpoint
 from jaxarith.io.convert.keymap import expand, rules_for
 from jaxarith.io.convert.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX
 from jaxarith.io.convert.safetensors_io import write_safetensors
-from jaxarith.io.refs import RefKind, ref_kind
 from jaxarith.models import registry
 from jaxarith.models.config import load_config
 
@@ -76,11 +76,7 @@ def extract_lora(tuned: str, base: str, out: str | os.PathLike, *, rank: int,
     if sv_epsilon < 0:
         raise ConfigError(f"--sv-epsilon {sv_epsilon}: must be >= 0")
     refs = [tuned, base]
-    for r in refs:
-        if ref_kind(r) is RefKind.ORBAX:
-            raise ConfigError(f"{r}: extract-lora reads HF safetensors checkpoints; convert it "
-                              "with `jaxarith convert`")
-    dirs = [resolve_hf_dir(r) for r in refs]
+    dirs = hf_dirs(refs, "extract-lora reads")
     cfgs = [load_config(d) for d in dirs]
     fam = registry.family(cfgs[0])
     if fam.routed or str(fam.arch) == "gpt2":

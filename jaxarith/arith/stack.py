@@ -41,12 +41,12 @@ from tqdm.auto import tqdm
 
 from jaxarith.arith.check import check_shapes
 from jaxarith.arith.select import resolve
+from jaxarith.arith.stream import hf_dirs
 from jaxarith.arith.validate import setting_numbers
 from jaxarith.errors import ArchitectureMismatchError, ConfigError
 from jaxarith.io.convert.export import write_hf
-from jaxarith.io.convert.hf import HFCheckpoint, check_checkpoint, resolve_hf_dir
+from jaxarith.io.convert.hf import HFCheckpoint, check_checkpoint
 from jaxarith.io.convert.keymap import expand, rules_for
-from jaxarith.io.refs import RefKind, ref_kind
 from jaxarith.models import registry
 from jaxarith.models.config import load_config
 
@@ -143,11 +143,7 @@ def run_stack(
     """
     t0 = time.perf_counter()
     refs = list(dict.fromkeys([s.model for s in slices] + ([base_model] if base_model else [])))
-    for r in refs:
-        if ref_kind(r) is RefKind.ORBAX:
-            raise ConfigError(f"{r}: passthrough slices read HF safetensors checkpoints; convert "
-                              "it with `jaxarith convert`")
-    dirs = {r: resolve_hf_dir(r) for r in refs}
+    dirs = dict(zip(refs, hf_dirs(refs, "passthrough slices read"), strict=True))
     cfgs = {r: load_config(dirs[r]) for r in refs}
     for i, s in enumerate(slices):
         n = cfgs[s.model].num_hidden_layers

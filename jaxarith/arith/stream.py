@@ -66,6 +66,16 @@ def _layer_step(method, xs, p, seed, layer, selected, out_dtype, layout):
     return out[0]
 
 
+def hf_dirs(refs: Sequence[str], reader: str, hint: str = "") -> list[str]:
+    """The local HF directories of ``refs`` (hub ids downloaded), refusing an Orbax checkpoint
+    with one line naming it and what reads it (``reader``, e.g. "extract-lora reads")."""
+    for r in refs:
+        if ref_kind(r) is RefKind.ORBAX:
+            raise ConfigError(f"{r}: {reader} HF safetensors checkpoints; convert it with "
+                              f"`jaxarith convert`{hint}")
+    return [resolve_hf_dir(r) for r in refs]
+
+
 @dataclasses.dataclass
 class Inputs:
     """The opened inputs of a streamed run.
@@ -95,11 +105,8 @@ def open_inputs(refs: Sequence[str], align_to: int | None = None, vocab=None,
     VocabSpec`: every input's vocabulary tensors are permuted to the merged vocabulary
     (``base`` indexes the base model).
     """
-    for r in refs:
-        if ref_kind(r) is RefKind.ORBAX:
-            raise ConfigError(f"{r}: the streamed executor reads HF safetensors checkpoints; "
-                              "convert it with `jaxarith convert` or use the in-memory executor")
-    dirs = [resolve_hf_dir(r) for r in refs]
+    dirs = hf_dirs(refs, "the streamed executor reads",
+                   " or use the in-memory executor")
     cfgs = [load_config(d) for d in dirs]
     arch = {c.arch for c in cfgs}
     if len(arch) > 1:
