@@ -99,13 +99,7 @@ def execute(
     with tempfile.TemporaryDirectory(prefix="jaxarith_tokenizer_") as tmp:
         src = plan.save_tokenizer(os.path.join(tmp, "vocab")) if plan is not None else \
             chat_templates.ref_dir(refs[tokenizer_from]) if chat_template is not None else None
-        template = None
-        if chat_template is not None:
-            template = chat_templates.auto(refs) if chat_template == chat_templates.AUTO else \
-                chat_template
-            # before any tensor work: a source without a tokenizer fails here
-            chat_templates.stage_tokenizer(src, template, os.path.join(tmp, "templated"))
-            src = os.path.join(tmp, "templated")
+        src, template = _with_template(src, chat_template, refs, tmp)
         info = _execute(spec, refs, out, to, dtype, mesh, in_memory, max_shard_size,
                         tokenizer_from, src, overwrite, progress, align_to, plan)
     if plan is not None:
@@ -164,18 +158,29 @@ def execute_stack(sc, out: str | os.PathLike, *, to: str = "hf",
         return {**info, "out": os.fspath(out)}
     check_destination(out, overwrite, inputs=sc.models)
     tok_ref = sc.tokenizer_source or sc.base_model or sc.slices[0].model
-    with tempfile.TemporaryDirectory(prefix="jaxarith_tokenizer_") as tok_dir:
-        template = None
-        if sc.chat_template is not None:
-            template = chat_templates.auto([sc.slices[0].model]) \
-                if sc.chat_template == chat_templates.AUTO else sc.chat_template
-            chat_templates.stage_tokenizer(chat_templates.ref_dir(tok_ref), template, tok_dir)
+    with tempfile.TemporaryDirectory(prefix="jaxarith_tokenizer_") as tmp:
+        src = resolve_hf_dir(tok_ref) if sc.chat_template is None else \
+            chat_templates.ref_dir(tok_ref)
+        tok_dir, template = _with_template(src, sc.chat_template, [sc.slices[0].model], tmp)
         info = run_stack(sc.slices, out, base_model=sc.base_model, dtype=sc.out_dtype,
-                         max_shard_size=max_shard_size,
-                         tokenizer_dir=tok_dir if template else resolve_hf_dir(tok_ref),
+                         max_shard_size=max_shard_size, tokenizer_dir=tok_dir,
                          overwrite=overwrite, progress=progress)
     return {"executor": "streamed", "out": os.fspath(out), "to": "hf", **info,
             **({"chat_template": template} if template else {})}
+
+
+def _with_template(src: str | None, chat_template: str | None, models, tmp: str
+                   ) -> tuple[str | None, str | None]:
+    """(tokenizer directory, template): ``src`` as it is without a ``chat_template``; else its
+    tokenizer given the template (``auto``: the one most of ``models`` carry), staged in ``tmp``
+    before any tensor work, so that a source without a tokenizer fails first."""
+    if chat_template is None:
+        return src, None
+    template = chat_templates.auto(models) if chat_template == chat_templates.AUTO else \
+        chat_template
+    dst = os.path.join(tmp, "templated")
+    chat_templates.stage_tokenizer(src, template, dst)
+    return dst, template
 
 
 def _permuted_trees(plan, cfg, trees):
