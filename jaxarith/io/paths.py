@@ -81,12 +81,7 @@ def isdir(path: str) -> bool:
 
 
 def read_text(path: str) -> str:
-    if not is_url(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    fs, p = _fs(path)
-    with fs.open(p, "r", encoding="utf-8") as f:
-        return f.read()
+    return read_bytes(path).decode("utf-8")
 
 
 def read_bytes(path: str) -> bytes:
@@ -98,8 +93,8 @@ def read_bytes(path: str) -> bytes:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Write a whole file (see :func:`write_text`): a local file appears whole (temporary file
-    renamed into place), an object store's object too."""
+    """Write a whole file: locally through a temporary file renamed into place; to an object
+    store as one object (objects appear whole)."""
     if not is_url(path):
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "wb") as f:
@@ -128,17 +123,8 @@ def makedirs(path: str) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a whole file: locally through a temporary file renamed into place; to an object
-    store as one object (objects appear whole)."""
-    if not is_url(path):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-        return
-    fs, p = _fs(path)
-    with fs.open(p, "w", encoding="utf-8") as f:
-        f.write(text)
+    """Write a whole UTF-8 text file (see :func:`write_bytes`: it appears whole)."""
+    write_bytes(path, text.encode("utf-8"))
 
 
 def claim_dir(url: str, *, kind: str, accept: Iterable[str] = ()) -> str:
