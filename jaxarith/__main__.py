@@ -1,5 +1,3 @@
-import sys
+from jaxarith.cli import entry
 
-from jaxarith.cli import main
-
-sys.exit(main())
+entry()

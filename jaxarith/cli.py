@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import os
 import pkgutil
 import sys
 
@@ -82,5 +83,29 @@ def main(argv: list[str] | None = None) -> int:
     return _common.run(args)
 
 
+# exit codes of a command ended by Ctrl-C (130) or SIGTERM (143)
+_SIGNALLED = (130, 143)
+
+
+def entry() -> None:
+    """The ``jaxarith`` program: :func:`main`, then exit with its code.
+
+    A command ended by Ctrl-C or SIGTERM has already removed its unfinished outputs; it then ends
+    with ``os._exit`` and skips the interpreter's teardown. Worker threads that were computing a
+    tensor when the signal came (:mod:`jaxarith.arith.stream` does not wait for them) would
+    otherwise be unwound inside XLA while the interpreter finalizes, which aborts the process
+    (exit -6 instead of 130/143).
+    """
+    code = main()
+    if code in _SIGNALLED:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
