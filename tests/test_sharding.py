@@ -233,3 +233,25 @@ def test_replication_warns_with_parameter_and_sizes_and_strict_raises(llama_dir,
         assert "is not divisible by mesh axes ['tensor']" in err and "layers/attn/" in err
     finally:
         sharding.set_strict_sharding(False)
+
+
+@pytest.mark.parametrize("spec", ["fsdp=8", "fsdp=4,tensor=2"])
+def test_embedding_gradient_stays_in_each_devices_shard(spec):
+    """The token lookup's gradient (a scatter-add) goes into each device's [V, D / fsdp] shard of
+    the table: no device holds a full float32 [V, D] table (replicating the table before the
+    gather made it a full-size scatter plus its all-reduce: 4.2 GB per chip for Llama-3.1-8B)."""
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      tie_word_embeddings=True)
+    mesh = sharding.make_mesh(spec)
+    params = abstract_params(cfg, mesh=mesh)
+    tokens = jax.ShapeDtypeStruct((8, 16), jnp.int32,
+                                  sharding=sharding.named_sharding(mesh, ("batch", "seq"), (8, 16)))
+
+    def loss(p, t):
+        return jnp.sum(forward(p, cfg, t, hidden_only=True)[0] ** 2)
+
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(jax.grad(loss)).lower(params, tokens).compile().as_text()
+    assert "f32[1000,64]" not in hlo  # the full table, in float32, anywhere in the program
+    assert "f32[1000,8]" in hlo or "f32[500,16]" in hlo  # the per-device shard it goes to

@@ -59,7 +59,7 @@ from jaxarith.models.family import (
 from jaxarith.models.layers import (
     RopeScaling,
     dense,
-    gathered,
+    lookup,
     rope,
     rope_inv_freq,
     soft_cap,
@@ -334,9 +334,9 @@ def gemma_rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 def embed(cfg: Gemma2Config, params: dict, inputs: Inputs) -> jax.Array:
     """Token embeddings [B, T, D] times ``sqrt(D)`` rounded to the compute dtype."""
-    table = gathered(params["embed"])
+    table = params["embed"]
     dtype = table.dtype if inputs.dtype is None else inputs.dtype
-    x = jnp.take(table, inputs.tokens, axis=0).astype(dtype)
+    x = lookup(table, inputs.tokens).astype(dtype)
     return x * jnp.asarray(np.float32(cfg.hidden_size ** 0.5), dtype)
 
 

@@ -36,7 +36,7 @@ from jaxarith.models.family import (
     copy_rule,
     require,
 )
-from jaxarith.models.layers import dense, gathered, layer_norm
+from jaxarith.models.layers import dense, layer_norm, lookup
 
 # ----------------------------------------------------------------------------- config
 
@@ -211,8 +211,7 @@ def param_specs(cfg: GPT2Config) -> dict:
 
 def embed(cfg: GPT2Config, params: dict, inputs: Inputs) -> jax.Array:
     """Token plus learned position embeddings [B, T, D]."""
-    x = jnp.take(gathered(params["embed"]), inputs.tokens, axis=0)
-    return x + jnp.take(gathered(params["pos_embed"]), inputs.positions, axis=0)
+    return lookup(params["embed"], inputs.tokens) + lookup(params["pos_embed"], inputs.positions)
 
 
 def head(cfg: GPT2Config, params: dict, x: jax.Array) -> tuple[jax.Array, jax.Array, bool]:

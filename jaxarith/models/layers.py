@@ -20,13 +20,23 @@ from jaxarith.sharding import constrain
 
 __all__ = ["ParamSpec", "RopeType", "RopeScaling", "rope_inv_freq", "rope", "rms_norm",
            "layer_norm", "KVCache", "attention_mask", "key_distance", "windowed", "soft_cap",
-           "attend", "attend_causal", "update_cache_layer", "gathered", "dense"]
+           "attend", "attend_causal", "update_cache_layer", "lookup", "dense"]
 
 
-def gathered(table: jax.Array) -> jax.Array:
-    """A lookup table replicated before a gather (FSDP all-gathers it; XLA cannot gather from
-    a table sharded on both dimensions without a full rematerialisation)."""
-    return constrain(table, (None, None))
+def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """``table[ids]``: the rows ``[..., D]`` of an embedding table ``[V, D]`` for the ids.
+
+    On a mesh the table keeps its ``embed`` dimension sharded (fsdp) and is replicated over its
+    vocab dimension only (XLA cannot gather from a table sharded on both dimensions without a
+    full rematerialisation); the ids (a few KB) are replicated, so each device gathers its slice
+    of ``D`` for every id, and the caller's constraint moves the rows to the batch sharding. The
+    gradient, a scatter-add, then goes into each device's own ``[V, D / fsdp]`` shard.
+    Replicating the whole table instead made that gradient a full ``[V, D]`` float32 scatter on
+    every chip plus its all-reduce: 4.2 GB per chip for Llama-3.1-8B on v5p-8 (docs/scale.md).
+    """
+    table = constrain(table, (None, "embed"))
+    ids = constrain(ids, (None,) * ids.ndim)
+    return jnp.take(table, ids, axis=0)
 
 
 def dense(x: jax.Array, w: jax.Array, n_in: int = 1, *, w_transposed: bool = False) -> jax.Array:

@@ -41,7 +41,7 @@ from jaxarith.models.family import (
     require,
     transpose_rule,
 )
-from jaxarith.models.layers import RopeScaling, dense, gathered, rms_norm, rope, rope_inv_freq
+from jaxarith.models.layers import RopeScaling, dense, lookup, rms_norm, rope, rope_inv_freq
 
 # ----------------------------------------------------------------------------- config
 
@@ -237,7 +237,7 @@ def param_specs(cfg: LlamaConfig) -> dict:
 
 def embed(cfg: LlamaConfig, params: dict, inputs: Inputs) -> jax.Array:
     """Token embeddings [B, T, D] (positions enter through RoPE in the blocks)."""
-    return jnp.take(gathered(params["embed"]), inputs.tokens, axis=0)
+    return lookup(params["embed"], inputs.tokens)
 
 
 def head(cfg: LlamaConfig, params: dict, x: jax.Array) -> tuple[jax.Array, jax.Array, bool]:
