@@ -103,7 +103,7 @@ def test_a_model_too_big_for_the_slice_exits_3_in_one_line(capsys, tmp_path):
     assert code == 3 and res["fits"] is False and res["type"] == "DoesNotFitError"
     line = res["error"]
     assert "\n" not in line and "largest: params" in line and "bfloat16" in line, line
-    need = float(line.split("need ")[1].split(" GiB")[0])
+    need = float(line.split("needs ")[1].split(" GiB")[0])
     assert 30e9 * 4 / 4 / 2**30 < need < 32e9 * 4 / 4 / 2**30
 
 

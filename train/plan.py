@@ -158,10 +158,4 @@ def state_precheck(cfg: TrainConfig, sl: Slice, model_cfg: ModelConfig, mesh, fr
     parts = {"params": params, "optimizer": 2 * params,
              "average": 0 if cfg.average.in_step()[0] == "none" else params,
              "frozen": chip_bytes(frozen)}
-    state = sum(parts.values())
-    if state > sl.hbm_bytes:
-        largest = max(parts, key=parts.get)
-        raise DoesNotFitError(
-            f"does not fit: the state alone needs {state / GiB:.1f} GiB per chip of the "
-            f"{sl.hbm_bytes / GiB:.0f} GiB a {sl.generation} chip has (largest: {largest} "
-            f"{parts[largest] / GiB:.1f} GiB); try {_advice(largest, cfg, mesh)}")
+    slices.refuse_if_over(sl, parts, "the state", lambda part: _advice(part, cfg, mesh))

@@ -56,13 +56,12 @@ from jaxarith.models.layers import KVCache
 from jaxarith.models.presets import PRESETS, preset
 from jaxarith.models.transformer import CACHE_AXES, abstract_params
 from jaxarith.planning.slices import (
-    DoesNotFitError,
-    GiB,
     Slice,
     chip_bytes,
     collectives,
     libtpu_version,
     memory,
+    refuse_if_over,
     topology_devices,
 )
 
@@ -115,16 +114,6 @@ def _advice(part: str, mesh) -> str:
         return ("a smaller --batch or shorter lengths, or more chips over the batch "
                 "(data/fsdp) or kv heads (tensor)")
     return "a smaller --batch or shorter lengths"
-
-
-def _precheck(sl: Slice, parts: dict[str, int], mesh) -> None:
-    need = sum(parts.values())
-    if need > sl.hbm_bytes:
-        largest = max(parts, key=parts.get)
-        raise DoesNotFitError(
-            f"does not fit: {' and '.join(parts)} alone need {need / GiB:.1f} GiB per chip of "
-            f"the {sl.hbm_bytes / GiB:.0f} GiB a {sl.generation} chip has (largest: {largest} "
-            f"{parts[largest] / GiB:.1f} GiB); try {_advice(largest, mesh)}")
 
 
 def _mesh(sl: Slice, mesh_spec: str):
@@ -194,7 +183,8 @@ def plan_generate(members: Sequence[Member], sl: Slice, *, mesh_spec: str = "fsd
     caches = [abstract_cache(m.config, batch, cache_len, dtype, mesh) for m in members]
     prompts = tuple((_rows(mesh, t.shape), _rows(mesh, t.shape)) for t, _ in padded)
     parts = {"params": chip_bytes(params), "kv_cache": chip_bytes([(c.k, c.v) for c in caches])}
-    _precheck(sl, parts, mesh)
+    refuse_if_over(sl, parts, "the resident state (weights, KV caches)",
+                   lambda part: _advice(part, mesh))
     parts["batch"] = chip_bytes(prompts)
     weights = _replicated(mesh, (len(members),), jnp.float32)
     key = jax.eval_shape(lambda: jax.random.key(0))
@@ -252,7 +242,7 @@ def plan_lm_eval(members: Sequence[Member], sl: Slice, *, mesh_spec: str = "fsdp
     slots = max(max_length, scoring.MIN_ROW)
     params = tuple(abstract_params(m.config, jnp.dtype(dtype), mesh) for m in members)
     parts = {"params": chip_bytes(params)}
-    _precheck(sl, parts, mesh)
+    refuse_if_over(sl, parts, "the weights", lambda part: _advice(part, mesh))
     parts["batch"] = chip_bytes([_rows(mesh, (rows, slots))] * 7)  # tokens ... scored
     t0 = time.perf_counter()
     score = autobatch.lower_scorer(spec, params, rows, slots, mesh=mesh).compile()

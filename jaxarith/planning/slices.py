@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import re
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -167,6 +168,20 @@ def collectives(hlo: str) -> dict[str, dict[str, int]]:
         entry["count"] += 1
         entry["bytes"] += nbytes
     return dict(sorted(out.items()))
+
+
+def refuse_if_over(sl: Slice, parts: dict[str, int], what: str,
+                   advice: Callable[[str], str]) -> None:
+    """Raise :class:`DoesNotFitError` (one line: the need, the largest part and ``advice`` for
+    it) when the ``parts`` (per-chip bytes of what a program holds before its temporaries)
+    alone exceed a chip's HBM."""
+    need = sum(parts.values())
+    if need > sl.hbm_bytes:
+        largest = max(parts, key=parts.get)
+        raise DoesNotFitError(
+            f"does not fit: {what} alone needs {need / GiB:.1f} GiB per chip of the "
+            f"{sl.hbm_bytes / GiB:.0f} GiB a {sl.generation} chip has (largest: {largest} "
+            f"{parts[largest] / GiB:.1f} GiB); try {advice(largest)}")
 
 
 def memory(compiled) -> dict[str, int]:
