@@ -54,7 +54,7 @@ from jaxarith.io import refs
 from jaxarith.models.config import ModelConfig, config_from_hf
 from jaxarith.models.layers import KVCache
 from jaxarith.models.presets import PRESETS, preset
-from jaxarith.models.transformer import CACHE_AXES, abstract_params
+from jaxarith.models.transformer import CACHE_AXES, abstract_params, init_cache
 from jaxarith.planning.slices import (
     Slice,
     chip_bytes,
@@ -79,14 +79,10 @@ def model_config(ref: str) -> ModelConfig:
 def abstract_cache(cfg: ModelConfig, batch: int, length: int, dtype, mesh) -> KVCache:
     """A member's KV cache as ``ShapeDtypeStruct`` sharded by the logical rules (as
     :func:`jaxarith.decode.loop.constrain_cache` shards it)."""
-    shapes = KVCache(k=(cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads,
-                        cfg.head_dim), v=None, valid=(batch, length), index=())
-    shapes = shapes._replace(v=shapes.k)
-    dtypes = KVCache(k=jnp.dtype(dtype), v=jnp.dtype(dtype), valid=jnp.dtype(bool),
-                     index=jnp.dtype(jnp.int32))
-    return KVCache(*(jax.ShapeDtypeStruct(s, d, sharding=sharding.named_sharding(
-        mesh, a, s, name=f"cache.{n}")) for n, s, d, a in zip(
-            KVCache._fields, shapes, dtypes, CACHE_AXES, strict=True)))
+    cache = jax.eval_shape(lambda: init_cache(cfg, batch, length, jnp.dtype(dtype)))
+    return jax.tree.map(lambda a, axes: jax.ShapeDtypeStruct(
+        a.shape, a.dtype, sharding=sharding.named_sharding(mesh, axes, a.shape, name="kv cache")),
+        cache, CACHE_AXES)
 
 
 def _replicated(mesh, shape, dtype) -> jax.ShapeDtypeStruct:
