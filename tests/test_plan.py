@@ -14,6 +14,7 @@ import pytest
 from jaxarith import cli
 from jaxarith.errors import ConfigError
 from jaxarith.models import config_from_hf, num_params
+from jaxarith.planning import slices
 from jaxarith.sharding import make_mesh
 from train import plan
 
@@ -109,7 +110,7 @@ def test_a_state_larger_than_hbm_is_refused_before_compiling(capsys):
 
 
 def test_without_libtpu_plan_says_how_to_install(monkeypatch, capsys):
-    monkeypatch.setattr(plan, "libtpu_version", lambda: None)
+    monkeypatch.setattr(slices, "libtpu_version", lambda: None)
     code, res = _plan(capsys, TINY, "--topology", "v5e-4")
     assert code == 2 and "pip install 'jaxarith[tpu]'" in res["error"]
 

@@ -46,6 +46,16 @@ def add_combination(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=1.0)
 
 
+def combination_refs(args, mode: str) -> list[str]:
+    """The model references of ``add_combination``'s flags, in member order (``mode`` as
+    :func:`jaxarith.commands.generate.check_mode` names it)."""
+    if mode == "proxy":
+        return [args.model, args.expert, args.anti_expert]
+    if mode == "eft":
+        return [args.model, *args.eft]
+    return [args.model]
+
+
 def add_mesh(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--mesh", default=default, metavar="SPEC",
                    help="device mesh, e.g. 'fsdp=-1' or 'data=2,fsdp=2,tensor=2' "

@@ -19,15 +19,14 @@ import argparse
 import sys
 
 from jaxarith.commands import _common
-from jaxarith.decode.combine import eft, proxy_tuning
-from jaxarith.decode.loop import DecodeSpec, Member, generate
+from jaxarith.decode.combine import members_for
+from jaxarith.decode.loop import DecodeSpec, generate
 from jaxarith.decode.sampling import Greedy, Sampling
-from jaxarith.decode.speculative import SpeculativeSpec, generate_speculative
+from jaxarith.decode.speculative import SpeculativeSpec, eft_drafter, generate_speculative
 from jaxarith.distributed import is_primary
 from jaxarith.errors import ConfigError
 from jaxarith.io.refs import load_model
 from jaxarith.io.vocab import shared_tokenizer, tokenizer_rows
-from jaxarith.models.transformer import num_params
 
 ROLES = {"proxy": ("model", "expert", "anti-expert"), "eft": ("model", "tuned", "ref"),
          "single": ("model",)}
@@ -68,7 +67,8 @@ def _sampler(args):
     return Sampling(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
 
 
-def _check_args(args) -> str:
+def check_mode(args) -> str:
+    """The combination the flags ask for: ``single``, ``proxy`` or ``eft`` (a bad mix raises)."""
     if args.expert is not None and args.eft is not None:
         raise ConfigError("--expert/--anti-expert and --eft are exclusive")
     if (args.expert is None) != (args.anti_expert is None):
@@ -113,7 +113,7 @@ class _Streamer:
 def handle(args) -> int:
     import jax.numpy as jnp
 
-    mode = _check_args(args)
+    mode = check_mode(args)
     templates = _templates(args, mode)
     prompts = list(args.prompt)
     if args.prompt_file:
@@ -126,13 +126,11 @@ def handle(args) -> int:
         raise ConfigError(f"prompt(s) {empty} are empty: give some text to continue")
     mesh = _common.mesh_from(args)
     quiet = not _common.progress_enabled(args)
-    refs = [args.model] + ([args.expert, args.anti_expert] if mode == "proxy" else
-                           list(args.eft) if mode == "eft" else [])
+    refs = _common.combination_refs(args, mode)
     models = [load_model(r, mesh=mesh, dtype=jnp.dtype(args.dtype), progress=not quiet)
               for r in refs]
     cfgs = [m.config for m in models]
-    members = (proxy_tuning(*cfgs, alpha=args.alpha) if mode == "proxy" else
-               eft(*cfgs, beta=args.beta) if mode == "eft" else (Member(cfgs[0]),))
+    members = members_for(mode, cfgs, alpha=args.alpha, beta=args.beta)
     tok = shared_tokenizer(refs, [m.tokenizer() for m in models])
     rows = tokenizer_rows(tok, {r: c.vocab_size for r, c in zip(refs, cfgs, strict=True)})
     eos = cfgs[0].eos_token_id
@@ -148,9 +146,7 @@ def handle(args) -> int:
     streamer = _Streamer(tok, prompts[0]) if len(prompts) == 1 and not args.json else None
     params = [m.params for m in models]
     if args.speculative:
-        # up-scaling drafts with the small tuned model; down-scaling with the small base MODEL
-        drafter = 1 if num_params(cfgs[1]) <= num_params(cfgs[0]) else 0
-        sd = SpeculativeSpec(decoder=dec, drafter=drafter, k=args.speculative)
+        sd = SpeculativeSpec(decoder=dec, drafter=eft_drafter(cfgs), k=args.speculative)
         g = generate_speculative(sd, params, ids, seed=args.seed, mesh=mesh, on_tokens=streamer)
     else:
         g = generate(dec, params, ids, seed=args.seed, mesh=mesh, on_tokens=streamer)

@@ -36,6 +36,18 @@ def eft(model: ModelConfig, tuned: ModelConfig, reference: ModelConfig,
             Member(reference, -beta, "reference"))
 
 
+def members_for(mode: str, configs, *, alpha: float = 1.0,
+                beta: float = 1.0) -> tuple[Member, ...]:
+    """The members of a ``generate`` / ``lm-eval`` combination: ``mode`` ``"single"`` (one
+    model), ``"proxy"`` (``configs`` = base, expert, anti-expert) or ``"eft"`` (model, tuned,
+    reference)."""
+    if mode == "proxy":
+        return proxy_tuning(*configs, alpha=alpha)
+    if mode == "eft":
+        return eft(*configs, beta=beta)
+    return (Member(configs[0]),)
+
+
 def eft_up(large_base: ModelConfig, small_tuned: ModelConfig, small_base: ModelConfig,
            beta: float = 1.0) -> tuple[Member, ...]:
     """EFT up-scaling: a large base model steered by the small models' fine-tuning reward."""

@@ -37,7 +37,7 @@ from jaxarith.decode.loop import (
 )
 from jaxarith.decode.sampling import Greedy
 from jaxarith.errors import ConfigError
-from jaxarith.models.transformer import unstack_layers
+from jaxarith.models.transformer import num_params, unstack_layers
 
 
 def accept_or_resample(p: jax.Array, q: jax.Array, draft: jax.Array, key: jax.Array,
@@ -92,6 +92,13 @@ class SpeculativeSpec:
             raise ConfigError(f"speculative k={self.k} must be >= 1")
 
 
+
+
+def eft_drafter(configs) -> int:
+    """The drafting member of an EFT combination ``(model, tuned, ref)``: the small model, i.e.
+    the tuned one (1) when up-scaling (it is no larger than MODEL), MODEL (0) when
+    down-scaling."""
+    return 1 if num_params(configs[1]) <= num_params(configs[0]) else 0
 
 
 def _rollback(cache, index):

@@ -106,10 +106,12 @@ def _param_bytes(params: Sequence[dict]) -> int:
     return total
 
 
-def program_bytes(spec: DecodeSpec, params: Sequence[dict], rows: int, t: int, *,
-                  n_sets: int = 1, mesh: jax.sharding.Mesh | None = None) -> int:
-    """Bytes per device the scorer needs for ``rows`` packed rows of ``t`` slots with ``t``
-    scored positions, beyond the resident parameters (compiled, not run)."""
+def lower_scorer(spec: DecodeSpec, params: Sequence[dict], rows: int, t: int, *,
+                 n_sets: int = 1, mesh: jax.sharding.Mesh | None = None):
+    """The scorer (:func:`jaxarith.eval.lmeval.scoring._score_packed`) lowered for ``rows``
+    packed rows of ``t`` slots with ``t`` scored positions, its inputs placed as
+    :func:`~jaxarith.eval.lmeval.scoring.score_requests` places them. ``params`` may be
+    abstract (``jax.ShapeDtypeStruct`` with shardings: planning for a TPU slice)."""
     def arg(shape):
         s = None if mesh is None else sharding.named_sharding(mesh, ("batch", "seq"), shape)
         return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s)
@@ -117,9 +119,16 @@ def program_bytes(spec: DecodeSpec, params: Sequence[dict], rows: int, t: int, *
     rows_ = tuple(arg((rows, t)) for _ in range(n_sets))
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     with ctx:
-        exe = scoring._score_packed.lower(
+        return scoring._score_packed.lower(
             spec, tuple(params), member_weights(spec), rows_, rows_, rows_, rows_, rows_,
-            arg((rows, t)), arg((rows, t))).compile()
+            arg((rows, t)), arg((rows, t)))
+
+
+def program_bytes(spec: DecodeSpec, params: Sequence[dict], rows: int, t: int, *,
+                  n_sets: int = 1, mesh: jax.sharding.Mesh | None = None) -> int:
+    """Bytes per device the scorer needs for ``rows`` packed rows of ``t`` slots with ``t``
+    scored positions, beyond the resident parameters (compiled, not run)."""
+    exe = lower_scorer(spec, params, rows, t, n_sets=n_sets, mesh=mesh).compile()
     ma = exe.memory_analysis()
     need = (ma.temp_size_in_bytes + ma.output_size_in_bytes + ma.argument_size_in_bytes
             - ma.alias_size_in_bytes)

@@ -63,8 +63,8 @@ from lm_eval.models.utils import (
 )
 from tqdm.auto import tqdm
 
-from jaxarith.decode.combine import eft, proxy_tuning
-from jaxarith.decode.loop import DecodeSpec, Member, generate
+from jaxarith.decode.combine import members_for
+from jaxarith.decode.loop import DecodeSpec, generate
 from jaxarith.decode.sampling import Greedy, Sampling
 from jaxarith.errors import ConfigError
 from jaxarith.eval.lmeval import autobatch, model_args, multihost, scoring, templates
@@ -162,8 +162,7 @@ class JaxarithLM(multihost.Collective, TemplateLM):
         models = list(_models) if _models is not None else [
             load_model(r, mesh=self.mesh, dtype=jnp.dtype(dtype), progress=False) for r in refs]
         cfgs = [m.config for m in models]
-        members = (proxy_tuning(*cfgs, alpha=alpha) if mode == "proxy" else
-                   eft(*cfgs, beta=beta) if mode == "eft" else (Member(cfgs[0]),))
+        members = members_for(mode, cfgs, alpha=alpha, beta=beta)
         tokenizers = [m.tokenizer() for m in models]
         self.tokenizer, limit = self._shared_tokenizer(models, tokenizers)
         # the spec for scoring; generation derives its own (sampler, lengths) from it
