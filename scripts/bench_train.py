@@ -43,7 +43,8 @@ def hf_config(over: dict, seq_len: int):
 
 
 def bench_jax(hf, batch: int, seq_len: int, steps: int, warmup: int,
-              profile: str | None = None, compute: str = "float32") -> dict:
+              profile: str | None = None, compute: str = "float32",
+              attention: str = "xla") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -66,7 +67,8 @@ def bench_jax(hf, batch: int, seq_len: int, steps: int, warmup: int,
     sched = ScheduleConfig(kind="constant", peak_lr=1e-4, total_steps=steps + warmup).build()
     tx = make_optimizer(OptimizerConfig(weight_decay=0.1, clip_norm=1.0), sched)
     fns = build_step(cfg, mesh, tx=tx, schedule=sched, batch=batch, seq_len=seq_len,
-                     loss_fn=next_token_loss_fn(cfg, dtype=jnp.dtype(compute)))
+                     loss_fn=next_token_loss_fn(cfg, dtype=jnp.dtype(compute),
+                                                attention=attention))
     t = time.perf_counter()
     step, info = compile_step(fns, mesh)
     compile_s = time.perf_counter() - t
@@ -94,28 +96,29 @@ def bench_jax(hf, batch: int, seq_len: int, steps: int, warmup: int,
 
 
 def bench_torch(hf, batch: int, seq_len: int, steps: int, warmup: int,
-                compute: str = "float32") -> dict:
+                compute: str = "float32", device: str = "cpu") -> dict:
     import contextlib
 
     import torch
     import transformers
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf).float().train()
+    model = transformers.AutoModelForCausalLM.from_config(hf).float().train().to(device)
     decay = [p for n, p in model.named_parameters() if "norm" not in n and "bias" not in n]
     rest = [p for n, p in model.named_parameters() if "norm" in n or "bias" in n]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                              {"params": rest, "weight_decay": 0.0}],
                             lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
     gen = torch.Generator().manual_seed(0)
-    data = [torch.randint(0, hf.vocab_size, (batch, seq_len), generator=gen)
+    data = [torch.randint(0, hf.vocab_size, (batch, seq_len), generator=gen).to(device)
             for _ in range(steps + warmup)]
 
     def one(tokens):
         opt.zero_grad(set_to_none=True)
         # bfloat16: autocast's mixed precision (float32 master weights), like jaxarith's compute
         # dtype; float32: no autocast
-        ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if compute == "bfloat16"
+        ctx = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+               if compute == "bfloat16"
                else contextlib.nullcontext())
         with ctx:
             loss = model(input_ids=tokens, labels=tokens).loss
