@@ -14,6 +14,7 @@ import pytest
 
 from jaxarith import data, testing
 from jaxarith.data.assets import bundled_tokenizer
+from jaxarith.distill import cache as distill_cache
 from jaxarith.errors import ConfigError
 from jaxarith.io.convert.hf import load_hf_params
 from jaxarith.models import token_logprobs, transformer
@@ -22,6 +23,7 @@ from jaxarith.models.transformer import forward, next_token_loss
 from jaxarith.schedules import ScheduleConfig
 from jaxarith.sharding import make_mesh
 from train.config import OptimizerConfig
+from train.evaluation import make_eval
 from train.step import build_step, compile_step, init_state, make_optimizer, next_token_loss_fn
 
 EOS = 2
@@ -216,3 +218,28 @@ def test_train_step_on_a_mesh_equals_a_per_document_reference(llama_dir, microba
     assert float(metrics["tokens"]) == batch * (seq - 1)
     # and it is not the streamed windows' loss (documents do not see each other)
     assert abs(float(stream_nll / n) - ref) > 1e-4
+
+
+def test_held_out_eval_scores_packed_documents(llama_dir):
+    cfg, params = load_hf_params(llama_dir[0], progress=False)
+    rng = np.random.default_rng(7)
+    tokens = np.stack([np.concatenate(_docs(rng, (10, 20, 18))) for _ in range(3)])
+    seg, pos = data.document_segments(tokens, EOS)
+    mesh = make_mesh("fsdp=1", jax.devices()[:1])
+    evaluate = make_eval(cfg, mesh, 2, 48, "float32")  # 3 rows: the second batch is padded
+    got = evaluate(params, {"tokens": tokens, "segment_ids": seg, "positions": pos})
+    nll, n = next_token_loss(params, cfg, jnp.asarray(tokens), segment_ids=jnp.asarray(seg),
+                             positions=jnp.asarray(pos))
+    np.testing.assert_allclose(got, float(nll / n), rtol=1e-6)
+    assert abs(evaluate(params, tokens) - got) > 1e-4  # streamed windows score otherwise
+
+
+def test_a_stream_cache_is_refused_by_a_documents_run():
+    tok = bundled_tokenizer()
+    src = data.SourceData("code", 1.0, np.zeros((1, 8), np.int32), np.zeros((0, 8), np.int32),
+                          documents=True, eos_id=EOS)
+    manifest = {"tokenizer": distill_cache.tokenizer_fingerprint(tok), "seq_len": 8,
+                "sources": []}  # no "packing": written before it existed, i.e. stream
+    cache = distill_cache.Cache("/nonexistent", manifest, np.zeros((0, 3), np.uint64))
+    with pytest.raises(distill_cache.CacheError, match="packing"):
+        distill_cache.check_cache(cache, [src], tok, 8)
