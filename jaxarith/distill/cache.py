@@ -37,6 +37,7 @@ import shutil
 import numpy as np
 
 from jaxarith import sharding
+from jaxarith.data.pipeline import document_segments
 from jaxarith.distill import losses as D
 from jaxarith.errors import ConfigError, JaxarithError
 from jaxarith.io import refs
@@ -193,8 +194,6 @@ def packing_of(sources) -> str:
 def _segments(sources, chunk, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Segment ids and positions of the windows ``tokens`` of ``chunk`` ((source, window)
     pairs), each by its source's EOS (see :func:`jaxarith.data.pipeline.document_segments`)."""
-    from jaxarith.data.pipeline import document_segments
-
     seg, pos = np.zeros_like(tokens), np.zeros_like(tokens)
     for j, (si, _) in enumerate(chunk):
         seg[j], pos[j] = document_segments(tokens[j], sources[si].eos_id)
