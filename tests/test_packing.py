@@ -243,3 +243,14 @@ def test_a_stream_cache_is_refused_by_a_documents_run():
     cache = distill_cache.Cache("/nonexistent", manifest, np.zeros((0, 3), np.uint64))
     with pytest.raises(distill_cache.CacheError, match="packing"):
         distill_cache.check_cache(cache, [src], tok, 8)
+
+
+def test_the_loop_declares_the_segment_fields_only_for_documents():
+    from train.loop import batch_fields
+
+    tok = bundled_tokenizer()
+    for packing, extra in (("documents", {"segment_ids", "positions"}), ("stream", set())):
+        ex = data.mixed_dataset(data.load_sources(_cfg(packing), tok))[0]
+        fields = batch_fields(ex, 64)
+        assert set(fields) == {"tokens", "weights"} | extra
+        assert all(fields[k] == ((), "int32") for k in extra)
