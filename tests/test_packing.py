@@ -125,6 +125,8 @@ def _hf_logprobs(hf, doc):
 @pytest.mark.parametrize("name,hf_config", [
     ("llama_gqa", testing.tiny_llama_config(max_position_embeddings=512)),
     ("gpt2", testing.tiny_gpt2_config(n_positions=512)),
+    # sliding windows (4 keys) and soft-capping: the window counts inside each document
+    ("gemma2", testing.tiny_gemma2_config(max_position_embeddings=512)),
 ])
 def test_packed_row_equals_each_document_alone_in_transformers(tmp_path, name, hf_config,
                                                                attention, t):
