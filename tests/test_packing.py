@@ -256,3 +256,13 @@ def test_the_loop_declares_the_segment_fields_only_for_documents():
         fields = batch_fields(ex, 64)
         assert set(fields) == {"tokens", "weights"} | extra
         assert all(fields[k] == ((), "int32") for k in extra)
+
+
+def test_a_run_saved_before_packing_resumes_as_stream():
+    from train.resume import check_config_unchanged
+
+    saved = {"data": {"seq_len": 8}}  # a config.json written before data.packing existed
+    check_config_unchanged(saved, {"data": {"seq_len": 8, "packing": "stream"}}, (), "/run")
+    with pytest.raises(ConfigError, match="data.packing: 'stream' -> 'documents'"):
+        check_config_unchanged(saved, {"data": {"seq_len": 8, "packing": "documents"}}, (),
+                               "/run")
