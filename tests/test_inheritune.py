@@ -141,18 +141,26 @@ def test_grow_loop_rounds_jsonl_and_resume(reference, tmp_path, monkeypatch, cap
             assert json.load(f)["init"]["layers"] == f"first:{r['n']}"
     assert res["status"] == ("matched" if recs[-1]["matched"] else "unmatched")
     assert os.path.getsize(out / "inheritune.png") > 1000
-    # the reference's held-out loss equals transformers' mean next-token NLL on the same windows
+    # the reference's held-out loss equals transformers' mean next-token NLL on the same windows,
+    # each packed document run alone (data.packing: documents); the target after a document's
+    # EOS (the next one's first token) is predicted from the document just ended
     import torch
     import transformers
 
     held = inheritune.HeldOut(from_dict(_student_raw(reference, out), over), reference)
     hf = transformers.AutoModelForCausalLM.from_pretrained(reference).eval()
+    tokens, seg = held.windows["tokens"], held.windows["segment_ids"]
+    total, count = 0.0, 0
     with torch.no_grad():
-        ids = torch.tensor(held.windows, dtype=torch.long)
-        logits = hf(input_ids=ids).logits[:, :-1]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                ids[:, 1:].reshape(-1))
-    assert abs(float(nll) - recs[0]["ref_val_loss"]) < 1e-4
+        for row, ids in zip(seg, tokens, strict=True):
+            for s in np.unique(row):
+                at = np.flatnonzero(row == s)
+                lp = torch.log_softmax(hf(input_ids=torch.tensor(ids[at][None])).logits[0], -1)
+                targets = list(ids[at[1:]]) + ([ids[at[-1] + 1]] if at[-1] + 1 < len(ids) else [])
+                total -= sum(float(lp[j, t]) for j, t in enumerate(targets))
+                count += len(targets)
+    assert held.n_windows == len(tokens) and count == tokens.size - len(tokens)
+    assert abs(total / count - recs[0]["ref_val_loss"]) < 1e-4
     # the trained reference beats 6-step students on its own held-out data (sanity)
     assert recs[0]["ref_val_loss"] < recs[0]["val_loss"] + 1.0
 

@@ -40,6 +40,7 @@ from jaxarith.errors import ConfigError
 from jaxarith.io.refs import load_model
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig
+from train.losses import packed_fields
 
 NAME = "distill"  # the teacher's key in the state's ``frozen`` tree
 CACHE_FIELDS = ("teacher_ids", "teacher_logp", "teacher_rest")
@@ -176,8 +177,9 @@ def make_loss_fn(student_cfg: ModelConfig, opts: D.DistillLoss, *,
 
     def loss_fn(params, frozen, batch):
         tokens = batch["tokens"]
+        packed = packed_fields(batch)
         logits, _, _ = transformer.forward(params, student_cfg, tokens, dtype=dtype, remat=remat,
-                                           attention=attention)
+                                           attention=attention, **packed)
         weight = jnp.ones(tokens[:, 1:].shape, jnp.float32)
         if batch.get("weights") is not None:
             weight = weight * batch["weights"][:, 1:].astype(jnp.float32)
@@ -187,7 +189,8 @@ def make_loss_fn(student_cfg: ModelConfig, opts: D.DistillLoss, *,
         else:
             t_params = jax.lax.stop_gradient(frozen[NAME])
             t_logits, _, _ = transformer.forward(t_params, teacher_cfg, tokens,
-                                                 dtype=teacher_dtype, attention=attention)
+                                                 dtype=teacher_dtype, attention=attention,
+                                                 **packed)
             teacher = jax.lax.stop_gradient(t_logits[:, :-1, :width])
         return D.total_sums(logits[:, :-1, :width], teacher, tokens[:, 1:], weight, opts,
                             vocab_size)

@@ -25,33 +25,35 @@ def eval_examples(source, n: int) -> dict:
     return dict(ex) if isinstance(ex, dict) else {"tokens": ex}
 
 
+# the per-token fields an eval example may carry besides ``tokens`` (padding rows get zeros)
+EVAL_FIELDS = {"weights": np.float32, "segment_ids": np.int32, "positions": np.int32}
+
+
 @functools.lru_cache(maxsize=4)
 def make_eval(model_cfg: ModelConfig, mesh, batch: int, seq_len: int, compute_dtype: str):
     """``evaluate(params, examples) -> mean NLL`` over ``[batch, seq_len]`` batches (jitted).
 
     ``examples``: a ``[n, T]`` token array, or a dict with ``tokens`` and optionally
     ``weights`` (loss weights of target tokens, as in training: a chat source scores only its
-    weighted tokens)."""
+    weighted tokens) and packed documents' ``segment_ids`` and ``positions``."""
     dtype = jnp.dtype(compute_dtype)
     shd = sharding.named_sharding(mesh, ("batch", "seq"), (batch, seq_len))
     pshd = transformer.param_shardings(model_cfg, mesh)
 
-    def fn(params, tokens, mask):
-        return transformer.next_token_loss(params, model_cfg, tokens, mask, dtype=dtype)
+    def fn(params, tokens, mask, extra):
+        return transformer.next_token_loss(params, model_cfg, tokens, mask, dtype=dtype,
+                                           **extra)
 
-    def fn_weighted(params, tokens, mask, weights):
-        return transformer.next_token_loss(params, model_cfg, tokens, mask, weights=weights,
-                                           dtype=dtype)
-
-    plain = jax.jit(fn, in_shardings=(pshd, shd, shd))
-    weighted = jax.jit(fn_weighted, in_shardings=(pshd, shd, shd, shd))
+    # one program per set of extra fields (jit retraces by the dict's keys)
+    jitted = jax.jit(fn, in_shardings=(pshd, shd, shd, shd))
 
     def put(x):
         return jax.make_array_from_process_local_data(shd, local_rows(x))
 
     def evaluate(params, examples) -> float:
         ex = examples if isinstance(examples, dict) else {"tokens": examples}
-        windows, w = ex["tokens"], ex.get("weights")
+        windows = ex["tokens"]
+        names = [k for k in EVAL_FIELDS if ex.get(k) is not None]
         total, count = 0.0, 0.0
         with jax.set_mesh(mesh):
             for s in range(0, len(windows), batch):
@@ -59,12 +61,12 @@ def make_eval(model_cfg: ModelConfig, mesh, batch: int, seq_len: int, compute_dt
                 tokens = np.zeros((batch, seq_len), np.int32)
                 mask = np.zeros((batch, seq_len), np.int32)
                 tokens[: len(chunk)], mask[: len(chunk)] = chunk, 1
-                if w is None:
-                    nll, n = plain(params, put(tokens), put(mask))
-                else:
-                    wts = np.zeros((batch, seq_len), np.float32)
-                    wts[: len(chunk)] = w[s: s + batch]
-                    nll, n = weighted(params, put(tokens), put(mask), put(wts))
+                extra = {}
+                for k in names:
+                    v = np.zeros((batch, seq_len), EVAL_FIELDS[k])
+                    v[: len(chunk)] = ex[k][s: s + batch]
+                    extra[k] = put(v)
+                nll, n = jitted(params, put(tokens), put(mask), extra)
                 total, count = total + float(nll), count + float(n)
         return total / max(count, 1.0)
 

@@ -111,7 +111,9 @@ class HeldOut:
         sets = [data_lib.eval_windows(s, n_eval) for s in sources if len(s.eval)]
         if not sets:
             raise ConfigError("data: no held-out windows (set data.eval_fraction > 0)")
-        self.windows = np.concatenate(sets)
+        self.windows = np.concatenate(sets) if not isinstance(sets[0], dict) else \
+            {k: np.concatenate([x[k] for x in sets]) for k in sets[0]}
+        self.n_windows = sum(len(x["tokens"] if isinstance(x, dict) else x) for x in sets)
 
     def __call__(self, params, model_cfg) -> float:
         evaluate = make_eval(model_cfg, self.mesh, self.batch, self.cfg.data.seq_len,
@@ -173,7 +175,7 @@ def run(path: str, overrides: list[str] | None = None, *, on_round=None) -> dict
         held = HeldOut(first, ref_dir)
         ref = load_model(grow.reference, mesh=held.mesh, progress=False)
         ref_rec = {"reference": grow.reference, "layers": K,
-                   "ref_val_loss": held(ref.params, ref.config), "windows": len(held.windows)}
+                   "ref_val_loss": held(ref.params, ref.config), "windows": held.n_windows}
         del ref
         _write_json(ref_json, ref_rec)
     ref_loss = ref_rec["ref_val_loss"]

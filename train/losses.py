@@ -1,5 +1,6 @@
 """Training losses of the families whose loss is more than next-token NLL.
 
+:func:`packed_fields` picks a batch's packed-document fields for the forward of every loss.
 A mixture-of-experts family (``Family.routed``: its blocks return router logits as the forward's
 ``aux``) trains on NLL plus the router losses of :mod:`jaxarith.models.moe`; the models package
 itself knows nothing of training (train/step.py picks the loss).
@@ -13,6 +14,15 @@ import jax.numpy as jnp
 
 from jaxarith.errors import ConfigError
 from jaxarith.models import moe, transformer
+
+
+def packed_fields(batch: dict) -> dict:
+    """``{"segment_ids", "positions"}`` of a batch of packed documents (``data.packing:
+    documents``), as keyword arguments of :func:`jaxarith.models.transformer.forward`; ``{}``
+    for streamed windows (the forward then sees exactly what it saw before packing existed)."""
+    if "segment_ids" not in batch:
+        return {}
+    return {"segment_ids": batch["segment_ids"], "positions": batch["positions"]}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,7 +64,7 @@ def moe_loss_fn(cfg, *, dtype=jnp.float32, remat: bool = False,
         mask = jnp.ones(tokens.shape, bool)
         logits, _, router = transformer.forward(params, cfg, tokens, attention_mask=mask,
                                                 dtype=dtype, remat=remat,
-                                                attention=attention)
+                                                attention=attention, **packed_fields(batch))
         nll, count = transformer.nll_from_logits(logits, tokens, mask, batch.get("weights"))
         aux = moe.load_balancing_loss(router, k, mask)
         z = moe.router_z_loss(router, mask)

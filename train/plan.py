@@ -31,7 +31,7 @@ from typing import Any
 
 import jax
 
-from jaxarith.data.sources import SourceKind
+from jaxarith.data.sources import Packing, SourceKind
 from jaxarith.errors import ConfigError
 from jaxarith.io import refs
 from jaxarith.models import kernels
@@ -84,6 +84,8 @@ def _fields(cfg: TrainConfig, extensions: list[Extension]) -> dict:
     fields = dict(TOKENS_ONLY)
     if any(s.kind is SourceKind.CHAT for s in cfg.data.sources):
         fields["weights"] = ((), "float32")
+    if cfg.data.packing is Packing.DOCUMENTS:  # packed documents' segment ids and positions
+        fields.update(segment_ids=((), "int32"), positions=((), "int32"))
     for ext in extensions:
         fields.update(ext.batch_fields)
     return fields

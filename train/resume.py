@@ -139,6 +139,8 @@ def check_config_unchanged(saved: dict, config_dict: dict, allow: Sequence[str],
         return
 
     a, b = flatten(saved), flatten(config_dict)
+    if "data" in saved and "data.packing" not in a:  # saved before data.packing existed
+        a["data.packing"] = "stream"
     allowed = lambda k: any(k == x or k.startswith(x + ".") for x in allow)
     keys = [k for k in sorted(set(a) | set(b))
             if k.split(".")[0] in RESUME_KEYS and a.get(k) != b.get(k) and not allowed(k)]

@@ -10,7 +10,8 @@ Extension points, so new capabilities do not rewrite the loop:
 * ``loss_fn(params, frozen, batch) -> (loss_sum, count, metrics)``: the one loss interface.
   ``batch`` is a dict of one microbatch's arrays (``tokens`` ``[b, T]`` always; more fields when
   declared with ``build_step(batch_fields=...)``, e.g. ``weights`` ``[b, T]`` loss weights of
-  each target token for instruction tuning, or cached teacher top-k for distillation).
+  each target token for instruction tuning, ``segment_ids`` and ``positions`` of packed
+  documents (:func:`train.losses.packed_fields`), or cached teacher top-k for distillation).
   ``loss_sum`` and every value of ``metrics`` are *sums over the microbatch's tokens*; the step
   adds them over microbatches and divides each by the total ``count`` once, so accumulation is
   exact for all of them. The default is next-token NLL (:func:`next_token_loss_fn`); a
@@ -98,7 +99,8 @@ def next_token_loss_fn(cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = Fal
                        fused: bool = True, attention: str = "xla") -> LossFn:
     """The default loss: summed next-token NLL, its token count and no extra metrics.
 
-    Honours an optional ``batch["weights"]`` (``[b, T]`` loss weights of target tokens). A
+    Honours an optional ``batch["weights"]`` (``[b, T]`` loss weights of target tokens) and
+    packed documents' ``segment_ids`` and ``positions`` (:func:`train.losses.packed_fields`). A
     routed family (Mixtral) gets NLL plus its router losses (:func:`train.losses.moe_loss_fn`).
     ``fused`` (default): the output head and the cross-entropy run fused and chunked
     (:mod:`jaxarith.models.fused_ce`; the ``[b, T, V]`` logits are never held); False: through
@@ -112,7 +114,8 @@ def next_token_loss_fn(cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = Fal
         del frozen
         nll, count = transformer.next_token_loss(params, cfg, batch["tokens"],
                                                  weights=batch.get("weights"), dtype=dtype,
-                                                 remat=remat, fused=fused, attention=attention)
+                                                 remat=remat, fused=fused, attention=attention,
+                                                 **losses.packed_fields(batch))
         return nll, count, {}
 
     return loss

@@ -21,6 +21,7 @@ Example::
 from jaxarith.data.pipeline import (
     batch_iterator,
     check_batch,
+    document_segments,
     eval_windows,
     load_source,
     load_sources,
@@ -34,6 +35,7 @@ from jaxarith.data.pipeline import (
 from jaxarith.data.sources import (
     BUNDLED,
     DataConfig,
+    Packing,
     SourceConfig,
     SourceData,
     SourceKind,
@@ -44,8 +46,8 @@ from jaxarith.data.sources import (
     stream_eval_count,
 )
 
-__all__ = ["BUNDLED", "DataConfig", "SourceConfig", "SourceData", "SourceKind",
-           "batch_iterator", "check_batch", "eval_windows", "load_source", "load_sources",
-           "local_shares", "mixed_dataset", "open_dataset", "pack", "read_chats",
-           "read_documents", "split_documents", "stream_documents", "stream_eval_count",
-           "stream_positions", "tokenize"]
+__all__ = ["BUNDLED", "DataConfig", "Packing", "SourceConfig", "SourceData", "SourceKind",
+           "batch_iterator", "check_batch", "document_segments", "eval_windows", "load_source",
+           "load_sources", "local_shares", "mixed_dataset", "open_dataset", "pack",
+           "read_chats", "read_documents", "split_documents", "stream_documents",
+           "stream_eval_count", "stream_positions", "tokenize"]

@@ -35,8 +35,21 @@ so text and chat sources mix in one batch. A ``kind: chat`` source is a jsonl of
 chat template, or the built-in template for the bundled tokenizer) with weight 1 on assistant
 tokens only. Chat sources are **not packed**: each conversation gets its own window, right-padded
 (weight 0), so conversations never share a window and no attention or loss crosses between them
-(text sources are packed and their documents, separated by EOS, do attend to earlier documents in
-the same window, as in usual pre-training).
+(text sources are packed, see below).
+
+Packed documents (``data.packing``). With ``documents`` (the default) every example also carries
+``segment_ids`` [T] int32 and ``positions`` [T] int32 (:func:`document_segments`): a document is
+its tokens *and the EOS that ends it*, so a new segment starts at the token after each EOS, and
+positions restart at 0 there. The model then lets a token attend only to earlier tokens of its own
+segment, and each document is scored as if it were alone (up to the window cut: a document
+continued from the previous window starts at position 0 of this one). The target predicted at
+an EOS, the next document's first token, is kept, as Levanter (``LmExample.causal``: its loss
+mask drops only the last position) and MaxText (targets and ``targets_segmentation`` shifted
+together, only padding masked) keep it: it is the model's guess of how a document starts, made
+from a query that sees only the document just ended. Chat windows hold one conversation each: one
+segment, positions 0..T-1. With ``stream`` the examples have neither field and the window is one
+sequence (documents attend to the earlier documents of the window), as before ``packing``
+existed.
 """
 
 from __future__ import annotations
@@ -50,6 +63,7 @@ import numpy as np
 from jaxarith.data import chat, tokenized
 from jaxarith.data.sources import (
     DataConfig,
+    Packing,
     SourceConfig,
     SourceData,
     SourceKind,
@@ -82,6 +96,29 @@ def pack(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return np.asarray(tokens[: n * seq_len], np.int32).reshape(n, seq_len)
 
 
+def document_segments(tokens: np.ndarray, eos_id: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Segment ids and positions [..., T] (int32) of packed windows ``tokens`` [..., T].
+
+    A document ends with its EOS: the segment id goes up by one at the token *after* each EOS
+    (ids count from 1 in each window; 0 is left for padding, as the kernels' segment ids use
+    it), and the position restarts at 0 there. ``eos_id`` None: one segment, positions 0..T-1.
+
+    Example: ``tokens = [5, 6, 2, 7, 2, 8]`` with EOS 2 gives segment ids ``[1, 1, 1, 2, 2, 3]``
+    and positions ``[0, 1, 2, 0, 1, 0]``.
+    """
+    tokens = np.asarray(tokens)
+    t = tokens.shape[-1]
+    idx = np.broadcast_to(np.arange(t, dtype=np.int32), tokens.shape)
+    if eos_id is None:
+        return np.ones(tokens.shape, np.int32), np.array(idx)
+    ends = tokens == eos_id
+    starts = np.zeros(tokens.shape, bool)  # a document starts after each EOS
+    starts[..., 1:] = ends[..., :-1]
+    segment_ids = (1 + np.cumsum(starts, axis=-1)).astype(np.int32)
+    first = np.maximum.accumulate(np.where(starts, idx, 0), axis=-1)
+    return segment_ids, (idx - first).astype(np.int32)
+
+
 def split_documents(docs: Sequence, eval_fraction: float) -> tuple[list, list]:
     """(train, held-out): the last ``eval_fraction`` of the documents (at least one, at most all
     but one, when the fraction is positive)."""
@@ -103,7 +140,8 @@ def load_chat_source(src: SourceConfig, tokenizer, cfg: DataConfig) -> SourceDat
 
     train, train_w = windows(train_c)
     evals, eval_w = windows(eval_c)
-    return SourceData(src.name, src.weight, train, evals, train_w, eval_w)
+    return SourceData(src.name, src.weight, train, evals, train_w, eval_w,
+                      documents=cfg.packing is Packing.DOCUMENTS)
 
 
 def load_source(src: SourceConfig, tokenizer, cfg: DataConfig, *, process_index: int = 0,
@@ -112,8 +150,10 @@ def load_source(src: SourceConfig, tokenizer, cfg: DataConfig, *, process_index:
     its documents, :func:`stream_documents`)."""
     if src.kind is SourceKind.CHAT:
         return load_chat_source(src, tokenizer, cfg)
+    documents = cfg.packing is Packing.DOCUMENTS
     if src.kind is SourceKind.TOKENIZED:
-        return tokenized.load_source(src, tokenizer, cfg)
+        return dataclasses.replace(tokenized.load_source(src, tokenizer, cfg),
+                                   documents=documents, eos_id=tokenizer.eos_token_id)
     position = None
     if src.stream:
         train_docs, eval_docs, position = stream_documents(
@@ -127,7 +167,7 @@ def load_source(src: SourceConfig, tokenizer, cfg: DataConfig, *, process_index:
         raise JaxarithError(f"data source {src.name!r}: fewer than seq_len={cfg.seq_len} "
                             "tokens of training text")
     return SourceData(src.name, src.weight, train, evals, process_local=position is not None,
-                      position=position)
+                      position=position, documents=documents, eos_id=tokenizer.eos_token_id)
 
 
 def load_sources(cfg: DataConfig, tokenizer, *, process_index: int = 0,
@@ -184,19 +224,25 @@ def _example(source: SourceData, source_id: int):
 
     def fn(i) -> dict:
         w = ones if source.train_weights is None else source.train_weights[i]
-        return {"tokens": np.asarray(source.train[i], np.int32),
-                "weights": np.asarray(w, np.float32), "source": np.int32(source_id)}
+        tokens = np.asarray(source.train[i], np.int32)
+        ex = {"tokens": tokens, "weights": np.asarray(w, np.float32),
+              "source": np.int32(source_id)}
+        if source.documents:
+            ex["segment_ids"], ex["positions"] = document_segments(tokens, source.eos_id)
+        return ex
 
     return fn
 
 
 def mixed_dataset(sources: Sequence[SourceData], seed: int = 0) -> grain.MapDataset:
-    """An infinite MapDataset of ``{"tokens": [T], "weights": [T], "source": id}`` mixing
-    sources by weight.
+    """An infinite MapDataset of ``{"tokens": [T], "weights": [T], "source": id}`` (with
+    ``segment_ids`` and ``positions`` [T] for packed documents) mixing sources by weight.
 
     Each source is shuffled with ``seed + index`` and reshuffled every epoch; sources with
     weight 0 are left out. ``source`` is the index into ``sources``.
     """
+    if len({s.documents for s in sources if s.weight > 0}) > 1:
+        raise ConfigError("data.sources: packed documents and streamed windows in one mixture")
     parts, weights = [], []
     for i, s in enumerate(sources):
         if s.weight <= 0:
@@ -254,13 +300,19 @@ def batch_iterator(ds: grain.MapDataset, global_batch: int, *, process_index: in
 
 def eval_windows(source: SourceData, max_windows: int) -> np.ndarray | dict:
     """The first ``max_windows`` held-out windows of a source (fixed, not shuffled): the token
-    array [n, T] for a text source; for a source with loss weights (chat) a dict ``{"tokens":
-    [n, T], "weights": [n, T]}`` so that its eval scores only the weighted tokens."""
+    array [n, T] for a streamed text source; else a dict ``{"tokens": [n, T], ...}`` with the
+    loss ``weights`` [n, T] of a chat source (its eval scores only the weighted tokens) and the
+    ``segment_ids`` and ``positions`` [n, T] of packed documents."""
     n = min(max_windows, len(source.eval))
-    if source.eval_weights is None:
-        return _first_rows(source.eval, n)
-    return {"tokens": _first_rows(source.eval, n),
-            "weights": _first_rows(source.eval_weights, n)}
+    tokens = _first_rows(source.eval, n)
+    if source.eval_weights is None and not source.documents:
+        return tokens
+    out = {"tokens": tokens}
+    if source.eval_weights is not None:
+        out["weights"] = _first_rows(source.eval_weights, n)
+    if source.documents:
+        out["segment_ids"], out["positions"] = document_segments(tokens, source.eos_id)
+    return out
 
 
 def _first_rows(windows, n: int) -> np.ndarray:

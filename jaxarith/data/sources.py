@@ -32,6 +32,21 @@ class SourceKind(enum.StrEnum):
     TOKENIZED = "tokenized"  # a `jaxarith data tokenize` directory, read on demand
 
 
+class Packing(enum.StrEnum):
+    """How documents packed into one window see each other (``data.packing``).
+
+    ``documents``: each document is its own segment (a token attends only to earlier tokens of
+    its document) and positions restart at 0 at every document start; the batches carry
+    ``segment_ids`` and ``positions`` (:func:`jaxarith.data.pipeline.document_segments`).
+    ``stream``: the window is one sequence, documents attend to the earlier documents of the
+    window (separated by EOS only), positions count from the window start; the batches are
+    token windows only.
+    """
+
+    DOCUMENTS = "documents"
+    STREAM = "stream"
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SourceConfig:
     """One data source.
@@ -120,6 +135,8 @@ class DataConfig:
       seed: shuffle seed (each source uses ``seed + index``).
       eval_fraction: fraction of each source's documents held out for evaluation.
       add_bos: put the tokenizer's BOS token before every document.
+      packing: ``documents`` (default: no attention across documents, positions per document)
+        or ``stream`` (the window is one sequence); see :class:`Packing`.
     """
 
     sources: tuple[SourceConfig, ...] = ()
@@ -127,9 +144,15 @@ class DataConfig:
     seed: int = 0
     eval_fraction: float = 0.05
     add_bos: bool = False
+    packing: Packing = Packing.DOCUMENTS
 
     def __post_init__(self):
         object.__setattr__(self, "sources", tuple(self.sources))
+        try:
+            object.__setattr__(self, "packing", Packing(self.packing))
+        except ValueError:
+            raise ConfigError(f"data.packing={self.packing!r}: expected one of "
+                              f"{', '.join(p.value for p in Packing)}") from None
         if not self.sources:
             raise ConfigError("data.sources is empty: give at least one source")
         names = [s.name for s in self.sources]
@@ -161,6 +184,10 @@ class SourceData:
     eval_weights: np.ndarray | None = None
     process_local: bool = False  # train windows are this process's share (a streamed source)
     position: dict | None = None  # where a streamed source stopped (saved with checkpoints)
+    # packing: documents: examples carry segment_ids / positions; a new document starts after
+    # each ``eos_id`` (None: one document per window, e.g. a chat source's conversation)
+    documents: bool = False
+    eos_id: int | None = None
 
 
 def _files(src: SourceConfig) -> list[str]:

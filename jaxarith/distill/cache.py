@@ -9,7 +9,8 @@ A run with ``distill: {cache: OUT}`` then needs no teacher in memory.
 
 Layout of ``OUT``::
 
-    manifest.json            teacher, k, seq_len, vocabulary, tokenizer fingerprint, sources
+    manifest.json            teacher, k, seq_len, vocabulary, tokenizer fingerprint, sources,
+                             packing (documents: the teacher scored each document alone)
     keys.npy                 [R, 3] uint64: (source index, window index, token fingerprint)
     teacher-00000.array_record ...   one record per window, in (source, window) order
 
@@ -36,6 +37,7 @@ import shutil
 import numpy as np
 
 from jaxarith import sharding
+from jaxarith.data.pipeline import document_segments
 from jaxarith.distill import losses as D
 from jaxarith.errors import ConfigError, JaxarithError
 from jaxarith.io import refs
@@ -164,6 +166,11 @@ def check_cache(cache: Cache, sources, tokenizer, seq_len: int) -> dict[int, int
     if m["seq_len"] != seq_len:
         raise CacheError(f"distill.cache {cache.path} was built for seq_len={m['seq_len']}, "
                          f"this run uses data.seq_len={seq_len}")
+    # a cache written before packing existed ran the teacher over whole windows: stream
+    if m.get("packing", "stream") != packing_of(sources):
+        raise CacheError(f"distill.cache {cache.path} was built with data.packing: "
+                         f"{m.get('packing', 'stream')}, this run uses "
+                         f"{packing_of(sources)}; rebuild it or set data.packing")
     index = {int(fp): i for i, fp in enumerate(cache.keys[:, 2])}
     for s in sources:
         if s.weight <= 0:
@@ -176,6 +183,21 @@ def check_cache(cache: Cache, sources, tokenizer, seq_len: int) -> dict[int, int
                     + ", ".join(f"{x['name']} ({x['windows']} windows)" for x in m["sources"])
                     + ")")
     return index
+
+
+def packing_of(sources) -> str:
+    """``documents`` when the sources' windows are packed documents (the teacher then scores
+    each document alone, as the student does), else ``stream``."""
+    return "documents" if any(s.documents for s in sources) else "stream"
+
+
+def _segments(sources, chunk, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Segment ids and positions of the windows ``tokens`` of ``chunk`` ((source, window)
+    pairs), each by its source's EOS (see :func:`jaxarith.data.pipeline.document_segments`)."""
+    seg, pos = np.zeros_like(tokens), np.zeros_like(tokens)
+    for j, (si, _) in enumerate(chunk):
+        seg[j], pos[j] = document_segments(tokens[j], sources[si].eos_id)
+    return seg, pos
 
 
 class Joiner:
@@ -260,7 +282,7 @@ def write_cache(teacher_ref: str, sources, tokenizer, out: str, *, k: int, seq_l
             "vocab_size": vocab, "tokenizer": tokenizer_fingerprint(tokenizer),
             "sources": [{"name": s.name, "windows": len(s.train),
                          "fingerprint": _source_fingerprint(s.train)} for s in sources],
-            "shard_windows": shard_windows, "dtype": dtype}
+            "shard_windows": shard_windows, "dtype": dtype, "packing": packing_of(sources)}
     partial = out + ".partial"
     resumed = 0
     if os.path.isdir(partial):
@@ -279,8 +301,11 @@ def write_cache(teacher_ref: str, sources, tokenizer, out: str, *, k: int, seq_l
     tok_shd = None if mesh is None else \
         sharding.named_sharding(mesh, ("batch", "seq"), (batch, seq_len))
 
-    def top(p, tokens):
-        logits, _, _ = transformer.forward(p, t_cfg, tokens, dtype=jnp.dtype(dtype))
+    packed = plan["packing"] == "documents"
+
+    def top(p, tokens, seg, pos):
+        extra = {"segment_ids": seg, "positions": pos} if packed else {}
+        logits, _, _ = transformer.forward(p, t_cfg, tokens, dtype=jnp.dtype(dtype), **extra)
         return tuple(D.teacher_topk(logits, k, vocab))
 
     jitted = jax.jit(top)
@@ -292,6 +317,7 @@ def write_cache(teacher_ref: str, sources, tokenizer, out: str, *, k: int, seq_l
     for i, name in enumerate(shard_names):
         chunk = windows[i * shard_windows:(i + 1) * shard_windows]
         tokens = np.stack([sources[si].train[w] for si, w in chunk]).astype(np.int32)
+        segs, poss = _segments(sources, chunk, tokens)
         for j, (si, w) in enumerate(chunk):
             keys[i * shard_windows + j] = (si, w, fingerprint(tokens[j]))
         path = os.path.join(partial, name)
@@ -302,14 +328,16 @@ def write_cache(teacher_ref: str, sources, tokenizer, out: str, *, k: int, seq_l
         writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
         for b0 in range(0, len(chunk), batch):
             rows = tokens[b0:b0 + batch]
-            pad = np.zeros((batch, seq_len), np.int32)
-            pad[:len(rows)] = rows
-            x = jnp.asarray(pad) if tok_shd is None else jax.device_put(pad, tok_shd)
+            xs = []
+            for a in (tokens, segs, poss):
+                pad = np.zeros((batch, seq_len), np.int32)
+                pad[:len(rows)] = a[b0:b0 + batch]
+                xs.append(jnp.asarray(pad) if tok_shd is None else jax.device_put(pad, tok_shd))
             if mesh is not None:
                 with jax.set_mesh(mesh):
-                    ids, logp, rest = jax.device_get(jitted(params, x))
+                    ids, logp, rest = jax.device_get(jitted(params, *xs))
             else:
-                ids, logp, rest = jax.device_get(jitted(params, x))
+                ids, logp, rest = jax.device_get(jitted(params, *xs))
             for r in range(len(rows)):
                 writer.write(encode(ids[r], logp[r], rest[r], int(keys[i * shard_windows + b0 + r,
                                                                       2])))

@@ -230,9 +230,13 @@ def forward(
         kernel of :mod:`jaxarith.models.kernels` (``splash``, ``splash-interpret``, ``cudnn``;
         resolved from ``auto`` by :func:`jaxarith.models.kernels.resolve`). With a cache or a
         [B, T, T] mask the XLA path is always used.
-      segment_ids: [B, T] int32 for a kernel: a token attends only to earlier tokens of its
-        segment (packed documents). Default: from a [B, T] ``attention_mask`` with padding
-        (padding a segment of its own), else none.
+      segment_ids: [B, T] int32, without a cache or a [B, T, T] mask: a token attends only to
+        earlier tokens of its segment (packed documents, :mod:`jaxarith.data.pipeline`; give
+        their ``positions`` too, restarting per document). XLA adds ``segment_q == segment_k``
+        to the [B, T, S] mask its blocked attention already slices per query block (no bigger
+        than the causal mask it replaces: [B, T, T] booleans, T^2 bytes per row); a kernel
+        takes them as they are. Default: for a kernel, from a [B, T] ``attention_mask`` with
+        padding (padding a segment of its own), else none.
 
     Sliding windows (``Family.attention_windows``) are distances in positions (a packed row's
     branches each count from their prefix); with a cache, a slot's position is the number of
@@ -246,6 +250,8 @@ def forward(
     full = attention_mask is not None and attention_mask.ndim == 3  # [B, T, T]: packed rows
     if full and (cache is not None or positions is None):
         raise ConfigError("a [B, T, T] attention_mask needs explicit positions and no cache")
+    if segment_ids is not None and (full or cache is not None):
+        raise ConfigError("segment_ids apply to a cache-free forward without a [B, T, T] mask")
     mask = jnp.ones((b, t), bool) if attention_mask is None or full else \
         attention_mask.astype(bool)
     if positions is None:
@@ -262,6 +268,8 @@ def forward(
         q_slots = cache.index + jnp.arange(t)
         key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
     attn_mask = attention_mask.astype(bool) if full else make_attention_mask(q_slots, key_valid)
+    if segment_ids is not None and attention == "xla":  # packed documents: [B, T, T]
+        attn_mask = attn_mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     windows = fam.attention_windows(cfg)
     distance = None
     if windows is not None:  # keys' positions: the queries', or counted over the valid slots
@@ -405,6 +413,8 @@ def next_token_loss(
     remat: bool = False,
     fused: bool = False,
     attention: str = "xla",
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Summed negative log-likelihood of next tokens and the number of predicted tokens.
 
@@ -420,12 +430,16 @@ def next_token_loss(
         the gradient made in the forward pass (:mod:`jaxarith.models.fused_ce`): the ``[B, T,
         V]`` logits are never held. Same value to float32 rounding; the training default.
         Families without a ``head`` use the logits path.
+      segment_ids, positions: ``[B, T]`` packed documents (see :func:`forward`). The target
+        after a segment's last token (the next document's first token, predicted at an EOS)
+        is kept, as Levanter and MaxText keep it (:mod:`jaxarith.data.pipeline`).
     """
     mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
     fam = family(cfg)
+    packed = {} if segment_ids is None else {"segment_ids": segment_ids, "positions": positions}
     if fused and fam.head is not None:
         x, _, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat,
-                          hidden_only=True, attention=attention)
+                          hidden_only=True, attention=attention, **packed)
         h, w, vocab_major = fam.head(cfg, params, x)
         weight = target_weights(mask, weights)
         # position t predicts token t + 1; the last position predicts nothing (weight 0)
@@ -435,7 +449,7 @@ def next_token_loss(
                                    softcap=fam.logit_softcap(cfg))
         return nll, jnp.sum(weight)
     logits, _, _ = forward(params, cfg, tokens, attention_mask=mask, dtype=dtype, remat=remat,
-                           attention=attention)
+                           attention=attention, **packed)
     return nll_from_logits(logits, tokens, mask, weights)
 
 

@@ -64,7 +64,8 @@ DEFAULT: dict[str, Any] = {
         "checkpoint": {"every": 0, "keep": 1, "async_save": False},
         "eval": {"every": 25, "batches": 4, "at_end": True},
         "log": {"every": 10, "tensorboard": False, "progress": True, "plot": False},
-        "data": {"seq_len": 128, "seed": 0, "eval_fraction": 0.05,
+        # packing: stream, as when docs/experiments/distill.md's results were measured
+        "data": {"seq_len": 128, "seed": 0, "eval_fraction": 0.05, "packing": "stream",
                  "sources": {"code": {"kind": "text", "path": "bundled:code", "weight": 0.95},
                              "docs": {"kind": "text", "path": "bundled:docs", "weight": 0.05}}},
         "schedule": {"kind": "cosine", "peak_lr": 3.0e-3, "end_lr": 3.0e-4, "warmup_steps": 20},
