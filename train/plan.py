@@ -41,6 +41,7 @@ from jaxarith.errors import ConfigError, JaxarithError
 from jaxarith.io import refs
 from jaxarith.models import kernels
 from jaxarith.models.config import ModelConfig, config_from_hf
+from jaxarith.models.remat import Remat
 from jaxarith.models.transformer import abstract_params, param_shardings
 from jaxarith.sharding import make_mesh, set_strict_sharding
 from train.config import TrainConfig
@@ -221,8 +222,10 @@ def _fields(cfg: TrainConfig, extensions: list[Extension]) -> dict:
 
 def _advice(part: str, cfg: TrainConfig, mesh) -> str:
     if part == "temp":
-        return (f"more microbatches (microbatches={cfg.microbatches * 2}), remat "
-                "(model.remat=true), or a smaller batch")
+        remat = "" if cfg.model.remat is Remat.FULL else \
+            f"model.remat=full (now {cfg.model.remat.value}), "
+        return (f"{remat}more microbatches (microbatches={cfg.microbatches * 2}), "
+                "or a smaller batch")
     if part == "batch":
         return "fewer sequences per step or more microbatches"
     fsdp = mesh.shape["fsdp"]
@@ -277,7 +280,7 @@ def plan_train(cfg: TrainConfig, sl: Slice, *, extensions: list[Extension] | Non
         "collectives": collectives(compiled.as_text()),
         "mesh": {a: int(mesh.shape[a]) for a in mesh.axis_names},
         "batch": cfg.batch, "seq_len": cfg.data.seq_len, "microbatches": cfg.microbatches,
-        "remat": cfg.model.remat, "compute_dtype": cfg.model.compute_dtype,
+        "remat": cfg.model.remat.value, "compute_dtype": cfg.model.compute_dtype,
         "attention": kernels.resolve(cfg.model.attention, mesh, cfg.data.seq_len),
         "model_type": model_cfg.model_type, "jax": jax.__version__, "libtpu": libtpu_version(),
         "largest": largest,

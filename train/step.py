@@ -47,6 +47,7 @@ from jaxarith.average.averagers import make_averager
 from jaxarith.errors import ConfigError
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig
+from jaxarith.models.remat import Remat
 from train import losses
 
 Params = dict
@@ -94,7 +95,7 @@ def make_optimizer(opt, schedule: optax.Schedule) -> optax.GradientTransformatio
     return optax.chain(*parts)
 
 
-def next_token_loss_fn(cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = False,
+def next_token_loss_fn(cfg: ModelConfig, *, dtype=jnp.float32, remat: Remat | str | bool = False,
                        fused: bool = True, attention: str = "xla") -> LossFn:
     """The default loss: summed next-token NLL, its token count and no extra metrics.
 
