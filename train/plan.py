@@ -15,6 +15,9 @@ What is reported per chip comes from two sources, both exact:
   distillation teacher) and the batch: each array's shard shape on the mesh, times its item size;
 - the compiled program's ``memory_analysis()``: arguments, outputs, aliased (donated) bytes and
   temporaries. ``total = argument + output - alias + temp`` is what the chip must hold.
+  ``peak`` is the analysis' ``peak_memory_in_bytes``: the activations a remat policy keeps show
+  there even when the TPU compiler places them in on-chip memory and ``temp`` does not move
+  (2-layer configs); ``host_temp`` is the temporaries in host memory (``model.remat=offload``).
 
 The chip's HBM is its nominal capacity (:data:`GENERATIONS`). Before compiling, the state alone is
 checked against it: a state that cannot fit is refused at once (a 70B model on v5e-16), naming
@@ -270,7 +273,9 @@ def plan_train(cfg: TrainConfig, sl: Slice, *, extensions: list[Extension] | Non
     per_chip = {**parts, "temp": mem.get("temp_size_in_bytes", 0),
                 "argument": mem.get("argument_size_in_bytes", 0),
                 "output": mem.get("output_size_in_bytes", 0),
-                "alias": mem.get("alias_size_in_bytes", 0), "total": total}
+                "alias": mem.get("alias_size_in_bytes", 0), "total": total,
+                "peak": mem.get("peak_memory_in_bytes", 0),
+                "host_temp": mem.get("host_temp_size_in_bytes", 0)}
     largest = max(("params", "optimizer", "average", "frozen", "batch", "temp"),
                   key=lambda k: per_chip[k])
     return {

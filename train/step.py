@@ -312,7 +312,8 @@ def compiled_info(compiled) -> dict:
     try:
         mem = compiled.memory_analysis()
         for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                     "alias_size_in_bytes", "generated_code_size_in_bytes"):
+                     "alias_size_in_bytes", "generated_code_size_in_bytes",
+                     "peak_memory_in_bytes", "host_temp_size_in_bytes"):
             if hasattr(mem, name):
                 info["memory"][name] = int(getattr(mem, name))
     except Exception:
