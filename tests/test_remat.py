@@ -5,6 +5,7 @@ per-policy plan script."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -161,3 +162,16 @@ def test_plan_remat_script_orders_the_tpu_memory(tmp_path):
     qkv = 4 * L * (256 // 4) * T * (N + 2 * K) * H  # float32, the batch split over 4 chips
     assert pc["save_qkv_proj"]["peak"] - pc["full"]["peak"] == qkv
     assert all(c["host_temp"] == 0 for c in pc.values())
+
+
+def test_plan_advice_names_a_policy():
+    """A step whose temporaries do not fit is told to try ``model.remat=full``, unless it is
+    already ``full``."""
+    for remat, advice in (("none", "model.remat=full (now none)"),
+                          ("save_qkv_proj", "model.remat=full (now save_qkv_proj)")):
+        cfg = load_train_config(TINY, [f"model.remat={remat}"])
+        assert plan._advice("temp", cfg, None).startswith(advice)
+    full = load_train_config(TINY, ["model.remat=true"])
+    assert full.model.remat is Remat.FULL and "remat" not in plan._advice("temp", full, None)
+    assert type(full.model).__name__ == "ModelSection"
+    assert dataclasses.replace(full.model, remat=False).remat is Remat.NONE
