@@ -61,7 +61,7 @@ def test_overrides_and_top_level_keys(tmp_path):
     ("optimizer.learning_rate=1", "unknown config key optimizer.learning_rate"),
     ("data.sources.code.wieght=1", "unknown config key data.sources.code.wieght"),
     ("steps=abc", "steps='abc': expected int"),
-    ("model.remat=3", "model.remat=3: expected bool"),
+    ("model.remat=3", "model.remat=3: expected one of none, full, minimal"),
     ("schedule.kind=linearr", "schedule.kind"),
     ("on_nonfinite=ignore", "on_nonfinite"),
     ("batch=10", "batch=10 is not divisible by microbatches=4"),

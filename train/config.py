@@ -23,8 +23,10 @@ from jaxarith.configfile import load_yaml, parse_yaml, short
 from jaxarith.data import DataConfig, SourceConfig
 from jaxarith.errors import ConfigError
 from jaxarith.models import check_config_keys
+from jaxarith.models.family import parse_enum
 from jaxarith.models.kernels import IMPLEMENTATIONS
 from jaxarith.models.registry import FAMILIES
+from jaxarith.models.remat import Remat
 from jaxarith.schedules import ScheduleConfig
 from train.distill import DistillSection
 from train.init import InitConfig
@@ -50,7 +52,9 @@ class ModelSection:
       config: for scratch: HF ``config.json`` fields (``hidden_size``, ``n_layer``, ...).
       tokenizer: ``bundled`` (the bundled 1024-token BPE) or a directory; default: ``ref``'s.
       compute_dtype: float32 | bfloat16 (master weights stay float32).
-      remat: recompute block activations in the backward pass.
+      remat: what each block keeps for the backward pass, by MaxText's policy names: none |
+        full | minimal | save_dot_except_mlp | save_qkv_proj | save_out_proj | offload
+        (:mod:`jaxarith.models.remat`); ``true`` is ``full``, ``false`` ``none``.
       attention: auto | xla | splash | cudnn (:mod:`jaxarith.models.kernels`): ``auto`` is
         splash on a TPU (when seq_len is a multiple of 128), cuDNN on a GPU, XLA elsewhere.
     """
@@ -60,10 +64,12 @@ class ModelSection:
     config: dict = dataclasses.field(default_factory=dict)
     tokenizer: str = ""
     compute_dtype: str = "float32"
-    remat: bool = False
+    remat: Remat = Remat.NONE
     attention: str = "auto"
 
     def __post_init__(self):
+        # a bool (the earlier form) or a name, also when built in Python rather than from YAML
+        object.__setattr__(self, "remat", parse_enum(Remat, self.remat, "model.remat"))
         if self.ref and self.arch:  # neither: checked with `init` in TrainConfig
             raise ConfigError("model: give exactly one of model.ref (start from a checkpoint) "
                               "and model.arch (train from scratch)")

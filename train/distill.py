@@ -40,6 +40,7 @@ from jaxarith.errors import ConfigError
 from jaxarith.io.refs import load_model
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig
+from jaxarith.models.remat import Remat
 from train.losses import packed_fields
 
 NAME = "distill"  # the teacher's key in the state's ``frozen`` tree
@@ -154,7 +155,8 @@ def cache_batch_fields(k: int) -> dict:
 def make_loss_fn(student_cfg: ModelConfig, opts: D.DistillLoss, *,
                  teacher_cfg: ModelConfig | None = None, cached: bool = False,
                  vocab_size: int | None = None, dtype=jnp.float32,
-                 teacher_dtype=jnp.float32, remat: bool = False, attention: str = "xla"):
+                 teacher_dtype=jnp.float32, remat: Remat | str | bool = False,
+                 attention: str = "xla"):
     """``loss_fn(params, frozen, batch) -> (loss_sum, count, metrics)`` for the train step.
 
     The student's logits at positions ``0..T-2`` predict tokens ``1..T-1``; the teacher's

@@ -46,6 +46,7 @@ from jaxarith.io.atomic import check_destination, claim_dir
 from jaxarith.io.refs import load_model, load_tokenizer
 from jaxarith.models import kernels, transformer
 from jaxarith.models.config import ModelConfig, config_from_hf, load_config
+from jaxarith.models.remat import Remat
 from jaxarith.sharding import make_mesh, set_strict_sharding
 from train import metrics as metrics_lib
 from train.checkpoint import Checkpoints
@@ -206,7 +207,7 @@ class StepKey:
     average: Any
     skip_nonfinite: bool
     compute_dtype: str
-    remat: bool
+    remat: Remat
     loss: Keyed | None = None
     fields: tuple | None = None
     frozen: Keyed | None = None

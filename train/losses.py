@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxarith.errors import ConfigError
 from jaxarith.models import moe, transformer
+from jaxarith.models.remat import Remat
 
 
 def packed_fields(batch: dict) -> dict:
@@ -42,7 +43,7 @@ class MoESection:
         return self.z_loss > 0 or self.aux_loss_coef is not None
 
 
-def moe_loss_fn(cfg, *, dtype=jnp.float32, remat: bool = False,
+def moe_loss_fn(cfg, *, dtype=jnp.float32, remat: Remat | str | bool = False,
                 aux_coef: float | None = None, z_coef: float = 0.0, attention: str = "xla"):
     """The training loss of a mixture-of-experts model in train/step.py's interface.
 

@@ -15,6 +15,9 @@ What is reported per chip comes from two sources, both exact:
   distillation teacher) and the batch: each array's shard shape on the mesh, times its item size;
 - the compiled program's ``memory_analysis()``: arguments, outputs, aliased (donated) bytes and
   temporaries. ``total = argument + output - alias + temp`` is what the chip must hold.
+  ``peak`` is the analysis' ``peak_memory_in_bytes``: the activations a remat policy keeps show
+  there even when the TPU compiler places them in on-chip memory and ``temp`` does not move
+  (2-layer configs); ``host_temp`` is the temporaries in host memory (``model.remat=offload``).
 
 The chip's HBM is its nominal capacity (:data:`GENERATIONS`). Before compiling, the state alone is
 checked against it: a state that cannot fit is refused at once (a 70B model on v5e-16), naming
@@ -36,6 +39,7 @@ from jaxarith.errors import ConfigError
 from jaxarith.io import refs
 from jaxarith.models import kernels
 from jaxarith.models.config import ModelConfig, config_from_hf
+from jaxarith.models.remat import Remat
 from jaxarith.models.transformer import abstract_params, param_shardings
 from jaxarith.planning import slices
 from jaxarith.planning.slices import (
@@ -93,8 +97,10 @@ def _fields(cfg: TrainConfig, extensions: list[Extension]) -> dict:
 
 def _advice(part: str, cfg: TrainConfig, mesh) -> str:
     if part == "temp":
-        return (f"more microbatches (microbatches={cfg.microbatches * 2}), remat "
-                "(model.remat=true), or a smaller batch")
+        remat = "" if cfg.model.remat is Remat.FULL else \
+            f"model.remat=full (now {cfg.model.remat.value}), "
+        return (f"{remat}more microbatches (microbatches={cfg.microbatches * 2}), "
+                "or a smaller batch")
     if part == "batch":
         return "fewer sequences per step or more microbatches"
     fsdp = mesh.shape["fsdp"]
@@ -144,7 +150,7 @@ def plan_train(cfg: TrainConfig, sl: Slice, *, extensions: list[Extension] | Non
         "collectives": collectives(compiled.as_text()),
         "mesh": {a: int(mesh.shape[a]) for a in mesh.axis_names},
         "batch": cfg.batch, "seq_len": cfg.data.seq_len, "microbatches": cfg.microbatches,
-        "remat": cfg.model.remat, "compute_dtype": cfg.model.compute_dtype,
+        "remat": cfg.model.remat.value, "compute_dtype": cfg.model.compute_dtype,
         "attention": kernels.resolve(cfg.model.attention, mesh, cfg.data.seq_len),
         "model_type": model_cfg.model_type, "jax": jax.__version__, "libtpu": libtpu_version(),
         "largest": largest,

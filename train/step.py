@@ -48,6 +48,7 @@ from jaxarith.average.averagers import make_averager
 from jaxarith.errors import ConfigError
 from jaxarith.models import transformer
 from jaxarith.models.config import ModelConfig
+from jaxarith.models.remat import Remat
 from train import losses
 
 Params = dict
@@ -95,7 +96,7 @@ def make_optimizer(opt, schedule: optax.Schedule) -> optax.GradientTransformatio
     return optax.chain(*parts)
 
 
-def next_token_loss_fn(cfg: ModelConfig, *, dtype=jnp.float32, remat: bool = False,
+def next_token_loss_fn(cfg: ModelConfig, *, dtype=jnp.float32, remat: Remat | str | bool = False,
                        fused: bool = True, attention: str = "xla") -> LossFn:
     """The default loss: summed next-token NLL, its token count and no extra metrics.
 
@@ -314,7 +315,8 @@ def compiled_info(compiled) -> dict:
     try:
         mem = compiled.memory_analysis()
         for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                     "alias_size_in_bytes", "generated_code_size_in_bytes"):
+                     "alias_size_in_bytes", "generated_code_size_in_bytes",
+                     "peak_memory_in_bytes", "host_temp_size_in_bytes"):
             if hasattr(mem, name):
                 info["memory"][name] = int(getattr(mem, name))
     except Exception:

@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxarith.errors import ConfigError
 from jaxarith.models.family import (
@@ -63,6 +64,15 @@ from jaxarith.models.layers import (
     rope,
     rope_inv_freq,
     soft_cap,
+)
+from jaxarith.models.remat import (
+    KEY_PROJ,
+    MLPWI_0,
+    MLPWI_1,
+    MLPWO,
+    OUT_PROJ,
+    QUERY_PROJ,
+    VALUE_PROJ,
 )
 
 SLIDING = "sliding_attention"
@@ -368,21 +378,25 @@ def attention(cfg: Gemma2Config, p: dict, x: jax.Array, ctx: BlockContext,
     """The attention branch [B, T, D] before its post-norm: q/k/v projections (q/k RMSNorm
     over the head dim when ``qk_norm``, Gemma 3), RoPE, soft-capped attention, output."""
     a = p["attn"]
-    q, k, v = dense(x, a["q"]), dense(x, a["k"]), dense(x, a["v"])  # [B, T, N|K, H]
+    # [B, T, N|K, H]; tagged for the remat policies (checkpoint_name is the identity)
+    q = checkpoint_name(dense(x, a["q"]), QUERY_PROJ)
+    k = checkpoint_name(dense(x, a["k"]), KEY_PROJ)
+    v = checkpoint_name(dense(x, a["v"]), VALUE_PROJ)
     if qk_norm:
         q = gemma_rms_norm(q, a["q_norm"], cfg.rms_norm_eps)
         k = gemma_rms_norm(k, a["k_norm"], cfg.rms_norm_eps)
     q, k = rope(q, ctx.positions, inv_freq), rope(k, ctx.positions, inv_freq)
     out = ctx.attention(q, k, v, scale=float(cfg.query_pre_attn_scalar) ** -0.5,
                         softcap=cfg.attn_logit_softcapping)
-    return dense(out, a["o"], 2)
+    return checkpoint_name(dense(out, a["o"], 2), OUT_PROJ)
 
 
 def mlp(cfg: Gemma2Config, p: dict, x: jax.Array) -> jax.Array:
     """GeGLU: ``down(gelu(gate(x)) * up(x))``."""
     m = p["mlp"]
-    gate = jax.nn.gelu(dense(x, m["gate"]), approximate=cfg.gelu_tanh)
-    return dense(gate * dense(x, m["up"]), m["down"])
+    gate = jax.nn.gelu(checkpoint_name(dense(x, m["gate"]), MLPWI_0), approximate=cfg.gelu_tanh)
+    up = checkpoint_name(dense(x, m["up"]), MLPWI_1)
+    return checkpoint_name(dense(gate * up, m["down"]), MLPWO)
 
 
 def sandwich(cfg: Gemma2Config, p: dict, x: jax.Array, ctx: BlockContext,

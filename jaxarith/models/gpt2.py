@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxarith.errors import ConfigError
 from jaxarith.models.family import (
@@ -37,6 +38,7 @@ from jaxarith.models.family import (
     require,
 )
 from jaxarith.models.layers import dense, layer_norm, lookup
+from jaxarith.models.remat import KEY_PROJ, MLPWI, MLPWO, OUT_PROJ, QUERY_PROJ, VALUE_PROJ
 
 # ----------------------------------------------------------------------------- config
 
@@ -229,20 +231,21 @@ def block(cfg: GPT2Config, p: dict, x: jax.Array, ctx: BlockContext) -> jax.Arra
     """One pre-norm block: LayerNorm, attention, residual; LayerNorm, GELU MLP, residual."""
     a, n = p["attn"], p["attn_norm"]
     h = layer_norm(x, n["scale"], n["bias"], cfg.layer_norm_epsilon)
-    q = dense(h, a["q"]) + a["q_bias"].astype(h.dtype)
-    k = dense(h, a["k"]) + a["k_bias"].astype(h.dtype)
-    v = dense(h, a["v"]) + a["v_bias"].astype(h.dtype)
+    # tagged for the remat policies (jaxarith.models.remat); checkpoint_name is the identity
+    q = checkpoint_name(dense(h, a["q"]) + a["q_bias"].astype(h.dtype), QUERY_PROJ)
+    k = checkpoint_name(dense(h, a["k"]) + a["k_bias"].astype(h.dtype), KEY_PROJ)
+    v = checkpoint_name(dense(h, a["v"]) + a["v_bias"].astype(h.dtype), VALUE_PROJ)
     scale = jnp.float32(cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0)
     if cfg.scale_attn_by_inverse_layer_idx:
         scale = scale / (ctx.layer + 1).astype(jnp.float32)
     # Scores and softmax are always float32 here, which is what reorder_and_upcast_attn asks for.
     out = ctx.attention(q, k, v, scale=scale)
-    x = x + dense(out, a["o"], 2) + a["o_bias"].astype(x.dtype)
+    x = x + checkpoint_name(dense(out, a["o"], 2), OUT_PROJ) + a["o_bias"].astype(x.dtype)
     m, n = p["mlp"], p["mlp_norm"]
     h = layer_norm(x, n["scale"], n["bias"], cfg.layer_norm_epsilon)
-    h = dense(h, m["up"]) + m["up_bias"].astype(h.dtype)
+    h = checkpoint_name(dense(h, m["up"]) + m["up_bias"].astype(h.dtype), MLPWI)
     h = jax.nn.gelu(h, approximate=True)
-    h = dense(h, m["down"]) + m["down_bias"].astype(h.dtype)
+    h = checkpoint_name(dense(h, m["down"]) + m["down_bias"].astype(h.dtype), MLPWO)
     return x + h
 
 

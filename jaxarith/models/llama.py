@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxarith.errors import ConfigError
 from jaxarith.models.family import (
@@ -42,6 +43,15 @@ from jaxarith.models.family import (
     transpose_rule,
 )
 from jaxarith.models.layers import RopeScaling, dense, lookup, rms_norm, rope, rope_inv_freq
+from jaxarith.models.remat import (
+    KEY_PROJ,
+    MLPWI_0,
+    MLPWI_1,
+    MLPWO,
+    OUT_PROJ,
+    QUERY_PROJ,
+    VALUE_PROJ,
+)
 
 # ----------------------------------------------------------------------------- config
 
@@ -268,25 +278,26 @@ def self_attention(cfg: LlamaConfig, p: dict, x: jax.Array, ctx: BlockContext) -
     a = p["attn"]
     inv_freq = jnp.asarray(_inv_freq(cfg))
     h = rms_norm(x, p["attn_norm"]["scale"], cfg.rms_norm_eps)
-    q = _bias(a, "q_bias", dense(h, a["q"]))
-    k = _bias(a, "k_bias", dense(h, a["k"]))
-    v = _bias(a, "v_bias", dense(h, a["v"]))
+    # tagged for the remat policies (jaxarith.models.remat); checkpoint_name is the identity
+    q = checkpoint_name(_bias(a, "q_bias", dense(h, a["q"])), QUERY_PROJ)
+    k = checkpoint_name(_bias(a, "k_bias", dense(h, a["k"])), KEY_PROJ)
+    v = checkpoint_name(_bias(a, "v_bias", dense(h, a["v"])), VALUE_PROJ)
     if "q_norm" in a:  # per-head RMSNorm of queries and keys before RoPE (Qwen3's QK-norm)
         q = rms_norm(q, a["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, a["k_norm"], cfg.rms_norm_eps)
     q, k = rope(q, ctx.positions, inv_freq), rope(k, ctx.positions, inv_freq)
     out = ctx.attention(q, k, v, scale=cfg.head_dim**-0.5)
-    return _bias(a, "o_bias", dense(out, a["o"], 2))
+    return checkpoint_name(_bias(a, "o_bias", dense(out, a["o"], 2)), OUT_PROJ)
 
 
 def mlp(cfg: LlamaConfig, p: dict, x: jax.Array) -> jax.Array:
     """The MLP branch [B, T, D]: RMSNorm, SwiGLU."""
     m = p["mlp"]
     h = rms_norm(x, p["mlp_norm"]["scale"], cfg.rms_norm_eps)
-    gate = _bias(m, "gate_bias", dense(h, m["gate"]))
-    up = _bias(m, "up_bias", dense(h, m["up"]))
+    gate = checkpoint_name(_bias(m, "gate_bias", dense(h, m["gate"])), MLPWI_0)
+    up = checkpoint_name(_bias(m, "up_bias", dense(h, m["up"])), MLPWI_1)
     down = dense(jax.nn.silu(gate) * up, m["down"])
-    return _bias(m, "down_bias", down)
+    return checkpoint_name(_bias(m, "down_bias", down), MLPWO)
 
 
 def block(cfg: LlamaConfig, p: dict, x: jax.Array, ctx: BlockContext) -> jax.Array:

@@ -31,8 +31,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxarith.models.family import ParamSpec, Rule, transpose_rule
+from jaxarith.models.remat import MLPWI_0, MLPWI_1, MLPWO
 
 
 def router_logits(h: jax.Array, router: jax.Array) -> jax.Array:
@@ -84,9 +86,11 @@ def experts_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.
     xs = jnp.take(x, order // k, axis=0)             # [n*k, D]
     sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E]
     dt = x.dtype
-    g = jax.lax.ragged_dot(xs, gate.astype(dt), sizes)       # [n*k, F]
-    u = jax.lax.ragged_dot(xs, up.astype(dt), sizes)
-    ys = jax.lax.ragged_dot(jax.nn.silu(g) * u, down.astype(dt), sizes)  # [n*k, D]
+    # tagged for the remat policies (jaxarith.models.remat); checkpoint_name is the identity
+    g = checkpoint_name(jax.lax.ragged_dot(xs, gate.astype(dt), sizes), MLPWI_0)  # [n*k, F]
+    u = checkpoint_name(jax.lax.ragged_dot(xs, up.astype(dt), sizes), MLPWI_1)
+    ys = checkpoint_name(jax.lax.ragged_dot(jax.nn.silu(g) * u, down.astype(dt), sizes),
+                         MLPWO)  # [n*k, D]
     cap = capacity(n, k, e, capacity_factor)
     if cap < n * k:
         starts = jnp.cumsum(sizes) - sizes

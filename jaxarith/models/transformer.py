@@ -15,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxarith import sharding
 from jaxarith.errors import ConfigError
 from jaxarith.models import kernels
+from jaxarith.models import remat as remat_lib
 from jaxarith.models.family import BlockContext, Family, Inputs, ModelConfig, ParamSpec
 from jaxarith.models.fused_ce import linear_cross_entropy
 from jaxarith.models.layers import (
@@ -201,7 +203,7 @@ def forward(
     positions: jax.Array | None = None,
     cache: KVCache | None = None,
     dtype=jnp.float32,
-    remat: bool = False,
+    remat: remat_lib.Remat | str | bool = False,
     hidden_only: bool = False,
     attention: str = "xla",
     segment_ids: jax.Array | None = None,
@@ -223,7 +225,10 @@ def forward(
       cache: a :class:`KVCache`; the T tokens are written at ``cache.index`` and attend to all
         valid earlier slots.
       dtype: compute dtype; parameters are cast per block, norms and softmax run in float32.
-      remat: recompute each block's activations in the backward pass.
+      remat: what each block keeps for the backward pass: a :class:`~jaxarith.models.remat.Remat`
+        policy name (``none``, ``full``, ``minimal``, ``save_dot_except_mlp``,
+        ``save_qkv_proj``, ``save_out_proj``, ``offload``; :mod:`jaxarith.models.remat`), or
+        True (``full``) / False (``none``).
       hidden_only: return the last block's output [B, T, D] (before the final norm and the
         output head) in place of the logits.
       attention: the cache-free causal attention: ``xla`` (blocked, the reference), or a
@@ -245,6 +250,7 @@ def forward(
     documents are contiguous, each its own segment).
     """
     fam = family(cfg)
+    remat = remat_lib.parse(remat)
     check_token_ids(tokens, cfg.vocab_size)
     b, t = tokens.shape
     full = attention_mask is not None and attention_mask.ndim == 3  # [B, T, T]: packed rows
@@ -299,16 +305,16 @@ def forward(
                 k, v = update_cache_layer(kv[0], kv[1], k, v, cache.index)
                 written.append((k, v))
                 k, v = k.astype(q.dtype), v.astype(q.dtype)
-            return _layer_attention(attn_fn, windows, layer, q, k, v, scale=scale,
-                                    softcap=softcap)
+            return checkpoint_name(_layer_attention(attn_fn, windows, layer, q, k, v,
+                                                    scale=scale, softcap=softcap),
+                                   remat_lib.CONTEXT)
 
         x = fam.block(cfg, p, x, BlockContext(positions, layer, attention))
         x, aux = x if isinstance(x, tuple) else (x, None)
         return sharding.constrain(x, ("batch", "seq", "act_embed")), \
             (written[0] if written else None, aux)
 
-    if remat:
-        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    body = remat_lib.checkpoint(body, remat)
     if isinstance(params["layers"], UnstackedLayers):  # see unstack_layers: a Python loop
         x, new_kv, aux = _unrolled(body, x, params["layers"], cache)
     else:
@@ -410,7 +416,7 @@ def next_token_loss(
     *,
     weights: jax.Array | None = None,
     dtype=jnp.float32,
-    remat: bool = False,
+    remat: remat_lib.Remat | str | bool = False,
     fused: bool = False,
     attention: str = "xla",
     segment_ids: jax.Array | None = None,

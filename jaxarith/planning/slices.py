@@ -187,11 +187,13 @@ def refuse_if_over(sl: Slice, parts: dict[str, int], what: str,
 def memory(compiled) -> dict[str, int]:
     """A compiled program's per-chip bytes from ``memory_analysis()``: ``argument``, ``output``,
     ``alias`` (donated), ``temp`` and ``total = argument + output - alias + temp``, what the
-    chip must hold while it runs."""
+    chip must hold while it runs; also the compiler's ``peak`` and the ``host_temp`` that
+    offloaded activations take in pinned host memory (``model.remat: offload``)."""
     ma = compiled.memory_analysis()
     out = {k: int(getattr(ma, f"{k}_size_in_bytes", 0) or 0)
-           for k in ("argument", "output", "alias", "temp")}
+           for k in ("argument", "output", "alias", "temp", "host_temp")}
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    out["peak"] = int(getattr(ma, "peak_memory_in_bytes", 0) or 0)
     return out
 
 
