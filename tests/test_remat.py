@@ -137,6 +137,7 @@ needs_libtpu = pytest.mark.skipif(plan.libtpu_version() is None, reason="needs l
 
 
 @needs_libtpu
+@pytest.mark.slow  # three TPU compiles: ~60 s quiet, ~3 min under load
 def test_plan_remat_script_orders_the_tpu_memory(tmp_path):
     """``scripts/plan_remat.py --tiny`` compiles tiny_llama (batch 256 x 128, v5e-4, fsdp=4) for
     each policy by ``jaxarith plan``'s code path. What the TPU compiler reports: ``none`` holds

@@ -34,6 +34,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxarith.models.family import ParamSpec, Rule, transpose_rule
+from jaxarith.models.layers import to_compute
 from jaxarith.models.remat import MLPWI_0, MLPWI_1, MLPWO
 
 
@@ -87,9 +88,9 @@ def experts_mlp(x: jax.Array, weights: jax.Array, experts: jax.Array, gate: jax.
     sizes = jnp.bincount(flat, length=e).astype(jnp.int32)  # [E]
     dt = x.dtype
     # tagged for the remat policies (jaxarith.models.remat); checkpoint_name is the identity
-    g = checkpoint_name(jax.lax.ragged_dot(xs, gate.astype(dt), sizes), MLPWI_0)  # [n*k, F]
-    u = checkpoint_name(jax.lax.ragged_dot(xs, up.astype(dt), sizes), MLPWI_1)
-    ys = checkpoint_name(jax.lax.ragged_dot(jax.nn.silu(g) * u, down.astype(dt), sizes),
+    g = checkpoint_name(jax.lax.ragged_dot(xs, to_compute(gate, dt), sizes), MLPWI_0)  # [n*k, F]
+    u = checkpoint_name(jax.lax.ragged_dot(xs, to_compute(up, dt), sizes), MLPWI_1)
+    ys = checkpoint_name(jax.lax.ragged_dot(jax.nn.silu(g) * u, to_compute(down, dt), sizes),
                          MLPWO)  # [n*k, D]
     cap = capacity(n, k, e, capacity_factor)
     if cap < n * k:
