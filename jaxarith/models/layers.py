@@ -57,8 +57,8 @@ def to_compute(w: jax.Array, dtype) -> jax.Array:
     float32 -> bfloat16 is written as rounding on the bits (with ``astype``'s gradient): the
     TPU compiler hoists a plain ``convert`` of a scanned layer's weight out of the layer loop,
     converting every layer's weights at once and keeping that bfloat16 copy of the whole stack
-    alive through the forward and backward loops (0.5 byte a parameter per chip: 1 GB of
-    Llama-3.1-8B's 4.0 GB per chip on v5p-8; docs/scale.md). The bit form stays in the loop.
+    alive through the forward and backward loops (2 bytes per layer parameter per chip: 3.5 GB
+    per chip for Llama-3.1-8B on v5p-8; docs/scale.md). The bit form stays in the loop.
     """
     dtype = jnp.dtype(dtype)
     if w.dtype == jnp.float32 and dtype == jnp.bfloat16:
