@@ -235,6 +235,9 @@ def constrain(x: jax.Array, axes: LogicalAxes) -> jax.Array:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
         return x
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and \
+            not isinstance(x.sharding, jax.sharding.NamedSharding):
+        return x  # eager, on one device (e.g. token ids made by numpy): nothing to guide
     spec = logical_to_spec(axes, x.shape, mesh, activation=True)
     return jax.lax.with_sharding_constraint(x, spec)
 

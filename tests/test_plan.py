@@ -109,6 +109,34 @@ def test_a_state_larger_than_hbm_is_refused_before_compiling(capsys):
     assert "\n" not in res["error"] and len(res["error"]) < 300
 
 
+@needs_libtpu
+def test_a_program_the_compiler_refuses_is_one_line_exit_3(monkeypatch, capsys):
+    """The TPU compiler's own out-of-HBM error (the state fits, the activations do not; e.g.
+    Llama-3.2-1B at 8 x 2048 without remat on v5e-4) becomes one line and exit 3, not a
+    traceback; any other compile error is left alone."""
+    from train import plan as train_plan
+
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (27.58G) exceeds available HBM (15.75G).\n<a long allocation dump>")
+
+    def refused(*a, **k):
+        raise jax.errors.JaxRuntimeError(msg)
+
+    monkeypatch.setattr(train_plan, "run_step", refused)
+    code, res = _plan(capsys, TINY, "--topology", "v5e-4", "batch=8", "mesh=fsdp=4",
+                      "model.remat=none")
+    assert code == 3 and res["fits"] is False and res["type"] == "DoesNotFitError"
+    assert "27.58 GiB" in res["error"] and "15.75 GiB" in res["error"]
+    assert "model.remat=full (now none)" in res["error"] and "\n" not in res["error"]
+
+    def broken(*a, **k):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(train_plan, "run_step", broken)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="something else"):
+        cli.main(["plan", TINY, "--topology", "v5e-4", "batch=8", "mesh=fsdp=4"])
+
+
 def test_without_libtpu_plan_says_how_to_install(monkeypatch, capsys):
     monkeypatch.setattr(slices, "libtpu_version", lambda: None)
     code, res = _plan(capsys, TINY, "--topology", "v5e-4")
