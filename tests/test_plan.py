@@ -177,3 +177,42 @@ def test_splash_attention_compiles_for_a_tpu_slice(capsys):
                       "model.attention=xla")
     assert code == 0 and xla["attention"] == "xla"
     assert res["per_chip_bytes"]["params"] == xla["per_chip_bytes"]["params"]
+
+
+@needs_libtpu
+@pytest.mark.slow  # one tiny compile (~20-40 s) and one refusal
+def test_plan_presets_script_table_and_smallest_slice(tmp_path):
+    """scripts/plan_presets.py: the tiny model compiled on v5p-8 fits (the smallest slice that
+    fits), Llama-3.1-70B on v5e-16 is refused before compiling (12 bytes a parameter over 16
+    chips of 16 GiB), and the JSON holds every row."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "scripts", "plan_presets.py")
+    out = tmp_path / "tiny.json"
+    p = subprocess.run([sys.executable, script, "--tiny", "--slices", "v5p-8", "--seqs", "128",
+                        "--json", str(out)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "XLA_FLAGS": ""})
+    assert p.returncode == 0, p.stderr[-2000:]
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert row["fits"] and row["batch"] == 64 * 4 and data["smallest"] == {"tiny_llama 128":
+                                                                          "v5p-8"}
+    assert "| tiny_llama | 128 | v5p-8 | 4 | 256 |" in p.stdout and "yes (smallest)" in p.stdout
+    p = subprocess.run([sys.executable, script, "--models", "meta-llama/Llama-3.1-70B",
+                        "--slices", "v5e-16", "--seqs", "2048"], capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "| Llama-3.1-70B | 2048 | v5e-16 | 16 | 64 | - | - | no (the state alone) | - |" \
+        in p.stdout
+
+
+@pytest.mark.parametrize("name, n", [("meta-llama/Llama-3.2-1B", 1_235_814_400),
+                                     ("meta-llama/Llama-3.1-8B", 8_030_261_248),
+                                     ("meta-llama/Llama-3.1-70B", 70_553_706_496),
+                                     ("mistralai/Mixtral-8x7B-v0.1", 46_702_792_704)])
+def test_llama_and_mixtral_presets_have_the_published_parameter_counts(name, n):
+    from jaxarith.models.presets import preset
+
+    assert num_params(preset(name)) == n

@@ -37,12 +37,12 @@ import jax
 
 from jaxarith.data.sources import Packing, SourceKind
 from jaxarith.errors import ConfigError
-from jaxarith.io import refs
 from jaxarith.models import kernels
 from jaxarith.models.config import ModelConfig, config_from_hf
 from jaxarith.models.remat import Remat
 from jaxarith.models.transformer import abstract_params, param_shardings
 from jaxarith.planning import slices
+from jaxarith.planning.inference import model_config
 from jaxarith.planning.slices import (
     DoesNotFitError,
     Slice,
@@ -80,8 +80,8 @@ def _model_config(cfg: TrainConfig, extensions) -> ModelConfig:
     ext = only_one(extensions, "model")
     if ext is not None:
         return ext.model(cfg)[0]
-    if cfg.model.ref:
-        return refs.load_config(cfg.model.ref)
+    if cfg.model.ref:  # a preset name, a config.json, an HF dir, a hub id (config only)
+        return model_config(cfg.model.ref)
     return config_from_hf({"model_type": cfg.model.arch, **cfg.model.config})
 
 
