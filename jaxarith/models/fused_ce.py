@@ -84,7 +84,9 @@ def _nll_chunk(h, w, tgt, wt, vocab_major, softcap):
     logits = constrain(_project(h, w, vocab_major, softcap), (None, None, "batch"))
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - picked) * wt), logits, lse
+    # per row, back on the row's device: each device sums its own rows over the chunks and the
+    # devices' sums are added last (the order of the unsharded loss)
+    return constrain(jnp.sum((lse - picked) * wt, axis=-1), ("batch",)), logits, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -96,9 +98,10 @@ def _fused(h, w, targets, weights, vocab_major, chunk, softcap):
         nll, _, _ = _nll_chunk(hc, w, tc, wc, vocab_major, softcap)
         return total + nll, None
 
-    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                            (_chunks(h, chunk), _chunks(targets, chunk), _chunks(weights, chunk)))
-    return total
+    rows = constrain(jnp.zeros(h.shape[:1], jnp.float32), ("batch",))
+    rows, _ = jax.lax.scan(body, rows,
+                           (_chunks(h, chunk), _chunks(targets, chunk), _chunks(weights, chunk)))
+    return jnp.sum(rows)
 
 
 def _fused_fwd(h, w, targets, weights, vocab_major, chunk, softcap):
@@ -137,7 +140,7 @@ def _fused_fwd(h, w, targets, weights, vocab_major, chunk, softcap):
         dh = jnp.concatenate([dh0[None], dh_rest], axis=0)
     else:
         dh = dh0[None]
-    return total, (_unchunk(dh), dw.astype(w_dtype), targets, weights)
+    return jnp.sum(total), (_unchunk(dh), dw.astype(w_dtype), targets, weights)
 
 
 def _fused_bwd(vocab_major, chunk, softcap, res, ct):

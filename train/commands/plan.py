@@ -98,6 +98,7 @@ def report(args, result: dict) -> int:
 
 
 def _plan_inference(args, sl) -> dict:
+    # the decoding modules load only for --program generate|lm-eval, not for a train plan
     from jaxarith.commands.generate import check_mode
     from jaxarith.decode.combine import members_for
     from jaxarith.decode.speculative import eft_drafter
