@@ -14,44 +14,29 @@ from typing import Any
 from jaxarith.errors import ConfigError
 from jaxarith.models.config import ModelConfig, config_from_hf
 
+
+def _llama3(hidden: int, intermediate: int, layers: int, heads: int, *, rope_factor: float,
+            tied: bool) -> dict[str, Any]:
+    """config.json of a released Llama 3.1 / 3.2 base model: they differ only in these keys."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False,
+        "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001,
+        "head_dim": hidden // heads, "hidden_act": "silu", "hidden_size": hidden,
+        "initializer_range": 0.02, "intermediate_size": intermediate,
+        "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+        "num_attention_heads": heads, "num_hidden_layers": layers, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": rope_factor, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": tied, "torch_dtype": "bfloat16",
+        "use_cache": True, "vocab_size": 128256}
+
+
 # config.json of the released checkpoints (the keys as published on the hub)
 PRESETS: dict[str, dict[str, Any]] = {
-    "meta-llama/Llama-3.2-1B": {
-        "architectures": ["LlamaForCausalLM"], "attention_bias": False,
-        "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001,
-        "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
-        "initializer_range": 0.02, "intermediate_size": 8192,
-        "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
-        "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
-        "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-        "use_cache": True, "vocab_size": 128256},
-    "meta-llama/Llama-3.1-8B": {
-        "architectures": ["LlamaForCausalLM"], "attention_bias": False,
-        "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001,
-        "head_dim": 128, "hidden_act": "silu", "hidden_size": 4096,
-        "initializer_range": 0.02, "intermediate_size": 14336,
-        "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
-        "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
-        "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-        "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "use_cache": True, "vocab_size": 128256},
-    "meta-llama/Llama-3.1-70B": {
-        "architectures": ["LlamaForCausalLM"], "attention_bias": False,
-        "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128001,
-        "head_dim": 128, "hidden_act": "silu", "hidden_size": 8192,
-        "initializer_range": 0.02, "intermediate_size": 28672,
-        "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
-        "num_attention_heads": 64, "num_hidden_layers": 80, "num_key_value_heads": 8,
-        "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-        "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "use_cache": True, "vocab_size": 128256},
+    "meta-llama/Llama-3.2-1B": _llama3(2048, 8192, 16, 32, rope_factor=32.0, tied=True),
+    "meta-llama/Llama-3.1-8B": _llama3(4096, 14336, 32, 32, rope_factor=8.0, tied=False),
+    "meta-llama/Llama-3.1-70B": _llama3(8192, 28672, 80, 64, rope_factor=8.0, tied=False),
     "mistralai/Mixtral-8x7B-v0.1": {
         "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
         "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096,
