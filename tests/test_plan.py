@@ -216,3 +216,19 @@ def test_llama_and_mixtral_presets_have_the_published_parameter_counts(name, n):
     from jaxarith.models.presets import preset
 
     assert num_params(preset(name)) == n
+
+
+def test_compiler_out_of_memory_guard_serves_every_plan():
+    """The guard the train, generate and lm-eval plans compile under: the compiler's out-of-HBM
+    refusal becomes one DoesNotFitError line with the advice; other errors pass unchanged."""
+    sl = slices.parse_slice("v5e-4")
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (31.20G) exceeds available HBM (15.75G).\n<dump>")
+    with pytest.raises(slices.DoesNotFitError) as e:
+        with slices.refuse_if_compiler_out_of_memory(sl, "a smaller --batch"):
+            raise jax.errors.JaxRuntimeError(msg)
+    assert "31.20 GiB" in str(e.value) and str(e.value).endswith("try a smaller --batch")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="other"):
+        with slices.refuse_if_compiler_out_of_memory(sl, "x"):
+            raise ValueError("other")

@@ -29,7 +29,6 @@ used: it counts a scan's body once, so its FLOPs and times are not a step's.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -136,11 +135,9 @@ def plan_train(cfg: TrainConfig, sl: Slice, *, extensions: list[Extension] | Non
         frozen[ext.name] = ext.abstract_frozen(cfg, model_cfg, mesh)
     state_precheck(cfg, sl, model_cfg, mesh, frozen)
     t0 = time.perf_counter()
-    try:
+    with slices.refuse_if_compiler_out_of_memory(sl, _advice("temp", cfg, mesh)):
         fns, compiled, info = run_step(cfg, model_cfg, mesh, only_one(extensions, "loss"),
                                        _fields(cfg, extensions), frozen)
-    except Exception as e:  # the TPU compiler refuses a program larger than the chip's HBM
-        raise _compiler_out_of_memory(e, cfg, sl, mesh) from None
     compile_s = time.perf_counter() - t0
     parts = state_bytes(fns)
     per_chip = {**parts, **slices.memory(compiled)}
@@ -160,24 +157,6 @@ def plan_train(cfg: TrainConfig, sl: Slice, *, extensions: list[Extension] | Non
         "largest": largest,
         "advice": None if total <= sl.hbm_bytes else _advice(largest, cfg, mesh),
     }
-
-
-_COMPILER_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM "
-                          r"\(([\d.]+)([KMGT])\)")
-
-
-def _compiler_out_of_memory(e: Exception, cfg: TrainConfig, sl: Slice, mesh) -> Exception:
-    """The compiler's out-of-HBM error as one line (DoesNotFitError, exit 3); any other error
-    unchanged."""
-    msg = str(e)
-    if "RESOURCE_EXHAUSTED" not in msg or "Ran out of memory" not in msg:
-        return e
-    m = _COMPILER_OOM.search(msg)
-    what = (f"the step's temporaries alone need {m.group(1)} {m.group(2)}iB per chip of the "
-            f"{m.group(3)} {m.group(4)}iB the compiler may use" if m else
-            f"the compiler ran out of a {sl.generation} chip's HBM")
-    return DoesNotFitError(f"does not fit: {what} (the TPU compiler refused the program); try "
-                           f"{_advice('temp', cfg, mesh)}")
 
 
 def state_precheck(cfg: TrainConfig, sl: Slice, model_cfg: ModelConfig, mesh, frozen) -> None:

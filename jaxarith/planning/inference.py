@@ -61,6 +61,7 @@ from jaxarith.planning.slices import (
     collectives,
     libtpu_version,
     memory,
+    refuse_if_compiler_out_of_memory,
     refuse_if_over,
     topology_devices,
 )
@@ -192,7 +193,7 @@ def plan_generate(members: Sequence[Member], sl: Slice, *, mesh_spec: str = "fsd
     else:
         spec, start, chunk = dec, loop._generate_start, loop._generate_chunk
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), refuse_if_compiler_out_of_memory(sl, _advice("temp", mesh)):
         # the streaming pair, with the views stream_chunks reads (chunk_args: 4, state donated)
         prefill = loop._viewed(start, None).lower(spec, params, weights, prompts, key,
                                                   limits).compile()
@@ -241,7 +242,8 @@ def plan_lm_eval(members: Sequence[Member], sl: Slice, *, mesh_spec: str = "fsdp
     refuse_if_over(sl, parts, "the weights", lambda part: _advice(part, mesh))
     parts["batch"] = chip_bytes([_rows(mesh, (rows, slots))] * 7)  # tokens ... scored
     t0 = time.perf_counter()
-    score = autobatch.lower_scorer(spec, params, rows, slots, mesh=mesh).compile()
+    with refuse_if_compiler_out_of_memory(sl, _advice("temp", mesh)):
+        score = autobatch.lower_scorer(spec, params, rows, slots, mesh=mesh).compile()
     compile_s = time.perf_counter() - t0
     return _result(sl, mesh, members, "lm-eval", parts, {"score": memory(score)},
                    [score.as_text()], compile_s, params=params, batch=rows,

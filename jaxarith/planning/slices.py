@@ -9,11 +9,12 @@ step); both compile with the real TPU compiler (libtpu's abstract topologies, no
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
@@ -182,6 +183,29 @@ def refuse_if_over(sl: Slice, parts: dict[str, int], what: str,
             f"does not fit: {what} alone needs {need / GiB:.1f} GiB per chip of the "
             f"{sl.hbm_bytes / GiB:.0f} GiB a {sl.generation} chip has (largest: {largest} "
             f"{parts[largest] / GiB:.1f} GiB); try {advice(largest)}")
+
+
+_COMPILER_OOM = re.compile(r"HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM "
+                          r"\(([\d.]+)([KMGT])\)")
+
+
+@contextlib.contextmanager
+def refuse_if_compiler_out_of_memory(sl: Slice, advice: str) -> Iterator[None]:
+    """Within the block (a compile), the TPU compiler's out-of-HBM refusal (the state fits, the
+    temporaries do not) becomes :class:`DoesNotFitError`, one line with ``advice``; any other
+    error passes unchanged."""
+    try:
+        yield
+    except Exception as e:
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg or "Ran out of memory" not in msg:
+            raise
+        m = _COMPILER_OOM.search(msg)
+        what = (f"the program's temporaries alone need {m.group(1)} {m.group(2)}iB per chip of "
+                f"the {m.group(3)} {m.group(4)}iB the compiler may use" if m else
+                f"the compiler ran out of a {sl.generation} chip's HBM")
+        raise DoesNotFitError(f"does not fit: {what} (the TPU compiler refused the program); "
+                              f"try {advice}") from None
 
 
 def memory(compiled) -> dict[str, int]:
